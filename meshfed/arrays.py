@@ -1,0 +1,203 @@
+"""Chunked transfer of numpy arrays: a signed header, raw little-endian chunks, a signed trailer.
+
+SPEC.md, "Array transfer". On a stream of protocol ``/meshfed/array/1`` the sender writes
+
+1. an envelope holding :class:`ArrayHeader` (transfer id, name, dtype, shape, chunk size);
+2. ``ceil(nbytes / chunk_bytes)`` raw frames, each exactly ``chunk_bytes`` long except the
+   last, holding the array's bytes in C order, little-endian;
+3. an envelope holding :class:`ArrayTrailer` with the CRC-32 of all the bytes;
+
+and the receiver answers with an envelope holding :class:`ArrayReceived`. The libp2p
+transport seals every frame with AES-GCM, so the CRC is not what stops an attacker: it catches
+a sender or driver that sends the wrong bytes in the right frames. No pickle: the dtype is one
+of :data:`ALLOWED_DTYPES`, and the receiver allocates ``prod(shape) * itemsize`` bytes only
+after checking them against its configured maximum.
+
+:class:`ArrayAssembler` is the receive side as a small sans-IO object: the driver asks it where
+the next chunk goes, and feeds it the trailer.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .codec import bounded
+from .errors import LocalProtocolError, RemoteProtocolError
+from .stats import RejectReason
+from .wire import Message, message
+
+__all__ = [
+    "ALLOWED_DTYPES",
+    "ArrayAssembler",
+    "ArrayHeader",
+    "ArrayReceived",
+    "ArrayTrailer",
+    "header_for",
+    "crc32_of",
+    "iter_chunks",
+]
+
+#: numpy ``dtype.str`` of every dtype that may travel (always little-endian or byte-sized).
+ALLOWED_DTYPES = frozenset(
+    {"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1"}
+)
+_MAX_DIMS = 32
+
+
+@message("meshfed.array.header")
+@dataclass(frozen=True, slots=True)
+class ArrayHeader(Message):
+    """Announces one array: what it is called, its dtype and shape, and the chunk size."""
+
+    transfer_id: bytes = bounded(min_len=16, max_len=16)
+    name: str = bounded(max_len=256)
+    dtype: str = bounded(max_len=8)
+    shape: list[int] = bounded(max_len=_MAX_DIMS)
+    chunk_bytes: int = bounded(ge=1, le=2**40)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ALLOWED_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(ALLOWED_DTYPES)}")
+        if any(dim < 0 for dim in self.shape):
+            raise ValueError(f"negative dimension in shape {self.shape}")
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of the array."""
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    @property
+    def chunks(self) -> int:
+        """How many raw frames follow the header."""
+        return -(-self.nbytes // self.chunk_bytes)
+
+
+@message("meshfed.array.trailer")
+@dataclass(frozen=True, slots=True)
+class ArrayTrailer(Message):
+    """Ends a transfer: the CRC-32 of every byte sent."""
+
+    transfer_id: bytes = bounded(min_len=16, max_len=16)
+    crc32: int = bounded(ge=0, le=2**32 - 1)
+
+
+@message("meshfed.array.received")
+@dataclass(frozen=True, slots=True)
+class ArrayReceived(Message):
+    """The receiver's acknowledgement: the array arrived whole and was handed to the app."""
+
+    transfer_id: bytes = bounded(min_len=16, max_len=16)
+    nbytes: int = bounded(ge=0)
+
+
+def header_for(
+    array: npt.NDArray[np.generic], *, name: str, transfer_id: bytes, chunk_bytes: int
+) -> tuple[ArrayHeader, npt.NDArray[np.generic]]:
+    """The header for ``array`` and the contiguous little-endian array to send.
+
+    Raises:
+        LocalProtocolError: if the dtype cannot travel (object, strings, complex ...).
+    """
+    wire_dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    if wire_dtype.str not in ALLOWED_DTYPES:
+        raise LocalProtocolError(
+            f"arrays of dtype {array.dtype} cannot be sent; use one of {sorted(ALLOWED_DTYPES)}"
+        )
+    contiguous = np.ascontiguousarray(array, dtype=wire_dtype)
+    header = ArrayHeader(
+        transfer_id=transfer_id,
+        name=name,
+        dtype=wire_dtype.str,
+        shape=list(array.shape),
+        chunk_bytes=chunk_bytes,
+    )
+    return header, contiguous
+
+
+def iter_chunks(contiguous: npt.NDArray[np.generic], chunk_bytes: int) -> list[memoryview]:
+    """Views of the array's bytes, ``chunk_bytes`` at a time (no copies)."""
+    flat = contiguous.reshape(-1).view(np.uint8).data
+    return [flat[i : i + chunk_bytes] for i in range(0, len(flat), chunk_bytes)]
+
+
+class ArrayAssembler:
+    """Receives one array announced by ``header`` into a buffer it owns.
+
+    Use: for each of ``header.chunks`` frames, receive into :meth:`next_chunk_buffer` and call
+    :meth:`chunk_received` with the length; then :meth:`finish` with the trailer.
+
+    Args:
+        header: the verified header.
+        max_bytes: the largest array this node accepts.
+
+    Raises:
+        RemoteProtocolError: ``OVERSIZED`` if the array is larger than ``max_bytes``.
+    """
+
+    def __init__(self, header: ArrayHeader, *, max_bytes: int) -> None:
+        if header.nbytes > max_bytes:
+            raise RemoteProtocolError(
+                f"array {header.name!r} of {header.nbytes} bytes exceeds {max_bytes}",
+                reason=RejectReason.OVERSIZED,
+            )
+        self.header = header
+        self._buffer = np.empty(header.nbytes, dtype=np.uint8)
+        self._view = self._buffer.data
+        self._offset = 0
+        self._crc = 0
+
+    @property
+    def complete(self) -> bool:
+        """True once every byte has arrived."""
+        return self._offset == self.header.nbytes
+
+    def next_chunk_buffer(self) -> memoryview:
+        """Where the next frame goes: exactly the expected chunk length."""
+        if self.complete:
+            raise LocalProtocolError("all chunks already received")
+        end = min(self._offset + self.header.chunk_bytes, self.header.nbytes)
+        return self._view[self._offset : end]
+
+    def chunk_received(self, length: int) -> None:
+        """Record a frame of ``length`` bytes written into :meth:`next_chunk_buffer`.
+
+        Raises:
+            RemoteProtocolError: ``BAD_ARRAY`` if the frame is not exactly the expected size.
+        """
+        expected = min(self.header.chunk_bytes, self.header.nbytes - self._offset)
+        if length != expected:
+            raise RemoteProtocolError(
+                f"chunk of {length} bytes where {expected} were due", reason=RejectReason.BAD_ARRAY
+            )
+        self._crc = zlib.crc32(self._view[self._offset : self._offset + length], self._crc)
+        self._offset += length
+
+    def finish(self, trailer: ArrayTrailer) -> npt.NDArray[np.generic]:
+        """Check the trailer and return the array (dtype and shape from the header).
+
+        Raises:
+            RemoteProtocolError: ``BAD_ARRAY`` on a missing chunk, another transfer's trailer,
+                or a CRC mismatch.
+        """
+        if not self.complete:
+            raise RemoteProtocolError(
+                "trailer before the last chunk", reason=RejectReason.BAD_ARRAY
+            )
+        if trailer.transfer_id != self.header.transfer_id:
+            raise RemoteProtocolError("trailer of another transfer", reason=RejectReason.BAD_ARRAY)
+        if trailer.crc32 != self._crc:
+            raise RemoteProtocolError(
+                f"CRC-32 {self._crc:08x} does not match the trailer's {trailer.crc32:08x}",
+                reason=RejectReason.BAD_ARRAY,
+            )
+        return self._buffer.view(np.dtype(self.header.dtype)).reshape(self.header.shape)
+
+
+def crc32_of(contiguous: npt.NDArray[np.generic]) -> int:
+    """The CRC-32 the trailer carries for ``contiguous``."""
+    return zlib.crc32(contiguous.reshape(-1).view(np.uint8).data)

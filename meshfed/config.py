@@ -1,0 +1,222 @@
+"""Node configuration: defaults < TOML file < ``MESHFED_*`` environment < command-line flags.
+
+Every key is a field of :class:`NodeConfig`. A wrong value raises
+:class:`~meshfed.errors.ConfigError` naming the key, where it came from and why it is wrong,
+for example ``listen (from env MESHFED_LISTEN): '/ip4/1.2.3.4' is not a TCP multiaddr``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+from .transport import TransportLimits
+
+__all__ = ["NodeConfig", "default_data_dir"]
+
+ENV_PREFIX = "MESHFED_"
+#: MESHFED_* variables that are not node configuration (MESHFED_SOAK sizes the slow tests).
+_RESERVED_ENV = frozenset({"MESHFED_SOAK"})
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/meshfed`` (``~/.local/share/meshfed`` when unset)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "meshfed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    """Everything a node can be told. All arguments are keyword-only.
+
+    Attributes:
+        data_dir: where the identity (and later the store) lives.
+        transport: ``"libp2p"`` for real networks, ``"memory"`` for simulations.
+        listen: multiaddrs to listen on (libp2p).
+        bootstrap: multiaddrs (with ``/p2p/<id>``) to dial on start.
+        max_message_bytes: the largest signed message accepted (arrays travel in chunks).
+        max_array_bytes: the largest array accepted in one transfer.
+        array_chunk_bytes: chunk size for arrays we send.
+        replay_window_s: how old a message may be before it is rejected as stale.
+        max_clock_skew_s: how far ahead of our clock a peer's timestamp may be.
+        request_timeout_s: default deadline of a request.
+        stop_timeout_s: how long a graceful stop may take before everything is cancelled.
+        ping_interval_s: how often connected peers are pinged (0 turns it off).
+        max_streams_per_peer: concurrent inbound streams and requests per peer.
+        requests_per_second: sustained inbound request rate per peer.
+        request_burst: burst allowance for that rate.
+        log_level: ``debug``, ``info``, ``warning`` or ``error``.
+        log_format: ``text`` or ``json`` (one JSON object per line).
+    """
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    transport: Literal["libp2p", "memory"] = "libp2p"
+    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    bootstrap: list[str] = field(default_factory=list)
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_array_bytes: int = 8 * 1024**3
+    array_chunk_bytes: int = 1024 * 1024
+    replay_window_s: float = 120.0
+    max_clock_skew_s: float = 10.0
+    request_timeout_s: float = 10.0
+    stop_timeout_s: float = 5.0
+    ping_interval_s: float = 5.0
+    max_streams_per_peer: int = 64
+    requests_per_second: float = 1000.0
+    request_burst: int = 2000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_message_bytes",
+            "max_array_bytes",
+            "array_chunk_bytes",
+            "replay_window_s",
+            "request_timeout_s",
+            "stop_timeout_s",
+            "max_streams_per_peer",
+            "requests_per_second",
+            "request_burst",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)!r}")
+        for name in ("max_clock_skew_s", "ping_interval_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        if self.max_message_bytes < 1024:
+            raise ConfigError("max_message_bytes: must be at least 1024")
+        if self.array_chunk_bytes > self.max_message_bytes:
+            raise ConfigError(
+                f"array_chunk_bytes ({self.array_chunk_bytes}) must not exceed "
+                f"max_message_bytes ({self.max_message_bytes}): a chunk is one frame"
+            )
+        for name in ("listen", "bootstrap"):
+            for addr in getattr(self, name):
+                if not addr.startswith("/"):
+                    raise ConfigError(f"{name}: {addr!r} is not a multiaddr (starts with '/')")
+        for addr in self.bootstrap:
+            if "/p2p/" not in addr:
+                raise ConfigError(
+                    f"bootstrap: {addr!r} has no /p2p/<peer id>; a bootstrap peer must be named"
+                )
+
+    @property
+    def limits(self) -> TransportLimits:
+        """The per-peer limits the transport enforces."""
+        return TransportLimits(
+            max_frame_bytes=self.max_message_bytes,
+            max_streams_per_peer=self.max_streams_per_peer,
+            requests_per_second=self.requests_per_second,
+            request_burst=self.request_burst,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        toml_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> NodeConfig:
+        """Merge the sources, later winning: defaults, ``toml_path``, ``env``, ``overrides``.
+
+        Args:
+            toml_path: a TOML file of top-level keys (``listen = ["/ip4/..."]``).
+            env: environment variables; only ``MESHFED_<KEY>`` ones are read (lists are
+                comma-separated). Defaults to ``os.environ``.
+            overrides: already-typed values, e.g. from command-line flags (``None`` = unset).
+
+        Raises:
+            ConfigError: naming the key, its source, and what is wrong.
+        """
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        if toml_path is not None:
+            try:
+                document = tomllib.loads(toml_path.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"cannot read config file {toml_path}: {exc}") from None
+            for key, value in document.items():
+                values[_known_key(key, f"file {toml_path}")] = value
+                sources[key] = f"file {toml_path}"
+        env = os.environ if env is None else env
+        for name, raw in env.items():
+            if name.startswith(ENV_PREFIX) and name not in _RESERVED_ENV:
+                key = _known_key(name[len(ENV_PREFIX) :].lower(), f"env {name}")
+                values[key] = _from_text(key, raw, f"env {name}")
+                sources[key] = f"env {name}"
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[_known_key(key, "flags")] = value
+                sources[key] = "flags"
+        for key, value in values.items():
+            values[key] = _check_type(key, value, sources[key])
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            key = str(exc).split(":", 1)[0]
+            where = f" (from {sources[key]})" if key in sources else ""
+            raise ConfigError(f"{key}{where}:{str(exc).split(':', 1)[1]}") from None
+
+
+_HINTS = typing.get_type_hints(NodeConfig)
+_KEYS = [f.name for f in dataclasses.fields(NodeConfig)]
+
+
+def _known_key(key: str, source: str) -> str:
+    if key in _HINTS:
+        return key
+    close = difflib.get_close_matches(key, _KEYS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(_KEYS)}"
+    raise ConfigError(f"{key} (from {source}): unknown configuration key{hint}")
+
+
+def _from_text(key: str, raw: str, source: str) -> Any:
+    hint = _HINTS[key]
+    try:
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        if hint is Path:
+            return Path(raw).expanduser()
+        if typing.get_origin(hint) is list:
+            return [part.strip() for part in raw.split(",") if part.strip()]
+    except ValueError:
+        kind = getattr(hint, "__name__", str(hint))
+        raise ConfigError(f"{key} (from {source}): {raw!r} is not a valid {kind}") from None
+    return raw
+
+
+def _check_type(key: str, value: Any, source: str) -> Any:
+    hint = _HINTS[key]
+    origin = typing.get_origin(hint)
+    where = f"{key} (from {source})"
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return list(value)
+    if hint is Path:
+        if not isinstance(value, str | Path):
+            raise ConfigError(f"{where}: expected a path, got {value!r}")
+        return Path(value).expanduser()
+    if hint is float and type(value) is int:
+        return float(value)
+    if type(value) is not hint:
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value

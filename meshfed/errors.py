@@ -1,0 +1,94 @@
+"""Every exception meshfed raises.
+
+The tree::
+
+    MeshfedError
+    ├── ConfigError            a configuration key is missing, malformed or out of range
+    ├── IdentityError          the key files are unreadable, world-readable or corrupt
+    ├── ProtocolError
+    │   ├── LocalProtocolError   we were asked to do something illegal (a bug in the caller)
+    │   └── RemoteProtocolError  a peer sent something we reject; carries the counted reason
+    └── TransportError
+        ├── PeerUnreachable      no route to the peer, or it refused us
+        ├── StreamClosed         the other end closed (or reset) the stream
+        └── RequestFailed        the peer answered a request with an error
+
+As in h11, cores raise ``LocalProtocolError`` internally and the receive path turns
+what came from a peer into ``RemoteProtocolError``. Exceptions of the libp2p library never
+leak out of ``meshfed.transports``: they are mapped to ``TransportError`` there.
+"""
+
+from __future__ import annotations
+
+from .stats import RejectReason
+
+__all__ = [
+    "ConfigError",
+    "IdentityError",
+    "LocalProtocolError",
+    "MeshfedError",
+    "PeerUnreachable",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "RequestFailed",
+    "StreamClosed",
+    "TransportError",
+]
+
+
+class MeshfedError(Exception):
+    """Base class of every error meshfed raises on purpose."""
+
+
+class ConfigError(MeshfedError, ValueError):
+    """A configuration value is wrong; the message names the key and says why."""
+
+
+class IdentityError(MeshfedError):
+    """The node identity cannot be loaded or created safely."""
+
+
+class ProtocolError(MeshfedError):
+    """Something broke the rules of a meshfed protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """Our side asked for something the protocol does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer sent something we reject.
+
+    Args:
+        message: what was wrong, for logs.
+        reason: the counted reject reason (see :class:`meshfed.stats.RejectReason`).
+    """
+
+    def __init__(self, message: str, *, reason: RejectReason) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TransportError(MeshfedError):
+    """The transport could not carry a message."""
+
+
+class PeerUnreachable(TransportError):
+    """The peer cannot be reached (not dialable, crashed, partitioned or refusing)."""
+
+
+class StreamClosed(TransportError):
+    """The stream ended: the other side closed or reset it, or the node is stopping."""
+
+
+class RequestFailed(TransportError):
+    """The peer received the request and answered with an error.
+
+    Args:
+        message: the peer's explanation.
+        reason: the peer's short reason code (for example ``"unknown_protocol"``).
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

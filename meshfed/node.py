@@ -1,0 +1,417 @@
+"""The node: one equal peer, composed of an identity, a transport and the envelope layer.
+
+A :class:`Node` is what ``open_node`` yields. It owns no thread and no loop: every task it runs
+lives in the nursery of ``open_node``, and leaving that ``async with`` block stops them all
+(gracefully first, within ``config.stop_timeout_s``, then by cancellation).
+
+Everything a peer sends passes :func:`meshfed.wire.open_envelope` before any handler sees it;
+what fails is counted in :attr:`Node.stats` and answered with an error, and the node keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy.typing as npt
+import trio
+
+from .arrays import (
+    ArrayAssembler,
+    ArrayHeader,
+    ArrayReceived,
+    ArrayTrailer,
+    crc32_of,
+    header_for,
+    iter_chunks,
+)
+from .config import NodeConfig
+from .control import Ack, Ping, Pong
+from .errors import ConfigError, MeshfedError, RemoteProtocolError, StreamClosed
+from .identity import Identity, PeerId, load_or_create_identity
+from .stats import NodeStats, RejectReason
+from .transport import Stream, Transport
+from .wire import NO_SCOPE, Envelope, Message, ReplayGuard, Scope, open_envelope, seal
+
+if TYPE_CHECKING:
+    from .transports.memory import MemoryNetwork
+
+__all__ = ["ArrayHandler", "Node", "PeerState", "RequestHandler", "open_node"]
+
+log = logging.getLogger(__name__)
+
+RPC_PROTOCOL = "/meshfed/rpc/1"
+ARRAY_PROTOCOL = "/meshfed/array/1"
+
+M = TypeVar("M", bound=Message)
+RequestHandler = Callable[[Envelope, Any], Awaitable[Message | None]]
+"""``handler(envelope, body) -> answer``; ``None`` answers :class:`~meshfed.control.Ack`."""
+ArrayHandler = Callable[[Envelope, ArrayHeader, npt.NDArray[Any]], Awaitable[None]]
+"""``handler(envelope, header, array)``, called once the whole array arrived and checked out."""
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class PeerState:
+    """What this node knows about one peer from talking to it."""
+
+    peer: PeerId
+    last_seen: float = 0.0
+    rtt_s: float | None = None
+    failures: int = 0
+
+
+class Node:
+    """One meshfed peer. Do not construct directly: use :func:`open_node`."""
+
+    def __init__(self, config: NodeConfig, identity: Identity, transport: Transport) -> None:
+        self.config = config
+        self.identity = identity
+        self.transport = transport
+        self.stats: NodeStats = getattr(transport, "stats", None) or NodeStats()
+        self.peers: dict[PeerId, PeerState] = {}
+        self._started = trio.current_time()
+        self._replay = ReplayGuard(
+            window_ms=int(config.replay_window_s * 1000),
+            max_skew_ms=int(config.max_clock_skew_s * 1000),
+            started_ms=_now_ms() - int(config.max_clock_skew_s * 1000),
+        )
+        self._handlers: dict[type[Message], RequestHandler] = {}
+        self._array_handler: ArrayHandler | None = None
+        self._in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        transport.set_request_handler(RPC_PROTOCOL, self._serve_request)
+        transport.set_stream_handler(ARRAY_PROTOCOL, self._serve_array)
+        self.handle(Ping, self._answer_ping)
+
+    # -- identity and addresses ------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> PeerId:
+        """This node's peer id."""
+        return self.identity.peer_id
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        """Multiaddrs other peers can dial (ending in ``/p2p/<id>``)."""
+        return self.transport.listen_addrs
+
+    async def connect(self, addr: str) -> PeerId:
+        """Dial ``addr`` (a multiaddr with ``/p2p/<id>``) and return the peer's id.
+
+        Raises:
+            PeerUnreachable: if the peer cannot be reached or is not who the address names.
+        """
+        with trio.fail_after(self.config.request_timeout_s):
+            peer = await self.transport.connect(addr)
+        self._peer(peer).last_seen = trio.current_time()
+        return peer
+
+    def _peer(self, peer: PeerId) -> PeerState:
+        state = self.peers.get(peer)
+        if state is None:
+            state = self.peers[peer] = PeerState(peer)
+        return state
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def handle(
+        self, message_type: type[M], handler: Callable[[Envelope, M], Awaitable[Any]]
+    ) -> None:
+        """Answer requests whose body is a ``message_type`` with ``handler``.
+
+        The handler gets the verified envelope and its body and returns the answer (a
+        registered message) or ``None`` for an :class:`~meshfed.control.Ack`. Raising
+        :class:`~meshfed.errors.RemoteProtocolError` rejects the request: it is counted and the
+        requester gets :class:`~meshfed.errors.RequestFailed` with that reason.
+        """
+        self._handlers[message_type] = handler
+
+    async def request(
+        self,
+        peer: PeerId,
+        body: Message,
+        *,
+        scope: Scope = NO_SCOPE,
+    ) -> Envelope:
+        """Send a signed request and return the peer's verified answer.
+
+        Args:
+            peer: who to ask.
+            body: a registered message.
+            scope: the job and round the message belongs to.
+
+        The request is bounded by ``config.request_timeout_s``; wrap the call in
+        ``trio.fail_after`` for a tighter deadline.
+
+        Raises:
+            trio.TooSlowError: no answer before ``config.request_timeout_s``.
+            PeerUnreachable: the peer cannot be reached.
+            RequestFailed: the peer rejected the request (``.reason`` says why).
+            RemoteProtocolError: the answer failed verification (counted).
+        """
+        frame, nonce = seal(self.identity, body, now_ms=_now_ms(), scope=scope)
+        state = self._peer(peer)
+        started = trio.current_time()
+        try:
+            with trio.fail_after(self.config.request_timeout_s):
+                answer = await self.transport.request(peer, RPC_PROTOCOL, frame)
+        except (MeshfedError, trio.TooSlowError):
+            state.failures += 1
+            raise
+        self.stats.bytes_out += len(frame)
+        envelope = self._open(answer, peer)
+        if envelope.reply_to != nonce:
+            self.stats.reject(RejectReason.BAD_FIELD)
+            raise RemoteProtocolError(
+                "the answer's reply_to is not our request", reason=RejectReason.BAD_FIELD
+            )
+        state.rtt_s = trio.current_time() - started
+        return envelope
+
+    async def ping(self, peer: PeerId) -> float:
+        """Round-trip a signed :class:`~meshfed.control.Ping`; returns seconds."""
+        started = trio.current_time()
+        await self.request(peer, Ping(sent_ms=_now_ms()))
+        return trio.current_time() - started
+
+    async def _answer_ping(self, envelope: Envelope, ping: Ping) -> Pong:
+        return Pong(echo_ms=ping.sent_ms, now_ms=_now_ms())
+
+    def _open(self, frame: bytes, peer: PeerId) -> Envelope:
+        """Verify one frame from ``peer``; count and re-raise what fails."""
+        self.stats.bytes_in += len(frame)
+        try:
+            envelope = open_envelope(
+                frame,
+                peer=peer,
+                now_ms=_now_ms(),
+                replay=self._replay,
+                max_bytes=self.config.max_message_bytes,
+            )
+        except RemoteProtocolError as exc:
+            self.stats.reject(exc.reason)
+            log.info("rejected a frame", extra={"peer": peer.short(), "reason": str(exc.reason)})
+            raise
+        self.stats.accept(envelope.body.TYPE)
+        self._peer(peer).last_seen = trio.current_time()
+        return envelope
+
+    async def _serve_request(self, peer: PeerId, frame: bytes) -> bytes:
+        envelope = self._open(frame, peer)
+        handler = self._handlers.get(type(envelope.body))
+        if handler is None:
+            self.stats.reject(RejectReason.UNKNOWN_TYPE)
+            raise RemoteProtocolError(
+                f"no handler for {envelope.body.TYPE}", reason=RejectReason.UNKNOWN_TYPE
+            )
+        self._in_flight += 1
+        self._idle = trio.Event() if self._in_flight == 1 else self._idle
+        try:
+            answer = await handler(envelope, envelope.body)
+        except RemoteProtocolError as exc:
+            self.stats.reject(exc.reason)
+            raise
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+        reply, _ = seal(
+            self.identity,
+            Ack() if answer is None else answer,
+            now_ms=_now_ms(),
+            scope=envelope.scope,
+            reply_to=envelope.nonce,
+        )
+        self.stats.bytes_out += len(reply)
+        return reply
+
+    # -- arrays --------------------------------------------------------------------------------
+
+    def on_array(self, handler: ArrayHandler) -> None:
+        """Deliver every array peers send to ``handler`` (one handler; dispatch on the name)."""
+        self._array_handler = handler
+
+    async def send_array(
+        self,
+        peer: PeerId,
+        array: npt.NDArray[Any],
+        *,
+        name: str,
+        scope: Scope = NO_SCOPE,
+    ) -> None:
+        """Stream ``array`` to ``peer`` in chunks; returns once the peer confirmed it whole.
+
+        Args:
+            peer: the receiver.
+            array: any numeric numpy array (sent little-endian, C order).
+            name: what the receiver's handler sees as the array's name.
+            scope: the job and round it belongs to.
+
+        No deadline is set (arrays can be large): wrap the call in ``trio.fail_after``.
+
+        Raises:
+            LocalProtocolError: the dtype cannot travel.
+            PeerUnreachable, StreamClosed: the transfer broke off.
+            RemoteProtocolError: the receiver's acknowledgement failed verification.
+        """
+        header, contiguous = header_for(
+            array, name=name, transfer_id=os.urandom(16), chunk_bytes=self.config.array_chunk_bytes
+        )
+        stream = await self.transport.open_stream(peer, ARRAY_PROTOCOL)
+        async with stream:
+            frame, _ = seal(self.identity, header, now_ms=_now_ms(), scope=scope)
+            await stream.send(frame)
+            for chunk in iter_chunks(contiguous, header.chunk_bytes):
+                await stream.send(chunk)
+            trailer = ArrayTrailer(transfer_id=header.transfer_id, crc32=crc32_of(contiguous))
+            frame, nonce = seal(self.identity, trailer, now_ms=_now_ms(), scope=scope)
+            await stream.send(frame)
+            self.stats.bytes_out += header.nbytes
+            ack = self._open(await stream.receive(), peer)
+        if not isinstance(ack.body, ArrayReceived) or ack.reply_to != nonce:
+            self.stats.reject(RejectReason.BAD_FIELD)
+            raise RemoteProtocolError(
+                "the array acknowledgement does not match", reason=RejectReason.BAD_FIELD
+            )
+
+    async def _serve_array(self, stream: Stream) -> None:
+        peer = stream.remote_peer
+        try:
+            header_env = self._open(await stream.receive(), peer)
+            header = header_env.body
+            if not isinstance(header, ArrayHeader):
+                raise RemoteProtocolError(
+                    "an array stream starts with a header", reason=RejectReason.BAD_FIELD
+                )
+            assembler = ArrayAssembler(header, max_bytes=self.config.max_array_bytes)
+            while not assembler.complete:
+                length = await stream.receive_into(assembler.next_chunk_buffer())
+                assembler.chunk_received(length)
+            self.stats.bytes_in += header.nbytes
+            trailer_env = self._open(await stream.receive(), peer)
+            if not isinstance(trailer_env.body, ArrayTrailer):
+                raise RemoteProtocolError(
+                    "chunks end with a trailer", reason=RejectReason.BAD_ARRAY
+                )
+            array = assembler.finish(trailer_env.body)
+        except RemoteProtocolError as exc:
+            log.info("array transfer rejected", extra={"peer": peer.short(), "why": str(exc)})
+            return
+        except StreamClosed:
+            self.stats.reject(RejectReason.TRUNCATED)
+            log.info("array stream ended early", extra={"peer": peer.short()})
+            return
+        if self._array_handler is not None:
+            await self._array_handler(header_env, header, array)
+        answer, _ = seal(
+            self.identity,
+            ArrayReceived(transfer_id=header.transfer_id, nbytes=header.nbytes),
+            now_ms=_now_ms(),
+            scope=header_env.scope,
+            reply_to=trailer_env.nonce,
+        )
+        await stream.send(answer)
+
+    # -- services ------------------------------------------------------------------------------
+
+    async def _ping_loop(self) -> None:
+        """Ping every connected peer each ``ping_interval_s`` to keep RTTs and liveness fresh."""
+        interval = self.config.ping_interval_s
+        while True:
+            await trio.sleep(interval)
+            async with trio.open_nursery() as nursery:
+                for peer in self.transport.connected_peers():
+                    nursery.start_soon(self._ping_quietly, peer, interval)
+
+    async def _ping_quietly(self, peer: PeerId, within: float) -> None:
+        try:
+            with trio.fail_after(within):
+                await self.ping(peer)
+        except (MeshfedError, trio.TooSlowError) as exc:
+            log.debug("ping failed", extra={"peer": peer.short(), "error": repr(exc)})
+
+    async def _wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready snapshot: identity, addresses, peers, counters."""
+        now = trio.current_time()
+        return {
+            "peer_id": str(self.peer_id),
+            "listen": self.listen_addrs,
+            "uptime_s": round(now - self._started, 3),
+            "peers": [
+                {
+                    "peer_id": str(p.peer),
+                    "rtt_ms": None if p.rtt_s is None else round(p.rtt_s * 1000, 3),
+                    "seen_s_ago": round(now - p.last_seen, 3),
+                    "failures": p.failures,
+                }
+                for p in self.peers.values()
+            ],
+            "stats": self.stats.snapshot(),
+        }
+
+
+@asynccontextmanager
+async def open_node(
+    config: NodeConfig,
+    *,
+    identity: Identity | None = None,
+    network: MemoryNetwork | None = None,
+) -> AsyncIterator[Node]:
+    """Start a node, yield it while it serves, and stop it on exit.
+
+    Args:
+        config: the node's configuration (``NodeConfig.load`` merges file, env and flags).
+        identity: use this identity instead of the one in ``config.data_dir``.
+        network: the simulated network to join when ``config.transport == "memory"``.
+
+    Raises:
+        ConfigError: the configuration cannot work (memory transport without a network).
+        IdentityError: the identity file is unsafe or corrupt.
+    """
+    identity = identity or load_or_create_identity(config.data_dir)
+    stats = NodeStats()
+    transport: Transport
+    if config.transport == "memory":
+        if network is None:
+            raise ConfigError("transport: 'memory' needs open_node(..., network=MemoryNetwork())")
+        transport = network.create_transport(identity, stats=stats, limits=config.limits)
+    else:
+        from .transports.libp2p import Libp2pTransport  # lazy: importing libp2p is slow
+
+        transport = Libp2pTransport(
+            identity, stats=stats, limits=config.limits, listen_addrs=config.listen
+        )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(transport.run)
+        node = Node(config, identity, transport)
+        node.stats = stats
+        if config.ping_interval_s > 0:
+            nursery.start_soon(node._ping_loop)
+        for addr in config.bootstrap:
+            try:
+                await node.connect(addr)
+            except (MeshfedError, trio.TooSlowError) as exc:
+                log.warning("bootstrap peer unreachable", extra={"addr": addr, "error": repr(exc)})
+        log.info("node started", extra={"peer": str(node.peer_id), "listen": node.listen_addrs})
+        try:
+            yield node
+        finally:
+            with trio.move_on_after(config.stop_timeout_s) as grace:
+                grace.shield = True
+                await node._wait_idle()
+            nursery.cancel_scope.cancel(reason="node stopping")
+            log.info("node stopped", extra={"peer": str(node.peer_id)})

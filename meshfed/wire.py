@@ -1,0 +1,339 @@
+"""Signed envelopes: the one shape every meshfed message travels in.
+
+Theory of operation (SPEC.md, "Envelope"). A frame on the wire is the msgpack array
+``[signed, signature]`` where ``signed`` is itself the msgpack encoding of::
+
+    [version, type, sender, [job, round], nonce, timestamp_ms, reply_to, body]
+
+and ``signature`` is the sender's Ed25519 signature of ``b"meshfed-envelope-v1" || signed``.
+Signing the exact bytes (instead of a re-encoding) means no canonical form is needed. ``body`` is
+the message dataclass encoded by :mod:`meshfed.codec`.
+
+Receiving is :func:`open_envelope`, a pure function of (bytes, authenticated peer, now): it
+either returns an :class:`Envelope` or raises :class:`~meshfed.errors.RemoteProtocolError`
+whose ``reason`` the caller counts. The checks, in order: size, outer shape, inner shape,
+version, type known, fields, sender equals the peer the transport authenticated, signature,
+clock (stale / future), replay (nonce seen). The replay check runs last so that a forged message
+cannot poison the replay cache. :class:`ReplayGuard` keeps the nonces it has seen until they
+fall out of the freshness window, so its memory is bounded by (rate x window).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+from .codec import bounded, schema_of
+from .errors import LocalProtocolError, RemoteProtocolError
+from .identity import Identity, PeerId
+from .stats import RejectReason
+
+__all__ = [
+    "VERSION",
+    "Envelope",
+    "Message",
+    "ReplayGuard",
+    "Scope",
+    "message",
+    "message_types",
+    "open_envelope",
+    "seal",
+]
+
+VERSION = 1
+NONCE_BYTES = 16
+SIGNATURE_DOMAIN = b"meshfed-envelope-v1"
+_MAX_TYPE_LEN = 64
+_MAX_JOB_LEN = 64
+
+
+class Message:
+    """Base of every wire message. Subclasses are frozen dataclasses registered with
+    :func:`message`; ``TYPE`` is the name on the wire."""
+
+    TYPE: ClassVar[str]
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+M = TypeVar("M", bound=type[Message])
+
+
+def message(type_name: str) -> Callable[[M], M]:
+    """Class decorator: register a frozen dataclass as the wire message ``type_name``."""
+
+    def register(cls: M) -> M:
+        if type_name in _REGISTRY and _REGISTRY[type_name] is not cls:
+            raise LocalProtocolError(f"message type {type_name!r} is registered twice")
+        if len(type_name) > _MAX_TYPE_LEN:
+            raise LocalProtocolError(f"message type name {type_name!r} is too long")
+        cls.TYPE = type_name
+        schema_of(cls)  # fail at import time on an unsupported field type
+        _REGISTRY[type_name] = cls
+        return cls
+
+    return register
+
+
+def message_types() -> dict[str, type[Message]]:
+    """All registered message types by wire name."""
+    return dict(_REGISTRY)
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What a message belongs to: a job id (empty for node-level traffic) and a round."""
+
+    job: bytes = bounded(max_len=_MAX_JOB_LEN, default=b"")
+    round: int = bounded(ge=0, default=0)
+
+
+NO_SCOPE = Scope()
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A verified message: who sent it, when, in what scope, in reply to what."""
+
+    sender: PeerId
+    scope: Scope
+    nonce: bytes
+    timestamp_ms: int
+    reply_to: bytes
+    body: Message
+
+
+def seal(
+    identity: Identity,
+    body: Message,
+    *,
+    now_ms: int,
+    scope: Scope = NO_SCOPE,
+    reply_to: bytes = b"",
+    nonce: bytes | None = None,
+) -> tuple[bytes, bytes]:
+    """Sign ``body`` as ``identity``. Returns ``(frame, nonce)``; pass the nonce as the
+    ``reply_to`` of an answer."""
+    if type(body).TYPE not in _REGISTRY:
+        raise LocalProtocolError(f"{type(body).__name__} is not a registered message type")
+    nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
+    signed = msgpack.packb(
+        [
+            VERSION,
+            body.TYPE,
+            identity.peer_id.raw,
+            [scope.job, scope.round],
+            nonce,
+            now_ms,
+            reply_to,
+            schema_of(type(body)).encode(body),
+        ],
+        use_bin_type=True,
+    )
+    signature = identity.sign(SIGNATURE_DOMAIN + signed)
+    return msgpack.packb([signed, signature], use_bin_type=True), nonce
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def _unpack(data: bytes, max_bytes: int) -> Any:
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            ext_hook=_no_ext,
+            max_str_len=max_bytes,
+            max_bin_len=max_bytes,
+            max_array_len=max(1024, max_bytes // 8),
+            max_map_len=max(1024, max_bytes // 16),
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        # UnicodeDecodeError is a ValueError: invalid UTF-8 in a str lands here too.
+        raise RemoteProtocolError(
+            f"not a msgpack document: {e}", reason=RejectReason.MALFORMED
+        ) from None
+
+
+def _malformed(message: str) -> RemoteProtocolError:
+    return RemoteProtocolError(message, reason=RejectReason.MALFORMED)
+
+
+def open_envelope(
+    frame: bytes,
+    *,
+    peer: PeerId,
+    now_ms: int,
+    replay: ReplayGuard,
+    max_bytes: int,
+) -> Envelope:
+    """Decode and verify one frame from ``peer`` (the transport-authenticated sender).
+
+    Args:
+        frame: the bytes as received.
+        peer: who the transport says sent them.
+        now_ms: the local wall clock in milliseconds.
+        replay: this node's replay guard (updated only if the envelope is accepted).
+        max_bytes: the largest frame accepted.
+
+    Returns:
+        The verified :class:`Envelope`.
+
+    Raises:
+        RemoteProtocolError: with the counted reason (see the module docstring for the order).
+    """
+    if len(frame) > max_bytes:
+        raise RemoteProtocolError(
+            f"frame of {len(frame)} bytes exceeds {max_bytes}", reason=RejectReason.OVERSIZED
+        )
+    outer = _unpack(frame, max_bytes)
+    if (
+        type(outer) is not list
+        or len(outer) != 2
+        or type(outer[0]) is not bytes
+        or type(outer[1]) is not bytes
+    ):
+        raise _malformed("an envelope is [signed: bin, signature: bin]")
+    signed, signature = outer
+    inner = _unpack(signed, max_bytes)
+    if type(inner) is not list or len(inner) != 8:
+        raise _malformed("the signed part is an array of 8 fields")
+    version, type_name, sender_raw, scope_raw, nonce, timestamp_ms, reply_to, body_raw = inner
+    if version != VERSION or type(version) is not int:
+        raise RemoteProtocolError(f"envelope version {version!r}", reason=RejectReason.BAD_VERSION)
+    if type(type_name) is not str:
+        raise RemoteProtocolError("message type is not a string", reason=RejectReason.BAD_FIELD)
+    cls = _REGISTRY.get(type_name)
+    if cls is None:
+        raise RemoteProtocolError(
+            f"unknown message type {type_name[:_MAX_TYPE_LEN]!r}", reason=RejectReason.UNKNOWN_TYPE
+        )
+    header = _decode_header(sender_raw, scope_raw, nonce, timestamp_ms, reply_to, signature)
+    sender, scope = header
+    body = schema_of(cls).decode(body_raw, type_name)
+    if sender != peer:
+        raise RemoteProtocolError(
+            f"signed by {sender} but received from {peer}", reason=RejectReason.SENDER_MISMATCH
+        )
+    if not sender.verify(signature, SIGNATURE_DOMAIN + signed):
+        raise RemoteProtocolError(
+            f"bad signature on {type_name}", reason=RejectReason.BAD_SIGNATURE
+        )
+    replay.check_and_remember(sender, nonce, timestamp_ms, now_ms)
+    return Envelope(sender, scope, nonce, timestamp_ms, reply_to, body)
+
+
+def _decode_header(
+    sender_raw: Any, scope_raw: Any, nonce: Any, timestamp_ms: Any, reply_to: Any, signature: bytes
+) -> tuple[PeerId, Scope]:
+    def bad(what: str) -> RemoteProtocolError:
+        return RemoteProtocolError(f"envelope {what}", reason=RejectReason.BAD_FIELD)
+
+    if type(sender_raw) is not bytes:
+        raise bad("sender is not bytes")
+    try:
+        sender = PeerId(sender_raw)
+    except ValueError:
+        raise bad("sender is not an Ed25519 peer id") from None
+    scope = schema_of(Scope).decode(scope_raw, "scope")
+    if type(nonce) is not bytes or len(nonce) != NONCE_BYTES:
+        raise bad(f"nonce must be {NONCE_BYTES} bytes")
+    if type(timestamp_ms) is not int or not 0 <= timestamp_ms < 2**63:
+        raise bad("timestamp is not a non-negative int")
+    if type(reply_to) is not bytes or len(reply_to) not in (0, NONCE_BYTES):
+        raise bad("reply_to must be empty or a nonce")
+    if len(signature) != 64:
+        raise bad("signature must be 64 bytes")
+    return sender, scope
+
+
+class ReplayGuard:
+    """Rejects stale, future-dated and replayed envelopes with bounded memory.
+
+    An envelope is fresh if ``now - window <= timestamp <= now + max_skew`` and its nonce was
+    not seen from that sender. Nonces are kept until they leave the window. When one sender's
+    cache would exceed ``max_per_peer`` entries, its oldest entries are dropped and that
+    sender's *floor* rises to their timestamp: anything at or below a floor is stale, so
+    forgetting a nonce never lets its envelope back in. The floor starts at the guard's creation
+    time, because nonces seen before a restart are not remembered.
+
+    Args:
+        window_ms: how old a message may be.
+        max_skew_ms: how far in the future a timestamp may be (peers' clock skew).
+        started_ms: the wall clock when the guard was created.
+        max_per_peer: nonces remembered per sender.
+        max_peers: senders remembered; the least recently heard is forgotten first
+            (its floor then becomes the global floor).
+    """
+
+    def __init__(
+        self,
+        *,
+        window_ms: int,
+        max_skew_ms: int,
+        started_ms: int,
+        max_per_peer: int = 65536,
+        max_peers: int = 100_000,
+    ) -> None:
+        self.window_ms = window_ms
+        self.max_skew_ms = max_skew_ms
+        self._global_floor = started_ms
+        self._max_per_peer = max_per_peer
+        self._max_peers = max_peers
+        self._seen: collections.OrderedDict[PeerId, _PeerNonces] = collections.OrderedDict()
+
+    def check_and_remember(
+        self, sender: PeerId, nonce: bytes, timestamp_ms: int, now_ms: int
+    ) -> None:
+        """Accept (and remember) the envelope or raise ``RemoteProtocolError``."""
+        if timestamp_ms > now_ms + self.max_skew_ms:
+            raise RemoteProtocolError(
+                f"timestamp {timestamp_ms - now_ms} ms in the future", reason=RejectReason.FUTURE
+            )
+        peer = self._seen.get(sender)
+        floor = max(self._global_floor, now_ms - self.window_ms)
+        if peer is not None:
+            floor = max(floor, peer.floor)
+        if timestamp_ms <= floor:
+            raise RemoteProtocolError(
+                f"timestamp {now_ms - timestamp_ms} ms old is outside the replay window",
+                reason=RejectReason.STALE,
+            )
+        if peer is None:
+            peer = self._seen[sender] = _PeerNonces()
+            if len(self._seen) > self._max_peers:
+                _, evicted = self._seen.popitem(last=False)
+                self._global_floor = max(self._global_floor, evicted.latest)
+        else:
+            self._seen.move_to_end(sender)
+        if nonce in peer.nonces:
+            raise RemoteProtocolError("nonce already seen", reason=RejectReason.REPLAYED)
+        peer.remember(nonce, timestamp_ms, now_ms - self.window_ms, self._max_per_peer)
+
+
+class _PeerNonces:
+    __slots__ = ("floor", "latest", "nonces")
+
+    def __init__(self) -> None:
+        self.nonces: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self.floor = 0
+        self.latest = 0
+
+    def remember(self, nonce: bytes, timestamp_ms: int, expire_before_ms: int, cap: int) -> None:
+        self.nonces[nonce] = timestamp_ms
+        self.latest = max(self.latest, timestamp_ms)
+        # Entries arrive roughly in time order: drop expired ones from the front.
+        while self.nonces:
+            oldest_nonce, oldest_ts = next(iter(self.nonces.items()))
+            if oldest_ts > expire_before_ms and len(self.nonces) <= cap:
+                break
+            del self.nonces[oldest_nonce]
+            if oldest_ts > expire_before_ms:
+                self.floor = max(self.floor, oldest_ts)

@@ -1,0 +1,91 @@
+"""Chunked arrays: any numeric array survives the trip exactly; a wrong chunk never passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from meshfed.arrays import (
+    ALLOWED_DTYPES,
+    ArrayAssembler,
+    ArrayHeader,
+    ArrayTrailer,
+    crc32_of,
+    header_for,
+    iter_chunks,
+)
+from meshfed.errors import LocalProtocolError, RemoteProtocolError
+from meshfed.stats import RejectReason
+
+TID = b"t" * 16
+
+
+def transfer(array: np.ndarray, chunk_bytes: int) -> np.ndarray:
+    header, contiguous = header_for(array, name="a", transfer_id=TID, chunk_bytes=chunk_bytes)
+    assembler = ArrayAssembler(header, max_bytes=1 << 30)
+    for chunk in iter_chunks(contiguous, chunk_bytes):
+        target = assembler.next_chunk_buffer()
+        target[: len(chunk)] = chunk
+        assembler.chunk_received(len(chunk))
+    return assembler.finish(ArrayTrailer(transfer_id=TID, crc32=crc32_of(contiguous)))
+
+
+@given(
+    hnp.arrays(
+        dtype=st.sampled_from(["<f4", "<f8", ">f4", "<i8", "|u1", "<u2", "|b1", "<f2"]),
+        shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=7),
+    ),
+    st.integers(1, 64),
+)
+def test_round_trip_is_exact(array: np.ndarray, chunk_bytes: int) -> None:
+    received = transfer(array, chunk_bytes)
+    assert received.shape == array.shape
+    assert received.dtype.str in ALLOWED_DTYPES
+    np.testing.assert_array_equal(received, array)
+
+
+def test_non_contiguous_and_big_endian_arrays_travel() -> None:
+    array = np.arange(60, dtype=">f8").reshape(6, 10)[:, ::3]
+    np.testing.assert_array_equal(transfer(array, 16), array)
+
+
+def test_object_and_string_arrays_are_refused() -> None:
+    for array in (np.array([object()]), np.array(["a"]), np.array([1j])):
+        with pytest.raises(LocalProtocolError, match="cannot be sent"):
+            header_for(array, name="a", transfer_id=TID, chunk_bytes=8)
+
+
+def test_header_rejects_unknown_dtypes_and_negative_shapes() -> None:
+    with pytest.raises(ValueError, match="dtype"):
+        ArrayHeader(transfer_id=TID, name="a", dtype="|O", shape=[1], chunk_bytes=8)
+    with pytest.raises(ValueError, match="negative"):
+        ArrayHeader(transfer_id=TID, name="a", dtype="<f4", shape=[-1], chunk_bytes=8)
+
+
+def test_oversized_array_is_refused_before_allocating() -> None:
+    header = ArrayHeader(transfer_id=TID, name="a", dtype="<f8", shape=[2**40], chunk_bytes=8)
+    with pytest.raises(RemoteProtocolError) as info:
+        ArrayAssembler(header, max_bytes=1 << 20)
+    assert info.value.reason == RejectReason.OVERSIZED
+
+
+def test_short_chunk_bad_crc_and_early_trailer_are_bad_arrays() -> None:
+    array = np.arange(10, dtype="<f4")
+    header, contiguous = header_for(array, name="a", transfer_id=TID, chunk_bytes=16)
+    assembler = ArrayAssembler(header, max_bytes=1 << 20)
+    with pytest.raises(RemoteProtocolError) as info:
+        assembler.finish(ArrayTrailer(transfer_id=TID, crc32=0))
+    assert info.value.reason == RejectReason.BAD_ARRAY
+    with pytest.raises(RemoteProtocolError) as info:
+        assembler.chunk_received(3)
+    assert info.value.reason == RejectReason.BAD_ARRAY
+    for chunk in iter_chunks(contiguous, 16):
+        assembler.next_chunk_buffer()[:] = chunk
+        assembler.chunk_received(len(chunk))
+    with pytest.raises(RemoteProtocolError, match="CRC"):
+        assembler.finish(ArrayTrailer(transfer_id=TID, crc32=crc32_of(contiguous) ^ 1))
+    with pytest.raises(RemoteProtocolError, match="another transfer"):
+        assembler.finish(ArrayTrailer(transfer_id=b"u" * 16, crc32=crc32_of(contiguous)))
