@@ -42,7 +42,7 @@ from .wire import NO_SCOPE, Envelope, Message, ReplayGuard, Scope, open_envelope
 if TYPE_CHECKING:
     from .transports.memory import MemoryNetwork
 
-__all__ = ["ArrayHandler", "Node", "PeerState", "RequestHandler", "open_node"]
+__all__ = ["ArrayHandler", "Node", "PeerState", "MessageHandler", "open_node"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ RPC_PROTOCOL = "/meshfed/rpc/1"
 ARRAY_PROTOCOL = "/meshfed/array/1"
 
 M = TypeVar("M", bound=Message)
-RequestHandler = Callable[[Envelope, Any], Awaitable[Message | None]]
+MessageHandler = Callable[[Envelope, Any], Awaitable[Message | None]]
 """``handler(envelope, body) -> answer``; ``None`` answers :class:`~meshfed.control.Ack`."""
 ArrayHandler = Callable[[Envelope, ArrayHeader, npt.NDArray[Any]], Awaitable[None]]
 """``handler(envelope, header, array)``, called once the whole array arrived and checked out."""
@@ -73,11 +73,14 @@ class PeerState:
 class Node:
     """One meshfed peer. Do not construct directly: use :func:`open_node`."""
 
-    def __init__(self, config: NodeConfig, identity: Identity, transport: Transport) -> None:
+    def __init__(
+        self, config: NodeConfig, identity: Identity, transport: Transport, stats: NodeStats
+    ) -> None:
         self.config = config
         self.identity = identity
         self.transport = transport
-        self.stats: NodeStats = getattr(transport, "stats", None) or NodeStats()
+        #: counters shared with the transport: what arrived, what was rejected and why
+        self.stats = stats
         self.peers: dict[PeerId, PeerState] = {}
         self._started = trio.current_time()
         self._replay = ReplayGuard(
@@ -85,7 +88,7 @@ class Node:
             max_skew_ms=int(config.max_clock_skew_s * 1000),
             started_ms=_now_ms() - int(config.max_clock_skew_s * 1000),
         )
-        self._handlers: dict[type[Message], RequestHandler] = {}
+        self._handlers: dict[type[Message], MessageHandler] = {}
         self._array_handler: ArrayHandler | None = None
         self._in_flight = 0
         self._idle = trio.Event()
@@ -397,8 +400,7 @@ async def open_node(
         )
     async with trio.open_nursery() as nursery:
         await nursery.start(transport.run)
-        node = Node(config, identity, transport)
-        node.stats = stats
+        node = Node(config, identity, transport, stats)
         if config.ping_interval_s > 0:
             nursery.start_soon(node._ping_loop)
         for addr in config.bootstrap:

@@ -12,8 +12,13 @@ from meshfed.errors import ConfigError
 
 def test_sources_override_in_order(tmp_path: Path) -> None:
     toml = tmp_path / "node.toml"
-    toml.write_text('listen = ["/ip4/127.0.0.1/tcp/5000"]\nping_interval_s = 2\nlog_level = "debug"\n')
-    env = {"MESHFED_PING_INTERVAL_S": "3.5", "MESHFED_BOOTSTRAP": "/ip4/1.2.3.4/tcp/1/p2p/x,/x/p2p/y"}
+    toml.write_text(
+        'listen = ["/ip4/127.0.0.1/tcp/5000"]\nping_interval_s = 2\nlog_level = "debug"\n'
+    )
+    env = {
+        "MESHFED_PING_INTERVAL_S": "3.5",
+        "MESHFED_BOOTSTRAP": "/ip4/1.2.3.4/tcp/1/p2p/x,/x/p2p/y",
+    }
     cfg = NodeConfig.load(toml_path=toml, env=env, overrides={"log_level": "error", "listen": None})
     assert cfg.listen == ["/ip4/127.0.0.1/tcp/5000"]
     assert cfg.ping_interval_s == 3.5

@@ -45,8 +45,9 @@ def guard() -> ReplayGuard:
     return ReplayGuard(window_ms=60_000, max_skew_ms=5_000, started_ms=NOW - 60_000)
 
 
-def open_(frame: bytes, *, peer: PeerId = ALICE.peer_id, replay: ReplayGuard | None = None,
-          now: int = NOW):
+def open_(
+    frame: bytes, *, peer: PeerId = ALICE.peer_id, replay: ReplayGuard | None = None, now: int = NOW
+):
     return open_envelope(frame, peer=peer, now_ms=now, replay=replay or guard(), max_bytes=MAX)
 
 
@@ -161,7 +162,7 @@ def test_replay_stale_and_future() -> None:
 def test_rejected_frames_do_not_poison_the_replay_cache() -> None:
     replay = guard()
     frame, _ = seal(ALICE, Text(text="x"), now_ms=NOW)
-    signed, signature = msgpack.unpackb(frame)
+    signed, _ = msgpack.unpackb(frame)
     bad = msgpack.packb([signed, bytes(64)])
     assert reason_of(bad, replay=replay) == RejectReason.BAD_SIGNATURE
     open_(frame, replay=replay)  # the genuine one is still accepted

@@ -1,0 +1,116 @@
+"""A hostile peer in its own OS process (for tests): attacks each target node, then exits.
+
+Usage: ``python tests/procs/hostile.py ADDR [ADDR ...]``. For each target it dials over libp2p
+with its own valid identity (so it gets past Noise) and sends frames that must each be rejected
+with a counted reason. Prints one JSON line: ``{"attacks": {reason: count}, "answers": {...}}``
+where answers are the error reasons the target gave back.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+import time
+
+import msgpack
+import numpy as np
+import trio
+
+from meshfed.control import Ping, Text
+from meshfed.errors import MeshfedError, RequestFailed
+from meshfed.identity import Identity, PeerId
+from meshfed.stats import NodeStats
+from meshfed.transports.libp2p import Libp2pTransport
+from meshfed.wire import SIGNATURE_DOMAIN, seal
+
+RPC = "/meshfed/rpc/1"
+ARRAY = "/meshfed/array/1"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def resign(identity: Identity, fields: list[object]) -> bytes:
+    signed = msgpack.packb(fields, use_bin_type=True)
+    return msgpack.packb([signed, identity.sign(SIGNATURE_DOMAIN + signed)], use_bin_type=True)
+
+
+def frames(me: Identity) -> list[tuple[str, bytes]]:
+    """(expected reject reason, frame) pairs for the request path."""
+    valid, _ = seal(me, Ping(sent_ms=1), now_ms=now_ms())
+    fields = msgpack.unpackb(msgpack.unpackb(valid)[0])
+    signed, signature = msgpack.unpackb(valid)
+    flipped = bytearray(signature)
+    flipped[5] ^= 0x40
+    other = Identity.generate()
+    wrong_type = list(fields)
+    wrong_type[7] = ["not an int"]
+    replayed, _ = seal(me, Ping(sent_ms=2), now_ms=now_ms())
+    unknown = list(fields)
+    unknown[1] = "no.such.message"
+    return [
+        ("malformed", b"\x00garbage\xff" * 10),
+        ("malformed", valid[: len(valid) // 2]),
+        ("bad_field", resign(me, wrong_type)),
+        ("bad_signature", msgpack.packb([signed, bytes(flipped)])),
+        ("sender_mismatch", resign(other, [fields[0], fields[1], other.peer_id.raw, *fields[3:]])),
+        ("future", seal(me, Text(text="from the future"), now_ms=now_ms() + 3_600_000)[0]),
+        ("stale", seal(me, Text(text="from the past"), now_ms=now_ms() - 3_600_000)[0]),
+        ("unknown_type", resign(me, unknown)),
+        ("accepted", replayed),
+        ("replayed", replayed),
+        ("oversized", b"\x00" * (5 * 1024 * 1024)),
+    ]
+
+
+async def attack(transport: Libp2pTransport, me: Identity, addr: str) -> dict[str, str]:
+    peer: PeerId = await transport.connect(addr)
+    answers: dict[str, str] = {}
+    for expected, frame in frames(me):
+        try:
+            with trio.fail_after(10):
+                await transport.request(peer, RPC, frame)
+            answers[expected] = "accepted"
+        except RequestFailed as exc:
+            answers[expected] = exc.reason
+    # An array stream whose chunk is shorter than announced, then one cut off mid-transfer.
+    for label, cut_short in (("bad_array", True), ("truncated", False)):
+        header = _array_header(me)
+        try:
+            with trio.fail_after(10):
+                stream = await transport.open_stream(peer, ARRAY)
+                async with stream:
+                    await stream.send(header)
+                    await stream.send(np.zeros(10 if cut_short else 256, np.uint8).tobytes())
+            answers[label] = "sent"
+        except MeshfedError as exc:
+            answers[label] = type(exc).__name__
+    return answers
+
+
+def _array_header(me: Identity) -> bytes:
+    from meshfed.arrays import ArrayHeader
+
+    header = ArrayHeader(
+        transfer_id=np.random.bytes(16), name="evil", dtype="|u1", shape=[1024], chunk_bytes=256
+    )
+    return seal(me, header, now_ms=now_ms())[0]
+
+
+async def main(addrs: list[str]) -> None:
+    me = Identity.generate()
+    transport = Libp2pTransport(me, stats=NodeStats())
+    results: dict[str, dict[str, str]] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(transport.run)
+        for addr in addrs:
+            results[addr] = await attack(transport, me, addr)
+        nursery.cancel_scope.cancel()
+    tally = collections.Counter(reason for answers in results.values() for reason in answers)
+    print(json.dumps({"attacks": tally, "answers": results}), flush=True)
+
+
+if __name__ == "__main__":
+    trio.run(main, sys.argv[1:])

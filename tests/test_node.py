@@ -1,0 +1,169 @@
+"""The node over the memory transport: signed requests, arrays, rejections, lifecycle."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from meshfed import Envelope, Node, NodeConfig, open_node
+from meshfed.arrays import ArrayHeader
+from meshfed.control import Ping, Text
+from meshfed.errors import ConfigError, RequestFailed
+from meshfed.identity import Identity
+from meshfed.stats import RejectReason
+from meshfed.transports.memory import MemoryNetwork
+from meshfed.wire import Scope, seal
+
+
+@asynccontextmanager
+async def mesh(tmp_path: Path, n: int, **config: object) -> AsyncIterator[list[Node]]:
+    network = MemoryNetwork(seed=1, latency=0.001)
+    async with AsyncExitStack() as stack:
+        nodes = []
+        for i in range(n):
+            cfg = NodeConfig(data_dir=tmp_path / f"n{i}", transport="memory", **config)  # type: ignore[arg-type]
+            nodes.append(await stack.enter_async_context(open_node(cfg, network=network)))
+        yield nodes
+
+
+async def echo(envelope: Envelope, text: Text) -> Text:
+    return Text(text=f"{text.text} from {envelope.sender.short()} in round {envelope.scope.round}")
+
+
+async def test_signed_request_and_answer(tmp_path: Path) -> None:
+    async with mesh(tmp_path, 2, ping_interval_s=0) as (a, b):
+        b.handle(Text, echo)
+        answer = await a.request(b.peer_id, Text(text="hi"), scope=Scope(job=b"j", round=3))
+        assert answer.sender == b.peer_id
+        assert answer.body == Text(text=f"hi from {a.peer_id.short()} in round 3")
+        assert answer.scope == Scope(job=b"j", round=3)
+        assert b.stats.accepted["meshfed.text"] == 1
+        assert a.stats.accepted["meshfed.text"] == 1
+
+
+async def test_unhandled_type_is_rejected_and_counted(tmp_path: Path) -> None:
+    async with mesh(tmp_path, 2, ping_interval_s=0) as (a, b):
+        with pytest.raises(RequestFailed) as info:
+            await a.request(b.peer_id, Text(text="nobody listens"))
+        assert info.value.reason == "unknown_type"
+        assert b.stats.rejected[RejectReason.UNKNOWN_TYPE] == 1
+
+
+async def test_replayed_request_is_rejected_and_the_node_keeps_serving(tmp_path: Path) -> None:
+    async with mesh(tmp_path, 2, ping_interval_s=0) as (a, b):
+        b.handle(Text, echo)
+        frame, _ = seal(a.identity, Text(text="once"), now_ms=trio_wall_ms())
+        await a.transport.request(b.peer_id, "/meshfed/rpc/1", frame)
+        with pytest.raises(RequestFailed) as info:
+            await a.transport.request(b.peer_id, "/meshfed/rpc/1", frame)
+        assert info.value.reason == "replayed"
+        assert b.stats.rejected[RejectReason.REPLAYED] == 1
+        assert (await a.request(b.peer_id, Text(text="again"))).body.text.startswith("again")
+
+
+def trio_wall_ms() -> int:
+    import time
+
+    return time.time_ns() // 1_000_000
+
+
+async def test_forged_envelope_is_rejected(tmp_path: Path) -> None:
+    async with mesh(tmp_path, 3, ping_interval_s=0) as (a, b, c):
+        b.handle(Text, echo)
+        # c signs as itself but the envelope arrives over a's authenticated connection.
+        frame, _ = seal(c.identity, Text(text="i am c"), now_ms=trio_wall_ms())
+        with pytest.raises(RequestFailed) as info:
+            await a.transport.request(b.peer_id, "/meshfed/rpc/1", frame)
+        assert info.value.reason == "sender_mismatch"
+        mallory = Identity.generate()
+        frame, _ = seal(mallory, Text(text="who am i"), now_ms=trio_wall_ms())
+        with pytest.raises(RequestFailed):
+            await a.transport.request(b.peer_id, "/meshfed/rpc/1", frame)
+        assert b.stats.rejected[RejectReason.SENDER_MISMATCH] == 2
+
+
+async def test_arrays_arrive_whole_with_name_and_scope(tmp_path: Path) -> None:
+    async with mesh(tmp_path, 2, ping_interval_s=0, array_chunk_bytes=64 * 1024) as (a, b):
+        got: list[tuple[str, Scope, np.ndarray]] = []
+
+        async def store(envelope: Envelope, header: ArrayHeader, array: np.ndarray) -> None:
+            got.append((header.name, envelope.scope, array))
+
+        b.on_array(store)
+        weights = np.random.default_rng(0).standard_normal((300, 1000)).astype(np.float32)
+        await a.send_array(b.peer_id, weights, name="w", scope=Scope(job=b"job", round=1))
+        [(name, scope, array)] = got
+        assert (name, scope) == ("w", Scope(job=b"job", round=1))
+        np.testing.assert_array_equal(array, weights)
+        assert b.stats.bytes_in >= weights.nbytes
+
+
+async def test_oversized_array_is_refused(tmp_path: Path) -> None:
+    async with mesh(tmp_path, 2, ping_interval_s=0, max_array_bytes=1000) as (a, b):
+        with pytest.raises(Exception):  # noqa: B017 - the stream is reset; which error is transport-specific
+            await a.send_array(b.peer_id, np.zeros(1000, np.float32), name="big")
+        assert b.stats.rejected[RejectReason.OVERSIZED] == 1
+
+
+async def test_pings_measure_round_trips(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with mesh(tmp_path, 3, ping_interval_s=1.0) as nodes:
+        for node in nodes[1:]:
+            await nodes[0].connect(node.listen_addrs[0])
+        await trio.sleep(3.5)
+        status = nodes[0].status()
+        assert len(status["peers"]) == 2
+        assert all(p["rtt_ms"] is not None for p in status["peers"])
+        assert nodes[1].stats.accepted[Ping.TYPE] >= 2
+
+
+async def test_stop_waits_for_handlers_in_flight(tmp_path: Path) -> None:
+    finished = []
+
+    async def slow(envelope: Envelope, text: Text) -> Text:
+        await trio.sleep(0.2)
+        finished.append(text.text)
+        return text
+
+    network = MemoryNetwork(seed=2)
+    cfg_a = NodeConfig(data_dir=tmp_path / "a", transport="memory", ping_interval_s=0)
+    cfg_b = NodeConfig(data_dir=tmp_path / "b", transport="memory", ping_interval_s=0)
+    async with open_node(cfg_a, network=network) as a:
+        async with trio.open_nursery() as nursery, open_node(cfg_b, network=network) as b:
+            b.handle(Text, slow)
+            nursery.start_soon(a.request, b.peer_id, Text(text="slow"))
+            await trio.sleep(0.05)
+        assert finished == ["slow"]
+
+
+async def test_stop_is_bounded_by_its_deadline(tmp_path: Path) -> None:
+    async def stuck(envelope: Envelope, text: Text) -> Text:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    network = MemoryNetwork(seed=3)
+    cfg = dict(transport="memory", ping_interval_s=0, stop_timeout_s=0.3)
+    async with open_node(NodeConfig(data_dir=tmp_path / "a", **cfg), network=network) as a:  # type: ignore[arg-type]
+        with trio.move_on_after(5):
+            async with trio.open_nursery() as nursery:
+                b_cfg = NodeConfig(data_dir=tmp_path / "b", **cfg)  # type: ignore[arg-type]
+                async with open_node(b_cfg, network=network) as b:
+                    b.handle(Text, stuck)
+                    nursery.start_soon(a.request, b.peer_id, Text(text="never answered"))
+                    await trio.sleep(0.05)
+                    started = trio.current_time()
+                stopped = trio.current_time() - started
+                nursery.cancel_scope.cancel()
+        assert stopped < 1.0
+
+
+async def test_memory_transport_needs_a_network(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="network"):
+        async with open_node(NodeConfig(data_dir=tmp_path, transport="memory")):
+            pass

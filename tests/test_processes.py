@@ -1,0 +1,114 @@
+"""Nodes as separate OS processes over libp2p on 127.0.0.1: the foundation's acceptance."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from tests.procs.harness import ROOT, Process, start_peer
+
+ARRAY_FLOATS = 25_000_000  # 100 MB of float32
+
+
+def test_three_processes_exchange_signed_messages_and_100mb_arrays(tmp_path: Path) -> None:
+    peers = [start_peer(tmp_path / f"p{i}") for i in range(3)]
+    try:
+        (a, a_info), (b, b_info), (c, c_info) = peers
+        ids = [info["peer_id"] for _, info in peers]
+        a.call(cmd="connect", addr=b_info["listen"][0])
+        b.call(cmd="connect", addr=c_info["listen"][0])
+        c.call(cmd="connect", addr=a_info["listen"][0])
+        for (process, _), target in zip(peers, ids[1:] + ids[:1], strict=True):
+            answer = process.call(cmd="request", peer=target, text="hello")
+            assert answer == {"answer": "echo:hello"}
+        sent = {}
+        for seed, ((process, info), target) in enumerate(
+            zip(peers, ids[1:] + ids[:1], strict=True)
+        ):
+            result = process.call(cmd="send_array", peer=target, n=ARRAY_FLOATS, seed=seed)
+            sent[f"seed-{seed}"] = (info["peer_id"], result["sha256"])
+        for process, _ in peers:
+            [array] = process.call(cmd="received")["arrays"]
+            sender, sha = sent[array["name"]]
+            assert (array["sender"], array["sha256"]) == (sender, sha)
+            assert array["nbytes"] == ARRAY_FLOATS * 4
+        for process, _ in peers:
+            status = process.call(cmd="status")
+            assert status["stats"]["rejected"] == {}
+    finally:
+        for process, _ in peers:
+            process.stop()
+
+
+def test_identity_survives_sigkill(tmp_path: Path) -> None:
+    def start() -> tuple[Process, str]:
+        process = Process(
+            "-m", "meshfed.cli", "run", "--json", "--data-dir", str(tmp_path / "node"), cwd=ROOT
+        )
+        return process, process.read()["peer_id"]
+
+    first, peer_id = start()
+    os.kill(first.popen.pid, signal.SIGKILL)
+    assert first.popen.wait(10) == -signal.SIGKILL
+    second, again = start()
+    try:
+        assert again == peer_id
+    finally:
+        second.popen.send_signal(signal.SIGTERM)
+        assert second.popen.wait(20) == 0
+        assert second.read()["event"] == "stopped"
+
+
+EXPECTED_REJECTS = {
+    "malformed": 2,
+    "bad_field": 1,
+    "bad_signature": 1,
+    "sender_mismatch": 1,
+    "future": 1,
+    "stale": 1,
+    "unknown_type": 1,
+    "replayed": 1,
+    "oversized": 1,
+    "bad_array": 1,
+    "truncated": 1,
+}
+
+
+def test_hostile_process_is_rejected_and_counted_while_honest_peers_are_served(
+    tmp_path: Path,
+) -> None:
+    peers = [start_peer(tmp_path / f"p{i}") for i in range(3)]
+    try:
+        (a, a_info), (b, b_info), (_, c_info) = peers
+        a.call(cmd="connect", addr=b_info["listen"][0])
+        a.call(cmd="connect", addr=c_info["listen"][0])
+        b.call(cmd="connect", addr=c_info["listen"][0])
+        hostile = Process(
+            str(ROOT / "tests" / "procs" / "hostile.py"),
+            *(info["listen"][0] for _, info in peers),
+        )
+        served = 0
+        while hostile.popen.poll() is None:  # the honest peer keeps being served throughout
+            for target in (b_info, c_info):
+                assert a.call(cmd="request", peer=target["peer_id"], text=str(served)) == {
+                    "answer": f"echo:{served}"
+                }
+                served += 1
+        report = hostile.read()
+        for addr, answers in report["answers"].items():
+            assert answers["accepted"] == "accepted", addr
+            for reason in ("malformed", "bad_field", "bad_signature", "sender_mismatch"):
+                assert answers[reason] == reason, (addr, answers)
+            for reason in ("future", "stale", "unknown_type", "replayed", "oversized"):
+                assert answers[reason] == reason, (addr, answers)
+        for process, _ in peers:
+            rejected = process.call(cmd="status")["stats"]["rejected"]
+            for reason, count in EXPECTED_REJECTS.items():
+                assert rejected.get(reason, 0) >= count, (reason, rejected)
+        assert served >= 2
+        for (process, _), target in zip(peers, [b_info, c_info, a_info], strict=True):
+            assert process.call(cmd="request", peer=target["peer_id"], text="after")["answer"]
+    finally:
+        for process, _ in peers:
+            process.stop()
