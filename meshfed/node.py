@@ -173,12 +173,15 @@ class Node:
             state.failures += 1
             raise
         self.stats.bytes_out += len(frame)
-        envelope = self._open(answer, peer)
-        if envelope.reply_to != nonce:
-            self.stats.reject(RejectReason.BAD_FIELD)
-            raise RemoteProtocolError(
-                "the answer's reply_to is not our request", reason=RejectReason.BAD_FIELD
-            )
+        try:
+            envelope = self._open(answer, peer)
+            if envelope.reply_to != nonce:
+                raise RemoteProtocolError(
+                    "the answer's reply_to is not our request", reason=RejectReason.BAD_FIELD
+                )
+        except RemoteProtocolError as exc:
+            self._rejected(peer, exc)
+            raise
         state.rtt_s = trio.current_time() - started
         return envelope
 
@@ -192,43 +195,45 @@ class Node:
         return Pong(echo_ms=ping.sent_ms, now_ms=_now_ms())
 
     def _open(self, frame: bytes, peer: PeerId) -> Envelope:
-        """Verify one frame from ``peer``; count and re-raise what fails."""
+        """Verify one frame from ``peer``; the caller counts what fails (see ``_rejected``)."""
         self.stats.bytes_in += len(frame)
-        try:
-            envelope = open_envelope(
-                frame,
-                peer=peer,
-                now_ms=_now_ms(),
-                replay=self._replay,
-                max_bytes=self.config.max_message_bytes,
-            )
-        except RemoteProtocolError as exc:
-            self.stats.reject(exc.reason)
-            log.info("rejected a frame", extra={"peer": peer.short(), "reason": str(exc.reason)})
-            raise
+        envelope = open_envelope(
+            frame,
+            peer=peer,
+            now_ms=_now_ms(),
+            replay=self._replay,
+            max_bytes=self.config.max_message_bytes,
+        )
         self.stats.accept(envelope.body.TYPE)
         self._peer(peer).last_seen = trio.current_time()
         return envelope
 
+    def _rejected(self, peer: PeerId, exc: RemoteProtocolError) -> None:
+        """Count one rejection. Each path that receives from a peer calls this exactly once."""
+        self.stats.reject(exc.reason)
+        log.info(
+            "rejected", extra={"peer": peer.short(), "reason": str(exc.reason), "why": str(exc)}
+        )
+
     async def _serve_request(self, peer: PeerId, frame: bytes) -> bytes:
-        envelope = self._open(frame, peer)
-        handler = self._handlers.get(type(envelope.body))
-        if handler is None:
-            self.stats.reject(RejectReason.UNKNOWN_TYPE)
-            raise RemoteProtocolError(
-                f"no handler for {envelope.body.TYPE}", reason=RejectReason.UNKNOWN_TYPE
-            )
-        self._in_flight += 1
-        self._idle = trio.Event() if self._in_flight == 1 else self._idle
         try:
-            answer = await handler(envelope, envelope.body)
+            envelope = self._open(frame, peer)
+            handler = self._handlers.get(type(envelope.body))
+            if handler is None:
+                raise RemoteProtocolError(
+                    f"no handler for {envelope.body.TYPE}", reason=RejectReason.UNKNOWN_TYPE
+                )
+            self._in_flight += 1
+            self._idle = trio.Event() if self._in_flight == 1 else self._idle
+            try:
+                answer = await handler(envelope, envelope.body)
+            finally:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.set()
         except RemoteProtocolError as exc:
-            self.stats.reject(exc.reason)
+            self._rejected(peer, exc)
             raise
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
         reply, _ = seal(
             self.identity,
             Ack() if answer is None else answer,
@@ -281,12 +286,16 @@ class Node:
             frame, nonce = seal(self.identity, trailer, now_ms=_now_ms(), scope=scope)
             await stream.send(frame)
             self.stats.bytes_out += header.nbytes
-            ack = self._open(await stream.receive(), peer)
-        if not isinstance(ack.body, ArrayReceived) or ack.reply_to != nonce:
-            self.stats.reject(RejectReason.BAD_FIELD)
-            raise RemoteProtocolError(
-                "the array acknowledgement does not match", reason=RejectReason.BAD_FIELD
-            )
+            ack_frame = await stream.receive()
+        try:
+            ack = self._open(ack_frame, peer)
+            if not isinstance(ack.body, ArrayReceived) or ack.reply_to != nonce:
+                raise RemoteProtocolError(
+                    "the array acknowledgement does not match", reason=RejectReason.BAD_FIELD
+                )
+        except RemoteProtocolError as exc:
+            self._rejected(peer, exc)
+            raise
 
     async def _serve_array(self, stream: Stream) -> None:
         peer = stream.remote_peer
@@ -309,11 +318,11 @@ class Node:
                 )
             array = assembler.finish(trailer_env.body)
         except RemoteProtocolError as exc:
-            log.info("array transfer rejected", extra={"peer": peer.short(), "why": str(exc)})
+            self._rejected(peer, exc)
             return
         except StreamClosed:
-            self.stats.reject(RejectReason.TRUNCATED)
-            log.info("array stream ended early", extra={"peer": peer.short()})
+            reason = RejectReason.TRUNCATED
+            self._rejected(peer, RemoteProtocolError("array stream ended early", reason=reason))
             return
         if self._array_handler is not None:
             await self._array_handler(header_env, header, array)
@@ -399,8 +408,8 @@ async def open_node(
             identity, stats=stats, limits=config.limits, listen_addrs=config.listen
         )
     async with trio.open_nursery() as nursery:
+        node = Node(config, identity, transport, stats)  # handlers exist before we listen
         await nursery.start(transport.run)
-        node = Node(config, identity, transport, stats)
         if config.ping_interval_s > 0:
             nursery.start_soon(node._ping_loop)
         for addr in config.bootstrap:
