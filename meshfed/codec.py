@@ -50,13 +50,17 @@ def bounded(
     ge: float | None = None,
     le: float | None = None,
     default: Any = dataclasses.MISSING,
+    default_factory: Any = dataclasses.MISSING,
 ) -> Any:
     """A dataclass field with wire bounds.
 
     Example: ``nonce: bytes = bounded(min_len=16, max_len=16)``.
     """
     bounds = Bounds(max_len=max_len, min_len=min_len, ge=ge, le=le)
-    return dataclasses.field(default=default, metadata={"bounds": bounds})
+    metadata = {"bounds": bounds}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _reject(path: str, message: str) -> RemoteProtocolError:

@@ -1,0 +1,238 @@
+"""Signed peer records: a peer's addresses, agreement key, capabilities and prices.
+
+A record is signed by the peer it describes, so it can travel through any number of gossiping
+peers and still be checked by everyone (SPEC.md, "Peer records"). The signed bytes are::
+
+    b"meshfed-peer-record-v1" || msgpack(PeerRecord fields)
+
+A newer ``seq`` replaces an older record of the same peer; a record past ``expires_ms`` is
+dropped. :class:`PeerTable` is the sans-IO store: it takes records and a ``now``, and answers
+capability queries from memory, never over the network.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import msgpack
+
+from ..codec import bounded, schema_of
+from ..errors import RemoteProtocolError
+from ..identity import Identity, PeerId, verify_x25519_binding
+from ..stats import RejectReason
+from ..wire import Message, message
+
+__all__ = [
+    "Capabilities",
+    "DatasetOffer",
+    "PeerRecord",
+    "PeerTable",
+    "PriceAsk",
+    "Role",
+    "SignedPeerRecord",
+    "sign_record",
+]
+
+RECORD_DOMAIN = b"meshfed-peer-record-v1"
+MAX_RECORD_BYTES = 16 * 1024
+
+
+class Role(enum.StrEnum):
+    """What a peer offers to do."""
+
+    #: relays onion packets and, for client-mode peers, their traffic
+    RELAY = "relay"
+    #: trains on its own data for jobs
+    TRAINER = "trainer"
+    #: serves inference on hosted models
+    INFERENCE = "inference"
+    #: cannot accept inbound connections (behind NAT); never picked for inbound roles
+    CLIENT_ONLY = "client-only"
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetOffer:
+    """A data set a peer trains on, by name, with its example count."""
+
+    name: str = bounded(max_len=128)
+    examples: int = bounded(ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class PriceAsk:
+    """The lowest price a peer accepts for a unit of work in one tier."""
+
+    tier: str = bounded(max_len=32)
+    price: float = bounded(ge=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a peer can do now. Optional readings are ``None`` when the device has no sensor."""
+
+    cpu_cores: int = bounded(ge=0, le=4096, default=0)
+    cpu_ghz: float = bounded(ge=0.0, le=100.0, default=0.0)
+    memory_mb: int = bounded(ge=0, default=0)
+    accelerator: str = bounded(max_len=64, default="")
+    battery_pct: int | None = bounded(ge=0, le=100, default=None)
+    charging: bool | None = bounded(default=None)
+    temperature_c: float | None = bounded(ge=-60.0, le=150.0, default=None)
+    metered: bool = bounded(default=False)
+    wifi: bool = bounded(default=False)
+    bandwidth_mbps: float = bounded(ge=0.0, default=0.0)
+    models: list[str] = bounded(max_len=64, default_factory=list)
+    datasets: list[DatasetOffer] = bounded(max_len=64, default_factory=list)
+    roles: list[str] = bounded(max_len=8, default_factory=list)
+    prices: list[PriceAsk] = bounded(max_len=8, default_factory=list)
+
+    def __post_init__(self) -> None:
+        known = {role.value for role in Role}
+        unknown = [role for role in self.roles if role not in known]
+        if unknown:
+            raise ValueError(f"unknown roles {unknown}; known: {sorted(known)}")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRecord:
+    """Everything a peer says about itself, at version ``seq``, valid until ``expires_ms``."""
+
+    peer: PeerId
+    seq: int = bounded(ge=0)
+    expires_ms: int = bounded(ge=0)
+    addrs: list[str] = bounded(max_len=16)
+    x25519: bytes = bounded(min_len=32, max_len=32)
+    x25519_binding: bytes = bounded(min_len=64, max_len=64)
+    capabilities: Capabilities = field(default_factory=Capabilities)
+
+    def has_role(self, role: Role) -> bool:
+        """True if the peer offers ``role``."""
+        return role.value in self.capabilities.roles
+
+
+@message("meshfed.peer_record")
+@dataclass(frozen=True, slots=True)
+class SignedPeerRecord(Message):
+    """A record as it travels: the encoded record and its subject's signature."""
+
+    record: bytes = bounded(max_len=MAX_RECORD_BYTES)
+    signature: bytes = bounded(min_len=64, max_len=64)
+
+    def verify(self) -> PeerRecord:
+        """Decode and check the record.
+
+        Raises:
+            RemoteProtocolError: ``OVERSIZED``, ``MALFORMED``, ``BAD_FIELD`` or
+                ``BAD_SIGNATURE`` (a record signed by anyone but its subject, or whose agreement
+                key is not bound to the subject).
+        """
+        try:
+            fields = msgpack.unpackb(self.record, raw=False, strict_map_key=True)
+        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
+            raise RemoteProtocolError(
+                f"peer record is not msgpack: {exc}", reason=RejectReason.MALFORMED
+            ) from None
+        record: PeerRecord = schema_of(PeerRecord).decode(fields, "PeerRecord")
+        if not record.peer.verify(self.signature, RECORD_DOMAIN + self.record):
+            raise RemoteProtocolError(
+                f"peer record for {record.peer} is not signed by it",
+                reason=RejectReason.BAD_SIGNATURE,
+            )
+        if not verify_x25519_binding(record.peer, record.x25519, record.x25519_binding):
+            raise RemoteProtocolError(
+                "agreement key not bound to the peer", reason=RejectReason.BAD_SIGNATURE
+            )
+        return record
+
+
+def sign_record(
+    identity: Identity,
+    *,
+    seq: int,
+    expires_ms: int,
+    addrs: list[str],
+    capabilities: Capabilities,
+) -> SignedPeerRecord:
+    """Our own record, signed."""
+    record = PeerRecord(
+        peer=identity.peer_id,
+        seq=seq,
+        expires_ms=expires_ms,
+        addrs=addrs,
+        x25519=identity.x25519_public,
+        x25519_binding=identity.x25519_binding,
+        capabilities=capabilities,
+    )
+    encoded = msgpack.packb(schema_of(PeerRecord).encode(record), use_bin_type=True)
+    if len(encoded) > MAX_RECORD_BYTES:
+        raise ValueError(f"record of {len(encoded)} bytes exceeds {MAX_RECORD_BYTES}")
+    return SignedPeerRecord(record=encoded, signature=identity.sign(RECORD_DOMAIN + encoded))
+
+
+class PeerTable:
+    """The records this node holds, newest per peer. Sans-IO: pass ``now_ms`` in."""
+
+    def __init__(self) -> None:
+        self._records: dict[PeerId, tuple[PeerRecord, SignedPeerRecord]] = {}
+
+    def apply(self, signed: SignedPeerRecord, *, now_ms: int) -> bool:
+        """Take a record if it is valid and newer than the one held.
+
+        Returns:
+            True if the table changed (new peer or newer record); False for a duplicate or an
+            older version, which are normal in gossip and not errors.
+
+        Raises:
+            RemoteProtocolError: the record is forged or malformed (see
+                :meth:`SignedPeerRecord.verify`), or already expired (``STALE``).
+        """
+        record = signed.verify()
+        if record.expires_ms <= now_ms:
+            raise RemoteProtocolError(f"record of {record.peer} expired", reason=RejectReason.STALE)
+        held = self._records.get(record.peer)
+        if held is not None and held[0].seq >= record.seq:
+            return False
+        self._records[record.peer] = (record, signed)
+        return True
+
+    def expire(self, *, now_ms: int) -> list[PeerId]:
+        """Drop records past their expiry; returns whose."""
+        gone = [peer for peer, (r, _) in self._records.items() if r.expires_ms <= now_ms]
+        for peer in gone:
+            del self._records[peer]
+        return gone
+
+    def get(self, peer: PeerId) -> PeerRecord | None:
+        """The newest record held for ``peer``."""
+        held = self._records.get(peer)
+        return None if held is None else held[0]
+
+    def signed(self, peer: PeerId) -> SignedPeerRecord | None:
+        """The signed form of that record, for passing on."""
+        held = self._records.get(peer)
+        return None if held is None else held[1]
+
+    def peers(
+        self,
+        *,
+        role: Role | None = None,
+        model: str | None = None,
+        dataset: str | None = None,
+        min_battery_pct: int | None = None,
+    ) -> list[PeerRecord]:
+        """Records matching every given condition (from memory, no network)."""
+        return [
+            record
+            for record, _ in self._records.values()
+            if (role is None or record.has_role(role))
+            and (model is None or model in record.capabilities.models)
+            and (dataset is None or any(d.name == dataset for d in record.capabilities.datasets))
+            and (
+                min_battery_pct is None
+                or record.capabilities.charging
+                or (record.capabilities.battery_pct or 0) >= min_battery_pct
+            )
+        ]
+
+    def __len__(self) -> int:
+        return len(self._records)
