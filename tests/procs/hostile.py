@@ -21,6 +21,7 @@ from meshfed.control import Ping, Text
 from meshfed.errors import MeshfedError, RequestFailed
 from meshfed.identity import Identity, PeerId
 from meshfed.stats import NodeStats
+from meshfed.transports._sealed import HEADER
 from meshfed.transports.libp2p import Libp2pTransport
 from meshfed.wire import SIGNATURE_DOMAIN, seal
 
@@ -87,6 +88,38 @@ async def attack(transport: Libp2pTransport, me: Identity, addr: str) -> dict[st
             answers[label] = "sent"
         except MeshfedError as exc:
             answers[label] = type(exc).__name__
+    answers.update(await attack_raw(transport, peer, addr))
+    return answers
+
+
+async def attack_raw(transport: Libp2pTransport, peer: PeerId, addr: str) -> dict[str, str]:
+    """Byte-level attacks below the envelope: on the sealed port and inside sealed frames."""
+    answers: dict[str, str] = {}
+    host = addr.split("/")[2]
+    libp2p_port = int(addr.split("/")[4])
+    sealed_port = transport._sessions[peer].sealed_port  # test-only peek at the session
+    for label, port in (("handshake_failed", sealed_port), ("libp2p_garbage", libp2p_port)):
+        try:
+            with trio.move_on_after(5):
+                stream = await trio.open_tcp_stream(host, port)
+                async with stream:
+                    await stream.send_all(np.random.default_rng(1).bytes(200))
+                    with trio.move_on_after(1):
+                        await stream.receive_some()
+            answers[label] = "sent"
+        except (OSError, trio.BrokenResourceError):
+            answers[label] = "reset"  # the node hung up on us: also fine
+    # Inside an authenticated sealed stream: a frame header announcing 1 GiB, then a frame cut off.
+    for label, length, body in (
+        ("oversized_frame", 2**30, b""),
+        ("truncated_frame", 1000, b"x" * 10),
+    ):
+        with trio.fail_after(10):
+            stream = await transport.open_stream(peer, ARRAY)
+            raw = stream._channel.sock  # type: ignore[attr-defined]  # test-only raw socket
+            await raw.send(HEADER.pack(length, 3, 0) + body)
+            raw.close()
+        answers[label] = "sent"
     return answers
 
 
