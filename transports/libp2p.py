@@ -227,7 +227,8 @@ class Libp2pTransport(Transport):
         self._sessions: dict[PeerId, _Session] = {}
         self._inbound_sessions: dict[bytes, tuple[PeerId, bytes]] = {}
         self._controls: dict[PeerId, _Control] = {}
-        self._dial_locks: dict[PeerId, trio.Lock] = {}
+        self._session_locks: dict[PeerId, trio.Lock] = {}
+        self._control_locks: dict[PeerId, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self._sealed_port = 0
         self._sealed_host = "127.0.0.1"
@@ -306,7 +307,7 @@ class Libp2pTransport(Transport):
         session = self._sessions.get(peer)
         if session is not None:
             return session
-        lock = self._dial_locks.setdefault(peer, trio.Lock())
+        lock = self._session_locks.setdefault(peer, trio.Lock())
         async with lock:
             session = self._sessions.get(peer)
             if session is None:
@@ -480,7 +481,7 @@ class Libp2pTransport(Transport):
         control = self._controls.get(peer)
         if control is not None and not control.broken:
             return control
-        lock = self._dial_locks.setdefault(peer, trio.Lock())
+        lock = self._control_locks.setdefault(peer, trio.Lock())
         async with lock:
             control = self._controls.get(peer)
             if control is None or control.broken:
@@ -644,12 +645,13 @@ class Libp2pTransport(Transport):
         Raises:
             PeerUnreachable: no answer.
         """
+        started = trio.current_time()  # libp2p reports whole milliseconds: time it ourselves
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                [rtt] = await self._ping.ping(_to_libp2p(peer))
+                await self._ping.ping(_to_libp2p(peer))
         except (Exception, trio.TooSlowError) as exc:
             raise PeerUnreachable(f"libp2p ping to {peer} failed: {exc}") from exc
-        return float(rtt) / 1000.0
+        return trio.current_time() - started
 
 
 def _parse_exchange(data: bytes) -> tuple[bytes, bytes, int]:

@@ -1,0 +1,106 @@
+"""The libp2p transport on 127.0.0.1: the conformance suite and libp2p-specific behaviour."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+import pytest
+import trio
+
+from meshfed.identity import Identity
+from meshfed.stats import NodeStats, RejectReason
+from meshfed.transport import Stream, TransportLimits
+from meshfed.transports.libp2p import Libp2pTransport
+from tests.transports.conformance import CHECKS, Check, Member, Mesh, running
+
+
+@asynccontextmanager
+async def libp2p_mesh(n: int, limits: TransportLimits) -> AsyncIterator[Mesh]:
+    members = []
+    for _ in range(n):
+        stats = NodeStats()
+        members.append(
+            Member(Libp2pTransport(Identity.generate(), stats=stats, limits=limits), stats)
+        )
+    async with running(members) as mesh:
+        yield mesh
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=[c.__name__ for c in CHECKS])
+async def test_conformance(check: Check) -> None:
+    await check(libp2p_mesh)
+
+
+async def test_peer_id_and_security_are_ours() -> None:
+    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE
+    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX
+
+    identity = Identity.generate()
+    transport = Libp2pTransport(identity, stats=NodeStats())
+    assert str(transport.host.get_id()) == str(identity.peer_id)
+    upgrader = transport.host.get_network().upgrader
+    assert list(upgrader.security_multistream.transports) == [NOISE]  # no plaintext, TLS, secio
+    assert list(upgrader.muxer_multistream.transports) == [YAMUX]
+
+
+async def test_libp2p_ping_and_addresses() -> None:
+    async with libp2p_mesh(2, TransportLimits()) as [(a, _), (b, _)]:
+        assert all(addr.endswith(f"/p2p/{b.local_peer}") for addr in b.listen_addrs)
+        assert 0 < await a.ping(b.local_peer) < 1  # type: ignore[attr-defined]
+        assert b.local_peer in a.connected_peers()
+
+
+async def test_a_100mb_array_arrives_byte_exact() -> None:
+    size, frame = 100_000_000, 1 << 20
+    source = np.random.default_rng(3).integers(0, 255, size, dtype=np.uint8)
+    target = np.empty(size, np.uint8)
+
+    async def sink(stream: Stream) -> None:
+        view, offset = target.data, 0
+        while offset < size:
+            offset += await stream.receive_into(view[offset : offset + frame])
+        await stream.send(b"ok")
+
+    async with libp2p_mesh(2, TransportLimits()) as [(a, _), (b, _)]:
+        b.set_stream_handler("/sink", sink)
+        with trio.fail_after(120):
+            stream = await a.open_stream(b.local_peer, "/sink")
+            view = source.data
+            for offset in range(0, size, frame):
+                await stream.send(view[offset : offset + frame])
+            assert await stream.receive() == b"ok"
+            await stream.aclose()
+    assert np.array_equal(source, target)
+
+
+async def test_garbage_on_the_sealed_port_is_counted_and_harmless() -> None:
+    async with libp2p_mesh(2, TransportLimits()) as [(a, _), (b, b_stats)]:
+        port = a._sessions[b.local_peer].sealed_port  # type: ignore[attr-defined]
+        for garbage in (b"", b"\x00" * 33, bytes(range(200))):
+            with trio.fail_after(10):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    try:
+                        await stream.send_all(garbage)
+                        await stream.send_eof()
+                        assert await stream.receive_some() == b""  # hung up on, no answer
+                    except trio.BrokenResourceError:
+                        pass  # ... or reset
+        assert b_stats.rejected[RejectReason.HANDSHAKE_FAILED] == 3
+        b.set_request_handler("/ok", lambda peer, p: _ok())
+        assert await a.request(b.local_peer, "/ok", b"") == b"ok"
+
+
+async def _ok() -> bytes:
+    return b"ok"
+
+
+def test_libp2p_records_reach_our_handlers(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("libp2p.network.swarm").warning("from libp2p")
+    assert any(
+        r.name == "libp2p.network.swarm" and r.message == "from libp2p" for r in caplog.records
+    )
