@@ -71,7 +71,8 @@ class Stream(ABC):
 
     @abstractmethod
     async def receive(self) -> bytes:
-        """Receive the next whole frame.
+        """Receive the next whole frame. Receive errors are not counted by the transport: the
+        stream's user counts the ``RemoteProtocolError`` it catches.
 
         Raises:
             StreamClosed: when the other side has closed the stream (no more frames).
@@ -155,6 +156,8 @@ class Transport(ABC):
 
         Raises:
             PeerUnreachable: no connection to ``peer`` could be made.
+            RequestFailed: the peer refused the stream (``unknown_protocol``,
+                ``too_many_streams``).
         """
 
     @abstractmethod

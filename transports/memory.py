@@ -424,11 +424,15 @@ class MemoryTransport(Transport):
             target.limits.max_frame_bytes,
         )
         mine._other, theirs._other = theirs, mine
+        refusal = target._accept_stream(theirs)
+        if refusal is not None:
+            await trio.sleep_until(self._network._delivery_time(peer, 16))  # the refusal travels
+            raise RequestFailed(f"{peer} refused the stream: {refusal}", reason=refusal)
         self._streams.add(mine)
-        target._accept_stream(theirs)
         return mine
 
-    def _accept_stream(self, stream: MemoryStream) -> None:
+    def _accept_stream(self, stream: MemoryStream) -> str | None:
+        """Start serving ``stream``, or return why it is refused."""
         assert self._nursery is not None
         source = stream.remote_peer
         self._contacts[source] = None
@@ -441,10 +445,11 @@ class MemoryTransport(Transport):
         if reason is not None:
             self.stats.reject(reason)
             stream.reset()
-            return
+            return reason.value
         assert handler is not None
         self._streams.add(stream)
         self._nursery.start_soon(self._serve_stream, handler, stream)
+        return None
 
     async def _serve_stream(self, handler: StreamHandler, stream: MemoryStream) -> None:
         try:

@@ -221,11 +221,12 @@ async def check_stream_limits(make_mesh: MeshFactory) -> None:
         b.set_stream_handler("/hold", hold)
         with trio.fail_after(20):
             held = [await a.open_stream(b.local_peer, "/hold") for _ in range(2)]
-            with pytest.raises((RequestFailed, StreamClosed)):
-                extra = await a.open_stream(b.local_peer, "/hold")
-                await extra.receive()
-            with pytest.raises((RequestFailed, StreamClosed)):
-                await (await a.open_stream(b.local_peer, "/nobody")).receive()
+            with pytest.raises(RequestFailed) as info:
+                await a.open_stream(b.local_peer, "/hold")
+            assert info.value.reason == "too_many_streams"
+            with pytest.raises(RequestFailed) as info:
+                await a.open_stream(b.local_peer, "/nobody")
+            assert info.value.reason == "unknown_protocol"
             release.set()
             for stream in held:
                 await stream.aclose()

@@ -1,0 +1,41 @@
+"""The benchmarks run and print one JSON line with the keys the issues name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.procs.harness import ROOT
+
+
+def run(script: str, *args: str) -> dict[str, object]:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.strip().splitlines()
+    document: dict[str, object] = json.loads(line)
+    return document
+
+
+def test_a_thousand_nodes_deliver_every_signed_message_and_stop() -> None:
+    figures = run("memory_mesh.py", "--nodes", "1000", "--fanout", "10")
+    assert figures["delivered"] == figures["messages"] == 10_000
+    assert figures["all_delivered"] is True
+    for key in ("start_s", "send_s", "stop_s", "peak_rss_mb", "baseline_send_s", "ratio"):
+        assert isinstance(figures[key], int | float)
+
+
+@pytest.mark.parametrize("mode", ["--quick"])
+def test_transport_benchmark_reports_against_raw_tcp(mode: str) -> None:
+    figures = run("transport.py", mode)
+    for key in ("rtt_us_libp2p", "rtt_us_raw", "bulk_mb_s_libp2p", "bulk_mb_s_raw", "bulk_ratio"):
+        value = figures[key]
+        assert isinstance(value, int | float) and value > 0, key
