@@ -87,11 +87,20 @@ _REQUEST_OVERHEAD = 1 + _MAX_PROTOCOL_LEN
 
 
 def route_libp2p_logs() -> None:
-    """Let libp2p's records propagate to the root logger (its import turns that off)."""
+    """Send libp2p's records through the normal logging tree.
+
+    Its import detaches the ``libp2p`` logger (``propagate = False``) and some of its modules
+    pin their own level to INFO. Here every ``libp2p.*`` logger inherits again, and ``libp2p``
+    logs at DEBUG when meshfed does, else from WARNING up.
+    """
     libp2p_logger = logging.getLogger("libp2p")
     libp2p_logger.propagate = True
-    if not libp2p_logger.handlers:
-        libp2p_logger.setLevel(logging.WARNING)
+    debug = logging.getLogger("meshfed").getEffectiveLevel() <= logging.DEBUG
+    libp2p_logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    for name, logger in logging.Logger.manager.loggerDict.items():
+        if name.startswith("libp2p.") and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.NOTSET)
+            logger.propagate = True
 
 
 route_libp2p_logs()
@@ -216,7 +225,14 @@ class Libp2pTransport(Transport):
             key_pair=key_pair,
             sec_opt={NOISE_PROTOCOL_ID: noise},
             muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
-            connection_config=ConnectionConfig(max_connections_per_peer=1),
+            # one connection per peer (else each dial waits 250 ms); no auto-dialling of the
+            # peerstore to keep 50+ connections: membership decides whom we talk to.
+            connection_config=ConnectionConfig(
+                max_connections_per_peer=1,
+                min_connections=0,
+                low_watermark=0,
+                auto_connect_interval=24 * 3600.0,
+            ),
         )
         if _from_libp2p(self.host.get_id()) != identity.peer_id:
             raise AssertionError("libp2p derived another peer id from our key")
