@@ -175,12 +175,12 @@ class PeerTable:
     def __init__(self) -> None:
         self._records: dict[PeerId, tuple[PeerRecord, SignedPeerRecord]] = {}
 
-    def apply(self, signed: SignedPeerRecord, *, now_ms: int) -> bool:
+    def apply(self, signed: SignedPeerRecord, *, now_ms: int) -> PeerRecord | None:
         """Take a record if it is valid and newer than the one held.
 
         Returns:
-            True if the table changed (new peer or newer record); False for a duplicate or an
-            older version, which are normal in gossip and not errors.
+            The record if the table changed (new peer or newer record); ``None`` for a
+            duplicate or an older version, which are normal in gossip and not errors.
 
         Raises:
             RemoteProtocolError: the record is forged or malformed (see
@@ -191,9 +191,9 @@ class PeerTable:
             raise RemoteProtocolError(f"record of {record.peer} expired", reason=RejectReason.STALE)
         held = self._records.get(record.peer)
         if held is not None and held[0].seq >= record.seq:
-            return False
+            return None
         self._records[record.peer] = (record, signed)
-        return True
+        return record
 
     def expire(self, *, now_ms: int) -> list[PeerId]:
         """Drop records past their expiry; returns whose."""
@@ -233,6 +233,10 @@ class PeerTable:
                 or (record.capabilities.battery_pct or 0) >= min_battery_pct
             )
         ]
+
+    def records(self) -> list[PeerRecord]:
+        """Every record held."""
+        return [record for record, _ in self._records.values()]
 
     def __len__(self) -> int:
         return len(self._records)

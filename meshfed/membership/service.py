@@ -1,0 +1,310 @@
+"""The membership service: gossip of signed records and SWIM failure detection on a node.
+
+A thin trio driver (SPEC.md, "Membership") over three sans-IO parts: the
+:class:`~meshfed.membership.records.PeerTable`, :class:`~meshfed.membership.gossip.AntiEntropy`
+and :class:`~meshfed.membership.swim.Swim`. It signs and refreshes this node's own record,
+gossips every ``gossip_interval_s`` with ``fanout`` random live members, probes members as SWIM
+says, and answers queries like ``membership.peers(role=Role.TRAINER)`` from memory.
+
+Start it in the node's nursery: ``await nursery.start(Membership(node, capabilities).run)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from ..codec import bounded
+from ..control import Ack
+from ..errors import MeshfedError, RemoteProtocolError
+from ..identity import PeerId
+from ..node import Node
+from ..stats import RejectReason
+from ..wire import Envelope, Message, message
+from .gossip import AntiEntropy, Delta, Digest
+from .records import Capabilities, PeerRecord, PeerTable, Role, sign_record
+from .swim import IndirectProbe, MemberDead, MemberState, Probe, Swim, SwimConfig, Update
+
+__all__ = ["Membership", "MembershipConfig", "SwimAck", "SwimPing", "SwimPingReq"]
+
+log = logging.getLogger(__name__)
+
+
+@message("meshfed.swim.ping")
+@dataclass(frozen=True, slots=True)
+class SwimPing(Message):
+    """A direct probe, carrying membership updates."""
+
+    updates: list[Update] = bounded(max_len=64)
+
+
+@message("meshfed.swim.ping_req")
+@dataclass(frozen=True, slots=True)
+class SwimPingReq(Message):
+    """Probe ``target`` for me within ``timeout_ms`` and tell me whether it answered."""
+
+    target: PeerId
+    timeout_ms: int = bounded(ge=1, le=60_000)
+    updates: list[Update] = bounded(max_len=64)
+
+
+@message("meshfed.swim.ack")
+@dataclass(frozen=True, slots=True)
+class SwimAck(Message):
+    """The answer to a probe: ``ok`` is false when an indirect probe got no answer."""
+
+    ok: bool
+    updates: list[Update] = bounded(max_len=64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MembershipConfig:
+    """Timers of gossip and record refresh; SWIM's are in ``swim``."""
+
+    gossip_interval_s: float = 1.0
+    fanout: int = 2
+    record_ttl_s: float = 600.0
+    swim: SwimConfig = field(default_factory=SwimConfig)
+
+    def __post_init__(self) -> None:
+        if self.gossip_interval_s <= 0 or self.fanout < 1 or self.record_ttl_s <= 0:
+            raise ValueError("gossip_interval_s and record_ttl_s must be > 0, fanout >= 1")
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Membership:
+    """Who is out there and what they can do. See the module docstring.
+
+    Args:
+        node: the node to run on.
+        capabilities: what this node offers (announced in its signed record).
+        config: timers.
+        rng: the service's randomness (gossip targets, probe order); seeded in tests.
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        capabilities: Capabilities,
+        *,
+        config: MembershipConfig | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node = node
+        self.config = config or MembershipConfig()
+        self.table = PeerTable()
+        self._rng = rng or random.Random()
+        self._gossip = AntiEntropy(self.table, self._rng)
+        started = _wall_ms()
+        self._seq = started
+        self.swim = Swim(node.peer_id, self.config.swim, self._rng, incarnation=started)
+        self._capabilities = capabilities
+        self._refresh_at_ms = 0
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        node.handle(Digest, self._on_digest)
+        node.handle(Delta, self._on_delta)
+        node.handle(SwimPing, self._on_ping)
+        node.handle(SwimPingReq, self._on_ping_req)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def peers(
+        self,
+        *,
+        role: Role | None = None,
+        model: str | None = None,
+        dataset: str | None = None,
+        min_battery_pct: int | None = None,
+    ) -> list[PeerRecord]:
+        """Live peers (not us) matching every condition, from the local table: no network."""
+        return [
+            record
+            for record in self.table.peers(
+                role=role, model=model, dataset=dataset, min_battery_pct=min_battery_pct
+            )
+            if record.peer != self.node.peer_id
+            and self.swim.state(record.peer) in (MemberState.ALIVE, MemberState.SUSPECT)
+        ]
+
+    def update_capabilities(self, capabilities: Capabilities) -> None:
+        """Announce new capabilities (battery, prices ...): a newer record spreads by gossip."""
+        self._capabilities = capabilities
+        self._sign_own()
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Gossip and probe until cancelled."""
+        self._sign_own()
+        for peer in self.node.transport.connected_peers():
+            self.swim.add(peer)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._gossip_loop)
+            nursery.start_soon(self._swim_loop)
+            task_status.started()
+
+    def _sign_own(self) -> None:
+        now_ms = _wall_ms()
+        ttl_ms = int(self.config.record_ttl_s * 1000)
+        self._seq = max(self._seq + 1, now_ms)
+        own = sign_record(
+            self.node.identity,
+            seq=self._seq,
+            expires_ms=now_ms + ttl_ms,
+            addrs=self.node.listen_addrs,
+            capabilities=self._capabilities,
+        )
+        self.table.apply(own, now_ms=now_ms)
+        self._refresh_at_ms = now_ms + ttl_ms // 2  # re-sign at half-life
+
+    async def _gossip_loop(self) -> None:
+        while True:
+            if _wall_ms() >= self._refresh_at_ms:
+                self._sign_own()
+            self.table.expire(now_ms=_wall_ms())
+            targets = self._live()
+            async with trio.open_nursery() as nursery:
+                for peer in self._rng.sample(targets, min(self.config.fanout, len(targets))):
+                    nursery.start_soon(self._exchange, peer)
+            await trio.sleep(self.config.gossip_interval_s * (0.5 + self._rng.random()))
+
+    def _live(self) -> list[PeerId]:
+        members = {r.peer for r in self.table.records()} | set(self.swim.live_members())
+        members.discard(self.node.peer_id)
+        return sorted(
+            (p for p in members if self.swim.state(p) != MemberState.DEAD), key=lambda p: p.raw
+        )
+
+    async def _reach(self, peer: PeerId) -> None:
+        """Make sure the transport can talk to ``peer`` (dial a recorded address if needed)."""
+        if peer in self.node.transport.connected_peers():
+            return
+        record = self.table.get(peer)
+        if record is None or not record.addrs:
+            return  # bootstrap peers are connected already; others without addresses wait
+        await self.node.connect(record.addrs[0])
+
+    async def _exchange(self, peer: PeerId) -> None:
+        try:
+            with trio.fail_after(self.config.gossip_interval_s * 2):
+                await self._reach(peer)
+                answer = await self.node.request(peer, self._gossip.digest())
+                if not isinstance(answer.body, Delta):
+                    raise RemoteProtocolError(
+                        "a digest is answered by a delta", reason=RejectReason.BAD_FIELD
+                    )
+                self._take(answer.body, peer)
+                if answer.body.wants:
+                    await self.node.request(peer, self._gossip.push(answer.body.wants))
+        except (MeshfedError, trio.TooSlowError) as exc:
+            log.debug("gossip exchange failed", extra={"peer": peer.short(), "error": repr(exc)})
+
+    def _take(self, delta: Delta, source: PeerId) -> None:
+        changed, rejected = self._gossip.apply(delta, _wall_ms())
+        for exc in rejected:
+            self.node.stats.reject(exc.reason)
+            log.info("rejected a peer record", extra={"from": source.short(), "why": str(exc)})
+        for record in changed:
+            if record.peer == self.node.peer_id:
+                continue
+            if self.swim.state(record.peer) == MemberState.DEAD:
+                self.swim.receive(
+                    [Update(record.peer, int(MemberState.ALIVE), record.seq)], trio.current_time()
+                )
+            else:
+                self.swim.add(record.peer)
+        if changed:
+            self._wake.set()
+
+    async def _on_digest(self, envelope: Envelope, digest: Digest) -> Delta:
+        self.swim.add(envelope.sender)
+        return self._gossip.answer(digest)
+
+    async def _on_delta(self, envelope: Envelope, delta: Delta) -> Ack:
+        self._take(delta, envelope.sender)
+        return Ack()
+
+    # -- SWIM ----------------------------------------------------------------------------------
+
+    async def _swim_loop(self) -> None:
+        while True:
+            now = trio.current_time()
+            for action in self.swim.tick(now):
+                self._act(action)
+            self._wake = trio.Event()
+            with trio.move_on_at(max(self.swim.wake_at(), now + 0.001)):
+                await self._wake.wait()
+
+    def _act(self, action: Probe | IndirectProbe | MemberDead) -> None:
+        nursery = self._nursery
+        assert nursery is not None
+        if isinstance(action, Probe):
+            nursery.start_soon(self._probe, action.target, action.deadline)
+        elif isinstance(action, IndirectProbe):
+            for helper in action.via:
+                nursery.start_soon(self._probe_via, helper, action.target, action.deadline)
+        else:
+            log.info("peer declared dead", extra={"peer": action.peer.short()})
+
+    async def _probe(self, target: PeerId, deadline: float) -> None:
+        ok = False
+        with trio.move_on_at(deadline):
+            try:
+                await self._reach(target)
+                answer = await self.node.request(target, SwimPing(updates=self.swim.piggyback()))
+                ok = isinstance(answer.body, SwimAck) and answer.body.ok
+                if isinstance(answer.body, SwimAck):
+                    self._receive(answer.body.updates)
+            except MeshfedError:
+                ok = False
+        for action in self.swim.probe_result(target, ok, trio.current_time()):
+            self._act(action)
+
+    async def _probe_via(self, helper: PeerId, target: PeerId, deadline: float) -> None:
+        timeout_ms = max(1, int((deadline - trio.current_time()) * 1000))
+        ok = False
+        with trio.move_on_at(deadline):
+            try:
+                await self._reach(helper)
+                answer = await self.node.request(
+                    helper,
+                    SwimPingReq(
+                        target=target, timeout_ms=timeout_ms, updates=self.swim.piggyback()
+                    ),
+                )
+                ok = isinstance(answer.body, SwimAck) and answer.body.ok
+            except MeshfedError:
+                ok = False
+        if ok:
+            self.swim.probe_result(target, True, trio.current_time())
+
+    def _receive(self, updates: list[Update]) -> None:
+        for action in self.swim.receive(updates, trio.current_time()):
+            if isinstance(action, MemberDead):
+                log.info("peer declared dead", extra={"peer": action.peer.short()})
+
+    async def _on_ping(self, envelope: Envelope, ping: SwimPing) -> SwimAck:
+        self.swim.add(envelope.sender)
+        self._receive(ping.updates)
+        return SwimAck(ok=True, updates=self.swim.piggyback())
+
+    async def _on_ping_req(self, envelope: Envelope, request: SwimPingReq) -> SwimAck:
+        self._receive(request.updates)
+        ok = False
+        with trio.move_on_after(request.timeout_ms / 1000):
+            try:
+                await self._reach(request.target)
+                answer = await self.node.request(request.target, SwimPing(updates=[]))
+                ok = isinstance(answer.body, SwimAck)
+            except MeshfedError:
+                ok = False
+        return SwimAck(ok=ok, updates=self.swim.piggyback())

@@ -1,0 +1,130 @@
+"""Membership on the memory transport, in virtual time: convergence, failures, updates."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from meshfed import Identity, Node, NodeConfig, open_node
+from meshfed.membership.records import Capabilities, Role
+from meshfed.membership.service import Membership, MembershipConfig
+from meshfed.transports.memory import MemoryNetwork
+
+CONFIG = MembershipConfig(gossip_interval_s=0.5, fanout=2)
+
+
+@dataclass
+class Peer:
+    node: Node
+    membership: Membership
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+async def start_mesh(
+    nursery: trio.Nursery, network: MemoryNetwork, n: int, seed: int
+) -> list[Peer]:
+    rng = random.Random(seed)
+    peers: list[Peer] = []
+    for i in range(n):
+        ready = trio.Event()
+        slot: list[Peer] = []
+
+        async def run(i: int = i, ready: trio.Event = ready, slot: list[Peer] = slot) -> None:
+            config = NodeConfig(
+                data_dir=Path("/nonexistent"), transport="memory", ping_interval_s=0
+            )
+            scope = trio.CancelScope()
+            with scope:
+                async with open_node(config, identity=Identity.generate(), network=network) as node:
+                    if peers:
+                        await node.connect(rng.choice(peers).node.listen_addrs[0])
+                    caps = Capabilities(roles=[Role.TRAINER.value], battery_pct=50 + i % 50)
+                    membership = Membership(node, caps, config=CONFIG, rng=random.Random(seed + i))
+                    async with trio.open_nursery() as inner:
+                        await inner.start(membership.run)
+                        slot.append(Peer(node, membership, scope))
+                        ready.set()
+                        await trio.sleep_forever()
+
+        nursery.start_soon(run)
+        await ready.wait()
+        peers.append(slot[0])
+    return peers
+
+
+async def eventually(predicate: Callable[[], bool], *, within: float, what: str) -> float:
+    """Poll ``predicate`` every 0.25 s of virtual time; returns the seconds it took."""
+    started = trio.current_time()
+    while True:
+        if predicate():
+            return trio.current_time() - started
+        assert trio.current_time() - started < within, f"{what} not within {within} s"
+        await trio.sleep(0.25)
+
+
+def full_view(peers: list[Peer]) -> bool:
+    return all(len(p.membership.peers()) == len(peers) - 1 for p in peers)
+
+
+async def test_one_bootstrap_each_converges_to_full_views(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = MemoryNetwork(seed=1, latency=0.005)
+    async with trio.open_nursery() as nursery:
+        peers = await start_mesh(nursery, network, 40, seed=1)
+        await eventually(lambda: full_view(peers), within=30, what="full views")
+        assert {r.peer for r in peers[0].membership.peers(role=Role.TRAINER)} == {
+            p.node.peer_id for p in peers[1:]
+        }
+        nursery.cancel_scope.cancel()
+
+
+async def test_dead_peers_are_detected_and_live_ones_kept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = MemoryNetwork(seed=2, latency=0.005)
+    async with trio.open_nursery() as nursery:
+        peers = await start_mesh(nursery, network, 30, seed=2)
+        await eventually(lambda: full_view(peers), within=30, what="full views")
+        victims, survivors = peers[:3], peers[3:]
+        for victim in victims:
+            network.crash(victim.node.peer_id)
+            victim.scope.cancel()
+        dead = {v.node.peer_id for v in victims}
+        bound = 30 * CONFIG.swim.period_s + survivors[0].membership.swim.suspicion_s() + 5
+        await eventually(
+            lambda: not any({r.peer for r in s.membership.peers()} & dead for s in survivors),
+            within=bound,
+            what="every survivor dropping the dead",
+        )
+        for survivor in survivors:
+            assert len(survivor.membership.peers()) == len(survivors) - 1  # no false positives
+        nursery.cancel_scope.cancel()
+
+
+async def test_capability_changes_reach_everyone(autojump_clock: trio.testing.MockClock) -> None:
+    network = MemoryNetwork(seed=3, latency=0.005)
+    async with trio.open_nursery() as nursery:
+        peers = await start_mesh(nursery, network, 25, seed=3)
+        await eventually(lambda: full_view(peers), within=30, what="full views")
+        changer = peers[7]
+        changer.membership.update_capabilities(Capabilities(roles=["trainer"], battery_pct=3))
+
+        def seen_everywhere() -> bool:
+            for p in peers:
+                if p is changer:
+                    continue
+                record = p.membership.table.get(changer.node.peer_id)
+                if record is None or record.capabilities.battery_pct != 3:
+                    return False
+            return True
+
+        await eventually(seen_everywhere, within=15, what="the new battery level everywhere")
+        low = [r.peer for r in peers[0].membership.peers(min_battery_pct=10)]
+        assert changer.node.peer_id not in low
+        nursery.cancel_scope.cancel()
