@@ -37,7 +37,9 @@ async def mesh(nodes: int, fanout: int, seed: int) -> dict[str, float | int | bo
         nonlocal delivered
         delivered += 1
 
-    config = NodeConfig(data_dir=Path("/nonexistent"), transport="memory", ping_interval_s=0)
+    config = NodeConfig(
+        data_dir=Path("/nonexistent"), transport="memory", ping_interval_s=0, membership=False
+    )
     identities = [Identity.generate() for _ in range(nodes)]
     started = time.perf_counter()
     async with AsyncExitStack() as stack:

@@ -166,7 +166,8 @@ def _field_codec(annotation: Any, bounds: Bounds) -> tuple[Encoder, Decoder]:
             return [decode_item(item, f"{path}[{i}]") for i, item in enumerate(value)]
 
         return (lambda v: [encode_item(item) for item in v]), decode_list
-    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+    if annotation is not PeerId and dataclasses.is_dataclass(annotation):
+        assert isinstance(annotation, type)
         nested = schema_of(annotation)
         return nested.encode, nested.decode
     return _scalar(annotation, bounds)

@@ -55,6 +55,10 @@ class NodeConfig:
         request_burst: burst allowance for that rate.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
         log_format: ``text`` or ``json`` (one JSON object per line).
+        membership: run gossip membership and failure detection (on by default).
+        roles: what this node offers: ``trainer``, ``inference``, ``relay``, ``client-only``.
+        gossip_interval_s: how often membership gossips with random peers.
+        max_view: the most peers one node tracks; past it, a uniform random partial view.
     """
 
     data_dir: Path = field(default_factory=default_data_dir)
@@ -74,6 +78,10 @@ class NodeConfig:
     request_burst: int = 2000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    membership: bool = True
+    roles: list[str] = field(default_factory=lambda: ["trainer"])
+    gossip_interval_s: float = 1.0
+    max_view: int = 10_000
 
     def __post_init__(self) -> None:
         positive = (
@@ -86,6 +94,8 @@ class NodeConfig:
             "max_streams_per_peer",
             "requests_per_second",
             "request_burst",
+            "gossip_interval_s",
+            "max_view",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -104,6 +114,10 @@ class NodeConfig:
             for addr in getattr(self, name):
                 if not addr.startswith("/"):
                     raise ConfigError(f"{name}: {addr!r} is not a multiaddr (starts with '/')")
+        known_roles = {"trainer", "inference", "relay", "client-only"}
+        for role in self.roles:
+            if role not in known_roles:
+                raise ConfigError(f"roles: {role!r} is not one of {', '.join(sorted(known_roles))}")
         for addr in self.bootstrap:
             if "/p2p/" not in addr:
                 raise ConfigError(
@@ -190,6 +204,10 @@ def _from_text(key: str, raw: str, source: str) -> Any:
             return float(raw)
         if hint is Path:
             return Path(raw).expanduser()
+        if hint is bool:
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes", "on")
         if typing.get_origin(hint) is list:
             return [part.strip() for part in raw.split(",") if part.strip()]
     except ValueError:

@@ -33,13 +33,21 @@ from .arrays import (
 )
 from .config import NodeConfig
 from .control import Ack, Ping, Pong
-from .errors import ConfigError, MeshfedError, RemoteProtocolError, StreamClosed
+from .errors import (
+    ConfigError,
+    LocalProtocolError,
+    MeshfedError,
+    RemoteProtocolError,
+    StreamClosed,
+)
 from .identity import Identity, PeerId, load_or_create_identity
 from .stats import NodeStats, RejectReason
 from .transport import Stream, Transport
 from .wire import NO_SCOPE, Envelope, Message, ReplayGuard, Scope, open_envelope, seal
 
 if TYPE_CHECKING:
+    from .membership.records import PeerRecord, Role
+    from .membership.service import Membership
     from .transports.memory import MemoryNetwork
 
 __all__ = ["ArrayHandler", "Node", "PeerState", "MessageHandler", "open_node"]
@@ -81,7 +89,9 @@ class Node:
         self.transport = transport
         #: counters shared with the transport: what arrived, what was rejected and why
         self.stats = stats
-        self.peers: dict[PeerId, PeerState] = {}
+        #: what talking to each peer showed (round trip, failures); see ``peers()`` for membership
+        self.links: dict[PeerId, PeerState] = {}
+        self.membership: Membership | None = None
         self._started = trio.current_time()
         self._replay = ReplayGuard(
             window_ms=int(config.replay_window_s * 1000),
@@ -121,9 +131,9 @@ class Node:
         return peer
 
     def _peer(self, peer: PeerId) -> PeerState:
-        state = self.peers.get(peer)
+        state = self.links.get(peer)
         if state is None:
-            state = self.peers[peer] = PeerState(peer)
+            state = self.links[peer] = PeerState(peer)
         return state
 
     # -- requests ------------------------------------------------------------------------------
@@ -370,10 +380,39 @@ class Node:
                     "seen_s_ago": round(now - p.last_seen, 3),
                     "failures": p.failures,
                 }
-                for p in self.peers.values()
+                for p in self.links.values()
+            ],
+            "members": []
+            if self.membership is None
+            else [
+                {
+                    "peer_id": str(record.peer),
+                    "roles": record.capabilities.roles,
+                    "battery_pct": record.capabilities.battery_pct,
+                }
+                for record in self.membership.peers()
             ],
             "stats": self.stats.snapshot(),
         }
+
+    def peers(
+        self,
+        *,
+        role: Role | None = None,
+        model: str | None = None,
+        dataset: str | None = None,
+        min_battery_pct: int | None = None,
+    ) -> list[PeerRecord]:
+        """Live peers matching every condition, answered from the local membership table.
+
+        Raises:
+            LocalProtocolError: if the node runs without membership (``membership = false``).
+        """
+        if self.membership is None:
+            raise LocalProtocolError("this node runs without membership (config membership=false)")
+        return self.membership.peers(
+            role=role, model=model, dataset=dataset, min_battery_pct=min_battery_pct
+        )
 
 
 @asynccontextmanager
@@ -417,6 +456,18 @@ async def open_node(
                 await node.connect(addr)
             except (MeshfedError, trio.TooSlowError) as exc:
                 log.warning("bootstrap peer unreachable", extra={"addr": addr, "error": repr(exc)})
+        if config.membership:
+            from .membership.device import probe_capabilities
+            from .membership.service import Membership, MembershipConfig
+
+            node.membership = Membership(
+                node,
+                probe_capabilities(roles=config.roles),
+                config=MembershipConfig(
+                    gossip_interval_s=config.gossip_interval_s, max_view=config.max_view
+                ),
+            )
+            await nursery.start(node.membership.run)
         log.info("node started", extra={"peer": str(node.peer_id), "listen": node.listen_addrs})
         try:
             yield node

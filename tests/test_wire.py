@@ -79,6 +79,16 @@ def test_seal_then_open_is_identity(body: Sample, job: bytes, round_: int) -> No
     assert envelope.nonce == nonce
 
 
+def test_peer_ids_travel_as_38_raw_bytes() -> None:
+    body = Sample(
+        count=1, ratio=0.5, flag=True, label="", blob=b"", peers=[ALICE.peer_id], maybe=None
+    )
+    frame, _ = seal(ALICE, body, now_ms=NOW)
+    fields = msgpack.unpackb(msgpack.unpackb(frame)[0])
+    assert fields[2] == ALICE.peer_id.raw and len(fields[2]) == 38
+    assert fields[7][5] == [ALICE.peer_id.raw]
+
+
 def test_garbage_is_malformed() -> None:
     assert reason_of(b"\xc1\xff garbage") == RejectReason.MALFORMED
     assert reason_of(msgpack.packb({"a": 1})) == RejectReason.MALFORMED

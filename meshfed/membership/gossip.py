@@ -83,19 +83,21 @@ class AntiEntropy:
 
     def apply(
         self, delta: Delta, now_ms: int
-    ) -> tuple[list[PeerRecord], list[RemoteProtocolError]]:
-        """Take the delta's records. Returns the records that changed the table, and the
-        rejections (the caller counts each); one bad record never spoils the rest."""
-        changed, rejected = [], []
+    ) -> tuple[list[PeerRecord], list[RemoteProtocolError], list[PeerId]]:
+        """Take the delta's records. Returns the records that changed the table, the
+        rejections (the caller counts each; one bad record never spoils the rest), and the
+        peers evicted from a full table to make room."""
+        changed, rejected, evicted = [], [], []
         for signed in delta.records:
             try:
                 record = self.table.apply(signed, now_ms=now_ms)
             except RemoteProtocolError as exc:
                 rejected.append(exc)
                 continue
+            evicted += self.table.evicted
             if record is not None:
                 changed.append(record)
-        return changed, rejected
+        return changed, rejected, [p for p in evicted if self.table.get(p) is None]
 
     def push(self, wants: list[PeerId]) -> Delta:
         """The records a peer asked for in its answer."""

@@ -13,6 +13,7 @@ capability queries from memory, never over the network.
 from __future__ import annotations
 
 import enum
+import random
 from dataclasses import dataclass, field
 
 import msgpack
@@ -32,6 +33,7 @@ __all__ = [
     "Role",
     "SignedPeerRecord",
     "sign_record",
+    "signed_subject",
 ]
 
 RECORD_DOMAIN = b"meshfed-peer-record-v1"
@@ -145,6 +147,15 @@ class SignedPeerRecord(Message):
         return record
 
 
+def signed_subject(signed: SignedPeerRecord) -> PeerId | None:
+    """The peer a signed record claims to describe, read without verifying (a cache key)."""
+    try:
+        fields = msgpack.unpackb(signed.record, raw=False)
+        return PeerId(fields[0])
+    except (ValueError, TypeError, IndexError, KeyError, msgpack.ExtraData, msgpack.FormatError):
+        return None
+
+
 def sign_record(
     identity: Identity,
     *,
@@ -170,10 +181,29 @@ def sign_record(
 
 
 class PeerTable:
-    """The records this node holds, newest per peer. Sans-IO: pass ``now_ms`` in."""
+    """The records this node holds, newest per peer. Sans-IO: pass ``now_ms`` in.
 
-    def __init__(self) -> None:
+    Args:
+        max_size: the most records held. When a record of a new peer arrives at a full table,
+            a random held record (never ``pinned``'s) makes room, so the table stays a random
+            sample of the peers heard of (a partial view) and memory stays bounded.
+        rng: the randomness of that choice.
+        pinned: a peer never evicted (the node itself).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_size: int | None = None,
+        rng: random.Random | None = None,
+        pinned: PeerId | None = None,
+    ) -> None:
         self._records: dict[PeerId, tuple[PeerRecord, SignedPeerRecord]] = {}
+        self._max_size = max_size
+        self._rng = rng or random.Random(0)
+        self._pinned = pinned
+        #: peers evicted by the last :meth:`apply` (for the caller to stop probing them)
+        self.evicted: list[PeerId] = []
 
     def apply(self, signed: SignedPeerRecord, *, now_ms: int) -> PeerRecord | None:
         """Take a record if it is valid and newer than the one held.
@@ -186,12 +216,24 @@ class PeerTable:
             RemoteProtocolError: the record is forged or malformed (see
                 :meth:`SignedPeerRecord.verify`), or already expired (``STALE``).
         """
+        self.evicted = []
+        subject = signed_subject(signed)
+        held = None if subject is None else self._records.get(subject)
+        if held is not None and held[1].signature == signed.signature:
+            return None  # the very record we hold: no need to verify it again
         record = signed.verify()
         if record.expires_ms <= now_ms:
             raise RemoteProtocolError(f"record of {record.peer} expired", reason=RejectReason.STALE)
         held = self._records.get(record.peer)
         if held is not None and held[0].seq >= record.seq:
             return None
+        if held is None and self._max_size is not None and len(self._records) >= self._max_size:
+            candidates = [p for p in self._records if p != self._pinned]
+            if not candidates:
+                return None
+            victim = self._rng.choice(candidates)
+            del self._records[victim]
+            self.evicted = [victim]
         self._records[record.peer] = (record, signed)
         return record
 

@@ -68,11 +68,14 @@ class MembershipConfig:
     gossip_interval_s: float = 1.0
     fanout: int = 2
     record_ttl_s: float = 600.0
+    max_view: int = 10_000
     swim: SwimConfig = field(default_factory=SwimConfig)
 
     def __post_init__(self) -> None:
         if self.gossip_interval_s <= 0 or self.fanout < 1 or self.record_ttl_s <= 0:
             raise ValueError("gossip_interval_s and record_ttl_s must be > 0, fanout >= 1")
+        if self.max_view < 2:
+            raise ValueError("max_view must be at least 2 (ourselves and one peer)")
 
 
 def _wall_ms() -> int:
@@ -99,8 +102,8 @@ class Membership:
     ) -> None:
         self.node = node
         self.config = config or MembershipConfig()
-        self.table = PeerTable()
         self._rng = rng or random.Random()
+        self.table = PeerTable(max_size=self.config.max_view, rng=self._rng, pinned=node.peer_id)
         self._gossip = AntiEntropy(self.table, self._rng)
         started = _wall_ms()
         self._seq = started
@@ -209,7 +212,9 @@ class Membership:
             log.debug("gossip exchange failed", extra={"peer": peer.short(), "error": repr(exc)})
 
     def _take(self, delta: Delta, source: PeerId) -> None:
-        changed, rejected = self._gossip.apply(delta, _wall_ms())
+        changed, rejected, evicted = self._gossip.apply(delta, _wall_ms())
+        for peer in evicted:
+            self.swim.forget(peer)
         for exc in rejected:
             self.node.stats.reject(exc.reason)
             log.info("rejected a peer record", extra={"from": source.short(), "why": str(exc)})

@@ -162,6 +162,13 @@ class Swim:
         if peer != self.me and peer not in self._members:
             self._members[peer] = _Member(MemberState.ALIVE, incarnation)
 
+    def forget(self, peer: PeerId) -> None:
+        """Stop tracking ``peer`` (it left our partial view; this is not a death)."""
+        self._members.pop(peer, None)
+        self._gossip.pop(peer, None)
+        if self._probing == peer:
+            self._probing = None
+
     # -- the protocol period -------------------------------------------------------------------
 
     def tick(self, now: float) -> list[Action]:
