@@ -36,7 +36,10 @@ async def start_mesh(
 
         async def run(i: int = i, ready: trio.Event = ready, slot: list[Peer] = slot) -> None:
             config = NodeConfig(
-                data_dir=Path("/nonexistent"), transport="memory", ping_interval_s=0
+                data_dir=Path("/nonexistent"),
+                transport="memory",
+                ping_interval_s=0,
+                membership=False,  # this test runs its own, with its own timers
             )
             scope = trio.CancelScope()
             with scope:

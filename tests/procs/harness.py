@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -16,10 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 class Process:
     """A child process speaking JSON lines on stdout; stdin takes commands."""
 
-    def __init__(self, *args: str, cwd: Path = ROOT) -> None:
+    def __init__(self, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> None:
         self.popen = subprocess.Popen(
             [sys.executable, *args],
             cwd=cwd,
+            env={**os.environ, **(env or {})},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

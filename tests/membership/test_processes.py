@@ -1,0 +1,51 @@
+"""Eight OS processes over libp2p on 127.0.0.1, started from one bootstrap address."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.procs.harness import ROOT, Process
+
+NODES = 8
+ENV = {"MESHFED_GOSSIP_INTERVAL_S": "0.5", "MESHFED_PING_INTERVAL_S": "0"}
+
+
+def start(data_dir: Path, *bootstrap: str) -> tuple[Process, dict[str, Any]]:
+    args = ["-m", "meshfed.cli", "run", "--json", "--status-interval", "0.5"]
+    args += ["--data-dir", str(data_dir)]
+    for addr in bootstrap:
+        args += ["--bootstrap", addr]
+    process = Process(*args, cwd=ROOT, env=ENV)
+    return process, process.read()
+
+
+def test_eight_processes_from_one_bootstrap_converge_to_full_views(tmp_path: Path) -> None:
+    processes: list[Process] = []
+    try:
+        first, started = start(tmp_path / "n0")
+        processes.append(first)
+        seed = started["listen"][0]
+        ids = [started["peer_id"]]
+        for index in range(1, NODES):
+            process, started = start(tmp_path / f"n{index}", seed)
+            processes.append(process)
+            ids.append(started["peer_id"])
+        views: dict[int, set[str]] = {}
+        begun = time.monotonic()
+        while not (
+            len(views) == NODES and all(views[i] == set(ids) - {ids[i]} for i in range(NODES))
+        ):
+            assert time.monotonic() - begun < 60, (
+                f"views after 60 s: {sorted(map(len, views.values()))}"
+            )
+            for index, process in enumerate(processes):
+                status = process.read(timeout=30)
+                if status.get("event") == "status":
+                    views[index] = {member["peer_id"] for member in status["members"]}
+    finally:
+        for process in processes:
+            process.popen.terminate()
+        for process in processes:
+            assert process.popen.wait(20) == 0, process.stderr
