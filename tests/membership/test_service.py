@@ -131,3 +131,43 @@ async def test_capability_changes_reach_everyone(autojump_clock: trio.testing.Mo
         low = [r.peer for r in peers[0].membership.peers(min_battery_pct=10)]
         assert changer.node.peer_id not in low
         nursery.cancel_scope.cancel()
+
+
+async def test_a_forged_record_is_rejected_everywhere(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    import msgpack
+
+    from meshfed.codec import schema_of
+    from meshfed.membership.gossip import Delta
+    from meshfed.membership.records import RECORD_DOMAIN, PeerRecord, SignedPeerRecord
+    from meshfed.stats import RejectReason
+
+    network = MemoryNetwork(seed=4, latency=0.005)
+    async with trio.open_nursery() as nursery:
+        peers = await start_mesh(nursery, network, 12, seed=4)
+        await eventually(lambda: full_view(peers), within=30, what="full views")
+        victim, mallory = peers[1], peers[2]
+        genuine = peers[0].membership.table.get(victim.node.peer_id)
+        assert genuine is not None
+        # Mallory rewrites the victim's record (newer seq, her own address) and signs it herself.
+        fields = schema_of(PeerRecord).encode(genuine)
+        fields[1] = genuine.seq + 1_000_000
+        fields[3] = mallory.node.listen_addrs
+        blob = msgpack.packb(fields, use_bin_type=True)
+        forged = SignedPeerRecord(
+            record=blob, signature=mallory.node.identity.sign(RECORD_DOMAIN + blob)
+        )
+        for target in peers:
+            if target not in (victim, mallory):
+                await mallory.node.request(target.node.peer_id, Delta(records=[forged], wants=[]))
+        await trio.sleep(5)  # let gossip run: nobody may pick the forgery up
+        for target in peers:
+            if target in (victim, mallory):
+                continue
+            held = target.membership.table.get(victim.node.peer_id)
+            assert held is not None
+            assert held.seq < genuine.seq + 1_000_000  # the genuine one (or its own refresh)
+            assert held.addrs == victim.node.listen_addrs
+            assert target.node.stats.rejected[RejectReason.BAD_SIGNATURE] >= 1
+        nursery.cancel_scope.cancel()
