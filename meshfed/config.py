@@ -59,6 +59,7 @@ class NodeConfig:
         roles: what this node offers: ``trainer``, ``inference``, ``relay``, ``client-only``.
         gossip_interval_s: how often membership gossips with random peers.
         max_view: the most peers one node tracks; past it, a uniform random partial view.
+        mdns: announce and discover peers on the LAN by multicast DNS (libp2p transport).
     """
 
     data_dir: Path = field(default_factory=default_data_dir)
@@ -82,6 +83,7 @@ class NodeConfig:
     roles: list[str] = field(default_factory=lambda: ["trainer"])
     gossip_interval_s: float = 1.0
     max_view: int = 10_000
+    mdns: bool = True
 
     def __post_init__(self) -> None:
         positive = (

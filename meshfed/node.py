@@ -468,6 +468,10 @@ async def open_node(
                 ),
             )
             await nursery.start(node.membership.run)
+        if config.mdns and config.transport == "libp2p":
+            from .membership.mdns import MdnsDiscovery
+
+            await nursery.start(MdnsDiscovery(node).run)
         log.info("node started", extra={"peer": str(node.peer_id), "listen": node.listen_addrs})
         try:
             yield node

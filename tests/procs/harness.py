@@ -17,9 +17,15 @@ ROOT = Path(__file__).resolve().parents[2]
 class Process:
     """A child process speaking JSON lines on stdout; stdin takes commands."""
 
-    def __init__(self, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        cwd: Path = ROOT,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
         self.popen = subprocess.Popen(
-            [sys.executable, *args],
+            [*(prefix or []), sys.executable, *args],
             cwd=cwd,
             env={**os.environ, **(env or {})},
             stdin=subprocess.PIPE,
