@@ -55,10 +55,15 @@ class Delta(Message):
 
 @dataclass(slots=True)
 class AntiEntropy:
-    """The exchange logic over one :class:`PeerTable`. Pass ``now_ms`` in; no I/O."""
+    """The exchange logic over one :class:`PeerTable`. Pass ``now_ms`` in; no I/O.
+
+    ``max_records`` caps the records one delta carries (a random choice among those due), so
+    that under a partial view an exchange costs O(max_records), whatever the mesh size.
+    """
 
     table: PeerTable
     rng: random.Random
+    max_records: int = MAX_DELTA
 
     def digest(self) -> Digest:
         """Our digest (a random subset when we hold more than a digest can carry)."""
@@ -71,8 +76,8 @@ class AntiEntropy:
         """The reply to a peer's digest: what it lacks, what we lack."""
         theirs = {entry.peer: entry.seq for entry in digest.entries}
         newer = [r for r in self.table.records() if theirs.get(r.peer, -1) < r.seq]
-        if len(newer) > MAX_DELTA:
-            newer = self.rng.sample(newer, MAX_DELTA)
+        if len(newer) > self.max_records:
+            newer = self.rng.sample(newer, self.max_records)
         signed = [s for s in (self.table.signed(r.peer) for r in newer) if s is not None]
         wants = []
         for peer, seq in theirs.items():
@@ -101,5 +106,7 @@ class AntiEntropy:
 
     def push(self, wants: list[PeerId]) -> Delta:
         """The records a peer asked for in its answer."""
-        signed = [s for s in (self.table.signed(p) for p in wants[:MAX_DELTA]) if s is not None]
+        signed = [
+            s for s in (self.table.signed(p) for p in wants[: self.max_records]) if s is not None
+        ]
         return Delta(records=signed, wants=[])

@@ -5,9 +5,9 @@ Service ``_p2p._udp.local.``; each node registers an instance with a random 32-c
 and one TXT string ``dnsaddr=<multiaddr ending in /p2p/<id>>`` per listen address, answers
 queries for it, and withdraws it on a graceful stop. It announces and listens only on the
 interfaces of the node's listen addresses (all of them for ``0.0.0.0``). python-zeroconf runs
-its own threads; everything it does is reached from trio through ``trio.to_thread`` (start, stop) and
-``trio.from_thread`` (discoveries), so the trio loop never blocks (py-libp2p's own mDNS blocks it
-for seconds: it is not used).
+its own threads; everything it does is reached from trio through ``trio.to_thread`` (start,
+stop) and ``trio.from_thread`` (discoveries), so the trio loop never blocks (py-libp2p's own
+mDNS blocks it for seconds: it is not used).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from ..identity import PeerId
 from ..node import Node
 from ..stats import RejectReason
 from ..wire import Envelope, Message, message
-from .gossip import AntiEntropy, Delta, Digest
+from .gossip import MAX_DELTA, AntiEntropy, Delta, Digest
 from .records import Capabilities, PeerRecord, PeerTable, Role, sign_record
 from .swim import IndirectProbe, MemberDead, MemberState, Probe, Swim, SwimConfig, Update
 
@@ -104,7 +104,9 @@ class Membership:
         self.config = config or MembershipConfig()
         self._rng = rng or random.Random()
         self.table = PeerTable(max_size=self.config.max_view, rng=self._rng, pinned=node.peer_id)
-        self._gossip = AntiEntropy(self.table, self._rng)
+        # An exchange ships at most a quarter of a view (and at least 8 records).
+        per_exchange = min(MAX_DELTA, max(8, self.config.max_view // 4))
+        self._gossip = AntiEntropy(self.table, self._rng, max_records=per_exchange)
         started = _wall_ms()
         self._seq = started
         self.swim = Swim(node.peer_id, self.config.swim, self._rng, incarnation=started)
