@@ -182,7 +182,6 @@ class Node:
         except (MeshfedError, trio.TooSlowError):
             state.failures += 1
             raise
-        self.stats.bytes_out += len(frame)
         try:
             envelope = self._open(answer, peer)
             if envelope.reply_to != nonce:
@@ -206,7 +205,6 @@ class Node:
 
     def _open(self, frame: bytes, peer: PeerId) -> Envelope:
         """Verify one frame from ``peer``; the caller counts what fails (see ``_rejected``)."""
-        self.stats.bytes_in += len(frame)
         envelope = open_envelope(
             frame,
             peer=peer,
@@ -251,7 +249,6 @@ class Node:
             scope=envelope.scope,
             reply_to=envelope.nonce,
         )
-        self.stats.bytes_out += len(reply)
         return reply
 
     # -- arrays --------------------------------------------------------------------------------
@@ -295,7 +292,6 @@ class Node:
             trailer = ArrayTrailer(transfer_id=header.transfer_id, crc32=crc32_of(contiguous))
             frame, nonce = seal(self.identity, trailer, now_ms=_now_ms(), scope=scope)
             await stream.send(frame)
-            self.stats.bytes_out += header.nbytes
             ack_frame = await stream.receive()
         try:
             ack = self._open(ack_frame, peer)
@@ -320,7 +316,6 @@ class Node:
             while not assembler.complete:
                 length = await stream.receive_into(assembler.next_chunk_buffer())
                 assembler.chunk_received(length)
-            self.stats.bytes_in += header.nbytes
             trailer_env = self._open(await stream.receive(), peer)
             if not isinstance(trailer_env.body, ArrayTrailer):
                 raise RemoteProtocolError(

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from meshfed.errors import RemoteProtocolError, StreamClosed
-from meshfed.stats import RejectReason
+from meshfed.stats import NodeStats, RejectReason
 
 __all__ = [
     "HEADER",
@@ -89,6 +89,7 @@ class SealedSocket:
         send_key: our direction's key.
         receive_key: the other direction's key.
         max_frame_bytes: the largest plaintext we accept.
+        stats: where the bytes on the wire are counted.
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class SealedSocket:
         send_key: bytes,
         receive_key: bytes,
         max_frame_bytes: int,
+        stats: NodeStats,
     ) -> None:
         self.sock = sock
         self._seal = AESGCM(send_key)
@@ -107,8 +109,7 @@ class SealedSocket:
         self._send_buffer = bytearray(HEADER.size + 4096 + TAG_BYTES)
         self._receive_buffer = bytearray(4096 + TAG_BYTES)
         self._send_lock = trio.Lock()
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self._stats = stats
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -132,7 +133,7 @@ class SealedSocket:
             header = bytes(view[: HEADER.size])
             self._seal.encrypt_into(nonce, data, header, view[HEADER.size : total])
             await self._send_all(view[:total])
-            self.bytes_out += total
+            self._stats.bytes_out += total
 
     async def _send_all(self, view: memoryview) -> None:
         sent = 0
@@ -223,7 +224,7 @@ class SealedSocket:
                     "connection closed in the middle of a frame", reason=RejectReason.TRUNCATED
                 )
             got += n
-        self.bytes_in += got
+        self._stats.bytes_in += got
         return got
 
     def close(self) -> None:

@@ -420,9 +420,8 @@ class Libp2pTransport(Transport):
             server_nonce=server_nonce,
             kind=kind,
         )
-        return SealedSocket(
-            sock, dialer_key, listener_key, self.limits.max_frame_bytes + _REQUEST_OVERHEAD
-        )
+        max_frame = self.limits.max_frame_bytes + _REQUEST_OVERHEAD
+        return SealedSocket(sock, dialer_key, listener_key, max_frame, self.stats)
 
     async def _accept_loop(self, listener: trio.socket.SocketType) -> None:
         while True:
@@ -456,7 +455,11 @@ class Libp2pTransport(Transport):
                 kind=kind,
             )
             channel = SealedSocket(
-                sock, listener_key, dialer_key, self.limits.max_frame_bytes + _REQUEST_OVERHEAD
+                sock,
+                listener_key,
+                dialer_key,
+                self.limits.max_frame_bytes + _REQUEST_OVERHEAD,
+                self.stats,
             )
             if kind == CONTROL:
                 await self._serve_control(peer, channel)
@@ -478,7 +481,6 @@ class Libp2pTransport(Transport):
         name = protocol.encode()
         try:
             await control.channel.send(REQUEST, request_id, bytes([len(name)]) + name + payload)
-            self.stats.bytes_out += len(payload)
             await done.wait()
         except StreamClosed as exc:
             control.fail_all(PeerUnreachable(f"connection to {peer} lost: {exc}"))
@@ -490,7 +492,6 @@ class Libp2pTransport(Transport):
         outcome = slot[0]
         if isinstance(outcome, Exception):
             raise outcome
-        self.stats.bytes_in += len(outcome)
         return outcome
 
     async def _control(self, peer: PeerId) -> _Control:
@@ -554,7 +555,6 @@ class Libp2pTransport(Transport):
                         continue
                     body = await channel.receive_body(length)
                     assert isinstance(body, bytes)
-                    self.stats.bytes_in += len(body)
                     nursery.start_soon(self._serve_request, peer, channel, request_id, body)
             except RemoteProtocolError as exc:
                 self.stats.reject(exc.reason)
@@ -594,7 +594,6 @@ class Libp2pTransport(Transport):
             return
         finally:
             self._admission.release(peer)
-        self.stats.bytes_out += len(answer)
         await _send_quietly(channel, RESPONSE, request_id, answer)
 
     # -- streams -------------------------------------------------------------------------------

@@ -171,6 +171,7 @@ class MemoryStream(Stream):
         outgoing: trio.MemorySendChannel[tuple[float, bytes]],
         incoming: trio.MemoryReceiveChannel[tuple[float, bytes]],
         max_frame_bytes: int,
+        stats: NodeStats,
     ) -> None:
         self.remote_peer = remote
         self.protocol = protocol
@@ -179,6 +180,7 @@ class MemoryStream(Stream):
         self._outgoing = outgoing
         self._incoming = incoming
         self._max_frame_bytes = max_frame_bytes
+        self._stats = stats
         self._reset = False
         self._last_arrival = 0.0
         self._other: MemoryStream | None = None
@@ -189,6 +191,7 @@ class MemoryStream(Stream):
         data = bytes(frame)
         arrival = max(self._network._delivery_time(self._local, len(data)), self._last_arrival)
         self._last_arrival = arrival
+        self._stats.bytes_out += len(data)
         try:
             await self._outgoing.send((arrival, data))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -204,6 +207,7 @@ class MemoryStream(Stream):
         await trio.sleep_until(arrival)
         if self._reset:
             raise StreamClosed(f"stream from {self.remote_peer} was reset")
+        self._stats.bytes_in += len(data)
         if len(data) > self._max_frame_bytes:
             self.reset()
             raise RemoteProtocolError(
@@ -413,6 +417,7 @@ class MemoryTransport(Transport):
             ours_out,
             ours_in,
             self.limits.max_frame_bytes,
+            self.stats,
         )
         theirs = MemoryStream(
             self._network,
@@ -422,6 +427,7 @@ class MemoryTransport(Transport):
             theirs_out,
             theirs_in,
             target.limits.max_frame_bytes,
+            target.stats,
         )
         mine._other, theirs._other = theirs, mine
         refusal = target._accept_stream(theirs)

@@ -105,6 +105,16 @@ async def check_empty_and_largest_payloads(make_mesh: MeshFactory) -> None:
             )
 
 
+async def check_bytes_are_counted_once(make_mesh: MeshFactory) -> None:
+    async with make_mesh(2, LIMITS) as [(a, a_stats), (b, b_stats)]:
+        b.set_request_handler("/len", lambda peer, p: _const(b"ok"))
+        before_out, before_in = a_stats.bytes_out, b_stats.bytes_in
+        with trio.fail_after(20):
+            await a.request(b.local_peer, "/len", bytes(100_000))
+        for counted in (a_stats.bytes_out - before_out, b_stats.bytes_in - before_in):
+            assert 100_000 <= counted <= 100_000 + 1024  # the payload plus framing, once
+
+
 async def _const(value: bytes) -> bytes:
     return value
 
@@ -276,6 +286,7 @@ async def check_stop_is_prompt_with_streams_and_requests_open(make_mesh: MeshFac
 CHECKS: list[Check] = [
     check_requests_both_ways_and_concurrently,
     check_empty_and_largest_payloads,
+    check_bytes_are_counted_once,
     check_refusals_are_answered_and_counted,
     check_rate_limit,
     check_streams_carry_frames_in_order_both_ways,
