@@ -120,11 +120,18 @@ class NodeConfig:
         for role in self.roles:
             if role not in known_roles:
                 raise ConfigError(f"roles: {role!r} is not one of {', '.join(sorted(known_roles))}")
+        if "client-only" in self.roles and {"relay", "inference"} & set(self.roles):
+            raise ConfigError("roles: a client-only node cannot relay or serve inference")
         for addr in self.bootstrap:
             if "/p2p/" not in addr:
                 raise ConfigError(
                     f"bootstrap: {addr!r} has no /p2p/<peer id>; a bootstrap peer must be named"
                 )
+
+    @property
+    def client_only(self) -> bool:
+        """True for a node that cannot accept connections (behind NAT): it only dials out."""
+        return "client-only" in self.roles
 
     @property
     def limits(self) -> TransportLimits:

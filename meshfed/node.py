@@ -434,12 +434,17 @@ async def open_node(
     if config.transport == "memory":
         if network is None:
             raise ConfigError("transport: 'memory' needs open_node(..., network=MemoryNetwork())")
-        transport = network.create_transport(identity, stats=stats, limits=config.limits)
+        transport = network.create_transport(
+            identity, stats=stats, limits=config.limits, accepts_inbound=not config.client_only
+        )
     else:
         from .transports.libp2p import Libp2pTransport  # lazy: importing libp2p is slow
 
         transport = Libp2pTransport(
-            identity, stats=stats, limits=config.limits, listen_addrs=config.listen
+            identity,
+            stats=stats,
+            limits=config.limits,
+            listen_addrs=() if config.client_only else config.listen,
         )
     async with trio.open_nursery() as nursery:
         node = Node(config, identity, transport, stats)  # handlers exist before we listen

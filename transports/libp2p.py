@@ -126,12 +126,24 @@ class _Session:
 
 @dataclass(slots=True)
 class _Control:
-    """Our control connection to one peer: requests out, answers back by id."""
+    """A control connection with one peer: requests both ways, answers matched by id."""
 
     channel: SealedSocket
     waiters: dict[int, tuple[trio.Event, list[bytes | Exception]]] = field(default_factory=dict)
     ids: itertools.count[int] = field(default_factory=itertools.count)
     broken: bool = False
+
+    def deliver(self, peer: PeerId, failed: bool, request_id: int, body: bytes) -> None:
+        """Hand an answer to the request waiting for it (if it has not given up)."""
+        waiter = self.waiters.get(request_id)
+        if waiter is None:
+            return  # the requester's deadline passed
+        if failed:
+            reason = body.decode("utf-8", "replace")[:64]
+            waiter[1].append(RequestFailed(f"{peer} refused: {reason}", reason=reason))
+        else:
+            waiter[1].append(body)
+        waiter[0].set()
 
     def fail_all(self, error: Exception) -> None:
         self.broken = True
@@ -247,7 +259,6 @@ class Libp2pTransport(Transport):
         self._control_locks: dict[PeerId, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self._sealed_port = 0
-        self._sealed_host = "127.0.0.1"
         self._sockets: set[trio.socket.SocketType] = set()
         self.host.set_stream_handler(SESSION_PROTOCOL, self._serve_session)
 
@@ -274,29 +285,39 @@ class Libp2pTransport(Transport):
         self._stream_handlers[protocol] = handler
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-        try:
-            self._sealed_host = str(self._listen[0].value_for_protocol("ip4"))
-        except Exception:  # an ip6 or dns listen address: bind the sealed port to loopback
-            self._sealed_host = "127.0.0.1"
-        listener.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-        await listener.bind((self._sealed_host, 0))
-        listener.listen(128)
-        self._sealed_port = listener.getsockname()[1]
+        listener = await self._open_sealed_listener()
         try:
             async with self.host.run(self._listen), trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._accept_loop, listener)
+                if listener is not None:
+                    nursery.start_soon(self._accept_loop, listener)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            listener.close()
+            if listener is not None:
+                listener.close()
             for sock in list(self._sockets):
                 sock.close()
             for control in self._controls.values():
                 control.fail_all(PeerUnreachable("the transport stopped"))
             self._controls.clear()
+
+    async def _open_sealed_listener(self) -> trio.socket.SocketType | None:
+        """Listen for sealed connections on the IP of the first TCP listen address. With no
+        listen address (client mode) there is none: peers reach us over what we dial."""
+        for addr in self._listen:
+            parts = str(addr).split("/")
+            if len(parts) > 3 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp":
+                family = trio.socket.AF_INET6 if parts[1] == "ip6" else trio.socket.AF_INET
+                listener = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+                listener.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+                await listener.bind((parts[2], 0))
+                listener.listen(128)
+                self._sealed_port = listener.getsockname()[1]
+                return listener
+        self._sealed_port = 0
+        return None
 
     def _spawn(self, fn: object, *args: object) -> None:
         if self._nursery is None:
@@ -400,7 +421,10 @@ class Libp2pTransport(Transport):
 
     async def _dial_sealed(self, peer: PeerId, kind: int) -> SealedSocket:
         session = await self._session(peer)
-        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+        if session.sealed_port == 0:
+            raise PeerUnreachable(f"{peer} accepts no inbound connections (client mode)")
+        family = trio.socket.AF_INET6 if ":" in session.host else trio.socket.AF_INET
+        sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
         sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
         client_nonce = fresh_nonce()
         try:
@@ -462,7 +486,10 @@ class Libp2pTransport(Transport):
                 self.stats,
             )
             if kind == CONTROL:
-                await self._serve_control(peer, channel)
+                control = _Control(channel)
+                if self._controls.get(peer) is None:
+                    self._controls[peer] = control  # our requests may ride it back
+                await self._run_control(peer, control)
             else:
                 await self._serve_stream(peer, channel)
         finally:
@@ -504,63 +531,47 @@ class Libp2pTransport(Transport):
             if control is None or control.broken:
                 channel = await self._dial_sealed(peer, CONTROL)
                 control = self._controls[peer] = _Control(channel)
-                self._spawn(self._read_answers, peer, control)
+                self._spawn(self._run_control, peer, control)
         return control
 
-    async def _read_answers(self, peer: PeerId, control: _Control) -> None:
+    async def _run_control(self, peer: PeerId, control: _Control) -> None:
+        """Serve one control connection, whichever side dialed it: requests from the peer are
+        answered, answers to ours go to their waiters. So a peer that cannot accept connections
+        (client mode) is still reached over the connection it dialed."""
         channel = control.channel
-        try:
-            while True:
-                length, frame_type, request_id = await channel.receive_header()
-                body = await channel.receive_body(length)
-                assert isinstance(body, bytes)
-                waiter = control.waiters.get(request_id)
-                if waiter is None:
-                    continue  # the requester gave up (its deadline passed)
-                if frame_type == RESPONSE:
-                    waiter[1].append(body)
-                elif frame_type == ERROR:
-                    reason = body.decode("utf-8", "replace")[:64]
-                    waiter[1].append(RequestFailed(f"{peer} refused: {reason}", reason=reason))
-                else:
-                    raise RemoteProtocolError(
-                        f"frame type {frame_type} on a control connection",
-                        reason=RejectReason.MALFORMED,
-                    )
-                waiter[0].set()
-        except RemoteProtocolError as exc:
-            self.stats.reject(exc.reason)
-            control.fail_all(PeerUnreachable(f"{peer} broke the protocol: {exc}"))
-        except StreamClosed as exc:
-            control.fail_all(PeerUnreachable(f"connection to {peer} lost: {exc}"))
-        finally:
-            if self._controls.get(peer) is control:
-                del self._controls[peer]
-            channel.close()
-
-    async def _serve_control(self, peer: PeerId, channel: SealedSocket) -> None:
         async with trio.open_nursery() as nursery:
             try:
                 while True:
-                    length, frame_type, request_id = await channel.receive_header()
-                    if frame_type != REQUEST:
-                        raise RemoteProtocolError(
-                            f"frame type {frame_type} where a request was due",
-                            reason=RejectReason.MALFORMED,
-                        )
-                    if length > self.limits.max_frame_bytes + _REQUEST_OVERHEAD:
+                    length, frame_type, frame_id = await channel.receive_header()
+                    if (
+                        frame_type == REQUEST
+                        and length > self.limits.max_frame_bytes + _REQUEST_OVERHEAD
+                    ):
                         self.stats.reject(RejectReason.OVERSIZED)
                         await channel.skip_body(length)
-                        nursery.start_soon(channel.send, ERROR, request_id, b"oversized")
+                        nursery.start_soon(_send_quietly, channel, ERROR, frame_id, b"oversized")
                         continue
                     body = await channel.receive_body(length)
                     assert isinstance(body, bytes)
-                    nursery.start_soon(self._serve_request, peer, channel, request_id, body)
+                    if frame_type == REQUEST:
+                        nursery.start_soon(self._serve_request, peer, channel, frame_id, body)
+                    elif frame_type in (RESPONSE, ERROR):
+                        control.deliver(peer, frame_type == ERROR, frame_id, body)
+                    else:
+                        raise RemoteProtocolError(
+                            f"frame type {frame_type} on a control connection",
+                            reason=RejectReason.MALFORMED,
+                        )
             except RemoteProtocolError as exc:
                 self.stats.reject(exc.reason)
-            except StreamClosed:
-                pass
-            nursery.cancel_scope.cancel()
+                control.fail_all(PeerUnreachable(f"{peer} broke the protocol: {exc}"))
+            except StreamClosed as exc:
+                control.fail_all(PeerUnreachable(f"connection to {peer} lost: {exc}"))
+            finally:
+                if self._controls.get(peer) is control:
+                    del self._controls[peer]
+                channel.close()
+                nursery.cancel_scope.cancel()
 
     async def _serve_request(
         self, peer: PeerId, channel: SealedSocket, request_id: int, body: bytes
@@ -683,7 +694,7 @@ def _parse_exchange(data: bytes) -> tuple[bytes, bytes, int]:
         or type(nonce) is not bytes
         or len(nonce) != NONCE_BYTES
         or type(port) is not int
-        or not 0 < port < 65536
+        or not 0 <= port < 65536  # 0: the peer accepts no inbound connections
     ):
         raise RemoteProtocolError("bad key exchange fields", reason=RejectReason.HANDSHAKE_FAILED)
     return key, nonce, port

@@ -85,11 +85,18 @@ class MemoryNetwork:
         *,
         stats: NodeStats,
         limits: TransportLimits = TransportLimits(),  # noqa: B008 - frozen, immutable
+        accepts_inbound: bool = True,
     ) -> MemoryTransport:
-        """Register a node with this identity and return its transport."""
+        """Register a node with this identity and return its transport.
+
+        Args:
+            accepts_inbound: ``False`` models a peer behind NAT (client mode): others reach it
+                only after it contacted them.
+        """
         if identity.peer_id in self._nodes:
             raise ValueError(f"{identity.peer_id} already joined this network")
         transport = MemoryTransport(self, identity.peer_id, len(self._nodes), stats, limits)
+        transport.accepts_inbound = accepts_inbound
         self._nodes[identity.peer_id] = transport
         return transport
 
@@ -115,6 +122,8 @@ class MemoryNetwork:
         node = self._nodes.get(b)
         if node is None or not node._serving or not self._nodes[a]._serving:
             return False
+        if not node.accepts_inbound and a not in node._contacts:
+            return False  # behind NAT: only over a connection it opened itself
         group_a, group_b = self._group.get(a), self._group.get(b)
         return group_a is None or group_b is None or group_a == group_b
 
@@ -272,6 +281,7 @@ class MemoryTransport(Transport):
         self._calls: set[_Call] = set()
         self._streams: set[MemoryStream] = set()
         self._contacts: dict[PeerId, None] = {}
+        self.accepts_inbound = True
 
     @property
     def local_peer(self) -> PeerId:
@@ -279,7 +289,9 @@ class MemoryTransport(Transport):
 
     @property
     def listen_addrs(self) -> list[str]:
-        return [f"/memory/{self._index}/p2p/{self._peer}"] if self._serving else []
+        if not self._serving or not self.accepts_inbound:
+            return []
+        return [f"/memory/{self._index}/p2p/{self._peer}"]
 
     def set_request_handler(self, protocol: str, handler: RequestHandler) -> None:
         self._request_handlers[protocol] = handler

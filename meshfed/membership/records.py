@@ -93,6 +93,10 @@ class Capabilities:
         unknown = [role for role in self.roles if role not in known]
         if unknown:
             raise ValueError(f"unknown roles {unknown}; known: {sorted(known)}")
+        if Role.CLIENT_ONLY.value in self.roles and {Role.RELAY.value, Role.INFERENCE.value} & set(
+            self.roles
+        ):
+            raise ValueError("a client-only peer cannot relay or serve inference (no inbound)")
 
 
 @dataclass(frozen=True, slots=True)

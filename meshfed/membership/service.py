@@ -78,6 +78,10 @@ class MembershipConfig:
             raise ValueError("max_view must be at least 2 (ourselves and one peer)")
 
 
+#: lifetime of a client-only peer's record: it cannot be probed, so a stale record means gone
+CLIENT_RECORD_TTL_S = 60.0
+
+
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -136,7 +140,10 @@ class Membership:
                 role=role, model=model, dataset=dataset, min_battery_pct=min_battery_pct
             )
             if record.peer != self.node.peer_id
-            and self.swim.state(record.peer) in (MemberState.ALIVE, MemberState.SUSPECT)
+            and (
+                record.has_role(Role.CLIENT_ONLY)  # alive while its short-lived record is fresh
+                or self.swim.state(record.peer) in (MemberState.ALIVE, MemberState.SUSPECT)
+            )
         ]
 
     def update_capabilities(self, capabilities: Capabilities) -> None:
@@ -159,7 +166,10 @@ class Membership:
 
     def _sign_own(self) -> None:
         now_ms = _wall_ms()
-        ttl_ms = int(self.config.record_ttl_s * 1000)
+        ttl_s = self.config.record_ttl_s
+        if Role.CLIENT_ONLY.value in self._capabilities.roles:
+            ttl_s = min(ttl_s, CLIENT_RECORD_TTL_S)  # nobody can probe us: freshness is liveness
+        ttl_ms = int(ttl_s * 1000)
         self._seq = max(self._seq + 1, now_ms)
         own = sign_record(
             self.node.identity,
@@ -183,7 +193,12 @@ class Membership:
             await trio.sleep(self.config.gossip_interval_s * (0.5 + self._rng.random()))
 
     def _live(self) -> list[PeerId]:
-        members = {r.peer for r in self.table.records()} | set(self.swim.live_members())
+        connected = set(self.node.transport.connected_peers())
+        members = {
+            r.peer
+            for r in self.table.records()
+            if not r.has_role(Role.CLIENT_ONLY) or r.peer in connected
+        } | set(self.swim.live_members())
         members.discard(self.node.peer_id)
         return sorted(
             (p for p in members if self.swim.state(p) != MemberState.DEAD), key=lambda p: p.raw
@@ -223,6 +238,9 @@ class Membership:
         for record in changed:
             if record.peer == self.node.peer_id:
                 continue
+            if record.has_role(Role.CLIENT_ONLY):
+                self.swim.forget(record.peer)  # cannot be probed; its record's expiry decides
+                continue
             if self.swim.state(record.peer) == MemberState.DEAD:
                 self.swim.receive(
                     [Update(record.peer, int(MemberState.ALIVE), record.seq)], trio.current_time()
@@ -233,7 +251,9 @@ class Membership:
             self._wake.set()
 
     async def _on_digest(self, envelope: Envelope, digest: Digest) -> Delta:
-        self.swim.add(envelope.sender)
+        record = self.table.get(envelope.sender)
+        if record is None or not record.has_role(Role.CLIENT_ONLY):
+            self.swim.add(envelope.sender)
         return self._gossip.answer(digest)
 
     async def _on_delta(self, envelope: Envelope, delta: Delta) -> Ack:
@@ -300,7 +320,6 @@ class Membership:
                 log.info("peer declared dead", extra={"peer": action.peer.short()})
 
     async def _on_ping(self, envelope: Envelope, ping: SwimPing) -> SwimAck:
-        self.swim.add(envelope.sender)
         self._receive(ping.updates)
         return SwimAck(ok=True, updates=self.swim.piggyback())
 

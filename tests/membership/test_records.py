@@ -49,7 +49,8 @@ capabilities = st.builds(
         st.builds(DatasetOffer, name=st.text(max_size=20), examples=st.integers(0, 10**9)),
         max_size=3,
     ),
-    roles=st.lists(st.sampled_from([r.value for r in Role]), max_size=4),
+    roles=st.lists(st.sampled_from(["relay", "trainer", "inference"]), max_size=3)
+    | st.just(["client-only", "trainer"]),
     prices=st.lists(
         st.builds(PriceAsk, tier=st.sampled_from(["small", "large"]), price=st.floats(0, 1e6)),
         max_size=2,
@@ -141,3 +142,8 @@ def test_queries_answer_from_the_table() -> None:
 def test_unknown_roles_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown roles"):
         Capabilities(roles=["overlord"])
+
+
+def test_client_only_peers_cannot_take_inbound_roles() -> None:
+    with pytest.raises(ValueError, match="client-only"):
+        Capabilities(roles=["client-only", "relay"])

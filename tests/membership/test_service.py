@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -26,27 +27,35 @@ class Peer:
 
 
 async def start_mesh(
-    nursery: trio.Nursery, network: MemoryNetwork, n: int, seed: int
+    nursery: trio.Nursery, network: MemoryNetwork, n: int, seed: int, *, clients: int = 0
 ) -> list[Peer]:
+    """``n`` peers, the last ``clients`` of them client-only (behind NAT), each bootstrapped
+    off one random earlier regular peer."""
     rng = random.Random(seed)
     peers: list[Peer] = []
     for i in range(n):
+        client = i >= n - clients
         ready = trio.Event()
         slot: list[Peer] = []
 
-        async def run(i: int = i, ready: trio.Event = ready, slot: list[Peer] = slot) -> None:
+        async def run(
+            i: int = i, ready: trio.Event = ready, slot: list[Peer] = slot, client: bool = client
+        ) -> None:
+            roles = ["client-only", "trainer"] if client else ["trainer"]
             config = NodeConfig(
                 data_dir=Path("/nonexistent"),
                 transport="memory",
                 ping_interval_s=0,
                 membership=False,  # this test runs its own, with its own timers
+                roles=roles,
             )
             scope = trio.CancelScope()
             with scope:
                 async with open_node(config, identity=Identity.generate(), network=network) as node:
-                    if peers:
-                        await node.connect(rng.choice(peers).node.listen_addrs[0])
-                    caps = Capabilities(roles=[Role.TRAINER.value], battery_pct=50 + i % 50)
+                    regular = [p for p in peers if p.node.listen_addrs]
+                    if regular:
+                        await node.connect(rng.choice(regular).node.listen_addrs[0])
+                    caps = Capabilities(roles=roles, battery_pct=50 + i % 50)
                     membership = Membership(node, caps, config=CONFIG, rng=random.Random(seed + i))
                     async with trio.open_nursery() as inner:
                         await inner.start(membership.run)
@@ -170,4 +179,38 @@ async def test_a_forged_record_is_rejected_everywhere(
             assert held.seq < genuine.seq + 1_000_000  # the genuine one (or its own refresh)
             assert held.addrs == victim.node.listen_addrs
             assert target.node.stats.rejected[RejectReason.BAD_SIGNATURE] >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_client_only_peers_join_and_are_reached_only_over_their_own_connections(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from meshfed.errors import PeerUnreachable
+
+    network = MemoryNetwork(seed=5, latency=0.005)
+    async with trio.open_nursery() as nursery:
+        peers = await start_mesh(nursery, network, 14, seed=5, clients=2)
+        await eventually(lambda: full_view(peers), within=30, what="full views with clients")
+        clients = peers[-2:]
+        for client in clients:
+            assert client.node.listen_addrs == []
+            for other in peers:
+                if other is not client:
+                    record = other.membership.table.get(client.node.peer_id)
+                    assert record is not None and record.addrs == []
+                    assert record.has_role(Role.CLIENT_ONLY)
+        for p in peers:
+            relays = {r.peer for r in p.membership.peers(role=Role.RELAY)}
+            assert not relays & {c.node.peer_id for c in clients}
+        client = clients[0]
+        contacted = set(client.node.transport.connected_peers())
+        strangers = [p for p in peers[:-2] if p.node.peer_id not in contacted]
+        reached = [p for p in peers[:-2] if p.node.peer_id in contacted]
+        assert reached
+        from meshfed.control import Ping
+
+        await reached[0].node.request(client.node.peer_id, Ping(sent_ms=1))
+        assert strangers  # (with this seed, 9 of the 12 never heard from the client)
+        with pytest.raises(PeerUnreachable):
+            await strangers[0].node.request(client.node.peer_id, Ping(sent_ms=1))
         nursery.cancel_scope.cancel()
