@@ -49,3 +49,46 @@ def test_eight_processes_from_one_bootstrap_converge_to_full_views(tmp_path: Pat
             process.popen.terminate()
         for process in processes:
             assert process.popen.wait(20) == 0, process.stderr
+
+
+def test_a_client_only_process_joins_without_listening(tmp_path: Path) -> None:
+    processes: list[Process] = []
+    try:
+        first, started = start(tmp_path / "r0")
+        processes.append(first)
+        seed = started["listen"][0]
+        ids = [started["peer_id"]]
+        second, started = start(tmp_path / "r1", seed)
+        processes.append(second)
+        ids.append(started["peer_id"])
+        client = Process(
+            "-m",
+            "meshfed.cli",
+            "run",
+            "--json",
+            "--status-interval",
+            "0.5",
+            "--data-dir",
+            str(tmp_path / "c"),
+            "--bootstrap",
+            seed,
+            cwd=ROOT,
+            env={**ENV, "MESHFED_ROLES": "client-only,trainer"},
+        )
+        processes.append(client)
+        started = client.read()
+        assert started["listen"] == []  # nothing to dial: it only dials out
+        ids.append(started["peer_id"])
+        views: dict[int, set[str]] = {}
+        begun = time.monotonic()
+        while not (len(views) == 3 and all(views[i] == set(ids) - {ids[i]} for i in range(3))):
+            assert time.monotonic() - begun < 30, f"views after 30 s: {views}"
+            for index, process in enumerate(processes):
+                status = process.read(timeout=30)
+                if status.get("event") == "status":
+                    views[index] = {member["peer_id"] for member in status["members"]}
+    finally:
+        for process in processes:
+            process.popen.terminate()
+        for process in processes:
+            assert process.popen.wait(20) == 0, process.stderr
