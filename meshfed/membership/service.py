@@ -23,10 +23,11 @@ from ..control import Ack
 from ..errors import MeshfedError, RemoteProtocolError
 from ..identity import PeerId
 from ..node import Node
+from ..ratelimit import TokenBuckets
 from ..stats import RejectReason
 from ..wire import Envelope, Message, message
 from .gossip import MAX_DELTA, AntiEntropy, Delta, Digest
-from .records import Capabilities, PeerRecord, PeerTable, Role, sign_record
+from .records import Capabilities, PeerRecord, PeerTable, Role, sign_record, signed_subject
 from .swim import IndirectProbe, MemberDead, MemberState, Probe, Swim, SwimConfig, Update
 
 __all__ = ["Membership", "MembershipConfig", "SwimAck", "SwimPing", "SwimPingReq"]
@@ -111,6 +112,10 @@ class Membership:
         # An exchange ships at most a quarter of a view (and at least 8 records).
         per_exchange = min(MAX_DELTA, max(8, self.config.max_view // 4))
         self._gossip = AntiEntropy(self.table, self._rng, max_records=per_exchange)
+        # Newcomers one source may introduce: a delta's worth per interval, twice that in a burst.
+        self._newcomers: TokenBuckets[PeerId] = TokenBuckets(
+            per_exchange / self.config.gossip_interval_s, 2 * per_exchange
+        )
         started = _wall_ms()
         self._seq = started
         self.swim = Swim(node.peer_id, self.config.swim, self._rng, incarnation=started)
@@ -229,6 +234,7 @@ class Membership:
             log.debug("gossip exchange failed", extra={"peer": peer.short(), "error": repr(exc)})
 
     def _take(self, delta: Delta, source: PeerId) -> None:
+        delta = self._limit_newcomers(delta, source)
         changed, rejected, evicted = self._gossip.apply(delta, _wall_ms())
         for peer in evicted:
             self.swim.forget(peer)
@@ -249,6 +255,19 @@ class Membership:
                 self.swim.add(record.peer)
         if changed:
             self._wake.set()
+
+    def _limit_newcomers(self, delta: Delta, source: PeerId) -> Delta:
+        """Let one source introduce only so many peers we never heard of per gossip interval,
+        so a peer minting identities cannot flood the table or eclipse the honest view."""
+        kept = []
+        for signed in delta.records:
+            subject = signed_subject(signed)
+            known = subject is not None and self.table.get(subject) is not None
+            if known or self._newcomers.take(source, trio.current_time()):
+                kept.append(signed)
+            else:
+                self.node.stats.reject(RejectReason.RATE_LIMITED)
+        return Delta(records=kept, wants=delta.wants) if len(kept) < len(delta.records) else delta
 
     async def _on_digest(self, envelope: Envelope, digest: Digest) -> Delta:
         record = self.table.get(envelope.sender)

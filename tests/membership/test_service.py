@@ -213,3 +213,34 @@ async def test_client_only_peers_join_and_are_reached_only_over_their_own_connec
             await strangers[0].node.request(client.node.peer_id, Ping(sent_ms=1))
         await reached[0].node.request(client.node.peer_id, Ping(sent_ms=1))
         nursery.cancel_scope.cancel()
+
+
+async def test_one_source_cannot_flood_the_table_with_minted_identities(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from meshfed.membership.gossip import MAX_DELTA, Delta
+    from meshfed.membership.records import sign_record
+    from meshfed.stats import RejectReason
+
+    network = MemoryNetwork(seed=6, latency=0.005)
+    async with trio.open_nursery() as nursery:
+        peers = await start_mesh(nursery, network, 4, seed=6)
+        await eventually(lambda: full_view(peers), within=30, what="full views")
+        mallory, target = peers[0], peers[1]
+        sybils = [
+            sign_record(
+                Identity.generate(),
+                seq=1,
+                expires_ms=2**62,
+                addrs=[],
+                capabilities=Capabilities(roles=["trainer"]),
+            )
+            for _ in range(4 * MAX_DELTA)
+        ]
+        for start in range(0, len(sybils), MAX_DELTA):
+            delta = Delta(records=sybils[start : start + MAX_DELTA], wants=[])
+            await mallory.node.request(target.node.peer_id, delta)
+        admitted = len(target.membership.table) - len(peers)
+        assert admitted <= 2 * MAX_DELTA + MAX_DELTA // 2  # the burst, plus what refilled meanwhile
+        assert target.node.stats.rejected[RejectReason.RATE_LIMITED] >= len(sybils) - admitted
+        nursery.cancel_scope.cancel()
