@@ -58,7 +58,7 @@ class NodeConfig:
         membership: run gossip membership and failure detection (on by default).
         roles: what this node offers: ``trainer``, ``inference``, ``relay``, ``client-only``.
         gossip_interval_s: how often membership gossips with random peers.
-        max_view: the most peers one node tracks; past it, a uniform random partial view.
+        max_view: 0 keeps a full view of the mesh; N keeps a Cyclon partial view of N peers.
         mdns: announce and discover peers on the LAN by multicast DNS (libp2p transport).
     """
 
@@ -82,7 +82,7 @@ class NodeConfig:
     membership: bool = True
     roles: list[str] = field(default_factory=lambda: ["trainer"])
     gossip_interval_s: float = 1.0
-    max_view: int = 10_000
+    max_view: int = 0
     mdns: bool = True
 
     def __post_init__(self) -> None:
@@ -97,12 +97,11 @@ class NodeConfig:
             "requests_per_second",
             "request_burst",
             "gossip_interval_s",
-            "max_view",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        for name in ("max_clock_skew_s", "ping_interval_s"):
+        for name in ("max_clock_skew_s", "ping_interval_s", "max_view"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if self.max_message_bytes < 1024:

@@ -464,7 +464,7 @@ async def open_node(
                 node,
                 probe_capabilities(roles=config.roles),
                 config=MembershipConfig(
-                    gossip_interval_s=config.gossip_interval_s, max_view=config.max_view
+                    gossip_interval_s=config.gossip_interval_s, max_view=config.max_view or None
                 ),
             )
             await nursery.start(node.membership.run)

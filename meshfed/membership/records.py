@@ -241,6 +241,15 @@ class PeerTable:
         self._records[record.peer] = (record, signed)
         return record
 
+    def full(self) -> bool:
+        """True when a record of a new peer would need room."""
+        return self._max_size is not None and len(self._records) >= self._max_size
+
+    def remove(self, peer: PeerId) -> None:
+        """Forget ``peer``'s record (never the pinned one)."""
+        if peer != self._pinned:
+            self._records.pop(peer, None)
+
     def expire(self, *, now_ms: int) -> list[PeerId]:
         """Drop records past their expiry; returns whose."""
         gone = [peer for peer, (r, _) in self._records.items() if r.expires_ms <= now_ms]

@@ -26,6 +26,7 @@ from ..node import Node
 from ..ratelimit import TokenBuckets
 from ..stats import RejectReason
 from ..wire import Envelope, Message, message
+from .cyclon import Cyclon, Shuffle, ShuffleReply
 from .gossip import MAX_DELTA, AntiEntropy, Delta, Digest
 from .records import Capabilities, PeerRecord, PeerTable, Role, sign_record, signed_subject
 from .swim import IndirectProbe, MemberDead, MemberState, Probe, Swim, SwimConfig, Update
@@ -64,19 +65,23 @@ class SwimAck(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class MembershipConfig:
-    """Timers of gossip and record refresh; SWIM's are in ``swim``."""
+    """Timers of gossip and record refresh; SWIM's are in ``swim``.
+
+    ``max_view=None`` keeps a full view, spread by push-pull anti-entropy; a number keeps a
+    Cyclon partial view of that many peers, so state and traffic do not grow with the mesh.
+    """
 
     gossip_interval_s: float = 1.0
     fanout: int = 2
     record_ttl_s: float = 600.0
-    max_view: int = 10_000
+    max_view: int | None = None
     swim: SwimConfig = field(default_factory=SwimConfig)
 
     def __post_init__(self) -> None:
         if self.gossip_interval_s <= 0 or self.fanout < 1 or self.record_ttl_s <= 0:
             raise ValueError("gossip_interval_s and record_ttl_s must be > 0, fanout >= 1")
-        if self.max_view < 2:
-            raise ValueError("max_view must be at least 2 (ourselves and one peer)")
+        if self.max_view is not None and self.max_view < 2:
+            raise ValueError("max_view must be at least 2 peers (or None for a full view)")
 
 
 #: lifetime of a client-only peer's record: it cannot be probed, so a stale record means gone
@@ -108,9 +113,17 @@ class Membership:
         self.node = node
         self.config = config or MembershipConfig()
         self._rng = rng or random.Random()
-        self.table = PeerTable(max_size=self.config.max_view, rng=self._rng, pinned=node.peer_id)
+        view = self.config.max_view
+        self.table = PeerTable(
+            max_size=None if view is None else view + 1, rng=self._rng, pinned=node.peer_id
+        )
+        self.cyclon = (
+            None
+            if view is None
+            else Cyclon(node.peer_id, self.table, length=max(3, min(view // 4, 16)), rng=self._rng)
+        )
         # An exchange ships at most a quarter of a view (and at least 8 records).
-        per_exchange = min(MAX_DELTA, max(8, self.config.max_view // 4))
+        per_exchange = MAX_DELTA if view is None else min(MAX_DELTA, max(8, view // 4))
         self._gossip = AntiEntropy(self.table, self._rng, max_records=per_exchange)
         # Newcomers one source may introduce: a delta's worth per interval, twice that in a burst.
         self._newcomers: TokenBuckets[PeerId] = TokenBuckets(
@@ -125,6 +138,7 @@ class Membership:
         self._nursery: trio.Nursery | None = None
         node.handle(Digest, self._on_digest)
         node.handle(Delta, self._on_delta)
+        node.handle(Shuffle, self._on_shuffle)
         node.handle(SwimPing, self._on_ping)
         node.handle(SwimPingReq, self._on_ping_req)
 
@@ -191,10 +205,18 @@ class Membership:
             if _wall_ms() >= self._refresh_at_ms:
                 self._sign_own()
             self.table.expire(now_ms=_wall_ms())
-            targets = self._live()
-            async with trio.open_nursery() as nursery:
-                for peer in self._rng.sample(targets, min(self.config.fanout, len(targets))):
-                    nursery.start_soon(self._exchange, peer)
+            if self.cyclon is not None:
+                if len(self.cyclon.view()) < self.cyclon.length and (targets := self._live()):
+                    # joining (or left with too few entries): fill up by one anti-entropy
+                    # exchange with a peer we can reach, then shuffle as usual
+                    await self._exchange(self._rng.choice(targets))
+                    self._sync_swim()
+                await self._shuffle(self.cyclon)
+            else:
+                targets = self._live()
+                async with trio.open_nursery() as nursery:
+                    for peer in self._rng.sample(targets, min(self.config.fanout, len(targets))):
+                        nursery.start_soon(self._exchange, peer)
             await trio.sleep(self.config.gossip_interval_s * (0.5 + self._rng.random()))
 
     def _live(self) -> list[PeerId]:
@@ -238,9 +260,7 @@ class Membership:
         changed, rejected, evicted = self._gossip.apply(delta, _wall_ms())
         for peer in evicted:
             self.swim.forget(peer)
-        for exc in rejected:
-            self.node.stats.reject(exc.reason)
-            log.info("rejected a peer record", extra={"from": source.short(), "why": str(exc)})
+        self._count(rejected, source)
         for record in changed:
             if record.peer == self.node.peer_id:
                 continue
@@ -255,6 +275,50 @@ class Membership:
                 self.swim.add(record.peer)
         if changed:
             self._wake.set()
+
+    async def _shuffle(self, cyclon: Cyclon) -> None:
+        own = self.table.signed(self.node.peer_id)
+        assert own is not None
+        started = cyclon.start(own)
+        if started is None:
+            return
+        record, shuffle, sent = started
+        partner = record.peer
+        try:
+            with trio.fail_after(self.config.gossip_interval_s * 2):
+                if partner not in self.node.transport.connected_peers() and record.addrs:
+                    await self.node.connect(record.addrs[0])
+                answer = await self.node.request(partner, shuffle)
+            if not isinstance(answer.body, ShuffleReply):
+                raise RemoteProtocolError(
+                    "a shuffle is answered by a shuffle reply", reason=RejectReason.BAD_FIELD
+                )
+            self._count(cyclon.merge(answer.body.records, sent, _wall_ms()), partner)
+        except (MeshfedError, trio.TooSlowError) as exc:
+            log.debug("shuffle failed", extra={"peer": partner.short(), "error": repr(exc)})
+        self._sync_swim()
+
+    async def _on_shuffle(self, envelope: Envelope, shuffle: Shuffle) -> ShuffleReply:
+        assert self.cyclon is not None, "shuffles are only answered in partial-view mode"
+        reply, rejected = self.cyclon.answer(shuffle, envelope.sender, _wall_ms())
+        self._count(rejected, envelope.sender)
+        self._sync_swim()
+        return reply
+
+    def _count(self, rejected: list[RemoteProtocolError], source: PeerId) -> None:
+        for exc in rejected:
+            self.node.stats.reject(exc.reason)
+            log.info("rejected a peer record", extra={"from": source.short(), "why": str(exc)})
+
+    def _sync_swim(self) -> None:
+        """Probe exactly the (non client-only) peers in the view."""
+        in_view = {r.peer for r in self.table.records() if not r.has_role(Role.CLIENT_ONLY)}
+        in_view.discard(self.node.peer_id)
+        for peer in set(self.swim.live_members()) - in_view:
+            self.swim.forget(peer)
+        for peer in in_view:
+            self.swim.add(peer)
+        self._wake.set()
 
     def _limit_newcomers(self, delta: Delta, source: PeerId) -> Delta:
         """Let one source introduce only so many peers we never heard of per gossip interval,

@@ -153,6 +153,10 @@ class Swim:
         member = self._members.get(peer)
         return None if member is None else member.state
 
+    def dead_members(self) -> list[PeerId]:
+        """Members we declared dead (and still remember)."""
+        return [p for p, m in self._members.items() if m.state == MemberState.DEAD]
+
     def live_members(self) -> list[PeerId]:
         """Members believed alive or suspect."""
         return [p for p, m in self._members.items() if m.state != MemberState.DEAD]

@@ -27,7 +27,13 @@ class Peer:
 
 
 async def start_mesh(
-    nursery: trio.Nursery, network: MemoryNetwork, n: int, seed: int, *, clients: int = 0
+    nursery: trio.Nursery,
+    network: MemoryNetwork,
+    n: int,
+    seed: int,
+    *,
+    clients: int = 0,
+    config: MembershipConfig = CONFIG,
 ) -> list[Peer]:
     """``n`` peers, the last ``clients`` of them client-only (behind NAT), each bootstrapped
     off one random earlier regular peer."""
@@ -42,7 +48,7 @@ async def start_mesh(
             i: int = i, ready: trio.Event = ready, slot: list[Peer] = slot, client: bool = client
         ) -> None:
             roles = ["client-only", "trainer"] if client else ["trainer"]
-            config = NodeConfig(
+            node_config = NodeConfig(
                 data_dir=Path("/nonexistent"),
                 transport="memory",
                 ping_interval_s=0,
@@ -51,12 +57,14 @@ async def start_mesh(
             )
             scope = trio.CancelScope()
             with scope:
-                async with open_node(config, identity=Identity.generate(), network=network) as node:
+                async with open_node(
+                    node_config, identity=Identity.generate(), network=network
+                ) as node:
                     regular = [p for p in peers if p.node.listen_addrs]
                     if regular:
                         await node.connect(rng.choice(regular).node.listen_addrs[0])
                     caps = Capabilities(roles=roles, battery_pct=50 + i % 50)
-                    membership = Membership(node, caps, config=CONFIG, rng=random.Random(seed + i))
+                    membership = Membership(node, caps, config=config, rng=random.Random(seed + i))
                     async with trio.open_nursery() as inner:
                         await inner.start(membership.run)
                         slot.append(Peer(node, membership, scope))
@@ -81,6 +89,12 @@ async def eventually(predicate: Callable[[], bool], *, within: float, what: str)
 
 def full_view(peers: list[Peer]) -> bool:
     return all(len(p.membership.peers()) == len(peers) - 1 for p in peers)
+
+
+def full_partial_views(peers: list[Peer], size: int) -> bool:
+    views = [{r.peer for r in p.membership.peers()} for p in peers]
+    seen = set().union(*views)
+    return all(len(v) >= size - 1 for v in views) and seen == {p.node.peer_id for p in peers}
 
 
 async def test_one_bootstrap_each_converges_to_full_views(
@@ -243,4 +257,22 @@ async def test_one_source_cannot_flood_the_table_with_minted_identities(
         admitted = len(target.membership.table) - len(peers)
         assert admitted <= 2 * MAX_DELTA + MAX_DELTA // 2  # the burst, plus what refilled meanwhile
         assert target.node.stats.rejected[RejectReason.RATE_LIMITED] >= len(sybils) - admitted
+        nursery.cancel_scope.cancel()
+
+
+async def test_partial_views_stay_bounded_and_cover_everyone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    size = 6
+    config = MembershipConfig(gossip_interval_s=0.5, fanout=2, max_view=size)
+    network = MemoryNetwork(seed=7, latency=0.005)
+    async with trio.open_nursery() as nursery:
+        peers = await start_mesh(nursery, network, 40, seed=7, config=config)
+        await eventually(
+            lambda: full_partial_views(peers, size), within=60, what="full partial views"
+        )
+        await trio.sleep(10)
+        for p in peers:
+            assert len(p.membership.table) <= size + 1  # bounded: the view and ourselves
+            assert len(p.membership.swim.live_members()) <= size
         nursery.cancel_scope.cancel()
