@@ -39,3 +39,29 @@ def test_transport_benchmark_reports_against_raw_tcp(mode: str) -> None:
     for key in ("rtt_us_libp2p", "rtt_us_raw", "bulk_mb_s_libp2p", "bulk_mb_s_raw", "bulk_ratio"):
         value = figures[key]
         assert isinstance(value, int | float) and value > 0, key
+
+
+def test_mdns_benchmark_reports_time_to_full_view() -> None:
+    import shutil
+
+    if (
+        shutil.which("ip") is None
+        or subprocess.run(["ip", "netns", "list"], capture_output=True).returncode
+    ):
+        pytest.skip("needs iproute2 network namespaces (root)")
+    figures = run("mdns.py", "--runs", "1")
+    assert 0 < figures["median_s_discovery"] <= figures["median_s_to_full_view"]  # type: ignore[operator]
+
+
+def test_membership_benchmark_reports_the_issue_keys() -> None:
+    figures = run("membership.py", "--nodes", "30", "--max-view", "8", "--soak-s", "4")
+    for key in (
+        "nodes",
+        "rounds_to_converge",
+        "seconds_to_converge",
+        "bytes_per_node_s",
+        "detect_s_p99",
+        "false_positive_rate",
+    ):
+        assert isinstance(figures[key], int | float), key
+    assert figures["detected_fraction"] == 1.0
