@@ -1,0 +1,59 @@
+"""Quantization: bounded error, unbiased rounding, and a ring that never wraps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from meshfed.secagg.ring import Quantizer, check_capacity
+
+floats = hnp.arrays(np.float32, st.integers(1, 200), elements=st.floats(-4, 4, width=32))
+
+
+@given(floats, st.sampled_from([(8, 16), (16, 32), (20, 32)]), st.integers(0, 2**32 - 1))
+def test_one_value_comes_back_within_one_step(
+    values: np.ndarray, bits: tuple[int, int], seed: int
+) -> None:
+    q = Quantizer(clip=2.0, levels_bits=bits[0], ring_bits=bits[1])
+    levels = q.quantize(values, np.random.default_rng(seed))
+    assert levels.dtype == q.dtype and levels.max(initial=0) <= q.top
+    back = q.sum_to_float(levels, 1)
+    step = 2 * q.clip / q.top
+    assert np.all(np.abs(back - np.clip(values, -2, 2)) <= step + 1e-6)
+
+
+@given(st.integers(2, 50), st.integers(0, 2**32 - 1))
+def test_sums_of_a_group_are_exact_in_the_ring(group: int, seed: int) -> None:
+    q = Quantizer(clip=1.0, levels_bits=8, ring_bits=16)
+    check_capacity(group, 8, 16)
+    rng = np.random.default_rng(seed)
+    inputs = [rng.uniform(-1, 1, 64).astype(np.float32) for _ in range(group)]
+    levels = [q.quantize(x, rng) for x in inputs]
+    ring_sum = np.zeros(64, q.dtype)
+    for level in levels:
+        ring_sum += level  # wraps modulo 2^16, like a masked sum
+    exact = np.sum([lv.astype(np.int64) for lv in levels], axis=0)
+    assert np.array_equal(ring_sum.astype(np.int64), exact)
+    mean = q.sum_to_float(ring_sum, group) / group
+    assert np.all(np.abs(mean - np.mean(inputs, axis=0)) <= 2 * q.clip / q.top + 1e-6)
+
+
+def test_rounding_is_unbiased() -> None:
+    q = Quantizer(clip=1.0, levels_bits=4, ring_bits=16)
+    value = np.full(200_000, 0.123, np.float32)
+    levels = q.quantize(value, np.random.default_rng(0))
+    estimate = levels.mean() * (2 * q.clip / q.top) - q.clip
+    assert abs(estimate - 0.123) < 1e-3  # the 4-bit step is 0.133: only unbiased rounding gets here
+
+
+def test_a_group_too_large_for_the_ring_is_refused() -> None:
+    check_capacity(257, 8, 16)
+    with pytest.raises(ValueError, match="does not fit Z_2\\^16"):
+        check_capacity(258, 8, 16)
+    with pytest.raises(ValueError, match="at most 257 peers"):
+        check_capacity(1000, 8, 16)
+    with pytest.raises(ValueError, match="16 or 32"):
+        check_capacity(2, 8, 64)
