@@ -405,9 +405,10 @@ class Node:
         """
         if self.membership is None:
             raise LocalProtocolError("this node runs without membership (config membership=false)")
-        return self.membership.peers(
-            role=role, model=model, dataset=dataset, min_battery_pct=min_battery_pct
-        )
+        from .membership.records import PeerQuery
+
+        query = PeerQuery(role=role, model=model, dataset=dataset, min_battery_pct=min_battery_pct)
+        return self.membership.peers(query)
 
 
 @asynccontextmanager

@@ -174,3 +174,18 @@ async def test_memory_transport_needs_a_network(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="network"):
         async with open_node(NodeConfig(data_dir=tmp_path, transport="memory")):
             pass
+
+
+async def test_node_peers_answers_from_membership(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from meshfed.membership.records import Role
+
+    async with mesh(tmp_path, 4, ping_interval_s=0, gossip_interval_s=0.5) as nodes:
+        for node in nodes[1:]:
+            await node.connect(nodes[0].listen_addrs[0])
+        await trio.sleep(10)
+        others = {n.peer_id for n in nodes[1:]}
+        assert {r.peer for r in nodes[0].peers(role=Role.TRAINER)} == others
+        assert nodes[0].peers(role=Role.RELAY) == []
+        assert {m["peer_id"] for m in nodes[0].status()["members"]} == {str(p) for p in others}

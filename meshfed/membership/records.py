@@ -27,6 +27,7 @@ from ..wire import Message, message
 __all__ = [
     "Capabilities",
     "DatasetOffer",
+    "PeerQuery",
     "PeerRecord",
     "PeerTable",
     "PriceAsk",
@@ -184,6 +185,31 @@ def sign_record(
     return SignedPeerRecord(record=encoded, signature=identity.sign(RECORD_DOMAIN + encoded))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerQuery:
+    """Conditions on peer records; every given one must hold."""
+
+    role: Role | None = None
+    model: str | None = None
+    dataset: str | None = None
+    #: charging peers pass whatever their battery level
+    min_battery_pct: int | None = None
+
+    def matches(self, record: PeerRecord) -> bool:
+        """True if ``record`` meets every condition."""
+        caps = record.capabilities
+        return (
+            (self.role is None or record.has_role(self.role))
+            and (self.model is None or self.model in caps.models)
+            and (self.dataset is None or any(d.name == self.dataset for d in caps.datasets))
+            and (
+                self.min_battery_pct is None
+                or bool(caps.charging)
+                or (caps.battery_pct or 0) >= self.min_battery_pct
+            )
+        )
+
+
 class PeerTable:
     """The records this node holds, newest per peer. Sans-IO: pass ``now_ms`` in.
 
@@ -267,27 +293,9 @@ class PeerTable:
         held = self._records.get(peer)
         return None if held is None else held[1]
 
-    def peers(
-        self,
-        *,
-        role: Role | None = None,
-        model: str | None = None,
-        dataset: str | None = None,
-        min_battery_pct: int | None = None,
-    ) -> list[PeerRecord]:
-        """Records matching every given condition (from memory, no network)."""
-        return [
-            record
-            for record, _ in self._records.values()
-            if (role is None or record.has_role(role))
-            and (model is None or model in record.capabilities.models)
-            and (dataset is None or any(d.name == dataset for d in record.capabilities.datasets))
-            and (
-                min_battery_pct is None
-                or record.capabilities.charging
-                or (record.capabilities.battery_pct or 0) >= min_battery_pct
-            )
-        ]
+    def peers(self, query: PeerQuery | None = None) -> list[PeerRecord]:
+        """Records matching ``query`` (all by default), from memory, no network."""
+        return [r for r, _ in self._records.values() if query is None or query.matches(r)]
 
     def records(self) -> list[PeerRecord]:
         """Every record held."""

@@ -4,7 +4,7 @@ A thin trio driver (SPEC.md, "Membership") over three sans-IO parts: the
 :class:`~meshfed.membership.records.PeerTable`, :class:`~meshfed.membership.gossip.AntiEntropy`
 and :class:`~meshfed.membership.swim.Swim`. It signs and refreshes this node's own record,
 gossips every ``gossip_interval_s`` with ``fanout`` random live members, probes members as SWIM
-says, and answers queries like ``membership.peers(role=Role.TRAINER)`` from memory.
+says, and answers queries like ``membership.peers(PeerQuery(role=Role.TRAINER))`` from memory.
 
 Start it in the node's nursery: ``await nursery.start(Membership(node, capabilities).run)``.
 """
@@ -28,7 +28,15 @@ from ..stats import RejectReason
 from ..wire import Envelope, Message, message
 from .cyclon import Cyclon, Shuffle, ShuffleReply
 from .gossip import MAX_DELTA, AntiEntropy, Delta, Digest
-from .records import Capabilities, PeerRecord, PeerTable, Role, sign_record, signed_subject
+from .records import (
+    Capabilities,
+    PeerQuery,
+    PeerRecord,
+    PeerTable,
+    Role,
+    sign_record,
+    signed_subject,
+)
 from .swim import IndirectProbe, MemberDead, MemberState, Probe, Swim, SwimConfig, Update
 
 __all__ = ["Membership", "MembershipConfig", "SwimAck", "SwimPing", "SwimPingReq"]
@@ -144,20 +152,11 @@ class Membership:
 
     # -- queries -------------------------------------------------------------------------------
 
-    def peers(
-        self,
-        *,
-        role: Role | None = None,
-        model: str | None = None,
-        dataset: str | None = None,
-        min_battery_pct: int | None = None,
-    ) -> list[PeerRecord]:
-        """Live peers (not us) matching every condition, from the local table: no network."""
+    def peers(self, query: PeerQuery | None = None) -> list[PeerRecord]:
+        """Live peers (not us) matching ``query``, from the local table: no network."""
         return [
             record
-            for record in self.table.peers(
-                role=role, model=model, dataset=dataset, min_battery_pct=min_battery_pct
-            )
+            for record in self.table.peers(query)
             if record.peer != self.node.peer_id
             and (
                 record.has_role(Role.CLIENT_ONLY)  # alive while its short-lived record is fresh

@@ -16,6 +16,7 @@ from meshfed.membership.records import (
     RECORD_DOMAIN,
     Capabilities,
     DatasetOffer,
+    PeerQuery,
     PeerRecord,
     PeerTable,
     PriceAsk,
@@ -132,11 +133,14 @@ def test_queries_answer_from_the_table() -> None:
         record(bob, roles=["trainer", "relay"], models=["mlp"], battery_pct=15, charging=True),
         now_ms=NOW,
     )
-    assert {r.peer for r in table.peers(role=Role.TRAINER)} == {ALICE.peer_id, bob.peer_id}
-    assert [r.peer for r in table.peers(role=Role.RELAY)] == [bob.peer_id]
-    assert [r.peer for r in table.peers(dataset="digits")] == [ALICE.peer_id]
-    assert [r.peer for r in table.peers(model="mlp")] == [bob.peer_id]
-    assert [r.peer for r in table.peers(min_battery_pct=50)] == [bob.peer_id]  # charging
+    assert {r.peer for r in table.peers(PeerQuery(role=Role.TRAINER))} == {
+        ALICE.peer_id,
+        bob.peer_id,
+    }
+    assert [r.peer for r in table.peers(PeerQuery(role=Role.RELAY))] == [bob.peer_id]
+    assert [r.peer for r in table.peers(PeerQuery(dataset="digits"))] == [ALICE.peer_id]
+    assert [r.peer for r in table.peers(PeerQuery(model="mlp"))] == [bob.peer_id]
+    assert [r.peer for r in table.peers(PeerQuery(min_battery_pct=50))] == [bob.peer_id]  # charging
 
 
 def test_unknown_roles_are_refused() -> None:

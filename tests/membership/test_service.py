@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from meshfed import Identity, Node, NodeConfig, open_node
-from meshfed.membership.records import Capabilities, Role
+from meshfed.membership.records import Capabilities, PeerQuery, Role
 from meshfed.membership.service import Membership, MembershipConfig
 from meshfed.transports.memory import MemoryNetwork
 
@@ -104,7 +104,7 @@ async def test_one_bootstrap_each_converges_to_full_views(
     async with trio.open_nursery() as nursery:
         peers = await start_mesh(nursery, network, 40, seed=1)
         await eventually(lambda: full_view(peers), within=30, what="full views")
-        assert {r.peer for r in peers[0].membership.peers(role=Role.TRAINER)} == {
+        assert {r.peer for r in peers[0].membership.peers(PeerQuery(role=Role.TRAINER))} == {
             p.node.peer_id for p in peers[1:]
         }
         nursery.cancel_scope.cancel()
@@ -151,7 +151,7 @@ async def test_capability_changes_reach_everyone(autojump_clock: trio.testing.Mo
             return True
 
         await eventually(seen_everywhere, within=15, what="the new battery level everywhere")
-        low = [r.peer for r in peers[0].membership.peers(min_battery_pct=10)]
+        low = [r.peer for r in peers[0].membership.peers(PeerQuery(min_battery_pct=10))]
         assert changer.node.peer_id not in low
         nursery.cancel_scope.cancel()
 
@@ -215,7 +215,7 @@ async def test_client_only_peers_join_and_are_reached_only_over_their_own_connec
                     assert record is not None and record.addrs == []
                     assert record.has_role(Role.CLIENT_ONLY)
         for p in peers:
-            relays = {r.peer for r in p.membership.peers(role=Role.RELAY)}
+            relays = {r.peer for r in p.membership.peers(PeerQuery(role=Role.RELAY))}
             assert not relays & {c.node.peer_id for c in clients}
         client = clients[0]
         contacted = set(client.node.transport.connected_peers())
