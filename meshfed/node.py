@@ -128,6 +128,8 @@ class Node:
         with trio.fail_after(self.config.request_timeout_s):
             peer = await self.transport.connect(addr)
         self._peer(peer).last_seen = trio.current_time()
+        if self.membership is not None:
+            self.membership.introduce(peer)
         return peer
 
     def _peer(self, peer: PeerId) -> PeerState:

@@ -153,8 +153,6 @@ class MdnsDiscovery:
             with trio.fail_after(10):
                 peer = await self.node.connect(addr)
             log.info("found by mDNS", extra={"peer": peer.short(), "addr": addr})
-            if self.node.membership is not None:
-                self.node.membership.swim.add(peer)
         except (MeshfedError, trio.TooSlowError) as exc:
             self.discovered.discard(addr)  # try again at the next announcement
             log.debug("mDNS peer unreachable", extra={"addr": addr, "error": repr(exc)})

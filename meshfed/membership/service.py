@@ -164,6 +164,12 @@ class Membership:
             )
         ]
 
+    def introduce(self, peer: PeerId) -> None:
+        """A peer we just connected to (bootstrap, mDNS, the app): gossip and probe it too."""
+        if peer != self.node.peer_id:
+            self.swim.add(peer)
+            self._wake.set()
+
     def update_capabilities(self, capabilities: Capabilities) -> None:
         """Announce new capabilities (battery, prices ...): a newer record spreads by gossip."""
         self._capabilities = capabilities
@@ -175,7 +181,7 @@ class Membership:
         """Gossip and probe until cancelled."""
         self._sign_own()
         for peer in self.node.transport.connected_peers():
-            self.swim.add(peer)
+            self.introduce(peer)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._gossip_loop)
