@@ -386,25 +386,27 @@ class Libp2pTransport(Transport):
                 ephemeral = X25519PrivateKey.generate()
                 ours = ephemeral.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
                 nonce = fresh_nonce()
+                shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(theirs))
+                session_id, key = derive_session(
+                    shared,
+                    dialer=peer.raw,
+                    listener=self.local_peer.raw,
+                    transcript=theirs + ours + their_nonce + nonce,
+                )
+                # Known before the answer leaves: the dialer may open a sealed connection the
+                # moment it reads it.
+                self._inbound_sessions[session_id] = (peer, key)
                 await stream.write(msgpack.packb([1, ours, nonce, self._sealed_port]))  # type: ignore[attr-defined]
                 remote = stream.get_remote_address()  # type: ignore[attr-defined]
         except RemoteProtocolError as exc:
             self.stats.reject(exc.reason)
             await stream.reset()  # type: ignore[attr-defined]
             return
-        except (Exception, trio.TooSlowError):
+        except (Exception, trio.TooSlowError):  # libp2p raises many types on a broken stream
             self.stats.reject(RejectReason.HANDSHAKE_FAILED)
             return
         finally:
             await stream.close()  # type: ignore[attr-defined]
-        shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(theirs))
-        session_id, key = derive_session(
-            shared,
-            dialer=peer.raw,
-            listener=self.local_peer.raw,
-            transcript=theirs + ours + their_nonce + nonce,
-        )
-        self._inbound_sessions[session_id] = (peer, key)
         # The dialer can now be reached back without a dial of its own.
         if peer not in self._sessions and remote:
             reverse = await self._exchange_keys_quietly(peer)
@@ -420,9 +422,24 @@ class Libp2pTransport(Transport):
     # -- sealed connections --------------------------------------------------------------------
 
     async def _dial_sealed(self, peer: PeerId, kind: int) -> SealedSocket:
+        fresh = peer not in self._sessions
         session = await self._session(peer)
         if session.sealed_port == 0:
             raise PeerUnreachable(f"{peer} accepts no inbound connections (client mode)")
+        try:
+            return await self._handshake(session, kind)
+        except (OSError, trio.TooSlowError) as exc:
+            self._sessions.pop(peer, None)  # the peer may have restarted: exchange keys anew
+            if fresh:
+                raise PeerUnreachable(f"sealed connection to {peer} failed: {exc}") from exc
+        try:  # once more, with a session made just now
+            return await self._handshake(await self._session(peer), kind)
+        except (OSError, trio.TooSlowError) as exc:
+            self._sessions.pop(peer, None)
+            raise PeerUnreachable(f"sealed connection to {peer} failed: {exc}") from exc
+
+    async def _handshake(self, session: _Session, kind: int) -> SealedSocket:
+        """Open and key one sealed connection (raises ``OSError`` or ``TooSlowError``)."""
         family = trio.socket.AF_INET6 if ":" in session.host else trio.socket.AF_INET
         sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
         sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
@@ -430,13 +447,11 @@ class Libp2pTransport(Transport):
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT_S):
                 await sock.connect((session.host, session.sealed_port))
-                hello = session.session_id + client_nonce + bytes([kind])
-                await sock.send(hello)
+                await sock.send(session.session_id + client_nonce + bytes([kind]))
                 server_nonce = await _receive_exactly(sock, NONCE_BYTES)
-        except (OSError, trio.TooSlowError) as exc:
+        except BaseException:
             sock.close()
-            self._sessions.pop(peer, None)  # the peer may have restarted: exchange keys anew
-            raise PeerUnreachable(f"sealed connection to {peer} failed: {exc}") from exc
+            raise
         dialer_key, listener_key = derive_connection_keys(
             session.key,
             session_id=session.session_id,
