@@ -20,8 +20,9 @@ from meshfed.control import Text
 
 async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        config_a = NodeConfig(data_dir=Path(tmp, "a"), ping_interval_s=0)
-        config_b = NodeConfig(data_dir=Path(tmp, "b"), ping_interval_s=0)
+        # mdns=False: the example talks only to itself, whatever else runs on this host
+        config_a = NodeConfig(data_dir=Path(tmp, "a"), ping_interval_s=0, mdns=False)
+        config_b = NodeConfig(data_dir=Path(tmp, "b"), ping_interval_s=0, mdns=False)
         async with open_node(config_a) as a, open_node(config_b) as b:
             received = trio.Event()
 

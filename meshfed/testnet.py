@@ -91,7 +91,14 @@ def _table(children: list[_Child], elapsed: float, seconds: float) -> Table:
 async def run_testnet(nodes: int, seconds: float, out: Path) -> int:
     """Run the testnet; returns 0 if every node reached every other one, else 1."""
     console = Console(stderr=False)
-    env = {**os.environ, "MESHFED_PING_INTERVAL_S": "1", "MESHFED_LOG_LEVEL": "warning"}
+    # The nodes bootstrap off each other; mDNS stays off so that two testnets (or a testnet and
+    # other meshfed nodes on this host) never merge.
+    env = {
+        **os.environ,
+        "MESHFED_PING_INTERVAL_S": "1",
+        "MESHFED_LOG_LEVEL": "warning",
+        "MESHFED_MDNS": "0",
+    }
     children: list[_Child] = []
     with tempfile.TemporaryDirectory(prefix="meshfed-testnet-") as workdir:
         async with trio.open_nursery() as nursery:

@@ -44,7 +44,14 @@ def test_three_processes_exchange_signed_messages_and_100mb_arrays(tmp_path: Pat
 def test_identity_survives_sigkill(tmp_path: Path) -> None:
     def start() -> tuple[Process, str]:
         process = Process(
-            "-m", "meshfed.cli", "run", "--json", "--data-dir", str(tmp_path / "node"), cwd=ROOT
+            "-m",
+            "meshfed.cli",
+            "run",
+            "--json",
+            "--data-dir",
+            str(tmp_path / "node"),
+            cwd=ROOT,
+            env={"MESHFED_MDNS": "0"},
         )
         return process, process.read()["peer_id"]
 

@@ -9,7 +9,9 @@ from typing import Any
 from tests.procs.harness import ROOT, Process
 
 NODES = 8
-ENV = {"MESHFED_GOSSIP_INTERVAL_S": "0.5", "MESHFED_PING_INTERVAL_S": "0"}
+# mDNS off: these meshes form from one bootstrap address, and must not merge with other meshfed
+# processes on this host (mDNS reaches every process on the loopback).
+ENV = {"MESHFED_GOSSIP_INTERVAL_S": "0.5", "MESHFED_PING_INTERVAL_S": "0", "MESHFED_MDNS": "0"}
 
 
 def start(data_dir: Path, *bootstrap: str) -> tuple[Process, dict[str, Any]]:

@@ -40,7 +40,9 @@ def digest(array: np.ndarray) -> str:
 
 
 async def main(data_dir: Path) -> None:
-    config = NodeConfig.load(overrides={"data_dir": data_dir, "ping_interval_s": 0.0})
+    config = NodeConfig.load(
+        overrides={"data_dir": data_dir, "ping_interval_s": 0.0, "mdns": False}
+    )
     received: list[dict[str, Any]] = []
     async with open_node(config) as node:
 
