@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshfed.membership.mdns import parse_txt, txt_for
-from tests.procs.harness import ROOT, Process
+from tests.procs.harness import ROOT, Process, wait_for_full_views
 
 
 @given(
@@ -57,7 +56,8 @@ def namespace() -> Iterator[str]:
 
 
 def test_three_processes_find_each_other_by_mdns_alone(namespace: str, tmp_path: Path) -> None:
-    processes = []
+    processes: list[Process] = []
+    ids: list[str] = []
     try:
         for index in range(3):
             process = Process(
@@ -70,20 +70,14 @@ def test_three_processes_find_each_other_by_mdns_alone(namespace: str, tmp_path:
                 "--data-dir",
                 str(tmp_path / f"n{index}"),
                 cwd=ROOT,
-                env={"MESHFED_PING_INTERVAL_S": "0"},
+                env={"MESHFED_PING_INTERVAL_S": "0"},  # no bootstrap: mDNS alone
                 prefix=["ip", "netns", "exec", namespace],
             )
-            processes.append((process, process.read()["peer_id"]))
-        ids = {peer for _, peer in processes}
-        begun = time.monotonic()
-        views: dict[str, set[str]] = {}
-        while not all(views.get(peer) == ids - {peer} for peer in ids):
-            assert time.monotonic() - begun < 30, f"views after 30 s: {views}"
-            for process, peer in processes:
-                status = process.read(timeout=10)
-                views[peer] = {m["peer_id"] for m in status.get("members", [])}
+            processes.append(process)
+            ids.append(process.read()["peer_id"])
+        wait_for_full_views(processes, ids, within=30)
     finally:
-        for process, _ in processes:
+        for process in processes:
             process.popen.terminate()
-        for process, _ in processes:
+        for process in processes:
             process.popen.wait(20)

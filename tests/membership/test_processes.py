@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-from tests.procs.harness import ROOT, Process
+from tests.procs.harness import ROOT, Process, wait_for_full_views
 
 NODES = 8
 # mDNS off: these meshes form from one bootstrap address, and must not merge with other meshfed
@@ -34,18 +33,7 @@ def test_eight_processes_from_one_bootstrap_converge_to_full_views(tmp_path: Pat
             process, started = start(tmp_path / f"n{index}", seed)
             processes.append(process)
             ids.append(started["peer_id"])
-        views: dict[int, set[str]] = {}
-        begun = time.monotonic()
-        while not (
-            len(views) == NODES and all(views[i] == set(ids) - {ids[i]} for i in range(NODES))
-        ):
-            assert time.monotonic() - begun < 60, (
-                f"views after 60 s: {sorted(map(len, views.values()))}"
-            )
-            for index, process in enumerate(processes):
-                status = process.read(timeout=30)
-                if status.get("event") == "status":
-                    views[index] = {member["peer_id"] for member in status["members"]}
+        wait_for_full_views(processes, ids, within=60)
     finally:
         for process in processes:
             process.popen.terminate()
@@ -81,14 +69,7 @@ def test_a_client_only_process_joins_without_listening(tmp_path: Path) -> None:
         started = client.read()
         assert started["listen"] == []  # nothing to dial: it only dials out
         ids.append(started["peer_id"])
-        views: dict[int, set[str]] = {}
-        begun = time.monotonic()
-        while not (len(views) == 3 and all(views[i] == set(ids) - {ids[i]} for i in range(3))):
-            assert time.monotonic() - begun < 30, f"views after 30 s: {views}"
-            for index, process in enumerate(processes):
-                status = process.read(timeout=30)
-                if status.get("event") == "status":
-                    views[index] = {member["peer_id"] for member in status["members"]}
+        wait_for_full_views(processes, ids, within=30)
     finally:
         for process in processes:
             process.popen.terminate()

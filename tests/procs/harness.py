@@ -8,6 +8,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,20 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
         return self.popen.wait()
+
+
+def wait_for_full_views(processes: list[Process], ids: list[str], *, within: float) -> None:
+    """Read the processes' status lines until each lists every other peer id as a member."""
+    views: dict[int, set[str]] = {}
+    begun = time.monotonic()
+    while not all(views.get(i) == set(ids) - {ids[i]} for i in range(len(ids))):
+        assert time.monotonic() - begun < within, (
+            f"member counts after {within} s: {[len(views.get(i, ())) for i in range(len(ids))]}"
+        )
+        for index, process in enumerate(processes):
+            status = process.read(timeout=30)
+            if status.get("event") == "status":
+                views[index] = {member["peer_id"] for member in status["members"]}
 
 
 def start_peer(data_dir: Path) -> tuple[Process, dict[str, Any]]:
