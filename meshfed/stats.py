@@ -47,6 +47,16 @@ class RejectReason(enum.StrEnum):
     UNKNOWN_PROTOCOL = "unknown_protocol"
     #: a chunked array transfer whose data does not match its header or digest
     BAD_ARRAY = "bad_array"
+    #: a protocol message bound to another job, round, group or attempt
+    WRONG_CONTEXT = "wrong_context"
+    #: a protocol message from a peer outside the group
+    NOT_A_MEMBER = "not_a_member"
+    #: a second message of one kind from one peer in one protocol run
+    DUPLICATE = "duplicate"
+    #: a message for a phase that has already ended (a straggler)
+    LATE = "late"
+    #: a message that contradicts what the sender said before, or fails its own checks
+    INCONSISTENT = "inconsistent"
 
 
 class NodeStats:

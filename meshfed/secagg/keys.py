@@ -4,8 +4,8 @@ Every value here is a pure function of the round's *context* (job id, round, gro
 signed roster of the group), so every peer computes the same plan without asking anyone
 (ARCHITECTURE.md, "No coordinator").
 
-- :func:`context_digest` hashes the context; every derivation below is bound to it, so a seed or
-  a mask of one round is useless in any other.
+- :func:`context_digest` hashes the context (and the attempt); every derivation below is bound
+  to it, so a seed or a mask of one round is useless in any other.
 - :func:`pair_seed` turns an X25519 shared secret into the 32-byte seed of a pairwise mask, with
   HKDF bound to the context and to both peer ids (in a fixed order, so both ends agree).
 - :func:`mask_sign` says which of the two adds the pairwise mask and which subtracts it.
@@ -30,8 +30,12 @@ from ..identity import PeerId
 __all__ = ["context_digest", "mask_sign", "neighbours", "pair_seed"]
 
 
-def context_digest(*, job: bytes, round: int, group: int, roster: Sequence[PeerId]) -> bytes:
+def context_digest(
+    *, job: bytes, round: int, group: int, roster: Sequence[PeerId], attempt: int = 0
+) -> bytes:
     """SHA-256 of the round's context; the roster's order does not matter, duplicates do.
+
+    ``attempt`` counts re-runs of one group in one round (each re-run draws fresh keys).
 
     Raises:
         ValueError: a roster with a repeated peer.
@@ -40,7 +44,9 @@ def context_digest(*, job: bytes, round: int, group: int, roster: Sequence[PeerI
     if len(set(ids)) != len(ids):
         raise ValueError("a roster lists each peer once")
     digest = hashlib.sha256(b"meshfed-secagg-context-v1")
-    digest.update(struct.pack(">H", len(job)) + job + struct.pack(">QIH", round, group, len(ids)))
+    digest.update(
+        struct.pack(">H", len(job)) + job + struct.pack(">QIIH", round, group, attempt, len(ids))
+    )
     for raw in ids:
         digest.update(raw)
     return digest.digest()
