@@ -99,7 +99,7 @@ class Node:
             started_ms=_now_ms() - int(config.max_clock_skew_s * 1000),
         )
         self._handlers: dict[type[Message], MessageHandler] = {}
-        self._array_handler: ArrayHandler | None = None
+        self._array_handlers: dict[str, ArrayHandler] = {}
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -255,9 +255,16 @@ class Node:
 
     # -- arrays --------------------------------------------------------------------------------
 
-    def on_array(self, handler: ArrayHandler) -> None:
-        """Deliver every array peers send to ``handler`` (one handler; dispatch on the name)."""
-        self._array_handler = handler
+    def on_array(self, handler: ArrayHandler, *, prefix: str = "") -> None:
+        """Deliver the arrays whose name starts with ``prefix`` to ``handler`` (the longest
+        matching prefix wins). A handler that raises
+        :class:`~meshfed.errors.RemoteProtocolError` rejects the array: it is counted and the
+        sender gets no acknowledgement."""
+        self._array_handlers[prefix] = handler
+
+    def _array_handler_for(self, name: str) -> ArrayHandler | None:
+        matching = [prefix for prefix in self._array_handlers if name.startswith(prefix)]
+        return self._array_handlers[max(matching, key=len)] if matching else None
 
     async def send_array(
         self,
@@ -324,6 +331,12 @@ class Node:
                     "chunks end with a trailer", reason=RejectReason.BAD_ARRAY
                 )
             array = assembler.finish(trailer_env.body)
+            handler = self._array_handler_for(header.name)
+            if handler is None:
+                raise RemoteProtocolError(
+                    f"no handler for array {header.name!r}", reason=RejectReason.UNKNOWN_TYPE
+                )
+            await handler(header_env, header, array)
         except RemoteProtocolError as exc:
             self._rejected(peer, exc)
             return
@@ -331,8 +344,6 @@ class Node:
             reason = RejectReason.TRUNCATED
             self._rejected(peer, RemoteProtocolError("array stream ended early", reason=reason))
             return
-        if self._array_handler is not None:
-            await self._array_handler(header_env, header, array)
         answer, _ = seal(
             self.identity,
             ArrayReceived(transfer_id=header.transfer_id, nbytes=header.nbytes),

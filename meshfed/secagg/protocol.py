@@ -83,6 +83,7 @@ __all__ = [
     "Finished",
     "GroupSpec",
     "Phase",
+    "Progress",
     "Rejected",
     "SecAggPeer",
     "Send",
@@ -128,10 +129,15 @@ class AbortReason(enum.StrEnum):
 
 
 class SliceKind(enum.StrEnum):
-    """The two arrays of the protocol (the array name is ``<kind>:<context hex>``)."""
+    """The arrays of a butterfly (the array name is ``<kind>:<context hex>``)."""
 
+    #: a masked input slice (ring elements), to its owner
     INPUT = "secagg.input"
+    #: an owner's unmasked slice sum (ring elements), to every owner
     SUM = "secagg.sum"
+    #: the same two without masks (float32), for plain averaging
+    PLAIN_INPUT = "butterfly.input"
+    PLAIN_SUM = "butterfly.sum"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,7 +205,8 @@ class SendSlice:
 
     to: PeerId
     kind: SliceKind
-    array: Levels
+    array: npt.NDArray[Any]
+    context: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,9 +220,9 @@ class Rejected:
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """The run's result: the ring sum of the survivors' levels."""
+    """The run's result: the sum of the survivors' inputs (in the ring, for secure runs)."""
 
-    total: Levels
+    total: npt.NDArray[Any]
     survivors: tuple[PeerId, ...]
 
 
@@ -233,6 +240,16 @@ class Aborted:
 
 
 Action = Send | SendSlice | Rejected | Finished | Aborted
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A session's step (any comparable key that changes when a phase ends), how many
+    answers the step waits for, and how many are in."""
+
+    step: tuple[int, int]
+    expected: int
+    arrived: int
 
 
 def slice_bounds(length: int, owners: int, index: int) -> tuple[int, int]:
@@ -366,7 +383,9 @@ class SecAggPeer:
         Raises:
             RemoteProtocolError: as for :meth:`receive`, or the array has the wrong dtype.
         """
-        phase = _SLICE_PHASE[kind]
+        phase = _SLICE_PHASE.get(kind)
+        if phase is None:
+            raise _reject(RejectReason.UNKNOWN_TYPE, f"{kind} is not a secure-aggregation array")
         self._admit(sender, phase, self.context)
         if array.dtype != self.spec.dtype or array.ndim != 1:
             raise _reject(RejectReason.BAD_ARRAY, f"a slice is a 1-D {self.spec.dtype} array")
@@ -568,7 +587,7 @@ class SecAggPeer:
             if owner == self.me:
                 self._inbox[Phase.INPUT][self.me] = masked[lo:hi]
             else:
-                actions.append(SendSlice(owner, SliceKind.INPUT, masked[lo:hi]))
+                actions.append(SendSlice(owner, SliceKind.INPUT, masked[lo:hi], self.context))
         return actions
 
     def _drop_misfit_slices(self, phase: Phase) -> list[Action]:
@@ -641,7 +660,10 @@ class SecAggPeer:
         actions: list[Action] = self._drop_misfit_slices(Phase.SUM)
         self.phase = Phase.SUM
         self._expected = frozenset(self._owners) - {self.me}
-        actions += [SendSlice(peer, SliceKind.SUM, total) for peer in self._expected_in_order()]
+        actions += [
+            SendSlice(peer, SliceKind.SUM, total, self.context)
+            for peer in self._expected_in_order()
+        ]
         return actions
 
     def _rebuild(
@@ -780,6 +802,17 @@ class SecAggSession:
         #: why each abandoned attempt ended
         self.aborts: list[Aborted] = []
         self._later: dict[tuple[int, PeerId, str], Message | tuple[SliceKind, Levels]] = {}
+
+    @property
+    def contexts(self) -> tuple[bytes, ...]:
+        """The context of every attempt this session may run."""
+        return tuple(self._attempt_of)
+
+    def progress(self) -> Progress:
+        """Where the session is, for deadlines: which step and how many answers are in."""
+        expected = len(self.current.expected)
+        return Progress((self.attempt, int(self.current.phase)), expected,
+                        expected - len(self.current.waiting_for))  # fmt: skip
 
     def attempt_of(self, context: bytes) -> int:
         """Which attempt ``context`` belongs to.

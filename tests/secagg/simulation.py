@@ -84,8 +84,7 @@ def run_once(
             if isinstance(action, Send):
                 actions = session.receive(sender, action.message)
             else:
-                context = trace.sessions[sender].current.context
-                actions = session.receive_slice(sender, action.kind, context, action.array)
+                actions = session.receive_slice(sender, action.kind, action.context, action.array)
         except RemoteProtocolError as exc:
             trace.rejected.append((sender, receiver, str(exc.reason)))
             return

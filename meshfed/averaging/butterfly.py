@@ -1,0 +1,169 @@
+"""Plain butterfly all-reduce of one group, as a sans-IO session (no masks, no dropouts).
+
+Peer m of the roster owns slice m of the vector: every peer sends slice m to its owner, the
+owner sums the slices and sends the slice sum back to everyone, so each peer sends and receives
+about ``2 (g - 1) / g`` of a vector (hivemind's all-reduce, without its load balancing). It is
+what secure aggregation costs are measured against, and the averaging used when secure
+aggregation is off. An owner that misses its deadline ends the run (:class:`Aborted`); the
+caller leaves the group out of that step.
+
+Same interface as :class:`meshfed.secagg.protocol.SecAggSession`, so the same driver runs both.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import RemoteProtocolError
+from ..identity import PeerId
+from ..secagg.keys import context_digest
+from ..secagg.protocol import (
+    Aborted,
+    AbortReason,
+    Action,
+    Finished,
+    Progress,
+    SendSlice,
+    SliceKind,
+    slice_bounds,
+)
+from ..stats import RejectReason
+from ..wire import Message
+
+__all__ = ["ButterflySession"]
+
+
+class _Phase(enum.IntEnum):
+    INPUT = 1
+    SUM = 2
+    DONE = 3
+
+
+_PHASE_OF = {SliceKind.PLAIN_INPUT: _Phase.INPUT, SliceKind.PLAIN_SUM: _Phase.SUM}
+
+
+class ButterflySession:
+    """One peer's plain all-reduce of ``values`` (1-D float32) with ``roster``."""
+
+    def __init__(
+        self,
+        *,
+        job: bytes,
+        round: int,
+        group: int,
+        roster: Sequence[PeerId],
+        me: PeerId,
+        values: npt.NDArray[np.float32],
+    ) -> None:
+        if me not in roster or len(set(roster)) != len(roster):
+            raise ValueError("a roster of distinct peers that includes this one")
+        if values.ndim != 1 or values.dtype != np.float32 or len(values) < len(roster):
+            raise ValueError(f"values must be 1-D float32 with at least {len(roster)} elements")
+        digest = context_digest(job=job, round=round, group=group, roster=roster)
+        self.context = hashlib.sha256(b"meshfed-butterfly-v1" + digest).digest()
+        self.me = me
+        self.attempt = 0
+        self._owners = tuple(roster)
+        self._values = values
+        self._phase = _Phase.INPUT
+        self._inbox: dict[_Phase, dict[PeerId, npt.NDArray[Any]]] = {p: {} for p in _Phase}
+        self._others = frozenset(roster) - {me}
+        self._own = values[slice(*self._bounds(me))]
+        self._own_sum: npt.NDArray[np.float32] | None = None
+
+    @property
+    def contexts(self) -> tuple[bytes, ...]:
+        """The one context of this run."""
+        return (self.context,)
+
+    def progress(self) -> Progress:
+        """The step and how many of its answers are in."""
+        arrived = len(self._inbox[self._phase]) if self._phase < _Phase.DONE else 0
+        return Progress((0, int(self._phase)), len(self._others), arrived)
+
+    def start(self) -> list[Action]:
+        """Send every owner its slice."""
+        actions: list[Action] = [
+            SendSlice(
+                owner,
+                SliceKind.PLAIN_INPUT,
+                self._values[slice(*self._bounds(owner))],
+                self.context,
+            )
+            for owner in self._owners
+            if owner != self.me
+        ]
+        return actions + self._progress()
+
+    def receive(self, sender: PeerId, message: Message) -> list[Action]:
+        """No messages in a plain butterfly: always rejected."""
+        raise RemoteProtocolError(
+            f"{message.TYPE} in a butterfly", reason=RejectReason.UNKNOWN_TYPE
+        )
+
+    def receive_slice(
+        self, sender: PeerId, kind: SliceKind, context: bytes, array: npt.NDArray[Any]
+    ) -> list[Action]:
+        """Take a slice (as its owner) or a slice sum (from its owner).
+
+        Raises:
+            RemoteProtocolError: wrong run, stranger, late, duplicate, or wrong shape.
+        """
+        phase = _PHASE_OF.get(kind)
+        if phase is None:
+            raise RemoteProtocolError(f"{kind} in a butterfly", reason=RejectReason.UNKNOWN_TYPE)
+        if context != self.context:
+            raise RemoteProtocolError("array of another run", reason=RejectReason.WRONG_CONTEXT)
+        if sender not in self._others:
+            raise RemoteProtocolError("not in this group", reason=RejectReason.NOT_A_MEMBER)
+        if phase < self._phase or self._phase is _Phase.DONE:
+            raise RemoteProtocolError("slice after its phase", reason=RejectReason.LATE)
+        if sender in self._inbox[phase]:
+            raise RemoteProtocolError("second slice", reason=RejectReason.DUPLICATE)
+        lo, hi = self._bounds(self.me if phase is _Phase.INPUT else sender)
+        if array.dtype != np.float32 or array.shape != (hi - lo,):
+            raise RemoteProtocolError(
+                f"a slice of {hi - lo} float32", reason=RejectReason.BAD_ARRAY
+            )
+        self._inbox[phase][sender] = array
+        return self._progress()
+
+    def expire(self) -> list[Action]:
+        """The deadline passed with slices missing: the run ends without a sum."""
+        if self._phase is _Phase.DONE:
+            return []
+        missing = len(self._others) - len(self._inbox[self._phase])
+        reason = AbortReason.OWNER_LOST if self._phase is _Phase.INPUT else AbortReason.SLICE_LOST
+        self._phase = _Phase.DONE
+        return [Aborted(reason, f"{missing} peers missed the deadline", released=False)]
+
+    def _bounds(self, owner: PeerId) -> tuple[int, int]:
+        return slice_bounds(len(self._values), len(self._owners), self._owners.index(owner))
+
+    def _progress(self) -> list[Action]:
+        if self._phase is _Phase.INPUT and len(self._inbox[_Phase.INPUT]) == len(self._others):
+            total = self._own.copy()
+            for array in self._inbox[_Phase.INPUT].values():
+                total += array
+            self._own_sum = total
+            self._phase = _Phase.SUM
+            return [
+                SendSlice(peer, SliceKind.PLAIN_SUM, total, self.context)
+                for peer in self._owners
+                if peer != self.me
+            ] + self._progress()
+        sums = self._inbox[_Phase.SUM]
+        if self._phase is _Phase.SUM and len(sums) == len(self._others):
+            assert self._own_sum is not None
+            self._phase = _Phase.DONE
+            total = np.concatenate(
+                [self._own_sum if owner == self.me else sums[owner] for owner in self._owners]
+            )
+            return [Finished(total, self._owners)]
+        return []

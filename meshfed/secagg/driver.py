@@ -1,0 +1,372 @@
+"""Group sums over a node: the trio driver of the secure and the plain butterfly sessions.
+
+:class:`Aggregator` registers the secure-aggregation messages and the butterfly arrays with a
+:class:`~meshfed.node.Node` and runs one session per call (:meth:`Aggregator.secure_sum`,
+:meth:`Aggregator.secure_mean`, :meth:`Aggregator.plain_mean`). For each session it
+
+- feeds the sans-IO session what arrives, one call at a time, in a worker thread (masking ten
+  million elements must not stall the node's loop);
+- carries out the actions: each send is a task in the session's nursery with its own deadline;
+  a send that fails is only logged, since the protocol's deadlines deal with silent peers;
+- ends a phase that waits too long, with a deadline that adapts to the arrivals it saw
+  (:class:`DeadlinePolicy`): once most answers are in, the rest get as long again as those took;
+- keeps messages that arrive for a run this node has not started yet (another peer finished
+  training first) for ``pending_ttl_s``, and rejects messages of runs that ended as late.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import trio
+
+from ..arrays import ArrayHeader
+from ..averaging.butterfly import ButterflySession
+from ..errors import MeshfedError, RemoteProtocolError
+from ..identity import PeerId
+from ..node import Node
+from ..stats import RejectReason
+from ..wire import Envelope, Message, Scope
+from .messages import AdvertiseKeys, InputsReceived, RollCall, ShareKeys, Survivors, Unmask
+from .protocol import (
+    Aborted,
+    AbortReason,
+    Action,
+    Finished,
+    GroupSpec,
+    Progress,
+    Rejected,
+    SecAggSession,
+    Send,
+    SendSlice,
+    SliceKind,
+)
+from .ring import Levels, Quantizer, check_capacity
+
+__all__ = ["AggregationFailed", "Aggregator", "DeadlinePolicy", "GroupResult"]
+
+log = logging.getLogger(__name__)
+
+_MESSAGES: tuple[type[Message], ...] = (
+    AdvertiseKeys,
+    ShareKeys,
+    RollCall,
+    InputsReceived,
+    Survivors,
+    Unmask,
+)
+
+
+class AggregationFailed(MeshfedError):
+    """A group run ended without a sum; ``reason`` says why (an :class:`AbortReason`)."""
+
+    def __init__(self, message: str, *, reason: AbortReason) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadlinePolicy:
+    """How long a phase waits for its stragglers.
+
+    Attributes:
+        join_s: least wait of a run's first phase (peers start runs at different times).
+        grace_s: least wait of any other phase once most answers are in.
+        slack: once most answers are in, the rest get ``slack`` times as long as those took.
+        phase_max_s: no phase waits longer; also the deadline of each send.
+    """
+
+    join_s: float = 3.0
+    grace_s: float = 0.25
+    slack: float = 1.0
+    phase_max_s: float = 60.0
+
+    def deadline(self, *, started: float, majority_at: float | None, first: bool) -> float:
+        """When a phase that began at ``started`` gives up on the answers still missing."""
+        latest = started + self.phase_max_s
+        if majority_at is None:
+            return latest
+        floor = self.join_s if first else self.grace_s
+        return min(latest, majority_at + max(floor, self.slack * (majority_at - started)))
+
+
+@dataclass(frozen=True, slots=True)
+class GroupResult:
+    """A group's sum (or mean): whose inputs are in it, and how many attempts it took."""
+
+    value: npt.NDArray[Any]
+    survivors: tuple[PeerId, ...]
+    attempts: int
+
+
+class _Session(Protocol):
+    @property
+    def contexts(self) -> tuple[bytes, ...]: ...
+
+    def progress(self) -> Progress: ...
+
+    def start(self) -> list[Action]: ...
+
+    def receive(self, sender: PeerId, message: Message) -> list[Action]: ...
+
+    def receive_slice(
+        self, sender: PeerId, kind: SliceKind, context: bytes, array: npt.NDArray[Any]
+    ) -> list[Action]: ...
+
+    def expire(self) -> list[Action]: ...
+
+
+class _Run:
+    """One session being driven: its lock, its nursery, and what the deadlines need."""
+
+    def __init__(self, session: _Session, scope: Scope, nursery: trio.Nursery) -> None:
+        self.session = session
+        self.scope = scope
+        self.nursery = nursery
+        self.lock = trio.Lock()
+        self.outcome: Finished | Aborted | None = None
+        self.changed = trio.Event()
+        self.step: tuple[int, int] = (-1, -1)
+        self.started = trio.current_time()
+        self.majority_at: float | None = None
+
+    def observe(self, progress: Progress) -> None:
+        now = trio.current_time()
+        if progress.step != self.step:
+            self.step, self.started, self.majority_at = progress.step, now, None
+        if self.majority_at is None and progress.arrived >= math.ceil(progress.expected / 2):
+            self.majority_at = now
+        self.changed.set()
+
+
+class Aggregator:
+    """Secure and plain group sums over ``node``; create one per node.
+
+    Args:
+        node: the node whose transport carries the runs.
+        deadlines: how long phases wait (:class:`DeadlinePolicy`).
+        max_attempts: runs of one secure group per round (re-runs after early dropouts).
+        pending_ttl_s: how long messages for a run not started here yet are kept.
+        max_pending: how many such messages are kept at most (then they are rejected).
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        deadlines: DeadlinePolicy | None = None,
+        max_attempts: int = 3,
+        pending_ttl_s: float = 30.0,
+        max_pending: int = 4096,
+    ) -> None:
+        self._node = node
+        self.deadlines = deadlines or DeadlinePolicy()
+        self._max_attempts = max_attempts
+        self._pending_ttl_s = pending_ttl_s
+        self._max_pending = max_pending
+        self._runs: dict[bytes, _Run] = {}
+        self._ended: dict[bytes, float] = {}
+        self._pending: dict[bytes, list[tuple[float, PeerId, Message]]] = {}
+        for message_type in _MESSAGES:
+            node.handle(message_type, self._on_message)
+        node.on_array(self._on_array, prefix="secagg.")
+        node.on_array(self._on_array, prefix="butterfly.")
+
+    # -- public API ------------------------------------------------------------------------------
+
+    async def secure_sum(self, spec: GroupSpec, levels: Levels) -> GroupResult:
+        """The ring sum of the group's levels, by secure aggregation.
+
+        Raises:
+            AggregationFailed: the run (and every allowed re-run) ended without a sum.
+        """
+        session = SecAggSession(spec, self._node.peer_id, levels, max_attempts=self._max_attempts)
+        outcome = await self._drive(session, Scope(spec.job[:64], spec.round))
+        return GroupResult(outcome.total, outcome.survivors, session.attempt + 1)
+
+    async def secure_mean(
+        self,
+        spec: GroupSpec,
+        values: npt.NDArray[np.float32],
+        quantizer: Quantizer,
+        *,
+        rng: np.random.Generator,
+    ) -> GroupResult:
+        """The mean of the survivors' float vectors, quantized, summed securely, rescaled.
+
+        Raises:
+            ValueError: the quantizer's ring differs from the spec's, or the group's sum could
+                wrap around the ring (:func:`~meshfed.secagg.ring.check_capacity`).
+            AggregationFailed: as for :meth:`secure_sum`.
+        """
+        if quantizer.ring_bits != spec.ring_bits:
+            raise ValueError("the quantizer and the group spec use different rings")
+        check_capacity(len(spec.roster), quantizer.levels_bits, spec.ring_bits)
+        levels = await trio.to_thread.run_sync(quantizer.quantize, values, rng)
+        result = await self.secure_sum(spec, levels)
+        count = len(result.survivors)
+
+        def rescale() -> npt.NDArray[np.float32]:
+            return (quantizer.sum_to_float(result.value, count) / count).astype(np.float32)
+
+        mean = await trio.to_thread.run_sync(rescale)
+        return GroupResult(mean, result.survivors, result.attempts)
+
+    async def plain_mean(
+        self,
+        values: npt.NDArray[np.float32],
+        *,
+        job: bytes,
+        round: int,
+        group: int,
+        roster: tuple[PeerId, ...],
+    ) -> GroupResult:
+        """The mean of the group's float vectors by a plain (unmasked) butterfly all-reduce.
+
+        Raises:
+            AggregationFailed: a peer missed its deadline.
+        """
+        session = ButterflySession(
+            job=job, round=round, group=group, roster=roster, me=self._node.peer_id, values=values
+        )
+        outcome = await self._drive(session, Scope(job[:64], round))
+        mean = outcome.total / np.float32(len(roster))
+        return GroupResult(mean, outcome.survivors, 1)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    async def _drive(self, session: _Session, scope: Scope) -> Finished:
+        self._forget_old()
+        contexts = tuple(session.contexts)
+        if any(context in self._runs for context in contexts):
+            raise ValueError("this run is already in progress on this node")
+        try:
+            async with trio.open_nursery() as nursery:
+                run = _Run(session, scope, nursery)
+                for context in contexts:
+                    self._runs[context] = run
+                await self._feed(run, session.start)
+                for context in contexts:
+                    for _, sender, message in self._pending.pop(context, []):
+                        await self._feed_quietly(run, sender, message)
+                while run.outcome is None:
+                    await self._wait_or_expire(run)
+        finally:
+            now = trio.current_time()
+            for context in contexts:
+                self._runs.pop(context, None)
+                self._ended[context] = now
+        if isinstance(run.outcome, Aborted):
+            raise AggregationFailed(run.outcome.detail, reason=run.outcome.reason)
+        return run.outcome
+
+    async def _wait_or_expire(self, run: _Run) -> None:
+        step = run.step
+        deadline = self.deadlines.deadline(
+            started=run.started, majority_at=run.majority_at, first=step[1] == 1
+        )
+        run.changed = trio.Event()
+        with trio.move_on_at(deadline):
+            await run.changed.wait()
+            return
+        if run.outcome is None and run.step == step:
+            log.info("phase deadline", extra={"step": step})
+            await self._feed(run, run.session.expire)
+
+    async def _feed(self, run: _Run, call: Callable[[], list[Action]]) -> None:
+        """Run one session call in a worker thread and carry out its actions."""
+        async with run.lock:
+            if run.outcome is not None:
+                raise RemoteProtocolError("the run has ended", reason=RejectReason.LATE)
+            actions = await trio.to_thread.run_sync(call)
+            run.observe(run.session.progress())
+        for action in actions:
+            self._act(run, action)
+
+    async def _feed_quietly(self, run: _Run, sender: PeerId, message: Message) -> None:
+        try:
+            await self._feed(run, lambda: run.session.receive(sender, message))
+        except RemoteProtocolError as exc:
+            self._node.stats.reject(exc.reason)
+
+    def _act(self, run: _Run, action: Action) -> None:
+        if isinstance(action, Send):
+            run.nursery.start_soon(self._send, run.scope, action)
+        elif isinstance(action, SendSlice):
+            name = f"{action.kind}:{action.context.hex()}"
+            run.nursery.start_soon(self._send_slice, run.scope, action, name)
+        elif isinstance(action, Rejected):
+            self._node.stats.reject(action.reason)
+            log.info("rejected", extra={"peer": action.peer.short(), "why": action.detail})
+        else:
+            run.outcome = action
+            run.changed.set()
+
+    async def _send(self, scope: Scope, action: Send) -> None:
+        try:
+            with trio.fail_after(self.deadlines.phase_max_s):
+                await self._node.request(action.to, action.message, scope=scope)
+        except (MeshfedError, trio.TooSlowError) as exc:
+            log.info("send failed", extra={"peer": action.to.short(), "error": repr(exc)})
+
+    async def _send_slice(self, scope: Scope, action: SendSlice, name: str) -> None:
+        try:
+            with trio.fail_after(self.deadlines.phase_max_s):
+                await self._node.send_array(action.to, action.array, name=name, scope=scope)
+        except (MeshfedError, trio.TooSlowError) as exc:
+            log.info("slice send failed", extra={"peer": action.to.short(), "error": repr(exc)})
+
+    # -- what arrives ------------------------------------------------------------------------------
+
+    async def _on_message(self, envelope: Envelope, message: Message) -> None:
+        context: bytes = getattr(message, "context", b"")
+        run = self._runs.get(context)
+        if run is not None:
+            sender = envelope.sender
+            await self._feed(run, lambda: run.session.receive(sender, message))
+            return
+        if context in self._ended:
+            raise RemoteProtocolError("message for a run that has ended", reason=RejectReason.LATE)
+        self._forget_old()
+        if sum(len(kept) for kept in self._pending.values()) >= self._max_pending:
+            raise RemoteProtocolError(
+                "too many messages for runs not started here", reason=RejectReason.RATE_LIMITED
+            )
+        self._pending.setdefault(context, []).append(
+            (trio.current_time(), envelope.sender, message)
+        )
+
+    async def _on_array(
+        self, envelope: Envelope, header: ArrayHeader, array: npt.NDArray[Any]
+    ) -> None:
+        kind, _, context_hex = header.name.partition(":")
+        try:
+            slice_kind = SliceKind(kind)
+            context = bytes.fromhex(context_hex)
+        except ValueError:
+            raise RemoteProtocolError(
+                f"bad array name {header.name!r}", reason=RejectReason.BAD_FIELD
+            ) from None
+        run = self._runs.get(context)
+        if run is None:
+            reason = RejectReason.LATE if context in self._ended else RejectReason.WRONG_CONTEXT
+            raise RemoteProtocolError("array for no running group", reason=reason)
+        sender = envelope.sender
+        await self._feed(run, lambda: run.session.receive_slice(sender, slice_kind, context, array))
+
+    def _forget_old(self) -> None:
+        now = trio.current_time()
+        horizon = now - self._pending_ttl_s
+        for context, kept in list(self._pending.items()):
+            fresh = [entry for entry in kept if entry[0] >= horizon]
+            if fresh:
+                self._pending[context] = fresh
+            else:
+                del self._pending[context]
+        self._ended = {c: t for c, t in self._ended.items() if t >= now - 10 * self._pending_ttl_s}

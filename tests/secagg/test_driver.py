@@ -1,0 +1,153 @@
+"""Group sums over real nodes: the memory transport, and libp2p on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from meshfed import Node, NodeConfig, open_node
+from meshfed.secagg.driver import AggregationFailed, Aggregator, DeadlinePolicy, GroupResult
+from meshfed.secagg.protocol import AbortReason, GroupSpec
+from meshfed.secagg.ring import Quantizer
+from meshfed.stats import RejectReason
+from meshfed.transports.memory import MemoryNetwork
+
+QUICK = DeadlinePolicy(join_s=0.5, grace_s=0.2, phase_max_s=10.0)
+QUANTIZER = Quantizer(clip=4.0, levels_bits=16, ring_bits=32)
+
+
+@asynccontextmanager
+async def nodes(tmp_path: Path, n: int, transport: str = "memory") -> AsyncIterator[list[Node]]:
+    network = MemoryNetwork(seed=2, latency=0.0005)
+    async with AsyncExitStack() as stack:
+        started = []
+        for i in range(n):
+            config = NodeConfig(
+                data_dir=tmp_path / f"n{i}",
+                transport=transport,  # type: ignore[arg-type]
+                listen=["/ip4/127.0.0.1/tcp/0"],
+                ping_interval_s=0,
+                membership=False,
+                mdns=False,
+            )
+            started.append(await stack.enter_async_context(open_node(config, network=network)))
+        if transport == "libp2p":
+            for a in started:
+                for b in started:
+                    if a is not b:
+                        await a.connect(b.listen_addrs[0])
+        yield started
+
+
+def vectors(n: int, length: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [rng.uniform(-1, 1, length).astype(np.float32) for _ in range(n)]
+
+
+def spec_for(group: list[Node], **options: object) -> GroupSpec:
+    fields: dict[str, object] = {"job": b"job-7", "round": 1, "group": 0, "threshold": 3}
+    fields.update(options)
+    return GroupSpec(roster=tuple(n.peer_id for n in group), **fields)  # type: ignore[arg-type]
+
+
+async def run_all(
+    group: list[Node], values: list[np.ndarray], spec: GroupSpec, *, delays: list[float]
+) -> dict[int, GroupResult | AggregationFailed]:
+    results: dict[int, GroupResult | AggregationFailed] = {}
+
+    async def one(i: int, aggregator: Aggregator) -> None:
+        await trio.sleep(delays[i])
+        try:
+            rng = np.random.default_rng(i)
+            results[i] = await aggregator.secure_mean(spec, values[i], QUANTIZER, rng=rng)
+        except AggregationFailed as exc:
+            results[i] = exc
+
+    aggregators = [Aggregator(node, deadlines=QUICK) for node in group]
+    async with trio.open_nursery() as nursery:
+        for i, aggregator in enumerate(aggregators):
+            if delays[i] >= 0:
+                nursery.start_soon(one, i, aggregator)
+    return results
+
+
+def quantization_bound(count: int) -> float:
+    """Each value is off by at most one level; the mean of ``count`` by at most that."""
+    return 2 * QUANTIZER.clip / QUANTIZER.top
+
+
+async def test_every_peer_gets_the_secure_mean_even_when_they_start_apart(tmp_path: Path) -> None:
+    async with nodes(tmp_path, 5) as group:
+        values = vectors(5, 10_001)
+        results = await run_all(group, values, spec_for(group), delays=[0, 0.3, 0, 0.1, 0.2])
+        expected = np.mean(values, axis=0)
+        for result in results.values():
+            assert isinstance(result, GroupResult)
+            assert len(result.survivors) == 5 and result.attempts == 1
+            assert np.max(np.abs(result.value - expected)) <= quantization_bound(5)
+        assert all(not node.stats.rejected for node in group)
+
+
+async def test_a_peer_that_never_shows_up_is_left_out(tmp_path: Path) -> None:
+    async with nodes(tmp_path, 5) as group:
+        values = vectors(5, 2_000)
+        results = await run_all(group, values, spec_for(group), delays=[0, 0, 0, 0, -1])
+        expected = np.mean(values[:4], axis=0)
+        assert set(results) == {0, 1, 2, 3}
+        for result in results.values():
+            assert isinstance(result, GroupResult)
+            assert result.survivors == tuple(n.peer_id for n in group[:4])
+            assert np.max(np.abs(result.value - expected)) <= quantization_bound(4)
+
+
+async def test_too_few_peers_fail_with_a_reason(tmp_path: Path) -> None:
+    async with nodes(tmp_path, 5) as group:
+        values = vectors(5, 100)
+        spec = spec_for(group, threshold=4)
+        results = await run_all(group, values, spec, delays=[0, 0, 0, -1, -1])
+        for result in results.values():
+            assert isinstance(result, AggregationFailed)
+            assert result.reason is AbortReason.TOO_FEW
+
+
+async def test_plain_butterfly_mean_is_exact(tmp_path: Path) -> None:
+    async with nodes(tmp_path, 4) as group:
+        values = vectors(4, 1_003)
+        roster = tuple(n.peer_id for n in group)
+        results: dict[int, GroupResult] = {}
+
+        async def one(i: int, aggregator: Aggregator) -> None:
+            results[i] = await aggregator.plain_mean(
+                values[i], job=b"j", round=2, group=1, roster=roster
+            )
+
+        async with trio.open_nursery() as nursery:
+            for i, node in enumerate(group):
+                nursery.start_soon(one, i, Aggregator(node, deadlines=QUICK))
+        for result in results.values():
+            np.testing.assert_allclose(result.value, np.mean(values, axis=0), atol=1e-6)
+
+
+async def test_arrays_for_no_running_group_are_rejected(tmp_path: Path) -> None:
+    async with nodes(tmp_path, 2) as (a, b):
+        Aggregator(b)
+        with pytest.raises(Exception):  # noqa: B017 - the stream ends without acknowledgement
+            await a.send_array(b.peer_id, np.zeros(4, np.uint32), name="secagg.input:" + "00" * 32)
+        with pytest.raises(Exception):  # noqa: B017
+            await a.send_array(b.peer_id, np.zeros(4, np.uint32), name="secagg.input:zz")
+        assert b.stats.rejected[RejectReason.WRONG_CONTEXT] == 1
+        assert b.stats.rejected[RejectReason.BAD_FIELD] == 1
+
+
+async def test_secure_mean_over_libp2p(tmp_path: Path) -> None:
+    async with nodes(tmp_path, 3, transport="libp2p") as group:
+        values = vectors(3, 100_000)
+        results = await run_all(group, values, spec_for(group, threshold=2), delays=[0, 0, 0])
+        for result in results.values():
+            assert isinstance(result, GroupResult)
+            assert np.max(np.abs(result.value - np.mean(values, axis=0))) <= quantization_bound(3)
