@@ -85,7 +85,7 @@ class ButterflySession:
     def progress(self) -> Progress:
         """The step and how many of its answers are in."""
         arrived = len(self._inbox[self._phase]) if self._phase < _Phase.DONE else 0
-        return Progress((0, int(self._phase)), len(self._others), arrived)
+        return Progress((0, int(self._phase)), len(self._others), arrived, self._phase.name.lower())
 
     def start(self) -> list[Action]:
         """Send every owner its slice."""

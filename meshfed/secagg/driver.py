@@ -136,13 +136,18 @@ class _Run:
         self.started = trio.current_time()
         self.majority_at: float | None = None
 
-    def observe(self, progress: Progress) -> None:
+    def observe(self, progress: Progress, call_started: float) -> bool:
+        """Note the session's progress after a call that began at ``call_started``; True if it
+        took a new step. A step counts from the start of the call that entered it, so the work
+        that call did (masking a vector) is part of what the stragglers are allowed too."""
         now = trio.current_time()
-        if progress.step != self.step:
-            self.step, self.started, self.majority_at = progress.step, now, None
+        new_step = progress.step != self.step
+        if new_step:
+            self.step, self.started, self.majority_at = progress.step, call_started, None
         if self.majority_at is None and progress.arrived >= math.ceil(progress.expected / 2):
             self.majority_at = now
         self.changed.set()
+        return new_step
 
 
 class Aggregator:
@@ -154,6 +159,8 @@ class Aggregator:
         max_attempts: runs of one secure group per round (re-runs after early dropouts).
         pending_ttl_s: how long messages for a run not started here yet are kept.
         max_pending: how many such messages are kept at most (then they are rejected).
+        on_progress: called with each session's :class:`Progress` whenever it takes a new
+            step (for status displays; it must not block).
     """
 
     def __init__(
@@ -164,8 +171,10 @@ class Aggregator:
         max_attempts: int = 3,
         pending_ttl_s: float = 30.0,
         max_pending: int = 4096,
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
         self._node = node
+        self._on_progress = on_progress
         self.deadlines = deadlines or DeadlinePolicy()
         self._max_attempts = max_attempts
         self._pending_ttl_s = pending_ttl_s
@@ -275,17 +284,29 @@ class Aggregator:
         with trio.move_on_at(deadline):
             await run.changed.wait()
             return
-        if run.outcome is None and run.step == step:
-            log.info("phase deadline", extra={"step": step})
-            await self._feed(run, run.session.expire)
+        log.info("phase deadline", extra={"step": step})
+        await self._feed(run, run.session.expire, only_at=step)
 
-    async def _feed(self, run: _Run, call: Callable[[], list[Action]]) -> None:
-        """Run one session call in a worker thread and carry out its actions."""
+    async def _feed(
+        self,
+        run: _Run,
+        call: Callable[[], list[Action]],
+        *,
+        only_at: tuple[int, int] | None = None,
+    ) -> None:
+        """Run one session call in a worker thread and carry out its actions; with
+        ``only_at``, only if the session is still at that step once it is our turn (a
+        deadline must not end the phase that a concurrent call has just begun)."""
         async with run.lock:
+            if only_at is not None and (run.step != only_at or run.outcome is not None):
+                return
             if run.outcome is not None:
                 raise RemoteProtocolError("the run has ended", reason=RejectReason.LATE)
+            call_started = trio.current_time()
             actions = await trio.to_thread.run_sync(call)
-            run.observe(run.session.progress())
+            progress = run.session.progress()
+            if run.observe(progress, call_started) and self._on_progress is not None:
+                self._on_progress(progress)
         for action in actions:
             self._act(run, action)
 

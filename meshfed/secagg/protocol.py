@@ -250,6 +250,8 @@ class Progress:
     step: tuple[int, int]
     expected: int
     arrived: int
+    #: the phase's name, for people and logs
+    phase: str
 
 
 def slice_bounds(length: int, owners: int, index: int) -> tuple[int, int]:
@@ -811,8 +813,9 @@ class SecAggSession:
     def progress(self) -> Progress:
         """Where the session is, for deadlines: which step and how many answers are in."""
         expected = len(self.current.expected)
-        return Progress((self.attempt, int(self.current.phase)), expected,
-                        expected - len(self.current.waiting_for))  # fmt: skip
+        phase = self.current.phase
+        arrived = expected - len(self.current.waiting_for)
+        return Progress((self.attempt, int(phase)), expected, arrived, phase.name.lower())
 
     def attempt_of(self, context: bytes) -> int:
         """Which attempt ``context`` belongs to.

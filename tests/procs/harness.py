@@ -67,11 +67,15 @@ class Process:
     def stderr(self) -> str:
         return "".join(self._stderr[-60:])
 
-    def call(self, timeout: float = 120, **command: Any) -> dict[str, Any]:
-        """Send one command and return its answer (failing on an error answer)."""
+    def call_nowait(self, **command: Any) -> None:
+        """Send one command; read its answer (and any events before it) later."""
         assert self.popen.stdin is not None
         self.popen.stdin.write(json.dumps(command) + "\n")
         self.popen.stdin.flush()
+
+    def call(self, timeout: float = 120, **command: Any) -> dict[str, Any]:
+        """Send one command and return its answer (failing on an error answer)."""
+        self.call_nowait(**command)
         answer = self.read(timeout)
         assert "error" not in answer, (command, answer)
         return answer

@@ -7,6 +7,10 @@ serving, then answers each command line with one JSON line:
 - ``{"cmd": "request", "peer": P, "text": T}`` -> ``{"answer": text}`` (signed Text both ways)
 - ``{"cmd": "send_array", "peer": P, "n": N, "seed": S}`` -> ``{"sha256": hex, "seconds": s}``
 - ``{"cmd": "received"}`` -> ``{"arrays": [{"name", "sender", "nbytes", "sha256"}...]}``
+- ``{"cmd": "secure_mean", "roster": [ids], "seeds": {id: seed}, "n": N, "threshold": t}``
+  -> ``{"survivors": [ids], "attempts": k, "max_error": e, "sha256": hex}`` (the mean of
+  ``make_array(n, seed)`` over the survivors; ``max_error`` against the exact mean), printing
+  ``{"event": "phase", "phase": name, "attempt": a}`` at every step on the way
 - ``{"cmd": "status"}`` -> the node's status
 - ``{"cmd": "stop"}`` -> leaves the node (graceful stop) and exits
 
@@ -29,6 +33,9 @@ from meshfed import Envelope, NodeConfig, PeerId, open_node
 from meshfed.arrays import ArrayHeader
 from meshfed.control import Text
 from meshfed.logs import configure_logging
+from meshfed.secagg.driver import Aggregator
+from meshfed.secagg.protocol import GroupSpec, Progress
+from meshfed.secagg.ring import Quantizer
 
 
 def make_array(n: int, seed: int) -> np.ndarray:
@@ -59,11 +66,15 @@ async def main(data_dir: Path) -> None:
                 }
             )
 
-        node.handle(Text, echo)
-        node.on_array(store)
-
         def reply(document: dict[str, Any]) -> None:
             print(json.dumps(document), flush=True)
+
+        def on_progress(progress: Progress) -> None:
+            reply({"event": "phase", "phase": progress.phase, "attempt": progress.step[0]})
+
+        node.handle(Text, echo)
+        node.on_array(store)
+        aggregator = Aggregator(node, on_progress=on_progress)
 
         reply({"event": "started", "peer_id": str(node.peer_id), "listen": node.listen_addrs})
         stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
@@ -79,12 +90,14 @@ async def main(data_dir: Path) -> None:
                 if command["cmd"] == "stop":
                     return
                 try:
-                    reply(await run(node, command, received))
+                    reply(await run(node, aggregator, command, received))
                 except Exception as exc:  # report, keep serving: the test decides
                     reply({"error": f"{type(exc).__name__}: {exc}"})
 
 
-async def run(node: Any, command: dict[str, Any], received: list[dict[str, Any]]) -> dict[str, Any]:
+async def run(
+    node: Any, aggregator: Aggregator, command: dict[str, Any], received: list[dict[str, Any]]
+) -> dict[str, Any]:
     cmd = command["cmd"]
     if cmd == "connect":
         return {"peer": str(await node.connect(command["addr"]))}
@@ -101,9 +114,33 @@ async def run(node: Any, command: dict[str, Any], received: list[dict[str, Any]]
         return {"sha256": digest(array), "seconds": trio.current_time() - started}
     if cmd == "received":
         return {"arrays": received}
+    if cmd == "secure_mean":
+        return await secure_mean(node.peer_id, aggregator, command)
     if cmd == "status":
         return node.status()
     raise ValueError(f"unknown command {cmd!r}")
+
+
+async def secure_mean(
+    me: PeerId, aggregator: Aggregator, command: dict[str, Any]
+) -> dict[str, Any]:
+    roster = tuple(PeerId.from_string(text) for text in command["roster"])
+    seeds = {PeerId.from_string(k): v for k, v in command["seeds"].items()}
+    spec = GroupSpec(job=b"procs", round=1, group=0, roster=roster, threshold=command["threshold"])
+    quantizer = Quantizer(clip=6.0, levels_bits=20, ring_bits=32)
+    values = make_array(command["n"], seeds[me])
+    rng = np.random.default_rng(seeds[me])
+    result = await aggregator.secure_mean(spec, values, quantizer, rng=rng)
+    exact = np.zeros(command["n"], np.float64)
+    for peer in result.survivors:
+        exact += np.clip(make_array(command["n"], seeds[peer]), -6, 6)
+    exact /= len(result.survivors)
+    return {
+        "survivors": [str(peer) for peer in result.survivors],
+        "attempts": result.attempts,
+        "max_error": float(np.max(np.abs(result.value - exact))),
+        "sha256": digest(result.value),
+    }
 
 
 if __name__ == "__main__":
