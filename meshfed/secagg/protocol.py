@@ -299,7 +299,8 @@ class SecAggPeer:
         me: this peer (in ``spec.roster``).
         levels: this peer's input, a 1-D array of ``spec.dtype`` at least as long as the roster
             (quantize floats with :class:`~meshfed.secagg.ring.Quantizer` first).
-        random_bytes: the randomness source for secrets and shares.
+        random_bytes: the randomness source for keys, secrets and shares (``os.urandom``;
+            tests pass a seeded one).
     """
 
     def __init__(
@@ -323,8 +324,8 @@ class SecAggPeer:
         self._levels = levels
         self._index = {peer: i for i, peer in enumerate(spec.roster)}
         self._random_bytes = random_bytes
-        self._cipher_key = X25519PrivateKey.generate()
-        self._mask_key = X25519PrivateKey.generate()
+        self._cipher_key = X25519PrivateKey.from_private_bytes(random_bytes(32))
+        self._mask_key = X25519PrivateKey.from_private_bytes(random_bytes(32))
         self._self_seed = random_bytes(32)
         self._keys: dict[PeerId, tuple[bytes, bytes]] = {
             me: (_raw_public(self._cipher_key), _raw_public(self._mask_key))

@@ -9,6 +9,7 @@ messages can be held back and delivered only once the run is over (a straggler).
 from __future__ import annotations
 
 import collections
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ def run_once(
     die_after_sends: dict[PeerId, int] | None = None,
     hold_back: Any = None,
     max_attempts: int = 1,
+    seed: int = 0,
 ) -> Trace:
     """Run ``spec`` (with up to ``max_attempts`` attempts). ``hold_back(sender, receiver,
     action) -> bool`` delays a message until the end of the run."""
@@ -92,8 +94,13 @@ def run_once(
 
     for peer in spec.roster:
         if peer in inputs:  # a roster peer without input never shows up
+            randomness = random.Random(f"{seed}/{peer}")  # reproducible runs
             trace.sessions[peer] = SecAggSession(
-                spec, peer, inputs[peer], max_attempts=max_attempts
+                spec,
+                peer,
+                inputs[peer],
+                max_attempts=max_attempts,
+                random_bytes=randomness.randbytes,
             )
             if budget.get(peer) == 0:
                 trace.dead[peer] = Phase.KEYS
