@@ -65,3 +65,24 @@ def test_membership_benchmark_reports_the_issue_keys() -> None:
     ):
         assert isinstance(figures[key], int | float), key
     assert figures["detected_fraction"] == 1.0
+
+
+def test_secagg_benchmark_reports_secure_against_plain_per_case() -> None:
+    figures = run("secagg.py", "--quick", "--groups", "8,12", "--neighbours", "4")
+    cases = figures["cases"]
+    assert isinstance(cases, list)
+    assert {(c["transport"], c["g"], c["neighbours"]) for c in cases} == {
+        ("memory", 8, None),
+        ("memory", 8, 4),
+        ("memory", 12, None),
+        ("memory", 12, 4),
+        ("libp2p", 8, None),
+    }
+    for c in cases:
+        for key in ("secure_s", "plain_s", "ratio", "keystream_bound_s", "bytes_per_param"):
+            assert isinstance(c[key], int | float) and c[key] > 0, key
+        # A butterfly sends about 2 (g - 1) / g of a vector of 4-byte elements, plus headers.
+        assert 2 * 4 * (c["g"] - 1) / c["g"] <= c["bytes_per_param"] < 2 * 4 * 1.1
+    for g in (8, 12):
+        by_k = {c["neighbours"]: c["mask_bytes_per_peer"] for c in cases if c["g"] == g}
+        assert by_k[4] < by_k[None]  # SecAgg+ neighbours cut the masks

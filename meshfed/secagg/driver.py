@@ -4,8 +4,9 @@
 :class:`~meshfed.node.Node` and runs one session per call (:meth:`Aggregator.secure_sum`,
 :meth:`Aggregator.secure_mean`, :meth:`Aggregator.plain_mean`). For each session it
 
-- feeds the sans-IO session what arrives, one call at a time, in a worker thread (masking ten
-  million elements must not stall the node's loop);
+- feeds the sans-IO session what arrives, one call at a time, in a worker thread for long
+  vectors (masking ten million elements must not stall the node's loop; for short ones the
+  thread hop would cost more than the work);
 - carries out the actions: each send is a task in the session's nursery with its own deadline;
   a send that fails is only logged, since the protocol's deadlines deal with silent peers;
 - ends a phase that waits too long, with a deadline that adapts to the arrivals it saw
@@ -53,6 +54,9 @@ __all__ = ["AggregationFailed", "Aggregator", "DeadlinePolicy", "GroupResult"]
 
 log = logging.getLogger(__name__)
 
+#: vectors up to this many elements are masked in the event loop (a millisecond or two);
+#: longer ones in a worker thread, so that the node keeps serving meanwhile
+_INLINE_ELEMENTS = 1 << 18
 _MESSAGES: tuple[type[Message], ...] = (
     AdvertiseKeys,
     ShareKeys,
@@ -83,8 +87,8 @@ class DeadlinePolicy:
     """
 
     join_s: float = 3.0
-    grace_s: float = 0.25
-    slack: float = 1.0
+    grace_s: float = 0.5
+    slack: float = 2.0
     phase_max_s: float = 60.0
 
     def deadline(self, *, started: float, majority_at: float | None, first: bool) -> float:
@@ -125,8 +129,11 @@ class _Session(Protocol):
 class _Run:
     """One session being driven: its lock, its nursery, and what the deadlines need."""
 
-    def __init__(self, session: _Session, scope: Scope, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, session: _Session, scope: Scope, nursery: trio.Nursery, *, in_thread: bool
+    ) -> None:
         self.session = session
+        self.in_thread = in_thread
         self.scope = scope
         self.nursery = nursery
         self.lock = trio.Lock()
@@ -196,7 +203,7 @@ class Aggregator:
             AggregationFailed: the run (and every allowed re-run) ended without a sum.
         """
         session = SecAggSession(spec, self._node.peer_id, levels, max_attempts=self._max_attempts)
-        outcome = await self._drive(session, Scope(spec.job[:64], spec.round))
+        outcome = await self._drive(session, Scope(spec.job[:64], spec.round), len(levels))
         return GroupResult(outcome.total, outcome.survivors, session.attempt + 1)
 
     async def secure_mean(
@@ -222,7 +229,7 @@ class Aggregator:
         count = len(result.survivors)
 
         def rescale() -> npt.NDArray[np.float32]:
-            return (quantizer.sum_to_float(result.value, count) / count).astype(np.float32)
+            return quantizer.decode(result.value, count, mean=True).astype(np.float32)
 
         mean = await trio.to_thread.run_sync(rescale)
         return GroupResult(mean, result.survivors, result.attempts)
@@ -244,20 +251,20 @@ class Aggregator:
         session = ButterflySession(
             job=job, round=round, group=group, roster=roster, me=self._node.peer_id, values=values
         )
-        outcome = await self._drive(session, Scope(job[:64], round))
+        outcome = await self._drive(session, Scope(job[:64], round), len(values))
         mean = outcome.total / np.float32(len(roster))
         return GroupResult(mean, outcome.survivors, 1)
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    async def _drive(self, session: _Session, scope: Scope) -> Finished:
+    async def _drive(self, session: _Session, scope: Scope, size: int) -> Finished:
         self._forget_old()
         contexts = tuple(session.contexts)
         if any(context in self._runs for context in contexts):
             raise ValueError("this run is already in progress on this node")
         try:
             async with trio.open_nursery() as nursery:
-                run = _Run(session, scope, nursery)
+                run = _Run(session, scope, nursery, in_thread=size > _INLINE_ELEMENTS)
                 for context in contexts:
                     self._runs[context] = run
                 await self._feed(run, session.start)
@@ -303,7 +310,7 @@ class Aggregator:
             if run.outcome is not None:
                 raise RemoteProtocolError("the run has ended", reason=RejectReason.LATE)
             call_started = trio.current_time()
-            actions = await trio.to_thread.run_sync(call)
+            actions = await trio.to_thread.run_sync(call) if run.in_thread else call()
             progress = run.session.progress()
             if run.observe(progress, call_started) and self._on_progress is not None:
                 self._on_progress(progress)

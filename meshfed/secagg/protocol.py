@@ -723,8 +723,8 @@ class SecAggPeer:
             (self._pair_seed(self._mask_key, self.me, peer), mask_sign(self.me, peer))
             for peer in sorted(self._graph[self.me], key=lambda p: p.raw)
         ]
-        masked = self._levels.copy()
-        _apply_masks(masked, 0, seeds)
+        masked = np.empty_like(self._levels)
+        _apply_masks(masked, 0, seeds, start_from=self._levels)
         return masked
 
     def _unmasked_slice(
@@ -756,12 +756,20 @@ class _RebuildError(Exception):
         self.reason = reason
 
 
-def _apply_masks(target: npt.NDArray[Any], offset: int, seeds: list[tuple[bytes, int]]) -> None:
-    """Add ``sign * PRG(seed)[offset:]`` for every ``(seed, sign)`` to ``target`` in place,
-    a cache-sized chunk at a time."""
+def _apply_masks(
+    target: npt.NDArray[Any],
+    offset: int,
+    seeds: list[tuple[bytes, int]],
+    *,
+    start_from: npt.NDArray[Any] | None = None,
+) -> None:
+    """Add ``sign * PRG(seed)[offset:]`` for every ``(seed, sign)`` to ``target`` in place
+    (to a copy of ``start_from`` if given), a cache-sized chunk at a time."""
     buffer = np.empty(min(_CHUNK, len(target)), dtype=target.dtype)
     for start in range(0, len(target), _CHUNK):
         part = target[start : start + _CHUNK]
+        if start_from is not None:
+            np.copyto(part, start_from[start : start + _CHUNK])
         keystream = buffer[: len(part)]
         for seed, sign in seeds:
             expand_mask(seed, len(part), dtype=target.dtype, offset=offset + start, out=keystream)

@@ -20,7 +20,7 @@ def test_one_value_comes_back_within_one_step(
     q = Quantizer(clip=2.0, levels_bits=bits[0], ring_bits=bits[1])
     levels = q.quantize(values, np.random.default_rng(seed))
     assert levels.dtype == q.dtype and levels.max(initial=0) <= q.top
-    back = q.sum_to_float(levels, 1)
+    back = q.decode(levels, 1)
     step = 2 * q.clip / q.top
     assert np.all(np.abs(back - np.clip(values, -2, 2)) <= step + 1e-6)
 
@@ -37,7 +37,7 @@ def test_sums_of_a_group_are_exact_in_the_ring(group: int, seed: int) -> None:
         ring_sum += level  # wraps modulo 2^16, like a masked sum
     exact = np.sum([lv.astype(np.int64) for lv in levels], axis=0)
     assert np.array_equal(ring_sum.astype(np.int64), exact)
-    mean = q.sum_to_float(ring_sum, group) / group
+    mean = q.decode(ring_sum, group, mean=True)
     assert np.all(np.abs(mean - np.mean(inputs, axis=0)) <= 2 * q.clip / q.top + 1e-6)
 
 

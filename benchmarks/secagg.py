@@ -1,0 +1,347 @@
+"""Secure group mean against a plain butterfly mean of the same vectors, same run, same transport.
+
+Prints one JSON line whose ``cases`` list holds one object per (``transport``, ``g``, ``n``,
+``neighbours``):
+
+- ``secure_s``: wall time until every peer holds the secure mean (quantize, mask, butterfly,
+  unmask, rescale), all peers starting together; ``plain_s``: the same for the plain butterfly
+  mean (float32, no masks); ``ratio = secure_s / plain_s``;
+- ``mask_bytes_per_peer``: keystream bytes one peer generates (its self-mask and one mask per
+  neighbour over the whole vector, then the self-masks of its slice when unmasking);
+- ``keystream_bound_s``: raw AES-256-CTR keystream time, measured in this run, for the mask
+  bytes of *all* peers that share this machine's cores (one process for the memory transport,
+  ``g`` processes for libp2p), generated on as many threads as there are cores: what masking
+  cannot cost less than here; ``overhead_over_keystream = (secure_s - plain_s) /
+  keystream_bound_s``;
+- ``bytes_per_param``: bytes one peer sent during the secure mean, per parameter;
+- ``cpu_s_secure``, ``cpu_s_plain``: CPU seconds of all peers together (on a machine with
+  fewer cores than peers, wall time is about CPU time / cores: the figures to read first).
+
+The memory transport runs ``g`` nodes in this process; libp2p runs ``g`` OS processes on
+127.0.0.1 (this script with ``--worker``), started together by a wall-clock barrier.
+
+Usage: python benchmarks/secagg.py [--quick] [--sizes 1000000,10000000] [--groups 8,32]
+       [--transports memory,libp2p] [--neighbours 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from meshfed.config import NodeConfig
+from meshfed.identity import PeerId
+from meshfed.logs import configure_logging
+from meshfed.node import Node, open_node
+from meshfed.secagg.driver import Aggregator, GroupResult
+from meshfed.secagg.keys import neighbours as masking_graph
+from meshfed.secagg.prg import expand_mask
+from meshfed.secagg.protocol import GroupSpec
+from meshfed.secagg.ring import Quantizer
+from meshfed.transports.memory import MemoryNetwork
+
+QUANTIZER = Quantizer(clip=4.0, levels_bits=16, ring_bits=32)
+CHUNK = 1 << 18  # elements per keystream call, as the protocol masks
+
+
+def values_for(index: int, n: int) -> np.ndarray:
+    return np.random.default_rng(index).uniform(-1, 1, n).astype(np.float32)
+
+
+def spec_for(roster: tuple[PeerId, ...], neighbours: int | None, round: int) -> GroupSpec:
+    return GroupSpec(
+        job=b"bench",
+        round=round,
+        group=0,
+        roster=roster,
+        threshold=len(roster) // 2 + 1,
+        neighbours=neighbours,
+    )
+
+
+def check_complete(result: GroupResult, g: int) -> None:
+    """A figure only counts if no peer was left out (a missed deadline would make it cheaper)."""
+    if len(result.survivors) != g or result.attempts != 1:
+        raise RuntimeError(f"{len(result.survivors)} of {g} peers, {result.attempts} attempts")
+
+
+def mask_bytes_per_peer(spec: GroupSpec, n: int) -> int:
+    """Keystream one peer generates in a run without dropouts."""
+    k = len(spec.roster) if spec.neighbours is None else spec.neighbours
+    degree = len(masking_graph(spec.roster, k=k, context=spec.context)[spec.roster[0]])
+    own = (1 + degree) * n
+    unmask = len(spec.roster) * (n // len(spec.roster))
+    return (own + unmask) * spec.dtype.itemsize
+
+
+def keystream_seconds(total_bytes: int, threads: int) -> float:
+    """Wall time to generate ``total_bytes`` of AES-256-CTR keystream on ``threads`` threads,
+    a reused buffer each, in the protocol's chunk size."""
+    per_thread = total_bytes // threads // 4
+
+    def work(seed: bytes) -> None:
+        buffer = np.empty(CHUNK, np.uint32)
+        for start in range(0, per_thread, CHUNK):
+            size = min(CHUNK, per_thread - start)
+            expand_mask(seed, size, dtype=np.dtype(np.uint32), offset=start, out=buffer[:size])
+
+    workers = [threading.Thread(target=work, args=(os.urandom(32),)) for _ in range(threads)]
+    began = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return time.perf_counter() - began
+
+
+# -- memory transport: g nodes in this process -----------------------------------------------------
+
+
+async def memory_case(g: int, n: int, neighbours: int | None, tmp: Path) -> dict[str, Any]:
+    network = MemoryNetwork(seed=0)
+    async with AsyncExitStack() as stack:
+        nodes: list[Node] = []
+        for i in range(g):
+            config = NodeConfig(
+                data_dir=tmp / f"m{g}-{n}-{i}",
+                transport="memory",
+                ping_interval_s=0,
+                membership=False,
+                mdns=False,
+                max_array_bytes=1 << 34,
+            )
+            nodes.append(await stack.enter_async_context(open_node(config, network=network)))
+        aggregators = [Aggregator(node) for node in nodes]
+        roster = tuple(node.peer_id for node in nodes)
+        values = [values_for(i, n) for i in range(g)]
+
+        async def timed(run: Any) -> Timing:
+            began, cpu_began = trio.current_time(), time.process_time()
+            async with trio.open_nursery() as nursery:
+                for i in range(g):
+                    nursery.start_soon(run, i)
+            return Timing(trio.current_time() - began, time.process_time() - cpu_began, 0)
+
+        async def plain(i: int) -> None:
+            await aggregators[i].plain_mean(
+                values[i], job=b"bench", round=0, group=0, roster=roster
+            )
+
+        spec = spec_for(roster, neighbours, round=1)
+
+        async def secure(i: int) -> None:
+            rng = np.random.default_rng(i)
+            result = await aggregators[i].secure_mean(spec, values[i], QUANTIZER, rng=rng)
+            check_complete(result, g)
+
+        plain_timing = await timed(plain)
+        sent_before = nodes[0].stats.bytes_out
+        secure_timing = await timed(secure)
+        sent = nodes[0].stats.bytes_out - sent_before
+    secure_timing = Timing(secure_timing.seconds, secure_timing.cpu_s, sent)
+    return case("memory", spec, n, secure_timing, plain_timing, sharing=g)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One run of all peers: wall seconds, CPU seconds of all of them, bytes peer 0 sent."""
+
+    seconds: float
+    cpu_s: float
+    sent: int
+
+
+def case(
+    transport: str, spec: GroupSpec, n: int, secure: Timing, plain: Timing, sharing: int
+) -> dict[str, Any]:
+    secure_s, plain_s = secure.seconds, plain.seconds
+    mask_bytes = mask_bytes_per_peer(spec, n)
+    cores = os.cpu_count() or 1
+    bound = keystream_seconds(mask_bytes * sharing, threads=min(cores, sharing))
+    return {
+        "transport": transport,
+        "g": len(spec.roster),
+        "n": n,
+        "neighbours": spec.neighbours,
+        "secure_s": round(secure_s, 4),
+        "plain_s": round(plain_s, 4),
+        "ratio": round(secure_s / plain_s, 3),
+        "mask_bytes_per_peer": mask_bytes,
+        "keystream_bound_s": round(bound, 4),
+        "overhead_over_keystream": round((secure_s - plain_s) / bound, 3),
+        "bytes_per_param": round(secure.sent / n, 3),
+        "cpu_s_secure": round(secure.cpu_s, 3),
+        "cpu_s_plain": round(plain.cpu_s, 3),
+    }
+
+
+# -- libp2p: g OS processes ----------------------------------------------------------------------
+
+
+async def worker(data_dir: Path) -> None:
+    """One peer process: JSON commands on stdin, one JSON answer line each."""
+    config = NodeConfig.load(
+        overrides={
+            "data_dir": data_dir,
+            "ping_interval_s": 0.0,
+            "mdns": False,
+            "membership": False,
+            "listen": ["/ip4/127.0.0.1/tcp/0"],
+            "max_array_bytes": 1 << 34,
+        }
+    )
+    async with open_node(config) as node:
+        aggregator = Aggregator(node)
+        print(json.dumps({"listen": node.listen_addrs}), flush=True)
+        stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+        buffer = b""
+        while True:
+            chunk = await stdin.receive_some()
+            if not chunk:
+                return
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                command = json.loads(line)
+                if command["cmd"] == "stop":
+                    return
+                answer = await worker_command(node, aggregator, command)
+                print(json.dumps(answer), flush=True)
+
+
+async def worker_command(node: Node, aggregator: Aggregator, command: dict[str, Any]) -> Any:
+    if command["cmd"] == "connect":
+        for addr in command["addrs"]:
+            await node.connect(addr)
+        return {"ok": True}
+    roster = tuple(PeerId.from_string(text) for text in command["roster"])
+    index = roster.index(node.peer_id)
+    values = values_for(index, command["n"])
+    await trio.sleep(max(0.0, command["at"] - time.time()))  # the barrier
+    began, cpu_began = time.time(), time.process_time()
+    sent_before = node.stats.bytes_out
+    if command["cmd"] == "plain":
+        await aggregator.plain_mean(
+            values, job=b"bench", round=command["round"], group=0, roster=roster
+        )
+    else:
+        spec = spec_for(roster, command["neighbours"], command["round"])
+        rng = np.random.default_rng(index)
+        check_complete(await aggregator.secure_mean(spec, values, QUANTIZER, rng=rng), len(roster))
+    return {
+        "seconds": time.time() - began,
+        "cpu_s": time.process_time() - cpu_began,
+        "sent": node.stats.bytes_out - sent_before,
+    }
+
+
+class Workers:
+    """``g`` worker processes, connected to each other."""
+
+    def __init__(self, g: int, tmp: Path) -> None:
+        self.processes = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", str(tmp / f"w{i}")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(g)
+        ]
+        self.addrs = [self.read(p)["listen"][0] for p in self.processes]
+        self.ids = [addr.rsplit("/p2p/", 1)[1] for addr in self.addrs]
+        for i, process in enumerate(self.processes):
+            self.send(process, {"cmd": "connect", "addrs": self.addrs[i + 1 :]})
+        for process in self.processes:
+            self.read(process)
+
+    @staticmethod
+    def send(process: subprocess.Popen[str], command: dict[str, Any]) -> None:
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(command) + "\n")
+        process.stdin.flush()
+
+    @staticmethod
+    def read(process: subprocess.Popen[str]) -> Any:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a worker ended (exit {process.wait()})")
+        return json.loads(line)
+
+    def run(self, command: dict[str, Any]) -> Timing:
+        """Start ``command`` everywhere at once."""
+        command = {**command, "roster": self.ids, "at": time.time() + 0.5}
+        for process in self.processes:
+            self.send(process, command)
+        answers = [self.read(process) for process in self.processes]
+        return Timing(
+            max(a["seconds"] for a in answers), sum(a["cpu_s"] for a in answers), answers[0]["sent"]
+        )
+
+    def stop(self) -> None:
+        for process in self.processes:
+            self.send(process, {"cmd": "stop"})
+        for process in self.processes:
+            process.wait(30)
+
+
+def libp2p_case(workers: Workers, n: int, neighbours: int | None, round: int) -> dict[str, Any]:
+    plain = workers.run({"cmd": "plain", "n": n, "round": round})
+    secure = workers.run({"cmd": "secure", "n": n, "round": round, "neighbours": neighbours})
+    roster = tuple(PeerId.from_string(text) for text in workers.ids)
+    spec = spec_for(roster, neighbours, round)
+    return case("libp2p", spec, n, secure, plain, sharing=len(roster))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small vectors, for tests")
+    parser.add_argument("--sizes", default="1000000,10000000")
+    parser.add_argument("--groups", default="8,32")
+    parser.add_argument("--transports", default="memory,libp2p")
+    parser.add_argument("--neighbours", type=int, default=8, help="SecAgg+ k for g > k + 1")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    configure_logging("error")
+    if args.worker:
+        trio.run(worker, args.worker)
+        return
+    sizes = [100_000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    groups = [int(g) for g in args.groups.split(",")]
+    transports = args.transports.split(",")
+    cases = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for g in groups:
+            options: list[int | None] = [None]
+            if g > args.neighbours + 1:
+                options.append(args.neighbours)
+            if "memory" in transports:
+                for n in sizes:
+                    for k in options:
+                        cases.append(trio.run(memory_case, g, n, k, Path(tmp)))
+            if "libp2p" in transports and g <= 8:
+                workers = Workers(g, Path(tmp))
+                try:
+                    for round, n in enumerate(sizes):
+                        cases.append(libp2p_case(workers, n, None, round))
+                finally:
+                    workers.stop()
+    print(json.dumps({"benchmark": "secagg", "cores": os.cpu_count(), "cases": cases}))
+
+
+if __name__ == "__main__":
+    main()
