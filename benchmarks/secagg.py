@@ -17,11 +17,14 @@ Prints one JSON line whose ``cases`` list holds one object per (``transport``, `
 - ``cpu_s_secure``, ``cpu_s_plain``: CPU seconds of all peers together (on a machine with
   fewer cores than peers, wall time is about CPU time / cores: the figures to read first).
 
-The memory transport runs ``g`` nodes in this process; libp2p runs ``g`` OS processes on
-127.0.0.1 (this script with ``--worker``), started together by a wall-clock barrier.
+Each case runs plain and secure ``--repeats`` times (default 2) and reports the last: training
+runs the same shapes every round, and the first run of a process pays page faults for every
+fresh vector-sized array. The memory transport runs ``g`` nodes in this process; libp2p runs
+``g`` OS processes on 127.0.0.1 (this script with ``--worker``), started together by a
+wall-clock barrier.
 
 Usage: python benchmarks/secagg.py [--quick] [--sizes 1000000,10000000] [--groups 8,32]
-       [--transports memory,libp2p] [--neighbours 8]
+       [--transports memory,libp2p] [--neighbours 8] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -110,7 +113,9 @@ def keystream_seconds(total_bytes: int, threads: int) -> float:
 # -- memory transport: g nodes in this process -----------------------------------------------------
 
 
-async def memory_case(g: int, n: int, neighbours: int | None, tmp: Path) -> dict[str, Any]:
+async def memory_case(
+    g: int, n: int, neighbours: int | None, tmp: Path, repeats: int
+) -> dict[str, Any]:
     network = MemoryNetwork(seed=0)
     async with AsyncExitStack() as stack:
         nodes: list[Node] = []
@@ -128,29 +133,30 @@ async def memory_case(g: int, n: int, neighbours: int | None, tmp: Path) -> dict
         roster = tuple(node.peer_id for node in nodes)
         values = [values_for(i, n) for i in range(g)]
 
-        async def timed(run: Any) -> Timing:
+        async def timed(run: Any, number: int) -> Timing:
             began, cpu_began = trio.current_time(), time.process_time()
             async with trio.open_nursery() as nursery:
                 for i in range(g):
-                    nursery.start_soon(run, i)
+                    nursery.start_soon(run, i, number)
             return Timing(trio.current_time() - began, time.process_time() - cpu_began, 0)
 
-        async def plain(i: int) -> None:
+        async def plain(i: int, number: int) -> None:
             await aggregators[i].plain_mean(
-                values[i], job=b"bench", round=0, group=0, roster=roster
+                values[i], job=b"bench", round=number, group=0, roster=roster
             )
 
-        spec = spec_for(roster, neighbours, round=1)
-
-        async def secure(i: int) -> None:
+        async def secure(i: int, number: int) -> None:
             rng = np.random.default_rng(i)
+            spec = spec_for(roster, neighbours, number)
             result = await aggregators[i].secure_mean(spec, values[i], QUANTIZER, rng=rng)
             check_complete(result, g)
 
-        plain_timing = await timed(plain)
-        sent_before = nodes[0].stats.bytes_out
-        secure_timing = await timed(secure)
-        sent = nodes[0].stats.bytes_out - sent_before
+        for repeat in range(repeats):  # the last one counts: rounds after the first
+            plain_timing = await timed(plain, 2 * repeat)
+            sent_before = nodes[0].stats.bytes_out
+            secure_timing = await timed(secure, 2 * repeat + 1)
+            sent = nodes[0].stats.bytes_out - sent_before
+        spec = spec_for(roster, neighbours, 1)
     secure_timing = Timing(secure_timing.seconds, secure_timing.cpu_s, sent)
     return case("memory", spec, n, secure_timing, plain_timing, sharing=g)
 
@@ -299,11 +305,17 @@ class Workers:
             process.wait(30)
 
 
-def libp2p_case(workers: Workers, n: int, neighbours: int | None, round: int) -> dict[str, Any]:
-    plain = workers.run({"cmd": "plain", "n": n, "round": round})
-    secure = workers.run({"cmd": "secure", "n": n, "round": round, "neighbours": neighbours})
+def libp2p_case(
+    workers: Workers, n: int, neighbours: int | None, first: int, repeats: int
+) -> dict[str, Any]:
+    for repeat in range(repeats):  # the last one counts: rounds after the first
+        number = first + 2 * repeat
+        plain = workers.run({"cmd": "plain", "n": n, "round": number})
+        secure = workers.run(
+            {"cmd": "secure", "n": n, "round": number + 1, "neighbours": neighbours}
+        )
     roster = tuple(PeerId.from_string(text) for text in workers.ids)
-    spec = spec_for(roster, neighbours, round)
+    spec = spec_for(roster, neighbours, first)
     return case("libp2p", spec, n, secure, plain, sharing=len(roster))
 
 
@@ -314,6 +326,7 @@ def main() -> None:
     parser.add_argument("--groups", default="8,32")
     parser.add_argument("--transports", default="memory,libp2p")
     parser.add_argument("--neighbours", type=int, default=8, help="SecAgg+ k for g > k + 1")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per case; the last counts")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     configure_logging("error")
@@ -332,12 +345,13 @@ def main() -> None:
             if "memory" in transports:
                 for n in sizes:
                     for k in options:
-                        cases.append(trio.run(memory_case, g, n, k, Path(tmp)))
+                        cases.append(trio.run(memory_case, g, n, k, Path(tmp), args.repeats))
             if "libp2p" in transports and g <= 8:
                 workers = Workers(g, Path(tmp))
                 try:
-                    for round, n in enumerate(sizes):
-                        cases.append(libp2p_case(workers, n, None, round))
+                    for index, n in enumerate(sizes):
+                        first = 2 * args.repeats * index
+                        cases.append(libp2p_case(workers, n, None, first, args.repeats))
                 finally:
                     workers.stop()
     print(json.dumps({"benchmark": "secagg", "cores": os.cpu_count(), "cases": cases}))

@@ -162,8 +162,6 @@ class ButterflySession:
         if self._phase is _Phase.SUM and len(sums) == len(self._others):
             assert self._own_sum is not None
             self._phase = _Phase.DONE
-            total = np.concatenate(
-                [self._own_sum if owner == self.me else sums[owner] for owner in self._owners]
-            )
-            return [Finished(total, self._owners)]
+            parts = [self._own_sum if owner == self.me else sums[owner] for owner in self._owners]
+            return [Finished(tuple(parts), self._owners)]
         return []

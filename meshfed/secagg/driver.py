@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -142,6 +143,11 @@ class _Run:
         self.step: tuple[int, int] = (-1, -1)
         self.started = trio.current_time()
         self.majority_at: float | None = None
+        self.arrived = self.expected = 0
+
+    def may_end_step(self) -> bool:
+        """Whether the next answer could end the current step (it is the last one due)."""
+        return self.arrived + 1 >= self.expected
 
     def observe(self, progress: Progress, call_started: float) -> bool:
         """Note the session's progress after a call that began at ``call_started``; True if it
@@ -149,12 +155,42 @@ class _Run:
         that call did (masking a vector) is part of what the stragglers are allowed too."""
         now = trio.current_time()
         new_step = progress.step != self.step
+        self.arrived, self.expected = progress.arrived, progress.expected
         if new_step:
             self.step, self.started, self.majority_at = progress.step, call_started, None
         if self.majority_at is None and progress.arrived >= math.ceil(progress.expected / 2):
             self.majority_at = now
         self.changed.set()
         return new_step
+
+
+class _Buffers:
+    """Vector-sized scratch arrays kept between runs. A fresh 40 MB array costs more in page
+    faults here than masking it does, and every training round needs the same shapes."""
+
+    def __init__(self, keep: int = 3) -> None:
+        self._keep = keep
+        self._free: dict[tuple[int, str], list[npt.NDArray[Any]]] = {}
+
+    @contextmanager
+    def lend(self) -> Iterator[Callable[[int, np.dtype[Any]], Levels]]:
+        """``take(size, dtype)`` hands out arrays until the block ends, then takes them back
+        (so keep the block open until nothing reads them: sends included)."""
+        lent: list[npt.NDArray[Any]] = []
+
+        def take(size: int, dtype: np.dtype[Any]) -> Levels:
+            free = self._free.get((size, dtype.str))
+            array = free.pop() if free else np.empty(size, dtype)
+            lent.append(array)
+            return array
+
+        try:
+            yield take
+        finally:
+            for array in lent:
+                free = self._free.setdefault((array.size, array.dtype.str), [])
+                if len(free) < self._keep:
+                    free.append(array)
 
 
 class Aggregator:
@@ -187,6 +223,7 @@ class Aggregator:
         self._pending_ttl_s = pending_ttl_s
         self._max_pending = max_pending
         self._runs: dict[bytes, _Run] = {}
+        self._buffers = _Buffers()
         self._ended: dict[bytes, float] = {}
         self._pending: dict[bytes, list[tuple[float, PeerId, Message]]] = {}
         for message_type in _MESSAGES:
@@ -202,9 +239,9 @@ class Aggregator:
         Raises:
             AggregationFailed: the run (and every allowed re-run) ended without a sum.
         """
-        session = SecAggSession(spec, self._node.peer_id, levels, max_attempts=self._max_attempts)
-        outcome = await self._drive(session, Scope(spec.job[:64], spec.round), len(levels))
-        return GroupResult(outcome.total, outcome.survivors, session.attempt + 1)
+        with self._buffers.lend() as take:
+            outcome, attempts = await self._secure(spec, levels, take)
+            return GroupResult(outcome.total, outcome.survivors, attempts)
 
     async def secure_mean(
         self,
@@ -224,15 +261,33 @@ class Aggregator:
         if quantizer.ring_bits != spec.ring_bits:
             raise ValueError("the quantizer and the group spec use different rings")
         check_capacity(len(spec.roster), quantizer.levels_bits, spec.ring_bits)
-        levels = await trio.to_thread.run_sync(quantizer.quantize, values, rng)
-        result = await self.secure_sum(spec, levels)
-        count = len(result.survivors)
+        with self._buffers.lend() as take:
+            levels = take(values.size, spec.dtype)
+            await trio.to_thread.run_sync(lambda: quantizer.quantize(values, rng, out=levels))
+            outcome, attempts = await self._secure(spec, levels, take)
+            count = len(outcome.survivors)
 
-        def rescale() -> npt.NDArray[np.float32]:
-            return quantizer.decode(result.value, count, mean=True).astype(np.float32)
+            def rescale() -> npt.NDArray[np.float32]:
+                mean = np.empty(len(levels), np.float32)
+                for part, bounds in _placed(outcome.parts):
+                    quantizer.decode(part, count, mean=True, out=mean[bounds])
+                return mean
 
-        mean = await trio.to_thread.run_sync(rescale)
-        return GroupResult(mean, result.survivors, result.attempts)
+            mean = await trio.to_thread.run_sync(rescale)
+            return GroupResult(mean, outcome.survivors, attempts)
+
+    async def _secure(
+        self, spec: GroupSpec, levels: Levels, take: Callable[[int, np.dtype[Any]], Levels]
+    ) -> tuple[Finished, int]:
+        session = SecAggSession(
+            spec,
+            self._node.peer_id,
+            levels,
+            max_attempts=self._max_attempts,
+            new_buffer=lambda: take(len(levels), spec.dtype),
+        )
+        outcome = await self._drive(session, Scope(spec.job[:64], spec.round), len(levels))
+        return outcome, session.attempt + 1
 
     async def plain_mean(
         self,
@@ -252,7 +307,9 @@ class Aggregator:
             job=job, round=round, group=group, roster=roster, me=self._node.peer_id, values=values
         )
         outcome = await self._drive(session, Scope(job[:64], round), len(values))
-        mean = outcome.total / np.float32(len(roster))
+        mean = np.empty(len(values), np.float32)
+        for part, bounds in _placed(outcome.parts):
+            np.multiply(part, np.float32(1 / len(roster)), out=mean[bounds])
         return GroupResult(mean, outcome.survivors, 1)
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -301,16 +358,21 @@ class Aggregator:
         *,
         only_at: tuple[int, int] | None = None,
     ) -> None:
-        """Run one session call in a worker thread and carry out its actions; with
-        ``only_at``, only if the session is still at that step once it is our turn (a
-        deadline must not end the phase that a concurrent call has just begun)."""
+        """Run one session call and carry out its actions; with ``only_at``, only if the
+        session is still at that step once it is our turn (a deadline must not end the phase
+        that a concurrent call has just begun). A call that may end a step (the step's last
+        answer, a deadline) runs in a worker thread for long vectors: ending a step is where
+        masks are computed; the other calls are quicker than a thread hop."""
         async with run.lock:
             if only_at is not None and (run.step != only_at or run.outcome is not None):
                 return
             if run.outcome is not None:
                 raise RemoteProtocolError("the run has ended", reason=RejectReason.LATE)
             call_started = trio.current_time()
-            actions = await trio.to_thread.run_sync(call) if run.in_thread else call()
+            if run.in_thread and (only_at is not None or run.may_end_step()):
+                actions = await trio.to_thread.run_sync(call)
+            else:
+                actions = call()
             progress = run.session.progress()
             if run.observe(progress, call_started) and self._on_progress is not None:
                 self._on_progress(progress)
@@ -398,3 +460,12 @@ class Aggregator:
             else:
                 del self._pending[context]
         self._ended = {c: t for c, t in self._ended.items() if t >= now - 10 * self._pending_ttl_s}
+
+
+def _placed(parts: tuple[npt.NDArray[Any], ...]) -> list[tuple[npt.NDArray[Any], slice]]:
+    """Each part with the slice of the whole vector it fills."""
+    placed, start = [], 0
+    for part in parts:
+        placed.append((part, slice(start, start + len(part))))
+        start += len(part)
+    return placed

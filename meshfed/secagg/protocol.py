@@ -220,10 +220,17 @@ class Rejected:
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """The run's result: the sum of the survivors' inputs (in the ring, for secure runs)."""
+    """The run's result: the sum of the survivors' inputs (in the ring, for secure runs), as
+    the owners' slices in order (:attr:`total` joins them; a caller that converts the sum
+    anyway can write each part straight into its output and skip that copy)."""
 
-    total: npt.NDArray[Any]
+    parts: tuple[npt.NDArray[Any], ...]
     survivors: tuple[PeerId, ...]
+
+    @property
+    def total(self) -> npt.NDArray[Any]:
+        """The whole sum, one array."""
+        return np.concatenate(self.parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +308,8 @@ class SecAggPeer:
             (quantize floats with :class:`~meshfed.secagg.ring.Quantizer` first).
         random_bytes: the randomness source for keys, secrets and shares (``os.urandom``;
             tests pass a seeded one).
+        buffer: where to write the masked vector (same shape and dtype as ``levels``; a new
+            array if ``None``). It must not change until the run's sends are done.
     """
 
     def __init__(
@@ -310,6 +319,7 @@ class SecAggPeer:
         levels: Levels,
         *,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        buffer: Levels | None = None,
     ) -> None:
         if me not in spec.roster:
             raise ValueError("this peer is not in the roster")
@@ -321,7 +331,10 @@ class SecAggPeer:
         self.me = me
         self.context = spec.context
         self.phase = Phase.KEYS
+        if buffer is not None and (buffer.shape != levels.shape or buffer.dtype != levels.dtype):
+            raise ValueError("the buffer must have the input's shape and dtype")
         self._levels = levels
+        self._buffer = buffer
         self._index = {peer: i for i, peer in enumerate(spec.roster)}
         self._random_bytes = random_bytes
         self._cipher_key = X25519PrivateKey.from_private_bytes(random_bytes(32))
@@ -707,9 +720,8 @@ class SecAggPeer:
         sums: dict[PeerId, Levels] = self._inbox[Phase.SUM]
         if missing := set(self._owners) - sums.keys():
             return self._abort(AbortReason.SLICE_LOST, f"{len(missing)} slice sums never came")
-        total = np.concatenate([sums[owner] for owner in self._owners])
         self.phase = Phase.DONE
-        return [Finished(total, self._survivors)]
+        return [Finished(tuple(sums[owner] for owner in self._owners), self._survivors)]
 
     # -- masks ---------------------------------------------------------------------------------
 
@@ -723,7 +735,7 @@ class SecAggPeer:
             (self._pair_seed(self._mask_key, self.me, peer), mask_sign(self.me, peer))
             for peer in sorted(self._graph[self.me], key=lambda p: p.raw)
         ]
-        masked = np.empty_like(self._levels)
+        masked = np.empty_like(self._levels) if self._buffer is None else self._buffer
         _apply_masks(masked, 0, seeds, start_from=self._levels)
         return masked
 
@@ -789,7 +801,8 @@ class SecAggSession:
     rejected as late. No re-run after this peer revealed unmask shares.
 
     The interface is :class:`SecAggPeer`'s; the session ends with one :class:`Finished` or
-    one :class:`Aborted` (the last attempt's).
+    one :class:`Aborted` (the last attempt's). ``new_buffer`` gives each attempt the array to
+    mask into (each its own: an earlier attempt's sends may still be reading its buffer).
     """
 
     def __init__(
@@ -800,6 +813,7 @@ class SecAggSession:
         *,
         max_attempts: int = 3,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        new_buffer: Callable[[], Levels] | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -809,7 +823,8 @@ class SecAggSession:
         self._levels = levels
         self._random_bytes = random_bytes
         self.attempt = 0
-        self.current = SecAggPeer(self._specs[0], me, levels, random_bytes=random_bytes)
+        self._new_buffer = new_buffer
+        self.current = self._peer(self._specs[0])
         #: why each abandoned attempt ended
         self.aborts: list[Aborted] = []
         self._later: dict[tuple[int, PeerId, str], Message | tuple[SliceKind, Levels]] = {}
@@ -892,10 +907,16 @@ class SecAggSession:
             result += self._next_attempt()
         return result
 
+    def _peer(self, spec: GroupSpec) -> SecAggPeer:
+        buffer = None if self._new_buffer is None else self._new_buffer()
+        return SecAggPeer(
+            spec, self._me, self._levels, random_bytes=self._random_bytes, buffer=buffer
+        )
+
     def _next_attempt(self) -> list[Action]:
         self.attempt += 1
         spec = self._specs[self.attempt]
-        self.current = SecAggPeer(spec, self._me, self._levels, random_bytes=self._random_bytes)
+        self.current = self._peer(spec)
         actions = self.current.start()
         kept = sorted(
             (key for key in self._later if key[0] == self.attempt),

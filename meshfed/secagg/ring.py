@@ -74,12 +74,21 @@ class Quantizer:
         """The numpy dtype of ring elements (wrap-around arithmetic is the ring's)."""
         return _DTYPES[self.ring_bits]
 
-    def quantize(self, values: npt.NDArray[np.floating[Any]], rng: np.random.Generator) -> Levels:
-        """Levels of ``values``: ``floor(y + U)`` with ``U`` uniform in [0, 1), which rounds
-        ``y`` up with probability ``frac(y)`` (unbiased). Computed in float64, a cache-sized
-        chunk at a time (ten times faster than whole-array temporaries)."""
+    def quantize(
+        self,
+        values: npt.NDArray[np.floating[Any]],
+        rng: np.random.Generator,
+        *,
+        out: Levels | None = None,
+    ) -> Levels:
+        """Levels of ``values`` (into ``out``, a flat array of ``dtype``, if given):
+        ``floor(y + U)`` with ``U`` uniform in [0, 1), which rounds ``y`` up with probability
+        ``frac(y)`` (unbiased). Computed in float64, a cache-sized chunk at a time (ten times
+        faster than whole-array temporaries)."""
         flat = np.ascontiguousarray(values).reshape(-1)
-        levels: Levels = np.empty(flat.shape, dtype=self.dtype)
+        levels: Levels = np.empty(flat.shape, dtype=self.dtype) if out is None else out
+        if levels.shape != flat.shape or levels.dtype != self.dtype:
+            raise ValueError(f"out must be a flat {self.dtype} array of {len(flat)} elements")
         scale, shift = self.top / (2 * self.clip), self.top / 2
         for start in range(0, len(flat), _CHUNK):
             work = np.clip(flat[start : start + _CHUNK], -self.clip, self.clip).astype(np.float64)
@@ -92,19 +101,27 @@ class Quantizer:
         return levels.reshape(np.shape(values))
 
     def decode(
-        self, total: Levels, count: int, *, mean: bool = False
+        self,
+        total: Levels,
+        count: int,
+        *,
+        mean: bool = False,
+        out: npt.NDArray[np.floating[Any]] | None = None,
     ) -> npt.NDArray[np.floating[Any]]:
         """The float sum (float64) of ``count`` peers' values from the ring sum of their levels,
-        or with ``mean`` their mean as float32 (what models use).
+        or with ``mean`` their mean as float32 (what models use); into ``out`` if given.
 
         Raises:
-            ValueError: if ``count`` peers' levels could have wrapped around the ring.
+            ValueError: if ``count`` peers' levels could have wrapped around the ring, or
+                ``out`` does not have ``total``'s shape.
         """
         check_capacity(count, self.levels_bits, self.ring_bits)
         step, offset = 2 * self.clip / self.top, count * self.clip
         if mean:
             step, offset = step / count, self.clip
-        result = np.empty(total.shape, dtype=np.float32 if mean else np.float64)
+        result = np.empty(total.shape, np.float32 if mean else np.float64) if out is None else out
+        if result.shape != total.shape:
+            raise ValueError(f"out has shape {result.shape}, not {total.shape}")
         flat_in, flat_out = total.reshape(-1), result.reshape(-1)
         for start in range(0, len(flat_in), _CHUNK):
             work = flat_in[start : start + _CHUNK].astype(np.float64)
