@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from meshfed import Node, NodeConfig, open_node
+from meshfed.identity import Identity
 from meshfed.secagg.driver import AggregationFailed, Aggregator, DeadlinePolicy, GroupResult
 from meshfed.secagg.protocol import AbortReason, GroupSpec
 from meshfed.secagg.ring import Quantizer
@@ -151,3 +152,38 @@ async def test_secure_mean_over_libp2p(tmp_path: Path) -> None:
         for result in results.values():
             assert isinstance(result, GroupResult)
             assert np.max(np.abs(result.value - np.mean(values, axis=0))) <= quantization_bound(3)
+
+
+async def test_eight_bit_mode_sums_in_the_16_bit_ring(tmp_path: Path) -> None:
+    quantizer = Quantizer(clip=1.0, levels_bits=8, ring_bits=16)
+    async with nodes(tmp_path, 4) as group:
+        values = vectors(4, 5_000)
+        spec = spec_for(group, ring_bits=16)
+        results: dict[int, GroupResult] = {}
+
+        async def one(i: int) -> None:
+            aggregator = Aggregator(group[i], deadlines=QUICK)
+            rng = np.random.default_rng(i)
+            results[i] = await aggregator.secure_mean(spec, values[i], quantizer, rng=rng)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(one, i)
+        for result in results.values():
+            error = np.max(np.abs(result.value - np.mean(values, axis=0)))
+            assert error <= 2 * quantizer.clip / quantizer.top
+
+
+async def test_a_group_too_large_for_the_ring_is_refused_before_anything_is_sent(
+    tmp_path: Path,
+) -> None:
+    quantizer = Quantizer(clip=1.0, levels_bits=12, ring_bits=16)  # 20 x 4095 > 2^16
+    async with nodes(tmp_path, 2) as group:
+        strangers = tuple(Identity.generate().peer_id for _ in range(18))
+        roster = tuple(n.peer_id for n in group) + strangers
+        spec = GroupSpec(job=b"j", round=0, group=0, roster=roster, threshold=11, ring_bits=16)
+        with pytest.raises(ValueError, match="does not fit"):
+            await Aggregator(group[0]).secure_mean(
+                spec, np.zeros(200, np.float32), quantizer, rng=np.random.default_rng(0)
+            )
+        assert group[0].stats.bytes_out == 0
