@@ -11,8 +11,8 @@
   a send that fails is only logged, since the protocol's deadlines deal with silent peers;
 - ends a phase that waits too long, with a deadline that adapts to the arrivals it saw
   (:class:`DeadlinePolicy`): once most answers are in, the rest get as long again as those took;
-- keeps messages that arrive for a run this node has not started yet (another peer finished
-  training first) for ``pending_ttl_s``, and rejects messages of runs that ended as late.
+- keeps messages and arrays that arrive for a run this node has not started yet (another peer
+  finished training first) for ``pending_ttl_s``, and rejects those of runs that ended as late.
 """
 
 from __future__ import annotations
@@ -200,8 +200,9 @@ class Aggregator:
         node: the node whose transport carries the runs.
         deadlines: how long phases wait (:class:`DeadlinePolicy`).
         max_attempts: runs of one secure group per round (re-runs after early dropouts).
-        pending_ttl_s: how long messages for a run not started here yet are kept.
-        max_pending: how many such messages are kept at most (then they are rejected).
+        pending_ttl_s: how long messages and arrays for a run not started here yet are kept.
+        max_pending: how many such messages and arrays are kept at most (then they are
+            rejected), and ``max_pending_bytes`` how many array bytes.
         on_progress: called with each session's :class:`Progress` whenever it takes a new
             step (for status displays; it must not block).
     """
@@ -214,6 +215,7 @@ class Aggregator:
         max_attempts: int = 3,
         pending_ttl_s: float = 30.0,
         max_pending: int = 4096,
+        max_pending_bytes: int = 1 << 30,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
         self._node = node
@@ -222,10 +224,11 @@ class Aggregator:
         self._max_attempts = max_attempts
         self._pending_ttl_s = pending_ttl_s
         self._max_pending = max_pending
+        self._max_pending_bytes = max_pending_bytes
         self._runs: dict[bytes, _Run] = {}
         self._buffers = _Buffers()
         self._ended: dict[bytes, float] = {}
-        self._pending: dict[bytes, list[tuple[float, PeerId, Message]]] = {}
+        self._pending: dict[bytes, list[tuple[float, PeerId, _Item]]] = {}
         for message_type in _MESSAGES:
             node.handle(message_type, self._on_message)
         node.on_array(self._on_array, prefix="secagg.")
@@ -326,8 +329,8 @@ class Aggregator:
                     self._runs[context] = run
                 await self._feed(run, session.start)
                 for context in contexts:
-                    for _, sender, message in self._pending.pop(context, []):
-                        await self._feed_quietly(run, sender, message)
+                    for _, sender, item in self._pending.pop(context, []):
+                        await self._feed_quietly(run, sender, context, item)
                 while run.outcome is None:
                     await self._wait_or_expire(run)
         finally:
@@ -379,9 +382,10 @@ class Aggregator:
         for action in actions:
             self._act(run, action)
 
-    async def _feed_quietly(self, run: _Run, sender: PeerId, message: Message) -> None:
+    async def _feed_quietly(self, run: _Run, sender: PeerId, context: bytes, item: _Item) -> None:
+        """Hand over something kept before the run began; count it if it is rejected now."""
         try:
-            await self._feed(run, lambda: run.session.receive(sender, message))
+            await self._feed(run, _delivery(run.session, sender, context, item))
         except RemoteProtocolError as exc:
             self._node.stats.reject(exc.reason)
 
@@ -415,22 +419,7 @@ class Aggregator:
     # -- what arrives ------------------------------------------------------------------------------
 
     async def _on_message(self, envelope: Envelope, message: Message) -> None:
-        context: bytes = getattr(message, "context", b"")
-        run = self._runs.get(context)
-        if run is not None:
-            sender = envelope.sender
-            await self._feed(run, lambda: run.session.receive(sender, message))
-            return
-        if context in self._ended:
-            raise RemoteProtocolError("message for a run that has ended", reason=RejectReason.LATE)
-        self._forget_old()
-        if sum(len(kept) for kept in self._pending.values()) >= self._max_pending:
-            raise RemoteProtocolError(
-                "too many messages for runs not started here", reason=RejectReason.RATE_LIMITED
-            )
-        self._pending.setdefault(context, []).append(
-            (trio.current_time(), envelope.sender, message)
-        )
+        await self._deliver(envelope.sender, getattr(message, "context", b""), message)
 
     async def _on_array(
         self, envelope: Envelope, header: ArrayHeader, array: npt.NDArray[Any]
@@ -443,12 +432,31 @@ class Aggregator:
             raise RemoteProtocolError(
                 f"bad array name {header.name!r}", reason=RejectReason.BAD_FIELD
             ) from None
+        await self._deliver(envelope.sender, context, (slice_kind, array))
+
+    async def _deliver(self, sender: PeerId, context: bytes, item: _Item) -> None:
+        """Feed ``item`` to its run; keep it if the run has not started here yet (another
+        peer got there first), within the pending limits.
+
+        Raises:
+            RemoteProtocolError: ``late`` for a run that ended, ``rate_limited`` past the
+                limits, or whatever the session rejects.
+        """
         run = self._runs.get(context)
-        if run is None:
-            reason = RejectReason.LATE if context in self._ended else RejectReason.WRONG_CONTEXT
-            raise RemoteProtocolError("array for no running group", reason=reason)
-        sender = envelope.sender
-        await self._feed(run, lambda: run.session.receive_slice(sender, slice_kind, context, array))
+        if run is not None:
+            await self._feed(run, _delivery(run.session, sender, context, item))
+            return
+        if context in self._ended:
+            raise RemoteProtocolError("for a run that has ended", reason=RejectReason.LATE)
+        self._forget_old()
+        kept = [entry[2] for entries in self._pending.values() for entry in entries]
+        kept_bytes = sum(entry[1].nbytes for entry in kept if isinstance(entry, tuple))
+        size = item[1].nbytes if isinstance(item, tuple) else 0
+        if len(kept) >= self._max_pending or kept_bytes + size > self._max_pending_bytes:
+            raise RemoteProtocolError(
+                "too much kept for runs not started here", reason=RejectReason.RATE_LIMITED
+            )
+        self._pending.setdefault(context, []).append((trio.current_time(), sender, item))
 
     def _forget_old(self) -> None:
         now = trio.current_time()
@@ -460,6 +468,20 @@ class Aggregator:
             else:
                 del self._pending[context]
         self._ended = {c: t for c, t in self._ended.items() if t >= now - 10 * self._pending_ttl_s}
+
+
+_Item = Message | tuple[SliceKind, npt.NDArray[Any]]
+"""What arrives for a run: a message, or an array with its kind."""
+
+
+def _delivery(
+    session: _Session, sender: PeerId, context: bytes, item: _Item
+) -> Callable[[], list[Action]]:
+    """The session call that takes ``item``."""
+    if isinstance(item, tuple):
+        kind, array = item
+        return lambda: session.receive_slice(sender, kind, context, array)
+    return lambda: session.receive(sender, item)
 
 
 def _placed(parts: tuple[npt.NDArray[Any], ...]) -> list[tuple[npt.NDArray[Any], slice]]:

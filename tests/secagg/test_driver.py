@@ -134,14 +134,18 @@ async def test_plain_butterfly_mean_is_exact(tmp_path: Path) -> None:
             np.testing.assert_allclose(result.value, np.mean(values, axis=0), atol=1e-6)
 
 
-async def test_arrays_for_no_running_group_are_rejected(tmp_path: Path) -> None:
+async def test_arrays_early_for_a_run_are_kept_within_limits_and_bad_ones_rejected(
+    tmp_path: Path,
+) -> None:
     async with nodes(tmp_path, 2) as (a, b):
-        Aggregator(b)
+        Aggregator(b, max_pending_bytes=100)
+        early = "secagg.input:" + "00" * 32
+        await a.send_array(b.peer_id, np.zeros(16, np.uint32), name=early)  # kept: 64 bytes
         with pytest.raises(Exception):  # noqa: B017 - the stream ends without acknowledgement
-            await a.send_array(b.peer_id, np.zeros(4, np.uint32), name="secagg.input:" + "00" * 32)
+            await a.send_array(b.peer_id, np.zeros(16, np.uint32), name=early)  # over 100 bytes
         with pytest.raises(Exception):  # noqa: B017
             await a.send_array(b.peer_id, np.zeros(4, np.uint32), name="secagg.input:zz")
-        assert b.stats.rejected[RejectReason.WRONG_CONTEXT] == 1
+        assert b.stats.rejected[RejectReason.RATE_LIMITED] == 1
         assert b.stats.rejected[RejectReason.BAD_FIELD] == 1
 
 

@@ -1,0 +1,106 @@
+"""Data sets that need no download, and how a job splits them among its peers.
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes),
+  pixels scaled to [0, 1].
+- ``synthetic``: a generated 10-class task with 64 features (``make_classification``), as
+  large as asked, for scale tests.
+
+Partitions (:func:`partition`) are pure functions of (labels, peers, scheme, alpha, seed), so
+every peer of a job computes the same split and takes its own shard: ``iid`` (a shuffled deal),
+``dirichlet`` (label skew: each class is divided among peers in Dirichlet(alpha) proportions;
+small alpha means few classes per peer), ``quantity`` (quantity skew: shard sizes in
+Dirichlet(alpha) proportions, labels mixed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["Dataset", "load", "partition"]
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """Features (float32, one row per example) and integer labels."""
+
+    x: npt.NDArray[np.float32]
+    y: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, indices: npt.NDArray[np.int64]) -> Dataset:
+        """The examples at ``indices``."""
+        return Dataset(self.x[indices], self.y[indices])
+
+
+def load(name: str, *, seed: int = 0, size: int = 20_000) -> tuple[Dataset, Dataset]:
+    """``(train, test)`` of data set ``name`` (test is a fixed 20% split from ``seed``).
+
+    Raises:
+        KeyError: an unknown data set.
+    """
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x = (bunch.data / 16.0).astype(np.float32)
+        y = bunch.target.astype(np.int64)
+    elif name == "synthetic":
+        from sklearn.datasets import make_classification
+
+        features, labels = make_classification(
+            n_samples=size, n_features=64, n_informative=24, n_classes=10, random_state=seed
+        )
+        x, y = features.astype(np.float32), labels.astype(np.int64)
+    else:
+        raise KeyError(f"no data set {name!r}; known: digits, synthetic")
+    order = np.random.default_rng(seed).permutation(len(y))
+    cut = len(y) * 4 // 5
+    whole = Dataset(x, y)
+    return whole.take(order[:cut]), whole.take(order[cut:])
+
+
+def partition(
+    labels: npt.NDArray[np.int64],
+    peers: int,
+    *,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_size: int = 10,
+) -> list[npt.NDArray[np.int64]]:
+    """The indices of each peer's shard (disjoint, together all of ``labels``).
+
+    Raises:
+        ValueError: an unknown scheme, or too few examples for ``peers`` x ``min_size``.
+    """
+    if peers < 1 or len(labels) < peers * min_size:
+        raise ValueError(f"{len(labels)} examples cannot give {peers} peers {min_size} each")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), peers)]
+    if scheme == "quantity":
+        while True:
+            shares = rng.dirichlet(np.full(peers, alpha))
+            sizes = np.floor(shares * len(labels)).astype(int)
+            if sizes.min() >= min_size:
+                break
+        cuts = np.cumsum(sizes)[:-1]
+        return [np.sort(part) for part in np.split(rng.permutation(len(labels)), cuts)]
+    if scheme == "dirichlet":
+        for _ in range(1000):  # redraw until every peer has min_size examples
+            shards: list[list[int]] = [[] for _ in range(peers)]
+            for label in np.unique(labels):
+                members = rng.permutation(np.flatnonzero(labels == label))
+                shares = rng.dirichlet(np.full(peers, alpha))
+                cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+                for shard, part in zip(shards, np.split(members, cuts), strict=True):
+                    shard.extend(part.tolist())
+            if min(len(shard) for shard in shards) >= min_size:
+                return [np.sort(np.array(shard, dtype=np.int64)) for shard in shards]
+        raise ValueError(f"alpha {alpha} leaves some of {peers} peers under {min_size} examples")
+    raise ValueError(f"scheme must be iid, dirichlet or quantity, not {scheme!r}")

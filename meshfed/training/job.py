@@ -1,0 +1,268 @@
+"""A training job and one peer's part in it: local training, then averaging in groups.
+
+:class:`JobSpec` is what every peer of a job agrees on (until the market issue, the buyer hands
+it to the roster, e.g. the testnet writes it to a file): the model by name, the data set and
+its partition, rounds, local training, the algorithm, and how to average.
+
+:class:`TrainingPeer` runs rounds on one node. A round: train locally (worker thread), then for
+each averaging step of the round, find this peer's Moshpit group (:mod:`..averaging.groups`) and
+average ``[w x, w]`` with it (``x`` the trained parameters, ``w`` this peer's example weight) by
+secure aggregation (or a plain butterfly when ``secure`` is off), so that ``x`` becomes the
+group's example-weighted mean; finally apply the strategy to the round's starting model and
+that average. With the ``exact`` schedule and nobody dropping, every peer ends every round with
+the same model: decentralized FedAvg. A peer whose group fails (deadline, too few) keeps its own
+parameters for that step and rejoins at the next.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import trio
+
+from ..averaging.groups import Placement
+from ..errors import ConfigError, MeshfedError
+from ..identity import PeerId
+from ..node import Node
+from ..secagg.driver import AggregationFailed, Aggregator, GroupResult
+from ..secagg.protocol import GroupSpec
+from ..secagg.ring import Quantizer, check_capacity
+from .data import load, partition
+from .models import build
+from .strategies import named
+from .torch_adapter import LocalTrainer, evaluate, flatten
+from .torch_adapter import load as load_vector
+
+__all__ = ["JobSpec", "RoundReport", "TrainingPeer"]
+
+_STEPS_PER_ROUND = 64  # GroupSpec.round = round * 64 + step: a fresh context for every step
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """A training job, as every peer of its roster sees it.
+
+    Attributes:
+        job_id: unique name (binds every message and mask of the job).
+        roster: the peers, as peer id strings; shard ``i`` of the data goes to peer ``i``.
+        model, model_options: the architecture (:func:`..models.build`).
+        dataset, partition, alpha: the data (:mod:`..data`).
+        rounds, epochs, batch_size, lr, optimizer: the training.
+        algorithm, algorithm_options: the strategy (:func:`..strategies.named`).
+        secure: average with secure aggregation (else a plain butterfly).
+        schedule: ``exact`` (all grid axes every round: identical models) or ``moshpit`` (one
+            axis per round).
+        max_group: the largest averaging group.
+        clip, levels_bits: quantization for secure averaging: parameters are clipped to
+            ``[-clip, clip]`` and quantized to ``2^levels_bits`` levels.
+        seed: model initialization and data split.
+    """
+
+    job_id: str
+    roster: tuple[str, ...]
+    model: str = "mlp"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "digits"
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    rounds: int = 10
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    algorithm: str = "fedavg"
+    algorithm_options: dict[str, Any] = field(default_factory=dict)
+    secure: bool = True
+    schedule: str = "exact"
+    max_group: int = 32
+    clip: float = 8.0
+    levels_bits: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.roster) < 2 or len(set(self.roster)) != len(self.roster):
+            raise ConfigError("a job's roster lists at least 2 distinct peers")
+        if self.schedule not in ("exact", "moshpit"):
+            raise ConfigError(f"schedule must be exact or moshpit, not {self.schedule!r}")
+        if not 2 <= self.max_group <= 128:
+            raise ConfigError("max_group must be in 2..128")
+        if self.rounds < 1 or self.epochs < 1:
+            raise ConfigError("rounds and epochs must be at least 1")
+        try:
+            for peer in self.roster:
+                PeerId.from_string(peer)
+            check_capacity(self.max_group, self.levels_bits, 32)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def to_json(self) -> str:
+        """The job as JSON (what :meth:`from_json` reads)."""
+        return json.dumps({**asdict(self), "roster": list(self.roster)}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        """Read a job written by :meth:`to_json`.
+
+        Raises:
+            ConfigError: unknown keys or invalid values.
+        """
+        try:
+            fields = json.loads(text)
+            fields["roster"] = tuple(fields["roster"])
+            return cls(**fields)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"not a job description: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class RoundReport:
+    """What one peer saw in one round."""
+
+    round: int
+    accuracy: float
+    loss: float
+    train_loss: float
+    seconds: float
+    averaging_s: float
+    bytes_out: int
+    #: survivors of each averaging step (0: this peer was left out of that step)
+    groups: tuple[int, ...]
+
+
+class TrainingPeer:
+    """This node's part in ``spec``. Run with :meth:`run`.
+
+    Raises:
+        ConfigError: this node is not in the roster, or the job names an unknown model or data.
+    """
+
+    def __init__(self, node: Node, spec: JobSpec, aggregator: Aggregator | None = None) -> None:
+        me = str(node.peer_id)
+        if me not in spec.roster:
+            raise ConfigError("this node is not in the job's roster")
+        self.node = node
+        self.spec = spec
+        self.aggregator = aggregator or Aggregator(node)
+        self._roster = tuple(PeerId.from_string(peer) for peer in spec.roster)
+        self._job = spec.job_id.encode()
+        try:
+            train, self.test = load(spec.dataset, seed=spec.seed)
+            shards = partition(
+                train.y, len(spec.roster), scheme=spec.partition, alpha=spec.alpha, seed=spec.seed
+            )
+            torch.manual_seed(spec.seed)  # every peer starts from the same model
+            self.model = build(spec.model, **spec.model_options)
+            self.strategy = named(spec.algorithm, **spec.algorithm_options)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ConfigError(f"job {spec.job_id!r}: {exc}") from None
+        self.shard = train.take(shards[spec.roster.index(me)])
+        #: this peer's weight in averages: its share of the largest shard (<= 1, so that
+        #: weighted parameters stay inside the quantization range)
+        self.weight = len(self.shard) / max(len(s) for s in shards)
+        self.trainer = LocalTrainer(
+            epochs=spec.epochs,
+            batch_size=spec.batch_size,
+            lr=spec.lr,
+            optimizer=spec.optimizer,
+            prox_mu=self.strategy.prox_mu,
+        )
+        self.quantizer = Quantizer(clip=spec.clip, levels_bits=spec.levels_bits, ring_bits=32)
+        self._rng = np.random.default_rng(int.from_bytes(os.urandom(8), "big"))
+
+    @property
+    def parameters(self) -> npt.NDArray[np.float32]:
+        """The current model as a flat vector."""
+        return flatten(self.model)
+
+    async def run(self, on_round: Callable[[RoundReport], None] | None = None) -> list[RoundReport]:
+        """Every round of the job; ``on_round`` sees each report as it comes."""
+        reports = []
+        for number in range(self.spec.rounds):
+            report = await self.run_round(number)
+            reports.append(report)
+            if on_round is not None:
+                on_round(report)
+        return reports
+
+    async def run_round(self, number: int) -> RoundReport:
+        """Train locally, average in this round's groups, apply the strategy, evaluate."""
+        began, sent_before = time.monotonic(), self.node.stats.bytes_out
+        base = flatten(self.model)
+        x, y = self.shard.x, self.shard.y
+        seed = self.spec.seed * 1_000_003 + number
+        train_loss = await trio.to_thread.run_sync(
+            lambda: self.trainer.train(self.model, x, y, seed=seed)
+        )
+        averaging_began = time.monotonic()
+        average, groups = await self._average(flatten(self.model), number)
+        load_vector(self.model, self.strategy.apply(base, average))
+        loss, accuracy = await trio.to_thread.run_sync(
+            lambda: evaluate(self.model, self.test.x, self.test.y)
+        )
+        now = time.monotonic()
+        return RoundReport(
+            round=number,
+            accuracy=accuracy,
+            loss=loss,
+            train_loss=train_loss,
+            seconds=now - began,
+            averaging_s=now - averaging_began,
+            bytes_out=self.node.stats.bytes_out - sent_before,
+            groups=tuple(groups),
+        )
+
+    async def _average(
+        self, params: npt.NDArray[np.float32], number: int
+    ) -> tuple[npt.NDArray[np.float32], list[int]]:
+        """This round's averaging steps; returns the average and each step's group size."""
+        placement = Placement(
+            self._roster, job=self._job, round=number, max_group=self.spec.max_group
+        )
+        exact = self.spec.schedule == "exact"
+        steps = range(placement.steps) if exact else [number % placement.steps]
+        weight, sizes = self.weight, []
+        for step in steps:
+            index, members = placement.group(self.node.peer_id, step)
+            if len(members) < 2:
+                sizes.append(1)
+                continue
+            vector = np.empty(len(params) + 1, np.float32)
+            np.multiply(params, weight, out=vector[:-1])
+            vector[-1] = weight
+            try:
+                result = await self._group_mean(
+                    vector, number * _STEPS_PER_ROUND + step, index, members
+                )
+            except (AggregationFailed, MeshfedError, trio.TooSlowError):
+                sizes.append(0)
+                continue
+            total = float(result.value[-1])
+            params = (result.value[:-1] / total).astype(np.float32)
+            # the group's weight, scaled by the axis so that it stays <= 1 at the next step
+            weight = total * len(result.survivors) / placement.shape[step % placement.steps]
+            sizes.append(len(result.survivors))
+        return params, sizes
+
+    async def _group_mean(
+        self, vector: npt.NDArray[np.float32], round: int, index: int, members: tuple[PeerId, ...]
+    ) -> GroupResult:
+        if not self.spec.secure:
+            return await self.aggregator.plain_mean(
+                vector, job=self._job, round=round, group=index, roster=members
+            )
+        spec = GroupSpec(
+            job=self._job,
+            round=round,
+            group=index,
+            roster=members,
+            threshold=len(members) // 2 + 1,
+        )
+        return await self.aggregator.secure_mean(spec, vector, self.quantizer, rng=self._rng)

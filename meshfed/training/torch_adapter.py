@@ -1,0 +1,115 @@
+"""A torch model as a flat float32 vector, and local training and evaluation.
+
+Averaging works on flat vectors: :func:`flatten` copies a model's parameters into one float32
+numpy array (in ``model.parameters()`` order) and :func:`load` writes one back. Both ends of a
+job build the same architecture by name, so the order is the same everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+__all__ = ["LocalTrainer", "evaluate", "flatten", "load"]
+
+
+def flatten(model: nn.Module) -> npt.NDArray[np.float32]:
+    """The model's parameters as one new float32 vector."""
+    with torch.no_grad():
+        vector: npt.NDArray[np.float32] = (
+            parameters_to_vector(model.parameters()).detach().cpu().numpy().astype(np.float32)
+        )
+    return vector
+
+
+def load(model: nn.Module, vector: npt.NDArray[np.float32]) -> None:
+    """Write ``vector`` (as from :func:`flatten`) into the model's parameters.
+
+    Raises:
+        ValueError: a vector of the wrong length.
+    """
+    count = sum(p.numel() for p in model.parameters())
+    if vector.shape != (count,):
+        raise ValueError(f"the model has {count} parameters, the vector {vector.shape}")
+    with torch.no_grad():
+        vector_to_parameters(torch.from_numpy(np.ascontiguousarray(vector)), model.parameters())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalTrainer:
+    """Local training on one peer's data.
+
+    Attributes:
+        epochs: passes over the local data per round.
+        batch_size: examples per step.
+        lr: learning rate.
+        optimizer: ``"sgd"`` (momentum 0.9) or ``"adam"``.
+        prox_mu: FedProx's proximal weight; 0 is plain local SGD (FedAvg).
+    """
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    prox_mu: float = 0.0
+
+    def train(
+        self,
+        model: nn.Module,
+        x: npt.NDArray[np.float32],
+        y: npt.NDArray[np.int64],
+        *,
+        seed: int,
+    ) -> float:
+        """Train ``model`` in place; returns the mean training loss of the last epoch."""
+        if self.optimizer == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                model.parameters(), lr=self.lr, momentum=0.9
+            )
+        elif self.optimizer == "adam":
+            optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        else:
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', not {self.optimizer!r}")
+        anchor = [p.detach().clone() for p in model.parameters()] if self.prox_mu else []
+        inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
+        generator = torch.Generator().manual_seed(seed)
+        loss_fn = nn.CrossEntropyLoss()
+        model.train()
+        last = 0.0
+        for _ in range(self.epochs):
+            order = torch.randperm(len(inputs), generator=generator)
+            total, seen = 0.0, 0
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                optimizer.zero_grad()
+                loss = loss_fn(model(inputs[batch]), labels[batch])
+                if self.prox_mu:
+                    drift = sum(
+                        ((p - a) ** 2).sum()
+                        for p, a in zip(model.parameters(), anchor, strict=True)
+                    )
+                    loss = loss + self.prox_mu / 2 * drift
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(batch)
+                seen += len(batch)
+            last = total / max(seen, 1)
+        return last
+
+
+def evaluate(
+    model: nn.Module, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]
+) -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``model`` on ``(x, y)``."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))
+        labels = torch.from_numpy(y)
+        loss = float(nn.functional.cross_entropy(logits, labels))
+        accuracy = float((logits.argmax(dim=1) == labels).float().mean())
+    return loss, accuracy

@@ -1,0 +1,78 @@
+"""Decentralized training over real nodes: every peer ends each round with the same model."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from meshfed import Node, NodeConfig, open_node
+from meshfed.errors import ConfigError
+from meshfed.identity import Identity
+from meshfed.secagg.driver import Aggregator, DeadlinePolicy
+from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
+from meshfed.transports.memory import MemoryNetwork
+
+QUICK = DeadlinePolicy(join_s=1.0, grace_s=0.3, phase_max_s=20.0)
+
+
+@asynccontextmanager
+async def memory_nodes(tmp_path: Path, n: int) -> AsyncIterator[list[Node]]:
+    network = MemoryNetwork(seed=3)
+    async with AsyncExitStack() as stack:
+        nodes = []
+        for i in range(n):
+            config = NodeConfig(
+                data_dir=tmp_path / f"n{i}",
+                transport="memory",
+                ping_interval_s=0,
+                membership=False,
+                mdns=False,
+            )
+            nodes.append(await stack.enter_async_context(open_node(config, network=network)))
+        yield nodes
+
+
+@pytest.mark.parametrize("secure", [True, False])
+async def test_peers_train_digits_together_and_hold_the_same_model(
+    tmp_path: Path, secure: bool
+) -> None:
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = JobSpec(
+            job_id=f"digits-{secure}",
+            roster=tuple(str(n.peer_id) for n in nodes),
+            rounds=6,
+            epochs=2,
+            secure=secure,
+            partition="dirichlet",
+            alpha=0.5,
+        )
+        reports: list[list[RoundReport]] = [[] for _ in nodes]
+        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
+        async with trio.open_nursery() as nursery:
+            for i, peer in enumerate(peers):
+                nursery.start_soon(peer.run, reports[i].append)
+        first = peers[0].parameters
+        for peer in peers[1:]:
+            np.testing.assert_array_equal(peer.parameters, first)
+        for peer_reports in reports:
+            assert [r.round for r in peer_reports] == list(range(6))
+            assert all(r.groups == (4,) for r in peer_reports)
+            assert peer_reports[-1].accuracy > 0.85
+            assert peer_reports[-1].accuracy > peer_reports[0].accuracy - 0.05
+
+
+def test_a_job_refuses_what_cannot_run() -> None:
+    roster = tuple(str(Identity.generate().peer_id) for _ in range(3))
+    with pytest.raises(ConfigError, match="schedule"):
+        JobSpec(job_id="j", roster=roster, schedule="sometimes")
+    with pytest.raises(ConfigError, match="roster"):
+        JobSpec(job_id="j", roster=roster[:1])
+    with pytest.raises(ConfigError, match="not a job"):
+        JobSpec.from_json('{"job_id": "j"}')
+    spec = JobSpec(job_id="j", roster=roster, model="mlp", model_options={"hidden": [32]})
+    assert JobSpec.from_json(spec.to_json()) == spec
