@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import sys
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import trio
 import typer
@@ -15,9 +17,14 @@ from .config import NodeConfig
 from .errors import MeshfedError
 from .identity import load_or_create_identity
 from .logs import configure_logging
-from .node import open_node
+from .node import Node, open_node
+
+if TYPE_CHECKING:
+    from .training.job import JobSpec
 
 __all__ = ["app", "main"]
+
+_ROSTER_WAIT_S = 120.0
 
 app = typer.Typer(
     help="meshfed: a peer-to-peer federated learning node.",
@@ -60,6 +67,10 @@ def run(
     status_interval: Annotated[
         float, typer.Option(help="Print the node's status every N seconds (0: never).")
     ] = 0.0,
+    job: Annotated[
+        Path | None,
+        typer.Option(help="Take part in the training job described in this JSON file."),
+    ] = None,
 ) -> None:
     """Start a node and serve until Ctrl-C or SIGTERM; prints its peer id and addresses."""
     cfg = _load(
@@ -72,7 +83,12 @@ def run(
     )
     configure_logging(cfg.log_level, cfg.log_format)
     try:
-        trio.run(_run, cfg, json_output, status_interval)
+        spec = None
+        if job is not None:
+            from .training.job import JobSpec  # torch loads only for nodes that train
+
+            spec = JobSpec.from_json(job.read_text())
+        trio.run(_run, cfg, json_output, status_interval, spec)
     except MeshfedError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -87,9 +103,37 @@ def _emit(json_output: bool, event: str, document: dict[str, Any]) -> None:
             print(f"listening on: {addr}", flush=True)
     elif event == "stopped":
         print("stopped", flush=True)
+    elif event == "round":
+        print(
+            f"round {document['round']}: accuracy {document['accuracy']:.3f}, "
+            f"loss {document['loss']:.3f}, {document['seconds']:.2f} s",
+            flush=True,
+        )
+    elif event == "job_failed":
+        print(f"job {document['job_id']} failed: {document['error']}", flush=True)
+    elif event == "job_done":
+        print(f"job {document['job_id']} done: accuracy {document['accuracy']:.3f}", flush=True)
 
 
-async def _run(cfg: NodeConfig, json_output: bool, status_interval: float) -> None:
+async def _train(node: Node, spec: JobSpec, json_output: bool) -> None:
+    """Take part in ``spec``: reach the roster, run every round, report each one. A job that
+    cannot run is reported (``job_failed``); the node keeps serving."""
+    from .training.job import TrainingPeer
+
+    try:
+        peer = TrainingPeer(node, spec)
+        await peer.connect_roster(within=_ROSTER_WAIT_S)
+        _emit(json_output, "job_started", {"job_id": spec.job_id, "examples": len(peer.shard)})
+        reports = await peer.run(lambda report: _emit(json_output, "round", asdict(report)))
+    except (MeshfedError, trio.TooSlowError) as exc:
+        _emit(json_output, "job_failed", {"job_id": spec.job_id, "error": repr(exc)})
+        return
+    _emit(json_output, "job_done", {"job_id": spec.job_id, "accuracy": reports[-1].accuracy})
+
+
+async def _run(
+    cfg: NodeConfig, json_output: bool, status_interval: float, job: JobSpec | None = None
+) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(cfg) as node:
             _emit(
@@ -104,6 +148,8 @@ async def _run(cfg: NodeConfig, json_output: bool, status_interval: float) -> No
 
                 if status_interval > 0:
                     nursery.start_soon(report)
+                if job is not None:
+                    nursery.start_soon(_train, node, job, json_output)
                 async for _ in signals:
                     break
                 nursery.cancel_scope.cancel(reason="signal received")
@@ -126,16 +172,43 @@ def show_id(data_dir: DataDirOpt = None, config: ConfigOpt = None) -> None:
 @app.command()
 def testnet(
     nodes: Annotated[int, typer.Option(help="How many node processes to start.", min=2)] = 4,
-    seconds: Annotated[float, typer.Option(help="How long to run.", min=1)] = 15.0,
-    out: Annotated[Path, typer.Option(help="Where to write the JSON summary.")] = Path(
+    rounds: Annotated[int, typer.Option(help="Training rounds.", min=1)] = 10,
+    secure: Annotated[
+        bool, typer.Option("--secure/--plain", help="Secure aggregation, or plain averaging.")
+    ] = True,
+    model: Annotated[str, typer.Option(help="Model name (mlp, cnn).")] = "mlp",
+    dataset: Annotated[str, typer.Option(help="digits or synthetic.")] = "digits",
+    partition: Annotated[str, typer.Option(help="iid, dirichlet or quantity.")] = "dirichlet",
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (non-IID-ness).")] = 0.5,
+    epochs: Annotated[int, typer.Option(help="Local epochs per round.", min=1)] = 1,
+    algorithm: Annotated[str, typer.Option(help="fedavg, fedprox, fedavgm, fedadam ...")] = (
+        "fedavg"
+    ),
+    limit: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 600.0,
+    out: Annotated[Path, typer.Option(help="Where to write the run as JSON.")] = Path(
         "testnet-run.json"
     ),
 ) -> None:
-    """Start a local mesh of node processes on 127.0.0.1 and show them talking."""
+    """Start N node processes on 127.0.0.1 that train one model together, live."""
     from .testnet import run_testnet
 
     configure_logging("warning")
-    sys.exit(trio.run(run_testnet, nodes, seconds, out))
+    options = {
+        "rounds": rounds,
+        "secure": secure,
+        "model": model,
+        "dataset": dataset,
+        "partition": partition,
+        "alpha": alpha,
+        "epochs": epochs,
+        "algorithm": algorithm,
+    }
+    try:
+        code = trio.run(functools.partial(run_testnet, nodes, out, limit_s=limit, **options))
+    except MeshfedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    sys.exit(code)
 
 
 def main() -> None:

@@ -1,20 +1,19 @@
-"""A local testnet: N ``meshfed-node run`` processes on 127.0.0.1, watched live.
+"""A local testnet: N ``meshfed-node run`` processes on 127.0.0.1 training one job together.
 
-Each node is its own OS process talking libp2p over loopback. The first node starts alone;
-each next one is given the addresses of those before it as bootstrap peers. Nodes ping the
-peers they are connected to with signed messages; this module reads each node's JSON status
-lines and shows a live table (rich), then stops the nodes with SIGTERM (a graceful stop) and
-writes a JSON summary.
-
-The training issue turns this into the federated-learning testnet; the process handling here
-stays.
+Each node is its own OS process talking libp2p over loopback. The testnet plays the buyer of a
+private federation: it creates the nodes' identities (so it knows the roster before they
+start), writes the job (:class:`~meshfed.training.job.JobSpec`) to a file, and starts every
+node with ``--job`` that file. The first node starts alone; each next one is given the addresses
+of those before it as bootstrap peers, and membership gossip connects the rest. Each node trains
+on its own non-IID shard and averages with the others by secure aggregation, printing a JSON
+line per round; this module shows them live (rich), then stops the nodes with SIGTERM (a
+graceful stop), prints a summary per round and writes the whole run as JSON.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import signal
 import statistics
@@ -30,6 +29,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from .identity import Identity
+from .training.job import JobSpec
+
 __all__ = ["run_testnet"]
 
 _STARTUP_S = 60.0
@@ -41,9 +43,11 @@ class _Child:
     index: int
     process: trio.Process
     started: dict[str, Any] = field(default_factory=dict)
-    status: dict[str, Any] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    outcome: dict[str, Any] = field(default_factory=dict)
     stopped: dict[str, Any] = field(default_factory=dict)
     ready: trio.Event = field(default_factory=trio.Event)
+    finished: trio.Event = field(default_factory=trio.Event)
 
 
 async def _read_lines(child: _Child) -> None:
@@ -61,51 +65,109 @@ async def _read_lines(child: _Child) -> None:
             if event == "started":
                 child.started = document
                 child.ready.set()
-            elif event == "status":
-                child.status = document
+            elif event == "round":
+                child.rounds.append(document)
+            elif event in ("job_done", "job_failed"):
+                child.outcome = {"event": event, **document}
+                child.finished.set()
             elif event == "stopped":
                 child.stopped = document
+    child.finished.set()  # the process ended
 
 
-def _table(children: list[_Child], elapsed: float, seconds: float) -> Table:
-    table = Table(title=f"meshfed testnet: {len(children)} nodes, {elapsed:.0f}/{seconds:.0f} s")
-    for column in ("node", "peer id", "peers", "accepted", "rejected", "bytes out", "rtt ms"):
+def _live_table(children: list[_Child], spec: JobSpec, elapsed: float) -> Table:
+    mode = "secure" if spec.secure else "plain"
+    table = Table(
+        title=f"meshfed testnet: {len(children)} nodes, {spec.model} on {spec.dataset} "
+        f"({spec.partition}), {mode} averaging, {elapsed:.0f} s"
+    )
+    for column in ("node", "peer id", "round", "accuracy", "loss", "round s", "avg s", "MB out"):
         table.add_column(column, justify="right")
     for child in children:
-        status = child.stopped or child.status
-        peers = status.get("peers", [])
-        stats = status.get("stats", {})
-        rtts = [p["rtt_ms"] for p in peers if p.get("rtt_ms") is not None]
+        last = child.rounds[-1] if child.rounds else {}
+        state = child.outcome.get("event", "")
         table.add_row(
             str(child.index),
             child.started.get("peer_id", "starting")[-8:],
-            str(len(peers)),
-            str(sum(stats.get("accepted", {}).values())),
-            str(sum(stats.get("rejected", {}).values())),
-            str(stats.get("bytes_out", 0)),
-            f"{statistics.median(rtts):.2f}" if rtts else "-",
+            f"{len(child.rounds)}/{spec.rounds}" + (" failed" if state == "job_failed" else ""),
+            f"{last['accuracy']:.3f}" if last else "-",
+            f"{last['loss']:.3f}" if last else "-",
+            f"{last['seconds']:.2f}" if last else "-",
+            f"{last['averaging_s']:.2f}" if last else "-",
+            f"{sum(r['bytes_out'] for r in child.rounds) / 1e6:.1f}",
         )
     return table
 
 
-async def run_testnet(nodes: int, seconds: float, out: Path) -> int:
-    """Run the testnet; returns 0 if every node reached every other one, else 1."""
+def _summary(children: list[_Child], spec: JobSpec) -> tuple[Table, list[dict[str, Any]]]:
+    table = Table(title="per round, over all nodes")
+    for column in ("round", "accuracy", "spread", "round s", "avg s", "kB out / node"):
+        table.add_column(column, justify="right")
+    rows = []
+    for number in range(spec.rounds):
+        reports = [c.rounds[number] for c in children if len(c.rounds) > number]
+        if not reports:
+            break
+        accuracies = [r["accuracy"] for r in reports]
+        row = {
+            "round": number,
+            "nodes": len(reports),
+            "accuracy": statistics.mean(accuracies),
+            "accuracy_spread": max(accuracies) - min(accuracies),
+            "seconds": statistics.mean(r["seconds"] for r in reports),
+            "averaging_s": statistics.mean(r["averaging_s"] for r in reports),
+            "bytes_out": statistics.mean(r["bytes_out"] for r in reports),
+        }
+        rows.append(row)
+        table.add_row(
+            str(number),
+            f"{row['accuracy']:.3f}",
+            f"{row['accuracy_spread']:.3f}",
+            f"{row['seconds']:.2f}",
+            f"{row['averaging_s']:.2f}",
+            f"{row['bytes_out'] / 1e3:.0f}",
+        )
+    return table, rows
+
+
+def _make_job(workdir: Path, nodes: int, options: dict[str, Any]) -> JobSpec:
+    """Create each node's identity in its data directory; the roster follows from them."""
+    roster = []
+    for index in range(nodes):
+        data_dir = workdir / f"node-{index}"
+        data_dir.mkdir(mode=0o700)
+        identity = Identity.generate()
+        identity.save(data_dir / "identity.key")
+        roster.append(str(identity.peer_id))
+    job_id = f"testnet-{os.urandom(4).hex()}"
+    return JobSpec(job_id=job_id, roster=tuple(roster), **options)
+
+
+async def run_testnet(nodes: int, out: Path, *, limit_s: float, **job_options: Any) -> int:
+    """Run the testnet; returns 0 if every node finished the job with the same accuracy."""
     console = Console(stderr=False)
     # The nodes bootstrap off each other; mDNS stays off so that two testnets (or a testnet and
-    # other meshfed nodes on this host) never merge.
+    # other meshfed nodes on this host) never merge. One torch thread per node: N processes
+    # share this machine's cores.
     env = {
         **os.environ,
-        "MESHFED_PING_INTERVAL_S": "1",
+        "MESHFED_PING_INTERVAL_S": "0",
         "MESHFED_LOG_LEVEL": "warning",
         "MESHFED_MDNS": "0",
+        "OMP_NUM_THREADS": "1",
     }
     children: list[_Child] = []
-    with tempfile.TemporaryDirectory(prefix="meshfed-testnet-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="meshfed-testnet-") as tmp:
+        workdir = Path(tmp)
+        spec = _make_job(workdir, nodes, job_options)
+        job_file = workdir / "job.json"
+        job_file.write_text(spec.to_json())
+        began = trio.current_time()
         async with trio.open_nursery() as nursery:
             for index in range(nodes):
                 bootstrap = [c.started["listen"][0] for c in children]
                 command = [sys.executable, "-m", "meshfed.cli", "run", "--json"]
-                command += ["--status-interval", "1", "--data-dir", f"{workdir}/node-{index}"]
+                command += ["--data-dir", str(workdir / f"node-{index}"), "--job", str(job_file)]
                 for addr in bootstrap:
                     command += ["--bootstrap", addr]
                 launch = functools.partial(
@@ -117,45 +179,54 @@ async def run_testnet(nodes: int, seconds: float, out: Path) -> int:
                 nursery.start_soon(_read_lines, child)
                 with trio.fail_after(_STARTUP_S):
                     await child.ready.wait()
-            started = trio.current_time()
-            with Live(_table(children, 0, seconds), console=console, refresh_per_second=2) as live:
-                while (elapsed := trio.current_time() - started) < seconds:
-                    live.update(_table(children, elapsed, seconds))
-                    await trio.sleep(0.5)
+            with Live(
+                _live_table(children, spec, 0), console=console, refresh_per_second=4
+            ) as live:
+                with trio.move_on_after(limit_s):
+                    for child in children:
+                        while not child.finished.is_set():
+                            live.update(_live_table(children, spec, trio.current_time() - began))
+                            with trio.move_on_after(0.25):
+                                await child.finished.wait()
                 for child in children:
                     child.process.send_signal(signal.SIGTERM)
                 with trio.move_on_after(_STOP_S):
                     for child in children:
                         await child.process.wait()
-                live.update(_table(children, seconds, seconds))
+                live.update(_live_table(children, spec, trio.current_time() - began))
             for child in children:
                 if child.process.returncode is None:
                     child.process.kill()
+    table, rows = _summary(children, spec)
+    console.print()
+    console.print(table)
+    finals = [c.rounds[-1]["accuracy"] for c in children if len(c.rounds) == spec.rounds]
+    done = len(finals) == nodes and all(c.outcome.get("event") == "job_done" for c in children)
+    same = done and max(finals) - min(finals) < 1e-6
+    clean = all(c.process.returncode == 0 for c in children)
     summary = {
-        "nodes": nodes,
-        "seconds": seconds,
-        "results": [
-            {"index": c.index, "returncode": c.process.returncode, **(c.stopped or c.status)}
+        "job": json.loads(spec.to_json()),
+        "seconds": trio.current_time() - began,
+        "finished": done,
+        "same_model_everywhere": same,
+        "final_accuracy": statistics.mean(finals) if finals else None,
+        "rounds": rows,
+        "nodes": [
+            {
+                "index": c.index,
+                "peer_id": c.started.get("peer_id"),
+                "returncode": c.process.returncode,
+                "outcome": c.outcome,
+                "rounds": c.rounds,
+                "stats": c.stopped.get("stats", {}),
+            }
             for c in children
         ],
     }
     await trio.Path(out).write_text(json.dumps(summary, indent=2))
-    full_mesh = all(
-        len([p for p in (c.stopped or c.status).get("peers", []) if p.get("rtt_ms") is not None])
-        == nodes - 1
-        for c in children
-    )
-    clean = all(c.process.returncode == 0 for c in children)
-    rtts = [
-        p["rtt_ms"]
-        for c in children
-        for p in (c.stopped or c.status).get("peers", [])
-        if p.get("rtt_ms") is not None
-    ]
-    median = statistics.median(rtts) if rtts else math.nan
+    verdict = "every node finished with the same model" if same else "NOT every node finished"
+    accuracy = f"final accuracy {summary['final_accuracy']:.3f}" if finals else "no accuracy"
     console.print(
-        f"{'full mesh' if full_mesh else 'INCOMPLETE mesh'}, "
-        f"{'clean stop' if clean else 'UNCLEAN stop'}, median ping {median:.2f} ms; "
-        f"summary written to {out}"
+        f"{verdict}, {accuracy}, {'clean stop' if clean else 'UNCLEAN stop'}; run written to {out}"
     )
-    return 0 if full_mesh and clean else 1
+    return 0 if same and clean else 1

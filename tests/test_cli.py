@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.procs.harness import ROOT
+from tests.procs.harness import ROOT, Process
 
 
 def cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
@@ -48,13 +49,39 @@ def test_bad_configuration_names_the_key(tmp_path: Path) -> None:
     assert "bootstrap" in result.stderr and "/p2p/" in result.stderr
 
 
-def test_testnet_forms_a_full_mesh_and_stops_cleanly(tmp_path: Path) -> None:
+def test_testnet_trains_one_model_on_every_node_and_stops_cleanly(tmp_path: Path) -> None:
     out = tmp_path / "run.json"
-    result = cli("testnet", "--nodes", "3", "--seconds", "4", "--out", str(out), timeout=180)
+    result = cli(
+        "testnet", "--nodes", "3", "--rounds", "3", "--epochs", "2", "--out", str(out), timeout=240
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "full mesh, clean stop" in result.stdout
-    summary = json.loads(out.read_text())
-    assert [r["returncode"] for r in summary["results"]] == [0, 0, 0]
-    for node in summary["results"]:
-        assert len(node["peers"]) == 2
-        assert node["stats"]["accepted"]["meshfed.ping"] >= 1
+    assert "every node finished with the same model" in result.stdout
+    assert "clean stop" in result.stdout
+    run = json.loads(out.read_text())
+    assert run["finished"] and run["same_model_everywhere"]
+    assert [node["returncode"] for node in run["nodes"]] == [0, 0, 0]
+    assert [r["round"] for r in run["rounds"]] == [0, 1, 2]
+    assert run["rounds"][-1]["accuracy"] > run["rounds"][0]["accuracy"]
+    assert run["final_accuracy"] > 0.6
+    for node in run["nodes"]:
+        assert node["stats"]["accepted"]["meshfed.secagg.unmask"] == 3 * 2  # 3 rounds, 2 others
+        assert not node["stats"]["rejected"]
+
+
+def test_a_job_file_for_another_node_is_reported_not_fatal(tmp_path: Path) -> None:
+    from meshfed.identity import Identity
+    from meshfed.training.job import JobSpec
+
+    roster = tuple(str(Identity.generate().peer_id) for _ in range(2))
+    job = tmp_path / "job.json"
+    job.write_text(JobSpec(job_id="elsewhere", roster=roster).to_json())
+    node = Process(
+        "-m", "meshfed.cli", "run", "--json", "--data-dir", str(tmp_path / "n"), "--job", str(job)
+    )
+    try:
+        assert node.read()["event"] == "started"
+        failed = node.read()
+        assert failed["event"] == "job_failed" and "not in the job" in failed["error"]
+    finally:
+        node.popen.send_signal(signal.SIGTERM)
+        assert node.popen.wait(20) == 0  # the node kept serving until told to stop

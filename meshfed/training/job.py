@@ -16,6 +16,7 @@ parameters for that step and rejoins at the next.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -181,6 +182,28 @@ class TrainingPeer:
     def parameters(self) -> npt.NDArray[np.float32]:
         """The current model as a flat vector."""
         return flatten(self.model)
+
+    async def connect_roster(self, *, within: float) -> None:
+        """Wait until this node is connected to every other roster peer, dialling the ones that
+        membership has addresses for.
+
+        Raises:
+            trio.TooSlowError: some roster peers are still unreachable after ``within`` seconds.
+        """
+        me = self.node.peer_id
+        with trio.fail_after(within):
+            while True:
+                connected = set(self.node.transport.connected_peers())
+                missing = {peer for peer in self._roster if peer != me and peer not in connected}
+                if not missing:
+                    return
+                records = [] if self.node.membership is None else self.node.membership.peers()
+                for record in records:
+                    if record.peer in missing and record.addrs:
+                        # not up yet: try again on the next pass
+                        with contextlib.suppress(MeshfedError, trio.TooSlowError):
+                            await self.node.connect(record.addrs[0])
+                await trio.sleep(0.2)
 
     async def run(self, on_round: Callable[[RoundReport], None] | None = None) -> list[RoundReport]:
         """Every round of the job; ``on_round`` sees each report as it comes."""
