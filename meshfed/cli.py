@@ -193,7 +193,7 @@ def testnet(
     from .testnet import run_testnet
 
     configure_logging("warning")
-    options = {
+    options: dict[str, Any] = {
         "rounds": rounds,
         "secure": secure,
         "model": model,

@@ -143,9 +143,17 @@ def _make_job(workdir: Path, nodes: int, options: dict[str, Any]) -> JobSpec:
     return JobSpec(job_id=job_id, roster=tuple(roster), **options)
 
 
-async def run_testnet(nodes: int, out: Path, *, limit_s: float, **job_options: Any) -> int:
-    """Run the testnet; returns 0 if every node finished the job with the same accuracy."""
-    console = Console(stderr=False)
+async def run_testnet(
+    nodes: int,
+    out: Path,
+    *,
+    limit_s: float,
+    console: Console | None = None,
+    **job_options: Any,
+) -> int:
+    """Run the testnet (showing it on ``console``, stdout by default); returns 0 if every node
+    finished the job with the same accuracy."""
+    console = console or Console(stderr=False)
     # The nodes bootstrap off each other; mDNS stays off so that two testnets (or a testnet and
     # other meshfed nodes on this host) never merge. One torch thread per node: N processes
     # share this machine's cores.

@@ -86,3 +86,18 @@ def test_secagg_benchmark_reports_secure_against_plain_per_case() -> None:
     for g in (8, 12):
         by_k = {c["neighbours"]: c["mask_bytes_per_peer"] for c in cases if c["g"] == g}
         assert by_k[4] < by_k[None]  # SecAgg+ neighbours cut the masks
+
+
+def test_training_benchmark_matches_centralized_fedavg() -> None:
+    figures = run("training.py", "--quick")
+    for key in (
+        "acc_central",
+        "acc_secure",
+        "round_s_small",
+        "avg_s_large",
+        "bytes_per_peer_round",
+    ):
+        assert isinstance(figures[key], int | float) and figures[key] > 0, key  # type: ignore[operator]
+    # the same job, the same seeds: secure averaging only adds quantization noise
+    assert abs(figures["gap_secure"]) <= 0.01  # type: ignore[arg-type]
+    assert {"acc_gossip", "sim_round_s_200", "sim_rss_mb_200"} <= set(figures)

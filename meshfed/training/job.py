@@ -42,7 +42,7 @@ from .strategies import named
 from .torch_adapter import LocalTrainer, evaluate, flatten
 from .torch_adapter import load as load_vector
 
-__all__ = ["JobSpec", "RoundReport", "TrainingPeer"]
+__all__ = ["JobSpec", "RoundReport", "TrainingPeer", "local_seed"]
 
 _STEPS_PER_ROUND = 64  # GroupSpec.round = round * 64 + step: a fresh context for every step
 
@@ -220,12 +220,12 @@ class TrainingPeer:
         began, sent_before = time.monotonic(), self.node.stats.bytes_out
         base = flatten(self.model)
         x, y = self.shard.x, self.shard.y
-        seed = self.spec.seed * 1_000_003 + number
+        seed = local_seed(self.spec, number)
         train_loss = await trio.to_thread.run_sync(
             lambda: self.trainer.train(self.model, x, y, seed=seed)
         )
         averaging_began = time.monotonic()
-        average, groups = await self._average(flatten(self.model), number)
+        average, groups = await self.average(flatten(self.model), number)
         load_vector(self.model, self.strategy.apply(base, average))
         loss, accuracy = await trio.to_thread.run_sync(
             lambda: evaluate(self.model, self.test.x, self.test.y)
@@ -242,10 +242,11 @@ class TrainingPeer:
             groups=tuple(groups),
         )
 
-    async def _average(
+    async def average(
         self, params: npt.NDArray[np.float32], number: int
     ) -> tuple[npt.NDArray[np.float32], list[int]]:
-        """This round's averaging steps; returns the average and each step's group size."""
+        """Round ``number``'s averaging steps on ``params`` (this peer's trained model): returns
+        the example-weighted average and each step's number of survivors (0: left out)."""
         placement = Placement(
             self._roster, job=self._job, round=number, max_group=self.spec.max_group
         )
@@ -289,3 +290,9 @@ class TrainingPeer:
             threshold=len(members) // 2 + 1,
         )
         return await self.aggregator.secure_mean(spec, vector, self.quantizer, rng=self._rng)
+
+
+def local_seed(spec: JobSpec, number: int) -> int:
+    """The seed of round ``number``'s local shuffling (the same formula on every peer, so a
+    centralized reference can replay a job exactly)."""
+    return spec.seed * 1_000_003 + number

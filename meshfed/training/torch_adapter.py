@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 __all__ = ["LocalTrainer", "evaluate", "flatten", "load"]
 
@@ -36,8 +36,15 @@ def load(model: nn.Module, vector: npt.NDArray[np.float32]) -> None:
     count = sum(p.numel() for p in model.parameters())
     if vector.shape != (count,):
         raise ValueError(f"the model has {count} parameters, the vector {vector.shape}")
+    # Copy into each parameter's own storage: vector_to_parameters would make the parameters
+    # views of ``vector``, so training would then write into the caller's array.
     with torch.no_grad():
-        vector_to_parameters(torch.from_numpy(np.ascontiguousarray(vector)), model.parameters())
+        offset = 0
+        for parameter in model.parameters():
+            size = parameter.numel()
+            chunk = torch.from_numpy(vector[offset : offset + size]).view_as(parameter)
+            parameter.copy_(chunk)
+            offset += size
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,135 @@
+"""Decentralized training against centralized FedAvg on the same job, same run.
+
+Prints one JSON line. The job: digits, ``--nodes`` peers (8), Dirichlet(alpha = 0.5) shards,
+the 9.6k-parameter MLP, ``--rounds`` rounds of ``--epochs`` local epochs, one seed:
+
+- ``acc_central``: FedAvg computed in this process: every round each shard trains from the
+  global model with the same trainer and seeds the peers use, and the global model becomes the
+  example-weighted mean (the reference);
+- ``acc_secure``: the same job on ``--nodes`` OS processes over libp2p on 127.0.0.1 (the
+  testnet), averaging by secure aggregation; ``gap_secure = acc_central - acc_secure``;
+- ``round_s_small``: mean seconds of a whole round (local epochs + secure averaging) after the
+  first, ``bytes_per_peer_round``: bytes a peer sends per round;
+- ``avg_s_large``: the secure averaging phase of a round for a ~1M-parameter MLP on the same
+  processes (mean over nodes and rounds after the first), ``params_large``.
+
+Not built yet (null): ``acc_gossip`` (push-sum gossip), ``sim_round_s_200`` and
+``sim_rss_mb_200`` (``--simulate``).
+
+Usage: python benchmarks/training.py [--nodes 8] [--rounds 10] [--epochs 1] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import trio
+from rich.console import Console
+
+from meshfed.logs import configure_logging
+from meshfed.testnet import run_testnet
+from meshfed.training.data import load, partition
+from meshfed.training.job import JobSpec, local_seed
+from meshfed.training.models import build
+from meshfed.training.torch_adapter import LocalTrainer, evaluate, flatten
+from meshfed.training.torch_adapter import load as load_vector
+
+LARGE = {"hidden": [1024, 960]}  # 64*1024 + 1024 + 1024*960 + 960 + 960*10 + 10 = 1.05M
+
+
+def centralized_fedavg(spec: JobSpec) -> list[float]:
+    """Accuracy after each round of FedAvg over the job's shards, in this process."""
+    train, test = load(spec.dataset, seed=spec.seed)
+    shards = partition(
+        train.y, len(spec.roster), scheme=spec.partition, alpha=spec.alpha, seed=spec.seed
+    )
+    torch.manual_seed(spec.seed)
+    model = build(spec.model, **spec.model_options)
+    trainer = LocalTrainer(
+        epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, optimizer=spec.optimizer
+    )
+    sizes = np.array([len(s) for s in shards], dtype=np.float64)
+    accuracies = []
+    for number in range(spec.rounds):
+        base = flatten(model)
+        trained = []
+        for shard in shards:
+            load_vector(model, base)
+            data = train.take(shard)
+            trainer.train(model, data.x, data.y, seed=local_seed(spec, number))
+            trained.append(flatten(model).astype(np.float64))
+        average = np.average(np.stack(trained), axis=0, weights=sizes).astype(np.float32)
+        load_vector(model, average)
+        accuracies.append(evaluate(model, test.x, test.y)[1])
+    return accuracies
+
+
+def decentralized(nodes: int, **options: Any) -> dict[str, Any]:
+    """Run the testnet quietly and return its JSON run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "run.json")
+        quiet = Console(file=io.StringIO())
+        code = trio.run(lambda: run_testnet(nodes, out, limit_s=900, console=quiet, **options))
+        run: dict[str, Any] = json.loads(out.read_text())
+    if code != 0:
+        raise RuntimeError(f"the testnet failed: {json.dumps(run)[:2000]}")
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nodes", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="3 nodes, 3 rounds, for tests")
+    args = parser.parse_args()
+    configure_logging("error")
+    nodes, rounds = (3, 3) if args.quick else (args.nodes, args.rounds)
+    options: dict[str, Any] = {
+        "dataset": "digits",
+        "partition": "dirichlet",
+        "alpha": 0.5,
+        "rounds": rounds,
+        "epochs": args.epochs,
+        "secure": True,
+    }
+    secure = decentralized(nodes, **options)
+    # The reference replays the very job the testnet ran (same roster size, seed, shards).
+    job = JobSpec(**{**secure["job"], "roster": tuple(secure["job"]["roster"])})
+    central = centralized_fedavg(job)
+    later = [row for row in secure["rounds"] if row["round"] > 0]
+    large = decentralized(nodes, **{**options, "rounds": 2, "model_options": LARGE})
+    params_large = sum(p.numel() for p in build("mlp", **LARGE).parameters())
+    figures = {
+        "benchmark": "training",
+        "nodes": nodes,
+        "rounds": rounds,
+        "params_small": sum(p.numel() for p in build("mlp").parameters()),
+        "acc_central": round(central[-1], 4),
+        "acc_secure": round(secure["final_accuracy"], 4),
+        "gap_secure": round(central[-1] - secure["final_accuracy"], 4),
+        "acc_central_by_round": [round(a, 4) for a in central],
+        "acc_secure_by_round": [round(r["accuracy"], 4) for r in secure["rounds"]],
+        "round_s_small": round(statistics.mean(r["seconds"] for r in later), 4),
+        "avg_s_small": round(statistics.mean(r["averaging_s"] for r in later), 4),
+        "bytes_per_peer_round": round(statistics.mean(r["bytes_out"] for r in later)),
+        "params_large": params_large,
+        "avg_s_large": round(large["rounds"][-1]["averaging_s"], 4),
+        "acc_gossip": None,
+        "sim_round_s_200": None,
+        "sim_rss_mb_200": None,
+        "not_built": ["push-sum gossip", "--simulate"],
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

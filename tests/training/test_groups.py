@@ -1,0 +1,101 @@
+"""Moshpit grid groups: the exact global mean after d averaging steps."""
+
+from __future__ import annotations
+
+import math
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshfed import NodeConfig, open_node
+from meshfed.averaging.groups import Placement, grid_shape
+from meshfed.identity import Identity
+from meshfed.secagg.driver import Aggregator, DeadlinePolicy
+from meshfed.training.job import JobSpec, TrainingPeer
+from meshfed.transports.memory import MemoryNetwork
+
+
+@given(st.integers(1, 5000), st.integers(2, 64))
+def test_the_grid_holds_everyone_in_the_fewest_axes_no_longer_than_a_group(
+    peers: int, max_group: int
+) -> None:
+    shape = grid_shape(peers, max_group)
+    assert math.prod(shape) >= peers
+    assert all(1 <= side <= max_group for side in shape)
+    assert len(shape) == 1 or max_group ** (len(shape) - 1) < peers
+
+
+@given(st.integers(2, 200), st.integers(2, 16), st.integers(0, 10))
+def test_each_step_splits_the_roster_into_groups(peers: int, max_group: int, round: int) -> None:
+    roster = [Identity.generate().peer_id for _ in range(peers)]
+    placement = Placement(roster, job=b"job", round=round, max_group=max_group)
+    for step in range(placement.steps):
+        groups = {placement.group(peer, step) for peer in roster}
+        members = [peer for _, group in groups for peer in group]
+        assert sorted(members, key=lambda p: p.raw) == sorted(roster, key=lambda p: p.raw)
+        assert all(len(group) <= max_group for _, group in groups)
+        assert len({index for index, _ in groups}) == len(groups)
+
+
+def test_groups_change_from_round_to_round() -> None:
+    roster = [Identity.generate().peer_id for _ in range(16)]
+    first = Placement(roster, job=b"job", round=0, max_group=4).group(roster[0], 0)[1]
+    later = [Placement(roster, job=b"job", round=r, max_group=4).group(roster[0], 0)[1]
+             for r in range(1, 6)]  # fmt: skip
+    assert any(set(group) != set(first) for group in later)
+
+
+@pytest.mark.parametrize("secure", [False, True])
+async def test_after_d_steps_every_peer_holds_the_exact_global_weighted_mean(
+    tmp_path: Path, secure: bool
+) -> None:
+    network = MemoryNetwork(seed=4)
+    async with AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(
+                open_node(
+                    NodeConfig(
+                        data_dir=tmp_path / f"n{i}",
+                        transport="memory",
+                        ping_interval_s=0,
+                        membership=False,
+                        mdns=False,
+                    ),
+                    network=network,
+                )
+            )
+            for i in range(9)
+        ]
+        spec = JobSpec(
+            job_id="grid",
+            roster=tuple(str(n.peer_id) for n in nodes),
+            max_group=3,  # a full 3 x 3 grid: two steps
+            secure=secure,
+            partition="iid",
+        )
+        quick = DeadlinePolicy(join_s=1.0, phase_max_s=20.0)
+        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=quick)) for node in nodes]
+        rng = np.random.default_rng(5)
+        params = [rng.uniform(-2, 2, 3001).astype(np.float32) for _ in peers]
+        for peer in peers:
+            peer.weight = float(rng.uniform(0.2, 1.0))
+        results: dict[int, tuple[np.ndarray, list[int]]] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await peers[i].average(params[i], 0)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(9):
+                nursery.start_soon(one, i)
+    weights = np.array([peer.weight for peer in peers])
+    expected = np.average(np.stack(params), axis=0, weights=weights)
+    # secure: each step adds at most one quantization level (2 clip / 2^20) per coordinate
+    tolerance = 2 * (2 * spec.clip / (2**spec.levels_bits - 1)) if secure else 1e-5
+    for average, sizes in results.values():
+        assert sizes == [3, 3]
+        assert np.max(np.abs(average - expected)) <= tolerance
