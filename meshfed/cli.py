@@ -184,6 +184,11 @@ def testnet(
     algorithm: Annotated[str, typer.Option(help="fedavg, fedprox, fedavgm, fedadam ...")] = (
         "fedavg"
     ),
+    dp_clip: Annotated[
+        float, typer.Option(help="Differential privacy: clip each update to this norm (0: off).")
+    ] = 0.0,
+    dp_noise: Annotated[float, typer.Option(help="DP noise multiplier.")] = 1.0,
+    dp_epsilon: Annotated[float, typer.Option(help="Each node's DP budget (delta 1e-5).")] = 8.0,
     limit: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 600.0,
     out: Annotated[Path, typer.Option(help="Where to write the run as JSON.")] = Path(
         "testnet-run.json"
@@ -202,6 +207,9 @@ def testnet(
         "alpha": alpha,
         "epochs": epochs,
         "algorithm": algorithm,
+        "dp_clip": dp_clip,
+        "dp_noise_multiplier": dp_noise,
+        "dp_epsilon": dp_epsilon,
     }
     try:
         code = trio.run(functools.partial(run_testnet, nodes, out, limit_s=limit, **options))

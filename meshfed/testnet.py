@@ -81,20 +81,27 @@ def _live_table(children: list[_Child], spec: JobSpec, elapsed: float) -> Table:
         title=f"meshfed testnet: {len(children)} nodes, {spec.model} on {spec.dataset} "
         f"({spec.partition}), {mode} averaging, {elapsed:.0f} s"
     )
-    for column in ("node", "peer id", "round", "accuracy", "loss", "round s", "avg s", "MB out"):
+    columns = ["node", "peer id", "round", "accuracy", "loss", "round s", "avg s", "MB out"]
+    for column in columns + (["epsilon"] if spec.dp_clip else []):
         table.add_column(column, justify="right")
+    if spec.dp_clip:
+        table.caption = f"* privacy budget (epsilon {spec.dp_epsilon}) spent: data no longer used"
     for child in children:
         last = child.rounds[-1] if child.rounds else {}
         state = child.outcome.get("event", "")
+        privacy = [f"{last['epsilon']:.2f}" if last else "-"] if spec.dp_clip else []
+        stopped = "*" if last and not last.get("contributed", True) else ""
         table.add_row(
             str(child.index),
             child.started.get("peer_id", "starting")[-8:],
-            f"{len(child.rounds)}/{spec.rounds}" + (" failed" if state == "job_failed" else ""),
+            f"{len(child.rounds)}/{spec.rounds}{stopped}"
+            + (" failed" if state == "job_failed" else ""),
             f"{last['accuracy']:.3f}" if last else "-",
             f"{last['loss']:.3f}" if last else "-",
             f"{last['seconds']:.2f}" if last else "-",
             f"{last['averaging_s']:.2f}" if last else "-",
             f"{sum(r['bytes_out'] for r in child.rounds) / 1e6:.1f}",
+            *privacy,
         )
     return table
 

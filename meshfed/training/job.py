@@ -33,6 +33,8 @@ from ..averaging.groups import Placement
 from ..errors import ConfigError, MeshfedError
 from ..identity import PeerId
 from ..node import Node
+from ..privacy.accountant import GaussianEvent, PrivacyAccountant
+from ..privacy.dp import privatize
 from ..secagg.driver import AggregationFailed, Aggregator, GroupResult
 from ..secagg.protocol import GroupSpec
 from ..secagg.ring import Quantizer, check_capacity
@@ -65,6 +67,11 @@ class JobSpec:
         clip, levels_bits: quantization for secure averaging: parameters are clipped to
             ``[-clip, clip]`` and quantized to ``2^levels_bits`` levels.
         seed: model initialization and data split.
+        dp_clip: differential privacy: each round's update is clipped to this L2 norm and
+            noised (0: off); then every peer weighs the same (DP-FedAvg).
+        dp_noise_multiplier: noise std on a group sum, in units of ``dp_clip``.
+        dp_epsilon, dp_delta: each peer's budget for the whole job; a peer whose next round
+            would exceed it stops contributing its data.
     """
 
     job_id: str
@@ -87,6 +94,10 @@ class JobSpec:
     clip: float = 8.0
     levels_bits: int = 20
     seed: int = 0
+    dp_clip: float = 0.0
+    dp_noise_multiplier: float = 1.0
+    dp_epsilon: float = 8.0
+    dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         if len(self.roster) < 2 or len(set(self.roster)) != len(self.roster):
@@ -95,6 +106,8 @@ class JobSpec:
             raise ConfigError(f"schedule must be exact or moshpit, not {self.schedule!r}")
         if not 2 <= self.max_group <= 128:
             raise ConfigError("max_group must be in 2..128")
+        if self.dp_clip < 0 or (self.dp_clip and not self.dp_noise_multiplier > 0):
+            raise ConfigError("dp_clip must be >= 0, and dp_noise_multiplier > 0 with it")
         if self.rounds < 1 or self.epochs < 1:
             raise ConfigError("rounds and epochs must be at least 1")
         try:
@@ -136,6 +149,10 @@ class RoundReport:
     bytes_out: int
     #: survivors of each averaging step (0: this peer was left out of that step)
     groups: tuple[int, ...]
+    #: epsilon this peer has spent so far (0 without differential privacy)
+    epsilon: float = 0.0
+    #: whether this peer's data went into this round (no: its privacy budget is spent)
+    contributed: bool = True
 
 
 class TrainingPeer:
@@ -167,7 +184,12 @@ class TrainingPeer:
         self.shard = train.take(shards[spec.roster.index(me)])
         #: this peer's weight in averages: its share of the largest shard (<= 1, so that
         #: weighted parameters stay inside the quantization range)
-        self.weight = len(self.shard) / max(len(s) for s in shards)
+        self.weight = len(self.shard) / max(len(s) for s in shards) if not spec.dp_clip else 1.0
+        self.accountant = (
+            PrivacyAccountant(budget_epsilon=spec.dp_epsilon, delta=spec.dp_delta)
+            if spec.dp_clip
+            else None
+        )
         self.trainer = LocalTrainer(
             epochs=spec.epochs,
             batch_size=spec.batch_size,
@@ -219,13 +241,17 @@ class TrainingPeer:
         """Train locally, average in this round's groups, apply the strategy, evaluate."""
         began, sent_before = time.monotonic(), self.node.stats.bytes_out
         base = flatten(self.model)
-        x, y = self.shard.x, self.shard.y
-        seed = local_seed(self.spec, number)
-        train_loss = await trio.to_thread.run_sync(
-            lambda: self.trainer.train(self.model, x, y, seed=seed)
-        )
+        contributes = self._may_contribute()
+        train_loss = float("nan")
+        if contributes:
+            x, y = self.shard.x, self.shard.y
+            seed = local_seed(self.spec, number)
+            train_loss = await trio.to_thread.run_sync(
+                lambda: self.trainer.train(self.model, x, y, seed=seed)
+            )
         averaging_began = time.monotonic()
-        average, groups = await self.average(flatten(self.model), number)
+        trained = self._privatized(base, flatten(self.model), number) if contributes else base
+        average, groups = await self.average(trained, number, weight=self.weight * contributes)
         load_vector(self.model, self.strategy.apply(base, average))
         loss, accuracy = await trio.to_thread.run_sync(
             lambda: evaluate(self.model, self.test.x, self.test.y)
@@ -240,19 +266,46 @@ class TrainingPeer:
             averaging_s=now - averaging_began,
             bytes_out=self.node.stats.bytes_out - sent_before,
             groups=tuple(groups),
+            epsilon=0.0 if self.accountant is None else self.accountant.epsilon(),
+            contributed=contributes,
         )
 
-    async def average(
-        self, params: npt.NDArray[np.float32], number: int
-    ) -> tuple[npt.NDArray[np.float32], list[int]]:
-        """Round ``number``'s averaging steps on ``params`` (this peer's trained model): returns
-        the example-weighted average and each step's number of survivors (0: left out)."""
-        placement = Placement(
-            self._roster, job=self._job, round=number, max_group=self.spec.max_group
+    def _may_contribute(self) -> bool:
+        """False once the next round would take this peer past its privacy budget."""
+        if self.accountant is None:
+            return True
+        return not self.accountant.would_exceed(GaussianEvent(self.spec.dp_noise_multiplier))
+
+    def _privatized(
+        self, base: npt.NDArray[np.float32], trained: npt.NDArray[np.float32], number: int
+    ) -> npt.NDArray[np.float32]:
+        """``trained`` with its update clipped and noised, and the release accounted."""
+        if self.accountant is None:
+            return trained
+        _, members = self._placement(number).group(self.node.peer_id, 0)
+        noisy = privatize(
+            trained - base,
+            clip=self.spec.dp_clip,
+            noise_multiplier=self.spec.dp_noise_multiplier,
+            min_contributors=len(members) // 2 + 1,  # the fewest survivors a group sum has
+            rng=self._rng,
         )
+        self.accountant.compose(GaussianEvent(self.spec.dp_noise_multiplier))
+        return base + noisy
+
+    def _placement(self, number: int) -> Placement:
+        return Placement(self._roster, job=self._job, round=number, max_group=self.spec.max_group)
+
+    async def average(
+        self, params: npt.NDArray[np.float32], number: int, *, weight: float | None = None
+    ) -> tuple[npt.NDArray[np.float32], list[int]]:
+        """Round ``number``'s averaging steps on ``params`` (this peer's trained model, counted
+        with ``weight``, by default :attr:`weight`): returns the weighted average and each
+        step's number of survivors (0: left out)."""
+        placement = self._placement(number)
         exact = self.spec.schedule == "exact"
         steps = range(placement.steps) if exact else [number % placement.steps]
-        weight, sizes = self.weight, []
+        weight, sizes = self.weight if weight is None else weight, []
         for step in steps:
             index, members = placement.group(self.node.peer_id, step)
             if len(members) < 2:
@@ -269,6 +322,9 @@ class TrainingPeer:
                 sizes.append(0)
                 continue
             total = float(result.value[-1])
+            if total <= 0:  # nobody in the group contributed: nothing to learn from it
+                sizes.append(len(result.survivors))
+                continue
             params = (result.value[:-1] / total).astype(np.float32)
             # the group's weight, scaled by the axis so that it stays <= 1 at the next step
             weight = total * len(result.survivors) / placement.shape[step % placement.steps]

@@ -76,3 +76,29 @@ def test_a_job_refuses_what_cannot_run() -> None:
         JobSpec.from_json('{"job_id": "j"}')
     spec = JobSpec(job_id="j", roster=roster, model="mlp", model_options={"hidden": [32]})
     assert JobSpec.from_json(spec.to_json()) == spec
+
+
+async def test_with_dp_each_peer_spends_its_budget_then_stops_contributing(tmp_path: Path) -> None:
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = JobSpec(
+            job_id="dp",
+            roster=tuple(str(n.peer_id) for n in nodes),
+            rounds=7,
+            dp_clip=1.0,
+            dp_noise_multiplier=2.0,
+            dp_epsilon=5.5,  # sigma 2: five rounds fit (epsilon 5.38), a sixth would not (5.98)
+            dp_delta=1e-5,
+        )
+        reports: list[list[RoundReport]] = [[] for _ in nodes]
+        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
+        async with trio.open_nursery() as nursery:
+            for i, peer in enumerate(peers):
+                nursery.start_soon(peer.run, reports[i].append)
+        for peer in peers[1:]:
+            np.testing.assert_array_equal(peer.parameters, peers[0].parameters)
+        for peer_reports in reports:
+            assert [r.contributed for r in peer_reports] == [True] * 5 + [False] * 2
+            epsilons = [r.epsilon for r in peer_reports]
+            assert epsilons == sorted(epsilons) and 5.3 < epsilons[-1] <= 5.5
+            assert epsilons[5] == epsilons[4]  # nothing spent once it stopped
+            assert 0.0 <= peer_reports[-1].accuracy <= 1.0

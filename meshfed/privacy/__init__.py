@@ -1,0 +1,1 @@
+"""Differential privacy: clipping and noise for model updates, and a privacy accountant."""
