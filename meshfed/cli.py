@@ -189,6 +189,10 @@ def testnet(
     ] = 0.0,
     dp_noise: Annotated[float, typer.Option(help="DP noise multiplier.")] = 1.0,
     dp_epsilon: Annotated[float, typer.Option(help="Each node's DP budget (delta 1e-5).")] = 8.0,
+    kill: Annotated[
+        int, typer.Option(help="Chaos: SIGKILL this many nodes mid-job (the rest go on).")
+    ] = 0,
+    kill_at_round: Annotated[int, typer.Option(help="...once every node reached it.")] = 1,
     limit: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 600.0,
     out: Annotated[Path, typer.Option(help="Where to write the run as JSON.")] = Path(
         "testnet-run.json"
@@ -212,7 +216,12 @@ def testnet(
         "dp_epsilon": dp_epsilon,
     }
     try:
-        code = trio.run(functools.partial(run_testnet, nodes, out, limit_s=limit, **options))
+        if not 0 <= kill <= nodes - 2:
+            raise typer.BadParameter("--kill must leave at least 2 nodes")
+        run = functools.partial(
+            run_testnet, nodes, out, limit_s=limit, kill=kill, kill_at_round=kill_at_round
+        )
+        code = trio.run(functools.partial(run, **options))
     except MeshfedError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

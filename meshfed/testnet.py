@@ -156,10 +156,16 @@ async def run_testnet(
     *,
     limit_s: float,
     console: Console | None = None,
+    kill: int = 0,
+    kill_at_round: int = 1,
     **job_options: Any,
 ) -> int:
     """Run the testnet (showing it on ``console``, stdout by default); returns 0 if every node
-    finished the job with the same accuracy."""
+    (every survivor, with ``kill``) finished the job with the same model.
+
+    ``kill`` nodes (the last ones) are killed with SIGKILL once every node has reported round
+    ``kill_at_round - 1``: the others go on without them (the chaos test of the training
+    issue)."""
     console = console or Console(stderr=False)
     # The nodes bootstrap off each other; mDNS stays off so that two testnets (or a testnet and
     # other meshfed nodes on this host) never merge. One torch thread per node: N processes
@@ -197,10 +203,16 @@ async def run_testnet(
             with Live(
                 _live_table(children, spec, 0), console=console, refresh_per_second=4
             ) as live:
+                victims = children[nodes - kill :] if kill else []
                 with trio.move_on_after(limit_s):
                     for child in children:
                         while not child.finished.is_set():
                             live.update(_live_table(children, spec, trio.current_time() - began))
+                            if victims and all(len(c.rounds) >= kill_at_round for c in children):
+                                for victim in victims:
+                                    victim.process.kill()
+                                    victim.outcome = {"event": "killed"}
+                                victims = []
                             with trio.move_on_after(0.25):
                                 await child.finished.wait()
                 for child in children:
@@ -212,17 +224,21 @@ async def run_testnet(
             for child in children:
                 if child.process.returncode is None:
                     child.process.kill()
-    table, rows = _summary(children, spec)
+    survivors = [c for c in children if c.outcome.get("event") != "killed"]
+    table, rows = _summary(survivors, spec)
     console.print()
     console.print(table)
-    finals = [c.rounds[-1]["accuracy"] for c in children if len(c.rounds) == spec.rounds]
-    done = len(finals) == nodes and all(c.outcome.get("event") == "job_done" for c in children)
+    finals = [c.rounds[-1]["accuracy"] for c in survivors if len(c.rounds) == spec.rounds]
+    done = len(finals) == len(survivors) and all(
+        c.outcome.get("event") == "job_done" for c in survivors
+    )
     same = done and max(finals) - min(finals) < 1e-6
-    clean = all(c.process.returncode == 0 for c in children)
+    clean = all(c.process.returncode == 0 for c in survivors)
     summary = {
         "job": json.loads(spec.to_json()),
         "seconds": trio.current_time() - began,
         "finished": done,
+        "killed": [c.index for c in children if c not in survivors],
         "same_model_everywhere": same,
         "final_accuracy": statistics.mean(finals) if finals else None,
         "rounds": rows,
@@ -239,7 +255,8 @@ async def run_testnet(
         ],
     }
     await trio.Path(out).write_text(json.dumps(summary, indent=2))
-    verdict = "every node finished with the same model" if same else "NOT every node finished"
+    who = f"every node ({len(children) - len(survivors)} killed)" if kill else "every node"
+    verdict = f"{who} finished with the same model" if same else "NOT every node finished"
     accuracy = f"final accuracy {summary['final_accuracy']:.3f}" if finals else "no accuracy"
     console.print(
         f"{verdict}, {accuracy}, {'clean stop' if clean else 'UNCLEAN stop'}; run written to {out}"

@@ -30,6 +30,7 @@ import trio
 
 from ..arrays import ArrayHeader
 from ..averaging.butterfly import ButterflySession
+from ..averaging.gather import GatherSession
 from ..errors import MeshfedError, RemoteProtocolError
 from ..identity import PeerId
 from ..node import Node
@@ -233,6 +234,7 @@ class Aggregator:
             node.handle(message_type, self._on_message)
         node.on_array(self._on_array, prefix="secagg.")
         node.on_array(self._on_array, prefix="butterfly.")
+        node.on_array(self._on_array, prefix="gather.")
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -314,6 +316,27 @@ class Aggregator:
         for part, bounds in _placed(outcome.parts):
             np.multiply(part, np.float32(1 / len(roster)), out=mean[bounds])
         return GroupResult(mean, outcome.survivors, 1)
+
+    async def gather(
+        self,
+        values: npt.NDArray[np.float32],
+        *,
+        job: bytes,
+        round: int,
+        group: int,
+        roster: tuple[PeerId, ...],
+    ) -> GroupResult:
+        """Every member's vector (an all-gather, for robust aggregation): ``value`` is the
+        stacked vectors of ``survivors``, in roster order.
+
+        Raises:
+            AggregationFailed: fewer than a majority of the vectors arrived.
+        """
+        session = GatherSession(
+            job=job, round=round, group=group, roster=roster, me=self._node.peer_id, values=values
+        )
+        outcome = await self._drive(session, Scope(job[:64], round), len(values))
+        return GroupResult(np.stack(outcome.parts), outcome.survivors, 1)
 
     # -- the loop ----------------------------------------------------------------------------------
 

@@ -138,6 +138,8 @@ class SliceKind(enum.StrEnum):
     #: the same two without masks (float32), for plain averaging
     PLAIN_INPUT = "butterfly.input"
     PLAIN_SUM = "butterfly.sum"
+    #: a whole vector to every member (float32), for robust aggregation
+    GATHER = "gather.vector"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -220,9 +222,10 @@ class Rejected:
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """The run's result: the sum of the survivors' inputs (in the ring, for secure runs), as
-    the owners' slices in order (:attr:`total` joins them; a caller that converts the sum
-    anyway can write each part straight into its output and skip that copy)."""
+    """The run's result in pieces: for a butterfly, the sum of the survivors' inputs (in the
+    ring, for secure runs) as the owners' slices in order (:attr:`total` joins them; a caller
+    that converts the sum anyway can write each part straight into its output and skip that
+    copy); for a gather, the survivors' vectors."""
 
     parts: tuple[npt.NDArray[Any], ...]
     survivors: tuple[PeerId, ...]

@@ -30,6 +30,7 @@ import torch
 import trio
 
 from ..averaging.groups import Placement
+from ..averaging.robust import AGGREGATORS
 from ..errors import ConfigError, MeshfedError
 from ..identity import PeerId
 from ..node import Node
@@ -72,6 +73,12 @@ class JobSpec:
         dp_noise_multiplier: noise std on a group sum, in units of ``dp_clip``.
         dp_epsilon, dp_delta: each peer's budget for the whole job; a peer whose next round
             would exceed it stops contributing its data.
+        robust, robust_options: Byzantine-robust aggregation instead of the mean (``median``,
+            ``trimmed_mean``, ``krum``, ``centered_clip``: :mod:`..averaging.robust`), over an
+            all-gather of the group; it needs the individual models, so not with ``secure``.
+        attackers, attack, attack_scale: chaos for robustness tests: the peers at these roster
+            positions send ``base + f (x - base)`` with ``f = -attack_scale`` (``sign_flip``)
+            or ``attack_scale`` (``scale``) instead of their trained model ``x``.
     """
 
     job_id: str
@@ -98,6 +105,11 @@ class JobSpec:
     dp_noise_multiplier: float = 1.0
     dp_epsilon: float = 8.0
     dp_delta: float = 1e-5
+    robust: str = "none"
+    robust_options: dict[str, Any] = field(default_factory=dict)
+    attackers: tuple[int, ...] = ()
+    attack: str = "sign_flip"
+    attack_scale: float = 10.0
 
     def __post_init__(self) -> None:
         if len(self.roster) < 2 or len(set(self.roster)) != len(self.roster):
@@ -108,6 +120,17 @@ class JobSpec:
             raise ConfigError("max_group must be in 2..128")
         if self.dp_clip < 0 or (self.dp_clip and not self.dp_noise_multiplier > 0):
             raise ConfigError("dp_clip must be >= 0, and dp_noise_multiplier > 0 with it")
+        if self.robust != "none" and self.robust not in AGGREGATORS:
+            raise ConfigError(f"robust must be none or one of {', '.join(AGGREGATORS)}")
+        if self.robust != "none" and self.secure:
+            raise ConfigError(
+                "robust aggregation needs the individual models, which secure aggregation "
+                "hides: set secure=false (inside secure groups, bound updates with dp_clip)"
+            )
+        if self.attack not in ("sign_flip", "scale") or not all(
+            0 <= i < len(self.roster) for i in self.attackers
+        ):
+            raise ConfigError("attack is sign_flip or scale, attackers are roster positions")
         if self.rounds < 1 or self.epochs < 1:
             raise ConfigError("rounds and epochs must be at least 1")
         try:
@@ -131,6 +154,7 @@ class JobSpec:
         try:
             fields = json.loads(text)
             fields["roster"] = tuple(fields["roster"])
+            fields["attackers"] = tuple(fields.get("attackers", ()))
             return cls(**fields)
         except (ValueError, TypeError, KeyError) as exc:
             raise ConfigError(f"not a job description: {exc}") from None
@@ -181,7 +205,8 @@ class TrainingPeer:
             self.strategy = named(spec.algorithm, **spec.algorithm_options)
         except (KeyError, ValueError, TypeError) as exc:
             raise ConfigError(f"job {spec.job_id!r}: {exc}") from None
-        self.shard = train.take(shards[spec.roster.index(me)])
+        self._index = spec.roster.index(me)
+        self.shard = train.take(shards[self._index])
         #: this peer's weight in averages: its share of the largest shard (<= 1, so that
         #: weighted parameters stay inside the quantization range)
         self.weight = len(self.shard) / max(len(s) for s in shards) if not spec.dp_clip else 1.0
@@ -251,6 +276,9 @@ class TrainingPeer:
             )
         averaging_began = time.monotonic()
         trained = self._privatized(base, flatten(self.model), number) if contributes else base
+        if self._index in self.spec.attackers:
+            factor = self.spec.attack_scale * (-1 if self.spec.attack == "sign_flip" else 1)
+            trained = (base + factor * (trained - base)).astype(np.float32)
         average, groups = await self.average(trained, number, weight=self.weight * contributes)
         load_vector(self.model, self.strategy.apply(base, average))
         loss, accuracy = await trio.to_thread.run_sync(
@@ -311,6 +339,13 @@ class TrainingPeer:
             if len(members) < 2:
                 sizes.append(1)
                 continue
+            if self.spec.robust != "none":
+                try:
+                    params, count = await self._robust_step(params, number, step, index, members)
+                except (AggregationFailed, MeshfedError, trio.TooSlowError):
+                    count = 0
+                sizes.append(count)
+                continue
             vector = np.empty(len(params) + 1, np.float32)
             np.multiply(params, weight, out=vector[:-1])
             vector[-1] = weight
@@ -330,6 +365,31 @@ class TrainingPeer:
             weight = total * len(result.survivors) / placement.shape[step % placement.steps]
             sizes.append(len(result.survivors))
         return params, sizes
+
+    async def _robust_step(
+        self,
+        params: npt.NDArray[np.float32],
+        number: int,
+        step: int,
+        index: int,
+        members: tuple[PeerId, ...],
+    ) -> tuple[npt.NDArray[np.float32], int]:
+        """Gather the group's models and aggregate them robustly (uniform weights); returns
+        the aggregate and how many models it came from."""
+        gathered = await self.aggregator.gather(
+            params, job=self._job, round=number * _STEPS_PER_ROUND + step, group=index,
+            roster=members,
+        )  # fmt: skip
+        aggregate = AGGREGATORS[self.spec.robust]
+        options = dict(self.spec.robust_options)
+        if self.spec.robust == "centered_clip":
+            options["center"] = params
+
+        def run() -> npt.NDArray[np.float32]:
+            result: npt.NDArray[np.float32] = aggregate(gathered.value, **options)
+            return result
+
+        return await trio.to_thread.run_sync(run), len(gathered.survivors)
 
     async def _group_mean(
         self, vector: npt.NDArray[np.float32], round: int, index: int, members: tuple[PeerId, ...]

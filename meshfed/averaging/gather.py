@@ -1,0 +1,131 @@
+"""All-gather of one group, as a sans-IO session: every member gets every member's vector.
+
+For robust aggregation outside secure aggregation (coordinate-wise median, trimmed mean, Krum,
+centred clipping need the individual vectors). Each member sends its whole vector to every
+other member (``gather.vector:<context>``), so it costs ``(g - 1)`` vectors each way, against
+about 2 for a butterfly. When the deadline passes, the members that arrived are enough if they
+are a majority of the group (with this peer); members can then end up with different sets, and
+so with slightly different aggregates, which the next round's averaging reconciles.
+
+Same interface as :class:`meshfed.secagg.protocol.SecAggSession`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import RemoteProtocolError
+from ..identity import PeerId
+from ..secagg.keys import context_digest
+from ..secagg.protocol import (
+    Aborted,
+    AbortReason,
+    Action,
+    Finished,
+    Progress,
+    SendSlice,
+    SliceKind,
+)
+from ..stats import RejectReason
+from ..wire import Message
+
+__all__ = ["GatherSession"]
+
+
+class GatherSession:
+    """One peer's all-gather of ``values`` (1-D float32) with ``roster``."""
+
+    def __init__(
+        self,
+        *,
+        job: bytes,
+        round: int,
+        group: int,
+        roster: Sequence[PeerId],
+        me: PeerId,
+        values: npt.NDArray[np.float32],
+    ) -> None:
+        if me not in roster or len(set(roster)) != len(roster):
+            raise ValueError("a roster of distinct peers that includes this one")
+        if values.ndim != 1 or values.dtype != np.float32:
+            raise ValueError("values must be a 1-D float32 array")
+        digest = context_digest(job=job, round=round, group=group, roster=roster)
+        self.context = hashlib.sha256(b"meshfed-gather-v1" + digest).digest()
+        self.me = me
+        self._roster = tuple(roster)
+        self._values = values
+        self._others = frozenset(roster) - {me}
+        self._received: dict[PeerId, npt.NDArray[Any]] = {}
+        self._done = False
+
+    @property
+    def contexts(self) -> tuple[bytes, ...]:
+        """The one context of this run."""
+        return (self.context,)
+
+    def progress(self) -> Progress:
+        """One step: the vectors in."""
+        step = (0, 2 if self._done else 1)
+        return Progress(step, len(self._others), len(self._received), "gather")
+
+    def start(self) -> list[Action]:
+        """Send this peer's vector to every other member."""
+        sends: list[Action] = [
+            SendSlice(peer, SliceKind.GATHER, self._values, self.context)
+            for peer in self._roster
+            if peer != self.me
+        ]
+        return sends + self._finish_if_complete()
+
+    def receive(self, sender: PeerId, message: Message) -> list[Action]:
+        """No messages in an all-gather: always rejected."""
+        raise RemoteProtocolError(f"{message.TYPE} in a gather", reason=RejectReason.UNKNOWN_TYPE)
+
+    def receive_slice(
+        self, sender: PeerId, kind: SliceKind, context: bytes, array: npt.NDArray[Any]
+    ) -> list[Action]:
+        """Take a member's vector.
+
+        Raises:
+            RemoteProtocolError: wrong kind or run, stranger, late, duplicate, wrong shape.
+        """
+        if kind is not SliceKind.GATHER:
+            raise RemoteProtocolError(f"{kind} in a gather", reason=RejectReason.UNKNOWN_TYPE)
+        if context != self.context:
+            raise RemoteProtocolError("array of another run", reason=RejectReason.WRONG_CONTEXT)
+        if sender not in self._others:
+            raise RemoteProtocolError("not in this group", reason=RejectReason.NOT_A_MEMBER)
+        if self._done:
+            raise RemoteProtocolError("vector after the gather ended", reason=RejectReason.LATE)
+        if sender in self._received:
+            raise RemoteProtocolError("second vector", reason=RejectReason.DUPLICATE)
+        if array.dtype != np.float32 or array.shape != self._values.shape:
+            raise RemoteProtocolError(
+                f"a vector of {len(self._values)} float32", reason=RejectReason.BAD_ARRAY
+            )
+        self._received[sender] = array
+        return self._finish_if_complete()
+
+    def expire(self) -> list[Action]:
+        """The deadline passed: finish with a majority, or abort."""
+        if self._done:
+            return []
+        if len(self._received) + 1 > len(self._roster) // 2:
+            return self._finish()
+        self._done = True
+        detail = f"only {len(self._received) + 1} of {len(self._roster)} vectors arrived"
+        return [Aborted(AbortReason.TOO_FEW, detail, released=False)]
+
+    def _finish_if_complete(self) -> list[Action]:
+        return self._finish() if len(self._received) == len(self._others) else []
+
+    def _finish(self) -> list[Action]:
+        self._done = True
+        present = [p for p in self._roster if p == self.me or p in self._received]
+        parts = tuple(self._values if p == self.me else self._received[p] for p in present)
+        return [Finished(parts, tuple(present))]

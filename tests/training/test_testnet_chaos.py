@@ -1,0 +1,36 @@
+"""Kill 2 of 8 testnet nodes mid-job: the others finish with one model, as accurate as without
+the kills (IID shards, so losing two shards late costs little data)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import trio
+from rich.console import Console
+
+from meshfed.testnet import run_testnet
+
+JOB = {"rounds": 5, "epochs": 2, "partition": "iid", "dataset": "digits"}
+
+
+def run_quietly(out: Path, **options: Any) -> dict[str, Any]:
+    quiet = Console(file=io.StringIO())
+    code = trio.run(lambda: run_testnet(8, out, limit_s=300, console=quiet, **JOB, **options))
+    run: dict[str, Any] = json.loads(out.read_text())
+    assert code == 0, json.dumps(run)[:3000]
+    return run
+
+
+def test_six_survivors_finish_as_accurate_as_eight(tmp_path: Path) -> None:
+    clean = run_quietly(tmp_path / "clean.json")
+    chaos = run_quietly(tmp_path / "chaos.json", kill=2, kill_at_round=2)
+    assert chaos["killed"] == [6, 7]
+    assert chaos["finished"] and chaos["same_model_everywhere"]
+    survivors = [n for n in chaos["nodes"] if n["index"] not in chaos["killed"]]
+    assert all(len(n["rounds"]) == JOB["rounds"] for n in survivors)
+    # after the kills, the groups shrink to the six survivors
+    assert any(6 in r["groups"] for r in survivors[0]["rounds"])
+    assert abs(chaos["final_accuracy"] - clean["final_accuracy"]) <= 0.02
