@@ -184,6 +184,9 @@ def testnet(
     algorithm: Annotated[str, typer.Option(help="fedavg, fedprox, fedavgm, fedadam ...")] = (
         "fedavg"
     ),
+    schedule: Annotated[
+        str, typer.Option(help="exact (same model each round), moshpit, or pushsum (gossip).")
+    ] = "exact",
     dp_clip: Annotated[
         float, typer.Option(help="Differential privacy: clip each update to this norm (0: off).")
     ] = 0.0,
@@ -211,6 +214,7 @@ def testnet(
         "alpha": alpha,
         "epochs": epochs,
         "algorithm": algorithm,
+        "schedule": schedule,
         "dp_clip": dp_clip,
         "dp_noise_multiplier": dp_noise,
         "dp_epsilon": dp_epsilon,

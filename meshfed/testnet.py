@@ -232,7 +232,9 @@ async def run_testnet(
     done = len(finals) == len(survivors) and all(
         c.outcome.get("event") == "job_done" for c in survivors
     )
-    same = done and max(finals) - min(finals) < 1e-6
+    # gossip only brings models close; every other schedule makes them identical
+    tolerance = 0.05 if spec.schedule == "pushsum" else 1e-6
+    same = done and max(finals) - min(finals) < tolerance
     clean = all(c.process.returncode == 0 for c in survivors)
     summary = {
         "job": json.loads(spec.to_json()),

@@ -100,4 +100,5 @@ def test_training_benchmark_matches_centralized_fedavg() -> None:
         assert isinstance(figures[key], int | float) and figures[key] > 0, key  # type: ignore[operator]
     # the same job, the same seeds: secure averaging only adds quantization noise
     assert abs(figures["gap_secure"]) <= 0.01  # type: ignore[arg-type]
-    assert {"acc_gossip", "sim_round_s_200", "sim_rss_mb_200"} <= set(figures)
+    assert isinstance(figures["acc_gossip"], float) and figures["acc_gossip"] > 0.3
+    assert {"sim_round_s_200", "sim_rss_mb_200"} <= set(figures)

@@ -29,9 +29,11 @@ import numpy.typing as npt
 import torch
 import trio
 
+from ..arrays import ArrayHeader
 from ..averaging.groups import Placement
+from ..averaging.pushsum import PushSumState, push_target
 from ..averaging.robust import AGGREGATORS
-from ..errors import ConfigError, MeshfedError
+from ..errors import ConfigError, MeshfedError, RemoteProtocolError
 from ..identity import PeerId
 from ..node import Node
 from ..privacy.accountant import GaussianEvent, PrivacyAccountant
@@ -39,6 +41,8 @@ from ..privacy.dp import privatize
 from ..secagg.driver import AggregationFailed, Aggregator, GroupResult
 from ..secagg.protocol import GroupSpec
 from ..secagg.ring import Quantizer, check_capacity
+from ..stats import RejectReason
+from ..wire import Envelope
 from .data import load, partition
 from .models import build
 from .strategies import named
@@ -62,8 +66,9 @@ class JobSpec:
         rounds, epochs, batch_size, lr, optimizer: the training.
         algorithm, algorithm_options: the strategy (:func:`..strategies.named`).
         secure: average with secure aggregation (else a plain butterfly).
-        schedule: ``exact`` (all grid axes every round: identical models) or ``moshpit`` (one
-            axis per round).
+        schedule: ``exact`` (all grid axes every round: identical models), ``moshpit`` (one
+            axis per round) or ``pushsum`` (asynchronous push-sum gossip, no groups: each
+            "round" is one local step and one push; plain, for meshes with heavy churn).
         max_group: the largest averaging group.
         clip, levels_bits: quantization for secure averaging: parameters are clipped to
             ``[-clip, clip]`` and quantized to ``2^levels_bits`` levels.
@@ -114,8 +119,10 @@ class JobSpec:
     def __post_init__(self) -> None:
         if len(self.roster) < 2 or len(set(self.roster)) != len(self.roster):
             raise ConfigError("a job's roster lists at least 2 distinct peers")
-        if self.schedule not in ("exact", "moshpit"):
-            raise ConfigError(f"schedule must be exact or moshpit, not {self.schedule!r}")
+        if self.schedule not in ("exact", "moshpit", "pushsum"):
+            raise ConfigError(f"schedule must be exact, moshpit or pushsum, not {self.schedule!r}")
+        if self.schedule == "pushsum" and (self.secure or self.robust != "none"):
+            raise ConfigError("pushsum gossip is plain averaging: set secure=false, robust=none")
         if not 2 <= self.max_group <= 128:
             raise ConfigError("max_group must be in 2..128")
         if self.dp_clip < 0 or (self.dp_clip and not self.dp_noise_multiplier > 0):
@@ -224,6 +231,11 @@ class TrainingPeer:
         )
         self.quantizer = Quantizer(clip=spec.clip, levels_bits=spec.levels_bits, ring_bits=32)
         self._rng = np.random.default_rng(int.from_bytes(os.urandom(8), "big"))
+        self._push_state = PushSumState(flatten(self.model))
+        self._pushes: list[npt.NDArray[np.float32]] = []
+        self._push_prefix = f"pushsum.{self._job.hex()}:"
+        if spec.schedule == "pushsum":
+            node.on_array(self._on_push, prefix=self._push_prefix)
 
     @property
     def parameters(self) -> npt.NDArray[np.float32]:
@@ -256,7 +268,10 @@ class TrainingPeer:
         """Every round of the job; ``on_round`` sees each report as it comes."""
         reports = []
         for number in range(self.spec.rounds):
-            report = await self.run_round(number)
+            if self.spec.schedule == "pushsum":
+                report = await self.push_round(number)
+            else:
+                report = await self.run_round(number)
             reports.append(report)
             if on_round is not None:
                 on_round(report)
@@ -297,6 +312,62 @@ class TrainingPeer:
             epsilon=0.0 if self.accountant is None else self.accountant.epsilon(),
             contributed=contributes,
         )
+
+    async def push_round(self, number: int) -> RoundReport:
+        """One tick of push-sum: absorb the pushes that came, train from the estimate, push
+        half of the mass to this tick's peer (kept if the push fails), evaluate."""
+        began, sent_before = time.monotonic(), self.node.stats.bytes_out
+        for message in self._pushes:
+            self._push_state.absorb(message)
+        self._pushes.clear()
+        load_vector(self.model, self._push_state.estimate())
+        x, y = self.shard.x, self.shard.y
+        seed = local_seed(self.spec, number)
+        train_loss = await trio.to_thread.run_sync(
+            lambda: self.trainer.train(self.model, x, y, seed=seed)
+        )
+        self._push_state.move_to(flatten(self.model))
+        pushing = time.monotonic()
+        message = self._push_state.split()
+        target = self._roster[push_target(self._index, len(self._roster), number)]
+        try:
+            with trio.fail_after(self.aggregator.deadlines.phase_max_s):
+                name = f"{self._push_prefix}{number}"
+                await self.node.send_array(target, message, name=name)
+            pushed = 1
+        except (MeshfedError, trio.TooSlowError):
+            self._push_state.absorb(message)  # a dead peer must not swallow our mass
+            pushed = 0
+        load_vector(self.model, self._push_state.estimate())
+        loss, accuracy = await trio.to_thread.run_sync(
+            lambda: evaluate(self.model, self.test.x, self.test.y)
+        )
+        now = time.monotonic()
+        return RoundReport(
+            round=number,
+            accuracy=accuracy,
+            loss=loss,
+            train_loss=train_loss,
+            seconds=now - began,
+            averaging_s=now - pushing,
+            bytes_out=self.node.stats.bytes_out - sent_before,
+            groups=(pushed,),
+        )
+
+    async def _on_push(self, envelope: Envelope, header: ArrayHeader, array: Any) -> None:
+        """Keep a push for the next tick, if it comes from the roster and makes sense."""
+        if envelope.sender not in self._roster:
+            raise RemoteProtocolError(
+                "a push from outside the roster", reason=RejectReason.NOT_A_MEMBER
+            )
+        if len(self._pushes) >= 4 * len(self._roster):
+            raise RemoteProtocolError("too many pushes waiting", reason=RejectReason.RATE_LIMITED)
+        probe = PushSumState(np.zeros(len(self._push_state.x), np.float32))
+        try:
+            probe.absorb(array)  # the same checks absorb() will make at the next tick
+        except ValueError as exc:
+            raise RemoteProtocolError(str(exc), reason=RejectReason.BAD_ARRAY) from None
+        self._pushes.append(array)
 
     def _may_contribute(self) -> bool:
         """False once the next round would take this peer past its privacy budget."""

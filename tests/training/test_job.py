@@ -102,3 +102,28 @@ async def test_with_dp_each_peer_spends_its_budget_then_stops_contributing(tmp_p
             assert epsilons == sorted(epsilons) and 5.3 < epsilons[-1] <= 5.5
             assert epsilons[5] == epsilons[4]  # nothing spent once it stopped
             assert 0.0 <= peer_reports[-1].accuracy <= 1.0
+
+
+async def test_pushsum_gossip_brings_every_peer_close_to_the_same_model(tmp_path: Path) -> None:
+    async with memory_nodes(tmp_path, 5) as nodes:
+        spec = JobSpec(
+            job_id="gossip",
+            roster=tuple(str(n.peer_id) for n in nodes),
+            rounds=12,
+            epochs=1,
+            schedule="pushsum",
+            secure=False,
+            partition="iid",
+        )
+        reports: list[list[RoundReport]] = [[] for _ in nodes]
+        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
+        async with trio.open_nursery() as nursery:
+            for i, peer in enumerate(peers):
+                nursery.start_soon(peer.run, reports[i].append)
+        finals = [r[-1].accuracy for r in reports]
+        assert min(finals) > 0.85 and max(finals) - min(finals) < 0.05
+        assert all(r.groups == (1,) for peer_reports in reports for r in peer_reports)
+        # the gossip conserves mass: the weights still sum to the number of peers
+        waiting = sum(float(m[-1]) for peer in peers for m in peer._pushes)
+        total = sum(peer._push_state.weight for peer in peers) + waiting
+        assert total == pytest.approx(5.0)
