@@ -13,7 +13,6 @@ Same interface as :class:`meshfed.secagg.protocol.SecAggSession`, so the same dr
 from __future__ import annotations
 
 import enum
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy.typing as npt
 
 from ..errors import RemoteProtocolError
 from ..identity import PeerId
-from ..secagg.keys import context_digest
+from ..secagg.keys import derived_context
 from ..secagg.protocol import (
     Aborted,
     AbortReason,
@@ -65,8 +64,9 @@ class ButterflySession:
             raise ValueError("a roster of distinct peers that includes this one")
         if values.ndim != 1 or values.dtype != np.float32 or len(values) < len(roster):
             raise ValueError(f"values must be 1-D float32 with at least {len(roster)} elements")
-        digest = context_digest(job=job, round=round, group=group, roster=roster)
-        self.context = hashlib.sha256(b"meshfed-butterfly-v1" + digest).digest()
+        self.context = derived_context(
+            b"meshfed-butterfly-v1", job=job, round=round, group=group, roster=roster
+        )
         self.me = me
         self.attempt = 0
         self._owners = tuple(roster)

@@ -12,7 +12,6 @@ Same interface as :class:`meshfed.secagg.protocol.SecAggSession`.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy.typing as npt
 
 from ..errors import RemoteProtocolError
 from ..identity import PeerId
-from ..secagg.keys import context_digest
+from ..secagg.keys import derived_context
 from ..secagg.protocol import (
     Aborted,
     AbortReason,
@@ -54,8 +53,9 @@ class GatherSession:
             raise ValueError("a roster of distinct peers that includes this one")
         if values.ndim != 1 or values.dtype != np.float32:
             raise ValueError("values must be a 1-D float32 array")
-        digest = context_digest(job=job, round=round, group=group, roster=roster)
-        self.context = hashlib.sha256(b"meshfed-gather-v1" + digest).digest()
+        self.context = derived_context(
+            b"meshfed-gather-v1", job=job, round=round, group=group, roster=roster
+        )
         self.me = me
         self._roster = tuple(roster)
         self._values = values

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..identity import PeerId
 
-__all__ = ["context_digest", "mask_sign", "neighbours", "pair_seed"]
+__all__ = ["context_digest", "derived_context", "mask_sign", "neighbours", "pair_seed"]
 
 
 def context_digest(
@@ -50,6 +50,15 @@ def context_digest(
     for raw in ids:
         digest.update(raw)
     return digest.digest()
+
+
+def derived_context(
+    domain: bytes, *, job: bytes, round: int, group: int, roster: Sequence[PeerId]
+) -> bytes:
+    """The context of another protocol over the same group (``SHA-256(domain || context
+    digest)``), so that its messages can never pass for secure-aggregation ones."""
+    digest = context_digest(job=job, round=round, group=group, roster=roster)
+    return hashlib.sha256(domain + digest).digest()
 
 
 def pair_seed(shared_secret: bytes, *, context: bytes, a: PeerId, b: PeerId) -> bytes:

@@ -282,13 +282,7 @@ class TrainingPeer:
         began, sent_before = time.monotonic(), self.node.stats.bytes_out
         base = flatten(self.model)
         contributes = self._may_contribute()
-        train_loss = float("nan")
-        if contributes:
-            x, y = self.shard.x, self.shard.y
-            seed = local_seed(self.spec, number)
-            train_loss = await trio.to_thread.run_sync(
-                lambda: self.trainer.train(self.model, x, y, seed=seed)
-            )
+        train_loss = await self._train_locally(number) if contributes else float("nan")
         averaging_began = time.monotonic()
         trained = self._privatized(base, flatten(self.model), number) if contributes else base
         if self._index in self.spec.attackers:
@@ -296,20 +290,13 @@ class TrainingPeer:
             trained = (base + factor * (trained - base)).astype(np.float32)
         average, groups = await self.average(trained, number, weight=self.weight * contributes)
         load_vector(self.model, self.strategy.apply(base, average))
-        loss, accuracy = await trio.to_thread.run_sync(
-            lambda: evaluate(self.model, self.test.x, self.test.y)
-        )
-        now = time.monotonic()
-        return RoundReport(
-            round=number,
-            accuracy=accuracy,
-            loss=loss,
+        return await self._report(
+            number,
+            began=began,
+            averaging_began=averaging_began,
+            sent_before=sent_before,
             train_loss=train_loss,
-            seconds=now - began,
-            averaging_s=now - averaging_began,
-            bytes_out=self.node.stats.bytes_out - sent_before,
             groups=tuple(groups),
-            epsilon=0.0 if self.accountant is None else self.accountant.epsilon(),
             contributed=contributes,
         )
 
@@ -321,11 +308,7 @@ class TrainingPeer:
             self._push_state.absorb(message)
         self._pushes.clear()
         load_vector(self.model, self._push_state.estimate())
-        x, y = self.shard.x, self.shard.y
-        seed = local_seed(self.spec, number)
-        train_loss = await trio.to_thread.run_sync(
-            lambda: self.trainer.train(self.model, x, y, seed=seed)
-        )
+        train_loss = await self._train_locally(number)
         self._push_state.move_to(flatten(self.model))
         pushing = time.monotonic()
         message = self._push_state.split()
@@ -339,6 +322,35 @@ class TrainingPeer:
             self._push_state.absorb(message)  # a dead peer must not swallow our mass
             pushed = 0
         load_vector(self.model, self._push_state.estimate())
+        return await self._report(
+            number,
+            began=began,
+            averaging_began=pushing,
+            sent_before=sent_before,
+            train_loss=train_loss,
+            groups=(pushed,),
+            contributed=True,
+        )
+
+    async def _train_locally(self, number: int) -> float:
+        x, y = self.shard.x, self.shard.y
+        seed = local_seed(self.spec, number)
+        return await trio.to_thread.run_sync(
+            lambda: self.trainer.train(self.model, x, y, seed=seed)
+        )
+
+    async def _report(
+        self,
+        number: int,
+        *,
+        began: float,
+        averaging_began: float,
+        sent_before: int,
+        train_loss: float,
+        groups: tuple[int, ...],
+        contributed: bool,
+    ) -> RoundReport:
+        """Evaluate the model on the test split and say how the round went."""
         loss, accuracy = await trio.to_thread.run_sync(
             lambda: evaluate(self.model, self.test.x, self.test.y)
         )
@@ -349,9 +361,11 @@ class TrainingPeer:
             loss=loss,
             train_loss=train_loss,
             seconds=now - began,
-            averaging_s=now - pushing,
+            averaging_s=now - averaging_began,
             bytes_out=self.node.stats.bytes_out - sent_before,
-            groups=(pushed,),
+            groups=groups,
+            epsilon=0.0 if self.accountant is None else self.accountant.epsilon(),
+            contributed=contributed,
         )
 
     async def _on_push(self, envelope: Envelope, header: ArrayHeader, array: Any) -> None:
