@@ -37,18 +37,17 @@ from rich.console import Console
 
 from meshfed.logs import configure_logging
 from meshfed.testnet import run_testnet
-from meshfed.training.data import load, partition
+from meshfed.training.data import load_dataset, partition
 from meshfed.training.job import JobSpec, local_seed
 from meshfed.training.models import build
-from meshfed.training.torch_adapter import LocalTrainer, evaluate, flatten
-from meshfed.training.torch_adapter import load as load_vector
+from meshfed.training.torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 
 LARGE = {"hidden": [1024, 960]}  # 64*1024 + 1024 + 1024*960 + 960 + 960*10 + 10 = 1.05M
 
 
 def centralized_fedavg(spec: JobSpec) -> list[float]:
     """Accuracy after each round of FedAvg over the job's shards, in this process."""
-    train, test = load(spec.dataset, seed=spec.seed)
+    train, test = load_dataset(spec.dataset, seed=spec.seed)
     shards = partition(
         train.y, len(spec.roster), scheme=spec.partition, alpha=spec.alpha, seed=spec.seed
     )
@@ -63,12 +62,12 @@ def centralized_fedavg(spec: JobSpec) -> list[float]:
         base = flatten(model)
         trained = []
         for shard in shards:
-            load_vector(model, base)
+            load_flat(model, base)
             data = train.take(shard)
             trainer.train(model, data.x, data.y, seed=local_seed(spec, number))
             trained.append(flatten(model).astype(np.float64))
         average = np.average(np.stack(trained), axis=0, weights=sizes).astype(np.float32)
-        load_vector(model, average)
+        load_flat(model, average)
         accuracies.append(evaluate(model, test.x, test.y)[1])
     return accuracies
 

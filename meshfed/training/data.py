@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Dataset", "load", "partition"]
+__all__ = ["Dataset", "load_dataset", "partition"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,7 @@ class Dataset:
         return Dataset(self.x[indices], self.y[indices])
 
 
-def load(name: str, *, seed: int = 0, size: int = 20_000) -> tuple[Dataset, Dataset]:
+def load_dataset(name: str, *, seed: int = 0, size: int = 20_000) -> tuple[Dataset, Dataset]:
     """``(train, test)`` of data set ``name`` (test is a fixed 20% split from ``seed``).
 
     Raises:

@@ -43,11 +43,10 @@ from ..secagg.protocol import GroupSpec
 from ..secagg.ring import Quantizer, check_capacity
 from ..stats import RejectReason
 from ..wire import Envelope
-from .data import load, partition
+from .data import load_dataset, partition
 from .models import build
 from .strategies import named
-from .torch_adapter import LocalTrainer, evaluate, flatten
-from .torch_adapter import load as load_vector
+from .torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 
 __all__ = ["JobSpec", "RoundReport", "TrainingPeer", "local_seed"]
 
@@ -203,7 +202,7 @@ class TrainingPeer:
         self._roster = tuple(PeerId.from_string(peer) for peer in spec.roster)
         self._job = spec.job_id.encode()
         try:
-            train, self.test = load(spec.dataset, seed=spec.seed)
+            train, self.test = load_dataset(spec.dataset, seed=spec.seed)
             shards = partition(
                 train.y, len(spec.roster), scheme=spec.partition, alpha=spec.alpha, seed=spec.seed
             )
@@ -289,7 +288,7 @@ class TrainingPeer:
             factor = self.spec.attack_scale * (-1 if self.spec.attack == "sign_flip" else 1)
             trained = (base + factor * (trained - base)).astype(np.float32)
         average, groups = await self.average(trained, number, weight=self.weight * contributes)
-        load_vector(self.model, self.strategy.apply(base, average))
+        load_flat(self.model, self.strategy.apply(base, average))
         return await self._report(
             number,
             began=began,
@@ -307,7 +306,7 @@ class TrainingPeer:
         for message in self._pushes:
             self._push_state.absorb(message)
         self._pushes.clear()
-        load_vector(self.model, self._push_state.estimate())
+        load_flat(self.model, self._push_state.estimate())
         train_loss = await self._train_locally(number)
         self._push_state.move_to(flatten(self.model))
         pushing = time.monotonic()
@@ -321,7 +320,7 @@ class TrainingPeer:
         except (MeshfedError, trio.TooSlowError):
             self._push_state.absorb(message)  # a dead peer must not swallow our mass
             pushed = 0
-        load_vector(self.model, self._push_state.estimate())
+        load_flat(self.model, self._push_state.estimate())
         return await self._report(
             number,
             began=began,

@@ -1,7 +1,7 @@
 """A torch model as a flat float32 vector, and local training and evaluation.
 
 Averaging works on flat vectors: :func:`flatten` copies a model's parameters into one float32
-numpy array (in ``model.parameters()`` order) and :func:`load` writes one back. Both ends of a
+numpy array (in ``model.parameters()`` order) and :func:`load_flat` writes one back. Both ends of a
 job build the same architecture by name, so the order is the same everywhere.
 """
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
-__all__ = ["LocalTrainer", "evaluate", "flatten", "load"]
+__all__ = ["LocalTrainer", "evaluate", "flatten", "load_flat"]
 
 
 def flatten(model: nn.Module) -> npt.NDArray[np.float32]:
@@ -27,7 +27,7 @@ def flatten(model: nn.Module) -> npt.NDArray[np.float32]:
     return vector
 
 
-def load(model: nn.Module, vector: npt.NDArray[np.float32]) -> None:
+def load_flat(model: nn.Module, vector: npt.NDArray[np.float32]) -> None:
     """Write ``vector`` (as from :func:`flatten`) into the model's parameters.
 
     Raises:

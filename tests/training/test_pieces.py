@@ -9,10 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshfed.training import strategies
-from meshfed.training.data import load, partition
+from meshfed.training.data import load_dataset, partition
 from meshfed.training.models import build, names
-from meshfed.training.torch_adapter import LocalTrainer, evaluate, flatten
-from meshfed.training.torch_adapter import load as load_vector
+from meshfed.training.torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
@@ -20,14 +19,14 @@ def test_models_round_trip_through_flat_vectors_without_sharing_memory(name: str
     torch.manual_seed(0)
     model = build(name)
     vector = np.random.default_rng(0).standard_normal(len(flatten(model))).astype(np.float32)
-    load_vector(model, vector)
+    load_flat(model, vector)
     np.testing.assert_array_equal(flatten(model), vector)
     kept = vector.copy()
-    train, _ = load("digits")
+    train, _ = load_dataset("digits")
     LocalTrainer(epochs=1).train(model, train.x[:64], train.y[:64], seed=0)
     np.testing.assert_array_equal(vector, kept)  # training never writes into the caller's array
     with pytest.raises(ValueError, match="parameters"):
-        load_vector(model, vector[:-1])
+        load_flat(model, vector[:-1])
 
 
 def test_unknown_models_and_strategies_name_the_known_ones() -> None:
@@ -39,7 +38,7 @@ def test_unknown_models_and_strategies_name_the_known_ones() -> None:
 
 
 def test_local_training_learns_digits() -> None:
-    train, test = load("digits")
+    train, test = load_dataset("digits")
     torch.manual_seed(0)
     model = build("mlp")
     LocalTrainer(epochs=5).train(model, train.x, train.y, seed=1)
