@@ -14,7 +14,7 @@ from meshfed.training.models import build, names
 from meshfed.training.torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "mobilenet"])
 def test_models_round_trip_through_flat_vectors_without_sharing_memory(name: str) -> None:
     torch.manual_seed(0)
     model = build(name)
@@ -29,8 +29,13 @@ def test_models_round_trip_through_flat_vectors_without_sharing_memory(name: str
         load_flat(model, vector[:-1])
 
 
+def test_cifar_cnn_takes_32x32_colour_images() -> None:
+    model = build("cifar_cnn")
+    assert model(torch.zeros(2, 3 * 32 * 32)).shape == (2, 10)
+
+
 def test_unknown_models_and_strategies_name_the_known_ones() -> None:
-    assert {"mlp", "cnn"} <= set(names())
+    assert {"mlp", "cnn", "cifar_cnn", "resnet", "mobilenet"} <= set(names())
     with pytest.raises(KeyError, match="mlp"):
         build("transformer-xxl")
     with pytest.raises(KeyError, match="fedavg"):
