@@ -192,6 +192,9 @@ def testnet(
     ] = 0.0,
     dp_noise: Annotated[float, typer.Option(help="DP noise multiplier.")] = 1.0,
     dp_epsilon: Annotated[float, typer.Option(help="Each node's DP budget (delta 1e-5).")] = 8.0,
+    simulate: Annotated[
+        int, typer.Option(help="Run this many peers in one process on the memory transport.")
+    ] = 0,
     kill: Annotated[
         int, typer.Option(help="Chaos: SIGKILL this many nodes mid-job (the rest go on).")
     ] = 0,
@@ -220,6 +223,10 @@ def testnet(
         "dp_epsilon": dp_epsilon,
     }
     try:
+        if simulate:
+            from .simulation import run_simulation
+
+            sys.exit(trio.run(functools.partial(run_simulation, simulate, out, **options)))
         if not 0 <= kill <= nodes - 2:
             raise typer.BadParameter("--kill must leave at least 2 nodes")
         run = functools.partial(

@@ -101,4 +101,5 @@ def test_training_benchmark_matches_centralized_fedavg() -> None:
     # the same job, the same seeds: secure averaging only adds quantization noise
     assert abs(figures["gap_secure"]) <= 0.01  # type: ignore[arg-type]
     assert isinstance(figures["acc_gossip"], float) and figures["acc_gossip"] > 0.3
-    assert {"sim_round_s_200", "sim_rss_mb_200"} <= set(figures)
+    assert figures["sim_peers"] == 20
+    assert figures["sim_round_s_20"] > 0 and figures["sim_rss_mb_20"] > 0  # type: ignore[operator]

@@ -85,3 +85,13 @@ def test_a_job_file_for_another_node_is_reported_not_fatal(tmp_path: Path) -> No
     finally:
         node.popen.send_signal(signal.SIGTERM)
         assert node.popen.wait(20) == 0  # the node kept serving until told to stop
+
+
+def test_testnet_simulates_many_peers_in_one_process(tmp_path: Path) -> None:
+    out = tmp_path / "sim.json"
+    result = cli("testnet", "--simulate", "12", "--rounds", "2", "--out", str(out), timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = json.loads(out.read_text())
+    assert run["peers"] == 12 and len(run["rounds"]) == 2
+    assert run["rounds"][-1]["accuracy_spread"] < 1e-6  # one group: one model
+    assert run["peak_rss_mb"] > 0
