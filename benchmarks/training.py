@@ -41,8 +41,8 @@ from rich.console import Console
 
 from meshfed.logs import configure_logging
 from meshfed.testnet import run_testnet
-from meshfed.training.data import load_dataset, partition
-from meshfed.training.job import JobSpec, local_seed
+from meshfed.training.data import load_dataset
+from meshfed.training.job import JobSpec, job_shards, local_seed
 from meshfed.training.models import build
 from meshfed.training.torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 
@@ -52,9 +52,7 @@ LARGE = {"hidden": [1024, 960]}  # 64*1024 + 1024 + 1024*960 + 960 + 960*10 + 10
 def centralized_fedavg(spec: JobSpec) -> list[float]:
     """Accuracy after each round of FedAvg over the job's shards, in this process."""
     train, test = load_dataset(spec.dataset, seed=spec.seed)
-    shards = partition(
-        train.y, len(spec.roster), scheme=spec.partition, alpha=spec.alpha, seed=spec.seed
-    )
+    shards = job_shards(spec, train)
     torch.manual_seed(spec.seed)
     model = build(spec.model, **spec.model_options)
     trainer = LocalTrainer(

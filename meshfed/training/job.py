@@ -43,12 +43,12 @@ from ..secagg.protocol import GroupSpec
 from ..secagg.ring import Quantizer, check_capacity
 from ..stats import RejectReason
 from ..wire import Envelope
-from .data import load_dataset, partition
+from .data import Dataset, load_dataset, partition
 from .models import build
 from .strategies import named
 from .torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 
-__all__ = ["JobSpec", "RoundReport", "TrainingPeer", "local_seed"]
+__all__ = ["JobSpec", "RoundReport", "TrainingPeer", "job_shards", "local_seed"]
 
 _STEPS_PER_ROUND = 64  # GroupSpec.round = round * 64 + step: a fresh context for every step
 
@@ -203,9 +203,7 @@ class TrainingPeer:
         self._job = spec.job_id.encode()
         try:
             train, self.test = load_dataset(spec.dataset, seed=spec.seed)
-            shards = partition(
-                train.y, len(spec.roster), scheme=spec.partition, alpha=spec.alpha, seed=spec.seed
-            )
+            shards = job_shards(spec, train)
             torch.manual_seed(spec.seed)  # every peer starts from the same model
             self.model = build(spec.model, **spec.model_options)
             self.strategy = named(spec.algorithm, **spec.algorithm_options)
@@ -496,3 +494,16 @@ def local_seed(spec: JobSpec, number: int) -> int:
     """The seed of round ``number``'s local shuffling (the same formula on every peer, so a
     centralized reference can replay a job exactly)."""
     return spec.seed * 1_000_003 + number
+
+
+def job_shards(spec: JobSpec, train: Dataset) -> list[npt.NDArray[np.int64]]:
+    """Every roster peer's shard of ``train`` (indices), as every peer computes it."""
+    peers = len(spec.roster)
+    return partition(
+        train.y,
+        peers,
+        scheme=spec.partition,
+        alpha=spec.alpha,
+        seed=spec.seed,
+        min_size=max(1, min(10, len(train) // (4 * peers))),  # hundreds of peers: tiny shards
+    )
