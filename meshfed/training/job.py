@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -80,6 +81,8 @@ class JobSpec:
         robust, robust_options: Byzantine-robust aggregation instead of the mean (``median``,
             ``trimmed_mean``, ``krum``, ``centered_clip``: :mod:`..averaging.robust`), over an
             all-gather of the group; it needs the individual models, so not with ``secure``.
+        gossip_pushes: pushes per local step in ``pushsum`` (0: ``ceil(log2 n)``, one sweep
+            of the exponential graph).
         attackers, attack, attack_scale: chaos for robustness tests: the peers at these roster
             positions send ``base + f (x - base)`` with ``f = -attack_scale`` (``sign_flip``)
             or ``attack_scale`` (``scale``) instead of their trained model ``x``.
@@ -109,6 +112,7 @@ class JobSpec:
     dp_noise_multiplier: float = 1.0
     dp_epsilon: float = 8.0
     dp_delta: float = 1e-5
+    gossip_pushes: int = 0
     robust: str = "none"
     robust_options: dict[str, Any] = field(default_factory=dict)
     attackers: tuple[int, ...] = ()
@@ -301,23 +305,23 @@ class TrainingPeer:
         """One tick of push-sum: absorb the pushes that came, train from the estimate, push
         half of the mass to this tick's peer (kept if the push fails), evaluate."""
         began, sent_before = time.monotonic(), self.node.stats.bytes_out
-        for message in self._pushes:
-            self._push_state.absorb(message)
-        self._pushes.clear()
+        self._absorb_pushes()
         load_flat(self.model, self._push_state.estimate())
         train_loss = await self._train_locally(number)
         self._push_state.move_to(flatten(self.model))
-        pushing = time.monotonic()
-        message = self._push_state.split()
-        target = self._roster[push_target(self._index, len(self._roster), number)]
-        try:
-            with trio.fail_after(self.aggregator.deadlines.phase_max_s):
-                name = f"{self._push_prefix}{number}"
-                await self.node.send_array(target, message, name=name)
-            pushed = 1
-        except (MeshfedError, trio.TooSlowError):
-            self._push_state.absorb(message)  # a dead peer must not swallow our mass
-            pushed = 0
+        pushing, pushed = time.monotonic(), 0
+        pushes = self.spec.gossip_pushes or max(1, math.ceil(math.log2(len(self._roster))))
+        for hop in range(pushes):  # one sweep of the exponential graph by default
+            message = self._push_state.split()
+            tick = number * pushes + hop
+            target = self._roster[push_target(self._index, len(self._roster), tick)]
+            try:
+                with trio.fail_after(self.aggregator.deadlines.phase_max_s):
+                    await self.node.send_array(target, message, name=f"{self._push_prefix}{tick}")
+                pushed += 1
+            except (MeshfedError, trio.TooSlowError):
+                self._push_state.absorb(message)  # a dead peer must not swallow our mass
+        self._absorb_pushes()  # what came meanwhile: the estimate to report and keep
         load_flat(self.model, self._push_state.estimate())
         return await self._report(
             number,
@@ -328,6 +332,11 @@ class TrainingPeer:
             groups=(pushed,),
             contributed=True,
         )
+
+    def _absorb_pushes(self) -> None:
+        for message in self._pushes:
+            self._push_state.absorb(message)
+        self._pushes.clear()
 
     async def _train_locally(self, number: int) -> float:
         x, y = self.shard.x, self.shard.y
