@@ -82,10 +82,15 @@ class DeadlinePolicy:
     """How long a phase waits for its stragglers.
 
     Attributes:
-        join_s: least wait of a run's first phase (peers start runs at different times).
+        join_s: least wait of a run's first phase (peers start runs at different times), and
+            of any phase whose answers stopped coming before most were in.
         grace_s: least wait of any other phase once most answers are in.
         slack: once most answers are in, the rest get ``slack`` times as long as those took.
         phase_max_s: no phase waits longer; also the deadline of each send.
+
+    Without a majority, a phase still ends ``max(join_s, slack x elapsed)`` after its last
+    answer: when most of a group is dead or elsewhere (another attempt, another round), waiting
+    the full ``phase_max_s`` would only delay the abort and the re-run.
     """
 
     join_s: float = 3.0
@@ -93,13 +98,23 @@ class DeadlinePolicy:
     slack: float = 2.0
     phase_max_s: float = 60.0
 
-    def deadline(self, *, started: float, majority_at: float | None, first: bool) -> float:
-        """When a phase that began at ``started`` gives up on the answers still missing."""
+    def deadline(
+        self,
+        *,
+        started: float,
+        majority_at: float | None,
+        last_at: float | None = None,
+        first: bool,
+    ) -> float:
+        """When a phase that began at ``started`` gives up on the answers still missing (most
+        of them came at ``majority_at``; the latest one at ``last_at``)."""
         latest = started + self.phase_max_s
-        if majority_at is None:
-            return latest
-        floor = self.join_s if first else self.grace_s
-        return min(latest, majority_at + max(floor, self.slack * (majority_at - started)))
+        if majority_at is not None:
+            floor = self.join_s if first else self.grace_s
+            return min(latest, majority_at + max(floor, self.slack * (majority_at - started)))
+        if last_at is not None:
+            return min(latest, last_at + max(self.join_s, self.slack * (last_at - started)))
+        return latest
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +159,7 @@ class _Run:
         self.step: tuple[int, int] = (-1, -1)
         self.started = trio.current_time()
         self.majority_at: float | None = None
+        self.last_at: float | None = None
         self.arrived = self.expected = 0
 
     def may_end_step(self) -> bool:
@@ -156,9 +172,13 @@ class _Run:
         that call did (masking a vector) is part of what the stragglers are allowed too."""
         now = trio.current_time()
         new_step = progress.step != self.step
+        previous = self.arrived
         self.arrived, self.expected = progress.arrived, progress.expected
         if new_step:
             self.step, self.started, self.majority_at = progress.step, call_started, None
+            self.last_at = now if progress.arrived else None  # answers that came early
+        elif progress.arrived > previous:
+            self.last_at = now
         if self.majority_at is None and progress.arrived >= math.ceil(progress.expected / 2):
             self.majority_at = now
         self.changed.set()
@@ -368,7 +388,10 @@ class Aggregator:
     async def _wait_or_expire(self, run: _Run) -> None:
         step = run.step
         deadline = self.deadlines.deadline(
-            started=run.started, majority_at=run.majority_at, first=step[1] == 1
+            started=run.started,
+            majority_at=run.majority_at,
+            last_at=run.last_at,
+            first=step[1] == 1,
         )
         run.changed = trio.Event()
         with trio.move_on_at(deadline):

@@ -191,3 +191,18 @@ async def test_a_group_too_large_for_the_ring_is_refused_before_anything_is_sent
                 spec, np.zeros(200, np.float32), quantizer, rng=np.random.default_rng(0)
             )
         assert group[0].stats.bytes_out == 0
+
+
+def test_deadlines_adapt_to_arrivals_and_do_not_wait_long_for_a_lost_majority() -> None:
+    policy = DeadlinePolicy(join_s=3.0, grace_s=0.5, slack=2.0, phase_max_s=60.0)
+    # nothing yet: the longest wait
+    assert policy.deadline(started=0.0, majority_at=None, first=False) == 60.0
+    # most answers in after 2 s: the rest get twice as long
+    assert policy.deadline(started=0.0, majority_at=2.0, last_at=2.0, first=False) == 6.0
+    # ... but never less than the floor
+    assert policy.deadline(started=0.0, majority_at=0.1, first=False) == 0.6
+    assert policy.deadline(started=0.0, majority_at=0.1, first=True) == 3.1
+    # answers stopped before a majority (most of the group is dead or elsewhere)
+    assert policy.deadline(started=0.0, majority_at=None, last_at=1.0, first=False) == 4.0
+    assert policy.deadline(started=0.0, majority_at=None, last_at=10.0, first=False) == 30.0
+    assert policy.deadline(started=0.0, majority_at=None, last_at=40.0, first=False) == 60.0
