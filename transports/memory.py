@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -193,6 +193,8 @@ class MemoryStream(Stream):
         self._reset = False
         self._last_arrival = 0.0
         self._other: MemoryStream | None = None
+        #: called once when this end closes (the dialling transport stops tracking it)
+        self._on_close: Callable[[MemoryStream], None] | None = None
 
     async def send(self, frame: bytes | bytearray | memoryview) -> None:
         if self._reset:
@@ -247,6 +249,9 @@ class MemoryStream(Stream):
         """Close gracefully: frames already sent still arrive, then the peer sees the end."""
         self._outgoing.close()
         self._incoming.close()
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close(self)
 
     def reset(self) -> None:
         """Abort both ends at once: frames in flight are lost, both sides' next call raises
@@ -447,6 +452,7 @@ class MemoryTransport(Transport):
             await trio.sleep_until(self._network._delivery_time(peer, 16))  # the refusal travels
             raise RequestFailed(f"{peer} refused the stream: {refusal}", reason=refusal)
         self._streams.add(mine)
+        mine._on_close = self._streams.discard  # else every stream ever dialled stays here
         return mine
 
     def _accept_stream(self, stream: MemoryStream) -> str | None:

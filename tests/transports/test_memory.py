@@ -55,6 +55,22 @@ async def test_latency_and_bandwidth_in_virtual_time(
         assert trio.current_time() - started == pytest.approx(0.3)
 
 
+async def test_closed_streams_are_forgotten_on_both_sides() -> None:
+    async def sink(stream: Stream) -> None:
+        async with stream:
+            await stream.receive()
+
+    async with memory_mesh()(2, TransportLimits()) as [(a, _), (b, _)]:
+        b.set_stream_handler("/sink", sink)
+        for _ in range(50):
+            stream = await a.open_stream(b.local_peer, "/sink")
+            async with stream:
+                await stream.send(b"x")
+        await trio.sleep(0.1)
+        # a long-running node (or a 200-peer simulation) must not keep every stream it dialled
+        assert not a._streams and not b._streams
+
+
 async def test_loss_delays_like_tcp_and_is_seeded(autojump_clock: trio.testing.MockClock) -> None:
     async def schedule(seed: int) -> list[float]:
         network = MemoryNetwork(seed=seed, latency=0.01, loss=0.3)
