@@ -21,7 +21,6 @@ import numpy.typing as npt
 
 from ..errors import RemoteProtocolError
 from ..identity import PeerId
-from ..secagg.keys import derived_context
 from ..secagg.protocol import (
     Aborted,
     AbortReason,
@@ -33,7 +32,7 @@ from ..secagg.protocol import (
     slice_bounds,
 )
 from ..stats import RejectReason
-from ..wire import Message
+from .plain_group import PlainGroupSession
 
 __all__ = ["ButterflySession"]
 
@@ -47,8 +46,10 @@ class _Phase(enum.IntEnum):
 _PHASE_OF = {SliceKind.PLAIN_INPUT: _Phase.INPUT, SliceKind.PLAIN_SUM: _Phase.SUM}
 
 
-class ButterflySession:
+class ButterflySession(PlainGroupSession):
     """One peer's plain all-reduce of ``values`` (1-D float32) with ``roster``."""
+
+    NAME = "butterfly"
 
     def __init__(
         self,
@@ -60,27 +61,17 @@ class ButterflySession:
         me: PeerId,
         values: npt.NDArray[np.float32],
     ) -> None:
-        if me not in roster or len(set(roster)) != len(roster):
-            raise ValueError("a roster of distinct peers that includes this one")
-        if values.ndim != 1 or values.dtype != np.float32 or len(values) < len(roster):
-            raise ValueError(f"values must be 1-D float32 with at least {len(roster)} elements")
-        self.context = derived_context(
-            b"meshfed-butterfly-v1", job=job, round=round, group=group, roster=roster
-        )
-        self.me = me
-        self.attempt = 0
-        self._owners = tuple(roster)
-        self._values = values
+        super().__init__(
+            b"meshfed-butterfly-v1",
+            job=job, round=round, group=group, roster=roster, me=me, values=values,
+        )  # fmt: skip
+        if len(values) < len(roster):
+            raise ValueError(f"values must have at least {len(roster)} elements")
+        self._owners = self._roster
         self._phase = _Phase.INPUT
         self._inbox: dict[_Phase, dict[PeerId, npt.NDArray[Any]]] = {p: {} for p in _Phase}
-        self._others = frozenset(roster) - {me}
         self._own = values[slice(*self._bounds(me))]
         self._own_sum: npt.NDArray[np.float32] | None = None
-
-    @property
-    def contexts(self) -> tuple[bytes, ...]:
-        """The one context of this run."""
-        return (self.context,)
 
     def progress(self) -> Progress:
         """The step and how many of its answers are in."""
@@ -101,12 +92,6 @@ class ButterflySession:
         ]
         return actions + self._progress()
 
-    def receive(self, sender: PeerId, message: Message) -> list[Action]:
-        """No messages in a plain butterfly: always rejected."""
-        raise RemoteProtocolError(
-            f"{message.TYPE} in a butterfly", reason=RejectReason.UNKNOWN_TYPE
-        )
-
     def receive_slice(
         self, sender: PeerId, kind: SliceKind, context: bytes, array: npt.NDArray[Any]
     ) -> list[Action]:
@@ -118,10 +103,7 @@ class ButterflySession:
         phase = _PHASE_OF.get(kind)
         if phase is None:
             raise RemoteProtocolError(f"{kind} in a butterfly", reason=RejectReason.UNKNOWN_TYPE)
-        if context != self.context:
-            raise RemoteProtocolError("array of another run", reason=RejectReason.WRONG_CONTEXT)
-        if sender not in self._others:
-            raise RemoteProtocolError("not in this group", reason=RejectReason.NOT_A_MEMBER)
+        self._admit(sender, context)
         if phase < self._phase or self._phase is _Phase.DONE:
             raise RemoteProtocolError("slice after its phase", reason=RejectReason.LATE)
         if sender in self._inbox[phase]:

@@ -20,7 +20,6 @@ import numpy.typing as npt
 
 from ..errors import RemoteProtocolError
 from ..identity import PeerId
-from ..secagg.keys import derived_context
 from ..secagg.protocol import (
     Aborted,
     AbortReason,
@@ -31,13 +30,15 @@ from ..secagg.protocol import (
     SliceKind,
 )
 from ..stats import RejectReason
-from ..wire import Message
+from .plain_group import PlainGroupSession
 
 __all__ = ["GatherSession"]
 
 
-class GatherSession:
+class GatherSession(PlainGroupSession):
     """One peer's all-gather of ``values`` (1-D float32) with ``roster``."""
+
+    NAME = "gather"
 
     def __init__(
         self,
@@ -49,24 +50,12 @@ class GatherSession:
         me: PeerId,
         values: npt.NDArray[np.float32],
     ) -> None:
-        if me not in roster or len(set(roster)) != len(roster):
-            raise ValueError("a roster of distinct peers that includes this one")
-        if values.ndim != 1 or values.dtype != np.float32:
-            raise ValueError("values must be a 1-D float32 array")
-        self.context = derived_context(
-            b"meshfed-gather-v1", job=job, round=round, group=group, roster=roster
-        )
-        self.me = me
-        self._roster = tuple(roster)
-        self._values = values
-        self._others = frozenset(roster) - {me}
+        super().__init__(
+            b"meshfed-gather-v1",
+            job=job, round=round, group=group, roster=roster, me=me, values=values,
+        )  # fmt: skip
         self._received: dict[PeerId, npt.NDArray[Any]] = {}
         self._done = False
-
-    @property
-    def contexts(self) -> tuple[bytes, ...]:
-        """The one context of this run."""
-        return (self.context,)
 
     def progress(self) -> Progress:
         """One step: the vectors in."""
@@ -82,10 +71,6 @@ class GatherSession:
         ]
         return sends + self._finish_if_complete()
 
-    def receive(self, sender: PeerId, message: Message) -> list[Action]:
-        """No messages in an all-gather: always rejected."""
-        raise RemoteProtocolError(f"{message.TYPE} in a gather", reason=RejectReason.UNKNOWN_TYPE)
-
     def receive_slice(
         self, sender: PeerId, kind: SliceKind, context: bytes, array: npt.NDArray[Any]
     ) -> list[Action]:
@@ -96,10 +81,7 @@ class GatherSession:
         """
         if kind is not SliceKind.GATHER:
             raise RemoteProtocolError(f"{kind} in a gather", reason=RejectReason.UNKNOWN_TYPE)
-        if context != self.context:
-            raise RemoteProtocolError("array of another run", reason=RejectReason.WRONG_CONTEXT)
-        if sender not in self._others:
-            raise RemoteProtocolError("not in this group", reason=RejectReason.NOT_A_MEMBER)
+        self._admit(sender, context)
         if self._done:
             raise RemoteProtocolError("vector after the gather ended", reason=RejectReason.LATE)
         if sender in self._received:
