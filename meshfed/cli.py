@@ -188,8 +188,11 @@ def testnet(
         str, typer.Option(help="exact (same model each round), moshpit, or pushsum (gossip).")
     ] = "exact",
     dp_clip: Annotated[
-        float, typer.Option(help="Differential privacy: clip each update to this norm (0: off).")
+        float, typer.Option(help="Differential privacy: clip to this L2 norm (0: off).")
     ] = 0.0,
+    dp_mode: Annotated[
+        str, typer.Option(help="update (peer-level DP-FedAvg) or sample (DP-SGD per example).")
+    ] = "update",
     dp_noise: Annotated[float, typer.Option(help="DP noise multiplier.")] = 1.0,
     dp_epsilon: Annotated[float, typer.Option(help="Each node's DP budget (delta 1e-5).")] = 8.0,
     simulate: Annotated[
@@ -219,6 +222,7 @@ def testnet(
         "algorithm": algorithm,
         "schedule": schedule,
         "dp_clip": dp_clip,
+        "dp_mode": dp_mode,
         "dp_noise_multiplier": dp_noise,
         "dp_epsilon": dp_epsilon,
     }

@@ -39,6 +39,7 @@ from ..identity import PeerId
 from ..node import Node
 from ..privacy.accountant import GaussianEvent, PrivacyAccountant
 from ..privacy.dp import privatize
+from ..privacy.dpsgd import DPSGDTrainer
 from ..secagg.driver import AggregationFailed, Aggregator, GroupResult
 from ..secagg.protocol import GroupSpec
 from ..secagg.ring import Quantizer, check_capacity
@@ -73,9 +74,12 @@ class JobSpec:
         clip, levels_bits: quantization for secure averaging: parameters are clipped to
             ``[-clip, clip]`` and quantized to ``2^levels_bits`` levels.
         seed: model initialization and data split.
-        dp_clip: differential privacy: each round's update is clipped to this L2 norm and
-            noised (0: off); then every peer weighs the same (DP-FedAvg).
-        dp_noise_multiplier: noise std on a group sum, in units of ``dp_clip``.
+        dp_clip: differential privacy (0: off): the L2 bound of what ``dp_mode`` clips.
+        dp_mode: ``update`` (peer-level DP-FedAvg: each round's update is clipped and noised,
+            then every peer weighs the same) or ``sample`` (example-level DP-SGD in local
+            training: each example's gradient is clipped, each step's sum noised).
+        dp_noise_multiplier: noise std on a group sum (``update``) or on a step's gradient sum
+            (``sample``), in units of ``dp_clip``.
         dp_epsilon, dp_delta: each peer's budget for the whole job; a peer whose next round
             would exceed it stops contributing its data.
         robust, robust_options: Byzantine-robust aggregation instead of the mean (``median``,
@@ -109,6 +113,7 @@ class JobSpec:
     levels_bits: int = 20
     seed: int = 0
     dp_clip: float = 0.0
+    dp_mode: str = "update"
     dp_noise_multiplier: float = 1.0
     dp_epsilon: float = 8.0
     dp_delta: float = 1e-5
@@ -130,6 +135,10 @@ class JobSpec:
             raise ConfigError("max_group must be in 2..128")
         if self.dp_clip < 0 or (self.dp_clip and not self.dp_noise_multiplier > 0):
             raise ConfigError("dp_clip must be >= 0, and dp_noise_multiplier > 0 with it")
+        if self.dp_mode not in ("update", "sample"):
+            raise ConfigError(f"dp_mode must be update or sample, not {self.dp_mode!r}")
+        if self.dp_clip and self.dp_mode == "sample" and self.optimizer != "sgd":
+            raise ConfigError("DP-SGD (dp_mode sample) trains with optimizer sgd")
         if self.robust != "none" and self.robust not in AGGREGATORS:
             raise ConfigError(f"robust must be none or one of {', '.join(AGGREGATORS)}")
         if self.robust != "none" and self.secure:
@@ -217,19 +226,33 @@ class TrainingPeer:
         self.shard = train.take(shards[self._index])
         #: this peer's weight in averages: its share of the largest shard (<= 1, so that
         #: weighted parameters stay inside the quantization range)
-        self.weight = len(self.shard) / max(len(s) for s in shards) if not spec.dp_clip else 1.0
+        self.weight = len(self.shard) / max(len(s) for s in shards)
         self.accountant = (
             PrivacyAccountant(budget_epsilon=spec.dp_epsilon, delta=spec.dp_delta)
             if spec.dp_clip
             else None
         )
-        self.trainer = LocalTrainer(
-            epochs=spec.epochs,
-            batch_size=spec.batch_size,
-            lr=spec.lr,
-            optimizer=spec.optimizer,
-            prox_mu=self.strategy.prox_mu,
-        )
+        self.trainer: LocalTrainer | DPSGDTrainer
+        if spec.dp_clip and spec.dp_mode == "sample":
+            if self.strategy.prox_mu:
+                raise ConfigError("DP-SGD (dp_mode sample) has no FedProx term")
+            self.trainer = DPSGDTrainer(
+                clip=spec.dp_clip,
+                noise_multiplier=spec.dp_noise_multiplier,
+                epochs=spec.epochs,
+                batch_size=spec.batch_size,
+                lr=spec.lr,
+            )
+        else:
+            if spec.dp_clip:  # peer-level DP: every peer's update has the same sensitivity
+                self.weight = 1.0
+            self.trainer = LocalTrainer(
+                epochs=spec.epochs,
+                batch_size=spec.batch_size,
+                lr=spec.lr,
+                optimizer=spec.optimizer,
+                prox_mu=self.strategy.prox_mu,
+            )
         self.quantizer = Quantizer(clip=spec.clip, levels_bits=spec.levels_bits, ring_bits=32)
         self._rng = np.random.default_rng(int.from_bytes(os.urandom(8), "big"))
         self._push_state = PushSumState(flatten(self.model))
@@ -389,17 +412,27 @@ class TrainingPeer:
             raise RemoteProtocolError(str(exc), reason=RejectReason.BAD_ARRAY) from None
         self._pushes.append(array)
 
+    def _round_cost(self) -> tuple[GaussianEvent, int]:
+        """The privacy events one round of this peer's data goes through."""
+        if isinstance(self.trainer, DPSGDTrainer):
+            return self.trainer.event(len(self.shard))
+        return GaussianEvent(self.spec.dp_noise_multiplier), 1
+
     def _may_contribute(self) -> bool:
         """False once the next round would take this peer past its privacy budget."""
         if self.accountant is None:
             return True
-        return not self.accountant.would_exceed(GaussianEvent(self.spec.dp_noise_multiplier))
+        return not self.accountant.would_exceed(*self._round_cost())
 
     def _privatized(
         self, base: npt.NDArray[np.float32], trained: npt.NDArray[np.float32], number: int
     ) -> npt.NDArray[np.float32]:
-        """``trained`` with its update clipped and noised, and the release accounted."""
+        """``trained`` with its update clipped and noised (DP-SGD did that already in
+        training), and the release accounted."""
         if self.accountant is None:
+            return trained
+        self.accountant.compose(*self._round_cost())
+        if isinstance(self.trainer, DPSGDTrainer):
             return trained
         _, members = self._placement(number).group(self.node.peer_id, 0)
         noisy = privatize(
@@ -409,7 +442,6 @@ class TrainingPeer:
             min_contributors=len(members) // 2 + 1,  # the fewest survivors a group sum has
             rng=self._rng,
         )
-        self.accountant.compose(GaussianEvent(self.spec.dp_noise_multiplier))
         return base + noisy
 
     def _placement(self, number: int) -> Placement:

@@ -13,6 +13,7 @@ import trio
 from meshfed import Node, NodeConfig, open_node
 from meshfed.errors import ConfigError
 from meshfed.identity import Identity
+from meshfed.privacy.accountant import PrivacyAccountant
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
 from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
 from meshfed.transports.memory import MemoryNetwork
@@ -102,6 +103,35 @@ async def test_with_dp_each_peer_spends_its_budget_then_stops_contributing(tmp_p
             assert epsilons == sorted(epsilons) and 5.3 < epsilons[-1] <= 5.5
             assert epsilons[5] == epsilons[4]  # nothing spent once it stopped
             assert 0.0 <= peer_reports[-1].accuracy <= 1.0
+
+
+async def test_with_dp_sgd_each_example_is_protected_and_the_job_still_learns(
+    tmp_path: Path,
+) -> None:
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = JobSpec(
+            job_id="dp-sgd",
+            roster=tuple(str(n.peer_id) for n in nodes),
+            rounds=4,
+            partition="iid",
+            lr=0.5,
+            dp_mode="sample",
+            dp_clip=1.0,
+            dp_noise_multiplier=1.0,
+            dp_epsilon=5.0,  # three rounds of ~12 sampled steps fit (epsilon 4.67), four do not
+        )
+        reports: list[list[RoundReport]] = [[] for _ in nodes]
+        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
+        async with trio.open_nursery() as nursery:
+            for i, peer in enumerate(peers):
+                nursery.start_soon(peer.run, reports[i].append)
+        for peer, peer_reports in zip(peers, reports, strict=True):
+            assert [r.contributed for r in peer_reports] == [True] * 3 + [False]
+            event, steps = peer.trainer.event(len(peer.shard))  # type: ignore[union-attr]
+            reference = PrivacyAccountant(budget_epsilon=100, delta=spec.dp_delta)
+            reference.compose(event, 3 * steps)
+            assert peer_reports[-1].epsilon == pytest.approx(reference.epsilon())
+            assert peer_reports[2].accuracy > 0.6  # chance is 0.1
 
 
 async def test_pushsum_gossip_brings_every_peer_close_to_the_same_model(tmp_path: Path) -> None:
