@@ -12,8 +12,9 @@ the 9.6k-parameter MLP, ``--rounds`` rounds of ``--epochs`` local epochs, one se
   first, ``bytes_per_peer_round``: bytes a peer sends per round;
 - ``avg_s_large``: the secure averaging phase of a round for a ~1M-parameter MLP on the same
   processes (mean over nodes and rounds after the first), ``params_large``;
-- ``acc_gossip``: the same job with asynchronous push-sum gossip (plain, one push per local
-  step; a "round" is a tick), ``gap_gossip``, ``round_s_gossip``.
+- ``acc_gossip``: the same job with asynchronous push-sum gossip (plain; a tick is one local
+  SGD step and one sweep of pushes; as many ticks as the rounds' local epochs take steps on
+  the mean shard: ``gossip_ticks``), ``gap_gossip``, ``round_s_gossip`` (seconds per tick).
 
 - ``sim_round_s_200``, ``sim_rss_mb_200``: ``--sim-peers`` (200) peers of the same job in one
   process on the memory transport (``meshfed-node testnet --simulate``, secure averaging in
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -118,11 +120,16 @@ def main() -> None:
         "secure": True,
     }
     secure = decentralized(nodes, **options)
-    gossip = decentralized(
-        nodes, agree=False, **{**options, "secure": False, "schedule": "pushsum"}
-    )
     # The reference replays the very job the testnet ran (same roster size, seed, shards).
     job = JobSpec(**{**secure["job"], "roster": tuple(secure["job"]["roster"])})
+    train, _ = load_dataset(job.dataset, seed=job.seed)
+    mean_shard = statistics.mean(len(s) for s in job_shards(job, train))
+    ticks = rounds * args.epochs * math.ceil(mean_shard / job.batch_size)  # the same local work
+    gossip = decentralized(
+        nodes,
+        agree=False,
+        **{**options, "secure": False, "schedule": "pushsum", "rounds": ticks, "local_steps": 1},
+    )
     central = centralized_fedavg(job)
     later = [row for row in secure["rounds"] if row["round"] > 0]
     large = decentralized(nodes, **{**options, "rounds": 2, "model_options": LARGE})
@@ -144,9 +151,13 @@ def main() -> None:
         "bytes_per_peer_round": round(statistics.mean(r["bytes_out"] for r in later)),
         "params_large": params_large,
         "avg_s_large": round(large["rounds"][-1]["averaging_s"], 4),
+        "gossip_ticks": ticks,
         "acc_gossip": round(gossip["final_accuracy"], 4),
         "gap_gossip": round(central[-1] - gossip["final_accuracy"], 4),
-        "acc_gossip_by_round": [round(r["accuracy"], 4) for r in gossip["rounds"]],
+        "acc_gossip_by_round": [  # at the end of each round's worth of ticks
+            round(r["accuracy"], 4)
+            for r in gossip["rounds"][ticks // rounds - 1 :: ticks // rounds]
+        ],
         "acc_gossip_spread": round(gossip["rounds"][-1]["accuracy_spread"], 4),
         "round_s_gossip": round(statistics.mean(r["seconds"] for r in gossip["rounds"][1:]), 4),
         "sim_peers": sim_peers,

@@ -181,6 +181,9 @@ def testnet(
     partition: Annotated[str, typer.Option(help="iid, dirichlet or quantity.")] = "dirichlet",
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration (non-IID-ness).")] = 0.5,
     epochs: Annotated[int, typer.Option(help="Local epochs per round.", min=1)] = 1,
+    local_steps: Annotated[
+        int, typer.Option(help="Minibatch steps per round instead of epochs (0: epochs).", min=0)
+    ] = 0,
     algorithm: Annotated[str, typer.Option(help="fedavg, fedprox, fedavgm, fedadam ...")] = (
         "fedavg"
     ),
@@ -219,6 +222,7 @@ def testnet(
         "partition": partition,
         "alpha": alpha,
         "epochs": epochs,
+        "local_steps": local_steps,
         "algorithm": algorithm,
         "schedule": schedule,
         "dp_clip": dp_clip,

@@ -17,6 +17,7 @@ parameters for that step and rejoins at the next.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -65,6 +66,8 @@ class JobSpec:
         model, model_options: the architecture (:func:`..models.build`).
         dataset, partition, alpha: the data (:mod:`..data`).
         rounds, epochs, batch_size, lr, optimizer: the training.
+        local_steps: if > 0, each round trains this many minibatch steps instead of ``epochs``
+            passes (push-sum: one or a few steps per tick, as SGP does).
         algorithm, algorithm_options: the strategy (:func:`..strategies.named`).
         secure: average with secure aggregation (else a plain butterfly).
         schedule: ``exact`` (all grid axes every round: identical models), ``moshpit`` (one
@@ -101,6 +104,7 @@ class JobSpec:
     alpha: float = 0.5
     rounds: int = 10
     epochs: int = 1
+    local_steps: int = 0
     batch_size: int = 32
     lr: float = 0.05
     optimizer: str = "sgd"
@@ -150,8 +154,10 @@ class JobSpec:
             0 <= i < len(self.roster) for i in self.attackers
         ):
             raise ConfigError("attack is sign_flip or scale, attackers are roster positions")
-        if self.rounds < 1 or self.epochs < 1:
-            raise ConfigError("rounds and epochs must be at least 1")
+        if self.rounds < 1 or self.epochs < 1 or self.local_steps < 0:
+            raise ConfigError("rounds and epochs must be at least 1, local_steps at least 0")
+        if self.local_steps and self.dp_clip and self.dp_mode == "sample":
+            raise ConfigError("DP-SGD's steps follow from epochs (its sampling): no local_steps")
         try:
             for peer in self.roster:
                 PeerId.from_string(peer)
@@ -252,10 +258,17 @@ class TrainingPeer:
                 lr=spec.lr,
                 optimizer=spec.optimizer,
                 prox_mu=self.strategy.prox_mu,
+                steps=spec.local_steps,
             )
         self.quantizer = Quantizer(clip=spec.clip, levels_bits=spec.levels_bits, ring_bits=32)
         self._rng = np.random.default_rng(int.from_bytes(os.urandom(8), "big"))
         self._push_state = PushSumState(flatten(self.model))
+        #: push-sum ticks are short: the local optimizer and its momentum live across them
+        self._tick_optimizer = (
+            self.trainer.make_optimizer(self.model)
+            if spec.schedule == "pushsum" and isinstance(self.trainer, LocalTrainer)
+            else None
+        )
         self._pushes: list[npt.NDArray[np.float32]] = []
         self._push_prefix = f"pushsum.{self._job.hex()}:"
         if spec.schedule == "pushsum":
@@ -364,9 +377,10 @@ class TrainingPeer:
     async def _train_locally(self, number: int) -> float:
         x, y = self.shard.x, self.shard.y
         seed = local_seed(self.spec, number)
-        return await trio.to_thread.run_sync(
-            lambda: self.trainer.train(self.model, x, y, seed=seed)
-        )
+        train = functools.partial(self.trainer.train, self.model, x, y, seed=seed)
+        if self._tick_optimizer is not None:
+            train = functools.partial(train, optimizer=self._tick_optimizer)
+        return await trio.to_thread.run_sync(train)
 
     async def _report(
         self,

@@ -7,6 +7,7 @@ job build the same architecture by name, so the order is the same everywhere.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,8 @@ class LocalTrainer:
         lr: learning rate.
         optimizer: ``"sgd"`` (momentum 0.9) or ``"adam"``.
         prox_mu: FedProx's proximal weight; 0 is plain local SGD (FedAvg).
+        steps: if > 0, train exactly this many minibatch steps instead of ``epochs`` passes
+            (e.g. one step per push-sum tick, as SGP does).
     """
 
     epochs: int = 1
@@ -64,6 +67,25 @@ class LocalTrainer:
     lr: float = 0.05
     optimizer: str = "sgd"
     prox_mu: float = 0.0
+    steps: int = 0
+
+    def _passes(self, examples: int, generator: torch.Generator) -> Iterator[list[torch.Tensor]]:
+        """The minibatches of each pass over the data: ``epochs`` passes, or as many as
+        ``steps`` batches take (the last one cut short)."""
+        left = self.steps or len(range(0, examples, self.batch_size)) * self.epochs
+        while left > 0 and examples:
+            order = torch.randperm(examples, generator=generator)
+            batches = [order[i : i + self.batch_size] for i in range(0, examples, self.batch_size)]
+            yield batches[:left]
+            left -= len(batches)
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The local optimizer over ``model``'s parameters."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9)
+        if self.optimizer == "adam":
+            return torch.optim.Adam(model.parameters(), lr=self.lr)
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', not {self.optimizer!r}")
 
     def train(
         self,
@@ -72,27 +94,23 @@ class LocalTrainer:
         y: npt.NDArray[np.int64],
         *,
         seed: int,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> float:
-        """Train ``model`` in place; returns the mean training loss of the last epoch."""
-        if self.optimizer == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                model.parameters(), lr=self.lr, momentum=0.9
-            )
-        elif self.optimizer == "adam":
-            optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
-        else:
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', not {self.optimizer!r}")
+        """Train ``model`` in place; returns the mean training loss of the last epoch.
+
+        A fresh optimizer (:meth:`make_optimizer`) each call, unless ``optimizer`` is given:
+        one kept across calls keeps its momentum (push-sum's short ticks need that).
+        """
+        optimizer = optimizer or self.make_optimizer(model)
         anchor = [p.detach().clone() for p in model.parameters()] if self.prox_mu else []
         inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
         generator = torch.Generator().manual_seed(seed)
         loss_fn = nn.CrossEntropyLoss()
         model.train()
         last = 0.0
-        for _ in range(self.epochs):
-            order = torch.randperm(len(inputs), generator=generator)
+        for batches in self._passes(len(inputs), generator):
             total, seen = 0.0, 0
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
+            for batch in batches:
                 optimizer.zero_grad()
                 loss = loss_fn(model(inputs[batch]), labels[batch])
                 if self.prox_mu:

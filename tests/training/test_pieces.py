@@ -50,6 +50,30 @@ def test_local_training_learns_digits() -> None:
     assert evaluate(model, test.x, test.y)[1] > 0.9
 
 
+@pytest.mark.parametrize(("epochs", "steps", "expected"), [(2, 0, 6), (1, 5, 5), (1, 2, 2)])
+def test_local_training_takes_epochs_or_exactly_the_steps_asked_for(
+    epochs: int, steps: int, expected: int
+) -> None:
+    model = build("mlp", hidden=[8])
+    train, _ = load_dataset("digits")
+    trainer = LocalTrainer(epochs=epochs, steps=steps, batch_size=4)
+    optimizer = trainer.make_optimizer(model)
+    taken = 0
+
+    def count(*_: object) -> None:
+        nonlocal taken
+        taken += 1
+
+    optimizer.register_step_post_hook(count)
+    trainer.train(model, train.x[:10], train.y[:10], seed=0, optimizer=optimizer)  # 3 batches
+    assert taken == expected
+    momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    trainer.train(model, train.x[:10], train.y[:10], seed=1, optimizer=optimizer)
+    assert not torch.equal(
+        optimizer.state[next(model.parameters())]["momentum_buffer"], momentum[0]
+    )
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     st.sampled_from(["iid", "dirichlet", "quantity"]),
