@@ -395,6 +395,7 @@ class Node:
             else [
                 {
                     "peer_id": str(record.peer),
+                    "addrs": list(record.addrs),
                     "roles": record.capabilities.roles,
                     "battery_pct": record.capabilities.battery_pct,
                 }

@@ -49,6 +49,7 @@ from meshfed.errors import (
     StreamClosed,
 )
 from meshfed.identity import Identity, PeerId
+from meshfed.interfaces import dialable, host_addresses
 from meshfed.stats import NodeStats, RejectReason
 from meshfed.transport import (
     RequestHandler,
@@ -76,6 +77,7 @@ log = logging.getLogger(__name__)
 SESSION_PROTOCOL = TProtocol("/meshfed/session/1")
 HANDSHAKE_TIMEOUT_S = 5.0
 DIAL_TIMEOUT_S = 10.0
+STALE_CHECK_S = 2.0  # a connected peer that does not answer a ping in this long is re-dialled
 
 # connection kinds (the last byte of the hello)
 CONTROL, STREAM = 0, 1
@@ -208,6 +210,29 @@ class SealedStream(Stream):
             self._channel.close()
 
 
+def _remote_host(stream: object) -> str | None:
+    """The IP address at the other end of a libp2p stream's TCP connection.
+
+    py-libp2p's ``get_remote_address`` gives ``None`` for IPv6 (its peer name is a 4-tuple),
+    so this reads the socket under the stream's connection layers itself.
+    """
+    layer = stream
+    for _ in range(12):
+        sock = getattr(layer, "socket", None)
+        if isinstance(sock, trio.socket.SocketType):
+            try:
+                return str(sock.getpeername()[0])
+            except OSError:
+                return None
+        for name in ("muxed_conn", "secured_conn", "conn", "stream"):
+            if hasattr(layer, name):
+                layer = getattr(layer, name)
+                break
+        else:
+            return None
+    return None
+
+
 class Libp2pTransport(Transport):
     """A node's libp2p transport. See the module docstring.
 
@@ -273,7 +298,10 @@ class Libp2pTransport(Transport):
         if self._nursery is None:
             return []
         suffix = f"/p2p/{self.local_peer}"
-        return [a if a.endswith(suffix) else a + suffix for a in map(str, self.host.get_addrs())]
+        addrs = [a if a.endswith(suffix) else a + suffix for a in map(str, self.host.get_addrs())]
+        if any(a.startswith(("/ip4/0.0.0.0/", "/ip6/::/")) for a in addrs):
+            return dialable(addrs, host_addresses())  # the interfaces' addresses, as of now
+        return addrs
 
     def connected_peers(self) -> list[PeerId]:
         return [_from_libp2p(p) for p in self.host.get_connected_peers()]
@@ -332,6 +360,20 @@ class Libp2pTransport(Transport):
         except Exception as exc:
             raise PeerUnreachable(f"{addr!r} is not a multiaddr with /p2p/<id>: {exc}") from None
         peer = _from_libp2p(info.peer_id)
+        if peer in self.connected_peers() and not await self._answers(peer):
+            # A connection that no longer answers (its interface went away; TCP has not
+            # noticed): close it, so that the dial below opens a fresh one.
+            with trio.move_on_after(STALE_CHECK_S):
+                await self.host.disconnect(info.peer_id)
+            self._sessions.pop(peer, None)
+            control = self._controls.pop(peer, None)
+            if control is not None:  # its sealed connection went the same way
+                control.fail_all(PeerUnreachable(f"the connection to {peer} went stale"))
+                with contextlib.suppress(OSError):  # its reader sees the end and cleans up
+                    control.channel.sock.shutdown(trio.socket.SHUT_RDWR)
+        # Dial the address asked for: the peerstore may hold others that no longer work (from
+        # an interface that went, or a wildcard a peer's identify message reported).
+        self.host.get_peerstore().clear_addrs(info.peer_id)
         try:
             with trio.fail_after(DIAL_TIMEOUT_S):
                 await self.host.connect(info)
@@ -361,7 +403,7 @@ class Libp2pTransport(Transport):
                 try:
                     await stream.write(msgpack.packb([1, ours, nonce, self._sealed_port]))
                     answer = await stream.read(256)
-                    remote = stream.get_remote_address()
+                    remote = _remote_host(stream)
                 finally:
                     await stream.close()
         except (Exception, trio.TooSlowError) as exc:
@@ -374,8 +416,9 @@ class Libp2pTransport(Transport):
             listener=peer.raw,
             transcript=ours + theirs + nonce + their_nonce,
         )
-        host = remote[0] if remote else "127.0.0.1"
-        return _Session(session_id, key, host, port)
+        if remote is None:
+            raise PeerUnreachable(f"the connection to {peer} has no remote address")
+        return _Session(session_id, key, remote, port)
 
     async def _serve_session(self, stream: object) -> None:
         """The listener half of the key exchange (a libp2p stream handler)."""
@@ -397,7 +440,7 @@ class Libp2pTransport(Transport):
                 # moment it reads it.
                 self._inbound_sessions[session_id] = (peer, key)
                 await stream.write(msgpack.packb([1, ours, nonce, self._sealed_port]))  # type: ignore[attr-defined]
-                remote = stream.get_remote_address()  # type: ignore[attr-defined]
+                remote = _remote_host(stream)
         except RemoteProtocolError as exc:
             self.stats.reject(exc.reason)
             await stream.reset()  # type: ignore[attr-defined]
@@ -679,6 +722,14 @@ class Libp2pTransport(Transport):
             await stream.aclose()
 
     # -- libp2p ping ---------------------------------------------------------------------------
+
+    async def _answers(self, peer: PeerId) -> bool:
+        """Whether our connection to ``peer`` still carries a libp2p ping."""
+        with trio.move_on_after(STALE_CHECK_S):
+            with contextlib.suppress(PeerUnreachable):
+                await self.ping(peer)
+                return True
+        return False
 
     async def ping(self, peer: PeerId) -> float:
         """One libp2p ping (``/ipfs/ping/1.0.0``) round trip, in seconds.

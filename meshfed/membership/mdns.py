@@ -4,10 +4,14 @@ implementations see our nodes and we see theirs.
 Service ``_p2p._udp.local.``; each node registers an instance with a random 32-character name
 and one TXT string ``dnsaddr=<multiaddr ending in /p2p/<id>>`` per listen address, answers
 queries for it, and withdraws it on a graceful stop. It announces and listens only on the
-interfaces of the node's listen addresses (all of them for ``0.0.0.0``). python-zeroconf runs
-its own threads; everything it does is reached from trio through ``trio.to_thread`` (start,
-stop) and ``trio.from_thread`` (discoveries), so the trio loop never blocks (py-libp2p's own
-mDNS blocks it for seconds: it is not used).
+interfaces of the node's listen addresses (all of them for a wildcard), over IPv4, IPv6 or both
+as the node listens. Interfaces come and go: every ``rescan_s`` it compares the node's dialable
+addresses and the host's interface addresses with what it announced, and on a change withdraws
+the announcement and starts again on the interfaces there are now (zeroconf binds its sockets
+to interfaces when it starts). python-zeroconf runs its own threads; everything it does is
+reached from trio through ``trio.to_thread`` (start, stop) and ``trio.from_thread``
+(discoveries), so the trio loop never blocks (py-libp2p's own mDNS blocks it for seconds: it
+is not used).
 """
 
 from __future__ import annotations
@@ -18,9 +22,17 @@ import secrets
 from typing import TYPE_CHECKING, Any
 
 import trio
-from zeroconf import InterfaceChoice, ServiceBrowser, ServiceInfo, ServiceListener, Zeroconf
+from zeroconf import (
+    InterfaceChoice,
+    IPVersion,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceListener,
+    Zeroconf,
+)
 
 from ..errors import MeshfedError
+from ..interfaces import host_addresses
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -31,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_p2p._udp.local."
 _RESOLVE_MS = 3000
+RESCAN_S = 2.0
 
 
 def txt_for(addrs: list[str]) -> bytes:
@@ -86,8 +99,9 @@ class MdnsDiscovery:
     Start it in the node's nursery: ``await nursery.start(MdnsDiscovery(node).run)``.
     """
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, *, rescan_s: float = RESCAN_S) -> None:
         self.node = node
+        self.rescan_s = rescan_s
         self.instance = secrets.token_hex(16)  # the spec's random 32-character peer name
         self.discovered: set[str] = set()
 
@@ -110,43 +124,84 @@ class MdnsDiscovery:
             addresses=packed,
         )
 
-    def _interfaces(self) -> list[str] | InterfaceChoice:
-        """Announce only where we listen: a node on 127.0.0.1 stays on loopback, a node on
-        0.0.0.0 announces on every interface."""
-        hosts = {addr.split("/")[2] for addr in self.node.config.listen if addr.count("/") > 2}
+    def _interfaces(self) -> tuple[list[str] | InterfaceChoice, IPVersion]:
+        """Announce only where we listen: a node on 127.0.0.1 stays on loopback, a node on a
+        wildcard announces on every interface; IPv4, IPv6 or both, as it listens."""
+        listen = [addr.split("/") for addr in self.node.config.listen if addr.count("/") > 2]
+        versions = {parts[1] for parts in listen}
+        version = (
+            IPVersion.All
+            if versions >= {"ip4", "ip6"}
+            else IPVersion.V6Only
+            if versions == {"ip6"}
+            else IPVersion.V4Only
+        )
+        hosts = {parts[2] for parts in listen}
         if hosts & {"0.0.0.0", "::"}:
-            return InterfaceChoice.All
-        return sorted(hosts)
+            return InterfaceChoice.All, version
+        return sorted(hosts), version
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Announce, listen and dial until cancelled; withdraw the announcement on the way out."""
         found_send, found_receive = trio.open_memory_channel[str](256)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._dial_found, found_receive)
+            await self._announce(found_send, task_status)
+
+    async def _announce(
+        self, found: trio.MemorySendChannel[str], task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Keep one zeroconf announcing what we are on the interfaces there are now."""
         token = trio.lowlevel.current_trio_token()
-        info = self._info()
-
-        interfaces = self._interfaces()
-
-        def start() -> tuple[Zeroconf, ServiceBrowser]:
-            zc = Zeroconf(interfaces=interfaces)
-            zc.register_service(info)
-            return zc, ServiceBrowser(zc, SERVICE_TYPE, _Listener(token, found_send))
-
+        running: tuple[Zeroconf, ServiceBrowser, ServiceInfo] | None = None
+        announced: tuple[list[str], tuple[object, ...]] | None = None
+        started = False
         try:
-            zc, browser = await trio.to_thread.run_sync(start)
-        except OSError as exc:  # no multicast-capable interface: run without mDNS
-            log.warning("mDNS unavailable", extra={"error": repr(exc)})
-            task_status.started()
-            return
-        task_status.started()
-        try:
-            async with trio.open_nursery() as nursery:
-                async for addr in found_receive:
-                    if addr not in self.discovered and not addr.endswith(str(self.node.peer_id)):
-                        self.discovered.add(addr)
-                        nursery.start_soon(self._dial, addr)
+            while True:
+                now = (self.node.listen_addrs, host_addresses())
+                if now != announced:
+                    if running is not None:
+                        await trio.to_thread.run_sync(_stop, *running)
+                        running = None
+                    announced = now
+                    self.discovered.clear()  # what we dialled may sit behind a gone interface
+                    running = await self._start(token, found)
+                if not started:
+                    task_status.started()
+                    started = True
+                await trio.sleep(self.rescan_s)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await trio.to_thread.run_sync(_stop, zc, browser, info)
+            if running is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await trio.to_thread.run_sync(_stop, *running)
+
+    async def _start(
+        self, token: trio.lowlevel.TrioToken, found: trio.MemorySendChannel[str]
+    ) -> tuple[Zeroconf, ServiceBrowser, ServiceInfo] | None:
+        info = self._info()
+        interfaces, version = self._interfaces()
+
+        def start() -> tuple[Zeroconf, ServiceBrowser, ServiceInfo]:
+            zc = Zeroconf(interfaces=interfaces, ip_version=version)
+            try:
+                zc.register_service(info)
+                return zc, ServiceBrowser(zc, SERVICE_TYPE, _Listener(token, found)), info
+            except BaseException:
+                zc.close()
+                raise
+
+        try:
+            return await trio.to_thread.run_sync(start)
+        except (OSError, RuntimeError) as exc:  # no usable interface (yet): retry on a change
+            log.warning("mDNS unavailable for now", extra={"error": repr(exc)})
+            return None
+
+    async def _dial_found(self, found: trio.MemoryReceiveChannel[str]) -> None:
+        async with trio.open_nursery() as nursery:
+            async for addr in found:
+                if addr not in self.discovered and not addr.endswith(str(self.node.peer_id)):
+                    self.discovered.add(addr)
+                    nursery.start_soon(self._dial, addr)
 
     async def _dial(self, addr: str) -> None:
         try:

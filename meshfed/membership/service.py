@@ -142,6 +142,7 @@ class Membership:
         self.swim = Swim(node.peer_id, self.config.swim, self._rng, incarnation=started)
         self._capabilities = capabilities
         self._refresh_at_ms = 0
+        self._own_addrs: list[str] = []
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         node.handle(Digest, self._on_digest)
@@ -165,10 +166,15 @@ class Membership:
         ]
 
     def introduce(self, peer: PeerId) -> None:
-        """A peer we just connected to (bootstrap, mDNS, the app): gossip and probe it too."""
-        if peer != self.node.peer_id:
-            self.swim.add(peer)
-            self._wake.set()
+        """A peer we just connected to (bootstrap, mDNS, the app): gossip and probe it too.
+        One we had declared dead is asked for its current record at once (a newer record
+        revives it: it may have been cut off, not dead)."""
+        if peer == self.node.peer_id:
+            return
+        if self.swim.state(peer) == MemberState.DEAD and self._nursery is not None:
+            self._nursery.start_soon(self._exchange, peer)
+        self.swim.add(peer)
+        self._wake.set()
 
     def update_capabilities(self, capabilities: Capabilities) -> None:
         """Announce new capabilities (battery, prices ...): a newer record spreads by gossip."""
@@ -195,11 +201,12 @@ class Membership:
             ttl_s = min(ttl_s, CLIENT_RECORD_TTL_S)  # nobody can probe us: freshness is liveness
         ttl_ms = int(ttl_s * 1000)
         self._seq = max(self._seq + 1, now_ms)
+        self._own_addrs = self.node.listen_addrs
         own = sign_record(
             self.node.identity,
             seq=self._seq,
             expires_ms=now_ms + ttl_ms,
-            addrs=self.node.listen_addrs,
+            addrs=self._own_addrs,
             capabilities=self._capabilities,
         )
         self.table.apply(own, now_ms=now_ms)
@@ -207,8 +214,8 @@ class Membership:
 
     async def _gossip_loop(self) -> None:
         while True:
-            if _wall_ms() >= self._refresh_at_ms:
-                self._sign_own()
+            if _wall_ms() >= self._refresh_at_ms or self.node.listen_addrs != self._own_addrs:
+                self._sign_own()  # half-life, or an interface came or went
             self.table.expire(now_ms=_wall_ms())
             if self.cyclon is not None:
                 if len(self.cyclon.view()) < self.cyclon.length and (targets := self._live()):

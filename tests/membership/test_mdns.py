@@ -5,8 +5,10 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -76,6 +78,80 @@ def test_three_processes_find_each_other_by_mdns_alone(namespace: str, tmp_path:
             processes.append(process)
             ids.append(process.read()["peer_id"])
         wait_for_full_views(processes, ids, within=30)
+    finally:
+        for process in processes:
+            process.popen.terminate()
+        for process in processes:
+            process.popen.wait(20)
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[tuple[str, str]]:
+    """Two network namespaces, "hosts" with no link between them yet (made and removed here)."""
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 is not installed")
+    names = [f"meshfed-{secrets.token_hex(3)}" for _ in range(2)]
+    try:
+        for name in names:
+            made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+            if made.returncode != 0:
+                pytest.skip(f"the kernel refused a network namespace: {made.stderr.strip()}")
+            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield names[0], names[1]
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+def _link(hosts: tuple[str, str], prefix: str) -> str:
+    """Cable the two hosts with a veth pair, addresses ``<prefix>::1`` and ``<prefix>::2``."""
+    ends = [f"mf{secrets.token_hex(3)}", f"mf{secrets.token_hex(3)}"]
+    subprocess.run(
+        ["ip", "link", "add", ends[0], "type", "veth", "peer", "name", ends[1]], check=True
+    )
+    for index, (host, end) in enumerate(zip(hosts, ends, strict=True)):
+        subprocess.run(["ip", "link", "set", end, "netns", host], check=True)
+        address = f"{prefix}::{index + 1}/64"
+        subprocess.run(["ip", "-n", host, "addr", "add", address, "dev", end, "nodad"], check=True)
+        subprocess.run(["ip", "-n", host, "link", "set", end, "up"], check=True)
+    return ends[0]
+
+
+def _status_until(process: Process, done: Callable[[dict[str, Any]], bool], within: float) -> None:
+    began = time.monotonic()
+    while True:
+        status = process.read(timeout=30)
+        if status.get("event") == "status" and done(status):
+            return
+        assert time.monotonic() - began < within, f"not within {within} s; last status: {status}"
+
+
+def test_hosts_find_each_other_over_ipv6_as_their_links_come_and_go(
+    two_hosts: tuple[str, str], tmp_path: Path
+) -> None:
+    processes = [
+        Process(
+            *("-m", "meshfed.cli", "run", "--json", "--status-interval", "0.5"),
+            *("--data-dir", str(tmp_path / f"n{index}")),
+            cwd=ROOT,
+            env={"MESHFED_PING_INTERVAL_S": "0", "MESHFED_LISTEN": "/ip6/::/tcp/0"},
+            prefix=["ip", "netns", "exec", host],
+        )
+        for index, host in enumerate(two_hosts)
+    ]
+    try:
+        ids = [process.read()["peer_id"] for process in processes]
+        cable = _link(two_hosts, "fd00:1")  # the interfaces come after the nodes started
+        wait_for_full_views(processes, ids, within=30)
+        subprocess.run(["ip", "-n", two_hosts[0], "link", "del", cable], check=True)
+        _status_until(processes[0], lambda s: not any("fd00:1::" in a for a in s["listen"]), 20)
+        _link(two_hosts, "fd00:2")  # a new network: the other host learns the new address
+        _status_until(
+            processes[1],
+            lambda s: any("/ip6/fd00:2::1/" in a for m in s["members"] for a in m["addrs"]),
+            30,
+        )
+        assert all(process.popen.poll() is None for process in processes)
     finally:
         for process in processes:
             process.popen.terminate()

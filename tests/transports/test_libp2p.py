@@ -1,8 +1,11 @@
-"""The libp2p transport on 127.0.0.1: the conformance suite and libp2p-specific behaviour."""
+"""The libp2p transport on 127.0.0.1 and ::1: the conformance suite and libp2p-specific
+behaviour."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,6 +14,7 @@ import pytest
 import trio
 
 from meshfed.identity import Identity
+from meshfed.interfaces import host_addresses
 from meshfed.stats import NodeStats, RejectReason
 from meshfed.transport import Stream, TransportLimits
 from meshfed.transports.libp2p import Libp2pTransport
@@ -18,13 +22,16 @@ from tests.transports.conformance import CHECKS, Check, Member, Mesh, running
 
 
 @asynccontextmanager
-async def libp2p_mesh(n: int, limits: TransportLimits) -> AsyncIterator[Mesh]:
+async def libp2p_mesh(
+    n: int, limits: TransportLimits, *, listen: str = "/ip4/127.0.0.1/tcp/0"
+) -> AsyncIterator[Mesh]:
     members = []
     for _ in range(n):
         stats = NodeStats()
-        members.append(
-            Member(Libp2pTransport(Identity.generate(), stats=stats, limits=limits), stats)
+        transport = Libp2pTransport(
+            Identity.generate(), stats=stats, limits=limits, listen_addrs=(listen,)
         )
+        members.append(Member(transport, stats))
     async with running(members) as mesh:
         yield mesh
 
@@ -32,6 +39,13 @@ async def libp2p_mesh(n: int, limits: TransportLimits) -> AsyncIterator[Mesh]:
 @pytest.mark.parametrize("check", CHECKS, ids=[c.__name__ for c in CHECKS])
 async def test_conformance(check: Check) -> None:
     await check(libp2p_mesh)
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=[c.__name__ for c in CHECKS])
+async def test_conformance_over_ipv6(check: Check) -> None:
+    if not socket.has_ipv6 or "::1" not in {str(ip) for ip in host_addresses()}:
+        pytest.skip("this host has no IPv6 loopback")
+    await check(functools.partial(libp2p_mesh, listen="/ip6/::1/tcp/0"))
 
 
 async def test_peer_id_and_security_are_ours() -> None:
