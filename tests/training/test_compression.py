@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
 import numpy as np
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from meshfed import Node, NodeConfig, open_node
+from meshfed.averaging.butterfly import ButterflySession
 from meshfed.averaging.compression import (
     Codec,
     ErrorFeedback,
@@ -18,7 +25,11 @@ from meshfed.averaging.compression import (
     codec_named,
 )
 from meshfed.errors import LocalProtocolError, RemoteProtocolError
+from meshfed.identity import Identity as Identity_
+from meshfed.secagg.driver import Aggregator, DeadlinePolicy, GroupResult
+from meshfed.secagg.protocol import SliceKind
 from meshfed.stats import RejectReason
+from meshfed.transports.memory import MemoryNetwork
 
 vectors = hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-1e4, 1e4, width=32))
 seeds = st.integers(0, 2**32 - 1)
@@ -157,3 +168,111 @@ def test_jobs_name_their_codec() -> None:
     assert codec_named("fp16").name != codec_named("int8").name != codec_named("none").name
     with pytest.raises(ValueError, match="compression"):
         codec_named("zip")
+
+
+# -- over the memory transport --------------------------------------------------------------------
+
+QUICK = DeadlinePolicy(join_s=0.5, grace_s=0.2, phase_max_s=10.0)
+
+
+@asynccontextmanager
+async def memory_nodes(tmp_path: Path, n: int) -> AsyncIterator[list[Node]]:
+    network = MemoryNetwork(seed=5, latency=0.0005)
+    async with AsyncExitStack() as stack:
+        nodes = []
+        for i in range(n):
+            config = NodeConfig(
+                data_dir=tmp_path / f"n{i}",
+                transport="memory",
+                ping_interval_s=0,
+                membership=False,
+                mdns=False,
+            )
+            nodes.append(await stack.enter_async_context(open_node(config, network=network)))
+        yield nodes
+
+
+async def group_means(
+    group: list[Node],
+    values: list[np.ndarray],
+    codec: Codec,
+    *,
+    gather: bool = False,
+    aggregators: list[Aggregator] | None = None,
+) -> dict[int, GroupResult]:
+    roster = tuple(n.peer_id for n in group)
+    results: dict[int, GroupResult] = {}
+
+    async def one(i: int, aggregator: Aggregator) -> None:
+        mean = aggregator.gather_mean if gather else aggregator.plain_mean
+        results[i] = await mean(
+            values[i], job=b"j", round=3, group=0, roster=roster, compression=codec,
+            rng=np.random.default_rng(i),
+        )  # fmt: skip
+
+    aggregators = aggregators or [Aggregator(node, deadlines=QUICK) for node in group]
+    async with trio.open_nursery() as nursery:
+        for i, aggregator in enumerate(aggregators):
+            nursery.start_soon(one, i, aggregator)
+    return results
+
+
+@pytest.mark.parametrize("codec", [Float16(), Int8(64)])
+async def test_compressed_butterfly_gives_every_peer_the_same_mean_within_the_bound(
+    tmp_path: Path, codec: Float16 | Int8
+) -> None:
+    async with memory_nodes(tmp_path, 4) as group:
+        rng = np.random.default_rng(3)
+        values = [rng.normal(0, 1, 1_001).astype(np.float32) for _ in group]
+        results = await group_means(group, values, codec)
+        exact = np.mean(values, axis=0)
+        # each input slice is off by its bound, then the slice sum once more (its own bound)
+        inputs_bound = np.mean([codec.bound(v) for v in values], axis=0)
+        sum_bound = codec.bound((exact * len(group)).astype(np.float32)) / len(group)
+        first = results[0].value
+        for result in results.values():
+            np.testing.assert_array_equal(result.value, first)
+        assert np.all(np.abs(first - exact) <= inputs_bound + sum_bound + 1e-6)
+        assert not np.array_equal(first, exact)  # it did compress
+        assert all(not node.stats.rejected for node in group)
+
+
+async def test_topk_gather_mean_is_the_same_everywhere(tmp_path: Path) -> None:
+    async with memory_nodes(tmp_path, 3) as group:
+        rng = np.random.default_rng(4)
+        values = [rng.normal(0, 1, 500).astype(np.float32) for _ in group]
+        codec = TopK(0.1, tail=1)
+        results = await group_means(group, values, codec, gather=True)
+        expected = np.mean([codec.decode(codec.encode(v, rng), 500) for v in values], axis=0)
+        for result in results.values():
+            np.testing.assert_array_equal(result.value, results[0].value)
+        np.testing.assert_allclose(results[0].value, expected, atol=1e-6)
+
+
+async def test_malformed_compressed_slices_are_rejected_and_counted(tmp_path: Path) -> None:
+    async with memory_nodes(tmp_path, 3) as group:
+        a, b, _ = group
+        roster = tuple(n.peer_id for n in group)
+        codec = Int8(64)
+        values = [np.full(300, i, np.float32) for i in range(3)]
+        context = ButterflySession(
+            job=b"j", round=3, group=0, roster=roster, me=b.peer_id, values=values[1],
+            codec=codec, rng=np.random.default_rng(0),
+        ).context  # fmt: skip
+        name = f"{SliceKind.PLAIN_INPUT}:{context.hex()}"
+        aggregators = [Aggregator(node, deadlines=QUICK) for node in group]
+        # a's slice for b (owner of slice 1, 100 elements) as float32: kept until b's run starts
+        await a.send_array(b.peer_id, np.zeros(100, np.float32), name=name)
+        results = await group_means(group, values, codec, aggregators=aggregators)
+        assert b.stats.rejected[RejectReason.BAD_ARRAY] == 1
+        for result in results.values():  # a's real slice came after, and counted
+            np.testing.assert_allclose(result.value, np.full(300, 1.0), atol=1e-5)
+
+
+def test_topk_cannot_travel_by_butterfly() -> None:
+    peers = [Identity_.generate().peer_id for _ in range(2)]
+    with pytest.raises(ValueError, match="all-gather"):
+        ButterflySession(
+            job=b"j", round=0, group=0, roster=tuple(peers), me=peers[0],
+            values=np.zeros(4, np.float32), codec=TopK(0.5), rng=np.random.default_rng(0),
+        )  # fmt: skip
