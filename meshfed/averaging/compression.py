@@ -302,8 +302,8 @@ class ErrorFeedback(Codec):
 
     ``encode(x)`` sends the top-k of ``x + residual`` and keeps the rest as the new residual,
     so that over rounds the decoded payloads plus the residual add up to the inputs. The
-    codec's ``tail`` entries take no part (their residual stays 0). A run that fails gives its
-    payload back with :meth:`unsent`.
+    codec's ``tail`` entries take no part (their residual stays 0). When a run fails, nothing
+    was sent: :meth:`rewind`.
 
     Args:
         codec: the top-k codec.
@@ -334,11 +334,12 @@ class ErrorFeedback(Codec):
         """As :meth:`TopK.decode`."""
         return self.codec.decode(payload, size)
 
-    def unsent(self, payload: Payload) -> None:
-        """``payload`` never reached the group: its entries go back into the residual."""
-        sent = self.codec.decode(payload, len(self.residual))
-        sent[self._head :] = 0
-        self.residual += sent
+    def rewind(self, before: Vector, values: Vector) -> None:
+        """The run that was to send ``values`` failed (whether or not it encoded them):
+        ``before`` (the residual then) plus ``values`` is carried instead."""
+        residual = before + values
+        residual[self._head :] = 0
+        self.residual = residual
 
 
 def codec_named(name: str, *, topk_ratio: float = 0.01) -> Codec:

@@ -24,11 +24,12 @@ from meshfed.averaging.compression import (
     TopK,
     codec_named,
 )
-from meshfed.errors import LocalProtocolError, RemoteProtocolError
+from meshfed.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from meshfed.identity import Identity as Identity_
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy, GroupResult
 from meshfed.secagg.protocol import SliceKind
 from meshfed.stats import RejectReason
+from meshfed.training.job import JobSpec, TrainingPeer
 from meshfed.transports.memory import MemoryNetwork
 
 vectors = hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-1e4, 1e4, width=32))
@@ -112,13 +113,16 @@ def test_error_feedback_loses_nothing_over_rounds(
     assert feedback.residual[-1] == 0
 
 
-def test_a_failed_run_gives_its_payload_back_to_the_residual() -> None:
+def test_a_failed_run_leaves_everything_in_the_residual() -> None:
     rng = np.random.default_rng(1)
     feedback = ErrorFeedback(TopK(0.25, tail=1), 9)
+    feedback.encode(rng.normal(0, 1, 9).astype(np.float32), rng)
+    before = feedback.residual
     delta = rng.normal(0, 1, 9).astype(np.float32)
-    payload = feedback.encode(delta, rng)
-    feedback.unsent(payload)
-    np.testing.assert_allclose(feedback.residual[:-1], delta[:-1], rtol=1e-6)
+    feedback.encode(delta, rng)
+    feedback.rewind(before, delta)
+    np.testing.assert_allclose(feedback.residual[:-1], before[:-1] + delta[:-1], rtol=1e-6)
+    assert feedback.residual[-1] == 0
 
 
 @pytest.mark.parametrize("codec", [Float16(), Int8(16), TopK(0.5)])
@@ -276,3 +280,69 @@ def test_topk_cannot_travel_by_butterfly() -> None:
             job=b"j", round=0, group=0, roster=tuple(peers), me=peers[0],
             values=np.zeros(4, np.float32), codec=TopK(0.5), rng=np.random.default_rng(0),
         )  # fmt: skip
+
+
+# -- in a training job ----------------------------------------------------------------------------
+
+
+async def train(tmp_path: Path, secure: bool, compression: str, rounds: int) -> list[TrainingPeer]:
+    async with memory_nodes(tmp_path / f"{secure}-{compression}", 8) as nodes:
+        spec = JobSpec(
+            job_id=f"digits-{secure}-{compression}",
+            roster=tuple(str(n.peer_id) for n in nodes),
+            rounds=rounds,
+            secure=secure,
+            compression=compression,
+            clip=0.25 if secure and compression == "int8" else 8.0,  # int8 secure: the update
+            topk_ratio=0.05,
+        )
+        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(peer.run)
+        for peer in peers[1:]:
+            np.testing.assert_array_equal(peer.parameters, peers[0].parameters)
+        assert all(not node.stats.rejected for node in nodes)
+        return peers
+
+
+def accuracy(peers: list[TrainingPeer]) -> float:
+    from meshfed.training.torch_adapter import evaluate
+
+    return evaluate(peers[0].model, peers[0].test.x, peers[0].test.y)[1]
+
+
+@pytest.mark.parametrize(
+    ("secure", "compressions", "rounds"),
+    [(False, ["fp16", "int8", "topk"], 10), (True, ["int8"], 5)],  # top-k catches up slowly
+)
+async def test_compressed_jobs_train_about_as_well_as_uncompressed(
+    tmp_path: Path, secure: bool, compressions: list[str], rounds: int
+) -> None:
+    reference = accuracy(await train(tmp_path, secure, "none", rounds))
+    assert reference > 0.6
+    for compression in compressions:
+        peers = await train(tmp_path, secure, compression, rounds)
+        assert accuracy(peers) > reference - 0.08, compression
+        if compression == "topk":  # what was not sent is carried, per peer
+            residuals = [peer._feedback[0].residual for peer in peers]
+            assert all(np.abs(r).max() > 0 for r in residuals)
+
+
+def test_a_job_refuses_compression_it_cannot_run() -> None:
+    roster = tuple(str(Identity_.generate().peer_id) for _ in range(3))
+    for options, match in [
+        ({"compression": "zip"}, "compression must be"),
+        ({"compression": "topk"}, "secure"),
+        ({"compression": "fp16"}, "secure"),
+        ({"compression": "topk", "secure": False, "schedule": "moshpit"}, "exact"),
+        ({"compression": "int8", "schedule": "moshpit"}, "exact"),
+        ({"compression": "int8", "secure": False, "robust": "median"}, "robust"),
+        ({"compression": "topk", "secure": False, "topk_ratio": 0.0}, "topk_ratio"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            JobSpec(job_id="j", roster=roster, **options)  # type: ignore[arg-type]
+    plain_int8 = JobSpec(job_id="j", roster=roster, compression="int8", secure=False)
+    assert not plain_int8.averages_updates and plain_int8.schedule == "exact"
+    assert JobSpec(job_id="j", roster=roster, compression="int8", schedule="exact").averages_updates
+    assert JobSpec.from_json(plain_int8.to_json()) == plain_int8
