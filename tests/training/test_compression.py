@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -346,3 +347,15 @@ def test_a_job_refuses_compression_it_cannot_run() -> None:
     assert not plain_int8.averages_updates and plain_int8.schedule == "exact"
     assert JobSpec(job_id="j", roster=roster, compression="int8", schedule="exact").averages_updates
     assert JobSpec.from_json(plain_int8.to_json()) == plain_int8
+
+
+def test_testnet_passes_the_compression_on(tmp_path: Path) -> None:
+    from tests.test_cli import cli
+
+    out = tmp_path / "sim.json"
+    args = ["--simulate", "6", "--rounds", "2", "--plain", "--compression", "topk"]
+    result = cli("testnet", *args, "--topk-ratio", "0.1", "--out", str(out), timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = json.loads(out.read_text())
+    assert (run["job"]["compression"], run["job"]["topk_ratio"]) == ("topk", 0.1)
+    assert run["rounds"][-1]["accuracy_spread"] < 1e-6
