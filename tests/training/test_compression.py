@@ -359,3 +359,24 @@ def test_testnet_passes_the_compression_on(tmp_path: Path) -> None:
     run = json.loads(out.read_text())
     assert (run["job"]["compression"], run["job"]["topk_ratio"]) == ("topk", 0.1)
     assert run["rounds"][-1]["accuracy_spread"] < 1e-6
+
+
+def test_compression_benchmark_reports_ratios_against_float32() -> None:
+    from tests.test_benchmarks import run
+
+    figures = run("compression.py", "--quick")
+    codecs = figures["codecs"]
+    assert isinstance(codecs, dict)
+    assert codecs["fp16"]["ratio"] == 2.0 and 3.9 < codecs["int8"]["ratio"] < 4.0
+    for codec in codecs.values():
+        assert codec["cpu_s_per_1m"] > 0 and 0 <= codec["rel_error"] < 1
+    training = figures["training"]
+    assert isinstance(training, dict)
+    assert set(training) == {f"plain_{c}" for c in ("none", "fp16", "int8", "topk")} | {
+        "secure_none",
+        "secure_int8",
+    }
+    for mode, run in training.items():
+        assert 0 < run["accuracy"] <= 1 and run["bytes_per_peer_round"] > 0, mode
+    assert training["plain_int8"]["bytes_ratio"] > 2  # fp32 slices -> bytes, headers aside
+    assert training["secure_int8"]["bytes_ratio"] > 1.2  # masks' messages are not compressed
