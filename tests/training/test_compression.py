@@ -376,7 +376,7 @@ def test_compression_benchmark_reports_ratios_against_float32() -> None:
         "secure_none",
         "secure_int8",
     }
-    for mode, run in training.items():
-        assert 0 < run["accuracy"] <= 1 and run["bytes_per_peer_round"] > 0, mode
+    for mode, figures_of in training.items():
+        assert 0 < figures_of["accuracy"] <= 1 and figures_of["bytes_per_peer_round"] > 0, mode
     assert training["plain_int8"]["bytes_ratio"] > 2  # fp32 slices -> bytes, headers aside
     assert training["secure_int8"]["bytes_ratio"] > 1.2  # masks' messages are not compressed
