@@ -6,7 +6,7 @@ the wrong dtype or length, with a non-finite number or (top-k) an index out of r
 repeated is a :class:`~meshfed.errors.RemoteProtocolError` with reason ``bad_array``;
 ``encode`` refuses a non-finite input with a :class:`~meshfed.errors.LocalProtocolError`.
 
-- :class:`Identity`: the vector itself (no compression).
+- :class:`Float32`: the vector itself (no compression).
 - :class:`Float16`: IEEE half precision, values saturated at +-65504; error
   ``|x' - x| <= 2^-11 |x|`` for ``2^-14 <= |x| <= 65504``, ``<= 2^-25`` below.
 - :class:`Int8`: per chunk of ``chunk`` elements, ``lo = min``, ``step = (max - min) / 255``
@@ -34,7 +34,7 @@ import numpy.typing as npt
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ..stats import RejectReason
 
-__all__ = ["Codec", "ErrorFeedback", "Float16", "Identity", "Int8", "TopK", "codec_named"]
+__all__ = ["Codec", "ErrorFeedback", "Float16", "Float32", "Int8", "TopK", "codec_named"]
 
 Vector = npt.NDArray[np.float32]
 Payload = npt.NDArray[Any]
@@ -86,7 +86,7 @@ def _expect(payload: Payload, dtype: str, length: int, what: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class Identity(Codec):
+class Float32(Codec):
     """No compression: the float32 vector itself (what travels when compression is off)."""
 
     @property
@@ -349,7 +349,7 @@ def codec_named(name: str, *, topk_ratio: float = 0.01) -> Codec:
     Raises:
         ValueError: an unknown name.
     """
-    codecs: dict[str, Codec] = {"none": Identity(), "fp16": Float16(), "int8": Int8()}
+    codecs: dict[str, Codec] = {"none": Float32(), "fp16": Float16(), "int8": Int8()}
     if name == "topk":
         return TopK(topk_ratio, tail=1)
     if name not in codecs:

@@ -14,7 +14,7 @@ from ..secagg.keys import derived_context
 from ..secagg.protocol import Action
 from ..stats import RejectReason
 from ..wire import Message
-from .compression import Codec, Identity, Payload
+from .compression import Codec, Float32, Payload
 
 __all__ = ["PlainGroupSession"]
 
@@ -52,12 +52,12 @@ class PlainGroupSession:
             raise ValueError("a roster of distinct peers that includes this one")
         if values.ndim != 1 or values.dtype != np.float32:
             raise ValueError("values must be a 1-D float32 array")
-        self.codec = codec or Identity()
-        if self.codec.name != Identity().name:
+        self.codec = codec or Float32()
+        if self.codec.name != Float32().name:
             if rng is None:
                 raise ValueError("a codec needs an rng")
             domain += b"/" + self.codec.name.encode()
-        self._rng = rng if rng is not None else np.random.default_rng(0)  # identity: unused
+        self._rng = rng if rng is not None else np.random.default_rng(0)  # float32: unused
         self.context = derived_context(domain, job=job, round=round, group=group, roster=roster)
         self.me = me
         self._roster = tuple(roster)

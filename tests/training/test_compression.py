@@ -20,13 +20,13 @@ from meshfed.averaging.compression import (
     Codec,
     ErrorFeedback,
     Float16,
-    Identity,
+    Float32,
     Int8,
     TopK,
     codec_named,
 )
 from meshfed.errors import ConfigError, LocalProtocolError, RemoteProtocolError
-from meshfed.identity import Identity as Identity_
+from meshfed.identity import Identity
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy, GroupResult
 from meshfed.secagg.protocol import SliceKind
 from meshfed.stats import RejectReason
@@ -141,8 +141,8 @@ def _bad(codec: Codec, payload: np.ndarray, size: int) -> None:
 def test_malformed_payloads_are_rejected() -> None:
     rng = np.random.default_rng(0)
     values = rng.normal(0, 1, 40).astype(np.float32)
-    _bad(Identity(), values.astype(np.float64), 40)
-    _bad(Identity(), values[:39], 40)
+    _bad(Float32(), values.astype(np.float64), 40)
+    _bad(Float32(), values[:39], 40)
     _bad(Float16(), values, 40)  # float32 where fp16 was due
     _bad(Float16(), np.full(40, np.inf, np.float16), 40)
     int8 = Int8(16)
@@ -275,7 +275,7 @@ async def test_malformed_compressed_slices_are_rejected_and_counted(tmp_path: Pa
 
 
 def test_topk_cannot_travel_by_butterfly() -> None:
-    peers = [Identity_.generate().peer_id for _ in range(2)]
+    peers = [Identity.generate().peer_id for _ in range(2)]
     with pytest.raises(ValueError, match="all-gather"):
         ButterflySession(
             job=b"j", round=0, group=0, roster=tuple(peers), me=peers[0],
@@ -331,7 +331,7 @@ async def test_compressed_jobs_train_about_as_well_as_uncompressed(
 
 
 def test_a_job_refuses_compression_it_cannot_run() -> None:
-    roster = tuple(str(Identity_.generate().peer_id) for _ in range(3))
+    roster = tuple(str(Identity.generate().peer_id) for _ in range(3))
     for options, match in [
         ({"compression": "zip"}, "compression must be"),
         ({"compression": "topk"}, "secure"),
