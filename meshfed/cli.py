@@ -190,6 +190,18 @@ def testnet(
     schedule: Annotated[
         str, typer.Option(help="exact (same model each round), moshpit, or pushsum (gossip).")
     ] = "exact",
+    compression: Annotated[
+        str,
+        typer.Option(help="none, fp16, int8 or topk (plain); secure: none or int8."),
+    ] = "none",
+    topk_ratio: Annotated[float, typer.Option(help="Share of the update topk sends.")] = 0.01,
+    clip: Annotated[
+        float | None,
+        typer.Option(
+            help="Secure quantization range: models (default 8), or with --compression int8 "
+            "the update (default 0.25)."
+        ),
+    ] = None,
     dp_clip: Annotated[
         float, typer.Option(help="Differential privacy: clip to this L2 norm (0: off).")
     ] = 0.0,
@@ -225,11 +237,15 @@ def testnet(
         "local_steps": local_steps,
         "algorithm": algorithm,
         "schedule": schedule,
+        "compression": compression,
+        "topk_ratio": topk_ratio,
         "dp_clip": dp_clip,
         "dp_mode": dp_mode,
         "dp_noise_multiplier": dp_noise,
         "dp_epsilon": dp_epsilon,
     }
+    if clip is not None or (secure and compression == "int8"):
+        options["clip"] = 0.25 if clip is None else clip
     try:
         if simulate:
             from .simulation import run_simulation

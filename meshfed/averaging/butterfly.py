@@ -7,6 +7,11 @@ what secure aggregation costs are measured against, and the averaging used when 
 aggregation is off. An owner that misses its deadline ends the run (:class:`Aborted`); the
 caller leaves the group out of that step.
 
+With a codec (:mod:`.compression`; fp16 or int8, not top-k: a slice sum is dense) both the
+slices and the slice sums travel compressed; an owner adds the decoded slices to its own in
+float32 and keeps, as its part of the result, what the others decode from its slice sum, so
+that every member ends with the same vector.
+
 Same interface as :class:`meshfed.secagg.protocol.SecAggSession`, so the same driver runs both.
 """
 
@@ -32,6 +37,7 @@ from ..secagg.protocol import (
     slice_bounds,
 )
 from ..stats import RejectReason
+from .compression import Codec, ErrorFeedback, TopK
 from .plain_group import PlainGroupSession
 
 __all__ = ["ButterflySession"]
@@ -60,10 +66,15 @@ class ButterflySession(PlainGroupSession):
         roster: Sequence[PeerId],
         me: PeerId,
         values: npt.NDArray[np.float32],
+        codec: Codec | None = None,
+        rng: np.random.Generator | None = None,
     ) -> None:
+        if isinstance(codec, TopK | ErrorFeedback):
+            raise ValueError("top-k cannot be summed slice by slice: use an all-gather")
         super().__init__(
             b"meshfed-butterfly-v1",
             job=job, round=round, group=group, roster=roster, me=me, values=values,
+            codec=codec, rng=rng,
         )  # fmt: skip
         if len(values) < len(roster):
             raise ValueError(f"values must have at least {len(roster)} elements")
@@ -84,7 +95,7 @@ class ButterflySession(PlainGroupSession):
             SendSlice(
                 owner,
                 SliceKind.PLAIN_INPUT,
-                self._values[slice(*self._bounds(owner))],
+                self.codec.encode(self._values[slice(*self._bounds(owner))], self._rng),
                 self.context,
             )
             for owner in self._owners
@@ -98,7 +109,8 @@ class ButterflySession(PlainGroupSession):
         """Take a slice (as its owner) or a slice sum (from its owner).
 
         Raises:
-            RemoteProtocolError: wrong run, stranger, late, duplicate, or wrong shape.
+            RemoteProtocolError: wrong run, stranger, late, duplicate, or a slice the codec
+                refuses (wrong dtype or length, not finite ...).
         """
         phase = _PHASE_OF.get(kind)
         if phase is None:
@@ -109,11 +121,7 @@ class ButterflySession(PlainGroupSession):
         if sender in self._inbox[phase]:
             raise RemoteProtocolError("second slice", reason=RejectReason.DUPLICATE)
         lo, hi = self._bounds(self.me if phase is _Phase.INPUT else sender)
-        if array.dtype != np.float32 or array.shape != (hi - lo,):
-            raise RemoteProtocolError(
-                f"a slice of {hi - lo} float32", reason=RejectReason.BAD_ARRAY
-            )
-        self._inbox[phase][sender] = array
+        self._inbox[phase][sender] = self.codec.decode(array, hi - lo)
         return self._progress()
 
     def expire(self) -> list[Action]:
@@ -133,10 +141,10 @@ class ButterflySession(PlainGroupSession):
             total = self._own.copy()
             for array in self._inbox[_Phase.INPUT].values():
                 total += array
-            self._own_sum = total
+            payload, self._own_sum = self._encode(total)
             self._phase = _Phase.SUM
             return [
-                SendSlice(peer, SliceKind.PLAIN_SUM, total, self.context)
+                SendSlice(peer, SliceKind.PLAIN_SUM, payload, self.context)
                 for peer in self._owners
                 if peer != self.me
             ] + self._progress()

@@ -7,6 +7,11 @@ about 2 for a butterfly. When the deadline passes, the members that arrived are 
 are a majority of the group (with this peer); members can then end up with different sets, and
 so with slightly different aggregates, which the next round's averaging reconciles.
 
+With a codec (:mod:`.compression`, top-k above all, which the butterfly cannot carry) every
+member sends its payload instead and keeps, as its own part, what the others decode from it;
+with ``everyone`` a missing vector ends the run, so that every member that finishes holds the
+same parts and can sum them, in roster order, to the same mean.
+
 Same interface as :class:`meshfed.secagg.protocol.SecAggSession`.
 """
 
@@ -30,13 +35,15 @@ from ..secagg.protocol import (
     SliceKind,
 )
 from ..stats import RejectReason
+from .compression import Codec
 from .plain_group import PlainGroupSession
 
 __all__ = ["GatherSession"]
 
 
 class GatherSession(PlainGroupSession):
-    """One peer's all-gather of ``values`` (1-D float32) with ``roster``."""
+    """One peer's all-gather of ``values`` (1-D float32) with ``roster``; with ``everyone``,
+    only a complete gather finishes."""
 
     NAME = "gather"
 
@@ -49,11 +56,17 @@ class GatherSession(PlainGroupSession):
         roster: Sequence[PeerId],
         me: PeerId,
         values: npt.NDArray[np.float32],
+        codec: Codec | None = None,
+        rng: np.random.Generator | None = None,
+        everyone: bool = False,
     ) -> None:
         super().__init__(
             b"meshfed-gather-v1",
             job=job, round=round, group=group, roster=roster, me=me, values=values,
+            codec=codec, rng=rng,
         )  # fmt: skip
+        self._everyone = everyone
+        self._own = values
         self._received: dict[PeerId, npt.NDArray[Any]] = {}
         self._done = False
 
@@ -63,9 +76,10 @@ class GatherSession(PlainGroupSession):
         return Progress(step, len(self._others), len(self._received), "gather")
 
     def start(self) -> list[Action]:
-        """Send this peer's vector to every other member."""
+        """Send this peer's vector (its payload) to every other member."""
+        payload, self._own = self._encode(self._values)
         sends: list[Action] = [
-            SendSlice(peer, SliceKind.GATHER, self._values, self.context)
+            SendSlice(peer, SliceKind.GATHER, payload, self.context)
             for peer in self._roster
             if peer != self.me
         ]
@@ -77,7 +91,8 @@ class GatherSession(PlainGroupSession):
         """Take a member's vector.
 
         Raises:
-            RemoteProtocolError: wrong kind or run, stranger, late, duplicate, wrong shape.
+            RemoteProtocolError: wrong kind or run, stranger, late, duplicate, or a vector the
+                codec refuses (wrong dtype or length, not finite ...).
         """
         if kind is not SliceKind.GATHER:
             raise RemoteProtocolError(f"{kind} in a gather", reason=RejectReason.UNKNOWN_TYPE)
@@ -86,18 +101,14 @@ class GatherSession(PlainGroupSession):
             raise RemoteProtocolError("vector after the gather ended", reason=RejectReason.LATE)
         if sender in self._received:
             raise RemoteProtocolError("second vector", reason=RejectReason.DUPLICATE)
-        if array.dtype != np.float32 or array.shape != self._values.shape:
-            raise RemoteProtocolError(
-                f"a vector of {len(self._values)} float32", reason=RejectReason.BAD_ARRAY
-            )
-        self._received[sender] = array
+        self._received[sender] = self.codec.decode(array, len(self._values))
         return self._finish_if_complete()
 
     def expire(self) -> list[Action]:
-        """The deadline passed: finish with a majority, or abort."""
+        """The deadline passed: finish with a majority (unless ``everyone``), or abort."""
         if self._done:
             return []
-        if len(self._received) + 1 > len(self._roster) // 2:
+        if not self._everyone and len(self._received) + 1 > len(self._roster) // 2:
             return self._finish()
         self._done = True
         detail = f"only {len(self._received) + 1} of {len(self._roster)} vectors arrived"
@@ -109,5 +120,5 @@ class GatherSession(PlainGroupSession):
     def _finish(self) -> list[Action]:
         self._done = True
         present = [p for p in self._roster if p == self.me or p in self._received]
-        parts = tuple(self._values if p == self.me else self._received[p] for p in present)
+        parts = tuple(self._own if p == self.me else self._received[p] for p in present)
         return [Finished(parts, tuple(present))]

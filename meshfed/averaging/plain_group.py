@@ -1,5 +1,5 @@
-"""What the plain (unmasked) group sessions share: the roster, the run's context, and the
-checks every array passes before a session looks at it."""
+"""What the plain (unmasked) group sessions share: the roster, the run's context, the codec
+its vectors travel in, and the checks every array passes before a session looks at it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ..secagg.keys import derived_context
 from ..secagg.protocol import Action
 from ..stats import RejectReason
 from ..wire import Message
+from .compression import Codec, Float32, Payload
 
 __all__ = ["PlainGroupSession"]
 
@@ -26,6 +27,9 @@ class PlainGroupSession:
         job, round, group, roster: the run (bound into its context).
         me: this peer (in ``roster``).
         values: this peer's 1-D float32 vector.
+        codec: how vectors travel (:mod:`.compression`; default uncompressed float32); a
+            codec other than ``none`` is bound into the context (``<domain>/<codec name>``).
+        rng: the randomness of stochastic codecs (required with a codec).
     """
 
     #: what the session is called in rejection messages
@@ -41,11 +45,19 @@ class PlainGroupSession:
         roster: Sequence[PeerId],
         me: PeerId,
         values: npt.NDArray[np.float32],
+        codec: Codec | None = None,
+        rng: np.random.Generator | None = None,
     ) -> None:
         if me not in roster or len(set(roster)) != len(roster):
             raise ValueError("a roster of distinct peers that includes this one")
         if values.ndim != 1 or values.dtype != np.float32:
             raise ValueError("values must be a 1-D float32 array")
+        self.codec = codec or Float32()
+        if self.codec.name != Float32().name:
+            if rng is None:
+                raise ValueError("a codec needs an rng")
+            domain += b"/" + self.codec.name.encode()
+        self._rng = rng if rng is not None else np.random.default_rng(0)  # float32: unused
         self.context = derived_context(domain, job=job, round=round, group=group, roster=roster)
         self.me = me
         self._roster = tuple(roster)
@@ -62,6 +74,11 @@ class PlainGroupSession:
         raise RemoteProtocolError(
             f"{message.TYPE} in a {self.NAME}", reason=RejectReason.UNKNOWN_TYPE
         )
+
+    def _encode(self, values: npt.NDArray[np.float32]) -> tuple[Payload, npt.NDArray[np.float32]]:
+        """The payload for ``values`` and what the others will decode from it."""
+        payload = self.codec.encode(values, self._rng)
+        return payload, self.codec.decode(payload, len(values))
 
     def _admit(self, sender: PeerId, context: bytes) -> None:
         """The checks before any array is looked at: this run, and a member."""

@@ -30,6 +30,7 @@ import trio
 
 from ..arrays import ArrayHeader
 from ..averaging.butterfly import ButterflySession
+from ..averaging.compression import Codec
 from ..averaging.gather import GatherSession
 from ..errors import MeshfedError, RemoteProtocolError
 from ..identity import PeerId
@@ -322,15 +323,20 @@ class Aggregator:
         round: int,
         group: int,
         roster: tuple[PeerId, ...],
+        compression: Codec | None = None,
+        rng: np.random.Generator | None = None,
     ) -> GroupResult:
-        """The mean of the group's float vectors by a plain (unmasked) butterfly all-reduce.
+        """The mean of the group's float vectors by a plain (unmasked) butterfly all-reduce,
+        its slices sent with ``compression`` (fp16, int8; default: float32 as they are).
 
         Raises:
+            ValueError: a top-k codec (use :meth:`gather_mean`).
             AggregationFailed: a peer missed its deadline.
         """
         session = ButterflySession(
-            job=job, round=round, group=group, roster=roster, me=self._node.peer_id, values=values
-        )
+            job=job, round=round, group=group, roster=roster, me=self._node.peer_id,
+            values=values, codec=compression, rng=_rng(compression, rng),
+        )  # fmt: skip
         outcome = await self._drive(session, Scope(job[:64], round), len(values))
         mean = np.empty(len(values), np.float32)
         for part, bounds in _placed(outcome.parts):
@@ -357,6 +363,35 @@ class Aggregator:
         )
         outcome = await self._drive(session, Scope(job[:64], round), len(values))
         return GroupResult(np.stack(outcome.parts), outcome.survivors, 1)
+
+    async def gather_mean(
+        self,
+        values: npt.NDArray[np.float32],
+        *,
+        job: bytes,
+        round: int,
+        group: int,
+        roster: tuple[PeerId, ...],
+        compression: Codec,
+        rng: np.random.Generator | None = None,
+    ) -> GroupResult:
+        """The mean of the group's vectors by an all-gather of their ``compression`` payloads
+        (for top-k, whose payloads cannot be summed slice by slice): every member sums the same
+        decoded vectors in roster order, so all get the same mean.
+
+        Raises:
+            AggregationFailed: a member's vector missed the deadline.
+        """
+        session = GatherSession(
+            job=job, round=round, group=group, roster=roster, me=self._node.peer_id,
+            values=values, codec=compression, rng=_rng(compression, rng), everyone=True,
+        )  # fmt: skip
+        outcome = await self._drive(session, Scope(job[:64], round), len(values))
+        total = np.zeros(len(values), np.float32)
+        for part in outcome.parts:
+            total += part
+        total *= np.float32(1 / len(roster))
+        return GroupResult(total, outcome.survivors, 1)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -528,6 +563,11 @@ def _delivery(
         kind, array = item
         return lambda: session.receive_slice(sender, kind, context, array)
     return lambda: session.receive(sender, item)
+
+
+def _rng(codec: Codec | None, rng: np.random.Generator | None) -> np.random.Generator | None:
+    """The randomness a codec needs: ``rng``, or fresh from the OS."""
+    return rng if rng is not None or codec is None else np.random.default_rng()
 
 
 def _placed(parts: tuple[npt.NDArray[Any], ...]) -> list[tuple[npt.NDArray[Any], slice]]:

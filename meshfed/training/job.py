@@ -32,6 +32,7 @@ import torch
 import trio
 
 from ..arrays import ArrayHeader
+from ..averaging.compression import ErrorFeedback, TopK, codec_named
 from ..averaging.groups import Placement
 from ..averaging.pushsum import PushSumState, push_target
 from ..averaging.robust import AGGREGATORS
@@ -54,6 +55,7 @@ from .torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 __all__ = ["JobSpec", "RoundReport", "TrainingPeer", "job_shards", "local_seed"]
 
 _STEPS_PER_ROUND = 64  # GroupSpec.round = round * 64 + step: a fresh context for every step
+_WEIGHT_COPIES = 32  # secure int8: the weight rides as this many quantized copies
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +95,12 @@ class JobSpec:
         attackers, attack, attack_scale: chaos for robustness tests: the peers at these roster
             positions send ``base + f (x - base)`` with ``f = -attack_scale`` (``sign_flip``)
             or ``attack_scale`` (``scale``) instead of their trained model ``x``.
+        compression: how group means travel (:mod:`..averaging.compression`): ``none``,
+            ``fp16`` or ``int8`` (plain: the butterfly's slices), ``topk`` (plain: the round's
+            update with error feedback, by an all-gather); with ``secure``, ``int8`` averages
+            the round's update, clipped to ``[-clip, clip]``, in 8 bits in Z_2^16. ``topk``
+            and secure ``int8`` average updates, so they need the ``exact`` schedule.
+        topk_ratio: the share of the update's entries ``topk`` sends each step.
     """
 
     job_id: str
@@ -127,6 +135,8 @@ class JobSpec:
     attackers: tuple[int, ...] = ()
     attack: str = "sign_flip"
     attack_scale: float = 10.0
+    compression: str = "none"
+    topk_ratio: float = 0.01
 
     def __post_init__(self) -> None:
         if len(self.roster) < 2 or len(set(self.roster)) != len(self.roster):
@@ -158,12 +168,44 @@ class JobSpec:
             raise ConfigError("rounds and epochs must be at least 1, local_steps at least 0")
         if self.local_steps and self.dp_clip and self.dp_mode == "sample":
             raise ConfigError("DP-SGD's steps follow from epochs (its sampling): no local_steps")
+        self._check_compression()
         try:
             for peer in self.roster:
                 PeerId.from_string(peer)
             check_capacity(self.max_group, self.levels_bits, 32)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    @property
+    def averages_updates(self) -> bool:
+        """Whether groups average the round's update ``x - base`` (``topk``, secure ``int8``)
+        rather than the models."""
+        return self.compression == "topk" or (self.secure and self.compression == "int8")
+
+    def _check_compression(self) -> None:
+        if self.compression not in ("none", "fp16", "int8", "topk"):
+            raise ConfigError(
+                f"compression must be none, fp16, int8 or topk, not {self.compression!r}"
+            )
+        if self.secure and self.compression not in ("none", "int8"):
+            raise ConfigError(
+                f"{self.compression} cannot be summed inside secure aggregation's masks (top-k "
+                "would also leak which coordinates a peer sends): use int8, or secure=false"
+            )
+        if self.compression != "none" and (self.schedule == "pushsum" or self.robust != "none"):
+            raise ConfigError("compression is for group means: not with pushsum or robust")
+        if self.averages_updates and self.schedule != "exact":
+            raise ConfigError(
+                f"compression={self.compression} averages updates, which keeps the models "
+                "together only if every group starts from the same model: use schedule=exact"
+            )
+        if not 0 < self.topk_ratio <= 1:
+            raise ConfigError(f"topk_ratio must be in (0, 1], not {self.topk_ratio}")
+        if self.secure and self.compression == "int8":
+            try:
+                check_capacity(self.max_group, 8, 16)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
     def to_json(self) -> str:
         """The job as JSON (what :meth:`from_json` reads)."""
@@ -260,7 +302,13 @@ class TrainingPeer:
                 prox_mu=self.strategy.prox_mu,
                 steps=spec.local_steps,
             )
-        self.quantizer = Quantizer(clip=spec.clip, levels_bits=spec.levels_bits, ring_bits=32)
+        if spec.secure and spec.compression == "int8":
+            self.quantizer = Quantizer(clip=spec.clip, levels_bits=8, ring_bits=16)
+        else:
+            self.quantizer = Quantizer(clip=spec.clip, levels_bits=spec.levels_bits, ring_bits=32)
+        self.codec = codec_named(spec.compression, topk_ratio=spec.topk_ratio)
+        #: top-k's residuals, one per averaging step, kept across rounds
+        self._feedback: dict[int, ErrorFeedback] = {}
         self._rng = np.random.default_rng(int.from_bytes(os.urandom(8), "big"))
         self._push_state = PushSumState(flatten(self.model))
         #: push-sum ticks are short: the local optimizer and its momentum live across them
@@ -325,7 +373,9 @@ class TrainingPeer:
         if self._index in self.spec.attackers:
             factor = self.spec.attack_scale * (-1 if self.spec.attack == "sign_flip" else 1)
             trained = (base + factor * (trained - base)).astype(np.float32)
-        average, groups = await self.average(trained, number, weight=self.weight * contributes)
+        average, groups = await self.average(
+            trained, number, weight=self.weight * contributes, base=base
+        )
         load_flat(self.model, self.strategy.apply(base, average))
         return await self._report(
             number,
@@ -462,11 +512,20 @@ class TrainingPeer:
         return Placement(self._roster, job=self._job, round=number, max_group=self.spec.max_group)
 
     async def average(
-        self, params: npt.NDArray[np.float32], number: int, *, weight: float | None = None
+        self,
+        params: npt.NDArray[np.float32],
+        number: int,
+        *,
+        weight: float | None = None,
+        base: npt.NDArray[np.float32] | None = None,
     ) -> tuple[npt.NDArray[np.float32], list[int]]:
         """Round ``number``'s averaging steps on ``params`` (this peer's trained model, counted
         with ``weight``, by default :attr:`weight`): returns the weighted average and each
-        step's number of survivors (0: left out)."""
+        step's number of survivors (0: left out). When the job averages updates, ``base`` is
+        the round's starting model: the groups average ``params - base``."""
+        origin = base if self.spec.averages_updates and base is not None else None
+        if origin is not None:
+            params = params - origin
         placement = self._placement(number)
         exact = self.spec.schedule == "exact"
         steps = range(placement.steps) if exact else [number % placement.steps]
@@ -488,7 +547,7 @@ class TrainingPeer:
             vector[-1] = weight
             try:
                 result = await self._group_mean(
-                    vector, number * _STEPS_PER_ROUND + step, index, members
+                    vector, number * _STEPS_PER_ROUND + step, index, members, step
                 )
             except (AggregationFailed, MeshfedError, trio.TooSlowError):
                 sizes.append(0)
@@ -501,7 +560,7 @@ class TrainingPeer:
             # the group's weight, scaled by the axis so that it stays <= 1 at the next step
             weight = total * len(result.survivors) / placement.shape[step % placement.steps]
             sizes.append(len(result.survivors))
-        return params, sizes
+        return (params if origin is None else origin + params), sizes
 
     async def _robust_step(
         self,
@@ -529,20 +588,52 @@ class TrainingPeer:
         return await trio.to_thread.run_sync(run), len(gathered.survivors)
 
     async def _group_mean(
-        self, vector: npt.NDArray[np.float32], round: int, index: int, members: tuple[PeerId, ...]
+        self,
+        vector: npt.NDArray[np.float32],
+        round: int,
+        index: int,
+        members: tuple[PeerId, ...],
+        step: int,
     ) -> GroupResult:
+        """The group's mean of ``[w v, w]`` (``v``: the model, or the update when the job
+        :attr:`~JobSpec.averages_updates`), the way the job's ``secure`` and ``compression``
+        say."""
+        where: dict[str, Any] = {"job": self._job, "round": round, "group": index}
+        if isinstance(self.codec, TopK):
+            feedback = self._feedback.setdefault(step, ErrorFeedback(self.codec, len(vector)))
+            before = feedback.residual
+            try:
+                return await self.aggregator.gather_mean(
+                    vector, **where, roster=members, compression=feedback, rng=self._rng
+                )
+            except BaseException:
+                feedback.rewind(before, vector)  # nothing was sent: all of it is carried
+                raise
         if not self.spec.secure:
             return await self.aggregator.plain_mean(
-                vector, job=self._job, round=round, group=index, roster=members
+                vector, **where, roster=members, compression=self.codec, rng=self._rng
             )
         spec = GroupSpec(
-            job=self._job,
-            round=round,
-            group=index,
+            **where,
             roster=members,
             threshold=len(members) // 2 + 1,
+            ring_bits=self.quantizer.ring_bits,
         )
-        return await self.aggregator.secure_mean(spec, vector, self.quantizer, rng=self._rng)
+        if self.quantizer.ring_bits == 32:
+            return await self.aggregator.secure_mean(spec, vector, self.quantizer, rng=self._rng)
+        # 8 bits: the update is clipped to [-clip, clip] like any value, and the weight w <= 1
+        # travels as copies of w clip, each off by at most one level (2 clip / 255), unbiased:
+        # their mean over copies and peers is within ~1 / (255 sqrt(copies x peers)) of the
+        # mean weight, far below what the update itself loses to 8 bits
+        clip = self.quantizer.clip
+        wide = np.concatenate([vector[:-1], np.full(_WEIGHT_COPIES, vector[-1] * clip, np.float32)])
+        result = await self.aggregator.secure_mean(spec, wide, self.quantizer, rng=self._rng)
+        weight = float(result.value[-_WEIGHT_COPIES:].mean()) / clip
+        noise = 4 / (255 * math.sqrt(_WEIGHT_COPIES * len(result.survivors)))
+        value = np.append(
+            result.value[:-_WEIGHT_COPIES], np.float32(weight if weight > noise else 0)
+        )
+        return GroupResult(value, result.survivors, result.attempts)
 
 
 def local_seed(spec: JobSpec, number: int) -> int:
