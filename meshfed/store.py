@@ -87,6 +87,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 _MODEL_DTYPE = "<f4"
+_WAL_LIMIT_BYTES = 64 * 1024 * 1024
 _ARRAY_DTYPES = frozenset({"<f4", "<f8", "<i4", "<i8", "|b1"})
 _NDARRAY_EXT = 1
 
@@ -207,6 +208,8 @@ class Store:
             if mode != "wal":
                 raise StoreError(f"store {self.path}: cannot use WAL mode (got {mode!r})")
             connection.execute("PRAGMA synchronous = FULL")
+            # a checkpoint may be large: after it is copied into the file, shrink the WAL back
+            connection.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT_BYTES}")
             self._migrate(connection)
         except sqlite3.Error as exc:
             raise StoreError(f"store {self.path} is unusable: {exc}") from None
