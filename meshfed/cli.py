@@ -104,31 +104,50 @@ def _emit(json_output: bool, event: str, document: dict[str, Any]) -> None:
     elif event == "stopped":
         print("stopped", flush=True)
     elif event == "round":
+        decision = document.get("decision", "continue")
+        if decision == "rollback":
+            decision = f"rolled back to round {document['rolled_back_to']}"
         print(
             f"round {document['round']}: accuracy {document['accuracy']:.3f}, "
-            f"loss {document['loss']:.3f}, {document['seconds']:.2f} s",
+            f"loss {document['loss']:.3f}, {document['seconds']:.2f} s"
+            + ("" if decision == "continue" else f", {decision}"),
             flush=True,
         )
     elif event == "job_failed":
         print(f"job {document['job_id']} failed: {document['error']}", flush=True)
     elif event == "job_done":
-        print(f"job {document['job_id']} done: accuracy {document['accuracy']:.3f}", flush=True)
+        print(
+            f"job {document['job_id']} {document['state']} ({document['note']}): "
+            f"accuracy {document['accuracy']:.3f}",
+            flush=True,
+        )
 
 
 async def _train(node: Node, spec: JobSpec, json_output: bool) -> None:
-    """Take part in ``spec``: reach the roster, run every round, report each one. A job that
-    cannot run is reported (``job_failed``); the node keeps serving."""
+    """Take part in ``spec``: reach the roster, run every round (resuming from the node's
+    store), report each one. A job that cannot run is reported (``job_failed``); the node keeps
+    serving."""
     from .training.job import TrainingPeer
 
     try:
-        peer = TrainingPeer(node, spec)
+        peer = TrainingPeer(node, spec, store=node.store)
         await peer.connect_roster(within=_ROSTER_WAIT_S)
         _emit(json_output, "job_started", {"job_id": spec.job_id, "examples": len(peer.shard)})
         reports = await peer.run(lambda report: _emit(json_output, "round", asdict(report)))
     except (MeshfedError, trio.TooSlowError) as exc:
         _emit(json_output, "job_failed", {"job_id": spec.job_id, "error": repr(exc)})
         return
-    _emit(json_output, "job_done", {"job_id": spec.job_id, "accuracy": reports[-1].accuracy})
+    _emit(
+        json_output,
+        "job_done",
+        {
+            "job_id": spec.job_id,
+            "accuracy": reports[-1].accuracy,
+            "rounds": len(reports),
+            "state": peer.state.value,
+            "note": peer.note,
+        },
+    )
 
 
 async def _run(
@@ -210,6 +229,12 @@ def testnet(
     ] = "update",
     dp_noise: Annotated[float, typer.Option(help="DP noise multiplier.")] = 1.0,
     dp_epsilon: Annotated[float, typer.Option(help="Each node's DP budget (delta 1e-5).")] = 8.0,
+    target_accuracy: Annotated[
+        float, typer.Option(help="Stop once the test accuracy reaches this (0: off).")
+    ] = 0.0,
+    patience: Annotated[
+        int, typer.Option(help="Stop after this many rounds without improvement (0: off).")
+    ] = 0,
     simulate: Annotated[
         int, typer.Option(help="Run this many peers in one process on the memory transport.")
     ] = 0,
@@ -243,6 +268,8 @@ def testnet(
         "dp_mode": dp_mode,
         "dp_noise_multiplier": dp_noise,
         "dp_epsilon": dp_epsilon,
+        "target_accuracy": target_accuracy,
+        "patience": patience,
     }
     if clip is not None or (secure and compression == "int8"):
         options["clip"] = 0.25 if clip is None else clip

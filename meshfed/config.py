@@ -38,7 +38,9 @@ class NodeConfig:
     """Everything a node can be told. All arguments are keyword-only.
 
     Attributes:
-        data_dir: where the identity (and later the store) lives.
+        data_dir: where the identity and the store live.
+        store_file: the node's SQLite store (jobs, rounds, checkpoints, privacy): a file name
+            under ``data_dir`` or an absolute path; empty: no store.
         transport: ``"libp2p"`` for real networks, ``"memory"`` for simulations.
         listen: multiaddrs to listen on (libp2p).
         bootstrap: multiaddrs (with ``/p2p/<id>``) to dial on start.
@@ -63,6 +65,7 @@ class NodeConfig:
     """
 
     data_dir: Path = field(default_factory=default_data_dir)
+    store_file: str = "store.sqlite3"
     transport: Literal["libp2p", "memory"] = "libp2p"
     listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     bootstrap: list[str] = field(default_factory=list)
@@ -131,6 +134,11 @@ class NodeConfig:
     def client_only(self) -> bool:
         """True for a node that cannot accept connections (behind NAT): it only dials out."""
         return "client-only" in self.roles
+
+    @property
+    def store_path(self) -> Path | None:
+        """Where the store lives (None: no store)."""
+        return self.data_dir / self.store_file if self.store_file else None
 
     @property
     def limits(self) -> TransportLimits:

@@ -5,6 +5,8 @@ The tree::
     MeshfedError
     ├── ConfigError            a configuration key is missing, malformed or out of range
     ├── IdentityError          the key files are unreadable, world-readable or corrupt
+    ├── StoreError             the node's store cannot be opened or used
+    │   └── CorruptRecord        a stored row fails its integrity check: never loaded
     ├── ProtocolError
     │   ├── LocalProtocolError   we were asked to do something illegal (a bug in the caller)
     │   └── RemoteProtocolError  a peer sent something we reject; carries the counted reason
@@ -24,6 +26,7 @@ from .stats import RejectReason
 
 __all__ = [
     "ConfigError",
+    "CorruptRecord",
     "IdentityError",
     "LocalProtocolError",
     "MeshfedError",
@@ -31,6 +34,7 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "RequestFailed",
+    "StoreError",
     "StreamClosed",
     "TransportError",
 ]
@@ -46,6 +50,14 @@ class ConfigError(MeshfedError, ValueError):
 
 class IdentityError(MeshfedError):
     """The node identity cannot be loaded or created safely."""
+
+
+class StoreError(MeshfedError):
+    """The node's store cannot be opened (unreadable, or written by a newer meshfed) or used."""
+
+
+class CorruptRecord(StoreError):
+    """A stored row does not match its SHA-256: it is reported, never loaded."""
 
 
 class ProtocolError(MeshfedError):

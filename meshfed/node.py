@@ -42,6 +42,7 @@ from .errors import (
 )
 from .identity import Identity, PeerId, load_or_create_identity
 from .stats import NodeStats, RejectReason
+from .store import Store
 from .transport import Stream, Transport
 from .wire import NO_SCOPE, Envelope, Message, ReplayGuard, Scope, open_envelope, seal
 
@@ -92,6 +93,8 @@ class Node:
         #: what talking to each peer showed (round trip, failures); see ``peers()`` for membership
         self.links: dict[PeerId, PeerState] = {}
         self.membership: Membership | None = None
+        #: the node's persistent state (``config.store_file``), open while the node runs
+        self.store: Store | None = None
         self._started = trio.current_time()
         self._replay = ReplayGuard(
             window_ms=int(config.replay_window_s * 1000),
@@ -442,6 +445,7 @@ async def open_node(
     Raises:
         ConfigError: the configuration cannot work (memory transport without a network).
         IdentityError: the identity file is unsafe or corrupt.
+        StoreError: the store (``config.store_path``) cannot be opened.
     """
     identity = identity or load_or_create_identity(config.data_dir)
     stats = NodeStats()
@@ -487,6 +491,8 @@ async def open_node(
             from .membership.mdns import MdnsDiscovery
 
             await nursery.start(MdnsDiscovery(node).run)
+        if config.store_path is not None:
+            node.store = await trio.to_thread.run_sync(Store.open, config.store_path)
         log.info("node started", extra={"peer": str(node.peer_id), "listen": node.listen_addrs})
         try:
             yield node
@@ -495,4 +501,7 @@ async def open_node(
                 grace.shield = True
                 await node._wait_idle()
             nursery.cancel_scope.cancel(reason="node stopping")
+            if node.store is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(node.store.close)
             log.info("node stopped", extra={"peer": str(node.peer_id)})

@@ -95,7 +95,8 @@ def _live_table(children: list[_Child], spec: JobSpec, elapsed: float) -> Table:
             str(child.index),
             child.started.get("peer_id", "starting")[-8:],
             f"{len(child.rounds)}/{spec.rounds}{stopped}"
-            + (" failed" if state == "job_failed" else ""),
+            + (" failed" if state == "job_failed" else "")
+            + (" converged" if child.outcome.get("state") == "converged" else ""),
             f"{last['accuracy']:.3f}" if last else "-",
             f"{last['loss']:.3f}" if last else "-",
             f"{last['seconds']:.2f}" if last else "-",
@@ -228,7 +229,8 @@ async def run_testnet(
     table, rows = _summary(survivors, spec)
     console.print()
     console.print(table)
-    finals = [c.rounds[-1]["accuracy"] for c in survivors if len(c.rounds) == spec.rounds]
+    # a job may stop early (converged); every survivor must have said job_done
+    finals = [c.rounds[-1]["accuracy"] for c in survivors if c.rounds]
     done = len(finals) == len(survivors) and all(
         c.outcome.get("event") == "job_done" for c in survivors
     )

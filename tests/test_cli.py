@@ -65,6 +65,7 @@ def test_testnet_trains_one_model_on_every_node_and_stops_cleanly(tmp_path: Path
     assert run["final_accuracy"] > 0.6
     for node in run["nodes"]:
         assert node["stats"]["accepted"]["meshfed.secagg.unmask"] == 3 * 2  # 3 rounds, 2 others
+        assert node["outcome"]["state"] == "finished"  # as each node's store says
         assert not node["stats"]["rejected"]
 
 

@@ -12,6 +12,10 @@ group's example-weighted mean; finally apply the strategy to the round's startin
 that average. With the ``exact`` schedule and nobody dropping, every peer ends every round with
 the same model: decentralized FedAvg. A peer whose group fails (deadline, too few) keeps its own
 parameters for that step and rejoins at the next.
+
+Given the node's store, a peer commits every round (metrics, checkpoint, spent privacy) before
+reporting it, follows its :class:`~.checkpoints.ProgressPolicy` (roll back, stop early), and
+resumes after a restart from the job's last checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,7 +40,7 @@ from ..averaging.compression import ErrorFeedback, TopK, codec_named
 from ..averaging.groups import Placement
 from ..averaging.pushsum import PushSumState, push_target
 from ..averaging.robust import AGGREGATORS
-from ..errors import ConfigError, MeshfedError, RemoteProtocolError
+from ..errors import ConfigError, MeshfedError, RemoteProtocolError, StoreError
 from ..identity import PeerId
 from ..node import Node
 from ..privacy.accountant import GaussianEvent, PrivacyAccountant
@@ -46,7 +50,9 @@ from ..secagg.driver import AggregationFailed, Aggregator, GroupResult
 from ..secagg.protocol import GroupSpec
 from ..secagg.ring import Quantizer, check_capacity
 from ..stats import RejectReason
+from ..store import Checkpoint, JobState, Store
 from ..wire import Envelope
+from .checkpoints import Converged, ProgressPolicy, Rollback
 from .data import Dataset, load_dataset, partition
 from .models import build
 from .strategies import named
@@ -101,6 +107,11 @@ class JobSpec:
             the round's update, clipped to ``[-clip, clip]``, in 8 bits in Z_2^16. ``topk``
             and secure ``int8`` average updates, so they need the ``exact`` schedule.
         topk_ratio: the share of the update's entries ``topk`` sends each step.
+        target_accuracy, patience, min_delta: stop once the test accuracy reaches the target
+            (0: off), or after ``patience`` rounds without beating it by ``min_delta`` (0: off).
+        rollback_drop, rollback_rounds: reload the best checkpoint after ``rollback_rounds``
+            rounds below the best accuracy minus ``rollback_drop`` (0: off; needs a store).
+        keep_checkpoints: the last checkpoints a store keeps (besides the best one).
     """
 
     job_id: str
@@ -137,6 +148,12 @@ class JobSpec:
     attack_scale: float = 10.0
     compression: str = "none"
     topk_ratio: float = 0.01
+    target_accuracy: float = 0.0
+    patience: int = 0
+    min_delta: float = 0.0
+    rollback_drop: float = 0.0
+    rollback_rounds: int = 3
+    keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
         if len(self.roster) < 2 or len(set(self.roster)) != len(self.roster):
@@ -164,11 +181,14 @@ class JobSpec:
             0 <= i < len(self.roster) for i in self.attackers
         ):
             raise ConfigError("attack is sign_flip or scale, attackers are roster positions")
-        if self.rounds < 1 or self.epochs < 1 or self.local_steps < 0:
-            raise ConfigError("rounds and epochs must be at least 1, local_steps at least 0")
+        if self.rounds < 1 or self.epochs < 1 or self.keep_checkpoints < 1 or self.local_steps < 0:
+            raise ConfigError(
+                "rounds, epochs and keep_checkpoints must be at least 1, local_steps at least 0"
+            )
         if self.local_steps and self.dp_clip and self.dp_mode == "sample":
             raise ConfigError("DP-SGD's steps follow from epochs (its sampling): no local_steps")
         self._check_compression()
+        self.policy()  # its own checks
         try:
             for peer in self.roster:
                 PeerId.from_string(peer)
@@ -207,6 +227,16 @@ class JobSpec:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
 
+    def policy(self) -> ProgressPolicy:
+        """A fresh policy with this job's convergence and rollback settings."""
+        return ProgressPolicy(
+            target_accuracy=self.target_accuracy,
+            patience=self.patience,
+            min_delta=self.min_delta,
+            rollback_drop=self.rollback_drop,
+            rollback_rounds=self.rollback_rounds,
+        )
+
     def to_json(self) -> str:
         """The job as JSON (what :meth:`from_json` reads)."""
         return json.dumps({**asdict(self), "roster": list(self.roster)}, indent=2)
@@ -244,19 +274,41 @@ class RoundReport:
     epsilon: float = 0.0
     #: whether this peer's data went into this round (no: its privacy budget is spent)
     contributed: bool = True
+    #: what the job did next: ``continue``, ``rollback`` (to ``rolled_back_to``), or stop
+    #: early on ``target`` or ``plateau`` (:mod:`.checkpoints`)
+    decision: str = "continue"
+    rolled_back_to: int | None = None
 
 
 class TrainingPeer:
     """This node's part in ``spec``. Run with :meth:`run`.
 
+    Args:
+        store: where to commit every round and resume from (the CLI passes ``node.store``);
+            without one nothing persists and rollback is impossible.
+
     Raises:
-        ConfigError: this node is not in the roster, or the job names an unknown model or data.
+        ConfigError: this node is not in the roster, the job names an unknown model or data,
+            or it asks for rollback without a store.
     """
 
-    def __init__(self, node: Node, spec: JobSpec, aggregator: Aggregator | None = None) -> None:
+    def __init__(
+        self,
+        node: Node,
+        spec: JobSpec,
+        aggregator: Aggregator | None = None,
+        *,
+        store: Store | None = None,
+    ) -> None:
         me = str(node.peer_id)
         if me not in spec.roster:
             raise ConfigError("this node is not in the job's roster")
+        if spec.rollback_drop and store is None:
+            raise ConfigError("rollback_drop needs the node's store (config store_file)")
+        self.store = store
+        self.policy = spec.policy()
+        #: the job's state on this node, and a note on its last event (also in the store)
+        self.state, self.note = JobState.RUNNING, ""
         self.node = node
         self.spec = spec
         self.aggregator = aggregator or Aggregator(node)
@@ -350,17 +402,115 @@ class TrainingPeer:
                 await trio.sleep(0.2)
 
     async def run(self, on_round: Callable[[RoundReport], None] | None = None) -> list[RoundReport]:
-        """Every round of the job; ``on_round`` sees each report as it comes."""
-        reports = []
-        for number in range(self.spec.rounds):
-            if self.spec.schedule == "pushsum":
-                report = await self.push_round(number)
-            else:
-                report = await self.run_round(number)
-            reports.append(report)
-            if on_round is not None:
-                on_round(report)
+        """Every round of the job, until the last or until the policy stops it early; returns
+        every round's report. With a store, the job resumes after its last committed round (the
+        reports of earlier rounds come from the store), and ``on_round`` sees each new report
+        once it is committed; :attr:`state` says how the job ended.
+
+        Raises:
+            StoreError: the store holds this job id with another spec, or is unusable.
+        """
+        reports = await self._resume()
+        try:
+            for number in range(len(reports), self.spec.rounds):
+                if self.state is not JobState.RUNNING:
+                    break
+                if self.spec.schedule == "pushsum":
+                    report = await self.push_round(number)
+                else:
+                    report = await self.run_round(number)
+                report = await self._decide(report)
+                reports.append(report)
+                if on_round is not None:
+                    on_round(report)
+        except Exception as exc:
+            await self._set_state(JobState.FAILED, repr(exc))
+            raise
+        if self.state is JobState.RUNNING:
+            last_event = f"; {self.note}" if self.note else ""
+            await self._set_state(JobState.FINISHED, f"all {len(reports)} rounds{last_event}")
         return reports
+
+    async def _resume(self) -> list[RoundReport]:
+        """Register the job in the store, or pick it up where the store left it."""
+        if self.store is None:
+            return []
+        job_id, spec = self.spec.job_id, self.spec.to_json()
+        job = await trio.to_thread.run_sync(self.store.put_job, job_id, spec)
+        if job.spec != spec:
+            raise StoreError(f"the store holds another job called {job_id!r}: use a new job_id")
+        records = await trio.to_thread.run_sync(self.store.rounds, job_id)
+        try:
+            reports = [
+                RoundReport(**{**r.metrics, "groups": tuple(r.metrics["groups"])}) for r in records
+            ]
+        except (TypeError, KeyError) as exc:
+            raise StoreError(
+                f"job {job_id!r} has a round this meshfed cannot read: {exc}"
+            ) from None
+        for report in reports:  # the policy's state is a function of the accuracies
+            self.policy.observe(report.round, report.accuracy)
+        self.state, self.note = job.state, job.note
+        if job.state is JobState.FAILED:  # try again from the last checkpoint
+            await self._set_state(JobState.RUNNING, f"resumed after: {job.note}")
+        if reports:
+            checkpoint = await trio.to_thread.run_sync(self.store.load_checkpoint, job_id)
+            if checkpoint is None or checkpoint.round != reports[-1].round:
+                raise StoreError(f"job {job_id!r} has no checkpoint of its last round")
+            privacy = await trio.to_thread.run_sync(self.store.privacy, job_id)
+            if self.accountant is not None and privacy is not None:
+                self.accountant.load_state_dict(privacy)
+            self._restore(checkpoint)
+        return reports
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint``'s model and strategy state (not its privacy)."""
+        load_flat(self.model, checkpoint.model)
+        self.strategy.load_state_dict(checkpoint.strategy)
+        self._push_state.move_to(checkpoint.model)
+
+    async def _decide(self, report: RoundReport) -> RoundReport:
+        """Ask the policy what next, carry it out, and commit the round to the store."""
+        decision = self.policy.observe(report.round, report.accuracy)
+        score = report.accuracy
+        if isinstance(decision, Rollback):
+            assert self.store is not None  # rollback_drop needs a store (checked at start)
+            best = await trio.to_thread.run_sync(
+                self.store.load_checkpoint, self.spec.job_id, decision.to_round
+            )
+            if best is None:
+                raise StoreError(f"the checkpoint of round {decision.to_round} is gone")
+            self._restore(best)
+            score = best.score
+            report = replace(report, decision="rollback", rolled_back_to=decision.to_round)
+            self.note = f"rolled back to round {decision.to_round} after round {report.round}"
+        elif isinstance(decision, Converged):
+            report = replace(report, decision=decision.reason)
+            self.state = JobState.CONVERGED
+            self.note = f"converged ({decision.reason}) at round {report.round}"
+        if self.store is not None:
+            privacy = None if self.accountant is None else self.accountant.state_dict()
+            checkpoint = Checkpoint(
+                job_id=self.spec.job_id,
+                round=report.round,
+                model=flatten(self.model),
+                score=score,
+                metrics=asdict(report),
+                strategy=self.strategy.state_dict(),
+                privacy=privacy,
+            )
+            save = functools.partial(
+                self.store.save_round, checkpoint, privacy=privacy, keep=self.spec.keep_checkpoints
+            )
+            await trio.to_thread.run_sync(save)
+            if report.decision != "continue":
+                await self._set_state(self.state, self.note)
+        return report
+
+    async def _set_state(self, state: JobState, note: str) -> None:
+        self.state, self.note = state, note
+        if self.store is not None:
+            await trio.to_thread.run_sync(self.store.set_job_state, self.spec.job_id, state, note)
 
     async def run_round(self, number: int) -> RoundReport:
         """Train locally, average in this round's groups, apply the strategy, evaluate."""

@@ -1,0 +1,533 @@
+"""The node's persistent state: one SQLite file (jobs, their rounds, checkpoints, privacy).
+
+Theory of operation. One :class:`Store` is one connection to one file, shared by the node's
+tasks through worker threads (``await trio.to_thread.run_sync(store.save_round, ...)``): every
+method takes the store's lock, so calls from different threads run one at a time, and none of
+them should run on the trio loop once it moves a model. Writes are single transactions
+(``BEGIN IMMEDIATE`` ... ``COMMIT``), so a round's metrics, its checkpoint, the pruning of old
+checkpoints and the spent privacy budget land together or not at all.
+
+Durability. The file is in WAL mode with ``synchronous=FULL``: ``COMMIT`` returns only after
+the WAL is fsynced, so a method that returned survives ``kill -9`` and power loss alike
+(``NORMAL`` would survive ``kill -9`` but may lose the last commits on power loss; one fsync a
+round costs nothing next to a round). A process killed mid-transaction leaves a WAL tail that
+SQLite discards on the next open. Other processes (a dashboard, a test) may read the file with
+``Store.open(path, readonly=True)`` while the node writes: WAL readers see the last commit.
+
+Integrity. Every checkpoint row carries the SHA-256 of all its columns (``_digest`` below); a
+row that does not match raises :class:`~meshfed.errors.CorruptRecord` and is never loaded.
+Model vectors are raw little-endian float32 bytes; strategy state is msgpack with numpy arrays
+as an extension type (dtype, shape, raw bytes); nothing is ever pickled.
+
+Schema. ``PRAGMA user_version`` is the number of migrations applied; :data:`MIGRATIONS` are
+applied in order at open, each in its own transaction. A file from a newer meshfed (a higher
+version than this code knows) is refused, not guessed at.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+
+from .errors import CorruptRecord, StoreError
+
+__all__ = ["MIGRATIONS", "Checkpoint", "JobRecord", "JobState", "RoundRecord", "Store"]
+
+#: Schema migrations, in order: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            spec TEXT NOT NULL,
+            state TEXT NOT NULL,
+            note TEXT NOT NULL DEFAULT '',
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        ) STRICT""",
+        """CREATE TABLE rounds (
+            job TEXT NOT NULL REFERENCES jobs(id),
+            round INTEGER NOT NULL,
+            metrics TEXT NOT NULL,
+            recorded REAL NOT NULL,
+            PRIMARY KEY (job, round)
+        ) STRICT""",
+        """CREATE TABLE checkpoints (
+            job TEXT NOT NULL REFERENCES jobs(id),
+            round INTEGER NOT NULL,
+            score REAL NOT NULL,
+            dtype TEXT NOT NULL,
+            length INTEGER NOT NULL,
+            model BLOB NOT NULL,
+            strategy BLOB NOT NULL,
+            privacy TEXT,
+            metrics TEXT NOT NULL,
+            sha256 BLOB NOT NULL,
+            created REAL NOT NULL,
+            PRIMARY KEY (job, round)
+        ) STRICT""",
+        """CREATE TABLE privacy (
+            job TEXT PRIMARY KEY REFERENCES jobs(id),
+            state TEXT NOT NULL,
+            updated REAL NOT NULL
+        ) STRICT""",
+    ),
+)
+
+_MODEL_DTYPE = "<f4"
+_WAL_LIMIT_BYTES = 64 * 1024 * 1024
+_ARRAY_DTYPES = frozenset({"<f4", "<f8", "<i4", "<i8", "|b1"})
+_NDARRAY_EXT = 1
+
+
+class JobState(enum.Enum):
+    """Where a job stands on this node."""
+
+    #: rounds are running (or the node stopped mid-job: it resumes from the last checkpoint)
+    RUNNING = "running"
+    #: stopped early: the target accuracy was reached, or accuracy stopped improving
+    CONVERGED = "converged"
+    #: every round ran
+    FINISHED = "finished"
+    #: stopped by an error (the note says which)
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job as the store holds it: its spec (JSON), state, and a note on the last event."""
+
+    job_id: str
+    spec: str
+    state: JobState
+    note: str
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRecord:
+    """One round of a job: its metrics (accuracy, loss, epsilon, bytes, seconds ...)."""
+
+    job_id: str
+    round: int
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Checkpoint:
+    """The state a job resumes from after round :attr:`round`.
+
+    Attributes:
+        job_id, round: whose state, after which round.
+        model: the flat float32 model vector.
+        score: the validation accuracy of ``model`` (the best checkpoint has the highest).
+        metrics: the round's metrics (as in the ``rounds`` table).
+        strategy: the strategy's ``state_dict()`` (numbers, strings, numpy arrays, None).
+        privacy: the privacy accountant's ``state_dict()`` after the round, if any.
+    """
+
+    job_id: str
+    round: int
+    model: npt.NDArray[np.float32]
+    score: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    strategy: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None
+
+
+class Store:
+    """The node's store. Open with :meth:`open`; close with :meth:`close` (or ``with``)."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection, *, readonly: bool) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._connection: sqlite3.Connection | None = connection
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path | str, *, readonly: bool = False) -> Store:
+        """Open (creating and migrating if needed) the store at ``path``.
+
+        Args:
+            path: the SQLite file; its directory is created (mode 0700) if missing.
+            readonly: read another process's store without writing (no migrations).
+
+        Raises:
+            StoreError: not a SQLite file, a schema newer than this code, or a read-only open
+                of a missing or out-of-date file.
+        """
+        path = Path(path)
+        try:
+            if readonly:
+                connection = sqlite3.connect(
+                    f"{path.resolve().as_uri()}?mode=ro",
+                    uri=True,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+            else:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                connection = sqlite3.connect(
+                    path, isolation_level=None, check_same_thread=False, timeout=10.0
+                )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from None
+        store = cls(path, connection, readonly=readonly)
+        try:
+            store._prepare(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return store
+
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        try:
+            connection.execute("PRAGMA foreign_keys = ON")
+            if self.readonly:
+                version = connection.execute("PRAGMA user_version").fetchone()[0]
+                if version != len(MIGRATIONS):
+                    raise StoreError(
+                        f"store {self.path} has schema v{version}, this meshfed reads "
+                        f"v{len(MIGRATIONS)}: open it read-write once to migrate it"
+                    )
+                return
+            mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreError(f"store {self.path}: cannot use WAL mode (got {mode!r})")
+            connection.execute("PRAGMA synchronous = FULL")
+            # a checkpoint may be large: after it is copied into the file, shrink the WAL back
+            connection.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT_BYTES}")
+            self._migrate(connection)
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {self.path} is unusable: {exc}") from None
+
+    def _migrate(self, connection: sqlite3.Connection) -> None:
+        while True:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                version = connection.execute("PRAGMA user_version").fetchone()[0]
+                if version > len(MIGRATIONS):
+                    raise StoreError(
+                        f"store {self.path} has schema v{version}, newer than this meshfed "
+                        f"(v{len(MIGRATIONS)}): upgrade meshfed or use another data_dir"
+                    )
+                if version == len(MIGRATIONS):
+                    connection.execute("ROLLBACK")
+                    return
+                for statement in MIGRATIONS[version]:
+                    connection.execute(statement)
+                connection.execute(f"PRAGMA user_version = {version + 1}")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
+    @property
+    def schema_version(self) -> int:
+        """The file's ``PRAGMA user_version``."""
+        with self._read() as connection:
+            version: int = connection.execute("PRAGMA user_version").fetchone()[0]
+            return version
+
+    def close(self) -> None:
+        """Close the connection (waiting for a call in progress). Later calls raise."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._connection is None:
+                raise StoreError(f"store {self.path} is closed")
+            try:
+                yield self._connection
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path}: {exc}") from None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: everything in the block commits together, or nothing does."""
+        if self.readonly:
+            raise StoreError(f"store {self.path} was opened read-only")
+        with self._read() as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+                connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def put_job(self, job_id: str, spec: str) -> JobRecord:
+        """Record job ``job_id`` with its spec (JSON) as running, unless it is already known;
+        returns the stored record (whose spec may differ from ``spec``: the caller checks)."""
+        now = time.time()
+        with self._write() as connection:
+            connection.execute(
+                "INSERT INTO jobs (id, spec, state, created, updated) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO NOTHING",
+                (job_id, spec, JobState.RUNNING.value, now, now),
+            )
+        record = self.job(job_id)
+        assert record is not None  # just written, and jobs are never deleted
+        return record
+
+    def set_job_state(self, job_id: str, state: JobState, note: str = "") -> None:
+        """Set a job's state and note.
+
+        Raises:
+            StoreError: no such job.
+        """
+        with self._write() as connection:
+            changed = connection.execute(
+                "UPDATE jobs SET state = ?, note = ?, updated = ? WHERE id = ?",
+                (state.value, note, time.time(), job_id),
+            ).rowcount
+            if not changed:
+                raise StoreError(f"store {self.path} has no job {job_id!r}")
+
+    def job(self, job_id: str) -> JobRecord | None:
+        """The job ``job_id``, or None."""
+        with self._read() as connection:
+            row = connection.execute(
+                "SELECT id, spec, state, note, created, updated FROM jobs WHERE id = ?",
+                (job_id,),
+            ).fetchone()
+        return None if row is None else _job_record(row)
+
+    def jobs(self) -> list[JobRecord]:
+        """Every job, oldest first."""
+        with self._read() as connection:
+            rows = connection.execute(
+                "SELECT id, spec, state, note, created, updated FROM jobs ORDER BY created, id"
+            ).fetchall()
+        return [_job_record(row) for row in rows]
+
+    # -- rounds and checkpoints ----------------------------------------------------------------
+
+    def save_round(
+        self, checkpoint: Checkpoint, *, privacy: dict[str, Any] | None = None, keep: int = 3
+    ) -> None:
+        """Record round ``checkpoint.round`` in one transaction: its metrics, its checkpoint,
+        the pruning of the job's checkpoints to the last ``keep`` plus the best (highest score,
+        earliest on ties), and, if given, the job's spent privacy (``privacy``, which unlike
+        the checkpoint is never rolled back).
+
+        Raises:
+            StoreError: an unknown job, a round already recorded, or ``keep < 1``.
+        """
+        if keep < 1:
+            raise StoreError("keep must be at least 1 (the checkpoint to resume from)")
+        row = _checkpoint_row(checkpoint)
+        job, number = checkpoint.job_id, checkpoint.round
+        now = time.time()
+        with self._write() as connection:
+            connection.execute(
+                "INSERT INTO rounds (job, round, metrics, recorded) VALUES (?, ?, ?, ?)",
+                (job, number, row["metrics"], now),
+            )
+            connection.execute(
+                "INSERT INTO checkpoints (job, round, score, dtype, length, model, strategy, "
+                "privacy, metrics, sha256, created) VALUES (:job, :round, :score, :dtype, "
+                ":length, :model, :strategy, :privacy, :metrics, :sha256, :created)",
+                {**row, "created": now},
+            )
+            connection.execute(
+                "DELETE FROM checkpoints WHERE job = :job "
+                "AND round NOT IN (SELECT round FROM checkpoints WHERE job = :job "
+                "ORDER BY round DESC LIMIT :keep) "
+                "AND round != (SELECT round FROM checkpoints WHERE job = :job "
+                "ORDER BY score DESC, round ASC LIMIT 1)",
+                {"job": job, "keep": keep},
+            )
+            if privacy is not None:
+                connection.execute(
+                    "INSERT INTO privacy (job, state, updated) VALUES (?, ?, ?) "
+                    "ON CONFLICT (job) DO UPDATE SET state = excluded.state, "
+                    "updated = excluded.updated",
+                    (job, json.dumps(privacy), now),
+                )
+            connection.execute("UPDATE jobs SET updated = ? WHERE id = ?", (now, job))
+
+    def rounds(self, job_id: str) -> list[RoundRecord]:
+        """Every recorded round of ``job_id``, in order."""
+        with self._read() as connection:
+            rows = connection.execute(
+                "SELECT round, metrics FROM rounds WHERE job = ? ORDER BY round", (job_id,)
+            ).fetchall()
+        return [RoundRecord(job_id, number, json.loads(metrics)) for number, metrics in rows]
+
+    def checkpoint_rounds(self, job_id: str) -> list[int]:
+        """The rounds of ``job_id`` that have a checkpoint, in order."""
+        with self._read() as connection:
+            rows = connection.execute(
+                "SELECT round FROM checkpoints WHERE job = ? ORDER BY round", (job_id,)
+            ).fetchall()
+        return [number for (number,) in rows]
+
+    def load_checkpoint(self, job_id: str, round: int | None = None) -> Checkpoint | None:
+        """The checkpoint of ``job_id`` after ``round`` (None: the latest), or None if there is
+        none.
+
+        Raises:
+            CorruptRecord: the row does not match its SHA-256 (or cannot be decoded).
+        """
+        query = "SELECT * FROM checkpoints WHERE job = ? "
+        if round is None:
+            rows = self._select(query + "ORDER BY round DESC LIMIT 1", (job_id,))
+        else:
+            rows = self._select(query + "AND round = ?", (job_id, round))
+        return _checkpoint(rows[0]) if rows else None
+
+    def best_checkpoint(self, job_id: str) -> Checkpoint | None:
+        """The checkpoint of ``job_id`` with the highest score (the earliest on ties).
+
+        Raises:
+            CorruptRecord: the row does not match its SHA-256.
+        """
+        rows = self._select(
+            "SELECT * FROM checkpoints WHERE job = ? ORDER BY score DESC, round ASC LIMIT 1",
+            (job_id,),
+        )
+        return _checkpoint(rows[0]) if rows else None
+
+    def _select(self, query: str, parameters: tuple[Any, ...]) -> list[dict[str, Any]]:
+        with self._read() as connection:
+            cursor = connection.execute(query, parameters)
+            names = [column[0] for column in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def privacy(self, job_id: str) -> dict[str, Any] | None:
+        """The privacy accountant state last saved for ``job_id``, or None."""
+        with self._read() as connection:
+            row = connection.execute("SELECT state FROM privacy WHERE job = ?", (job_id,))
+            found = row.fetchone()
+        return None if found is None else dict(json.loads(found[0]))
+
+    def verify(self) -> list[str]:
+        """Check the whole file (SQLite's integrity check, then every checkpoint's SHA-256);
+        returns the problems found (empty: all is well)."""
+        with self._read() as connection:
+            problems = [
+                f"sqlite: {message}"
+                for (message,) in connection.execute("PRAGMA integrity_check").fetchall()
+                if message != "ok"
+            ]
+            keys = connection.execute("SELECT job, round FROM checkpoints").fetchall()
+        for job, number in keys:
+            try:
+                self.load_checkpoint(job, number)
+            except CorruptRecord as exc:
+                problems.append(str(exc))
+        return problems
+
+
+def _job_record(row: tuple[Any, ...]) -> JobRecord:
+    job_id, spec, state, note, created, updated = row
+    return JobRecord(job_id, spec, JobState(state), note, created, updated)
+
+
+def _digest(row: dict[str, Any]) -> bytes:
+    """SHA-256 of a checkpoint row: ``msgpack([job, round, score, dtype, length, metrics,
+    strategy, privacy])`` followed by the model bytes."""
+    fields = [row[k] for k in ("job", "round", "score", "dtype", "length", "metrics")]
+    header = msgpack.packb([*fields, row["strategy"], row["privacy"]], use_bin_type=True)
+    return hashlib.sha256(header + row["model"]).digest()
+
+
+def _checkpoint_row(checkpoint: Checkpoint) -> dict[str, Any]:
+    model = np.ascontiguousarray(checkpoint.model, dtype=_MODEL_DTYPE)
+    if model.ndim != 1:
+        raise StoreError(f"a checkpoint's model is a flat vector, not shape {model.shape}")
+    row: dict[str, Any] = {
+        "job": checkpoint.job_id,
+        "round": checkpoint.round,
+        "score": float(checkpoint.score),
+        "dtype": _MODEL_DTYPE,
+        "length": len(model),
+        "model": model.tobytes(),
+        "strategy": _pack_state(checkpoint.strategy),
+        "privacy": None if checkpoint.privacy is None else json.dumps(checkpoint.privacy),
+        "metrics": json.dumps(checkpoint.metrics),
+    }
+    row["sha256"] = _digest(row)
+    return row
+
+
+def _checkpoint(row: dict[str, Any]) -> Checkpoint:
+    where = f"checkpoint of job {row['job']!r} round {row['round']}"
+    if _digest(row) != row["sha256"]:
+        raise CorruptRecord(f"{where} does not match its SHA-256: the row is corrupt")
+    if row["dtype"] != _MODEL_DTYPE or len(row["model"]) != 4 * row["length"]:
+        raise CorruptRecord(f"{where}: a model of {row['dtype']} x {row['length']} is not ours")
+    try:
+        strategy = _unpack_state(row["strategy"])
+        privacy = None if row["privacy"] is None else json.loads(row["privacy"])
+        metrics = json.loads(row["metrics"])
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise CorruptRecord(f"{where} cannot be decoded: {exc}") from None
+    return Checkpoint(
+        job_id=row["job"],
+        round=row["round"],
+        model=np.frombuffer(row["model"], dtype=_MODEL_DTYPE).astype(np.float32),
+        score=row["score"],
+        metrics=metrics,
+        strategy=strategy,
+        privacy=privacy,
+    )
+
+
+def _pack_state(state: dict[str, Any]) -> bytes:
+    def default(value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            array = np.ascontiguousarray(value)
+            dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+            if dtype.str not in _ARRAY_DTYPES:
+                raise StoreError(f"cannot store an array of dtype {array.dtype}")
+            body = [dtype.str, list(array.shape), array.astype(dtype).tobytes()]
+            return msgpack.ExtType(_NDARRAY_EXT, msgpack.packb(body, use_bin_type=True))
+        if isinstance(value, np.generic):
+            return value.item()
+        raise StoreError(f"cannot store a {type(value).__name__} in a strategy state")
+
+    packed: bytes = msgpack.packb(state, default=default, use_bin_type=True)
+    return packed
+
+
+def _unpack_state(blob: bytes) -> dict[str, Any]:
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code != _NDARRAY_EXT:
+            raise ValueError(f"unknown extension type {code}")
+        dtype, shape, raw = msgpack.unpackb(data, raw=False)
+        if dtype not in _ARRAY_DTYPES:
+            raise ValueError(f"unknown array dtype {dtype!r}")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+    state = msgpack.unpackb(blob, ext_hook=ext_hook, raw=False, strict_map_key=True)
+    if not isinstance(state, dict):
+        raise ValueError("a strategy state is a map")
+    return state

@@ -1,0 +1,234 @@
+"""The node's store: a real SQLite file that keeps what it acknowledged and refuses bad rows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import meshfed.store as store_module
+from meshfed.errors import CorruptRecord, StoreError
+from meshfed.privacy.accountant import GaussianEvent, PrivacyAccountant
+from meshfed.store import MIGRATIONS, Checkpoint, JobState, Store
+from meshfed.training.strategies import named
+
+
+def checkpoint(round: int, score: float = 0.5, *, job: str = "job", size: int = 100) -> Checkpoint:
+    return Checkpoint(
+        job_id=job,
+        round=round,
+        model=np.full(size, round, np.float32),
+        score=score,
+        metrics={"accuracy": score, "round": round},
+    )
+
+
+def test_a_new_file_is_created_in_wal_mode_at_the_latest_schema(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "node.sqlite3"
+    with Store.open(path) as store:
+        assert store.schema_version == len(MIGRATIONS)
+        assert store.jobs() == []
+    connection = sqlite3.connect(path)
+    assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
+    assert {"jobs", "rounds", "checkpoints", "privacy"} <= tables
+    connection.close()
+    with Store.open(path) as store:  # reopening migrates nothing and loses nothing
+        assert store.schema_version == len(MIGRATIONS)
+
+
+def test_migrations_run_in_order_from_an_empty_file_and_from_an_older_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "node.sqlite3"
+    path.touch()  # an empty file is an empty database
+    with Store.open(path) as store:
+        store.put_job("j", "{}")
+    later = (*MIGRATIONS, ("CREATE TABLE later (x INTEGER) STRICT",))
+    monkeypatch.setattr(store_module, "MIGRATIONS", later)
+    with Store.open(path) as store:
+        assert store.schema_version == len(later)
+        assert [job.job_id for job in store.jobs()] == ["j"]  # the old rows are still there
+    monkeypatch.undo()
+    with pytest.raises(StoreError, match="newer than this meshfed"):
+        Store.open(path)
+
+
+def test_what_is_not_a_store_is_refused_clearly(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"this is not a database file, not at all" * 100)
+    with pytest.raises(StoreError, match="unusable"):
+        Store.open(junk)
+    with pytest.raises(StoreError, match="cannot open"):
+        Store.open(tmp_path / "missing.sqlite3", readonly=True)
+
+
+def test_a_round_trips_with_model_strategy_and_privacy_state(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    strategy = named("fedadam")
+    base = rng.normal(size=1000).astype(np.float32)
+    strategy.apply(base, base + 0.1)  # the moments are now arrays
+    accountant = PrivacyAccountant(budget_epsilon=8.0, delta=1e-5)
+    accountant.compose(GaussianEvent(1.5), 3)
+    with Store.open(tmp_path / "s.sqlite3") as store:
+        store.put_job("job", '{"rounds": 3}')
+        saved = Checkpoint(
+            job_id="job",
+            round=0,
+            model=base,
+            score=0.75,
+            metrics={"accuracy": 0.75, "train_loss": float("nan"), "groups": [4]},
+            strategy=strategy.state_dict(),
+            privacy=accountant.state_dict(),
+        )
+        store.save_round(saved, privacy=accountant.state_dict())
+        loaded = store.load_checkpoint("job")
+        assert store.rounds("job")[0].metrics["groups"] == [4]
+        assert store.privacy("job") == accountant.state_dict()
+    assert loaded is not None
+    np.testing.assert_array_equal(loaded.model, base)
+    assert loaded.score == 0.75 and np.isnan(loaded.metrics["train_loss"])
+    restored = named("fedadam")
+    restored.load_state_dict(loaded.strategy)
+    np.testing.assert_array_equal(restored.apply(base, base), strategy.apply(base, base))
+    again = PrivacyAccountant(budget_epsilon=1.0, delta=0.1)
+    assert loaded.privacy is not None
+    again.load_state_dict(loaded.privacy)
+    assert again.epsilon() == accountant.epsilon()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scores=st.lists(st.floats(0, 1), min_size=1, max_size=12),
+    keep=st.integers(1, 4),
+)
+def test_retention_keeps_the_last_k_and_the_best(
+    tmp_path_factory: pytest.TempPathFactory, scores: list[float], keep: int
+) -> None:
+    with Store.open(tmp_path_factory.mktemp("s") / "s.sqlite3") as store:
+        store.put_job("job", "{}")
+        for number, score in enumerate(scores):
+            store.save_round(checkpoint(number, score), keep=keep)
+            seen = scores[: number + 1]
+            best = seen.index(max(seen))
+            expected = sorted({*range(max(0, number + 1 - keep), number + 1), best})
+            assert store.checkpoint_rounds("job") == expected
+        best_checkpoint = store.best_checkpoint("job")
+        assert best_checkpoint is not None and best_checkpoint.round == scores.index(max(scores))
+        assert [r.round for r in store.rounds("job")] == list(range(len(scores)))
+
+
+def test_a_corrupt_row_is_reported_and_never_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    with Store.open(path) as store:
+        store.put_job("job", "{}")
+        store.save_round(checkpoint(0, 0.9), keep=5)
+        store.save_round(checkpoint(1, 0.8), keep=5)
+    connection = sqlite3.connect(path)
+    model = connection.execute("SELECT model FROM checkpoints WHERE round = 1").fetchone()[0]
+    flipped = bytes([model[0] ^ 1]) + model[1:]  # one bit of the model
+    connection.execute("UPDATE checkpoints SET model = ? WHERE round = 1", (flipped,))
+    connection.execute("UPDATE checkpoints SET metrics = '{}' WHERE round = 0")
+    connection.commit()
+    connection.close()
+    with Store.open(path) as store:
+        with pytest.raises(CorruptRecord, match="round 1 does not match its SHA-256"):
+            store.load_checkpoint("job")
+        with pytest.raises(CorruptRecord, match="round 0"):
+            store.best_checkpoint("job")
+        problems = store.verify()
+    assert len(problems) == 2 and all("corrupt" in p for p in problems)
+
+
+def test_misuse_raises_store_errors(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    store = Store.open(path)
+    with pytest.raises(StoreError, match="no job"):
+        store.set_job_state("nope", JobState.FAILED)
+    with pytest.raises(StoreError, match="FOREIGN KEY"):
+        store.save_round(checkpoint(0, job="nope"))
+    assert store.put_job("job", "{}").state is JobState.RUNNING
+    assert store.put_job("job", "other").spec == "{}"  # the first spec stays
+    store.save_round(checkpoint(0))
+    with pytest.raises(StoreError, match="UNIQUE"):
+        store.save_round(checkpoint(0))
+    assert store.checkpoint_rounds("job") == [0]  # the failed transaction left nothing
+    store.set_job_state("job", JobState.CONVERGED, "target accuracy 0.9 reached at round 0")
+    job = store.job("job")
+    assert job is not None and job.state is JobState.CONVERGED and "round 0" in job.note
+    with Store.open(path, readonly=True) as reader, pytest.raises(StoreError, match="read-only"):
+        reader.put_job("other", "{}")
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.jobs()
+
+
+def test_a_reader_sees_whole_checkpoints_while_the_node_writes(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    writer = Store.open(path)
+    writer.put_job("job", "{}")
+    writer.save_round(checkpoint(0, size=1 << 20))
+    rounds = 25
+
+    def write() -> None:
+        for number in range(1, rounds):
+            writer.save_round(checkpoint(number, size=1 << 20), keep=2)
+
+    thread = threading.Thread(target=write)
+    seen = []
+    with Store.open(path, readonly=True) as reader:
+        thread.start()
+        while thread.is_alive() or not seen or seen[-1] < rounds - 1:
+            latest = reader.load_checkpoint("job")
+            assert latest is not None
+            assert np.all(latest.model == latest.round)  # never half a model
+            seen.append(latest.round)
+    thread.join()
+    writer.close()
+    assert seen == sorted(seen) and seen[-1] == rounds - 1
+
+
+_WRITER = """
+import sys
+import numpy as np
+from meshfed.store import Checkpoint, Store
+store = Store.open(sys.argv[1])
+store.put_job("job", "{}")
+number = 0
+while True:
+    model = np.full(200_000, number, np.float32)
+    store.save_round(Checkpoint(job_id="job", round=number, model=model, score=0.5), keep=2)
+    print(number, flush=True)
+    number += 1
+"""
+
+
+def test_kill_9_loses_no_acknowledged_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert process.stdout is not None
+    acknowledged = -1
+    for line in process.stdout:
+        acknowledged = int(line)
+        if acknowledged >= 30:
+            break
+    os.kill(process.pid, signal.SIGKILL)  # most likely in the middle of the next round
+    process.wait()
+    with Store.open(path) as store:
+        assert store.verify() == []
+        latest = store.load_checkpoint("job")
+        assert latest is not None and latest.round >= acknowledged
+        np.testing.assert_array_equal(latest.model, np.full(200_000, latest.round, np.float32))
+        assert [r.round for r in store.rounds("job")] == list(range(latest.round + 1))
