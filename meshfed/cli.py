@@ -284,10 +284,18 @@ def testnet(
             run_testnet, nodes, out, limit_s=limit, kill=kill, kill_at_round=kill_at_round
         )
         code = trio.run(functools.partial(run, **options))
-    except MeshfedError as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except* MeshfedError as group:  # also from inside the simulation's nurseries
+        for exc in _leaves(group):
+            typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     sys.exit(code)
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.procs.harness import ROOT, Process
 
 
@@ -47,6 +49,13 @@ def test_bad_configuration_names_the_key(tmp_path: Path) -> None:
     result = cli("run", "--data-dir", str(tmp_path), "--bootstrap", "/ip4/127.0.0.1/tcp/1")
     assert result.returncode == 2
     assert "bootstrap" in result.stderr and "/p2p/" in result.stderr
+
+
+@pytest.mark.parametrize("mode", [[], ["--simulate", "4"]])
+def test_a_job_that_cannot_run_is_refused_with_its_reason(mode: list[str]) -> None:
+    result = cli("testnet", *mode, "--compression", "topk", "--rounds", "1")
+    assert result.returncode == 2
+    assert "secure aggregation" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_testnet_trains_one_model_on_every_node_and_stops_cleanly(tmp_path: Path) -> None:
