@@ -44,7 +44,16 @@ import numpy.typing as npt
 
 from .errors import CorruptRecord, StoreError
 
-__all__ = ["MIGRATIONS", "Checkpoint", "JobRecord", "JobState", "RoundRecord", "Store"]
+__all__ = [
+    "MIGRATIONS",
+    "Checkpoint",
+    "JobRecord",
+    "JobState",
+    "RoundRecord",
+    "Store",
+    "pack_state",
+    "unpack_state",
+]
 
 #: Schema migrations, in order: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -470,7 +479,7 @@ def _checkpoint_row(checkpoint: Checkpoint) -> dict[str, Any]:
         "dtype": _MODEL_DTYPE,
         "length": len(model),
         "model": model.tobytes(),
-        "strategy": _pack_state(checkpoint.strategy),
+        "strategy": pack_state(checkpoint.strategy),
         "privacy": None if checkpoint.privacy is None else json.dumps(checkpoint.privacy),
         "metrics": json.dumps(checkpoint.metrics),
     }
@@ -485,7 +494,7 @@ def _checkpoint(row: dict[str, Any]) -> Checkpoint:
     if row["dtype"] != _MODEL_DTYPE or len(row["model"]) != 4 * row["length"]:
         raise CorruptRecord(f"{where}: a model of {row['dtype']} x {row['length']} is not ours")
     try:
-        strategy = _unpack_state(row["strategy"])
+        strategy = unpack_state(row["strategy"])
         privacy = None if row["privacy"] is None else json.loads(row["privacy"])
         metrics = json.loads(row["metrics"])
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
@@ -501,7 +510,9 @@ def _checkpoint(row: dict[str, Any]) -> Checkpoint:
     )
 
 
-def _pack_state(state: dict[str, Any]) -> bytes:
+def pack_state(state: dict[str, Any]) -> bytes:
+    """A strategy's ``state_dict`` as msgpack (numpy arrays as extension type 1)."""
+
     def default(value: Any) -> Any:
         if isinstance(value, np.ndarray):
             array = np.ascontiguousarray(value)
@@ -518,7 +529,13 @@ def _pack_state(state: dict[str, Any]) -> bytes:
     return packed
 
 
-def _unpack_state(blob: bytes) -> dict[str, Any]:
+def unpack_state(blob: bytes) -> dict[str, Any]:
+    """The state :func:`pack_state` packed.
+
+    Raises:
+        ValueError: not such a state (msgpack's errors are ValueErrors too).
+    """
+
     def ext_hook(code: int, data: bytes) -> Any:
         if code != _NDARRAY_EXT:
             raise ValueError(f"unknown extension type {code}")

@@ -21,8 +21,10 @@ resumes after a restart from the job's last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
+import logging
 import math
 import os
 import time
@@ -56,10 +58,16 @@ from .checkpoints import Converged, ProgressPolicy, Rollback
 from .data import Dataset, load_dataset, partition
 from .models import build
 from .strategies import named
+from .sync import StateAnswer, StateQuery, TrainingState, decode_state, encode_state, serve
 from .torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 
 __all__ = ["JobSpec", "RoundReport", "TrainingPeer", "job_shards", "local_seed"]
 
+log = logging.getLogger(__name__)
+
+#: a peer (re)starting asks this many random roster peers where the job is, for this long
+CATCH_UP_ASKED = 3
+CATCH_UP_QUERY_S = 2.0
 _STEPS_PER_ROUND = 64  # GroupSpec.round = round * 64 + step: a fresh context for every step
 _WEIGHT_COPIES = 32  # secure int8: the weight rides as this many quantized copies
 
@@ -373,6 +381,13 @@ class TrainingPeer:
         self._push_prefix = f"pushsum.{self._job.hex()}:"
         if spec.schedule == "pushsum":
             node.on_array(self._on_push, prefix=self._push_prefix)
+        #: what a peer catching up gets from us: the state our current round started from
+        self._offer = TrainingState(0, flatten(self.model), self.strategy.state_dict())
+        self._state_prefix = f"trainstate.{self._job.hex()}:"
+        self._state_from: PeerId | None = None  # whose state we asked for
+        self._received: list[TrainingState] = []  # what came from it
+        serve(node, spec.job_id, self._answer_state_query)
+        node.on_array(self._on_state, prefix=self._state_prefix)
 
     @property
     def parameters(self) -> npt.NDArray[np.float32]:
@@ -412,9 +427,15 @@ class TrainingPeer:
         """
         reports = await self._resume()
         try:
-            for number in range(len(reports), self.spec.rounds):
+            start = reports[-1].round + 1 if reports else 0
+            if self.state is JobState.RUNNING and self.spec.schedule != "pushsum":
+                start = await self._catch_up(start)
+            for number in range(start, self.spec.rounds):
                 if self.state is not JobState.RUNNING:
                     break
+                self._offer = TrainingState(
+                    number, flatten(self.model), copy.deepcopy(self.strategy.state_dict())
+                )
                 if self.spec.schedule == "pushsum":
                     report = await self.push_round(number)
                 else:
@@ -426,10 +447,77 @@ class TrainingPeer:
         except Exception as exc:
             await self._set_state(JobState.FAILED, repr(exc))
             raise
+        self._offer = TrainingState(
+            self.spec.rounds, flatten(self.model), self.strategy.state_dict()
+        )
         if self.state is JobState.RUNNING:
             last_event = f"; {self.note}" if self.note else ""
             await self._set_state(JobState.FINISHED, f"all {len(reports)} rounds{last_event}")
         return reports
+
+    async def _catch_up(self, start: int) -> int:
+        """Ask a few roster peers where the job is; if some are past ``start``, take the state
+        of the one furthest ahead (:mod:`.sync`). Returns the round to go on with."""
+        me, answers = self.node.peer_id, {}
+
+        async def ask(peer: PeerId) -> None:
+            with contextlib.suppress(MeshfedError, trio.TooSlowError):
+                with trio.fail_after(CATCH_UP_QUERY_S):
+                    answer = await self.node.request(peer, StateQuery(job=self.spec.job_id))
+                if isinstance(answer.body, StateAnswer) and answer.body.job == self.spec.job_id:
+                    answers[peer] = answer.body.next_round
+
+        others = [peer for peer in self._roster if peer != me]
+        async with trio.open_nursery() as nursery:
+            for index in self._rng.permutation(len(others))[:CATCH_UP_ASKED]:
+                nursery.start_soon(ask, others[index])
+        ahead = max(answers, key=answers.__getitem__, default=None)
+        if ahead is None or answers[ahead] <= start:
+            return start
+        self._state_from = ahead
+        self._received.clear()
+        with contextlib.suppress(MeshfedError, trio.TooSlowError):
+            with trio.fail_after(self.aggregator.deadlines.phase_max_s):
+                await self.node.request(ahead, StateQuery(job=self.spec.job_id, send=True))
+        self._state_from = None
+        state = self._received.pop() if self._received else None
+        if state is None or state.next_round <= start:
+            return start
+        try:
+            self.strategy.load_state_dict(state.strategy)
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning("a peer's strategy state does not fit", extra={"error": repr(exc)})
+            return start
+        load_flat(self.model, state.model)
+        self._push_state.move_to(state.model)
+        await self._set_state(
+            self.state, f"caught up at round {state.next_round} from {ahead.short()}"
+        )
+        return state.next_round
+
+    async def _answer_state_query(self, envelope: Envelope, query: StateQuery) -> StateAnswer:
+        """Where we are; with ``send``, our current round's starting state goes first."""
+        if envelope.sender not in self._roster:
+            raise RemoteProtocolError(
+                "a state query from outside the roster", reason=RejectReason.NOT_A_MEMBER
+            )
+        offer = self._offer
+        if query.send:
+            with trio.fail_after(self.aggregator.deadlines.phase_max_s):
+                await self.node.send_array(
+                    envelope.sender,
+                    encode_state(offer),
+                    name=f"{self._state_prefix}{offer.next_round}",
+                )
+        return StateAnswer(job=self.spec.job_id, next_round=offer.next_round)
+
+    async def _on_state(self, envelope: Envelope, header: ArrayHeader, array: Any) -> None:
+        """Keep the state we asked for."""
+        if envelope.sender != self._state_from:
+            raise RemoteProtocolError(
+                "a training state nobody asked for", reason=RejectReason.NOT_A_MEMBER
+            )
+        self._received.append(decode_state(array, parameters=len(self._offer.model)))
 
     async def _resume(self) -> list[RoundReport]:
         """Register the job in the store, or pick it up where the store left it."""

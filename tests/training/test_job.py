@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -132,6 +132,44 @@ async def test_with_dp_sgd_each_example_is_protected_and_the_job_still_learns(
             reference.compose(event, 3 * steps)
             assert peer_reports[-1].epsilon == pytest.approx(reference.epsilon())
             assert peer_reports[2].accuracy > 0.6  # chance is 0.1
+
+
+async def test_a_peer_that_starts_late_takes_the_others_state_and_ends_with_their_model(
+    tmp_path: Path,
+) -> None:
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = JobSpec(
+            job_id="late",
+            roster=tuple(str(n.peer_id) for n in nodes),
+            rounds=6,
+            secure=False,
+            partition="iid",
+        )
+        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
+        reports: list[list[RoundReport]] = [[] for _ in nodes]
+        others_in_round_2 = trio.Event()
+
+        def early(i: int) -> Callable[[RoundReport], None]:
+            def seen(report: RoundReport) -> None:
+                reports[i].append(report)
+                if report.round == 1:
+                    others_in_round_2.set()
+
+            return seen
+
+        async def late() -> None:
+            await others_in_round_2.wait()
+            reports[3].extend(await peers[3].run())
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(peers[i].run, early(i))
+            nursery.start_soon(late)
+        assert reports[3][0].round >= 2  # it skipped what it missed
+        assert "caught up at round" in peers[3].note
+        assert [r.round for r in reports[0]] == list(range(6))
+        for peer in peers[1:]:
+            np.testing.assert_array_equal(peer.parameters, peers[0].parameters)
 
 
 async def test_pushsum_gossip_brings_every_peer_close_to_the_same_model(tmp_path: Path) -> None:
