@@ -425,8 +425,9 @@ class Aggregator:
             progress = run.session.progress()
             if run.observe(progress, call_started) and self._on_progress is not None:
                 self._on_progress(progress)
+        frames: dict[int, bytes] = {}  # a message to many peers is signed once
         for action in actions:
-            self._act(run, action)
+            self._act(run, action, frames)
 
     async def _feed_quietly(self, run: _Run, sender: PeerId, context: bytes, item: _Item) -> None:
         """Hand over something kept before the run began; count it if it is rejected now."""
@@ -435,9 +436,14 @@ class Aggregator:
         except RemoteProtocolError as exc:
             self._node.stats.reject(exc.reason)
 
-    def _act(self, run: _Run, action: Action) -> None:
+    def _act(self, run: _Run, action: Action, frames: dict[int, bytes]) -> None:
         if isinstance(action, Send):
-            run.nursery.start_soon(self._send, run.scope, action)
+            frame = frames.get(id(action.message))
+            if frame is None:
+                frame = frames[id(action.message)] = self._node.sealed(
+                    action.message, scope=run.scope
+                )
+            run.nursery.start_soon(self._send, action.to, frame)
         elif isinstance(action, SendSlice):
             name = f"{action.kind}:{action.context.hex()}"
             run.nursery.start_soon(self._send_slice, run.scope, action, name)
@@ -448,17 +454,17 @@ class Aggregator:
             run.outcome = action
             run.changed.set()
 
-    async def _send(self, scope: Scope, action: Send) -> None:
+    async def _send(self, to: PeerId, frame: bytes) -> None:
         try:
-            with trio.fail_after(self.deadlines.phase_max_s):
-                await self._node.request(action.to, action.message, scope=scope)
+            await self._node.send(to, frame, within=self.deadlines.phase_max_s)
         except (MeshfedError, trio.TooSlowError) as exc:
-            log.info("send failed", extra={"peer": action.to.short(), "error": repr(exc)})
+            log.info("send failed", extra={"peer": to.short(), "error": repr(exc)})
 
     async def _send_slice(self, scope: Scope, action: SendSlice, name: str) -> None:
         try:
-            with trio.fail_after(self.deadlines.phase_max_s):
-                await self._node.send_array(action.to, action.array, name=name, scope=scope)
+            await self._node.send_array(
+                action.to, action.array, name=name, scope=scope, within=self.deadlines.phase_max_s
+            )
         except (MeshfedError, trio.TooSlowError) as exc:
             log.info("slice send failed", extra={"peer": action.to.short(), "error": repr(exc)})
 
