@@ -29,6 +29,9 @@ __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_ITEMS", "Bounds", "Schema", "bounde
 DEFAULT_MAX_BYTES = 64 * 1024
 DEFAULT_MAX_ITEMS = 4096
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+#: peer ids decoded lately, by their bytes: the same few hundred ids arrive again and again
+_PEERS: dict[bytes, PeerId] = {}
+_MAX_PEERS = 65536
 
 T = TypeVar("T")
 
@@ -134,10 +137,16 @@ def _scalar(kind: type, bounds: Bounds) -> tuple[Encoder, Decoder]:
         def decode_peer(value: Any, path: str) -> PeerId:
             if type(value) is not bytes:
                 raise _reject(path, f"expected peer id bytes, got {type(value).__name__}")
-            try:
-                return PeerId(value)
-            except ValueError as exc:
-                raise _reject(path, str(exc)) from None
+            peer = _PEERS.get(value)
+            if peer is None:
+                try:
+                    peer = PeerId(value)
+                except ValueError as exc:
+                    raise _reject(path, str(exc)) from None
+                if len(_PEERS) >= _MAX_PEERS:
+                    _PEERS.clear()
+                _PEERS[value] = peer
+            return peer
 
         return (lambda peer: peer.raw), decode_peer
     raise TypeError(f"no wire encoding for {kind!r}")
@@ -163,7 +172,12 @@ def _field_codec(annotation: Any, bounds: Bounds) -> tuple[Encoder, Decoder]:
                 raise _reject(path, f"expected list, got {type(value).__name__}")
             if not bounds.min_len <= len(value) <= limit:
                 raise _reject(path, f"{len(value)} items outside [{bounds.min_len}, {limit}]")
-            return [decode_item(item, f"{path}[{i}]") for i, item in enumerate(value)]
+            try:
+                return [decode_item(item, path) for item in value]
+            except RemoteProtocolError:
+                for i, item in enumerate(value):  # again, to name the bad item
+                    decode_item(item, f"{path}[{i}]")
+                raise
 
         return (lambda v: [encode_item(item) for item in v]), decode_list
     if annotation is not PeerId and dataclasses.is_dataclass(annotation):
