@@ -24,7 +24,15 @@ from .errors import RemoteProtocolError
 from .identity import PeerId
 from .stats import RejectReason
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_ITEMS", "Bounds", "Schema", "bounded", "schema_of"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_ITEMS",
+    "Bounds",
+    "Schema",
+    "bounded",
+    "peer_id",
+    "schema_of",
+]
 
 DEFAULT_MAX_BYTES = 64 * 1024
 DEFAULT_MAX_ITEMS = 4096
@@ -137,19 +145,28 @@ def _scalar(kind: type, bounds: Bounds) -> tuple[Encoder, Decoder]:
         def decode_peer(value: Any, path: str) -> PeerId:
             if type(value) is not bytes:
                 raise _reject(path, f"expected peer id bytes, got {type(value).__name__}")
-            peer = _PEERS.get(value)
-            if peer is None:
-                try:
-                    peer = PeerId(value)
-                except ValueError as exc:
-                    raise _reject(path, str(exc)) from None
-                if len(_PEERS) >= _MAX_PEERS:
-                    _PEERS.clear()
-                _PEERS[value] = peer
-            return peer
+            try:
+                return peer_id(value)
+            except ValueError as exc:
+                raise _reject(path, str(exc)) from None
 
         return (lambda peer: peer.raw), decode_peer
     raise TypeError(f"no wire encoding for {kind!r}")
+
+
+def peer_id(raw: bytes) -> PeerId:
+    """``PeerId(raw)``, the same object for the same bytes while they keep arriving.
+
+    Raises:
+        ValueError: ``raw`` is not an Ed25519 peer id.
+    """
+    peer = _PEERS.get(raw)
+    if peer is None:
+        peer = PeerId(raw)
+        if len(_PEERS) >= _MAX_PEERS:
+            _PEERS.clear()
+        _PEERS[raw] = peer
+    return peer
 
 
 def _field_codec(annotation: Any, bounds: Bounds) -> tuple[Encoder, Decoder]:
@@ -195,10 +212,12 @@ class Schema:
         hints = typing.get_type_hints(cls)
         self._names: list[str] = []
         self._codecs: list[tuple[Encoder, Decoder]] = []
+        self._fields: list[tuple[str, str, Decoder]] = []  # name, ".name", decoder
         for f in dataclasses.fields(cls):
             bounds = f.metadata.get("bounds", Bounds())
             self._names.append(f.name)
             self._codecs.append(_field_codec(hints[f.name], bounds))
+            self._fields.append((f.name, "." + f.name, self._codecs[-1][1]))
 
     def encode(self, value: Any) -> list[Any]:
         """The msgpack-ready list of ``value``'s fields."""
@@ -217,8 +236,8 @@ class Schema:
         if type(value) is not list or len(value) != len(self._names):
             raise _reject(path, f"expected a list of {len(self._names)} fields")
         kwargs = {
-            name: dec(item, f"{path}.{name}")
-            for name, (_, dec), item in zip(self._names, self._codecs, value, strict=True)
+            name: dec(item, path + suffix)
+            for (name, suffix, dec), item in zip(self._fields, value, strict=True)
         }
         try:
             return self.cls(**kwargs)

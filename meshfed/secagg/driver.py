@@ -169,19 +169,25 @@ class _Run:
     def observe(self, progress: Progress, call_started: float) -> bool:
         """Note the session's progress after a call that began at ``call_started``; True if it
         took a new step. A step counts from the start of the call that entered it, so the work
-        that call did (masking a vector) is part of what the stragglers are allowed too."""
+        that call did (masking a vector) is part of what the stragglers are allowed too.
+
+        The waiter wakes only when the deadline may come sooner (a new step, the first answer,
+        the majority); a later answer only pushes it back, which the waiter sees when it
+        fires (one wake-up per phase instead of one per message)."""
         now = trio.current_time()
         new_step = progress.step != self.step
-        previous = self.arrived
+        previous, sooner = self.arrived, new_step
         self.arrived, self.expected = progress.arrived, progress.expected
         if new_step:
             self.step, self.started, self.majority_at = progress.step, call_started, None
             self.last_at = now if progress.arrived else None  # answers that came early
         elif progress.arrived > previous:
+            sooner = sooner or self.last_at is None
             self.last_at = now
         if self.majority_at is None and progress.arrived >= math.ceil(progress.expected / 2):
-            self.majority_at = now
-        self.changed.set()
+            self.majority_at, sooner = now, True
+        if sooner:
+            self.changed.set()
         return new_step
 
 
@@ -385,18 +391,22 @@ class Aggregator:
             raise AggregationFailed(run.outcome.detail, reason=run.outcome.reason)
         return run.outcome
 
-    async def _wait_or_expire(self, run: _Run) -> None:
-        step = run.step
-        deadline = self.deadlines.deadline(
+    def _deadline(self, run: _Run) -> float:
+        return self.deadlines.deadline(
             started=run.started,
             majority_at=run.majority_at,
             last_at=run.last_at,
-            first=step[1] == 1,
+            first=run.step[1] == 1,
         )
+
+    async def _wait_or_expire(self, run: _Run) -> None:
+        step = run.step
         run.changed = trio.Event()
-        with trio.move_on_at(deadline):
+        with trio.move_on_at(self._deadline(run)):
             await run.changed.wait()
             return
+        if run.step == step and self._deadline(run) > trio.current_time():
+            return  # answers since pushed the deadline back: wait again
         log.info("phase deadline", extra={"step": step})
         await self._feed(run, run.session.expire, only_at=step)
 
