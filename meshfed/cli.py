@@ -192,6 +192,9 @@ def testnet(
     ] = 0.0,
     dp_noise: Annotated[float, typer.Option(help="DP noise multiplier.")] = 1.0,
     dp_epsilon: Annotated[float, typer.Option(help="Each node's DP budget (delta 1e-5).")] = 8.0,
+    max_group: Annotated[
+        int, typer.Option(help="Largest averaging group (the grid of groups gets more axes).")
+    ] = 32,
     simulate: Annotated[
         int, typer.Option(help="Run this many peers in one process on the memory transport.")
     ] = 0,
@@ -221,6 +224,7 @@ def testnet(
         "dp_clip": dp_clip,
         "dp_noise_multiplier": dp_noise,
         "dp_epsilon": dp_epsilon,
+        "max_group": max_group,
     }
     try:
         if simulate:
