@@ -4,8 +4,8 @@
 :class:`~meshfed.node.Node` and runs one session per call (:meth:`Aggregator.secure_sum`,
 :meth:`Aggregator.secure_mean`, :meth:`Aggregator.plain_mean`). For each session it
 
-- feeds the sans-IO session what arrives, one call at a time, in a worker thread for long
-  vectors (masking ten million elements must not stall the node's loop; for short ones the
+- quantizes, feeds the sans-IO session what arrives (one call at a time) and rescales, in a
+  worker thread for long vectors (masking ten million elements must not stall the node's loop; for short ones the
   thread hop would cost more than the work);
 - carries out the actions: each send is a task in the session's nursery with its own deadline;
   a send that fails is only logged, since the protocol's deadlines deal with silent peers;
@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -55,6 +55,7 @@ from .ring import Levels, Quantizer, check_capacity
 __all__ = ["AggregationFailed", "Aggregator", "DeadlinePolicy", "GroupResult"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: vectors up to this many elements are masked in the event loop (a millisecond or two);
 #: longer ones in a worker thread, so that the node keeps serving meanwhile
@@ -294,7 +295,7 @@ class Aggregator:
         check_capacity(len(spec.roster), quantizer.levels_bits, spec.ring_bits)
         with self._buffers.lend() as take:
             levels = take(values.size, spec.dtype)
-            await trio.to_thread.run_sync(lambda: quantizer.quantize(values, rng, out=levels))
+            await _off_loop(lambda: quantizer.quantize(values, rng, out=levels), values.size)
             outcome, attempts = await self._secure(spec, levels, take)
             count = len(outcome.survivors)
 
@@ -304,7 +305,7 @@ class Aggregator:
                     quantizer.decode(part, count, mean=True, out=mean[bounds])
                 return mean
 
-            mean = await trio.to_thread.run_sync(rescale)
+            mean = await _off_loop(rescale, values.size)
             return GroupResult(mean, outcome.survivors, attempts)
 
     async def _secure(
@@ -544,6 +545,15 @@ def _delivery(
         kind, array = item
         return lambda: session.receive_slice(sender, kind, context, array)
     return lambda: session.receive(sender, item)
+
+
+async def _off_loop(work: Callable[[], T], size: int) -> T:
+    """``work()`` on a vector of ``size`` elements: in a worker thread if the vector is long,
+    else right here (a thread hop costs more than quantizing a short vector)."""
+    if size > _INLINE_ELEMENTS:
+        return await trio.to_thread.run_sync(work)
+    await trio.lowlevel.checkpoint()
+    return work()
 
 
 def _placed(parts: tuple[npt.NDArray[Any], ...]) -> list[tuple[npt.NDArray[Any], slice]]:
