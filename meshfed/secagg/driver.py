@@ -5,8 +5,8 @@
 :meth:`Aggregator.secure_mean`, :meth:`Aggregator.plain_mean`). For each session it
 
 - quantizes, feeds the sans-IO session what arrives (one call at a time) and rescales, in a
-  worker thread for long vectors (masking ten million elements must not stall the node's loop; for short ones the
-  thread hop would cost more than the work);
+  worker thread for long vectors (masking ten million elements must not stall the node's
+  loop; for short ones the thread hop would cost more than the work);
 - carries out the actions: each send is a task in the session's nursery with its own deadline;
   a send that fails is only logged, since the protocol's deadlines deal with silent peers;
 - ends a phase that waits too long, with a deadline that adapts to the arrivals it saw
