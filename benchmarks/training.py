@@ -16,9 +16,11 @@ the 9.6k-parameter MLP, ``--rounds`` rounds of ``--epochs`` local epochs, one se
   SGD step and one sweep of pushes; as many ticks as the rounds' local epochs take steps on
   the mean shard: ``gossip_ticks``), ``gap_gossip``, ``round_s_gossip`` (seconds per tick).
 
-- ``sim_round_s_200``, ``sim_rss_mb_200``: ``--sim-peers`` (200) peers of the same job in one
-  process on the memory transport (``meshfed-node testnet --simulate``, secure averaging in
-  Moshpit groups of at most 32): seconds per round after the first, peak RSS of that process.
+- ``sim_round_s_200``, ``sim_cpu_s_200``, ``sim_rss_mb_200``: ``--sim-peers`` (200) peers of
+  the same job in one process on the memory transport (``meshfed-node testnet --simulate``,
+  secure averaging in Moshpit groups of at most ``--sim-max-group`` (8: an 8 x 5 x 5 grid for
+  200)): seconds and CPU seconds (all threads) per round after the first, peak RSS of that
+  process.
 
 Usage: python benchmarks/training.py [--nodes 8] [--rounds 10] [--epochs 1] [--quick]
 """
@@ -96,6 +98,7 @@ def simulated(peers: int, **options: Any) -> dict[str, Any]:
         command = [sys.executable, "-m", "meshfed.cli", "testnet", "--simulate", str(peers)]
         command += ["--rounds", str(options["rounds"]), "--epochs", str(options["epochs"])]
         command += ["--partition", options["partition"], "--out", str(out)]
+        command += ["--max-group", str(options["max_group"])]
         subprocess.run(command, check=True, capture_output=True, timeout=1800)
         result: dict[str, Any] = json.loads(out.read_text())
     return result
@@ -108,6 +111,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="3 nodes, 3 rounds, for tests")
     parser.add_argument("--sim-peers", type=int, default=200, help="peers of the simulation")
+    parser.add_argument("--sim-max-group", type=int, default=8, help="its largest group")
     args = parser.parse_args()
     configure_logging("error")
     nodes, rounds = (3, 3) if args.quick else (args.nodes, args.rounds)
@@ -135,7 +139,7 @@ def main() -> None:
     large = decentralized(nodes, **{**options, "rounds": 2, "model_options": LARGE})
     params_large = sum(p.numel() for p in build("mlp", **LARGE).parameters())
     sim_peers = 20 if args.quick else args.sim_peers
-    simulation = simulated(sim_peers, **{**options, "rounds": 3})
+    simulation = simulated(sim_peers, **{**options, "rounds": 3, "max_group": args.sim_max_group})
     figures = {
         "benchmark": "training",
         "nodes": nodes,
@@ -162,6 +166,7 @@ def main() -> None:
         "round_s_gossip": round(statistics.mean(r["seconds"] for r in gossip["rounds"][1:]), 4),
         "sim_peers": sim_peers,
         f"sim_round_s_{sim_peers}": round(simulation["round_s"], 3),
+        f"sim_cpu_s_{sim_peers}": round(simulation["round_cpu_s"], 3),
         f"sim_rss_mb_{sim_peers}": round(simulation["peak_rss_mb"]),
         "sim_accuracy": round(simulation["final_accuracy"], 4),
     }

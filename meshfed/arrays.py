@@ -7,7 +7,9 @@ SPEC.md, "Array transfer". On a stream of protocol ``/meshfed/array/1`` the send
    last, holding the array's bytes in C order, little-endian;
 3. an envelope holding :class:`ArrayTrailer` with the CRC-32 of all the bytes;
 
-and the receiver answers with an envelope holding :class:`ArrayReceived`. The libp2p
+and the receiver answers with an envelope holding :class:`ArrayReceived`. An array of at most
+:data:`INLINE_ARRAY_BYTES` travels instead as one signed one-way message, :class:`InlineArray`
+(its header and its bytes): one signature instead of three, and no stream. The libp2p
 transport seals every frame with AES-GCM, so the CRC is not what stops an attacker: it catches
 a sender or driver that sends the wrong bytes in the right frames. No pickle: the dtype is one
 of :data:`ALLOWED_DTYPES`, and the receiver allocates ``prod(shape) * itemsize`` bytes only
@@ -37,6 +39,8 @@ __all__ = [
     "ArrayHeader",
     "ArrayReceived",
     "ArrayTrailer",
+    "INLINE_ARRAY_BYTES",
+    "InlineArray",
     "header_for",
     "crc32_of",
     "iter_chunks",
@@ -47,6 +51,8 @@ ALLOWED_DTYPES = frozenset(
     {"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1"}
 )
 _MAX_DIMS = 32
+#: arrays up to this many bytes travel inline, in one message (:class:`InlineArray`)
+INLINE_ARRAY_BYTES = 64 * 1024
 
 
 @message("meshfed.array.header")
@@ -93,6 +99,24 @@ class ArrayReceived(Message):
 
     transfer_id: bytes = bounded(min_len=16, max_len=16)
     nbytes: int = bounded(ge=0)
+
+
+@message("meshfed.array.inline")
+@dataclass(frozen=True, slots=True)
+class InlineArray(Message):
+    """A small array in one message: its header (``chunk_bytes`` unused) and all its bytes."""
+
+    header: ArrayHeader
+    data: bytes = bounded(max_len=INLINE_ARRAY_BYTES)
+
+    def __post_init__(self) -> None:
+        if len(self.data) != self.header.nbytes:
+            raise ValueError(f"{len(self.data)} bytes for an array of {self.header.nbytes}")
+
+    def array(self) -> npt.NDArray[np.generic]:
+        """The array (a writable copy: the handler may keep or change it)."""
+        flat = np.frombuffer(bytearray(self.data), dtype=np.dtype(self.header.dtype))
+        return flat.reshape(self.header.shape)
 
 
 def header_for(

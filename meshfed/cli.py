@@ -235,6 +235,9 @@ def testnet(
     patience: Annotated[
         int, typer.Option(help="Stop after this many rounds without improvement (0: off).")
     ] = 0,
+    max_group: Annotated[
+        int, typer.Option(help="Largest averaging group (the grid of groups gets more axes).")
+    ] = 32,
     simulate: Annotated[
         int, typer.Option(help="Run this many peers in one process on the memory transport.")
     ] = 0,
@@ -270,6 +273,7 @@ def testnet(
         "dp_epsilon": dp_epsilon,
         "target_accuracy": target_accuracy,
         "patience": patience,
+        "max_group": max_group,
     }
     if clip is not None or (secure and compression == "int8"):
         options["clip"] = 0.25 if clip is None else clip

@@ -24,11 +24,22 @@ from .errors import RemoteProtocolError
 from .identity import PeerId
 from .stats import RejectReason
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_ITEMS", "Bounds", "Schema", "bounded", "schema_of"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_ITEMS",
+    "Bounds",
+    "Schema",
+    "bounded",
+    "peer_id",
+    "schema_of",
+]
 
 DEFAULT_MAX_BYTES = 64 * 1024
 DEFAULT_MAX_ITEMS = 4096
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+#: peer ids decoded lately, by their bytes: the same few hundred ids arrive again and again
+_PEERS: dict[bytes, PeerId] = {}
+_MAX_PEERS = 65536
 
 T = TypeVar("T")
 
@@ -135,12 +146,27 @@ def _scalar(kind: type, bounds: Bounds) -> tuple[Encoder, Decoder]:
             if type(value) is not bytes:
                 raise _reject(path, f"expected peer id bytes, got {type(value).__name__}")
             try:
-                return PeerId(value)
+                return peer_id(value)
             except ValueError as exc:
                 raise _reject(path, str(exc)) from None
 
         return (lambda peer: peer.raw), decode_peer
     raise TypeError(f"no wire encoding for {kind!r}")
+
+
+def peer_id(raw: bytes) -> PeerId:
+    """``PeerId(raw)``, the same object for the same bytes while they keep arriving.
+
+    Raises:
+        ValueError: ``raw`` is not an Ed25519 peer id.
+    """
+    peer = _PEERS.get(raw)
+    if peer is None:
+        peer = PeerId(raw)
+        if len(_PEERS) >= _MAX_PEERS:
+            _PEERS.clear()
+        _PEERS[raw] = peer
+    return peer
 
 
 def _field_codec(annotation: Any, bounds: Bounds) -> tuple[Encoder, Decoder]:
@@ -163,7 +189,12 @@ def _field_codec(annotation: Any, bounds: Bounds) -> tuple[Encoder, Decoder]:
                 raise _reject(path, f"expected list, got {type(value).__name__}")
             if not bounds.min_len <= len(value) <= limit:
                 raise _reject(path, f"{len(value)} items outside [{bounds.min_len}, {limit}]")
-            return [decode_item(item, f"{path}[{i}]") for i, item in enumerate(value)]
+            try:
+                return [decode_item(item, path) for item in value]
+            except RemoteProtocolError:
+                for i, item in enumerate(value):  # again, to name the bad item
+                    decode_item(item, f"{path}[{i}]")
+                raise
 
         return (lambda v: [encode_item(item) for item in v]), decode_list
     if annotation is not PeerId and dataclasses.is_dataclass(annotation):
@@ -181,10 +212,12 @@ class Schema:
         hints = typing.get_type_hints(cls)
         self._names: list[str] = []
         self._codecs: list[tuple[Encoder, Decoder]] = []
+        self._fields: list[tuple[str, str, Decoder]] = []  # name, ".name", decoder
         for f in dataclasses.fields(cls):
             bounds = f.metadata.get("bounds", Bounds())
             self._names.append(f.name)
             self._codecs.append(_field_codec(hints[f.name], bounds))
+            self._fields.append((f.name, "." + f.name, self._codecs[-1][1]))
 
     def encode(self, value: Any) -> list[Any]:
         """The msgpack-ready list of ``value``'s fields."""
@@ -203,8 +236,8 @@ class Schema:
         if type(value) is not list or len(value) != len(self._names):
             raise _reject(path, f"expected a list of {len(self._names)} fields")
         kwargs = {
-            name: dec(item, f"{path}.{name}")
-            for name, (_, dec), item in zip(self._names, self._codecs, value, strict=True)
+            name: dec(item, path + suffix)
+            for (name, suffix, dec), item in zip(self._fields, value, strict=True)
         }
         try:
             return self.cls(**kwargs)

@@ -52,6 +52,16 @@ class PeerId:
         if len(self.raw) != len(_PEER_ID_PREFIX) + 32 or not self.raw.startswith(_PEER_ID_PREFIX):
             raise ValueError(f"not an Ed25519 libp2p peer id: {self.raw.hex()}")
 
+    # Peer ids are dict keys and set members everywhere: compare and hash the bytes alone
+    # (a bytes object caches its hash; the generated methods build a tuple on every call).
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not PeerId:
+            return NotImplemented
+        return self.raw == other.raw
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
     @classmethod
     def from_public_key(cls, public_key: bytes) -> PeerId:
         """The peer id of a raw 32-byte Ed25519 public key."""

@@ -12,6 +12,7 @@ serving.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,10 +24,12 @@ import numpy.typing as npt
 import trio
 
 from .arrays import (
+    INLINE_ARRAY_BYTES,
     ArrayAssembler,
     ArrayHeader,
     ArrayReceived,
     ArrayTrailer,
+    InlineArray,
     crc32_of,
     header_for,
     iter_chunks,
@@ -56,6 +59,7 @@ __all__ = ["ArrayHandler", "Node", "PeerState", "MessageHandler", "open_node"]
 log = logging.getLogger(__name__)
 
 RPC_PROTOCOL = "/meshfed/rpc/1"
+MSG_PROTOCOL = "/meshfed/msg/1"
 ARRAY_PROTOCOL = "/meshfed/array/1"
 
 M = TypeVar("M", bound=Message)
@@ -107,6 +111,7 @@ class Node:
         self._idle = trio.Event()
         self._idle.set()
         transport.set_request_handler(RPC_PROTOCOL, self._serve_request)
+        transport.set_request_handler(MSG_PROTOCOL, self._serve_message)
         transport.set_stream_handler(ARRAY_PROTOCOL, self._serve_array)
         self.handle(Ping, self._answer_ping)
 
@@ -179,14 +184,8 @@ class Node:
             RemoteProtocolError: the answer failed verification (counted).
         """
         frame, nonce = seal(self.identity, body, now_ms=_now_ms(), scope=scope)
-        state = self._peer(peer)
         started = trio.current_time()
-        try:
-            with trio.fail_after(self.config.request_timeout_s):
-                answer = await self.transport.request(peer, RPC_PROTOCOL, frame)
-        except (MeshfedError, trio.TooSlowError):
-            state.failures += 1
-            raise
+        answer = await self._transport_request(peer, RPC_PROTOCOL, frame)
         try:
             envelope = self._open(answer, peer)
             if envelope.reply_to != nonce:
@@ -196,8 +195,50 @@ class Node:
         except RemoteProtocolError as exc:
             self._rejected(peer, exc)
             raise
-        state.rtt_s = trio.current_time() - started
+        self._peer(peer).rtt_s = trio.current_time() - started
         return envelope
+
+    def sealed(self, body: Message, *, scope: Scope = NO_SCOPE) -> bytes:
+        """``body`` signed by this node, for :meth:`send`: a message for many peers is sealed
+        once (each receiver's replay guard sees its nonce once)."""
+        return seal(self.identity, body, now_ms=_now_ms(), scope=scope)[0]
+
+    async def send(
+        self,
+        peer: PeerId,
+        body: Message | bytes,
+        *,
+        scope: Scope = NO_SCOPE,
+        within: float | None = None,
+    ) -> None:
+        """Send a signed one-way message (or a frame from :meth:`sealed`); returns once the
+        peer's handler took it. The acknowledgement is the transport's (an empty answer on an
+        authenticated connection): no envelope comes back. Bounded by ``within`` seconds if
+        given, and by ``config.request_timeout_s``.
+
+        Raises:
+            trio.TooSlowError, PeerUnreachable: as for :meth:`request`.
+            RequestFailed: the peer rejected the message (``.reason`` says why).
+            RemoteProtocolError: the answer was not empty (counted).
+        """
+        frame = body if isinstance(body, bytes) else self.sealed(body, scope=scope)
+        if await self._transport_request(peer, MSG_PROTOCOL, frame, within):
+            exc = RemoteProtocolError(
+                "a one-way message was answered", reason=RejectReason.MALFORMED
+            )
+            self._rejected(peer, exc)
+            raise exc
+
+    async def _transport_request(
+        self, peer: PeerId, protocol: str, frame: bytes, within: float | None = None
+    ) -> bytes:
+        timeout = self.config.request_timeout_s
+        try:
+            with trio.fail_after(timeout if within is None else min(within, timeout)):
+                return await self.transport.request(peer, protocol, frame)
+        except (MeshfedError, trio.TooSlowError):
+            self._peer(peer).failures += 1
+            raise
 
     async def ping(self, peer: PeerId) -> float:
         """Round-trip a signed :class:`~meshfed.control.Ping`; returns seconds."""
@@ -231,19 +272,7 @@ class Node:
     async def _serve_request(self, peer: PeerId, frame: bytes) -> bytes:
         try:
             envelope = self._open(frame, peer)
-            handler = self._handlers.get(type(envelope.body))
-            if handler is None:
-                raise RemoteProtocolError(
-                    f"no handler for {envelope.body.TYPE}", reason=RejectReason.UNKNOWN_TYPE
-                )
-            self._in_flight += 1
-            self._idle = trio.Event() if self._in_flight == 1 else self._idle
-            try:
-                answer = await handler(envelope, envelope.body)
-            finally:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._idle.set()
+            answer = await self._dispatch(envelope)
         except RemoteProtocolError as exc:
             self._rejected(peer, exc)
             raise
@@ -255,6 +284,38 @@ class Node:
             reply_to=envelope.nonce,
         )
         return reply
+
+    async def _serve_message(self, peer: PeerId, frame: bytes) -> bytes:
+        """A one-way message: verified, handed over, answered empty (see :meth:`send`)."""
+        try:
+            envelope = self._open(frame, peer)
+            if isinstance(envelope.body, InlineArray):
+                header = envelope.body.header
+                self._check_array_size(header)
+                await self._deliver_array(envelope, header, envelope.body.array())
+            else:
+                await self._dispatch(envelope)  # an answer has nowhere to go: dropped
+        except RemoteProtocolError as exc:
+            self._rejected(peer, exc)
+            raise
+        return b""
+
+    async def _dispatch(self, envelope: Envelope) -> Message | None:
+        """The registered handler's answer to a verified envelope (counted as in flight)."""
+        handler = self._handlers.get(type(envelope.body))
+        if handler is None:
+            raise RemoteProtocolError(
+                f"no handler for {envelope.body.TYPE}", reason=RejectReason.UNKNOWN_TYPE
+            )
+        self._in_flight += 1
+        self._idle = trio.Event() if self._in_flight == 1 else self._idle
+        try:
+            answer: Message | None = await handler(envelope, envelope.body)
+            return answer
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
     # -- arrays --------------------------------------------------------------------------------
 
@@ -276,35 +337,36 @@ class Node:
         *,
         name: str,
         scope: Scope = NO_SCOPE,
+        within: float | None = None,
     ) -> None:
-        """Stream ``array`` to ``peer`` in chunks; returns once the peer confirmed it whole.
+        """Send ``array`` to ``peer``: up to :data:`~meshfed.arrays.INLINE_ARRAY_BYTES` as one
+        :class:`~meshfed.arrays.InlineArray` message (:meth:`send`), longer ones streamed in
+        chunks; returns once the peer confirmed it whole.
 
         Args:
             peer: the receiver.
             array: any numeric numpy array (sent little-endian, C order).
             name: what the receiver's handler sees as the array's name.
             scope: the job and round it belongs to.
-
-        No deadline is set (arrays can be large): wrap the call in ``trio.fail_after``.
+            within: seconds the whole transfer may take (``None``: an inline array is
+                bounded by ``config.request_timeout_s``, a streamed one not at all).
 
         Raises:
+            trio.TooSlowError: ``within`` passed.
             LocalProtocolError: the dtype cannot travel.
             PeerUnreachable, StreamClosed: the transfer broke off.
+            RequestFailed: the receiver refused an inline array (``.reason`` says why).
             RemoteProtocolError: the receiver's acknowledgement failed verification.
         """
         header, contiguous = header_for(
             array, name=name, transfer_id=os.urandom(16), chunk_bytes=self.config.array_chunk_bytes
         )
-        stream = await self.transport.open_stream(peer, ARRAY_PROTOCOL)
-        async with stream:
-            frame, _ = seal(self.identity, header, now_ms=_now_ms(), scope=scope)
-            await stream.send(frame)
-            for chunk in iter_chunks(contiguous, header.chunk_bytes):
-                await stream.send(chunk)
-            trailer = ArrayTrailer(transfer_id=header.transfer_id, crc32=crc32_of(contiguous))
-            frame, nonce = seal(self.identity, trailer, now_ms=_now_ms(), scope=scope)
-            await stream.send(frame)
-            ack_frame = await stream.receive()
+        if header.nbytes <= INLINE_ARRAY_BYTES:
+            inline = InlineArray(header=header, data=contiguous.tobytes())
+            await self.send(peer, inline, scope=scope, within=within)
+            return
+        with trio.fail_after(math.inf if within is None else within):
+            nonce, ack_frame = await self._stream_array(peer, header, contiguous, scope)
         try:
             ack = self._open(ack_frame, peer)
             if not isinstance(ack.body, ArrayReceived) or ack.reply_to != nonce:
@@ -314,6 +376,40 @@ class Node:
         except RemoteProtocolError as exc:
             self._rejected(peer, exc)
             raise
+
+    async def _stream_array(
+        self, peer: PeerId, header: ArrayHeader, contiguous: npt.NDArray[Any], scope: Scope
+    ) -> tuple[bytes, bytes]:
+        """Header, chunks and trailer on a new stream; returns the trailer's nonce and the
+        receiver's answer."""
+        stream = await self.transport.open_stream(peer, ARRAY_PROTOCOL)
+        async with stream:
+            frame, _ = seal(self.identity, header, now_ms=_now_ms(), scope=scope)
+            await stream.send(frame)
+            for chunk in iter_chunks(contiguous, header.chunk_bytes):
+                await stream.send(chunk)
+            trailer = ArrayTrailer(transfer_id=header.transfer_id, crc32=crc32_of(contiguous))
+            frame, nonce = seal(self.identity, trailer, now_ms=_now_ms(), scope=scope)
+            await stream.send(frame)
+            return nonce, await stream.receive()
+
+    def _check_array_size(self, header: ArrayHeader) -> None:
+        if header.nbytes > self.config.max_array_bytes:
+            raise RemoteProtocolError(
+                f"array {header.name!r} of {header.nbytes} bytes exceeds "
+                f"{self.config.max_array_bytes}",
+                reason=RejectReason.OVERSIZED,
+            )
+
+    async def _deliver_array(
+        self, envelope: Envelope, header: ArrayHeader, array: npt.NDArray[Any]
+    ) -> None:
+        handler = self._array_handler_for(header.name)
+        if handler is None:
+            raise RemoteProtocolError(
+                f"no handler for array {header.name!r}", reason=RejectReason.UNKNOWN_TYPE
+            )
+        await handler(envelope, header, array)
 
     async def _serve_array(self, stream: Stream) -> None:
         peer = stream.remote_peer
@@ -334,12 +430,7 @@ class Node:
                     "chunks end with a trailer", reason=RejectReason.BAD_ARRAY
                 )
             array = assembler.finish(trailer_env.body)
-            handler = self._array_handler_for(header.name)
-            if handler is None:
-                raise RemoteProtocolError(
-                    f"no handler for array {header.name!r}", reason=RejectReason.UNKNOWN_TYPE
-                )
-            await handler(header_env, header, array)
+            await self._deliver_array(header_env, header, array)
         except RemoteProtocolError as exc:
             self._rejected(peer, exc)
             return

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
-from .codec import bounded, schema_of
+from .codec import bounded, peer_id, schema_of
 from .errors import LocalProtocolError, RemoteProtocolError
 from .identity import Identity, PeerId
 from .stats import RejectReason
@@ -233,25 +233,29 @@ def open_envelope(
 def _decode_header(
     sender_raw: Any, scope_raw: Any, nonce: Any, timestamp_ms: Any, reply_to: Any, signature: bytes
 ) -> tuple[PeerId, Scope]:
-    def bad(what: str) -> RemoteProtocolError:
-        return RemoteProtocolError(f"envelope {what}", reason=RejectReason.BAD_FIELD)
-
     if type(sender_raw) is not bytes:
-        raise bad("sender is not bytes")
+        raise _bad_field("sender is not bytes")
     try:
-        sender = PeerId(sender_raw)
+        sender = peer_id(sender_raw)
     except ValueError:
-        raise bad("sender is not an Ed25519 peer id") from None
-    scope = schema_of(Scope).decode(scope_raw, "scope")
+        raise _bad_field("sender is not an Ed25519 peer id") from None
+    scope = _SCOPE.decode(scope_raw, "scope")
     if type(nonce) is not bytes or len(nonce) != NONCE_BYTES:
-        raise bad(f"nonce must be {NONCE_BYTES} bytes")
+        raise _bad_field(f"nonce must be {NONCE_BYTES} bytes")
     if type(timestamp_ms) is not int or not 0 <= timestamp_ms < 2**63:
-        raise bad("timestamp is not a non-negative int")
+        raise _bad_field("timestamp is not a non-negative int")
     if type(reply_to) is not bytes or len(reply_to) not in (0, NONCE_BYTES):
-        raise bad("reply_to must be empty or a nonce")
+        raise _bad_field("reply_to must be empty or a nonce")
     if len(signature) != 64:
-        raise bad("signature must be 64 bytes")
+        raise _bad_field("signature must be 64 bytes")
     return sender, scope
+
+
+def _bad_field(what: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"envelope {what}", reason=RejectReason.BAD_FIELD)
+
+
+_SCOPE = schema_of(Scope)
 
 
 class ReplayGuard:

@@ -105,3 +105,17 @@ def test_testnet_simulates_many_peers_in_one_process(tmp_path: Path) -> None:
     assert run["peers"] == 12 and len(run["rounds"]) == 2
     assert run["rounds"][-1]["accuracy_spread"] < 1e-6  # one group: one model
     assert run["peak_rss_mb"] > 0
+
+
+def test_a_simulation_averages_on_a_grid_of_groups_no_larger_than_max_group(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "sim.json"
+    result = cli(
+        "testnet", "--simulate", "12", "--max-group", "4", "--rounds", "1", "--out", str(out),
+        timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    [row] = json.loads(out.read_text())["rounds"]
+    assert row["group_sizes"] == [3, 4]  # a full 4 x 3 grid: two steps
+    assert row["cpu_s"] > 0

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from meshfed import Envelope, Node, NodeConfig, open_node
-from meshfed.arrays import ArrayHeader
+from meshfed.arrays import INLINE_ARRAY_BYTES, ArrayHeader, InlineArray
 from meshfed.control import Ping, Text
 from meshfed.errors import ConfigError, PeerUnreachable, RequestFailed
 from meshfed.identity import Identity
@@ -189,3 +189,65 @@ async def test_node_peers_answers_from_membership(
         assert {r.peer for r in nodes[0].peers(role=Role.TRAINER)} == others
         assert nodes[0].peers(role=Role.RELAY) == []
         assert {m["peer_id"] for m in nodes[0].status()["members"]} == {str(p) for p in others}
+
+
+async def test_one_way_messages_are_signed_checked_and_acknowledged_by_the_transport(
+    tmp_path: Path,
+) -> None:
+    async with mesh(tmp_path, 3, ping_interval_s=0) as (a, b, c):
+        got: list[tuple[str, Scope]] = []
+
+        async def note(envelope: Envelope, text: Text) -> None:
+            got.append((text.text, envelope.scope))
+
+        b.handle(Text, note)
+        c.handle(Text, note)
+        # One seal for many receivers: each receiver's replay guard sees the nonce once.
+        frame = a.sealed(Text(text="to all"), scope=Scope(job=b"j", round=2))
+        await a.send(b.peer_id, frame)
+        await a.send(c.peer_id, frame)
+        assert got == [("to all", Scope(job=b"j", round=2))] * 2
+        with pytest.raises(RequestFailed) as info:
+            await a.send(b.peer_id, frame)
+        assert info.value.reason == "replayed"
+        assert b.stats.rejected[RejectReason.REPLAYED] == 1
+        # Signed by c, carried by a: refused like a request.
+        with pytest.raises(RequestFailed) as info:
+            await a.send(b.peer_id, c.sealed(Text(text="i am c")))
+        assert info.value.reason == "sender_mismatch"
+        with pytest.raises(RequestFailed) as info:
+            await b.send(a.peer_id, Text(text="nobody listens"))
+        assert info.value.reason == "unknown_type"
+        assert a.stats.rejected[RejectReason.UNKNOWN_TYPE] == 1
+
+
+async def test_small_arrays_travel_in_one_message_and_large_ones_on_a_stream(
+    tmp_path: Path,
+) -> None:
+    async with mesh(tmp_path, 2, ping_interval_s=0, array_chunk_bytes=64 * 1024) as (a, b):
+        got: list[np.ndarray] = []
+
+        async def store(envelope: Envelope, header: ArrayHeader, array: np.ndarray) -> None:
+            array += 1  # the handler owns what it gets
+            got.append(array)
+
+        b.on_array(store)
+        small = np.arange(INLINE_ARRAY_BYTES // 4, dtype=np.int32).reshape(64, -1)
+        large = np.zeros(INLINE_ARRAY_BYTES // 4 + 1, np.int32)
+        await a.send_array(b.peer_id, small, name="small")
+        await a.send_array(b.peer_id, large, name="large")
+        np.testing.assert_array_equal(got[0], small + 1)
+        np.testing.assert_array_equal(got[1], large + 1)
+        assert b.stats.accepted[InlineArray.TYPE] == 1
+        assert b.stats.accepted[ArrayHeader.TYPE] == 1
+        # Bytes that do not fill the header's shape are refused.
+        header = ArrayHeader(
+            transfer_id=bytes(16), name="x", dtype="<i4", shape=[4], chunk_bytes=16
+        )
+        forged = InlineArray.__new__(InlineArray)
+        object.__setattr__(forged, "header", header)
+        object.__setattr__(forged, "data", bytes(12))
+        with pytest.raises(RequestFailed) as info:
+            await a.send(b.peer_id, forged)
+        assert info.value.reason == "bad_field"
+        assert len(got) == 2

@@ -11,8 +11,8 @@ longer than ``max_group`` is one group: the exact mean in one step.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import math
 from collections.abc import Sequence
 
 from ..identity import PeerId
@@ -22,25 +22,50 @@ __all__ = ["Placement", "grid_shape"]
 
 def grid_shape(peers: int, max_group: int) -> tuple[int, ...]:
     """Axis lengths for ``peers``: the fewest axes of at most ``max_group`` each whose
-    product holds everyone, as equal as possible.
+    product holds everyone; among those, the fewest empty cells plus the shortest axes (each
+    empty cell counts like one more member of an axis), longest axis first.
+
+    Empty cells make some groups short and the ``exact`` mean inexact, so a grid that
+    factors ``peers`` exactly wins (200 in groups of at most 8: 8 x 5 x 5, not 6 x 6 x 6 with 16
+    empty cells); the axis lengths count as well, since every member of a group sends to every
+    other one (and 62 in groups of 32 is 8 x 8 with 2 empty, not 31 x 2 with groups of two).
+    The longest axis comes first: step 0 averages the raw models, in the largest groups.
 
     Raises:
         ValueError: ``max_group < 2`` or no peers.
     """
     if max_group < 2 or peers < 1:
         raise ValueError("need at least one peer and max_group >= 2")
+    return _best_shape(peers, max_group)
+
+
+@functools.lru_cache(maxsize=256)
+def _best_shape(peers: int, max_group: int) -> tuple[int, ...]:
     axes = 1
     while max_group**axes < peers:
         axes += 1
-    side = math.ceil(peers ** (1 / axes) - 1e-9)
-    while side**axes < peers:
-        side += 1
-    shape = [side] * axes
-    # Shrink axes while the grid still holds everyone (fewer empty cells, fuller groups).
-    for axis in range(axes):
-        while shape[axis] > 1 and math.prod(shape) // shape[axis] * (shape[axis] - 1) >= peers:
-            shape[axis] -= 1
-    return tuple(shape)
+    if axes == 1:
+        return (peers,)
+    best: tuple[int, tuple[int, ...]] | None = None
+
+    def search(prefix: tuple[int, ...], product: int) -> None:
+        nonlocal best
+        low = prefix[-1] if prefix else 2
+        if len(prefix) == axes - 1:  # the last axis: just long enough
+            last = max(low, -(-peers // product))
+            if last <= max_group:
+                shape = (*prefix, last)
+                cost = product * last - peers + sum(shape)
+                if best is None or cost < best[0]:
+                    best = (cost, shape)
+            return
+        for side in range(low, max_group + 1):
+            if product * side * max_group ** (axes - 1 - len(prefix)) >= peers:
+                search((*prefix, side), product * side)
+
+    search((), 1)
+    assert best is not None  # max_group ** axes >= peers: the all-max grid fits
+    return tuple(sorted(best[1], reverse=True))
 
 
 class Placement:

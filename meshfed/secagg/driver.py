@@ -4,9 +4,9 @@
 :class:`~meshfed.node.Node` and runs one session per call (:meth:`Aggregator.secure_sum`,
 :meth:`Aggregator.secure_mean`, :meth:`Aggregator.plain_mean`). For each session it
 
-- feeds the sans-IO session what arrives, one call at a time, in a worker thread for long
-  vectors (masking ten million elements must not stall the node's loop; for short ones the
-  thread hop would cost more than the work);
+- quantizes, feeds the sans-IO session what arrives (one call at a time) and rescales, in a
+  worker thread for long vectors (masking ten million elements must not stall the node's
+  loop; for short ones the thread hop would cost more than the work);
 - carries out the actions: each send is a task in the session's nursery with its own deadline;
   a send that fails is only logged, since the protocol's deadlines deal with silent peers;
 - ends a phase that waits too long, with a deadline that adapts to the arrivals it saw
@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -56,6 +56,7 @@ from .ring import Levels, Quantizer, check_capacity
 __all__ = ["AggregationFailed", "Aggregator", "DeadlinePolicy", "GroupResult"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: vectors up to this many elements are masked in the event loop (a millisecond or two);
 #: longer ones in a worker thread, so that the node keeps serving meanwhile
@@ -170,19 +171,25 @@ class _Run:
     def observe(self, progress: Progress, call_started: float) -> bool:
         """Note the session's progress after a call that began at ``call_started``; True if it
         took a new step. A step counts from the start of the call that entered it, so the work
-        that call did (masking a vector) is part of what the stragglers are allowed too."""
+        that call did (masking a vector) is part of what the stragglers are allowed too.
+
+        The waiter wakes only when the deadline may come sooner (a new step, the first answer,
+        the majority); a later answer only pushes it back, which the waiter sees when it
+        fires (one wake-up per phase instead of one per message)."""
         now = trio.current_time()
         new_step = progress.step != self.step
-        previous = self.arrived
+        previous, sooner = self.arrived, new_step
         self.arrived, self.expected = progress.arrived, progress.expected
         if new_step:
             self.step, self.started, self.majority_at = progress.step, call_started, None
             self.last_at = now if progress.arrived else None  # answers that came early
         elif progress.arrived > previous:
+            sooner = sooner or self.last_at is None
             self.last_at = now
         if self.majority_at is None and progress.arrived >= math.ceil(progress.expected / 2):
-            self.majority_at = now
-        self.changed.set()
+            self.majority_at, sooner = now, True
+        if sooner:
+            self.changed.set()
         return new_step
 
 
@@ -289,7 +296,7 @@ class Aggregator:
         check_capacity(len(spec.roster), quantizer.levels_bits, spec.ring_bits)
         with self._buffers.lend() as take:
             levels = take(values.size, spec.dtype)
-            await trio.to_thread.run_sync(lambda: quantizer.quantize(values, rng, out=levels))
+            await _off_loop(lambda: quantizer.quantize(values, rng, out=levels), values.size)
             outcome, attempts = await self._secure(spec, levels, take)
             count = len(outcome.survivors)
 
@@ -299,7 +306,7 @@ class Aggregator:
                     quantizer.decode(part, count, mean=True, out=mean[bounds])
                 return mean
 
-            mean = await trio.to_thread.run_sync(rescale)
+            mean = await _off_loop(rescale, values.size)
             return GroupResult(mean, outcome.survivors, attempts)
 
     async def _secure(
@@ -420,18 +427,22 @@ class Aggregator:
             raise AggregationFailed(run.outcome.detail, reason=run.outcome.reason)
         return run.outcome
 
-    async def _wait_or_expire(self, run: _Run) -> None:
-        step = run.step
-        deadline = self.deadlines.deadline(
+    def _deadline(self, run: _Run) -> float:
+        return self.deadlines.deadline(
             started=run.started,
             majority_at=run.majority_at,
             last_at=run.last_at,
-            first=step[1] == 1,
+            first=run.step[1] == 1,
         )
+
+    async def _wait_or_expire(self, run: _Run) -> None:
+        step = run.step
         run.changed = trio.Event()
-        with trio.move_on_at(deadline):
+        with trio.move_on_at(self._deadline(run)):
             await run.changed.wait()
             return
+        if run.step == step and self._deadline(run) > trio.current_time():
+            return  # answers since pushed the deadline back: wait again
         log.info("phase deadline", extra={"step": step})
         await self._feed(run, run.session.expire, only_at=step)
 
@@ -460,8 +471,9 @@ class Aggregator:
             progress = run.session.progress()
             if run.observe(progress, call_started) and self._on_progress is not None:
                 self._on_progress(progress)
+        frames: dict[int, bytes] = {}  # a message to many peers is signed once
         for action in actions:
-            self._act(run, action)
+            self._act(run, action, frames)
 
     async def _feed_quietly(self, run: _Run, sender: PeerId, context: bytes, item: _Item) -> None:
         """Hand over something kept before the run began; count it if it is rejected now."""
@@ -470,9 +482,14 @@ class Aggregator:
         except RemoteProtocolError as exc:
             self._node.stats.reject(exc.reason)
 
-    def _act(self, run: _Run, action: Action) -> None:
+    def _act(self, run: _Run, action: Action, frames: dict[int, bytes]) -> None:
         if isinstance(action, Send):
-            run.nursery.start_soon(self._send, run.scope, action)
+            frame = frames.get(id(action.message))
+            if frame is None:
+                frame = frames[id(action.message)] = self._node.sealed(
+                    action.message, scope=run.scope
+                )
+            run.nursery.start_soon(self._send, action.to, frame)
         elif isinstance(action, SendSlice):
             name = f"{action.kind}:{action.context.hex()}"
             run.nursery.start_soon(self._send_slice, run.scope, action, name)
@@ -483,17 +500,17 @@ class Aggregator:
             run.outcome = action
             run.changed.set()
 
-    async def _send(self, scope: Scope, action: Send) -> None:
+    async def _send(self, to: PeerId, frame: bytes) -> None:
         try:
-            with trio.fail_after(self.deadlines.phase_max_s):
-                await self._node.request(action.to, action.message, scope=scope)
+            await self._node.send(to, frame, within=self.deadlines.phase_max_s)
         except (MeshfedError, trio.TooSlowError) as exc:
-            log.info("send failed", extra={"peer": action.to.short(), "error": repr(exc)})
+            log.info("send failed", extra={"peer": to.short(), "error": repr(exc)})
 
     async def _send_slice(self, scope: Scope, action: SendSlice, name: str) -> None:
         try:
-            with trio.fail_after(self.deadlines.phase_max_s):
-                await self._node.send_array(action.to, action.array, name=name, scope=scope)
+            await self._node.send_array(
+                action.to, action.array, name=name, scope=scope, within=self.deadlines.phase_max_s
+            )
         except (MeshfedError, trio.TooSlowError) as exc:
             log.info("slice send failed", extra={"peer": action.to.short(), "error": repr(exc)})
 
@@ -568,6 +585,15 @@ def _delivery(
 def _rng(codec: Codec | None, rng: np.random.Generator | None) -> np.random.Generator | None:
     """The randomness a codec needs: ``rng``, or fresh from the OS."""
     return rng if rng is not None or codec is None else np.random.default_rng()
+
+
+async def _off_loop(work: Callable[[], T], size: int) -> T:
+    """``work()`` on a vector of ``size`` elements: in a worker thread if the vector is long,
+    else right here (a thread hop costs more than quantizing a short vector)."""
+    if size > _INLINE_ELEMENTS:
+        return await trio.to_thread.run_sync(work)
+    await trio.lowlevel.checkpoint()
+    return work()
 
 
 def _placed(parts: tuple[npt.NDArray[Any], ...]) -> list[tuple[npt.NDArray[Any], slice]]:

@@ -28,6 +28,23 @@ def test_the_grid_holds_everyone_in_the_fewest_axes_no_longer_than_a_group(
     assert math.prod(shape) >= peers
     assert all(1 <= side <= max_group for side in shape)
     assert len(shape) == 1 or max_group ** (len(shape) - 1) < peers
+    assert list(shape) == sorted(shape, reverse=True)  # step 0 averages in the largest groups
+
+
+@pytest.mark.parametrize(
+    ("peers", "max_group", "shape"),
+    [
+        (200, 8, (8, 5, 5)),  # not 6 x 6 x 6 with 16 empty cells
+        (200, 32, (20, 10)),  # not 15 x 14 with 10 empty cells
+        (62, 32, (9, 7)),  # one empty cell, rather than groups of two (31 x 2)
+        (9, 3, (3, 3)),
+        (5, 8, (5,)),
+    ],
+)
+def test_the_grid_prefers_few_empty_cells_and_short_axes(
+    peers: int, max_group: int, shape: tuple[int, ...]
+) -> None:
+    assert grid_shape(peers, max_group) == shape
 
 
 @given(st.integers(2, 200), st.integers(2, 16), st.integers(0, 10))
