@@ -427,12 +427,10 @@ class TrainingPeer:
         """
         reports = await self._resume()
         try:
-            start = reports[-1].round + 1 if reports else 0
-            if self.state is JobState.RUNNING and self.spec.schedule != "pushsum":
-                start = await self._catch_up(start)
-            for number in range(start, self.spec.rounds):
-                if self.state is not JobState.RUNNING:
-                    break
+            number = reports[-1].round + 1 if reports else 0
+            if reports:  # resumed: the others may have gone on meanwhile
+                number = await self._catch_up(number)
+            while number < self.spec.rounds and self.state is JobState.RUNNING:
                 self._offer = TrainingState(
                     number, flatten(self.model), copy.deepcopy(self.strategy.state_dict())
                 )
@@ -444,6 +442,9 @@ class TrainingPeer:
                 reports.append(report)
                 if on_round is not None:
                     on_round(report)
+                number += 1
+                if not any(report.groups):  # left out of every step: maybe the others are ahead
+                    number = await self._catch_up(number)
         except Exception as exc:
             await self._set_state(JobState.FAILED, repr(exc))
             raise
@@ -458,6 +459,8 @@ class TrainingPeer:
     async def _catch_up(self, start: int) -> int:
         """Ask a few roster peers where the job is; if some are past ``start``, take the state
         of the one furthest ahead (:mod:`.sync`). Returns the round to go on with."""
+        if self.spec.schedule == "pushsum":
+            return start  # no rounds to be behind in
         me, answers = self.node.peer_id, {}
 
         async def ask(peer: PeerId) -> None:

@@ -2,8 +2,9 @@
 are at and goes on from there.
 
 Without it a restarted peer re-runs the round it died in while the others are rounds ahead,
-and its groups never meet again (every averaging step's context names its round). On start a
-:class:`~.job.TrainingPeer` asks every roster peer where it is (:class:`StateQuery`, answered
+and its groups never meet again (every averaging step's context names its round). When it
+resumes, and after a round in which it was left out of every group, a
+:class:`~.job.TrainingPeer` asks a few roster peers where they are (:class:`StateQuery`, answered
 by :class:`StateAnswer` with the round that peer starts next); if some are ahead, it asks the
 one furthest ahead to send its state, which arrives, before the answer, as one uint8 array
 ``trainstate.<job hex>:<round>`` (:func:`pack_state`: the round, the model, the strategy's
