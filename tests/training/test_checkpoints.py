@@ -3,8 +3,7 @@ nodes with real stores."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,14 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshfed import Node, NodeConfig, open_node
+from meshfed import Node
 from meshfed.errors import ConfigError
 from meshfed.identity import Identity
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
 from meshfed.store import JobState
 from meshfed.training.checkpoints import Continue, Converged, Decision, ProgressPolicy, Rollback
 from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
-from meshfed.transports.memory import MemoryNetwork
+from tests.training.nodes import memory_nodes
 
 QUICK = DeadlinePolicy(join_s=1.0, grace_s=0.3, phase_max_s=20.0)
 
@@ -118,25 +117,6 @@ def test_a_plateau_means_patience_rounds_without_a_real_improvement(
 # -- on real nodes ---------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def nodes_in(tmp_path: Path, n: int) -> AsyncIterator[list[Node]]:
-    """``n`` memory-transport nodes whose identities and stores live in ``tmp_path/n{i}``:
-    opening them again is a restart."""
-    network = MemoryNetwork(seed=3)
-    async with AsyncExitStack() as stack:
-        nodes = []
-        for i in range(n):
-            config = NodeConfig(
-                data_dir=tmp_path / f"n{i}",
-                transport="memory",
-                ping_interval_s=0,
-                membership=False,
-                mdns=False,
-            )
-            nodes.append(await stack.enter_async_context(open_node(config, network=network)))
-        yield nodes
-
-
 async def run_job(
     nodes: list[Node], spec: JobSpec, *, stores: bool = True, stop_after: int | None = None
 ) -> tuple[list[TrainingPeer], list[list[RoundReport]], list[list[RoundReport]]]:
@@ -178,7 +158,7 @@ def roster_of(nodes: list[Node]) -> tuple[str, ...]:
 async def test_a_job_resumed_after_a_restart_ends_as_if_never_stopped(
     tmp_path: Path, mode: str
 ) -> None:
-    async with nodes_in(tmp_path, 4) as nodes:
+    async with memory_nodes(tmp_path, 4) as nodes:
         spec = JobSpec(
             job_id="resume",
             roster=roster_of(nodes),
@@ -190,7 +170,7 @@ async def test_a_job_resumed_after_a_restart_ends_as_if_never_stopped(
         reference, reference_reports, _ = await run_job(nodes, spec, stores=False)
         _, _, before = await run_job(nodes, spec, stop_after=2)
     assert all([r.round for r in seen] == [0, 1, 2] for seen in before)
-    async with nodes_in(tmp_path, 4) as nodes:  # every node restarts with its store
+    async with memory_nodes(tmp_path, 4) as nodes:  # every node restarts with its store
         for node in nodes:
             assert node.store is not None
             job = node.store.job("resume")
@@ -223,7 +203,7 @@ async def test_a_job_resumed_after_a_restart_ends_as_if_never_stopped(
 
 
 async def test_a_degrading_job_rolls_back_to_its_best_checkpoint(tmp_path: Path) -> None:
-    async with nodes_in(tmp_path, 4) as nodes:
+    async with memory_nodes(tmp_path, 4) as nodes:
         # peer 3 scales its update by 3 and there is no robust aggregation: accuracy swings
         spec = JobSpec(
             job_id="rollback",
@@ -279,7 +259,7 @@ async def test_a_degrading_job_rolls_back_to_its_best_checkpoint(tmp_path: Path)
 async def test_a_job_that_reaches_its_target_stops_everywhere_at_the_same_round(
     tmp_path: Path,
 ) -> None:
-    async with nodes_in(tmp_path, 4) as nodes:
+    async with memory_nodes(tmp_path, 4) as nodes:
         spec = JobSpec(
             job_id="target", roster=roster_of(nodes), rounds=20, lr=0.5, target_accuracy=0.85
         )

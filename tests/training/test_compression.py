@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from meshfed import Node, NodeConfig, open_node
+from meshfed import Node
 from meshfed.averaging.butterfly import ButterflySession
 from meshfed.averaging.compression import (
     Codec,
@@ -31,7 +29,7 @@ from meshfed.secagg.driver import Aggregator, DeadlinePolicy, GroupResult
 from meshfed.secagg.protocol import SliceKind
 from meshfed.stats import RejectReason
 from meshfed.training.job import JobSpec, TrainingPeer
-from meshfed.transports.memory import MemoryNetwork
+from tests.training.nodes import memory_nodes
 
 vectors = hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-1e4, 1e4, width=32))
 seeds = st.integers(0, 2**32 - 1)
@@ -180,23 +178,6 @@ def test_jobs_name_their_codec() -> None:
 QUICK = DeadlinePolicy(join_s=0.5, grace_s=0.2, phase_max_s=10.0)
 
 
-@asynccontextmanager
-async def memory_nodes(tmp_path: Path, n: int) -> AsyncIterator[list[Node]]:
-    network = MemoryNetwork(seed=5, latency=0.0005)
-    async with AsyncExitStack() as stack:
-        nodes = []
-        for i in range(n):
-            config = NodeConfig(
-                data_dir=tmp_path / f"n{i}",
-                transport="memory",
-                ping_interval_s=0,
-                membership=False,
-                mdns=False,
-            )
-            nodes.append(await stack.enter_async_context(open_node(config, network=network)))
-        yield nodes
-
-
 async def group_means(
     group: list[Node],
     values: list[np.ndarray],
@@ -226,7 +207,7 @@ async def group_means(
 async def test_compressed_butterfly_gives_every_peer_the_same_mean_within_the_bound(
     tmp_path: Path, codec: Float16 | Int8
 ) -> None:
-    async with memory_nodes(tmp_path, 4) as group:
+    async with memory_nodes(tmp_path, 4, seed=5, latency=0.0005) as group:
         rng = np.random.default_rng(3)
         values = [rng.normal(0, 1, 1_001).astype(np.float32) for _ in group]
         results = await group_means(group, values, codec)
@@ -243,7 +224,7 @@ async def test_compressed_butterfly_gives_every_peer_the_same_mean_within_the_bo
 
 
 async def test_topk_gather_mean_is_the_same_everywhere(tmp_path: Path) -> None:
-    async with memory_nodes(tmp_path, 3) as group:
+    async with memory_nodes(tmp_path, 3, seed=5, latency=0.0005) as group:
         rng = np.random.default_rng(4)
         values = [rng.normal(0, 1, 500).astype(np.float32) for _ in group]
         codec = TopK(0.1, tail=1)
@@ -255,7 +236,7 @@ async def test_topk_gather_mean_is_the_same_everywhere(tmp_path: Path) -> None:
 
 
 async def test_malformed_compressed_slices_are_rejected_and_counted(tmp_path: Path) -> None:
-    async with memory_nodes(tmp_path, 3) as group:
+    async with memory_nodes(tmp_path, 3, seed=5, latency=0.0005) as group:
         a, b, _ = group
         roster = tuple(n.peer_id for n in group)
         codec = Int8(64)
@@ -287,7 +268,9 @@ def test_topk_cannot_travel_by_butterfly() -> None:
 
 
 async def train(tmp_path: Path, secure: bool, compression: str, rounds: int) -> list[TrainingPeer]:
-    async with memory_nodes(tmp_path / f"{secure}-{compression}", 8) as nodes:
+    async with memory_nodes(
+        tmp_path / f"{secure}-{compression}", 8, seed=5, latency=0.0005
+    ) as nodes:
         spec = JobSpec(
             job_id=f"digits-{secure}-{compression}",
             roster=tuple(str(n.peer_id) for n in nodes),

@@ -2,40 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import trio
 
-from meshfed import Node, NodeConfig, open_node
 from meshfed.errors import ConfigError
 from meshfed.identity import Identity
 from meshfed.privacy.accountant import PrivacyAccountant
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
 from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
-from meshfed.transports.memory import MemoryNetwork
+from tests.training.nodes import memory_nodes
 
 QUICK = DeadlinePolicy(join_s=1.0, grace_s=0.3, phase_max_s=20.0)
-
-
-@asynccontextmanager
-async def memory_nodes(tmp_path: Path, n: int) -> AsyncIterator[list[Node]]:
-    network = MemoryNetwork(seed=3)
-    async with AsyncExitStack() as stack:
-        nodes = []
-        for i in range(n):
-            config = NodeConfig(
-                data_dir=tmp_path / f"n{i}",
-                transport="memory",
-                ping_interval_s=0,
-                membership=False,
-                mdns=False,
-            )
-            nodes.append(await stack.enter_async_context(open_node(config, network=network)))
-        yield nodes
 
 
 @pytest.mark.parametrize("secure", [True, False])
