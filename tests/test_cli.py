@@ -82,7 +82,7 @@ def test_a_job_file_for_another_node_is_reported_not_fatal(tmp_path: Path) -> No
     from meshfed.identity import Identity
     from meshfed.training.job import JobSpec
 
-    roster = tuple(str(Identity.generate().peer_id) for _ in range(2))
+    roster = tuple(str(Identity.generate().peer_id) for _ in range(3))
     job = tmp_path / "job.json"
     job.write_text(JobSpec(job_id="elsewhere", roster=roster).to_json())
     node = Process(

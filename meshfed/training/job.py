@@ -39,7 +39,7 @@ import trio
 
 from ..arrays import ArrayHeader
 from ..averaging.compression import ErrorFeedback, TopK, codec_named
-from ..averaging.groups import Placement
+from ..averaging.groups import Placement, grid_shape
 from ..averaging.pushsum import PushSumState, push_target
 from ..averaging.robust import AGGREGATORS
 from ..errors import ConfigError, MeshfedError, RemoteProtocolError, StoreError
@@ -172,6 +172,12 @@ class JobSpec:
             raise ConfigError("pushsum gossip is plain averaging: set secure=false, robust=none")
         if not 2 <= self.max_group <= 128:
             raise ConfigError("max_group must be in 2..128")
+        if self.secure and grid_shape(len(self.roster), self.max_group)[0] < 3:
+            raise ConfigError(
+                "secure aggregation in groups of 2 shows each peer the other's model (the sum "
+                "minus its own): give the job 3 peers or more, a max_group of 3 or more, or "
+                "secure=false"
+            )
         if self.dp_clip < 0 or (self.dp_clip and not self.dp_noise_multiplier > 0):
             raise ConfigError("dp_clip must be >= 0, and dp_noise_multiplier > 0 with it")
         if self.dp_mode not in ("update", "sample"):
@@ -771,10 +777,14 @@ class TrainingPeer:
         exact = self.spec.schedule == "exact"
         steps = range(placement.steps) if exact else [number % placement.steps]
         weight, sizes = self.weight if weight is None else weight, []
+        own = self.spec.secure  # params are still this peer's own, which masks must hide
         for step in steps:
             index, members = placement.group(self.node.peer_id, step)
             if len(members) < 2:
                 sizes.append(1)
+                continue
+            if own and len(members) < 3:
+                sizes.append(0)  # a sum of two would show the other member this peer's model
                 continue
             if self.spec.robust != "none":
                 try:
@@ -801,6 +811,7 @@ class TrainingPeer:
             # the group's weight, scaled by the axis so that it stays <= 1 at the next step
             weight = total * len(result.survivors) / placement.shape[step % placement.steps]
             sizes.append(len(result.survivors))
+            own = own and len(result.survivors) < 3
         return (params if origin is None else origin + params), sizes
 
     async def _robust_step(

@@ -56,6 +56,9 @@ def test_a_job_refuses_what_cannot_run() -> None:
         JobSpec(job_id="j", roster=roster[:1])
     with pytest.raises(ConfigError, match="not a job"):
         JobSpec.from_json('{"job_id": "j"}')
+    with pytest.raises(ConfigError, match="groups of 2"):
+        JobSpec(job_id="j", roster=roster[:2])  # secure: each would see the other's model
+    JobSpec(job_id="j", roster=roster[:2], secure=False)
     spec = JobSpec(job_id="j", roster=roster, model="mlp", model_options={"hidden": [32]})
     assert JobSpec.from_json(spec.to_json()) == spec
 
@@ -155,6 +158,28 @@ async def test_a_peer_that_starts_late_takes_the_others_state_and_ends_with_thei
         assert [r.round for r in reports[0]] == list(range(8))
         for peer in peers[1:]:
             np.testing.assert_array_equal(peer.parameters, peers[0].parameters)
+
+
+async def test_under_secure_aggregation_no_peer_sums_its_own_model_with_just_one_other(
+    tmp_path: Path,
+) -> None:
+    async with memory_nodes(tmp_path, 7) as nodes:
+        # 7 peers in groups of at most 3: a 3 x 3 grid with two empty cells
+        spec = JobSpec(
+            job_id="pairs", roster=tuple(str(n.peer_id) for n in nodes), rounds=1, max_group=3
+        )
+        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
+        reports: list[list[RoundReport]] = [[] for _ in nodes]
+        async with trio.open_nursery() as nursery:
+            for i, peer in enumerate(peers):
+                nursery.start_soon(peer.run, reports[i].append)
+        placement = peers[0]._placement(0)
+        first_groups = [len(placement.group(node.peer_id, 0)[1]) for node in nodes]
+        assert 2 in first_groups  # the grid does make pairs on the first axis here
+        for size, peer_reports in zip(first_groups, reports, strict=True):
+            step_0, step_1 = peer_reports[0].groups
+            assert step_0 == (0 if size == 2 else size)  # a pair never sums two own models
+            assert step_1 != 2 or step_0 >= 3  # a later pair sums aggregates of 3 or more
 
 
 async def test_pushsum_gossip_brings_every_peer_close_to_the_same_model(tmp_path: Path) -> None:
