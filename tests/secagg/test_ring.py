@@ -69,6 +69,17 @@ def test_levels_are_floor_of_y_plus_u_from_the_keystream(
             assert level == math.floor(exact)
 
 
+def test_long_vectors_draw_u_in_keystream_order() -> None:
+    q = Quantizer(clip=1.0, levels_bits=16, ring_bits=32)
+    values = np.random.default_rng(1).uniform(-1.5, 1.5, 300_001).astype(np.float32)
+    levels = q.quantize(values, np.random.default_rng(2))
+    words = expand_mask(np.random.default_rng(2).bytes(32), len(values), dtype=U32)
+    y = (np.clip(values.astype(np.float64), -1, 1) + 1) * (q.top / 2)
+    exact = y + (words ^ np.uint32(1 << 31)) / 2**32
+    close = np.abs(exact - np.round(exact)) < 1e-6
+    assert np.array_equal(levels[~close], np.floor(exact[~close]))
+
+
 def test_nan_is_refused() -> None:
     q = Quantizer(clip=1.0, levels_bits=16, ring_bits=32)
     with pytest.raises(ValueError, match="NaN"):
