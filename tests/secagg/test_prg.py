@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from meshfed.secagg.prg import Keystream, add_masks, expand_mask
+from meshfed.secagg.prg import SEGMENT, Keystream, add_masks, expand_mask
 
 U32, U16 = np.dtype(np.uint32), np.dtype(np.uint16)
 
@@ -25,6 +26,25 @@ def test_a_slice_equals_the_full_mask_sliced(
     full = expand_mask(seed, offset + count, dtype=dtype)
     part = expand_mask(seed, count, dtype=dtype, offset=offset)
     assert np.array_equal(full[offset:], part)
+
+
+def ctr_keystream(seed: bytes, start: int, size: int) -> bytes:
+    """SPEC 7b.1 with plain AES-256-CTR: segment j from counter block u96_be(j) || u32_be(2)."""
+    out = b""
+    for segment in range(start // SEGMENT, (start + size) // SEGMENT + 1):
+        block = segment.to_bytes(12, "big") + (2).to_bytes(4, "big")
+        encryptor = Cipher(algorithms.AES(seed), modes.CTR(block)).encryptor()
+        out += encryptor.update(bytes(SEGMENT))
+    return out[start % SEGMENT :][:size]
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.binary(min_size=32, max_size=32), st.integers(0, 3 * SEGMENT), st.integers(0, 50_000))
+@example(b"s" * 32, SEGMENT - 6, 10)  # across a segment boundary
+def test_the_mask_is_aes_256_ctr_in_segments(seed: bytes, start: int, size: int) -> None:
+    offset, count = start // 2, size // 2
+    mask = expand_mask(seed, count, dtype=U16, offset=offset)
+    assert mask.astype("<u2").tobytes() == ctr_keystream(seed, 2 * offset, 2 * count)
 
 
 def test_same_seed_same_mask_other_seed_other_mask() -> None:
