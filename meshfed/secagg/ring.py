@@ -8,7 +8,7 @@ levels is exact only if it cannot wrap: ``g x L < 2^k``, which :func:`check_capa
 before any masking starts.
 
 Both directions run a cache-sized chunk at a time with no temporaries: the rounding randomness
-is AES-CTR keystream (ten times faster than numpy's float generator), the arithmetic float64
+is AES-CTR keystream (eight times faster than numpy's float generator), the arithmetic float64
 where it decides a level and float32 where it only rescales a mean.
 """
 
