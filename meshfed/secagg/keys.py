@@ -43,7 +43,7 @@ def context_digest(
     ids = sorted(peer.raw for peer in roster)
     if len(set(ids)) != len(ids):
         raise ValueError("a roster lists each peer once")
-    digest = hashlib.sha256(b"meshfed-secagg-context-v1")
+    digest = hashlib.sha256(b"meshfed-secagg-context-v2")  # v2: masks in GCM-counter segments
     digest.update(
         struct.pack(">H", len(job)) + job + struct.pack(">QIIH", round, group, attempt, len(ids))
     )

@@ -72,7 +72,7 @@ from .messages import (
     Survivors,
     Unmask,
 )
-from .prg import expand_mask
+from .prg import add_masks
 from .ring import Levels
 from .shamir import Share, combine, split
 
@@ -93,7 +93,6 @@ __all__ = [
     "slice_bounds",
 ]
 
-_CHUNK = 1 << 18  # ring elements masked per pass: keeps the keystream buffer in cache
 _SHARE_INFO = b"meshfed-secagg-shares-v1"
 _ZERO_NONCE = bytes(12)  # each sealing key is used once (one context, one direction)
 
@@ -739,7 +738,7 @@ class SecAggPeer:
             for peer in sorted(self._graph[self.me], key=lambda p: p.raw)
         ]
         masked = np.empty_like(self._levels) if self._buffer is None else self._buffer
-        _apply_masks(masked, 0, seeds, start_from=self._levels)
+        add_masks(masked, seeds, base=[self._levels])
         return masked
 
     def _unmasked_slice(
@@ -749,9 +748,6 @@ class SecAggPeer:
         index = self._owners.index(self.me)
         lo, hi = slice_bounds(len(self._levels), len(self._owners), index)
         inputs: dict[PeerId, Levels] = self._inbox[Phase.INPUT]
-        total = np.zeros(hi - lo, dtype=self.spec.dtype)
-        for peer in self._survivors:
-            total += inputs[peer]
         # Subtracting a mask is adding it with the opposite sign.
         seeds = [(self_seeds[peer], -1) for peer in self._survivors]
         for dropped, key in mask_keys.items():
@@ -761,7 +757,8 @@ class SecAggPeer:
                 seeds.append(
                     (self._pair_seed(dropped_key, dropped, peer), -mask_sign(peer, dropped))
                 )
-        _apply_masks(total, lo, seeds)
+        total = np.empty(hi - lo, dtype=self.spec.dtype)
+        add_masks(total, seeds, offset=lo, base=[inputs[peer] for peer in self._survivors])
         return total
 
 
@@ -769,29 +766,6 @@ class _RebuildError(Exception):
     def __init__(self, reason: AbortReason, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
-
-
-def _apply_masks(
-    target: npt.NDArray[Any],
-    offset: int,
-    seeds: list[tuple[bytes, int]],
-    *,
-    start_from: npt.NDArray[Any] | None = None,
-) -> None:
-    """Add ``sign * PRG(seed)[offset:]`` for every ``(seed, sign)`` to ``target`` in place
-    (to a copy of ``start_from`` if given), a cache-sized chunk at a time."""
-    buffer = np.empty(min(_CHUNK, len(target)), dtype=target.dtype)
-    for start in range(0, len(target), _CHUNK):
-        part = target[start : start + _CHUNK]
-        if start_from is not None:
-            np.copyto(part, start_from[start : start + _CHUNK])
-        keystream = buffer[: len(part)]
-        for seed, sign in seeds:
-            expand_mask(seed, len(part), dtype=target.dtype, offset=offset + start, out=keystream)
-            if sign > 0:
-                part += keystream
-            else:
-                part -= keystream
 
 
 class SecAggSession:

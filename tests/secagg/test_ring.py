@@ -1,15 +1,21 @@
-"""Quantization: bounded error, unbiased rounding, and a ring that never wraps."""
+"""Quantization: the spec's floor(y + U), bounded error, unbiased rounding, and a ring that never
+wraps."""
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from meshfed.secagg.prg import expand_mask
 from meshfed.secagg.ring import Quantizer, check_capacity
 
+U32 = np.dtype(np.uint32)
 floats = hnp.arrays(np.float32, st.integers(1, 200), elements=st.floats(-4, 4, width=32))
 
 
@@ -39,6 +45,57 @@ def test_sums_of_a_group_are_exact_in_the_ring(group: int, seed: int) -> None:
     assert np.array_equal(ring_sum.astype(np.int64), exact)
     mean = q.decode(ring_sum, group, mean=True)
     assert np.all(np.abs(mean - np.mean(inputs, axis=0)) <= 2 * q.clip / q.top + 1e-6)
+
+
+@settings(deadline=None)
+@given(
+    floats,
+    st.sampled_from([(8, 16), (16, 32), (20, 32), (24, 32)]),
+    st.sampled_from([2.0, 0.3, 1e-3]),
+    st.integers(0, 2**32 - 1),
+)
+def test_levels_are_floor_of_y_plus_u_from_the_keystream(
+    values: np.ndarray, bits: tuple[int, int], clip: float, seed: int
+) -> None:
+    q = Quantizer(clip=clip, levels_bits=bits[0], ring_bits=bits[1])
+    levels = q.quantize(values, np.random.default_rng(seed))
+    # U: 4 keystream bytes per value, keyed by the first 32 bytes drawn from the generator
+    words = expand_mask(np.random.default_rng(seed).bytes(32), len(values), dtype=U32)
+    c, top = Fraction(clip), q.top
+    for value, word, level in zip(values.tolist(), words.tolist(), levels.tolist(), strict=True):
+        y = (min(max(Fraction(value), -c), c) + c) * top / (2 * c)
+        exact = y + Fraction(word ^ 1 << 31, 1 << 32)
+        if abs(exact - round(exact)) > Fraction(2) ** (q.levels_bits - 50):  # float64 rounding
+            assert level == math.floor(exact)
+
+
+def test_long_vectors_draw_u_in_keystream_order() -> None:
+    q = Quantizer(clip=1.0, levels_bits=16, ring_bits=32)
+    values = np.random.default_rng(1).uniform(-1.5, 1.5, 300_001).astype(np.float32)
+    levels = q.quantize(values, np.random.default_rng(2))
+    words = expand_mask(np.random.default_rng(2).bytes(32), len(values), dtype=U32)
+    y = (np.clip(values.astype(np.float64), -1, 1) + 1) * (q.top / 2)
+    exact = y + (words ^ np.uint32(1 << 31)) / 2**32
+    close = np.abs(exact - np.round(exact)) < 1e-6
+    assert np.array_equal(levels[~close], np.floor(exact[~close]))
+
+
+def test_nan_is_refused() -> None:
+    q = Quantizer(clip=1.0, levels_bits=16, ring_bits=32)
+    with pytest.raises(ValueError, match="NaN"):
+        q.quantize(np.array([0.5, np.nan], np.float32), np.random.default_rng(0))
+
+
+@given(st.integers(1, 1 << 16), st.sampled_from([1.0, 0.37, 100.0]), st.integers(0, 2**32 - 1))
+def test_a_float32_mean_is_within_a_few_ulps_of_the_exact_one(
+    count: int, clip: float, seed: int
+) -> None:
+    q = Quantizer(clip=clip, levels_bits=16, ring_bits=32)
+    total = np.random.default_rng(seed).integers(0, count * q.top, 1000, dtype=np.uint32)
+    exact = total.astype(np.float64) * (2 * clip / q.top / count) - clip
+    mean = q.decode(total, count, mean=True)
+    assert mean.dtype == np.float32
+    assert np.all(np.abs(mean - exact) <= 4 * np.spacing(np.float32(clip)))
 
 
 def test_rounding_is_unbiased() -> None:
