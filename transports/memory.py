@@ -16,8 +16,9 @@ trio's clock, so a run under ``trio.testing.MockClock`` is exactly reproducible.
 from __future__ import annotations
 
 import logging
+import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import trio
 
@@ -156,13 +157,25 @@ async def _until(when: float) -> None:
         await trio.sleep_until(when)
 
 
+class _Batch:
+    """The requests one task sent at once: it wakes when the last is answered."""
+
+    __slots__ = ("done", "pending")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.done = trio.Event()
+
+
 class _Call:
     """One request in flight: the answer (and when it arrives), or why it never will."""
 
-    __slots__ = ("answer", "arrival", "done", "error")
+    __slots__ = ("answer", "arrival", "batch", "error", "finished")
 
-    def __init__(self) -> None:
-        self.done = trio.Event()
+    def __init__(self, batch: _Batch) -> None:
+        self.batch = batch
+        batch.pending += 1
+        self.finished = False
         self.answer: bytes | None = None
         self.error: Exception | None = None
         self.arrival = 0.0
@@ -170,9 +183,12 @@ class _Call:
     def finish(
         self, answer: bytes | None = None, error: Exception | None = None, arrival: float = 0.0
     ) -> None:
-        if not self.done.is_set():
+        if not self.finished:
+            self.finished = True
             self.answer, self.error, self.arrival = answer, error, arrival
-            self.done.set()
+            self.batch.pending -= 1
+            if not self.batch.pending:
+                self.batch.done.set()
 
 
 class MemoryStream(Stream):
@@ -355,21 +371,60 @@ class MemoryTransport(Transport):
     # -- requests ------------------------------------------------------------------------------
 
     async def request(self, peer: PeerId, protocol: str, payload: bytes) -> bytes:
-        payload = bytes(payload)
-        self._network._node(self._peer, peer)
-        self.stats.bytes_out += len(payload)
-        await _until(self._network._delivery_time(self._peer, len(payload)))
-        target = self._network._node(self._peer, peer)
-        self._contacts[peer] = None
-        call = _Call()
-        target._accept_call(self._peer, protocol, payload, call)
-        await call.done.wait()
-        await _until(call.arrival)  # an answer already sent arrives, like TCP data
-        if call.error is not None:
-            raise call.error
-        assert call.answer is not None
-        self.stats.bytes_in += len(call.answer)
-        return call.answer
+        (answer,) = await self.request_each([(peer, payload)], protocol, deadline=math.inf)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def request_each(
+        self, requests: Sequence[tuple[PeerId, bytes]], protocol: str, *, deadline: float
+    ) -> list[bytes | Exception]:
+        """Every request of the batch from this one task: each is delivered at its arrival
+        time and served by a task of its receiver, as :meth:`request` would; the batch ends
+        when the last answer arrived or at ``deadline``."""
+        batch = _Batch()
+        results: list[bytes | Exception | _Call] = []
+        outgoing: list[tuple[float, int, PeerId, bytes, _Call]] = []
+        for peer, payload in requests:
+            try:
+                self._network._node(self._peer, peer)
+            except PeerUnreachable as exc:
+                results.append(exc)
+                continue
+            payload = bytes(payload)
+            self.stats.bytes_out += len(payload)
+            call = _Call(batch)
+            arrival = self._network._delivery_time(self._peer, len(payload))
+            outgoing.append((arrival, len(results), peer, payload, call))
+            results.append(call)
+        with trio.move_on_at(deadline):
+            outgoing.sort(key=lambda item: item[:2])
+            for arrival, _, peer, payload, call in outgoing:
+                await _until(arrival)
+                try:
+                    target = self._network._node(self._peer, peer)
+                except PeerUnreachable as exc:
+                    call.finish(error=exc)
+                    continue
+                self._contacts[peer] = None
+                target._accept_call(self._peer, protocol, payload, call)
+            if batch.pending:
+                await batch.done.wait()
+            # an answer already sent arrives, like TCP data
+            await _until(max((item[4].arrival for item in outgoing), default=0.0))
+        return [self._outcome(item) for item in results]
+
+    def _outcome(self, item: bytes | Exception | _Call) -> bytes | Exception:
+        """What one request of a batch came to, once the batch ended."""
+        if not isinstance(item, _Call):
+            return item
+        if not item.finished or item.arrival > trio.current_time():
+            return trio.TooSlowError("no answer before the deadline")
+        if item.error is not None:
+            return item.error
+        assert item.answer is not None
+        self.stats.bytes_in += len(item.answer)
+        return item.answer
 
     def _accept_call(self, source: PeerId, protocol: str, payload: bytes, call: _Call) -> None:
         assert self._nursery is not None
