@@ -279,6 +279,8 @@ class _Held:
     self_mask_digest: bytes
 
 
+_PHASES = tuple(Phase)
+_PHASE_NAMES = {phase: phase.name.lower() for phase in Phase}
 _PHASE_OF: dict[type[Message], Phase] = {
     AdvertiseKeys: Phase.KEYS,
     ShareKeys: Phase.SHARES,
@@ -348,7 +350,7 @@ class SecAggPeer:
             me: (_raw_public(self._cipher_key), _raw_public(self._mask_key))
         }
         self._agreed: dict[bytes, bytes] = {}  # X25519 with a peer's cipher key
-        self._inbox: dict[Phase, dict[PeerId, Any]] = {phase: {} for phase in Phase}
+        self._inbox: dict[Phase, dict[PeerId, Any]] = {phase: {} for phase in _PHASES}
         self._expected: frozenset[PeerId] = frozenset()
         self._owners: tuple[PeerId, ...] = ()
         self._graph: dict[PeerId, set[PeerId]] = {}
@@ -524,7 +526,7 @@ class SecAggPeer:
     def _progress(self) -> list[Action]:
         """Advance through every phase whose wait is already over."""
         actions: list[Action] = []
-        while self.phase < Phase.DONE and not self.waiting_for:
+        while self.phase < Phase.DONE and self._inbox[self.phase].keys() >= self._expected:
             actions += self._advance()
         return actions
 
@@ -853,7 +855,7 @@ class SecAggSession:
         expected = len(self.current.expected)
         phase = self.current.phase
         arrived = expected - len(self.current.waiting_for)
-        return Progress((self.attempt, int(phase)), expected, arrived, phase.name.lower())
+        return Progress((self.attempt, int(phase)), expected, arrived, _PHASE_NAMES[phase])
 
     def attempt_of(self, context: bytes) -> int:
         """Which attempt ``context`` belongs to.
