@@ -15,10 +15,13 @@ trio's clock, so a run under ``trio.testing.MockClock`` is exactly reproducible.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable, Sequence
+import types
+from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
+from typing import Any
 
 import trio
 
@@ -148,6 +151,24 @@ class MemoryNetwork:
         if not self.reachable(source, peer):
             raise PeerUnreachable(f"{peer} is not reachable from {source} (down or partitioned)")
         return self._nodes[peer]
+
+
+@types.coroutine
+def _resume(coroutine: Coroutine[Any, Any, None], waiting: Any) -> Generator[Any, Any, None]:
+    """Go on running ``coroutine``, which yielded ``waiting`` to the trio loop, as part of the
+    awaiting task (what ``await`` does for a coroutine that has not started)."""
+    try:
+        while True:
+            try:
+                sent = yield waiting
+            except BaseException as exc:
+                waiting = coroutine.throw(exc)
+            else:
+                waiting = coroutine.send(sent)
+    except StopIteration:
+        return
+    finally:
+        coroutine.close()
 
 
 async def _until(when: float) -> None:
@@ -307,6 +328,9 @@ class MemoryTransport(Transport):
         self._nursery: trio.Nursery | None = None
         self._serving = False
         self._calls: set[_Call] = set()
+        self._inbox: collections.deque[tuple[PeerId, RequestHandler, bytes, _Call]] = (
+            collections.deque()
+        )
         self._streams: set[MemoryStream] = set()
         self._contacts: dict[PeerId, None] = {}
         self.accepts_inbound = True
@@ -444,7 +468,28 @@ class MemoryTransport(Transport):
             return
         assert handler is not None
         self._calls.add(call)
-        self._nursery.start_soon(self._serve_call, source, handler, payload, call)
+        self._inbox.append((source, handler, payload, call))
+        if len(self._inbox) == 1:
+            self._nursery.start_soon(self._serve_inbox)
+
+    async def _serve_inbox(self) -> None:
+        """Serve the calls that arrived, in order, each as if in its own task: one runs here
+        until it first waits for something; then a new task takes over the calls behind it,
+        and this one stays with the waiting call. Calls that never wait (most) cost no task."""
+        while self._inbox:
+            source, handler, payload, call = self._inbox[0]
+            served = self._serve_call(source, handler, payload, call)
+            try:
+                waiting = served.send(None)
+            except StopIteration:
+                self._inbox.popleft()
+                continue
+            self._inbox.popleft()
+            if self._inbox:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._serve_inbox)
+            await _resume(served, waiting)
+            return
 
     async def _serve_call(
         self, source: PeerId, handler: RequestHandler, payload: bytes, call: _Call

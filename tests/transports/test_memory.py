@@ -86,6 +86,25 @@ async def test_a_batch_of_requests_shares_the_uplink_in_order(
     assert took == pytest.approx(0.2 + 0.001 + 0.05)
 
 
+async def test_a_handler_that_waits_does_not_hold_up_the_calls_behind_it() -> None:
+    released = trio.Event()
+
+    async def wait_or_release(peer: PeerId, payload: bytes) -> bytes:
+        if payload == b"wait":
+            await released.wait()  # only the call behind it can release it
+        else:
+            released.set()
+        return payload
+
+    async with memory_mesh()(2, TransportLimits()) as [(a, _), (b, _)]:
+        b.set_request_handler("/x", wait_or_release)
+        with trio.fail_after(5):
+            answers = await a.request_each(
+                [(b.local_peer, b"wait"), (b.local_peer, b"release")], "/x", deadline=math.inf
+            )
+        assert answers == [b"wait", b"release"]
+
+
 async def test_closed_streams_are_forgotten_on_both_sides() -> None:
     async def sink(stream: Stream) -> None:
         async with stream:
