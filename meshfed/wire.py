@@ -35,7 +35,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
-from .codec import bounded, peer_id, schema_of
+from .codec import bounded, schema_of
 from .errors import LocalProtocolError, RemoteProtocolError
 from .identity import Identity, PeerId
 from .stats import RejectReason
@@ -260,7 +260,7 @@ def _decode_header(
     if type(sender_raw) is not bytes:
         raise _bad_field("sender is not bytes")
     try:
-        sender = peer_id(sender_raw)
+        sender = PeerId.of(sender_raw)
     except ValueError:
         raise _bad_field("sender is not an Ed25519 peer id") from None
     scope = _SCOPE.decode(scope_raw, "scope")

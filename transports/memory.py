@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import operator
 import random
 import types
 from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
@@ -48,6 +49,7 @@ __all__ = ["MemoryNetwork", "MemoryStream", "MemoryTransport"]
 log = logging.getLogger(__name__)
 
 _RTO_S = 0.2
+_ARRIVAL_ORDER = operator.itemgetter(0, 1)
 _STREAM_BUFFER_FRAMES = 16
 
 
@@ -128,6 +130,8 @@ class MemoryNetwork:
             return False
         if not node.accepts_inbound and a not in node._contacts:
             return False  # behind NAT: only over a connection it opened itself
+        if not self._group:
+            return True
         group_a, group_b = self._group.get(a), self._group.get(b)
         return group_a is None or group_b is None or group_a == group_b
 
@@ -408,10 +412,10 @@ class MemoryTransport(Transport):
         when the last answer arrived or at ``deadline``."""
         batch = _Batch()
         results: list[bytes | Exception | _Call] = []
-        outgoing: list[tuple[float, int, PeerId, bytes, _Call]] = []
+        outgoing: list[tuple[float, int, MemoryTransport, bytes, _Call]] = []
         for peer, payload in requests:
             try:
-                self._network._node(self._peer, peer)
+                target = self._network._node(self._peer, peer)
             except PeerUnreachable as exc:
                 results.append(exc)
                 continue
@@ -419,18 +423,19 @@ class MemoryTransport(Transport):
             self.stats.bytes_out += len(payload)
             call = _Call(batch)
             arrival = self._network._delivery_time(self._peer, len(payload))
-            outgoing.append((arrival, len(results), peer, payload, call))
+            outgoing.append((arrival, len(results), target, payload, call))
             results.append(call)
         with trio.move_on_at(deadline):
-            outgoing.sort(key=lambda item: item[:2])
-            for arrival, _, peer, payload, call in outgoing:
-                await _until(arrival)
-                try:
-                    target = self._network._node(self._peer, peer)
-                except PeerUnreachable as exc:
-                    call.finish(error=exc)
-                    continue
-                self._contacts[peer] = None
+            outgoing.sort(key=_ARRIVAL_ORDER)
+            for arrival, _, target, payload, call in outgoing:
+                if arrival > trio.current_time():
+                    await trio.sleep_until(arrival)
+                    try:  # the world may have changed meanwhile
+                        target = self._network._node(self._peer, target._peer)
+                    except PeerUnreachable as exc:
+                        call.finish(error=exc)
+                        continue
+                self._contacts[target._peer] = None
                 target._accept_call(self._peer, protocol, payload, call)
             if batch.pending:
                 await batch.done.wait()
