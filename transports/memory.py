@@ -11,6 +11,11 @@ serving are never answered (the requester's deadline fires, or the crash fails t
 
 All randomness comes from one ``random.Random(seed)`` owned by the network, and all time from
 trio's clock, so a run under ``trio.testing.MockClock`` is exactly reproducible.
+
+A simulation moves hundreds of thousands of messages, so the per-message machinery is lean:
+a batch of requests (``request_each``) is delivered from the sender's one task, which wakes
+once for all the answers, and a receiver serves what arrived from one task until a handler
+has to wait (then a new task takes the requests behind it).
 """
 
 from __future__ import annotations
