@@ -142,8 +142,10 @@ class MemoryNetwork:
 
     # -- delivery ------------------------------------------------------------------------------
 
-    def _delivery_time(self, sender: PeerId, size: int) -> float:
-        now = trio.current_time()
+    def _delivery_time(self, sender: PeerId, size: int, now: float | None = None) -> float:
+        """When a frame of ``size`` bytes that ``sender`` puts on the wire at ``now`` (trio
+        time; the current one by default) arrives."""
+        now = trio.current_time() if now is None else now
         start = now
         if self.bandwidth is not None:
             start = max(now, self._uplink_free_at.get(sender, now))
@@ -418,6 +420,7 @@ class MemoryTransport(Transport):
         batch = _Batch()
         results: list[bytes | Exception | _Call] = []
         outgoing: list[tuple[float, int, MemoryTransport, bytes, _Call]] = []
+        now = trio.current_time()
         for peer, payload in requests:
             try:
                 target = self._network._node(self._peer, peer)
@@ -427,32 +430,34 @@ class MemoryTransport(Transport):
             payload = bytes(payload)
             self.stats.bytes_out += len(payload)
             call = _Call(batch)
-            arrival = self._network._delivery_time(self._peer, len(payload))
+            arrival = self._network._delivery_time(self._peer, len(payload), now)
             outgoing.append((arrival, len(results), target, payload, call))
             results.append(call)
         with trio.move_on_at(deadline):
             outgoing.sort(key=_ARRIVAL_ORDER)
             for arrival, _, target, payload, call in outgoing:
-                if arrival > trio.current_time():
+                if arrival > now:
                     await trio.sleep_until(arrival)
+                    now = trio.current_time()
                     try:  # the world may have changed meanwhile
                         target = self._network._node(self._peer, target._peer)
                     except PeerUnreachable as exc:
                         call.finish(error=exc)
                         continue
                 self._contacts[target._peer] = None
-                target._accept_call(self._peer, protocol, payload, call)
+                target._accept_call(self._peer, protocol, payload, call, now)
             if batch.pending:
                 await batch.done.wait()
             # an answer already sent arrives, like TCP data
             await _until(max((item[4].arrival for item in outgoing), default=0.0))
-        return [self._outcome(item) for item in results]
+        now = trio.current_time()
+        return [self._outcome(item, now) for item in results]
 
-    def _outcome(self, item: bytes | Exception | _Call) -> bytes | Exception:
-        """What one request of a batch came to, once the batch ended."""
+    def _outcome(self, item: bytes | Exception | _Call, now: float) -> bytes | Exception:
+        """What one request of a batch came to, once the batch ended (at ``now``)."""
         if not isinstance(item, _Call):
             return item
-        if not item.finished or item.arrival > trio.current_time():
+        if not item.finished or item.arrival > now:
             return trio.TooSlowError("no answer before the deadline")
         if item.error is not None:
             return item.error
@@ -460,7 +465,9 @@ class MemoryTransport(Transport):
         self.stats.bytes_in += len(item.answer)
         return item.answer
 
-    def _accept_call(self, source: PeerId, protocol: str, payload: bytes, call: _Call) -> None:
+    def _accept_call(
+        self, source: PeerId, protocol: str, payload: bytes, call: _Call, now: float
+    ) -> None:
         assert self._nursery is not None
         self._contacts[source] = None
         self.stats.bytes_in += len(payload)
@@ -471,7 +478,7 @@ class MemoryTransport(Transport):
         elif handler is None:
             reason = RejectReason.UNKNOWN_PROTOCOL
         else:
-            reason = self._admission.admit(source, trio.current_time(), is_request=True)
+            reason = self._admission.admit(source, now, is_request=True)
         if reason is not None:
             self.stats.reject(reason)
             self._answer(call, None, reason.value)
