@@ -7,8 +7,10 @@
 - quantizes, feeds the sans-IO session what arrives (one call at a time) and rescales, in a
   worker thread for long vectors (masking ten million elements must not stall the node's
   loop; for short ones the thread hop would cost more than the work);
-- carries out the actions: each send is a task in the session's nursery with its own deadline;
-  a send that fails is only logged, since the protocol's deadlines deal with silent peers;
+- carries out the actions: the messages and short arrays one call produces go out together,
+  each sealed once however many peers get it, as one task in the session's nursery with a
+  deadline (a long array streams in a task of its own); a send that fails is only logged,
+  since the protocol's deadlines deal with silent peers;
 - ends a phase that waits too long, with a deadline that adapts to the arrivals it saw
   (:class:`DeadlinePolicy`): once most answers are in, the rest get as long again as those took;
 - keeps messages and arrays that arrive for a run this node has not started yet (another peer
