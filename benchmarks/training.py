@@ -20,7 +20,9 @@ the 9.6k-parameter MLP, ``--rounds`` rounds of ``--epochs`` local epochs, one se
   the same job in one process on the memory transport (``meshfed-node testnet --simulate``,
   secure averaging in Moshpit groups of at most ``--sim-max-group`` (8: an 8 x 5 x 5 grid for
   200)): seconds and CPU seconds (all threads) per round after the first, peak RSS of that
-  process.
+  process; every round runs the exact schedule (one secure run per grid axis, 3 for 200).
+  ``sim_round_s_200_moshpit``, ``sim_cpu_s_200_moshpit``: the same with the ``moshpit``
+  schedule (one grid axis per round, so one secure run).
 
 Usage: python benchmarks/training.py [--nodes 8] [--rounds 10] [--epochs 1] [--quick]
 """
@@ -99,6 +101,7 @@ def simulated(peers: int, **options: Any) -> dict[str, Any]:
         command += ["--rounds", str(options["rounds"]), "--epochs", str(options["epochs"])]
         command += ["--partition", options["partition"], "--out", str(out)]
         command += ["--max-group", str(options["max_group"])]
+        command += ["--schedule", options.get("schedule", "exact")]
         subprocess.run(command, check=True, capture_output=True, timeout=1800)
         result: dict[str, Any] = json.loads(out.read_text())
     return result
@@ -139,7 +142,9 @@ def main() -> None:
     large = decentralized(nodes, **{**options, "rounds": 2, "model_options": LARGE})
     params_large = sum(p.numel() for p in build("mlp", **LARGE).parameters())
     sim_peers = 20 if args.quick else args.sim_peers
-    simulation = simulated(sim_peers, **{**options, "rounds": 3, "max_group": args.sim_max_group})
+    sim_options = {**options, "rounds": 3, "max_group": args.sim_max_group}
+    simulation = simulated(sim_peers, **sim_options)
+    moshpit = simulated(sim_peers, **{**sim_options, "schedule": "moshpit"})
     figures = {
         "benchmark": "training",
         "nodes": nodes,
@@ -168,6 +173,8 @@ def main() -> None:
         f"sim_round_s_{sim_peers}": round(simulation["round_s"], 3),
         f"sim_cpu_s_{sim_peers}": round(simulation["round_cpu_s"], 3),
         f"sim_rss_mb_{sim_peers}": round(simulation["peak_rss_mb"]),
+        f"sim_round_s_{sim_peers}_moshpit": round(moshpit["round_s"], 3),
+        f"sim_cpu_s_{sim_peers}_moshpit": round(moshpit["round_cpu_s"], 3),
         "sim_accuracy": round(simulation["final_accuracy"], 4),
     }
     print(json.dumps(figures))

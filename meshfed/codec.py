@@ -30,16 +30,12 @@ __all__ = [
     "Bounds",
     "Schema",
     "bounded",
-    "peer_id",
     "schema_of",
 ]
 
 DEFAULT_MAX_BYTES = 64 * 1024
 DEFAULT_MAX_ITEMS = 4096
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
-#: peer ids decoded lately, by their bytes: the same few hundred ids arrive again and again
-_PEERS: dict[bytes, PeerId] = {}
-_MAX_PEERS = 65536
 
 T = TypeVar("T")
 
@@ -146,27 +142,12 @@ def _scalar(kind: type, bounds: Bounds) -> tuple[Encoder, Decoder]:
             if type(value) is not bytes:
                 raise _reject(path, f"expected peer id bytes, got {type(value).__name__}")
             try:
-                return peer_id(value)
+                return PeerId.of(value)
             except ValueError as exc:
                 raise _reject(path, str(exc)) from None
 
         return (lambda peer: peer.raw), decode_peer
     raise TypeError(f"no wire encoding for {kind!r}")
-
-
-def peer_id(raw: bytes) -> PeerId:
-    """``PeerId(raw)``, the same object for the same bytes while they keep arriving.
-
-    Raises:
-        ValueError: ``raw`` is not an Ed25519 peer id.
-    """
-    peer = _PEERS.get(raw)
-    if peer is None:
-        peer = PeerId(raw)
-        if len(_PEERS) >= _MAX_PEERS:
-            _PEERS.clear()
-        _PEERS[raw] = peer
-    return peer
 
 
 def _field_codec(annotation: Any, bounds: Bounds) -> tuple[Encoder, Decoder]:

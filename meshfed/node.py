@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -108,8 +108,7 @@ class Node:
         self._handlers: dict[type[Message], MessageHandler] = {}
         self._array_handlers: dict[str, ArrayHandler] = {}
         self._in_flight = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        self._idle: trio.Event | None = None  # only while someone waits for the handlers
         transport.set_request_handler(RPC_PROTOCOL, self._serve_request)
         transport.set_request_handler(MSG_PROTOCOL, self._serve_message)
         transport.set_stream_handler(ARRAY_PROTOCOL, self._serve_array)
@@ -222,19 +221,37 @@ class Node:
             RemoteProtocolError: the answer was not empty (counted).
         """
         frame = body if isinstance(body, bytes) else self.sealed(body, scope=scope)
-        if await self._transport_request(peer, MSG_PROTOCOL, frame, within):
-            exc = RemoteProtocolError(
-                "a one-way message was answered", reason=RejectReason.MALFORMED
-            )
-            self._rejected(peer, exc)
-            raise exc
+        (error,) = await self.send_each([(peer, frame)], within=within)
+        if error is not None:
+            raise error
 
-    async def _transport_request(
-        self, peer: PeerId, protocol: str, frame: bytes, within: float | None = None
-    ) -> bytes:
+    async def send_each(
+        self, frames: Sequence[tuple[PeerId, bytes]], *, within: float | None = None
+    ) -> list[Exception | None]:
+        """Send each ``(peer, frame)`` (frames from :meth:`sealed`) as :meth:`send` does, all
+        at once; returns, in order, ``None`` for each message its peer took, else the error
+        :meth:`send` would have raised. Bounded as :meth:`send` is."""
         timeout = self.config.request_timeout_s
+        deadline = trio.current_time() + (timeout if within is None else min(within, timeout))
+        answers = await self.transport.request_each(frames, MSG_PROTOCOL, deadline=deadline)
+        errors: list[Exception | None] = []
+        for (peer, _), answer in zip(frames, answers, strict=True):
+            if isinstance(answer, Exception):
+                self._peer(peer).failures += 1
+                errors.append(answer)
+            elif answer:
+                exc = RemoteProtocolError(
+                    "a one-way message was answered", reason=RejectReason.MALFORMED
+                )
+                self._rejected(peer, exc)
+                errors.append(exc)
+            else:
+                errors.append(None)
+        return errors
+
+    async def _transport_request(self, peer: PeerId, protocol: str, frame: bytes) -> bytes:
         try:
-            with trio.fail_after(timeout if within is None else min(within, timeout)):
+            with trio.fail_after(self.config.request_timeout_s):
                 return await self.transport.request(peer, protocol, frame)
         except (MeshfedError, trio.TooSlowError):
             self._peer(peer).failures += 1
@@ -308,14 +325,14 @@ class Node:
                 f"no handler for {envelope.body.TYPE}", reason=RejectReason.UNKNOWN_TYPE
             )
         self._in_flight += 1
-        self._idle = trio.Event() if self._in_flight == 1 else self._idle
         try:
             answer: Message | None = await handler(envelope, envelope.body)
             return answer
         finally:
             self._in_flight -= 1
-            if self._in_flight == 0:
+            if self._in_flight == 0 and self._idle is not None:
                 self._idle.set()
+                self._idle = None
 
     # -- arrays --------------------------------------------------------------------------------
 
@@ -358,13 +375,10 @@ class Node:
             RequestFailed: the receiver refused an inline array (``.reason`` says why).
             RemoteProtocolError: the receiver's acknowledgement failed verification.
         """
-        header, contiguous = header_for(
-            array, name=name, transfer_id=os.urandom(16), chunk_bytes=self.config.array_chunk_bytes
-        )
-        if header.nbytes <= INLINE_ARRAY_BYTES:
-            inline = InlineArray(header=header, data=contiguous.tobytes())
-            await self.send(peer, inline, scope=scope, within=within)
+        if array.nbytes <= INLINE_ARRAY_BYTES:
+            await self.send(peer, self.sealed_array(array, name=name, scope=scope), within=within)
             return
+        header, contiguous = self._array_header(array, name)
         with trio.fail_after(math.inf if within is None else within):
             nonce, ack_frame = await self._stream_array(peer, header, contiguous, scope)
         try:
@@ -376,6 +390,29 @@ class Node:
         except RemoteProtocolError as exc:
             self._rejected(peer, exc)
             raise
+
+    def sealed_array(self, array: npt.NDArray[Any], *, name: str, scope: Scope = NO_SCOPE) -> bytes:
+        """``array`` signed as one :class:`~meshfed.arrays.InlineArray` message, for
+        :meth:`send` (an array for several peers is sealed once); what :meth:`send_array` sends
+        for an array of at most :data:`~meshfed.arrays.INLINE_ARRAY_BYTES`.
+
+        Raises:
+            LocalProtocolError: the array is longer (stream it with :meth:`send_array`), or
+                its dtype cannot travel.
+        """
+        if array.nbytes > INLINE_ARRAY_BYTES:
+            raise LocalProtocolError(
+                f"an array of {array.nbytes} bytes is streamed, not sent inline"
+            )
+        header, contiguous = self._array_header(array, name)
+        return self.sealed(InlineArray(header=header, data=contiguous.tobytes()), scope=scope)
+
+    def _array_header(
+        self, array: npt.NDArray[Any], name: str
+    ) -> tuple[ArrayHeader, npt.NDArray[Any]]:
+        return header_for(
+            array, name=name, transfer_id=os.urandom(16), chunk_bytes=self.config.array_chunk_bytes
+        )
 
     async def _stream_array(
         self, peer: PeerId, header: ArrayHeader, contiguous: npt.NDArray[Any], scope: Scope
@@ -466,7 +503,10 @@ class Node:
             log.debug("ping failed", extra={"peer": peer.short(), "error": repr(exc)})
 
     async def _wait_idle(self) -> None:
-        await self._idle.wait()
+        while self._in_flight:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
 
     def status(self) -> dict[str, Any]:
         """A JSON-ready snapshot: identity, addresses, peers, counters."""

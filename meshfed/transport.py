@@ -4,7 +4,8 @@ A transport gives a node authenticated peers and two ways to talk to them, each 
 protocol (``"/meshfed/rpc/1"`` style strings):
 
 - request/response: ``await transport.request(peer, protocol, payload)`` returns the bytes the
-  peer's request handler returned;
+  peer's request handler returned; ``request_each`` sends several requests at once (one
+  message for many peers) and returns each answer or error;
 - framed streams: ``await transport.open_stream(peer, protocol)`` gives a :class:`Stream` that
   carries whole frames both ways (used for chunked arrays and anything long-lived).
 
@@ -20,11 +21,12 @@ sealed direct channel for data) and ``memory`` (a simulated network in one proce
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
+from .errors import TransportError
 from .identity import PeerId
 
 __all__ = ["RequestHandler", "Stream", "StreamHandler", "Transport", "TransportLimits"]
@@ -149,6 +151,27 @@ class Transport(ABC):
             PeerUnreachable: no connection to ``peer`` could be made.
             RequestFailed: the peer answered with an error (unknown protocol, rate limit ...).
         """
+
+    async def request_each(
+        self, requests: Sequence[tuple[PeerId, bytes]], protocol: str, *, deadline: float
+    ) -> list[bytes | Exception]:
+        """:meth:`request` each ``(peer, payload)`` at once; returns, in order, each answer or
+        the error that request met: a :class:`~meshfed.errors.TransportError` as
+        :meth:`request` raises it, or ``trio.TooSlowError`` if no answer came by the trio time
+        ``deadline``. One concurrent request each here; a transport may do it cheaper."""
+        results: list[bytes | Exception] = [trio.TooSlowError() for _ in requests]
+
+        async def one(index: int, peer: PeerId, payload: bytes) -> None:
+            try:
+                results[index] = await self.request(peer, protocol, payload)
+            except TransportError as exc:
+                results[index] = exc
+
+        with trio.move_on_at(deadline):
+            async with trio.open_nursery() as nursery:
+                for index, (peer, payload) in enumerate(requests):
+                    nursery.start_soon(one, index, peer, payload)
+        return results
 
     @abstractmethod
     async def open_stream(self, peer: PeerId, protocol: str) -> Stream:

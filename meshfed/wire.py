@@ -16,29 +16,38 @@ version, type known, fields, sender equals the peer the transport authenticated,
 clock (stale / future), replay (nonce seen). The replay check runs last so that a forged message
 cannot poison the replay cache. :class:`ReplayGuard` keeps the nonces it has seen until they
 fall out of the freshness window, so its memory is bounded by (rate x window).
+
+What the checks up to the signature find is a function of the frame's bytes alone, so the
+process keeps the envelopes of frames that passed them lately (:class:`VerifiedFrames`, keyed
+by the exact bytes): a message sealed once for several receivers in one process (a simulation)
+is decoded and verified by its first receiver only. A forged or altered frame has other bytes
+and takes the full path; the sender and replay checks run for every receiver.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
-from .codec import bounded, peer_id, schema_of
+from .codec import bounded, schema_of
 from .errors import LocalProtocolError, RemoteProtocolError
 from .identity import Identity, PeerId
 from .stats import RejectReason
 
 __all__ = [
+    "VERIFIED",
     "VERSION",
     "Envelope",
     "Message",
     "ReplayGuard",
     "Scope",
+    "VerifiedFrames",
     "message",
     "message_types",
     "open_envelope",
@@ -193,6 +202,31 @@ def open_envelope(
         raise RemoteProtocolError(
             f"frame of {len(frame)} bytes exceeds {max_bytes}", reason=RejectReason.OVERSIZED
         )
+    envelope = VERIFIED.get(frame, max_bytes)
+    if envelope is None:
+        envelope, signed, signature = _decode(frame, max_bytes)
+        _check_sender(envelope, peer)
+        if not envelope.sender.verify(signature, SIGNATURE_DOMAIN + signed):
+            raise RemoteProtocolError(
+                f"bad signature on {envelope.body.TYPE}", reason=RejectReason.BAD_SIGNATURE
+            )
+        VERIFIED.put(frame, max_bytes, envelope)
+    else:
+        _check_sender(envelope, peer)
+    replay.check_and_remember(envelope.sender, envelope.nonce, envelope.timestamp_ms, now_ms)
+    return envelope
+
+
+def _check_sender(envelope: Envelope, peer: PeerId) -> None:
+    if envelope.sender != peer:
+        raise RemoteProtocolError(
+            f"signed by {envelope.sender} but received from {peer}",
+            reason=RejectReason.SENDER_MISMATCH,
+        )
+
+
+def _decode(frame: bytes, max_bytes: int) -> tuple[Envelope, bytes, bytes]:
+    """The envelope in ``frame`` (not verified yet), its signed bytes and its signature."""
     outer = _unpack(frame, max_bytes)
     if (
         type(outer) is not list
@@ -215,19 +249,9 @@ def open_envelope(
         raise RemoteProtocolError(
             f"unknown message type {type_name[:_MAX_TYPE_LEN]!r}", reason=RejectReason.UNKNOWN_TYPE
         )
-    header = _decode_header(sender_raw, scope_raw, nonce, timestamp_ms, reply_to, signature)
-    sender, scope = header
+    sender, scope = _decode_header(sender_raw, scope_raw, nonce, timestamp_ms, reply_to, signature)
     body = schema_of(cls).decode(body_raw, type_name)
-    if sender != peer:
-        raise RemoteProtocolError(
-            f"signed by {sender} but received from {peer}", reason=RejectReason.SENDER_MISMATCH
-        )
-    if not sender.verify(signature, SIGNATURE_DOMAIN + signed):
-        raise RemoteProtocolError(
-            f"bad signature on {type_name}", reason=RejectReason.BAD_SIGNATURE
-        )
-    replay.check_and_remember(sender, nonce, timestamp_ms, now_ms)
-    return Envelope(sender, scope, nonce, timestamp_ms, reply_to, body)
+    return Envelope(sender, scope, nonce, timestamp_ms, reply_to, body), signed, signature
 
 
 def _decode_header(
@@ -236,7 +260,7 @@ def _decode_header(
     if type(sender_raw) is not bytes:
         raise _bad_field("sender is not bytes")
     try:
-        sender = peer_id(sender_raw)
+        sender = PeerId.of(sender_raw)
     except ValueError:
         raise _bad_field("sender is not an Ed25519 peer id") from None
     scope = _SCOPE.decode(scope_raw, "scope")
@@ -256,6 +280,55 @@ def _bad_field(what: str) -> RemoteProtocolError:
 
 
 _SCOPE = schema_of(Scope)
+
+
+class VerifiedFrames:
+    """The envelopes of frames that parsed and verified lately, by the frame's exact bytes
+    and the size limit they were parsed under; the least recently used is forgotten first.
+
+    Only a frame whose signature verified is kept, and only an identical frame finds it: a
+    forged or altered copy has other bytes, misses, and is checked in full. What it saves is
+    decoding and verifying again a frame sealed once for several receivers *in this process*;
+    a node alone in its process never sees a frame twice except as a replay (which its replay
+    guard rejects), so there it costs a hash and a lookup per frame and saves nothing.
+
+    Args:
+        max_frames: frames kept at most.
+        max_bytes: their total size at most (a frame over 1/16 of it is not kept).
+    """
+
+    def __init__(self, *, max_frames: int = 4096, max_bytes: int = 16 << 20) -> None:
+        self._max_frames = max_frames
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._kept: collections.OrderedDict[tuple[bytes, int], Envelope] = collections.OrderedDict()
+        self._lock = threading.Lock()  # nodes may run in the trio loops of several threads
+
+    def get(self, frame: bytes, limit: int) -> Envelope | None:
+        """The envelope of ``frame`` as parsed under the size limit ``limit``, if kept."""
+        key = (frame, limit)
+        with self._lock:
+            envelope = self._kept.get(key)
+            if envelope is not None:
+                self._kept.move_to_end(key)
+            return envelope
+
+    def put(self, frame: bytes, limit: int, envelope: Envelope) -> None:
+        """Keep ``envelope``, which ``frame`` verified as under the size limit ``limit``."""
+        if len(frame) > self._max_bytes // 16:
+            return
+        with self._lock:
+            if (frame, limit) in self._kept:
+                return
+            self._kept[(frame, limit)] = envelope
+            self._bytes += len(frame)
+            while len(self._kept) > self._max_frames or self._bytes > self._max_bytes:
+                (old, _), _ = self._kept.popitem(last=False)
+                self._bytes -= len(old)
+
+
+#: the process's cache of verified frames (see :class:`VerifiedFrames`)
+VERIFIED = VerifiedFrames()
 
 
 class ReplayGuard:

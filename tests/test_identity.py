@@ -6,9 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshfed.errors import IdentityError
 from meshfed.identity import Identity, PeerId, load_or_create_identity, verify_x25519_binding
+
+ALICE = Identity.generate()
 
 
 def test_first_start_creates_a_private_key_file(tmp_path: Path) -> None:
@@ -49,6 +53,19 @@ def test_signatures_verify_only_for_the_signer() -> None:
     assert alice.peer_id.verify(signature, b"hello")
     assert not alice.peer_id.verify(signature, b"hellO")
     assert not bob.peer_id.verify(signature, b"hello")
+
+
+@settings(max_examples=50)
+@given(st.binary(max_size=300), st.integers(0, 8 * 364 - 1))
+def test_any_flipped_bit_breaks_a_signature(data: bytes, bit: int) -> None:
+    signature = ALICE.sign(data)
+    assert ALICE.peer_id.verify(signature, data)
+    signed = bytearray(signature + data)
+    if bit >= 8 * len(signed):
+        return
+    signed[bit // 8] ^= 1 << (bit % 8)
+    assert not ALICE.peer_id.verify(bytes(signed[:64]), bytes(signed[64:]))
+    assert not ALICE.peer_id.verify(signature[:63], data)  # a short signature is no signature
 
 
 def test_x25519_key_is_bound_to_the_identity() -> None:

@@ -13,7 +13,7 @@ import trio
 from meshfed import Envelope, Node, NodeConfig, open_node
 from meshfed.arrays import INLINE_ARRAY_BYTES, ArrayHeader, InlineArray
 from meshfed.control import Ping, Text
-from meshfed.errors import ConfigError, PeerUnreachable, RequestFailed
+from meshfed.errors import ConfigError, LocalProtocolError, PeerUnreachable, RequestFailed
 from meshfed.identity import Identity
 from meshfed.stats import RejectReason
 from meshfed.transports.memory import MemoryNetwork
@@ -219,6 +219,40 @@ async def test_one_way_messages_are_signed_checked_and_acknowledged_by_the_trans
             await b.send(a.peer_id, Text(text="nobody listens"))
         assert info.value.reason == "unknown_type"
         assert a.stats.rejected[RejectReason.UNKNOWN_TYPE] == 1
+
+
+async def test_one_message_sealed_once_goes_to_many_at_once(tmp_path: Path) -> None:
+    async with mesh(tmp_path, 3, ping_interval_s=0) as (a, b, c):
+        got: list[tuple[Node, str]] = []
+        arrays: list[tuple[Node, np.ndarray]] = []
+        for node in (b, c):
+
+            async def note(envelope: Envelope, text: Text, node: Node = node) -> None:
+                got.append((node, text.text))
+
+            async def keep(
+                envelope: Envelope, header: ArrayHeader, array: np.ndarray, node: Node = node
+            ) -> None:
+                arrays.append((node, array))
+
+            node.handle(Text, note)
+            node.on_array(keep, prefix="sum")
+        frame = a.sealed(Text(text="to all"))
+        errors = await a.send_each([(b.peer_id, frame), (c.peer_id, frame), (b.peer_id, frame)])
+        assert errors[1] is None
+        first, second = errors[0], errors[2]  # served at once: either one is the replay
+        replay = first or second
+        assert (first is None or second is None) and isinstance(replay, RequestFailed)
+        assert replay.reason == "replayed"
+        assert sorted(got, key=lambda item: item[0] is c) == [(b, "to all"), (c, "to all")]
+        total = np.arange(10, dtype=np.uint32)
+        frame = a.sealed_array(total, name="sum:1")
+        assert await a.send_each([(b.peer_id, frame), (c.peer_id, frame)]) == [None, None]
+        assert sorted(node is c for node, _ in arrays) == [False, True]
+        for _, array in arrays:
+            np.testing.assert_array_equal(array, total)
+        with pytest.raises(LocalProtocolError, match="streamed"):
+            a.sealed_array(np.zeros(INLINE_ARRAY_BYTES + 1, np.uint8), name="sum:2")
 
 
 async def test_small_arrays_travel_in_one_message_and_large_ones_on_a_stream(

@@ -16,9 +16,11 @@ from meshfed.identity import Identity, PeerId
 from meshfed.stats import RejectReason
 from meshfed.wire import (
     SIGNATURE_DOMAIN,
+    VERIFIED,
     Message,
     ReplayGuard,
     Scope,
+    VerifiedFrames,
     message,
     open_envelope,
     seal,
@@ -216,3 +218,43 @@ def test_mutated_frames_are_rejected_or_identical(data: st.DataObject) -> None:
     except RemoteProtocolError:
         return
     assert mutated == frame or envelope.body == Text(text="mutate me")
+
+
+def test_a_frame_verified_once_is_still_checked_for_each_receiver() -> None:
+    frame, _ = seal(ALICE, Text(text="to the group"), now_ms=NOW)
+    first, second = guard(), guard()
+    assert open_(frame, replay=first).body == Text(text="to the group")
+    assert VERIFIED.get(frame, MAX) is not None  # the next receiver in this process skips work
+    assert open_(frame, replay=second).body == Text(text="to the group")
+    assert reason_of(frame, replay=first) == RejectReason.REPLAYED
+    assert reason_of(frame, peer=MALLORY.peer_id) == RejectReason.SENDER_MISMATCH
+
+
+def test_a_tampered_copy_of_a_verified_frame_is_rejected() -> None:
+    frame, _ = seal(ALICE, Text(text="pay bob 1"), now_ms=NOW)
+    open_(frame)
+    assert VERIFIED.get(frame, MAX) is not None
+    signed, signature = msgpack.unpackb(frame)
+    altered = signed.replace(b"pay bob 1", b"pay bob 9")
+    forged = bytearray(signature)
+    forged[-1] ^= 1
+    for copy in (
+        msgpack.packb([altered, signature]),
+        msgpack.packb([signed, bytes(forged)]),
+    ):
+        assert VERIFIED.get(copy, MAX) is None
+        assert reason_of(copy) == RejectReason.BAD_SIGNATURE
+        assert VERIFIED.get(copy, MAX) is None  # a rejected frame is never kept
+
+
+def test_verified_frames_are_bounded_by_count_and_bytes() -> None:
+    frames = [seal(ALICE, Text(text=str(i) * 100), now_ms=NOW)[0] for i in range(4)]
+    envelope = open_(frames[0])
+    kept = VerifiedFrames(max_frames=2, max_bytes=16 * 1024)
+    for frame in frames:
+        kept.put(frame, MAX, envelope)
+    assert [kept.get(frame, MAX) is not None for frame in frames] == [False, False, True, True]
+    assert kept.get(frames[3], MAX // 2) is None  # parsed under another limit: not the same
+    small = VerifiedFrames(max_frames=10, max_bytes=16 * len(frames[0]) - 1)
+    small.put(frames[0], MAX, envelope)  # over 1/16 of the budget: not kept
+    assert small.get(frames[0], MAX) is None

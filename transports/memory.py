@@ -11,13 +11,23 @@ serving are never answered (the requester's deadline fires, or the crash fails t
 
 All randomness comes from one ``random.Random(seed)`` owned by the network, and all time from
 trio's clock, so a run under ``trio.testing.MockClock`` is exactly reproducible.
+
+A simulation moves hundreds of thousands of messages, so the per-message machinery is lean:
+a batch of requests (``request_each``) is delivered from the sender's one task, which wakes
+once for all the answers, and a receiver serves what arrived from one task until a handler
+has to wait (then a new task takes the requests behind it).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
+import operator
 import random
-from collections.abc import Callable, Iterable
+import types
+from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
+from typing import Any
 
 import trio
 
@@ -44,6 +54,7 @@ __all__ = ["MemoryNetwork", "MemoryStream", "MemoryTransport"]
 log = logging.getLogger(__name__)
 
 _RTO_S = 0.2
+_ARRIVAL_ORDER = operator.itemgetter(0, 1)
 _STREAM_BUFFER_FRAMES = 16
 
 
@@ -124,13 +135,17 @@ class MemoryNetwork:
             return False
         if not node.accepts_inbound and a not in node._contacts:
             return False  # behind NAT: only over a connection it opened itself
+        if not self._group:
+            return True
         group_a, group_b = self._group.get(a), self._group.get(b)
         return group_a is None or group_b is None or group_a == group_b
 
     # -- delivery ------------------------------------------------------------------------------
 
-    def _delivery_time(self, sender: PeerId, size: int) -> float:
-        now = trio.current_time()
+    def _delivery_time(self, sender: PeerId, size: int, now: float | None = None) -> float:
+        """When a frame of ``size`` bytes that ``sender`` puts on the wire at ``now`` (trio
+        time; the current one by default) arrives."""
+        now = trio.current_time() if now is None else now
         start = now
         if self.bandwidth is not None:
             start = max(now, self._uplink_free_at.get(sender, now))
@@ -149,6 +164,24 @@ class MemoryNetwork:
         return self._nodes[peer]
 
 
+@types.coroutine
+def _resume(coroutine: Coroutine[Any, Any, None], waiting: Any) -> Generator[Any, Any, None]:
+    """Go on running ``coroutine``, which yielded ``waiting`` to the trio loop, as part of the
+    awaiting task (what ``await`` does for a coroutine that has not started)."""
+    try:
+        while True:
+            try:
+                sent = yield waiting
+            except BaseException as exc:
+                waiting = coroutine.throw(exc)
+            else:
+                waiting = coroutine.send(sent)
+    except StopIteration:
+        return
+    finally:
+        coroutine.close()
+
+
 async def _until(when: float) -> None:
     """Wait until trio time ``when`` (no wait, and no cancel scope, once it has passed: at zero
     latency that is every frame, and a simulation moves hundreds of thousands of them)."""
@@ -156,13 +189,25 @@ async def _until(when: float) -> None:
         await trio.sleep_until(when)
 
 
+class _Batch:
+    """The requests one task sent at once: it wakes when the last is answered."""
+
+    __slots__ = ("done", "pending")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.done = trio.Event()
+
+
 class _Call:
     """One request in flight: the answer (and when it arrives), or why it never will."""
 
-    __slots__ = ("answer", "arrival", "done", "error")
+    __slots__ = ("answer", "arrival", "batch", "error", "finished")
 
-    def __init__(self) -> None:
-        self.done = trio.Event()
+    def __init__(self, batch: _Batch) -> None:
+        self.batch = batch
+        batch.pending += 1
+        self.finished = False
         self.answer: bytes | None = None
         self.error: Exception | None = None
         self.arrival = 0.0
@@ -170,9 +215,12 @@ class _Call:
     def finish(
         self, answer: bytes | None = None, error: Exception | None = None, arrival: float = 0.0
     ) -> None:
-        if not self.done.is_set():
+        if not self.finished:
+            self.finished = True
             self.answer, self.error, self.arrival = answer, error, arrival
-            self.done.set()
+            self.batch.pending -= 1
+            if not self.batch.pending:
+                self.batch.done.set()
 
 
 class MemoryStream(Stream):
@@ -291,6 +339,9 @@ class MemoryTransport(Transport):
         self._nursery: trio.Nursery | None = None
         self._serving = False
         self._calls: set[_Call] = set()
+        self._inbox: collections.deque[tuple[PeerId, RequestHandler, bytes, _Call]] = (
+            collections.deque()
+        )
         self._streams: set[MemoryStream] = set()
         self._contacts: dict[PeerId, None] = {}
         self.accepts_inbound = True
@@ -355,23 +406,68 @@ class MemoryTransport(Transport):
     # -- requests ------------------------------------------------------------------------------
 
     async def request(self, peer: PeerId, protocol: str, payload: bytes) -> bytes:
-        payload = bytes(payload)
-        self._network._node(self._peer, peer)
-        self.stats.bytes_out += len(payload)
-        await _until(self._network._delivery_time(self._peer, len(payload)))
-        target = self._network._node(self._peer, peer)
-        self._contacts[peer] = None
-        call = _Call()
-        target._accept_call(self._peer, protocol, payload, call)
-        await call.done.wait()
-        await _until(call.arrival)  # an answer already sent arrives, like TCP data
-        if call.error is not None:
-            raise call.error
-        assert call.answer is not None
-        self.stats.bytes_in += len(call.answer)
-        return call.answer
+        (answer,) = await self.request_each([(peer, payload)], protocol, deadline=math.inf)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
-    def _accept_call(self, source: PeerId, protocol: str, payload: bytes, call: _Call) -> None:
+    async def request_each(
+        self, requests: Sequence[tuple[PeerId, bytes]], protocol: str, *, deadline: float
+    ) -> list[bytes | Exception]:
+        """Every request of the batch from this one task: each is delivered at its arrival
+        time and served by a task of its receiver, as :meth:`request` would; the batch ends
+        when the last answer arrived or at ``deadline``."""
+        batch = _Batch()
+        results: list[bytes | Exception | _Call] = []
+        outgoing: list[tuple[float, int, MemoryTransport, bytes, _Call]] = []
+        now = trio.current_time()
+        for peer, payload in requests:
+            try:
+                target = self._network._node(self._peer, peer)
+            except PeerUnreachable as exc:
+                results.append(exc)
+                continue
+            payload = bytes(payload)
+            self.stats.bytes_out += len(payload)
+            call = _Call(batch)
+            arrival = self._network._delivery_time(self._peer, len(payload), now)
+            outgoing.append((arrival, len(results), target, payload, call))
+            results.append(call)
+        with trio.move_on_at(deadline):
+            outgoing.sort(key=_ARRIVAL_ORDER)
+            for arrival, _, target, payload, call in outgoing:
+                if arrival > now:
+                    await trio.sleep_until(arrival)
+                    now = trio.current_time()
+                    try:  # the world may have changed meanwhile
+                        target = self._network._node(self._peer, target._peer)
+                    except PeerUnreachable as exc:
+                        call.finish(error=exc)
+                        continue
+                self._contacts[target._peer] = None
+                target._accept_call(self._peer, protocol, payload, call, now)
+            if batch.pending:
+                await batch.done.wait()
+            # an answer already sent arrives, like TCP data
+            await _until(max((item[4].arrival for item in outgoing), default=0.0))
+        now = trio.current_time()
+        return [self._outcome(item, now) for item in results]
+
+    def _outcome(self, item: bytes | Exception | _Call, now: float) -> bytes | Exception:
+        """What one request of a batch came to, once the batch ended (at ``now``)."""
+        if not isinstance(item, _Call):
+            return item
+        if not item.finished or item.arrival > now:
+            return trio.TooSlowError("no answer before the deadline")
+        if item.error is not None:
+            return item.error
+        assert item.answer is not None
+        self.stats.bytes_in += len(item.answer)
+        return item.answer
+
+    def _accept_call(
+        self, source: PeerId, protocol: str, payload: bytes, call: _Call, now: float
+    ) -> None:
         assert self._nursery is not None
         self._contacts[source] = None
         self.stats.bytes_in += len(payload)
@@ -382,14 +478,35 @@ class MemoryTransport(Transport):
         elif handler is None:
             reason = RejectReason.UNKNOWN_PROTOCOL
         else:
-            reason = self._admission.admit(source, trio.current_time(), is_request=True)
+            reason = self._admission.admit(source, now, is_request=True)
         if reason is not None:
             self.stats.reject(reason)
             self._answer(call, None, reason.value)
             return
         assert handler is not None
         self._calls.add(call)
-        self._nursery.start_soon(self._serve_call, source, handler, payload, call)
+        self._inbox.append((source, handler, payload, call))
+        if len(self._inbox) == 1:
+            self._nursery.start_soon(self._serve_inbox)
+
+    async def _serve_inbox(self) -> None:
+        """Serve the calls that arrived, in order, each as if in its own task: one runs here
+        until it first waits for something; then a new task takes over the calls behind it,
+        and this one stays with the waiting call. Calls that never wait (most) cost no task."""
+        while self._inbox:
+            source, handler, payload, call = self._inbox[0]
+            served = self._serve_call(source, handler, payload, call)
+            try:
+                waiting = served.send(None)
+            except StopIteration:
+                self._inbox.popleft()
+                continue
+            self._inbox.popleft()
+            if self._inbox:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._serve_inbox)
+            await _resume(served, waiting)
+            return
 
     async def _serve_call(
         self, source: PeerId, handler: RequestHandler, payload: bytes, call: _Call

@@ -7,8 +7,10 @@
 - quantizes, feeds the sans-IO session what arrives (one call at a time) and rescales, in a
   worker thread for long vectors (masking ten million elements must not stall the node's
   loop; for short ones the thread hop would cost more than the work);
-- carries out the actions: each send is a task in the session's nursery with its own deadline;
-  a send that fails is only logged, since the protocol's deadlines deal with silent peers;
+- carries out the actions: the messages and short arrays one call produces go out together,
+  each sealed once however many peers get it, as one task in the session's nursery with a
+  deadline (a long array streams in a task of its own); a send that fails is only logged,
+  since the protocol's deadlines deal with silent peers;
 - ends a phase that waits too long, with a deadline that adapts to the arrivals it saw
   (:class:`DeadlinePolicy`): once most answers are in, the rest get as long again as those took;
 - keeps messages and arrays that arrive for a run this node has not started yet (another peer
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -28,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from ..arrays import ArrayHeader
+from ..arrays import INLINE_ARRAY_BYTES, ArrayHeader
 from ..averaging.butterfly import ButterflySession
 from ..averaging.compression import Codec
 from ..averaging.gather import GatherSession
@@ -57,6 +59,7 @@ __all__ = ["AggregationFailed", "Aggregator", "DeadlinePolicy", "GroupResult"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_UNLOCKED = nullcontext()
 
 #: vectors up to this many elements are masked in the event loop (a millisecond or two);
 #: longer ones in a worker thread, so that the node keeps serving meanwhile
@@ -457,8 +460,9 @@ class Aggregator:
         session is still at that step once it is our turn (a deadline must not end the phase
         that a concurrent call has just begun). A call that may end a step (the step's last
         answer, a deadline) runs in a worker thread for long vectors: ending a step is where
-        masks are computed; the other calls are quicker than a thread hop."""
-        async with run.lock:
+        masks are computed; the other calls are quicker than a thread hop. Only such runs take
+        the run's lock: without a thread, a call never yields, so calls cannot interleave."""
+        async with run.lock if run.in_thread else _UNLOCKED:
             if only_at is not None and (run.step != only_at or run.outcome is not None):
                 return
             if run.outcome is not None:
@@ -471,9 +475,12 @@ class Aggregator:
             progress = run.session.progress()
             if run.observe(progress, call_started) and self._on_progress is not None:
                 self._on_progress(progress)
-        frames: dict[int, bytes] = {}  # a message to many peers is signed once
+        frames: dict[object, bytes] = {}  # a message to many peers is signed once
+        sends: list[tuple[PeerId, bytes]] = []
         for action in actions:
-            self._act(run, action, frames)
+            self._act(run, action, frames, sends)
+        if sends:
+            run.nursery.start_soon(self._send_each, sends)
 
     async def _feed_quietly(self, run: _Run, sender: PeerId, context: bytes, item: _Item) -> None:
         """Hand over something kept before the run began; count it if it is rejected now."""
@@ -482,17 +489,34 @@ class Aggregator:
         except RemoteProtocolError as exc:
             self._node.stats.reject(exc.reason)
 
-    def _act(self, run: _Run, action: Action, frames: dict[int, bytes]) -> None:
+    def _act(
+        self,
+        run: _Run,
+        action: Action,
+        frames: dict[object, bytes],
+        sends: list[tuple[PeerId, bytes]],
+    ) -> None:
+        """Carry out one action; a message or a short array joins ``sends`` (sent together),
+        sealed once for all its receivers (``frames`` keeps what this batch sealed)."""
         if isinstance(action, Send):
             frame = frames.get(id(action.message))
             if frame is None:
                 frame = frames[id(action.message)] = self._node.sealed(
                     action.message, scope=run.scope
                 )
-            run.nursery.start_soon(self._send, action.to, frame)
+            sends.append((action.to, frame))
         elif isinstance(action, SendSlice):
             name = f"{action.kind}:{action.context.hex()}"
-            run.nursery.start_soon(self._send_slice, run.scope, action, name)
+            if action.array.nbytes > INLINE_ARRAY_BYTES:
+                run.nursery.start_soon(self._send_slice, run.scope, action, name)
+                return
+            key = (id(action.array), name)  # a slice sum goes to every owner
+            frame = frames.get(key)
+            if frame is None:
+                frame = frames[key] = self._node.sealed_array(
+                    action.array, name=name, scope=run.scope
+                )
+            sends.append((action.to, frame))
         elif isinstance(action, Rejected):
             self._node.stats.reject(action.reason)
             log.info("rejected", extra={"peer": action.peer.short(), "why": action.detail})
@@ -500,11 +524,11 @@ class Aggregator:
             run.outcome = action
             run.changed.set()
 
-    async def _send(self, to: PeerId, frame: bytes) -> None:
-        try:
-            await self._node.send(to, frame, within=self.deadlines.phase_max_s)
-        except (MeshfedError, trio.TooSlowError) as exc:
-            log.info("send failed", extra={"peer": to.short(), "error": repr(exc)})
+    async def _send_each(self, sends: list[tuple[PeerId, bytes]]) -> None:
+        errors = await self._node.send_each(sends, within=self.deadlines.phase_max_s)
+        for (to, _), error in zip(sends, errors, strict=True):
+            if error is not None:
+                log.info("send failed", extra={"peer": to.short(), "error": repr(error)})
 
     async def _send_slice(self, scope: Scope, action: SendSlice, name: str) -> None:
         try:

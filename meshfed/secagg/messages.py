@@ -20,6 +20,7 @@ __all__ = [
     "AdvertiseKeys",
     "InputsReceived",
     "RollCall",
+    "SealedShares",
     "ShareKeys",
     "SharePart",
     "Survivors",
@@ -45,10 +46,20 @@ class AdvertiseKeys(Message):
     mask_key: bytes = bounded(min_len=_KEY, max_len=_KEY)
 
 
+@dataclass(frozen=True, slots=True)
+class SealedShares:
+    """One receiver's shares of the sender's mask key and self-mask seed, sealed for it alone."""
+
+    peer: PeerId
+    sealed: bytes = bounded(min_len=_SEALED_SHARES, max_len=_SEALED_SHARES)
+
+
 @message("meshfed.secagg.shares")
 @dataclass(frozen=True, slots=True)
 class ShareKeys(Message):
-    """Phase 2, to one peer: its shares of the sender's mask key and self-mask seed, sealed.
+    """Phase 2, one message to every peer whose keys arrived: each one's shares of the sender's
+    mask key and self-mask seed, sealed for that peer alone (a receiver opens its own entry;
+    the others are ciphertexts under keys it does not hold).
 
     ``self_mask_digest`` commits to the self-mask seed so that a rebuilt seed is checked, and
     the keys are repeated so that a receiver that missed phase 1 still has them.
@@ -58,7 +69,7 @@ class ShareKeys(Message):
     cipher_key: bytes = bounded(min_len=_KEY, max_len=_KEY)
     mask_key: bytes = bounded(min_len=_KEY, max_len=_KEY)
     self_mask_digest: bytes = bounded(min_len=32, max_len=32)
-    sealed: bytes = bounded(min_len=_SEALED_SHARES, max_len=_SEALED_SHARES)
+    sealed: list[SealedShares] = bounded(max_len=MAX_GROUP)
 
 
 @message("meshfed.secagg.roll_call")

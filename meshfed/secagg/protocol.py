@@ -67,6 +67,7 @@ from .messages import (
     AdvertiseKeys,
     InputsReceived,
     RollCall,
+    SealedShares,
     ShareKeys,
     SharePart,
     Survivors,
@@ -277,6 +278,8 @@ class _Held:
     self_mask_digest: bytes
 
 
+_PHASES = tuple(Phase)
+_PHASE_NAMES = {phase: phase.name.lower() for phase in Phase}
 _PHASE_OF: dict[type[Message], Phase] = {
     AdvertiseKeys: Phase.KEYS,
     ShareKeys: Phase.SHARES,
@@ -345,7 +348,8 @@ class SecAggPeer:
         self._keys: dict[PeerId, tuple[bytes, bytes]] = {
             me: (_raw_public(self._cipher_key), _raw_public(self._mask_key))
         }
-        self._inbox: dict[Phase, dict[PeerId, Any]] = {phase: {} for phase in Phase}
+        self._agreed: dict[bytes, bytes] = {}  # X25519 with a peer's cipher key
+        self._inbox: dict[Phase, dict[PeerId, Any]] = {phase: {} for phase in _PHASES}
         self._expected: frozenset[PeerId] = frozenset()
         self._owners: tuple[PeerId, ...] = ()
         self._graph: dict[PeerId, set[PeerId]] = {}
@@ -478,7 +482,10 @@ class SecAggPeer:
     # -- sealing shares ------------------------------------------------------------------------
 
     def _share_cipher(self, peer: PeerId, peer_cipher_key: bytes, *, outgoing: bool) -> AESGCM:
-        secret = self._cipher_key.exchange(X25519PublicKey.from_public_bytes(peer_cipher_key))
+        secret = self._agreed.get(peer_cipher_key)
+        if secret is None:  # the same for both directions: agreed once per peer
+            public = X25519PublicKey.from_public_bytes(peer_cipher_key)
+            secret = self._agreed[peer_cipher_key] = self._cipher_key.exchange(public)
         sender, receiver = (self.me, peer) if outgoing else (peer, self.me)
         key = HKDF(
             algorithm=hashes.SHA256(),
@@ -489,9 +496,15 @@ class SecAggPeer:
         return AESGCM(key)
 
     def _open_shares(self, sender: PeerId, message: ShareKeys) -> _Held:
+        receivers = [entry.peer for entry in message.sealed]
+        if len(set(receivers)) != len(receivers) or not self._index.keys() >= set(receivers):
+            raise _reject(RejectReason.BAD_FIELD, "sealed shares for repeats or strangers")
+        mine = [entry.sealed for entry in message.sealed if entry.peer == self.me]
+        if not mine:
+            raise _reject(RejectReason.BAD_FIELD, "no shares sealed for this peer")
         cipher = self._share_cipher(sender, message.cipher_key, outgoing=False)
         try:
-            plain = cipher.decrypt(_ZERO_NONCE, message.sealed, self.context)
+            plain = cipher.decrypt(_ZERO_NONCE, mine[0], self.context)
         except InvalidTag:
             raise _reject(RejectReason.INCONSISTENT, "sealed shares do not open") from None
         return _Held(plain[:66], plain[66:], message.self_mask_digest)
@@ -512,7 +525,7 @@ class SecAggPeer:
     def _progress(self) -> list[Action]:
         """Advance through every phase whose wait is already over."""
         actions: list[Action] = []
-        while self.phase < Phase.DONE and not self.waiting_for:
+        while self.phase < Phase.DONE and self._inbox[self.phase].keys() >= self._expected:
             actions += self._advance()
         return actions
 
@@ -557,21 +570,21 @@ class SecAggPeer:
         self.phase = Phase.SHARES
         self._expected = frozenset(with_keys - {self.me})
         cipher_key, mask_key = self._keys[self.me]
-        actions: list[Action] = []
-        for peer in self._expected_in_order():
+        receivers = self._expected_in_order()
+        sealed = []
+        for peer in receivers:
             index = self._index[peer]
             cipher = self._share_cipher(peer, self._keys[peer][0], outgoing=True)
             plain = mask_shares[index].y + self_shares[index].y
-            sealed = cipher.encrypt(_ZERO_NONCE, plain, self.context)
-            message = ShareKeys(
-                context=self.context,
-                cipher_key=cipher_key,
-                mask_key=mask_key,
-                self_mask_digest=digest,
-                sealed=sealed,
-            )
-            actions.append(Send(peer, message))
-        return actions
+            sealed.append(SealedShares(peer, cipher.encrypt(_ZERO_NONCE, plain, self.context)))
+        message = ShareKeys(
+            context=self.context,
+            cipher_key=cipher_key,
+            mask_key=mask_key,
+            self_mask_digest=digest,
+            sealed=sealed,
+        )
+        return [Send(peer, message) for peer in receivers]
 
     def _end_shares(self) -> list[Action]:
         holders = self._heard(Phase.SHARES)
@@ -816,7 +829,7 @@ class SecAggSession:
         expected = len(self.current.expected)
         phase = self.current.phase
         arrived = expected - len(self.current.waiting_for)
-        return Progress((self.attempt, int(phase)), expected, arrived, phase.name.lower())
+        return Progress((self.attempt, int(phase)), expected, arrived, _PHASE_NAMES[phase])
 
     def attempt_of(self, context: bytes) -> int:
         """Which attempt ``context`` belongs to.

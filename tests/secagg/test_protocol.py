@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,14 @@ from hypothesis import strategies as st
 from meshfed.errors import RemoteProtocolError
 from meshfed.identity import Identity, PeerId
 from meshfed.secagg.keys import mask_sign, pair_seed
-from meshfed.secagg.messages import AdvertiseKeys, RollCall, ShareKeys, SharePart, Unmask
+from meshfed.secagg.messages import (
+    AdvertiseKeys,
+    RollCall,
+    SealedShares,
+    ShareKeys,
+    SharePart,
+    Unmask,
+)
 from meshfed.secagg.prg import expand_mask
 from meshfed.secagg.protocol import (
     Aborted,
@@ -284,11 +292,14 @@ def test_forged_or_contradicting_messages_are_rejected() -> None:
         cipher_key=adverts[c].cipher_key,
         mask_key=adverts[c].mask_key,
         self_mask_digest=bytes(32),
-        sealed=bytes(148),
+        sealed=[SealedShares(b, bytes(148))],
     )
     assert reason(a, other_keys) is RejectReason.INCONSISTENT
     # Shares that do not open under the pair's key (c never sealed these).
     assert reason(c, other_keys) is RejectReason.INCONSISTENT
+    # None sealed for b, or some for a stranger.
+    for entries in ([SealedShares(a, bytes(148))], [SealedShares(PEERS[7], bytes(148))]):
+        assert reason(c, replace(other_keys, sealed=entries)) is RejectReason.BAD_FIELD
     # Unmask parts revealing both secrets of one peer.
     part = SharePart(a, bytes(66))
     both = Unmask(context=spec.context, self_masks=[part], mask_keys=[part])
@@ -296,6 +307,30 @@ def test_forged_or_contradicting_messages_are_rejected() -> None:
     # A stranger's peer list.
     stranger = RollCall(context=spec.context, members=[a, PEERS[7]])
     assert reason(c, stranger) is RejectReason.BAD_FIELD
+
+
+def test_one_shares_message_for_all_and_each_opens_only_its_own() -> None:
+    spec = make_spec(3)
+    a, b, c = spec.roster
+    cores = {p: SecAggPeer(spec, p, np.zeros(10, spec.dtype)) for p in spec.roster}
+    adverts = {p: first_send(cores[p].start(), to=a if p != a else b).message for p in cores}
+    for receiver in (b, c):
+        for sender in spec.roster:
+            if sender != receiver:
+                cores[receiver].receive(sender, adverts[sender])
+    cores[a].receive(b, adverts[b])
+    sends = [action for action in cores[a].receive(c, adverts[c]) if isinstance(action, Send)]
+    assert [send.to for send in sends] == [b, c]
+    shares = sends[0].message
+    assert sends[1].message is shares and isinstance(shares, ShareKeys)
+    assert [entry.peer for entry in shares.sealed] == [b, c]
+    # b's entry relabelled as c's does not open under the key of the pair (a, c).
+    relabelled = replace(shares, sealed=[SealedShares(c, shares.sealed[0].sealed)])
+    with pytest.raises(RemoteProtocolError) as info:
+        cores[c].receive(a, relabelled)
+    assert info.value.reason is RejectReason.INCONSISTENT
+    cores[b].receive(a, shares)
+    cores[c].receive(a, shares)
 
 
 def test_a_group_spec_refuses_what_cannot_be_secure() -> None:

@@ -283,8 +283,47 @@ async def check_stop_is_prompt_with_streams_and_requests_open(make_mesh: MeshFac
     assert len(outcomes) == 2
 
 
+async def check_request_each_answers_each_in_order(make_mesh: MeshFactory) -> None:
+    async def echo_or_hang(peer: PeerId, payload: bytes) -> bytes:
+        if payload == b"hang":
+            await trio.sleep_forever()
+        return peer.raw + payload
+
+    async with make_mesh(3, LIMITS) as mesh:
+        (a, _), (b, _), (c, c_stats) = mesh
+        b.set_request_handler("/echo", echo_or_hang)
+        c.set_request_handler("/echo", echo_or_hang)
+        me, too_long = a.local_peer.raw, bytes(LIMITS.max_frame_bytes + 1)
+        with trio.fail_after(20):
+            answers = await a.request_each(
+                [(b.local_peer, b"1"), (c.local_peer, b"2"), (c.local_peer, too_long)],
+                "/echo",
+                deadline=trio.current_time() + 15,
+            )
+            assert answers[:2] == [me + b"1", me + b"2"]
+            assert isinstance(answers[2], RequestFailed) and answers[2].reason == "oversized"
+            assert c_stats.rejected[RejectReason.OVERSIZED] == 1
+            started = trio.current_time()
+            answers = await a.request_each(
+                [(b.local_peer, b"hang"), (c.local_peer, b"3")],
+                "/echo",
+                deadline=started + 0.5,
+            )
+            assert 0.5 <= trio.current_time() - started < 5
+            assert isinstance(answers[0], trio.TooSlowError) and answers[1] == me + b"3"
+            await mesh[2].stop()
+            answers = await a.request_each(
+                [(b.local_peer, b"4"), (c.local_peer, b"5")],
+                "/echo",
+                deadline=trio.current_time() + 15,
+            )
+            assert answers[0] == me + b"4"
+            assert isinstance(answers[1], PeerUnreachable | RequestFailed)
+
+
 CHECKS: list[Check] = [
     check_requests_both_ways_and_concurrently,
+    check_request_each_answers_each_in_order,
     check_empty_and_largest_payloads,
     check_bytes_are_counted_once,
     check_refusals_are_answered_and_counted,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +14,7 @@ import trio.testing
 from meshfed.errors import PeerUnreachable, StreamClosed
 from meshfed.identity import Identity, PeerId
 from meshfed.stats import NodeStats
-from meshfed.transport import Stream, TransportLimits
+from meshfed.transport import RequestHandler, Stream, TransportLimits
 from meshfed.transports.memory import MemoryNetwork
 from tests.transports.conformance import CHECKS, Check, Member, Mesh, running
 
@@ -53,6 +54,55 @@ async def test_latency_and_bandwidth_in_virtual_time(
         await a.request(b.local_peer, "/echo", bytes(100_000))
         # 0.1 s serialisation each way + 0.05 s latency each way
         assert trio.current_time() - started == pytest.approx(0.3)
+
+
+async def test_a_batch_of_requests_shares_the_uplink_in_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = MemoryNetwork(latency=0.05, bandwidth=1_000_000)
+    async with memory_mesh(network)(3, TransportLimits()) as [(a, _), (b, _), (c, _)]:
+        served: dict[int, float] = {}
+
+        def noting(size: int) -> RequestHandler:
+            async def note(peer: PeerId, payload: bytes) -> bytes:
+                served[size] = trio.current_time() - started
+                return bytes(1000)
+
+            return note
+
+        b.set_request_handler("/note", noting(100_000))
+        c.set_request_handler("/note", noting(50_000))
+        started = trio.current_time()
+        answers = await a.request_each(
+            [(b.local_peer, bytes(100_000)), (c.local_peer, bytes(50_000))],
+            "/note",
+            deadline=math.inf,
+        )
+        took = trio.current_time() - started
+    assert answers == [bytes(1000)] * 2
+    # 0.1 s on a's uplink, then 0.05 s more for c's frame, each + 0.05 s latency; the answers
+    # (1 ms on each receiver's uplink, + latency) overlap: the batch ends with the last one
+    assert served == {100_000: pytest.approx(0.15), 50_000: pytest.approx(0.2)}
+    assert took == pytest.approx(0.2 + 0.001 + 0.05)
+
+
+async def test_a_handler_that_waits_does_not_hold_up_the_calls_behind_it() -> None:
+    released = trio.Event()
+
+    async def wait_or_release(peer: PeerId, payload: bytes) -> bytes:
+        if payload == b"wait":
+            await released.wait()  # only the call behind it can release it
+        else:
+            released.set()
+        return payload
+
+    async with memory_mesh()(2, TransportLimits()) as [(a, _), (b, _)]:
+        b.set_request_handler("/x", wait_or_release)
+        with trio.fail_after(5):
+            answers = await a.request_each(
+                [(b.local_peer, b"wait"), (b.local_peer, b"release")], "/x", deadline=math.inf
+            )
+        assert answers == [b"wait", b"release"]
 
 
 async def test_closed_streams_are_forgotten_on_both_sides() -> None:
