@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ class _Child:
     finished: trio.Event = field(default_factory=trio.Event)
 
 
-async def _read_lines(child: _Child) -> None:
+async def _read_lines(child: _Child, on_round: Callable[[], None]) -> None:
     assert child.process.stdout is not None
     buffer = b""
     async for chunk in child.process.stdout:
@@ -67,6 +68,7 @@ async def _read_lines(child: _Child) -> None:
                 child.ready.set()
             elif event == "round":
                 child.rounds.append(document)
+                on_round()
             elif event in ("job_done", "job_failed"):
                 child.outcome = {"event": event, **document}
                 child.finished.set()
@@ -185,6 +187,20 @@ async def run_testnet(
         job_file = workdir / "job.json"
         job_file.write_text(spec.to_json())
         began = trio.current_time()
+
+        def chaos() -> None:
+            """SIGKILL the last ``kill`` nodes the moment every node reported the round before
+            ``kill_at_round`` (so they die in that round, and the rounds after it show the
+            survivors carrying on)."""
+            victims = children[nodes - kill :] if kill and len(children) == nodes else []
+            if any(v.outcome for v in victims) or not all(
+                len(c.rounds) >= kill_at_round for c in children
+            ):
+                return
+            for victim in victims:
+                victim.process.kill()
+                victim.outcome = {"event": "killed"}
+
         async with trio.open_nursery() as nursery:
             for index in range(nodes):
                 bootstrap = [c.started["listen"][0] for c in children]
@@ -198,22 +214,16 @@ async def run_testnet(
                 process: trio.Process = await nursery.start(launch)
                 child = _Child(index, process)
                 children.append(child)
-                nursery.start_soon(_read_lines, child)
+                nursery.start_soon(_read_lines, child, chaos)
                 with trio.fail_after(_STARTUP_S):
                     await child.ready.wait()
             with Live(
                 _live_table(children, spec, 0), console=console, refresh_per_second=4
             ) as live:
-                victims = children[nodes - kill :] if kill else []
                 with trio.move_on_after(limit_s):
                     for child in children:
                         while not child.finished.is_set():
                             live.update(_live_table(children, spec, trio.current_time() - began))
-                            if victims and all(len(c.rounds) >= kill_at_round for c in children):
-                                for victim in victims:
-                                    victim.process.kill()
-                                    victim.outcome = {"event": "killed"}
-                                victims = []
                             with trio.move_on_after(0.25):
                                 await child.finished.wait()
                 for child in children:
