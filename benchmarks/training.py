@@ -16,6 +16,10 @@ the 9.6k-parameter MLP, ``--rounds`` rounds of ``--epochs`` local epochs, one se
   SGD step and one sweep of pushes; as many ticks as the rounds' local epochs take steps on
   the mean shard: ``gossip_ticks``), ``gap_gossip``, ``round_s_gossip`` (seconds per tick).
 
+- ``acc_dp``, ``epsilon_dp``: the secure job again with example-level differential privacy
+  (DP-SGD: clip 1, noise multiplier 1, lr 0.5, budget epsilon 8 at delta 1e-5 per peer): the
+  final accuracy and the largest epsilon a peer spent (``dp_rounds``: rounds it contributed to).
+
 - ``sim_round_s_200``, ``sim_cpu_s_200``, ``sim_rss_mb_200``: ``--sim-peers`` (200) peers of
   the same job in one process on the memory transport (``meshfed-node testnet --simulate``,
   secure averaging in Moshpit groups of at most ``--sim-max-group`` (8: an 8 x 5 x 5 grid for
@@ -52,6 +56,7 @@ from meshfed.training.job import JobSpec, job_shards, local_seed
 from meshfed.training.models import build
 from meshfed.training.torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 
+DP = {"dp_mode": "sample", "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "lr": 0.5, "dp_epsilon": 8.0}
 LARGE = {"hidden": [1024, 960]}  # 64*1024 + 1024 + 1024*960 + 960 + 960*10 + 10 = 1.05M
 
 
@@ -140,6 +145,8 @@ def main() -> None:
     central = centralized_fedavg(job)
     later = [row for row in secure["rounds"] if row["round"] > 0]
     large = decentralized(nodes, **{**options, "rounds": 2, "model_options": LARGE})
+    private = decentralized(nodes, **{**options, **DP})
+    spent = [n["rounds"][-1] for n in private["nodes"] if n["rounds"]]
     params_large = sum(p.numel() for p in build("mlp", **LARGE).parameters())
     sim_peers = 20 if args.quick else args.sim_peers
     sim_options = {**options, "rounds": 3, "max_group": args.sim_max_group}
@@ -169,6 +176,9 @@ def main() -> None:
         ],
         "acc_gossip_spread": round(gossip["rounds"][-1]["accuracy_spread"], 4),
         "round_s_gossip": round(statistics.mean(r["seconds"] for r in gossip["rounds"][1:]), 4),
+        "acc_dp": round(private["final_accuracy"], 4),
+        "epsilon_dp": round(max(r["epsilon"] for r in spent), 3),
+        "dp_rounds": max(sum(r["contributed"] for r in n["rounds"]) for n in private["nodes"]),
         "sim_peers": sim_peers,
         f"sim_round_s_{sim_peers}": round(simulation["round_s"], 3),
         f"sim_cpu_s_{sim_peers}": round(simulation["round_cpu_s"], 3),

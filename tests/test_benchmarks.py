@@ -101,6 +101,8 @@ def test_training_benchmark_matches_centralized_fedavg() -> None:
     # the same job, the same seeds: secure averaging only adds quantization noise
     assert abs(figures["gap_secure"]) <= 0.01  # type: ignore[arg-type]
     assert isinstance(figures["acc_gossip"], float) and figures["acc_gossip"] > 0.3
+    # example-level DP within its budget, and still learning (chance is 0.1)
+    assert 0 < figures["epsilon_dp"] <= 8 and figures["acc_dp"] > 0.2  # type: ignore[operator]
     assert figures["sim_peers"] == 20
     assert figures["sim_round_s_20"] > 0 and figures["sim_rss_mb_20"] > 0  # type: ignore[operator]
     # one grid axis per round instead of all of them: fewer secure runs, less CPU
