@@ -17,7 +17,8 @@ the 9.6k-parameter MLP, ``--rounds`` rounds of ``--epochs`` local epochs, one se
   the mean shard: ``gossip_ticks``), ``gap_gossip``, ``round_s_gossip`` (seconds per tick).
 
 - ``acc_dp``, ``epsilon_dp``: the secure job again with example-level differential privacy
-  (DP-SGD: clip 1, noise multiplier 1, lr 0.5, budget epsilon 8 at delta 1e-5 per peer): the
+  (DP-SGD: clip 1, lr 0.5, budget epsilon 8 at delta 1e-5 per peer, each peer's noise the least
+  that lasts every round): the
   final accuracy and the largest epsilon a peer spent (``dp_rounds``: rounds it contributed to).
 
 - ``sim_round_s_200``, ``sim_cpu_s_200``, ``sim_rss_mb_200``: ``--sim-peers`` (200) peers of
@@ -56,7 +57,7 @@ from meshfed.training.job import JobSpec, job_shards, local_seed
 from meshfed.training.models import build
 from meshfed.training.torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 
-DP = {"dp_mode": "sample", "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "lr": 0.5, "dp_epsilon": 8.0}
+DP = {"dp_mode": "sample", "dp_clip": 1.0, "dp_noise_multiplier": 0.0, "lr": 0.5, "dp_epsilon": 8.0}
 LARGE = {"hidden": [1024, 960]}  # 64*1024 + 1024 + 1024*960 + 960 + 960*10 + 10 = 1.05M
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import dp_accounting
 from dp_accounting import rdp
 
-__all__ = ["GaussianEvent", "PrivacyAccountant"]
+__all__ = ["GaussianEvent", "PrivacyAccountant", "calibrate_noise"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +81,28 @@ class PrivacyAccountant:
         self.budget_epsilon = float(state["budget_epsilon"])
         self.delta = float(state["delta"])
         self._events = [(GaussianEvent(m, q), int(c)) for m, q, c in state["events"]]
+
+
+def calibrate_noise(
+    *, epsilon: float, delta: float, sampling_rate: float, count: int, most: float = 100.0
+) -> float:
+    """The least noise multiplier (within 1 %) with which ``count`` Gaussian events at
+    ``sampling_rate`` spend at most ``epsilon`` at ``delta`` (dp-accounting's RDP, bisection).
+
+    Raises:
+        ValueError: not even ``most`` fits the budget.
+    """
+
+    def spent(noise_multiplier: float) -> float:
+        accountant = rdp.RdpAccountant()
+        event = GaussianEvent(noise_multiplier, sampling_rate=sampling_rate)
+        accountant.compose(event.as_dp_event(), count)
+        return float(accountant.get_epsilon(delta))
+
+    low, high = 0.1, most
+    if spent(high) > epsilon:
+        raise ValueError(f"{count} releases do not fit epsilon {epsilon} even at noise {most}")
+    while high - low > 0.01 * low:
+        middle = (low + high) / 2
+        low, high = (low, middle) if spent(middle) <= epsilon else (middle, high)
+    return high

@@ -45,7 +45,7 @@ from ..averaging.robust import AGGREGATORS
 from ..errors import ConfigError, MeshfedError, RemoteProtocolError, StoreError
 from ..identity import PeerId
 from ..node import Node
-from ..privacy.accountant import GaussianEvent, PrivacyAccountant
+from ..privacy.accountant import GaussianEvent, PrivacyAccountant, calibrate_noise
 from ..privacy.dp import privatize
 from ..privacy.dpsgd import DPSGDTrainer
 from ..secagg.driver import AggregationFailed, Aggregator, GroupResult
@@ -98,7 +98,8 @@ class JobSpec:
             then every peer weighs the same) or ``sample`` (example-level DP-SGD in local
             training: each example's gradient is clipped, each step's sum noised).
         dp_noise_multiplier: noise std on a group sum (``update``) or on a step's gradient sum
-            (``sample``), in units of ``dp_clip``.
+            (``sample``), in units of ``dp_clip``. With ``sample``, 0 lets each peer take the
+            least noise with which all ``rounds`` of its DP-SGD fit ``dp_epsilon``.
         dp_epsilon, dp_delta: each peer's budget for the whole job; a peer whose next round
             would exceed it stops contributing its data.
         robust, robust_options: Byzantine-robust aggregation instead of the mean (``median``,
@@ -178,7 +179,8 @@ class JobSpec:
                 "minus its own): give the job 3 peers or more, a max_group of 3 or more, or "
                 "secure=false"
             )
-        if self.dp_clip < 0 or (self.dp_clip and not self.dp_noise_multiplier > 0):
+        auto_noise = self.dp_mode == "sample" and self.dp_noise_multiplier == 0
+        if self.dp_clip < 0 or (self.dp_clip and not (self.dp_noise_multiplier > 0 or auto_noise)):
             raise ConfigError("dp_clip must be >= 0, and dp_noise_multiplier > 0 with it")
         if self.dp_mode not in ("update", "sample"):
             raise ConfigError(f"dp_mode must be update or sample, not {self.dp_mode!r}")
@@ -352,11 +354,23 @@ class TrainingPeer:
                 raise ConfigError("DP-SGD (dp_mode sample) has no FedProx term")
             self.trainer = DPSGDTrainer(
                 clip=spec.dp_clip,
-                noise_multiplier=spec.dp_noise_multiplier,
+                noise_multiplier=spec.dp_noise_multiplier or 1.0,
                 epochs=spec.epochs,
                 batch_size=spec.batch_size,
                 lr=spec.lr,
             )
+            if not spec.dp_noise_multiplier:  # the least noise that lasts the whole job
+                examples = len(self.shard)
+                try:
+                    noise = calibrate_noise(
+                        epsilon=spec.dp_epsilon,
+                        delta=spec.dp_delta,
+                        sampling_rate=self.trainer.sampling_rate(examples),
+                        count=spec.rounds * self.trainer.steps(examples),
+                    )
+                except ValueError as exc:
+                    raise ConfigError(f"job {spec.job_id!r}: {exc}") from None
+                self.trainer = replace(self.trainer, noise_multiplier=noise)
         else:
             if spec.dp_clip:  # peer-level DP: every peer's update has the same sensitivity
                 self.weight = 1.0

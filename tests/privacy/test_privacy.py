@@ -11,7 +11,7 @@ from dp_accounting import rdp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshfed.privacy.accountant import GaussianEvent, PrivacyAccountant
+from meshfed.privacy.accountant import GaussianEvent, PrivacyAccountant, calibrate_noise
 from meshfed.privacy.dp import clip_update, privatize
 
 
@@ -77,3 +77,17 @@ def test_each_peer_adds_its_share_of_the_noise_the_sum_is_charged_for() -> None:
     total = np.sum(shares, axis=0)
     assert np.std(total) == pytest.approx(sigma * clip, rel=0.01)
     assert np.std(shares[0]) == pytest.approx(sigma * clip / math.sqrt(contributors), rel=0.01)
+
+
+@pytest.mark.parametrize(("rate", "count"), [(1.0, 5), (0.1, 100), (0.01, 2000)])
+def test_calibrated_noise_is_the_least_that_fits_the_budget(rate: float, count: int) -> None:
+    noise = calibrate_noise(epsilon=4.0, delta=1e-5, sampling_rate=rate, count=count)
+
+    def spent(multiplier: float) -> float:
+        accountant = PrivacyAccountant(budget_epsilon=100, delta=1e-5)
+        accountant.compose(GaussianEvent(multiplier, sampling_rate=rate), count)
+        return accountant.epsilon()
+
+    assert spent(noise) <= 4.0 < spent(noise * 0.98)
+    with pytest.raises(ValueError, match="do not fit"):
+        calibrate_noise(epsilon=1e-3, delta=1e-5, sampling_rate=1.0, count=1000, most=2.0)
