@@ -126,6 +126,7 @@ def _summary(children: list[_Child], spec: JobSpec) -> tuple[Table, list[dict[st
             "accuracy_spread": max(accuracies) - min(accuracies),
             "seconds": statistics.mean(r["seconds"] for r in reports),
             "averaging_s": statistics.mean(r["averaging_s"] for r in reports),
+            "averaging_phase_s": _averaging_phase(reports),
             "bytes_out": statistics.mean(r["bytes_out"] for r in reports),
         }
         rows.append(row)
@@ -138,6 +139,15 @@ def _summary(children: list[_Child], spec: JobSpec) -> tuple[Table, list[dict[st
             f"{row['bytes_out'] / 1e3:.0f}",
         )
     return table, rows
+
+
+def _averaging_phase(reports: list[dict[str, Any]]) -> float:
+    """Mean seconds the nodes averaged after the last of them began (before that, the early
+    ones only waited for it): the averaging phase proper, from the wall clocks of one machine."""
+    last_began = max(r["averaging_at"] for r in reports)
+    return statistics.fmean(
+        max(0.0, r["averaging_at"] + r["averaging_s"] - last_began) for r in reports
+    )
 
 
 def _make_job(workdir: Path, nodes: int, options: dict[str, Any]) -> JobSpec:

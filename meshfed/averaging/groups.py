@@ -69,7 +69,8 @@ def _best_shape(peers: int, max_group: int) -> tuple[int, ...]:
 
 
 class Placement:
-    """Where each peer of ``roster`` sits in round ``round`` of ``job``."""
+    """Where each peer of ``roster`` sits in round ``round`` of ``job`` (immutable; the groups
+    of an axis are worked out once, on first use)."""
 
     def __init__(self, roster: Sequence[PeerId], *, job: bytes, round: int, max_group: int) -> None:
         self.shape = grid_shape(len(roster), max_group)
@@ -82,6 +83,14 @@ class Placement:
                 index, digit = divmod(index, length)
                 coordinate.append(digit)
             self._coordinates[peer] = tuple(reversed(coordinate))
+        self._axes: dict[int, dict[tuple[int, ...], tuple[int, tuple[PeerId, ...]]]] = {}
+
+    @classmethod
+    @functools.lru_cache(maxsize=8)
+    def of(cls, roster: tuple[PeerId, ...], *, job: bytes, round: int, max_group: int) -> Placement:
+        """``Placement(...)``, shared by the callers asking for the same one (a simulation's
+        peers all place the same roster every round)."""
+        return cls(roster, job=job, round=round, max_group=max_group)
 
     @property
     def steps(self) -> int:
@@ -92,12 +101,22 @@ class Placement:
         """``(group index, members)`` of ``peer`` at ``step``; members in grid order."""
         axis = step % len(self.shape)
         mine = self._coordinates[peer]
-        key = mine[:axis] + mine[axis + 1 :]
-        members = sorted(
-            (p for p, c in self._coordinates.items() if c[:axis] + c[axis + 1 :] == key),
-            key=lambda p: self._coordinates[p][axis],
-        )
-        index = 0
-        for position, length in zip(key, self.shape[:axis] + self.shape[axis + 1 :], strict=True):
-            index = index * length + position
-        return index, tuple(members)
+        groups = self._axes.get(axis)
+        if groups is None:
+            groups = self._axes[axis] = self._groups_along(axis)
+        return groups[mine[:axis] + mine[axis + 1 :]]
+
+    def _groups_along(self, axis: int) -> dict[tuple[int, ...], tuple[int, tuple[PeerId, ...]]]:
+        """Every group of ``axis``, by the coordinates its members share."""
+        members: dict[tuple[int, ...], list[PeerId]] = {}
+        for peer, coordinate in self._coordinates.items():
+            members.setdefault(coordinate[:axis] + coordinate[axis + 1 :], []).append(peer)
+        others = self.shape[:axis] + self.shape[axis + 1 :]
+        groups = {}
+        for key, peers in members.items():
+            index = 0
+            for position, length in zip(key, others, strict=True):
+                index = index * length + position
+            peers.sort(key=lambda p: self._coordinates[p][axis])
+            groups[key] = (index, tuple(peers))
+        return groups

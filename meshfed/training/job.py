@@ -282,6 +282,7 @@ class RoundReport:
     loss: float
     train_loss: float
     seconds: float
+    #: seconds from the end of local training to the averaged model in place
     averaging_s: float
     bytes_out: int
     #: survivors of each averaging step (0: this peer was left out of that step)
@@ -294,6 +295,9 @@ class RoundReport:
     #: early on ``target`` or ``plateau`` (:mod:`.checkpoints`)
     decision: str = "continue"
     rolled_back_to: int | None = None
+    #: when this peer began averaging (Unix seconds): on one machine, a group's averaging
+    #: phase proper begins when the last of its members began (the rest waited for it)
+    averaging_at: float = 0.0
 
 
 class TrainingPeer:
@@ -629,7 +633,7 @@ class TrainingPeer:
         base = flatten(self.model)
         contributes = self._may_contribute()
         train_loss = await self._train_locally(number) if contributes else float("nan")
-        averaging_began = time.monotonic()
+        averaging_began, averaging_at = time.monotonic(), time.time()
         trained = self._privatized(base, flatten(self.model), number) if contributes else base
         if self._index in self.spec.attackers:
             factor = self.spec.attack_scale * (-1 if self.spec.attack == "sign_flip" else 1)
@@ -641,7 +645,8 @@ class TrainingPeer:
         return await self._report(
             number,
             began=began,
-            averaging_began=averaging_began,
+            averaging_s=time.monotonic() - averaging_began,
+            averaging_at=averaging_at,
             sent_before=sent_before,
             train_loss=train_loss,
             groups=tuple(groups),
@@ -656,7 +661,7 @@ class TrainingPeer:
         load_flat(self.model, self._push_state.estimate())
         train_loss = await self._train_locally(number)
         self._push_state.move_to(flatten(self.model))
-        pushing, pushed = time.monotonic(), 0
+        pushing, pushing_at, pushed = time.monotonic(), time.time(), 0
         pushes = self.spec.gossip_pushes or max(1, math.ceil(math.log2(len(self._roster))))
         for hop in range(pushes):  # one sweep of the exponential graph by default
             message = self._push_state.split()
@@ -673,7 +678,8 @@ class TrainingPeer:
         return await self._report(
             number,
             began=began,
-            averaging_began=pushing,
+            averaging_s=time.monotonic() - pushing,
+            averaging_at=pushing_at,
             sent_before=sent_before,
             train_loss=train_loss,
             groups=(pushed,),
@@ -698,7 +704,8 @@ class TrainingPeer:
         number: int,
         *,
         began: float,
-        averaging_began: float,
+        averaging_s: float,
+        averaging_at: float,
         sent_before: int,
         train_loss: float,
         groups: tuple[int, ...],
@@ -715,7 +722,8 @@ class TrainingPeer:
             loss=loss,
             train_loss=train_loss,
             seconds=now - began,
-            averaging_s=now - averaging_began,
+            averaging_s=averaging_s,
+            averaging_at=averaging_at,
             bytes_out=self.node.stats.bytes_out - sent_before,
             groups=groups,
             epsilon=0.0 if self.accountant is None else self.accountant.epsilon(),
@@ -770,7 +778,9 @@ class TrainingPeer:
         return base + noisy
 
     def _placement(self, number: int) -> Placement:
-        return Placement(self._roster, job=self._job, round=number, max_group=self.spec.max_group)
+        return Placement.of(
+            self._roster, job=self._job, round=number, max_group=self.spec.max_group
+        )
 
     async def average(
         self,
