@@ -9,7 +9,10 @@ SPEC.md, "Array transfer". On a stream of protocol ``/meshfed/array/1`` the send
 
 and the receiver answers with an envelope holding :class:`ArrayReceived`. An array of at most
 :data:`INLINE_ARRAY_BYTES` travels instead as one signed one-way message, :class:`InlineArray`
-(its header and its bytes): one signature instead of three, and no stream. The libp2p
+(its header and its bytes): one signature instead of three, and no stream. Different small
+arrays of one name for several receivers (a peer's slices, one per owner) can share one
+signature: :class:`ArrayParts` names each receiver's part with its SHA-256, and each receiver
+gets that same envelope with its own part's bytes beside it (:func:`parts_frame`). The libp2p
 transport seals every frame with AES-GCM, so the CRC is not what stops an attacker: it catches
 a sender or driver that sends the wrong bytes in the right frames. No pickle: the dtype is one
 of :data:`ALLOWED_DTYPES`, and the receiver allocates ``prod(shape) * itemsize`` bytes only
@@ -21,6 +24,7 @@ the next chunk goes, and feeds it the trailer.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -30,6 +34,7 @@ import numpy.typing as npt
 
 from .codec import bounded
 from .errors import LocalProtocolError, RemoteProtocolError
+from .identity import PeerId
 from .stats import RejectReason
 from .wire import Message, message
 
@@ -37,6 +42,8 @@ __all__ = [
     "ALLOWED_DTYPES",
     "ArrayAssembler",
     "ArrayHeader",
+    "ArrayPart",
+    "ArrayParts",
     "ArrayReceived",
     "ArrayTrailer",
     "INLINE_ARRAY_BYTES",
@@ -44,6 +51,8 @@ __all__ = [
     "header_for",
     "crc32_of",
     "iter_chunks",
+    "parts_frame",
+    "split_parts_frame",
 ]
 
 #: numpy ``dtype.str`` of every dtype that may travel (always little-endian or byte-sized).
@@ -117,6 +126,87 @@ class InlineArray(Message):
         """The array (a writable copy: the handler may keep or change it)."""
         flat = np.frombuffer(bytearray(self.data), dtype=np.dtype(self.header.dtype))
         return flat.reshape(self.header.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayPart:
+    """One receiver's part of :class:`ArrayParts`: its length and the SHA-256 of its bytes."""
+
+    to: PeerId
+    length: int = bounded(ge=0, le=INLINE_ARRAY_BYTES)
+    digest: bytes = bounded(min_len=32, max_len=32)
+
+
+@message("meshfed.array.parts")
+@dataclass(frozen=True, slots=True)
+class ArrayParts(Message):
+    """Different 1-D arrays of one name and dtype, one per receiver, under one signature; each
+    receiver gets this envelope with its own part's bytes beside it (:func:`parts_frame`)."""
+
+    name: str = bounded(max_len=256)
+    dtype: str = bounded(max_len=8)
+    parts: list[ArrayPart] = bounded(min_len=1, max_len=128)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ALLOWED_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(ALLOWED_DTYPES)}")
+        itemsize = np.dtype(self.dtype).itemsize
+        if any(part.length * itemsize > INLINE_ARRAY_BYTES for part in self.parts):
+            raise ValueError(f"a part is longer than {INLINE_ARRAY_BYTES} bytes")
+        if len({part.to for part in self.parts}) != len(self.parts):
+            raise ValueError("two parts for one receiver")
+
+    def take(
+        self, receiver: PeerId, data: bytes | memoryview, *, transfer_id: bytes
+    ) -> tuple[ArrayHeader, npt.NDArray[np.generic]]:
+        """``receiver``'s part from the ``data`` that came with this message: its header (named
+        ``transfer_id``) and a writable array.
+
+        Raises:
+            RemoteProtocolError: no part for ``receiver`` [bad_field], ``data`` of another
+                length [bad_field] or digest [bad_array].
+        """
+        part = next((part for part in self.parts if part.to == receiver), None)
+        if part is None:
+            raise RemoteProtocolError("no part for this node", reason=RejectReason.BAD_FIELD)
+        dtype = np.dtype(self.dtype)
+        if len(data) != part.length * dtype.itemsize:
+            raise RemoteProtocolError(
+                f"{len(data)} bytes for a part of {part.length} x {self.dtype}",
+                reason=RejectReason.BAD_FIELD,
+            )
+        if hashlib.sha256(data).digest() != part.digest:
+            raise RemoteProtocolError(
+                "the part's bytes do not match its digest", reason=RejectReason.BAD_ARRAY
+            )
+        header = ArrayHeader(
+            transfer_id=transfer_id,
+            name=self.name,
+            dtype=self.dtype,
+            shape=[part.length],
+            chunk_bytes=max(1, len(data)),
+        )
+        return header, np.frombuffer(bytearray(data), dtype=dtype)
+
+
+def parts_frame(envelope: bytes, data: bytes) -> bytes:
+    """What one receiver of an :class:`ArrayParts` envelope gets: ``u32_be(len(envelope)) ||
+    envelope || its part's bytes``."""
+    return len(envelope).to_bytes(4, "big") + envelope + data
+
+
+def split_parts_frame(frame: bytes) -> tuple[bytes, memoryview]:
+    """The envelope and the part's bytes of a :func:`parts_frame`.
+
+    Raises:
+        RemoteProtocolError: a frame too short for the length it announces [malformed].
+    """
+    if len(frame) < 4 or len(frame) < 4 + int.from_bytes(frame[:4], "big"):
+        raise RemoteProtocolError(
+            "a parts frame shorter than it says", reason=RejectReason.MALFORMED
+        )
+    end = 4 + int.from_bytes(frame[:4], "big")
+    return frame[4:end], memoryview(frame)[end:]
 
 
 def header_for(

@@ -11,6 +11,7 @@ serving.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -27,12 +28,16 @@ from .arrays import (
     INLINE_ARRAY_BYTES,
     ArrayAssembler,
     ArrayHeader,
+    ArrayPart,
+    ArrayParts,
     ArrayReceived,
     ArrayTrailer,
     InlineArray,
     crc32_of,
     header_for,
     iter_chunks,
+    parts_frame,
+    split_parts_frame,
 )
 from .config import NodeConfig
 from .control import Ack, Ping, Pong
@@ -60,6 +65,7 @@ log = logging.getLogger(__name__)
 
 RPC_PROTOCOL = "/meshfed/rpc/1"
 MSG_PROTOCOL = "/meshfed/msg/1"
+PARTS_PROTOCOL = "/meshfed/parts/1"
 ARRAY_PROTOCOL = "/meshfed/array/1"
 
 M = TypeVar("M", bound=Message)
@@ -111,6 +117,7 @@ class Node:
         self._idle: trio.Event | None = None  # only while someone waits for the handlers
         transport.set_request_handler(RPC_PROTOCOL, self._serve_request)
         transport.set_request_handler(MSG_PROTOCOL, self._serve_message)
+        transport.set_request_handler(PARTS_PROTOCOL, self._serve_parts)
         transport.set_stream_handler(ARRAY_PROTOCOL, self._serve_array)
         self.handle(Ping, self._answer_ping)
 
@@ -226,14 +233,20 @@ class Node:
             raise error
 
     async def send_each(
-        self, frames: Sequence[tuple[PeerId, bytes]], *, within: float | None = None
+        self,
+        frames: Sequence[tuple[PeerId, bytes]],
+        *,
+        within: float | None = None,
+        parts: bool = False,
     ) -> list[Exception | None]:
-        """Send each ``(peer, frame)`` (frames from :meth:`sealed`) as :meth:`send` does, all
-        at once; returns, in order, ``None`` for each message its peer took, else the error
-        :meth:`send` would have raised. Bounded as :meth:`send` is."""
+        """Send each ``(peer, frame)`` (frames from :meth:`sealed` or :meth:`sealed_array`;
+        with ``parts``, from :meth:`sealed_parts`) as :meth:`send` does, all at once; returns,
+        in order, ``None`` for each message its peer took, else the error :meth:`send` would
+        have raised. Bounded as :meth:`send` is."""
         timeout = self.config.request_timeout_s
         deadline = trio.current_time() + (timeout if within is None else min(within, timeout))
-        answers = await self.transport.request_each(frames, MSG_PROTOCOL, deadline=deadline)
+        protocol = PARTS_PROTOCOL if parts else MSG_PROTOCOL
+        answers = await self.transport.request_each(frames, protocol, deadline=deadline)
         errors: list[Exception | None] = []
         for (peer, _), answer in zip(frames, answers, strict=True):
             if isinstance(answer, Exception):
@@ -312,6 +325,24 @@ class Node:
                 await self._deliver_array(envelope, header, envelope.body.array())
             else:
                 await self._dispatch(envelope)  # an answer has nowhere to go: dropped
+        except RemoteProtocolError as exc:
+            self._rejected(peer, exc)
+            raise
+        return b""
+
+    async def _serve_parts(self, peer: PeerId, frame: bytes) -> bytes:
+        """This node's part of an :class:`~meshfed.arrays.ArrayParts` message: verified,
+        checked against its digest, handed to the array handlers, answered empty."""
+        try:
+            signed, data = split_parts_frame(frame)
+            envelope = self._open(signed, peer)
+            if not isinstance(envelope.body, ArrayParts):
+                raise RemoteProtocolError(
+                    f"a parts frame holds {envelope.body.TYPE}", reason=RejectReason.BAD_FIELD
+                )
+            header, array = envelope.body.take(self.peer_id, data, transfer_id=envelope.nonce)
+            self._check_array_size(header)
+            await self._deliver_array(envelope, header, array)
         except RemoteProtocolError as exc:
             self._rejected(peer, exc)
             raise
@@ -406,6 +437,46 @@ class Node:
             )
         header, contiguous = self._array_header(array, name)
         return self.sealed(InlineArray(header=header, data=contiguous.tobytes()), scope=scope)
+
+    def sealed_parts(
+        self,
+        parts: Sequence[tuple[PeerId, npt.NDArray[Any]]],
+        *,
+        name: str,
+        scope: Scope = NO_SCOPE,
+    ) -> list[tuple[PeerId, bytes]]:
+        """A different 1-D array for each peer, all named ``name``, under one signature (an
+        :class:`~meshfed.arrays.ArrayParts` envelope): ``(peer, frame)`` for
+        ``send_each(..., parts=True)``. Each receiver's handler gets its own array as if it
+        came from :meth:`send_array`.
+
+        Raises:
+            LocalProtocolError: arrays of different dtypes, not 1-D, longer than
+                :data:`~meshfed.arrays.INLINE_ARRAY_BYTES`, or of a dtype that cannot travel.
+        """
+        entries, datas, dtypes = [], [], set()
+        for peer, array in parts:
+            if array.ndim != 1 or array.nbytes > INLINE_ARRAY_BYTES:
+                raise LocalProtocolError(
+                    f"parts are 1-D arrays of at most {INLINE_ARRAY_BYTES} bytes, not "
+                    f"{array.shape} of {array.nbytes}"
+                )
+            header, contiguous = header_for(array, name=name, transfer_id=bytes(16), chunk_bytes=1)
+            data = contiguous.tobytes()
+            dtypes.add(header.dtype)
+            datas.append(data)
+            entries.append(
+                ArrayPart(to=peer, length=len(contiguous), digest=hashlib.sha256(data).digest())
+            )
+        if len(dtypes) != 1:
+            raise LocalProtocolError(f"parts of one dtype, not {sorted(dtypes) or 'none'}")
+        envelope = self.sealed(
+            ArrayParts(name=name, dtype=dtypes.pop(), parts=entries), scope=scope
+        )
+        return [
+            (entry.to, parts_frame(envelope, data))
+            for entry, data in zip(entries, datas, strict=True)
+        ]
 
     def _array_header(
         self, array: npt.NDArray[Any], name: str

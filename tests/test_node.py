@@ -11,7 +11,14 @@ import pytest
 import trio
 
 from meshfed import Envelope, Node, NodeConfig, open_node
-from meshfed.arrays import INLINE_ARRAY_BYTES, ArrayHeader, InlineArray
+from meshfed.arrays import (
+    INLINE_ARRAY_BYTES,
+    ArrayHeader,
+    ArrayParts,
+    InlineArray,
+    parts_frame,
+    split_parts_frame,
+)
 from meshfed.control import Ping, Text
 from meshfed.errors import ConfigError, LocalProtocolError, PeerUnreachable, RequestFailed
 from meshfed.identity import Identity
@@ -253,6 +260,62 @@ async def test_one_message_sealed_once_goes_to_many_at_once(tmp_path: Path) -> N
             np.testing.assert_array_equal(array, total)
         with pytest.raises(LocalProtocolError, match="streamed"):
             a.sealed_array(np.zeros(INLINE_ARRAY_BYTES + 1, np.uint8), name="sum:2")
+
+
+async def test_different_arrays_for_several_peers_share_one_signature(tmp_path: Path) -> None:
+    async with mesh(tmp_path, 4, ping_interval_s=0) as (a, b, c, d):
+        got: dict[Node, tuple[ArrayHeader, np.ndarray]] = {}
+        for node in (b, c, d):
+
+            async def keep(
+                envelope: Envelope, header: ArrayHeader, array: np.ndarray, node: Node = node
+            ) -> None:
+                assert envelope.sender == a.peer_id and envelope.scope == Scope(b"j", 2)
+                got[node] = (header, array)
+
+            node.on_array(keep, prefix="input")
+        mine = {b: np.arange(5, dtype=np.uint32), c: np.arange(3, dtype=np.uint32) + 7}
+        frames = a.sealed_parts(
+            [(node.peer_id, array) for node, array in mine.items()],
+            name="input:1",
+            scope=Scope(b"j", 2),
+        )
+        envelopes = {split_parts_frame(frame)[0] for _, frame in frames}
+        assert len(envelopes) == 1  # one signed envelope, the same for every receiver
+        assert await a.send_each(frames, parts=True) == [None, None]
+        for node, array in mine.items():
+            header, received = got[node]
+            assert header.name == "input:1" and header.shape == [len(array)]
+            np.testing.assert_array_equal(received, array)
+            received += 1  # the handler owns what it gets
+        assert b.stats.accepted[ArrayParts.TYPE] == 1
+        # d has no part; other bytes of the right length fail the digest; a short frame is
+        # malformed; a frame seen before is a replay
+        fresh = a.sealed_parts(
+            [(node.peer_id, array) for node, array in mine.items()], name="input:1"
+        )
+        envelope = split_parts_frame(fresh[0][1])[0]
+        forged = [
+            (d.peer_id, parts_frame(envelope, mine[b].tobytes())),
+            (c.peer_id, parts_frame(envelope, bytes(3 * 4))),
+            (b.peer_id, fresh[0][1][:3]),
+            (b.peer_id, frames[0][1]),
+        ]
+        errors = await a.send_each(forged, parts=True)
+        assert [e.reason for e in errors if isinstance(e, RequestFailed)] == [
+            "bad_field",
+            "bad_array",
+            "malformed",
+            "replayed",
+        ]
+        assert d not in got and c.stats.rejected[RejectReason.BAD_ARRAY] == 1
+        with pytest.raises(LocalProtocolError, match="one dtype"):
+            a.sealed_parts(
+                [(b.peer_id, np.zeros(2, np.uint32)), (c.peer_id, np.zeros(2, np.int32))],
+                name="input:2",
+            )
+        with pytest.raises(LocalProtocolError, match="1-D"):
+            a.sealed_parts([(b.peer_id, np.zeros(INLINE_ARRAY_BYTES + 1, np.uint8))], name="x")
 
 
 async def test_small_arrays_travel_in_one_message_and_large_ones_on_a_stream(

@@ -477,10 +477,16 @@ class Aggregator:
                 self._on_progress(progress)
         frames: dict[object, bytes] = {}  # a message to many peers is signed once
         sends: list[tuple[PeerId, bytes]] = []
+        slices: dict[str, list[SendSlice]] = {}
         for action in actions:
-            self._act(run, action, frames, sends)
+            self._act(run, action, frames, sends, slices)
+        parts: list[tuple[PeerId, bytes]] = []
+        for name, group in slices.items():
+            self._seal_slices(run, name, group, sends, parts)
         if sends:
-            run.nursery.start_soon(self._send_each, sends)
+            run.nursery.start_soon(self._send_each, sends, False)
+        if parts:
+            run.nursery.start_soon(self._send_each, parts, True)
 
     async def _feed_quietly(self, run: _Run, sender: PeerId, context: bytes, item: _Item) -> None:
         """Hand over something kept before the run began; count it if it is rejected now."""
@@ -495,9 +501,11 @@ class Aggregator:
         action: Action,
         frames: dict[object, bytes],
         sends: list[tuple[PeerId, bytes]],
+        slices: dict[str, list[SendSlice]],
     ) -> None:
-        """Carry out one action; a message or a short array joins ``sends`` (sent together),
-        sealed once for all its receivers (``frames`` keeps what this batch sealed)."""
+        """Carry out one action; a message joins ``sends`` (sent together), sealed once for
+        all its receivers (``frames`` keeps what this batch sealed); a short array joins
+        ``slices`` under its name (see :meth:`_seal_slices`)."""
         if isinstance(action, Send):
             frame = frames.get(id(action.message))
             if frame is None:
@@ -510,13 +518,7 @@ class Aggregator:
             if action.array.nbytes > INLINE_ARRAY_BYTES:
                 run.nursery.start_soon(self._send_slice, run.scope, action, name)
                 return
-            key = (id(action.array), name)  # a slice sum goes to every owner
-            frame = frames.get(key)
-            if frame is None:
-                frame = frames[key] = self._node.sealed_array(
-                    action.array, name=name, scope=run.scope
-                )
-            sends.append((action.to, frame))
+            slices.setdefault(name, []).append(action)
         elif isinstance(action, Rejected):
             self._node.stats.reject(action.reason)
             log.info("rejected", extra={"peer": action.peer.short(), "why": action.detail})
@@ -524,8 +526,26 @@ class Aggregator:
             run.outcome = action
             run.changed.set()
 
-    async def _send_each(self, sends: list[tuple[PeerId, bytes]]) -> None:
-        errors = await self._node.send_each(sends, within=self.deadlines.phase_max_s)
+    def _seal_slices(
+        self,
+        run: _Run,
+        name: str,
+        group: list[SendSlice],
+        sends: list[tuple[PeerId, bytes]],
+        parts: list[tuple[PeerId, bytes]],
+    ) -> None:
+        """The short arrays of one name: one array for everyone (a slice sum) is sealed once
+        into ``sends``; different ones (input slices, one per owner) go under one signature
+        into ``parts``."""
+        if len(group) > 1 and len({id(action.array) for action in group}) > 1:
+            pairs = [(action.to, action.array) for action in group]
+            parts.extend(self._node.sealed_parts(pairs, name=name, scope=run.scope))
+            return
+        frame = self._node.sealed_array(group[0].array, name=name, scope=run.scope)
+        sends.extend((action.to, frame) for action in group)
+
+    async def _send_each(self, sends: list[tuple[PeerId, bytes]], parts: bool) -> None:
+        errors = await self._node.send_each(sends, within=self.deadlines.phase_max_s, parts=parts)
         for (to, _), error in zip(sends, errors, strict=True):
             if error is not None:
                 log.info("send failed", extra={"peer": to.short(), "error": repr(error)})
