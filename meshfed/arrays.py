@@ -1,15 +1,16 @@
-"""Chunked transfer of numpy arrays: a signed header, raw little-endian chunks, a signed trailer.
+"""Chunked transfer of numpy arrays: a signed header, raw little-endian chunks, an empty ack.
 
-SPEC.md, "Array transfer". On a stream of protocol ``/meshfed/array/1`` the sender writes
+SPEC.md, "Array transfer". On a stream of protocol ``/meshfed/array/2`` the sender writes
 
-1. an envelope holding :class:`ArrayHeader` (transfer id, name, dtype, shape, chunk size);
+1. an envelope holding :class:`ArrayHeader` (transfer id, name, dtype, shape, chunk size and
+   the CRC-32 of all the bytes);
 2. ``ceil(nbytes / chunk_bytes)`` raw frames, each exactly ``chunk_bytes`` long except the
    last, holding the array's bytes in C order, little-endian;
-3. an envelope holding :class:`ArrayTrailer` with the CRC-32 of all the bytes;
 
-and the receiver answers with an envelope holding :class:`ArrayReceived`. An array of at most
+and the receiver answers an empty frame once its handler took the array (the stream is
+authenticated: the acknowledgement needs no signature of its own). An array of at most
 :data:`INLINE_ARRAY_BYTES` travels instead as one signed one-way message, :class:`InlineArray`
-(its header and its bytes): one signature instead of three, and no stream. Different small
+(its header and its bytes): no stream. Different small
 arrays of one name for several receivers (a peer's slices, one per owner) can share one
 signature: :class:`ArrayParts` names each receiver's part with its SHA-256, and each receiver
 gets that same envelope with its own part's bytes beside it (:func:`parts_frame`). The libp2p
@@ -19,7 +20,7 @@ of :data:`ALLOWED_DTYPES`, and the receiver allocates ``prod(shape) * itemsize``
 after checking them against its configured maximum.
 
 :class:`ArrayAssembler` is the receive side as a small sans-IO object: the driver asks it where
-the next chunk goes, and feeds it the trailer.
+the next chunk goes, and checks the CRC when the last one is in.
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ __all__ = [
     "ArrayHeader",
     "ArrayPart",
     "ArrayParts",
-    "ArrayReceived",
-    "ArrayTrailer",
     "INLINE_ARRAY_BYTES",
     "InlineArray",
     "header_for",
@@ -67,13 +66,15 @@ INLINE_ARRAY_BYTES = 64 * 1024
 @message("meshfed.array.header")
 @dataclass(frozen=True, slots=True)
 class ArrayHeader(Message):
-    """Announces one array: what it is called, its dtype and shape, and the chunk size."""
+    """Announces one array: what it is called, its dtype and shape, the chunk size and the
+    CRC-32 of its bytes."""
 
     transfer_id: bytes = bounded(min_len=16, max_len=16)
     name: str = bounded(max_len=256)
     dtype: str = bounded(max_len=8)
     shape: list[int] = bounded(max_len=_MAX_DIMS)
     chunk_bytes: int = bounded(ge=1, le=2**40)
+    crc32: int = bounded(ge=0, le=2**32 - 1)
 
     def __post_init__(self) -> None:
         if self.dtype not in ALLOWED_DTYPES:
@@ -90,24 +91,6 @@ class ArrayHeader(Message):
     def chunks(self) -> int:
         """How many raw frames follow the header."""
         return -(-self.nbytes // self.chunk_bytes)
-
-
-@message("meshfed.array.trailer")
-@dataclass(frozen=True, slots=True)
-class ArrayTrailer(Message):
-    """Ends a transfer: the CRC-32 of every byte sent."""
-
-    transfer_id: bytes = bounded(min_len=16, max_len=16)
-    crc32: int = bounded(ge=0, le=2**32 - 1)
-
-
-@message("meshfed.array.received")
-@dataclass(frozen=True, slots=True)
-class ArrayReceived(Message):
-    """The receiver's acknowledgement: the array arrived whole and was handed to the app."""
-
-    transfer_id: bytes = bounded(min_len=16, max_len=16)
-    nbytes: int = bounded(ge=0)
 
 
 @message("meshfed.array.inline")
@@ -185,6 +168,7 @@ class ArrayParts(Message):
             dtype=self.dtype,
             shape=[part.length],
             chunk_bytes=max(1, len(data)),
+            crc32=zlib.crc32(data),
         )
         return header, np.frombuffer(bytearray(data), dtype=dtype)
 
@@ -229,6 +213,7 @@ def header_for(
         dtype=wire_dtype.str,
         shape=list(array.shape),
         chunk_bytes=chunk_bytes,
+        crc32=crc32_of(contiguous),
     )
     return header, contiguous
 
@@ -243,7 +228,7 @@ class ArrayAssembler:
     """Receives one array announced by ``header`` into a buffer it owns.
 
     Use: for each of ``header.chunks`` frames, receive into :meth:`next_chunk_buffer` and call
-    :meth:`chunk_received` with the length; then :meth:`finish` with the trailer.
+    :meth:`chunk_received` with the length; then :meth:`finish`.
 
     Args:
         header: the verified header.
@@ -291,27 +276,22 @@ class ArrayAssembler:
         self._crc = zlib.crc32(self._view[self._offset : self._offset + length], self._crc)
         self._offset += length
 
-    def finish(self, trailer: ArrayTrailer) -> npt.NDArray[np.generic]:
-        """Check the trailer and return the array (dtype and shape from the header).
+    def finish(self) -> npt.NDArray[np.generic]:
+        """Check the CRC and return the array (dtype and shape from the header).
 
         Raises:
-            RemoteProtocolError: ``BAD_ARRAY`` on a missing chunk, another transfer's trailer,
-                or a CRC mismatch.
+            RemoteProtocolError: ``BAD_ARRAY`` on a missing chunk or a CRC mismatch.
         """
         if not self.complete:
+            raise RemoteProtocolError("the array is not complete", reason=RejectReason.BAD_ARRAY)
+        if self.header.crc32 != self._crc:
             raise RemoteProtocolError(
-                "trailer before the last chunk", reason=RejectReason.BAD_ARRAY
-            )
-        if trailer.transfer_id != self.header.transfer_id:
-            raise RemoteProtocolError("trailer of another transfer", reason=RejectReason.BAD_ARRAY)
-        if trailer.crc32 != self._crc:
-            raise RemoteProtocolError(
-                f"CRC-32 {self._crc:08x} does not match the trailer's {trailer.crc32:08x}",
+                f"CRC-32 {self._crc:08x} does not match the header's {self.header.crc32:08x}",
                 reason=RejectReason.BAD_ARRAY,
             )
         return self._buffer.view(np.dtype(self.header.dtype)).reshape(self.header.shape)
 
 
 def crc32_of(contiguous: npt.NDArray[np.generic]) -> int:
-    """The CRC-32 the trailer carries for ``contiguous``."""
+    """The CRC-32 the header carries for ``contiguous``."""
     return zlib.crc32(contiguous.reshape(-1).view(np.uint8).data)

@@ -30,10 +30,7 @@ from .arrays import (
     ArrayHeader,
     ArrayPart,
     ArrayParts,
-    ArrayReceived,
-    ArrayTrailer,
     InlineArray,
-    crc32_of,
     header_for,
     iter_chunks,
     parts_frame,
@@ -66,7 +63,7 @@ log = logging.getLogger(__name__)
 RPC_PROTOCOL = "/meshfed/rpc/1"
 MSG_PROTOCOL = "/meshfed/msg/1"
 PARTS_PROTOCOL = "/meshfed/parts/1"
-ARRAY_PROTOCOL = "/meshfed/array/1"
+ARRAY_PROTOCOL = "/meshfed/array/2"
 
 M = TypeVar("M", bound=Message)
 MessageHandler = Callable[[Envelope, Any], Awaitable[Message | None]]
@@ -404,23 +401,22 @@ class Node:
             LocalProtocolError: the dtype cannot travel.
             PeerUnreachable, StreamClosed: the transfer broke off.
             RequestFailed: the receiver refused an inline array (``.reason`` says why).
-            RemoteProtocolError: the receiver's acknowledgement failed verification.
+            RemoteProtocolError: the receiver answered something else than the empty
+                acknowledgement (counted).
         """
         if array.nbytes <= INLINE_ARRAY_BYTES:
             await self.send(peer, self.sealed_array(array, name=name, scope=scope), within=within)
             return
         header, contiguous = self._array_header(array, name)
         with trio.fail_after(math.inf if within is None else within):
-            nonce, ack_frame = await self._stream_array(peer, header, contiguous, scope)
-        try:
-            ack = self._open(ack_frame, peer)
-            if not isinstance(ack.body, ArrayReceived) or ack.reply_to != nonce:
-                raise RemoteProtocolError(
-                    "the array acknowledgement does not match", reason=RejectReason.BAD_FIELD
-                )
-        except RemoteProtocolError as exc:
+            answer = await self._stream_array(peer, header, contiguous, scope)
+        if answer:
+            exc = RemoteProtocolError(
+                "an array was answered with more than an acknowledgement",
+                reason=RejectReason.MALFORMED,
+            )
             self._rejected(peer, exc)
-            raise
+            raise exc
 
     def sealed_array(self, array: npt.NDArray[Any], *, name: str, scope: Scope = NO_SCOPE) -> bytes:
         """``array`` signed as one :class:`~meshfed.arrays.InlineArray` message, for
@@ -487,19 +483,15 @@ class Node:
 
     async def _stream_array(
         self, peer: PeerId, header: ArrayHeader, contiguous: npt.NDArray[Any], scope: Scope
-    ) -> tuple[bytes, bytes]:
-        """Header, chunks and trailer on a new stream; returns the trailer's nonce and the
-        receiver's answer."""
+    ) -> bytes:
+        """Header and chunks on a new stream; returns the receiver's answer."""
         stream = await self.transport.open_stream(peer, ARRAY_PROTOCOL)
         async with stream:
             frame, _ = seal(self.identity, header, now_ms=_now_ms(), scope=scope)
             await stream.send(frame)
             for chunk in iter_chunks(contiguous, header.chunk_bytes):
                 await stream.send(chunk)
-            trailer = ArrayTrailer(transfer_id=header.transfer_id, crc32=crc32_of(contiguous))
-            frame, nonce = seal(self.identity, trailer, now_ms=_now_ms(), scope=scope)
-            await stream.send(frame)
-            return nonce, await stream.receive()
+            return await stream.receive()
 
     def _check_array_size(self, header: ArrayHeader) -> None:
         if header.nbytes > self.config.max_array_bytes:
@@ -532,13 +524,7 @@ class Node:
             while not assembler.complete:
                 length = await stream.receive_into(assembler.next_chunk_buffer())
                 assembler.chunk_received(length)
-            trailer_env = self._open(await stream.receive(), peer)
-            if not isinstance(trailer_env.body, ArrayTrailer):
-                raise RemoteProtocolError(
-                    "chunks end with a trailer", reason=RejectReason.BAD_ARRAY
-                )
-            array = assembler.finish(trailer_env.body)
-            await self._deliver_array(header_env, header, array)
+            await self._deliver_array(header_env, header, assembler.finish())
         except RemoteProtocolError as exc:
             self._rejected(peer, exc)
             return
@@ -546,14 +532,7 @@ class Node:
             reason = RejectReason.TRUNCATED
             self._rejected(peer, RemoteProtocolError("array stream ended early", reason=reason))
             return
-        answer, _ = seal(
-            self.identity,
-            ArrayReceived(transfer_id=header.transfer_id, nbytes=header.nbytes),
-            now_ms=_now_ms(),
-            scope=header_env.scope,
-            reply_to=trailer_env.nonce,
-        )
-        await stream.send(answer)
+        await stream.send(b"")  # the acknowledgement: the stream is authenticated
 
     # -- services ------------------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -12,7 +14,6 @@ from meshfed.arrays import (
     ALLOWED_DTYPES,
     ArrayAssembler,
     ArrayHeader,
-    ArrayTrailer,
     crc32_of,
     header_for,
     iter_chunks,
@@ -30,7 +31,7 @@ def transfer(array: np.ndarray, chunk_bytes: int) -> np.ndarray:
         target = assembler.next_chunk_buffer()
         target[: len(chunk)] = chunk
         assembler.chunk_received(len(chunk))
-    return assembler.finish(ArrayTrailer(transfer_id=TID, crc32=crc32_of(contiguous)))
+    return assembler.finish()
 
 
 @given(
@@ -60,24 +61,28 @@ def test_object_and_string_arrays_are_refused() -> None:
 
 def test_header_rejects_unknown_dtypes_and_negative_shapes() -> None:
     with pytest.raises(ValueError, match="dtype"):
-        ArrayHeader(transfer_id=TID, name="a", dtype="|O", shape=[1], chunk_bytes=8)
+        ArrayHeader(transfer_id=TID, name="a", dtype="|O", shape=[1], chunk_bytes=8, crc32=0)
     with pytest.raises(ValueError, match="negative"):
-        ArrayHeader(transfer_id=TID, name="a", dtype="<f4", shape=[-1], chunk_bytes=8)
+        ArrayHeader(transfer_id=TID, name="a", dtype="<f4", shape=[-1], chunk_bytes=8, crc32=0)
 
 
 def test_oversized_array_is_refused_before_allocating() -> None:
-    header = ArrayHeader(transfer_id=TID, name="a", dtype="<f8", shape=[2**40], chunk_bytes=8)
+    header = ArrayHeader(
+        transfer_id=TID, name="a", dtype="<f8", shape=[2**40], chunk_bytes=8, crc32=0
+    )
     with pytest.raises(RemoteProtocolError) as info:
         ArrayAssembler(header, max_bytes=1 << 20)
     assert info.value.reason == RejectReason.OVERSIZED
 
 
-def test_short_chunk_bad_crc_and_early_trailer_are_bad_arrays() -> None:
+def test_short_chunk_bad_crc_and_early_finish_are_bad_arrays() -> None:
     array = np.arange(10, dtype="<f4")
     header, contiguous = header_for(array, name="a", transfer_id=TID, chunk_bytes=16)
+    assert header.crc32 == crc32_of(contiguous)
+    header = replace(header, crc32=header.crc32 ^ 1)
     assembler = ArrayAssembler(header, max_bytes=1 << 20)
-    with pytest.raises(RemoteProtocolError) as info:
-        assembler.finish(ArrayTrailer(transfer_id=TID, crc32=0))
+    with pytest.raises(RemoteProtocolError, match="not complete") as info:
+        assembler.finish()
     assert info.value.reason == RejectReason.BAD_ARRAY
     with pytest.raises(RemoteProtocolError) as info:
         assembler.chunk_received(3)
@@ -85,7 +90,6 @@ def test_short_chunk_bad_crc_and_early_trailer_are_bad_arrays() -> None:
     for chunk in iter_chunks(contiguous, 16):
         assembler.next_chunk_buffer()[:] = chunk
         assembler.chunk_received(len(chunk))
-    with pytest.raises(RemoteProtocolError, match="CRC"):
-        assembler.finish(ArrayTrailer(transfer_id=TID, crc32=crc32_of(contiguous) ^ 1))
-    with pytest.raises(RemoteProtocolError, match="another transfer"):
-        assembler.finish(ArrayTrailer(transfer_id=b"u" * 16, crc32=crc32_of(contiguous)))
+    with pytest.raises(RemoteProtocolError, match="CRC") as info:
+        assembler.finish()
+    assert info.value.reason == RejectReason.BAD_ARRAY

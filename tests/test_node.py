@@ -339,7 +339,7 @@ async def test_small_arrays_travel_in_one_message_and_large_ones_on_a_stream(
         assert b.stats.accepted[ArrayHeader.TYPE] == 1
         # Bytes that do not fill the header's shape are refused.
         header = ArrayHeader(
-            transfer_id=bytes(16), name="x", dtype="<i4", shape=[4], chunk_bytes=16
+            transfer_id=bytes(16), name="x", dtype="<i4", shape=[4], chunk_bytes=16, crc32=0
         )
         forged = InlineArray.__new__(InlineArray)
         object.__setattr__(forged, "header", header)

@@ -20,13 +20,12 @@ import trio
 from meshfed.control import Ping, Text
 from meshfed.errors import MeshfedError, RequestFailed
 from meshfed.identity import Identity, PeerId
+from meshfed.node import ARRAY_PROTOCOL as ARRAY
+from meshfed.node import RPC_PROTOCOL as RPC
 from meshfed.stats import NodeStats
 from meshfed.transports._sealed import HEADER
 from meshfed.transports.libp2p import Libp2pTransport
 from meshfed.wire import SIGNATURE_DOMAIN, seal
-
-RPC = "/meshfed/rpc/1"
-ARRAY = "/meshfed/array/1"
 
 
 def now_ms() -> int:
@@ -127,7 +126,12 @@ def _array_header(me: Identity) -> bytes:
     from meshfed.arrays import ArrayHeader
 
     header = ArrayHeader(
-        transfer_id=np.random.bytes(16), name="evil", dtype="|u1", shape=[1024], chunk_bytes=256
+        transfer_id=np.random.bytes(16),
+        name="evil",
+        dtype="|u1",
+        shape=[1024],
+        chunk_bytes=256,
+        crc32=0,
     )
     return seal(me, header, now_ms=now_ms())[0]
 
