@@ -149,7 +149,7 @@ def main() -> None:
     )
     central = centralized_fedavg(job)
     later = [row for row in secure["rounds"] if row["round"] > 0]
-    large = decentralized(nodes, **{**options, "rounds": 3, "model_options": LARGE})
+    large = decentralized(nodes, **{**options, "rounds": 4, "model_options": LARGE})
     large_later = large["rounds"][1:]
     private = decentralized(nodes, **{**options, **DP})
     spent = [n["rounds"][-1] for n in private["nodes"] if n["rounds"]]
