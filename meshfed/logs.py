@@ -57,6 +57,9 @@ def configure_logging(
     """Send meshfed's and libp2p's records to ``stream`` (stderr) in the chosen format.
 
     libp2p is noisy at ``info``; it is held at ``warning`` unless ``level`` is ``debug``.
+    dp-accounting (through absl) warns for every Renyi order whose series does not converge
+    while it computes epsilon; it drops those orders and its epsilon stays an upper bound, so
+    absl is held at ``error`` unless ``level`` is ``debug``.
     """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
@@ -66,3 +69,4 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("libp2p").setLevel("DEBUG" if level == "debug" else "WARNING")
+    logging.getLogger("absl").setLevel("DEBUG" if level == "debug" else "ERROR")

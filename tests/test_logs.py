@@ -43,3 +43,18 @@ def test_text_lines_carry_the_extras_and_tracebacks() -> None:
     assert "ValueError: boom" in text
     log.debug("hidden")
     assert "hidden" not in stream.getvalue()
+
+
+def test_epsilon_computations_do_not_flood_the_log() -> None:
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    stream = io.StringIO()
+    configure_logging("info", "text", stream)
+    accountant = rdp_privacy_accountant.RdpAccountant()  # small orders fail to converge here
+    event = dp_event.PoissonSampledDpEvent(0.2, dp_event.GaussianDpEvent(1.0))
+    accountant.compose(dp_event.SelfComposedDpEvent(event, 50))
+    assert accountant.get_epsilon(1e-5) > 0
+    assert "converge" not in stream.getvalue()
+    configure_logging("debug", "text", stream)
+    assert logging.getLogger("absl").level == logging.DEBUG
