@@ -107,6 +107,10 @@ class JobSpec:
             all-gather of the group; it needs the individual models, so not with ``secure``.
         gossip_pushes: pushes per local step in ``pushsum`` (0: ``ceil(log2 n)``, one sweep
             of the exponential graph).
+        gossip_staleness: in ``pushsum``, how many ticks a peer may run ahead of the peers
+            that push to it (it waits for them, at most the aggregator's ``join_s``; one still
+            silent is presumed gone until it pushes again): without a bound, fast peers finish
+            early and slow ones spend their last ticks training alone on their own shard.
         attackers, attack, attack_scale: chaos for robustness tests: the peers at these roster
             positions send ``base + f (x - base)`` with ``f = -attack_scale`` (``sign_flip``)
             or ``attack_scale`` (``scale``) instead of their trained model ``x``.
@@ -150,6 +154,7 @@ class JobSpec:
     dp_epsilon: float = 8.0
     dp_delta: float = 1e-5
     gossip_pushes: int = 0
+    gossip_staleness: int = 2
     robust: str = "none"
     robust_options: dict[str, Any] = field(default_factory=dict)
     attackers: tuple[int, ...] = ()
@@ -171,6 +176,8 @@ class JobSpec:
             raise ConfigError(f"schedule must be exact, moshpit or pushsum, not {self.schedule!r}")
         if self.schedule == "pushsum" and (self.secure or self.robust != "none"):
             raise ConfigError("pushsum gossip is plain averaging: set secure=false, robust=none")
+        if self.gossip_staleness < 1:
+            raise ConfigError("gossip_staleness must be >= 1 (0 would make every peer wait)")
         if not 2 <= self.max_group <= 128:
             raise ConfigError("max_group must be in 2..128")
         if self.secure and grid_shape(len(self.roster), self.max_group)[0] < 3:
@@ -403,6 +410,18 @@ class TrainingPeer:
         )
         self._pushes: list[npt.NDArray[np.float32]] = []
         self._push_prefix = f"pushsum.{self._job.hex()}:"
+        hops = self._hops = max(1, math.ceil(math.log2(len(self._roster))))
+        self._pushes_per_tick = spec.gossip_pushes or hops
+        #: who pushes to this peer (over a sweep of the exponential graph), the last tick each
+        #: was heard pushing at, and those presumed gone; a peer hears from each of them
+        #: every ``hops / pushes`` ticks, which the staleness bound allows for
+        self._pushers = {
+            self._roster[(self._index - (1 << m)) % len(self._roster)] for m in range(hops)
+        } - {node.peer_id}
+        self._heard: dict[PeerId, int] = {}
+        self._gone: set[PeerId] = set()
+        self._push_came = trio.Event()
+        self._lag = spec.gossip_staleness + math.ceil(hops / self._pushes_per_tick) - 1
         if spec.schedule == "pushsum":
             node.on_array(self._on_push, prefix=self._push_prefix)
         #: what a peer catching up gets from us: the state our current round started from
@@ -655,24 +674,25 @@ class TrainingPeer:
 
     async def push_round(self, number: int) -> RoundReport:
         """One tick of push-sum: absorb the pushes that came, train from the estimate, push
-        half of the mass to this tick's peer (kept if the push fails), evaluate."""
+        half of the mass to this tick's peers (kept if a push fails), evaluate. After the
+        job's last tick come ``ceil(log2 n)`` ticks of mixing alone (no training), so that the
+        peers end close to one model, then the pushers' last pushes."""
         began, sent_before = time.monotonic(), self.node.stats.bytes_out
+        if number >= self._lag:
+            await self._wait_for_pushers(number - self._lag)
         self._absorb_pushes()
         load_flat(self.model, self._push_state.estimate())
         train_loss = await self._train_locally(number)
         self._push_state.move_to(flatten(self.model))
-        pushing, pushing_at, pushed = time.monotonic(), time.time(), 0
-        pushes = self.spec.gossip_pushes or max(1, math.ceil(math.log2(len(self._roster))))
-        for hop in range(pushes):  # one sweep of the exponential graph by default
-            message = self._push_state.split()
-            tick = number * pushes + hop
-            target = self._roster[push_target(self._index, len(self._roster), tick)]
-            try:
-                with trio.fail_after(self.aggregator.deadlines.phase_max_s):
-                    await self.node.send_array(target, message, name=f"{self._push_prefix}{tick}")
-                pushed += 1
-            except (MeshfedError, trio.TooSlowError):
-                self._push_state.absorb(message)  # a dead peer must not swallow our mass
+        pushing, pushing_at = time.monotonic(), time.time()
+        pushed = await self._push(number)
+        if number == self.spec.rounds - 1:
+            last = number + self._hops
+            for tick in range(number + 1, last + 1):
+                await self._wait_for_pushers(tick - self._lag)
+                self._absorb_pushes()
+                pushed += await self._push(tick)
+            await self._wait_for_pushers(last)
         self._absorb_pushes()  # what came meanwhile: the estimate to report and keep
         load_flat(self.model, self._push_state.estimate())
         return await self._report(
@@ -685,6 +705,38 @@ class TrainingPeer:
             groups=(pushed,),
             contributed=True,
         )
+
+    async def _push(self, number: int) -> int:
+        """Tick ``number``'s pushes (one sweep of the exponential graph by default); returns
+        how many went out (a failed one is absorbed back: a dead peer must not swallow mass)."""
+        pushed, pushes = 0, self._pushes_per_tick
+        for hop in range(pushes):
+            message = self._push_state.split()
+            tick = number * pushes + hop
+            target = self._roster[push_target(self._index, len(self._roster), tick)]
+            try:
+                with trio.fail_after(self.aggregator.deadlines.phase_max_s):
+                    await self.node.send_array(target, message, name=f"{self._push_prefix}{tick}")
+                pushed += 1
+            except (MeshfedError, trio.TooSlowError):
+                self._push_state.absorb(message)
+        return pushed
+
+    async def _wait_for_pushers(self, tick: int) -> None:
+        """Until every pusher not presumed gone has pushed at ``tick`` or later, for at most
+        the aggregator's ``join_s``; those still silent then are presumed gone."""
+        deadline = trio.current_time() + self.aggregator.deadlines.join_s
+
+        def missing() -> set[PeerId]:
+            return {p for p in self._pushers - self._gone if self._heard.get(p, -1) < tick}
+
+        while missing():
+            self._push_came = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._push_came.wait()
+                continue
+            self._gone |= missing()
+            log.info("pushers silent", extra={"tick": tick, "peers": len(missing())})
 
     def _absorb_pushes(self) -> None:
         for message in self._pushes:
@@ -736,6 +788,9 @@ class TrainingPeer:
             raise RemoteProtocolError(
                 "a push from outside the roster", reason=RejectReason.NOT_A_MEMBER
             )
+        suffix = header.name[len(self._push_prefix) :]
+        if not (suffix.isascii() and suffix.isdigit()):
+            raise RemoteProtocolError("a push names no tick", reason=RejectReason.BAD_FIELD)
         if len(self._pushes) >= 4 * len(self._roster):
             raise RemoteProtocolError("too many pushes waiting", reason=RejectReason.RATE_LIMITED)
         probe = PushSumState(np.zeros(len(self._push_state.x), np.float32))
@@ -744,6 +799,10 @@ class TrainingPeer:
         except ValueError as exc:
             raise RemoteProtocolError(str(exc), reason=RejectReason.BAD_ARRAY) from None
         self._pushes.append(array)
+        tick = int(suffix) // self._pushes_per_tick
+        self._heard[envelope.sender] = max(tick, self._heard.get(envelope.sender, -1))
+        self._gone.discard(envelope.sender)
+        self._push_came.set()
 
     def _round_cost(self) -> tuple[GaussianEvent, int]:
         """The privacy events one round of this peer's data goes through."""

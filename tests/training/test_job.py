@@ -200,9 +200,49 @@ async def test_pushsum_gossip_brings_every_peer_close_to_the_same_model(tmp_path
                 nursery.start_soon(peer.run, reports[i].append)
         finals = [r[-1].accuracy for r in reports]
         assert min(finals) > 0.85 and max(finals) - min(finals) < 0.05
-        # ceil(log2 5) = 3 pushes per tick, each to a different peer
-        assert all(r.groups == (3,) for peer_reports in reports for r in peer_reports)
+        # ceil(log2 5) = 3 pushes per tick, each to a different peer; after the last tick,
+        # 3 more ticks of mixing alone
+        assert all(r.groups == (3,) for peer_reports in reports for r in peer_reports[:-1])
+        assert all(peer_reports[-1].groups == (12,) for peer_reports in reports)
         # the gossip conserves mass: the weights still sum to the number of peers
         waiting = sum(float(m[-1]) for peer in peers for m in peer._pushes)
         total = sum(peer._push_state.weight for peer in peers) + waiting
         assert total == pytest.approx(5.0)
+
+
+async def test_pushsum_peers_wait_for_a_slow_pusher_instead_of_running_ahead(
+    tmp_path: Path,
+) -> None:
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = JobSpec(
+            job_id="slow",
+            roster=tuple(str(n.peer_id) for n in nodes),
+            rounds=10,
+            epochs=1,
+            local_steps=1,
+            schedule="pushsum",
+            secure=False,
+            partition="dirichlet",
+        )
+        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
+        slow = peers[0]
+        train = slow._train_locally
+
+        async def slowly(number: int) -> float:
+            await trio.sleep(0.1)
+            return await train(number)
+
+        slow._train_locally = slowly  # type: ignore[method-assign]
+        done: dict[tuple[int, int], float] = {}
+        async with trio.open_nursery() as nursery:
+            for i, peer in enumerate(peers):
+
+                def note(report: RoundReport, i: int = i) -> None:
+                    done[i, report.round] = trio.current_time()
+
+                nursery.start_soon(peer.run, note)
+        # nobody got more than the staleness bound (+ one sweep's slack) ahead of the slow peer
+        for i in range(1, 4):
+            for tick in range(spec.rounds - 4):
+                assert done[i, tick + 4] > done[0, tick]
+        assert not any(peer._gone for peer in peers)  # slow is not gone
