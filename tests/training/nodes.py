@@ -1,13 +1,21 @@
-"""Memory-transport nodes for training tests."""
+"""Memory-transport nodes for training tests, and a job run by all of them."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
+
+import trio
 
 from meshfed import Node, NodeConfig, open_node
+from meshfed.secagg.driver import Aggregator, DeadlinePolicy
+from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
 from meshfed.transports.memory import MemoryNetwork
+
+#: deadlines for peers that share one process and never stall
+QUICK = DeadlinePolicy(join_s=1.0, grace_s=0.3, phase_max_s=20.0)
 
 
 @asynccontextmanager
@@ -29,3 +37,24 @@ async def memory_nodes(
             )
             nodes.append(await stack.enter_async_context(open_node(config, network=network)))
         yield nodes
+
+
+def job_for(nodes: Sequence[Node], job_id: str, **options: Any) -> JobSpec:
+    """A job whose roster is ``nodes``, in order."""
+    return JobSpec(job_id=job_id, roster=tuple(str(n.peer_id) for n in nodes), **options)
+
+
+def peers_for(
+    nodes: Sequence[Node], spec: JobSpec, *, deadlines: DeadlinePolicy = QUICK
+) -> list[TrainingPeer]:
+    """Each node's part in ``spec``."""
+    return [TrainingPeer(node, spec, Aggregator(node, deadlines=deadlines)) for node in nodes]
+
+
+async def run_together(peers: Sequence[TrainingPeer]) -> list[list[RoundReport]]:
+    """Run every peer's job at once; returns each one's reports."""
+    reports: list[list[RoundReport]] = [[] for _ in peers]
+    async with trio.open_nursery() as nursery:
+        for peer, mine in zip(peers, reports, strict=True):
+            nursery.start_soon(peer.run, mine.append)
+    return reports

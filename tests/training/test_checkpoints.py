@@ -15,13 +15,11 @@ from hypothesis import strategies as st
 from meshfed import Node
 from meshfed.errors import ConfigError
 from meshfed.identity import Identity
-from meshfed.secagg.driver import Aggregator, DeadlinePolicy
+from meshfed.secagg.driver import Aggregator
 from meshfed.store import JobState
 from meshfed.training.checkpoints import Continue, Converged, Decision, ProgressPolicy, Rollback
 from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
-from tests.training.nodes import memory_nodes
-
-QUICK = DeadlinePolicy(join_s=1.0, grace_s=0.3, phase_max_s=20.0)
+from tests.training.nodes import QUICK, memory_nodes
 
 accuracies = st.lists(st.floats(0, 1), min_size=1, max_size=30)
 

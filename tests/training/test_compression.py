@@ -29,7 +29,7 @@ from meshfed.secagg.driver import Aggregator, DeadlinePolicy, GroupResult
 from meshfed.secagg.protocol import SliceKind
 from meshfed.stats import RejectReason
 from meshfed.training.job import JobSpec, TrainingPeer
-from tests.training.nodes import memory_nodes
+from tests.training.nodes import job_for, memory_nodes, peers_for, run_together
 
 vectors = hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-1e4, 1e4, width=32))
 seeds = st.integers(0, 2**32 - 1)
@@ -271,19 +271,17 @@ async def train(tmp_path: Path, secure: bool, compression: str, rounds: int) -> 
     async with memory_nodes(
         tmp_path / f"{secure}-{compression}", 8, seed=5, latency=0.0005
     ) as nodes:
-        spec = JobSpec(
-            job_id=f"digits-{secure}-{compression}",
-            roster=tuple(str(n.peer_id) for n in nodes),
+        spec = job_for(
+            nodes,
+            f"digits-{secure}-{compression}",
             rounds=rounds,
             secure=secure,
             compression=compression,
             clip=0.25 if secure and compression == "int8" else 8.0,  # int8 secure: the update
             topk_ratio=0.05,
         )
-        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
-        async with trio.open_nursery() as nursery:
-            for peer in peers:
-                nursery.start_soon(peer.run)
+        peers = peers_for(nodes, spec, deadlines=QUICK)
+        await run_together(peers)
         for peer in peers[1:]:
             np.testing.assert_array_equal(peer.parameters, peers[0].parameters)
         assert all(not node.stats.rejected for node in nodes)

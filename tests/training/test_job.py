@@ -14,9 +14,7 @@ from meshfed.identity import Identity
 from meshfed.privacy.accountant import PrivacyAccountant
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
 from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
-from tests.training.nodes import memory_nodes
-
-QUICK = DeadlinePolicy(join_s=1.0, grace_s=0.3, phase_max_s=20.0)
+from tests.training.nodes import job_for, memory_nodes, peers_for, run_together
 
 
 @pytest.mark.parametrize("secure", [True, False])
@@ -24,20 +22,17 @@ async def test_peers_train_digits_together_and_hold_the_same_model(
     tmp_path: Path, secure: bool
 ) -> None:
     async with memory_nodes(tmp_path, 4) as nodes:
-        spec = JobSpec(
-            job_id=f"digits-{secure}",
-            roster=tuple(str(n.peer_id) for n in nodes),
+        spec = job_for(
+            nodes,
+            f"digits-{secure}",
             rounds=6,
             epochs=2,
             secure=secure,
             partition="dirichlet",
             alpha=0.5,
         )
-        reports: list[list[RoundReport]] = [[] for _ in nodes]
-        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
-        async with trio.open_nursery() as nursery:
-            for i, peer in enumerate(peers):
-                nursery.start_soon(peer.run, reports[i].append)
+        peers = peers_for(nodes, spec)
+        reports = await run_together(peers)
         first = peers[0].parameters
         for peer in peers[1:]:
             np.testing.assert_array_equal(peer.parameters, first)
@@ -65,20 +60,17 @@ def test_a_job_refuses_what_cannot_run() -> None:
 
 async def test_with_dp_each_peer_spends_its_budget_then_stops_contributing(tmp_path: Path) -> None:
     async with memory_nodes(tmp_path, 4) as nodes:
-        spec = JobSpec(
-            job_id="dp",
-            roster=tuple(str(n.peer_id) for n in nodes),
+        spec = job_for(
+            nodes,
+            "dp",
             rounds=7,
             dp_clip=1.0,
             dp_noise_multiplier=2.0,
             dp_epsilon=5.5,  # sigma 2: five rounds fit (epsilon 5.38), a sixth would not (5.98)
             dp_delta=1e-5,
         )
-        reports: list[list[RoundReport]] = [[] for _ in nodes]
-        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
-        async with trio.open_nursery() as nursery:
-            for i, peer in enumerate(peers):
-                nursery.start_soon(peer.run, reports[i].append)
+        peers = peers_for(nodes, spec)
+        reports = await run_together(peers)
         for peer in peers[1:]:
             np.testing.assert_array_equal(peer.parameters, peers[0].parameters)
         for peer_reports in reports:
@@ -93,9 +85,9 @@ async def test_with_dp_sgd_each_example_is_protected_and_the_job_still_learns(
     tmp_path: Path,
 ) -> None:
     async with memory_nodes(tmp_path, 4) as nodes:
-        spec = JobSpec(
-            job_id="dp-sgd",
-            roster=tuple(str(n.peer_id) for n in nodes),
+        spec = job_for(
+            nodes,
+            "dp-sgd",
             rounds=4,
             partition="iid",
             lr=0.5,
@@ -104,11 +96,8 @@ async def test_with_dp_sgd_each_example_is_protected_and_the_job_still_learns(
             dp_noise_multiplier=1.0,
             dp_epsilon=5.0,  # three rounds of ~12 sampled steps fit (epsilon 4.67), four do not
         )
-        reports: list[list[RoundReport]] = [[] for _ in nodes]
-        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
-        async with trio.open_nursery() as nursery:
-            for i, peer in enumerate(peers):
-                nursery.start_soon(peer.run, reports[i].append)
+        peers = peers_for(nodes, spec)
+        reports = await run_together(peers)
         for peer, peer_reports in zip(peers, reports, strict=True):
             assert [r.contributed for r in peer_reports] == [True] * 3 + [False]
             event, steps = peer.trainer.event(len(peer.shard))  # type: ignore[union-attr]
@@ -122,9 +111,9 @@ async def test_a_peer_that_starts_late_takes_the_others_state_and_ends_with_thei
     tmp_path: Path,
 ) -> None:
     async with memory_nodes(tmp_path, 4) as nodes:
-        spec = JobSpec(
-            job_id="late",
-            roster=tuple(str(n.peer_id) for n in nodes),
+        spec = job_for(
+            nodes,
+            "late",
             rounds=8,
             secure=False,
             partition="iid",
@@ -165,14 +154,9 @@ async def test_under_secure_aggregation_no_peer_sums_its_own_model_with_just_one
 ) -> None:
     async with memory_nodes(tmp_path, 7) as nodes:
         # 7 peers in groups of at most 3: a 3 x 3 grid with two empty cells
-        spec = JobSpec(
-            job_id="pairs", roster=tuple(str(n.peer_id) for n in nodes), rounds=1, max_group=3
-        )
-        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
-        reports: list[list[RoundReport]] = [[] for _ in nodes]
-        async with trio.open_nursery() as nursery:
-            for i, peer in enumerate(peers):
-                nursery.start_soon(peer.run, reports[i].append)
+        spec = job_for(nodes, "pairs", rounds=1, max_group=3)
+        peers = peers_for(nodes, spec)
+        reports = await run_together(peers)
         placement = peers[0]._placement(0)
         first_groups = [len(placement.group(node.peer_id, 0)[1]) for node in nodes]
         assert 2 in first_groups  # the grid does make pairs on the first axis here
@@ -184,20 +168,17 @@ async def test_under_secure_aggregation_no_peer_sums_its_own_model_with_just_one
 
 async def test_pushsum_gossip_brings_every_peer_close_to_the_same_model(tmp_path: Path) -> None:
     async with memory_nodes(tmp_path, 5) as nodes:
-        spec = JobSpec(
-            job_id="gossip",
-            roster=tuple(str(n.peer_id) for n in nodes),
+        spec = job_for(
+            nodes,
+            "gossip",
             rounds=12,
             epochs=1,
             schedule="pushsum",
             secure=False,
             partition="iid",
         )
-        reports: list[list[RoundReport]] = [[] for _ in nodes]
-        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
-        async with trio.open_nursery() as nursery:
-            for i, peer in enumerate(peers):
-                nursery.start_soon(peer.run, reports[i].append)
+        peers = peers_for(nodes, spec)
+        reports = await run_together(peers)
         finals = [r[-1].accuracy for r in reports]
         assert min(finals) > 0.85 and max(finals) - min(finals) < 0.05
         # ceil(log2 5) = 3 pushes per tick, each to a different peer; after the last tick,
@@ -214,9 +195,9 @@ async def test_pushsum_peers_wait_for_a_slow_pusher_instead_of_running_ahead(
     tmp_path: Path,
 ) -> None:
     async with memory_nodes(tmp_path, 4) as nodes:
-        spec = JobSpec(
-            job_id="slow",
-            roster=tuple(str(n.peer_id) for n in nodes),
+        spec = job_for(
+            nodes,
+            "slow",
             rounds=10,
             epochs=1,
             local_steps=1,
@@ -224,7 +205,7 @@ async def test_pushsum_peers_wait_for_a_slow_pusher_instead_of_running_ahead(
             secure=False,
             partition="dirichlet",
         )
-        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
+        peers = peers_for(nodes, spec)
         slow = peers[0]
         train = slow._train_locally
 

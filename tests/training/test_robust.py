@@ -7,33 +7,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshfed.averaging.robust import centered_clip, krum, median, trimmed_mean
-from meshfed.secagg.driver import Aggregator
-from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
-
-from .test_job import QUICK, memory_nodes
+from meshfed.training.job import JobSpec
+from tests.training.nodes import job_for, memory_nodes, peers_for, run_together
 
 
 async def final_accuracy(tmp_path: Path, name: str, **options: object) -> float:
     async with memory_nodes(tmp_path / name, 8) as nodes:
-        spec = JobSpec(
-            job_id=name,
-            roster=tuple(str(n.peer_id) for n in nodes),
+        spec = job_for(
+            nodes,
+            name,
             rounds=4,
             epochs=2,
             partition="iid",
             secure=False,
-            **options,  # type: ignore[arg-type]
+            **options,
         )
-        reports: list[list[RoundReport]] = [[] for _ in nodes]
-        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK)) for node in nodes]
-        async with trio.open_nursery() as nursery:
-            for i, peer in enumerate(peers):
-                nursery.start_soon(peer.run, reports[i].append)
+        peers = peers_for(nodes, spec)
+        reports = await run_together(peers)
     honest = [r[-1].accuracy for i, r in enumerate(reports) if i not in spec.attackers]
     return float(np.mean(honest))
 
