@@ -185,11 +185,11 @@ def split_parts_frame(frame: bytes) -> tuple[bytes, memoryview]:
     Raises:
         RemoteProtocolError: a frame too short for the length it announces [malformed].
     """
-    if len(frame) < 4 or len(frame) < 4 + int.from_bytes(frame[:4], "big"):
+    end = 4 + int.from_bytes(frame[:4], "big")
+    if len(frame) < 4 or len(frame) < end:
         raise RemoteProtocolError(
             "a parts frame shorter than it says", reason=RejectReason.MALFORMED
         )
-    end = 4 + int.from_bytes(frame[:4], "big")
     return frame[4:end], memoryview(frame)[end:]
 
 

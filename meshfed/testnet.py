@@ -281,9 +281,12 @@ async def run_testnet(
     await trio.Path(out).write_text(json.dumps(summary, indent=2))
     who = f"every node ({len(children) - len(survivors)} killed)" if kill else "every node"
     model = "close models (gossip)" if spec.schedule == "pushsum" else "the same model"
-    verdict = f"{who} finished with {model}" if same else "NOT every node finished"
-    if done and not same:
+    if same:
+        verdict = f"{who} finished with {model}"
+    elif done:
         verdict = f"{who} finished, but the models differ by {max(finals) - min(finals):.3f}"
+    else:
+        verdict = "NOT every node finished"
     accuracy = f"final accuracy {summary['final_accuracy']:.3f}" if finals else "no accuracy"
     console.print(
         f"{verdict}, {accuracy}, {'clean stop' if clean else 'UNCLEAN stop'}; run written to {out}"
