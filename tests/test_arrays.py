@@ -17,6 +17,8 @@ from meshfed.arrays import (
     crc32_of,
     header_for,
     iter_chunks,
+    parts_frame,
+    split_parts_frame,
 )
 from meshfed.errors import LocalProtocolError, RemoteProtocolError
 from meshfed.stats import RejectReason
@@ -93,3 +95,17 @@ def test_short_chunk_bad_crc_and_early_finish_are_bad_arrays() -> None:
     with pytest.raises(RemoteProtocolError, match="CRC") as info:
         assembler.finish()
     assert info.value.reason == RejectReason.BAD_ARRAY
+
+
+@given(st.binary(max_size=64), st.binary(max_size=64), st.binary(max_size=8))
+def test_parts_frames_split_back_or_are_malformed(
+    envelope: bytes, data: bytes, junk: bytes
+) -> None:
+    signed, part = split_parts_frame(parts_frame(envelope, data))
+    assert (signed, bytes(part)) == (envelope, data)
+    try:
+        signed, part = split_parts_frame(junk)
+    except RemoteProtocolError as exc:
+        assert exc.reason == RejectReason.MALFORMED
+    else:
+        assert 4 + len(signed) + len(part) == len(junk)

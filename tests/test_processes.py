@@ -110,6 +110,8 @@ def test_hostile_process_is_rejected_and_counted_while_honest_peers_are_served(
                 assert answers[reason] == reason, (addr, answers)
             for reason in ("future", "stale", "unknown_type", "replayed", "oversized"):
                 assert answers[reason] == reason, (addr, answers)
+            assert answers["parts_malformed"] == "malformed", (addr, answers)
+            assert answers["parts_bad_array"] == "bad_array", (addr, answers)
         for process, _ in peers:
             rejected = process.call(cmd="status")["stats"]["rejected"]
             for reason, count in EXPECTED_REJECTS.items():

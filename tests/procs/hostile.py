@@ -17,10 +17,12 @@ import msgpack
 import numpy as np
 import trio
 
+from meshfed.arrays import ArrayPart, ArrayParts, parts_frame
 from meshfed.control import Ping, Text
 from meshfed.errors import MeshfedError, RequestFailed
 from meshfed.identity import Identity, PeerId
 from meshfed.node import ARRAY_PROTOCOL as ARRAY
+from meshfed.node import PARTS_PROTOCOL as PARTS
 from meshfed.node import RPC_PROTOCOL as RPC
 from meshfed.stats import NodeStats
 from meshfed.transports._sealed import HEADER
@@ -75,6 +77,20 @@ async def attack(transport: Libp2pTransport, me: Identity, addr: str) -> dict[st
             answers[expected] = "accepted"
         except RequestFailed as exc:
             answers[expected] = exc.reason
+    # Parts frames (several receivers' arrays under one signature): one shorter than the
+    # envelope length it announces, then a part whose bytes do not match the signed digest.
+    parts = ArrayParts(name="evil", dtype="|u1", parts=[ArrayPart(peer, 4, bytes(32))])
+    envelope, _ = seal(me, parts, now_ms=now_ms())
+    for label, frame in (
+        ("parts_malformed", b"\x00\x00\x10\x00" + envelope[:100]),
+        ("parts_bad_array", parts_frame(envelope, b"evil")),
+    ):
+        try:
+            with trio.fail_after(10):
+                await transport.request(peer, PARTS, frame)
+            answers[label] = "accepted"
+        except RequestFailed as exc:
+            answers[label] = exc.reason
     # An array stream whose chunk is shorter than announced, then one cut off mid-transfer.
     for label, cut_short in (("bad_array", True), ("truncated", False)):
         header = _array_header(me)
