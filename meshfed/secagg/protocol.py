@@ -39,6 +39,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -126,6 +127,9 @@ class AbortReason(enum.StrEnum):
     INCONSISTENT = "inconsistent"
     #: a slice owner went silent after the unmask phase: its slice sum is lost for good
     SLICE_LOST = "slice_lost"
+    #: ``threshold`` peers called the roll without us (our shares came too late): they go on
+    #: without us, so a re-run would only wait for them; final
+    LEFT_OUT = "left_out"
 
 
 class SliceKind(enum.StrEnum):
@@ -397,6 +401,10 @@ class SecAggPeer:
             raise _reject(RejectReason.UNKNOWN_TYPE, f"{message.TYPE} is not a secagg message")
         self._admit(sender, phase, getattr(message, "context", b""))
         self._inbox[phase][sender] = self._check(sender, message)
+        if phase is Phase.ROLL_CALL and self._left_out():
+            return self._abort(
+                AbortReason.LEFT_OUT, f"{self.spec.threshold} peers go on without us"
+            )
         return self._progress()
 
     def receive_slice(self, sender: PeerId, kind: SliceKind, array: Levels) -> list[Action]:
@@ -591,9 +599,19 @@ class SecAggPeer:
         if len(holders) < self.spec.threshold:
             return self._abort(AbortReason.TOO_FEW, "too few peers shared their keys")
         members = [peer for peer in self.spec.roster if peer in holders]
-        return self._enter(
-            Phase.ROLL_CALL, holders, [RollCall(context=self.context, members=members)]
+        call = RollCall(context=self.context, members=members)
+        # to the whole roster: a peer left out learns it at once instead of waiting (and
+        # re-running) for peers that have gone on without it
+        return self._enter(Phase.ROLL_CALL, holders, []) + [
+            Send(peer, call) for peer in self.spec.roster if peer != self.me
+        ]
+
+    def _left_out(self) -> bool:
+        """Whether ``threshold`` roll calls agree on members that do not include us."""
+        views = Counter(
+            view for view in self._inbox[Phase.ROLL_CALL].values() if self.me not in view
         )
+        return bool(views) and max(views.values()) >= self.spec.threshold
 
     def _end_roll_call(self) -> list[Action]:
         mine = frozenset(self._heard(Phase.SHARES))
@@ -890,7 +908,8 @@ class SecAggSession:
             if not isinstance(action, Aborted):
                 result.append(action)
                 continue
-            if action.released or self.attempt + 1 >= len(self._specs):
+            final = action.released or action.reason is AbortReason.LEFT_OUT
+            if final or self.attempt + 1 >= len(self._specs):
                 result.append(action)
                 continue
             self.aborts.append(action)

@@ -144,6 +144,29 @@ def test_an_owner_lost_after_receiving_slices_means_a_rerun_without_it() -> None
         assert np.array_equal(outcome.total, ring_sum(inputs, outcome.survivors))
 
 
+def test_a_peer_whose_shares_came_too_late_learns_it_is_left_out_and_does_not_rerun() -> None:
+    spec = make_spec(6)
+    inputs = random_inputs(spec, 60, seed=3, top=1000)
+    straggler = PEERS[4]
+
+    def late(sender: PeerId, receiver: PeerId, action: object) -> bool:
+        return (
+            sender == straggler
+            and isinstance(action, Send)
+            and isinstance(action.message, ShareKeys)
+        )
+
+    trace = run_once(spec, inputs, hold_back=late, max_attempts=3)
+    others = [peer for peer in spec.roster if peer != straggler]
+    for peer in others:
+        outcome = trace.outcomes[peer]
+        assert isinstance(outcome, Finished) and straggler not in outcome.survivors
+        assert np.array_equal(outcome.total, ring_sum(inputs, outcome.survivors))
+    left_out = trace.outcomes[straggler]
+    assert isinstance(left_out, Aborted) and left_out.reason is AbortReason.LEFT_OUT
+    assert not trace.sessions[straggler].aborts  # no re-run: the others are not coming
+
+
 def chi_square_p(values: np.ndarray, bits: int, bins: int = 256) -> float:
     top = values.astype(np.uint64) >> np.uint64(bits - 8)
     counts = np.bincount(top.astype(np.int64), minlength=bins)
