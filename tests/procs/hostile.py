@@ -67,16 +67,21 @@ def frames(me: Identity) -> list[tuple[str, bytes]]:
     ]
 
 
+async def answer(transport: Libp2pTransport, peer: PeerId, protocol: str, frame: bytes) -> str:
+    """``accepted``, or the reason the peer rejected ``frame``."""
+    try:
+        with trio.fail_after(10):
+            await transport.request(peer, protocol, frame)
+        return "accepted"
+    except RequestFailed as exc:
+        return exc.reason
+
+
 async def attack(transport: Libp2pTransport, me: Identity, addr: str) -> dict[str, str]:
     peer: PeerId = await transport.connect(addr)
     answers: dict[str, str] = {}
     for expected, frame in frames(me):
-        try:
-            with trio.fail_after(10):
-                await transport.request(peer, RPC, frame)
-            answers[expected] = "accepted"
-        except RequestFailed as exc:
-            answers[expected] = exc.reason
+        answers[expected] = await answer(transport, peer, RPC, frame)
     # Parts frames (several receivers' arrays under one signature): one shorter than the
     # envelope length it announces, then a part whose bytes do not match the signed digest.
     parts = ArrayParts(name="evil", dtype="|u1", parts=[ArrayPart(peer, 4, bytes(32))])
@@ -85,12 +90,7 @@ async def attack(transport: Libp2pTransport, me: Identity, addr: str) -> dict[st
         ("parts_malformed", b"\x00\x00\x10\x00" + envelope[:100]),
         ("parts_bad_array", parts_frame(envelope, b"evil")),
     ):
-        try:
-            with trio.fail_after(10):
-                await transport.request(peer, PARTS, frame)
-            answers[label] = "accepted"
-        except RequestFailed as exc:
-            answers[label] = exc.reason
+        answers[label] = await answer(transport, peer, PARTS, frame)
     # An array stream whose chunk is shorter than announced, then one cut off mid-transfer.
     for label, cut_short in (("bad_array", True), ("truncated", False)):
         header = _array_header(me)
