@@ -13,6 +13,7 @@ The tree::
     └── TransportError
         ├── PeerUnreachable      no route to the peer, or it refused us
         ├── StreamClosed         the other end closed (or reset) the stream
+        ├── RequestTimeout       no answer before the caller's deadline
         └── RequestFailed        the peer answered a request with an error
 
 As in h11, cores raise ``LocalProtocolError`` internally and the receive path turns
@@ -34,6 +35,7 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "RequestFailed",
+    "RequestTimeout",
     "StoreError",
     "StreamClosed",
     "TransportError",
@@ -91,6 +93,10 @@ class PeerUnreachable(TransportError):
 
 class StreamClosed(TransportError):
     """The stream ended: the other side closed or reset it, or the node is stopping."""
+
+
+class RequestTimeout(TransportError):
+    """No answer came before the deadline (the request may still have reached the peer)."""
 
 
 class RequestFailed(TransportError):
