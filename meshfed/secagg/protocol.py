@@ -58,10 +58,11 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from ..errors import RemoteProtocolError
+from ..errors import ConfigError, RemoteProtocolError
 from ..identity import PeerId
 from ..stats import RejectReason
 from ..wire import Message
+from .bounds import DEFAULT_COLLUSION, smallest_group
 from .keys import context_digest, mask_sign, neighbours, pair_seed
 from .messages import (
     MAX_GROUP,
@@ -76,7 +77,7 @@ from .messages import (
 )
 from .prg import add_masks
 from .ring import Levels
-from .shamir import Share, combine, split
+from .shamir import PRIME, Share, combine, split
 
 __all__ = [
     "AbortReason",
@@ -96,6 +97,7 @@ __all__ = [
 ]
 
 _SHARE_INFO = b"meshfed-secagg-shares-v1"
+_SHARE_BYTES = 66  # one Shamir share value (shamir: GF(2^521 - 1), big-endian)
 _ZERO_NONCE = bytes(12)  # each sealing key is used once (one context, one direction)
 
 
@@ -154,7 +156,14 @@ class GroupSpec:
         job, round, group: where the run belongs (bound into every key and message).
         roster: the members, in slice order.
         threshold: ``t``; secrets need ``t`` shares, a run needs ``t`` survivors. More than
-            half the roster, so that two different survivor sets cannot both be signed.
+            half the roster, so that two different survivor sets cannot both be signed, and at
+            least ``collusion + 2``, so that every sum the run reveals holds two honest inputs
+            or more (:mod:`~meshfed.secagg.bounds`; :func:`~meshfed.secagg.bounds.threshold_for`
+            gives the least such ``t``).
+        collusion: ``c``, how many members may collude (share what they see, and lie about
+            whose input arrived). ``0`` only for groups whose inputs are already sums of two
+            honest inputs or more (later Moshpit steps): a member of such a group learns a sum,
+            never one peer's input.
         neighbours: SecAgg+'s ``k`` (even): mask with ``k`` neighbours only; ``None`` masks
             with everyone (Bonawitz).
         ring_bits: 32 (``uint32`` levels) or 16 (``uint16``, the 8-bit mode).
@@ -169,19 +178,42 @@ class GroupSpec:
     neighbours: int | None = None
     ring_bits: int = 32
     attempt: int = 0
+    collusion: int = DEFAULT_COLLUSION
 
     def __post_init__(self) -> None:
         size = len(self.roster)
         if len(set(self.roster)) != size or not 2 <= size <= MAX_GROUP:
-            raise ValueError(f"a roster lists 2..{MAX_GROUP} distinct peers, not {size}")
-        if not (size // 2 < self.threshold <= size and self.threshold >= 2):
-            raise ValueError(
-                f"threshold {self.threshold} must be a majority of the {size} peers and at least 2"
+            raise ConfigError(f"a roster lists 2..{MAX_GROUP} distinct peers, not {size}")
+        if self.collusion < 0:
+            raise ConfigError(f"collusion must be >= 0, not {self.collusion}")
+        least = max(size // 2 + 1, self.collusion + 2)
+        if least > size:
+            raise ConfigError(
+                f"a secure group of {size} cannot resist {self.collusion} colluding member(s): "
+                f"they could declare the others dropped and read a single peer's input from the "
+                f"sum; use groups of {smallest_group(self.collusion)} or more"
             )
-        if self.neighbours is not None and (self.neighbours < 2 or self.neighbours % 2):
-            raise ValueError(f"neighbours must be even and >= 2, not {self.neighbours}")
+        if not least <= self.threshold <= size:
+            raise ConfigError(
+                f"threshold {self.threshold} of a group of {size} must be in {least}..{size}: a "
+                f"majority, and at least collusion + 2 = {self.collusion + 2} so that every "
+                f"revealed sum holds two honest inputs or more"
+            )
+        k = self.neighbours
+        if k is not None and (k < 2 or k % 2):
+            raise ConfigError(f"neighbours must be even and >= 2, not {k}")
+        # A survivor's slice stays hidden while one honest neighbour of it survives: colluders
+        # are up to c of its neighbours and can have up to size - t honest ones declared
+        # dropped (whose mask keys are then revealed).
+        if k is not None and k < min(size - 1, self.collusion + 1 + size - self.threshold):
+            raise ConfigError(
+                f"neighbours {k} leave a member of a group of {size} (threshold "
+                f"{self.threshold}) without an honest neighbour once {self.collusion} "
+                f"colluder(s) declare {size - self.threshold} others dropped: use at least "
+                f"{self.collusion + 1 + size - self.threshold} (or None: everyone)"
+            )
         if self.ring_bits not in (16, 32):
-            raise ValueError(f"ring_bits must be 16 or 32, not {self.ring_bits}")
+            raise ConfigError(f"ring_bits must be 16 or 32, not {self.ring_bits}")
 
     @property
     def dtype(self) -> np.dtype[np.unsignedinteger[Any]]:
@@ -307,6 +339,28 @@ def _reject(reason: RejectReason, message: str) -> RemoteProtocolError:
     return RemoteProtocolError(message, reason=reason)
 
 
+def _agree(mine: X25519PrivateKey, theirs: bytes) -> bytes:
+    """X25519 of our private key and a peer's public key.
+
+    Raises:
+        RemoteProtocolError: ``bad_field`` for a low-order key (an all-zero result).
+    """
+    try:
+        return mine.exchange(X25519PublicKey.from_public_bytes(theirs))
+    except ValueError:
+        raise _reject(RejectReason.BAD_FIELD, "low-order X25519 key") from None
+
+
+def _check_share(y: bytes) -> None:
+    """A Shamir share value from a peer must be a field element.
+
+    Raises:
+        RemoteProtocolError: ``bad_field`` for a value at or above the field's prime.
+    """
+    if len(y) != _SHARE_BYTES or int.from_bytes(y, "big") >= PRIME:
+        raise _reject(RejectReason.BAD_FIELD, "a share value outside the field")
+
+
 class SecAggPeer:
     """One peer's side of one run. Call :meth:`start`, then feed it what arrives.
 
@@ -352,7 +406,8 @@ class SecAggPeer:
         self._keys: dict[PeerId, tuple[bytes, bytes]] = {
             me: (_raw_public(self._cipher_key), _raw_public(self._mask_key))
         }
-        self._agreed: dict[bytes, bytes] = {}  # X25519 with a peer's cipher key
+        #: each peer's keys, agreed with ours when they arrived (X25519 cipher, mask secrets)
+        self._agreed: dict[PeerId, tuple[bytes, bytes]] = {}
         self._inbox: dict[Phase, dict[PeerId, Any]] = {phase: {} for phase in _PHASES}
         self._expected: frozenset[PeerId] = frozenset()
         self._owners: tuple[PeerId, ...] = ()
@@ -444,15 +499,14 @@ class SecAggPeer:
 
     def _check(self, sender: PeerId, message: Message) -> Any:
         """Validate one message against what we know; return what the inbox keeps."""
-        known = self._keys.get(sender)
         if isinstance(message, AdvertiseKeys):
-            self._check_keys(known, message.cipher_key, message.mask_key)
-            self._keys[sender] = (message.cipher_key, message.mask_key)
+            agreed = self._agree_keys(sender, message.cipher_key, message.mask_key)
+            self._keep_keys(sender, message.cipher_key, message.mask_key, agreed)
             return message
         if isinstance(message, ShareKeys):
-            self._check_keys(known, message.cipher_key, message.mask_key)
-            held = self._open_shares(sender, message)
-            self._keys[sender] = (message.cipher_key, message.mask_key)
+            agreed = self._agree_keys(sender, message.cipher_key, message.mask_key)
+            held = self._open_shares(sender, message, agreed[0])
+            self._keep_keys(sender, message.cipher_key, message.mask_key, agreed)
             return held
         if isinstance(message, RollCall | InputsReceived | Survivors):
             if isinstance(message, RollCall):
@@ -466,6 +520,8 @@ class SecAggPeer:
                 raise _reject(RejectReason.BAD_FIELD, "a peer list with repeats or strangers")
             return listed
         assert isinstance(message, Unmask)
+        for part in (*message.self_masks, *message.mask_keys):
+            _check_share(part.y)
         self_masks = {part.peer: part.y for part in message.self_masks}
         mask_keys = {part.peer: part.y for part in message.mask_keys}
         if self_masks.keys() & mask_keys.keys():
@@ -474,10 +530,24 @@ class SecAggPeer:
             )
         return self_masks, mask_keys
 
-    @staticmethod
-    def _check_keys(known: tuple[bytes, bytes] | None, cipher_key: bytes, mask_key: bytes) -> None:
+    def _agree_keys(
+        self, sender: PeerId, cipher_key: bytes, mask_key: bytes
+    ) -> tuple[bytes, bytes]:
+        """X25519 of our keys with the sender's, checked here at the door (a low-order key is
+        rejected before anything keeps it): later phases only read what this agreed."""
+        known = self._keys.get(sender)
         if known is not None and known != (cipher_key, mask_key):
             raise _reject(RejectReason.INCONSISTENT, "keys differ from the ones advertised")
+        agreed = self._agreed.get(sender)
+        if agreed is None:
+            agreed = (_agree(self._cipher_key, cipher_key), _agree(self._mask_key, mask_key))
+        return agreed
+
+    def _keep_keys(
+        self, sender: PeerId, cipher_key: bytes, mask_key: bytes, agreed: tuple[bytes, bytes]
+    ) -> None:
+        self._keys[sender] = (cipher_key, mask_key)
+        self._agreed[sender] = agreed
 
     def _check_slice_length(self, sender: PeerId, phase: Phase, array: Levels) -> None:
         owner = self.me if phase is Phase.INPUT else sender
@@ -489,11 +559,9 @@ class SecAggPeer:
 
     # -- sealing shares ------------------------------------------------------------------------
 
-    def _share_cipher(self, peer: PeerId, peer_cipher_key: bytes, *, outgoing: bool) -> AESGCM:
-        secret = self._agreed.get(peer_cipher_key)
-        if secret is None:  # the same for both directions: agreed once per peer
-            public = X25519PublicKey.from_public_bytes(peer_cipher_key)
-            secret = self._agreed[peer_cipher_key] = self._cipher_key.exchange(public)
+    def _share_cipher(self, peer: PeerId, secret: bytes, *, outgoing: bool) -> AESGCM:
+        """The AES-GCM key sealing shares between us and ``peer`` (``secret``: X25519 of the
+        cipher keys, the same for both directions), one per direction."""
         sender, receiver = (self.me, peer) if outgoing else (peer, self.me)
         key = HKDF(
             algorithm=hashes.SHA256(),
@@ -503,19 +571,22 @@ class SecAggPeer:
         ).derive(secret)
         return AESGCM(key)
 
-    def _open_shares(self, sender: PeerId, message: ShareKeys) -> _Held:
+    def _open_shares(self, sender: PeerId, message: ShareKeys, secret: bytes) -> _Held:
         receivers = [entry.peer for entry in message.sealed]
         if len(set(receivers)) != len(receivers) or not self._index.keys() >= set(receivers):
             raise _reject(RejectReason.BAD_FIELD, "sealed shares for repeats or strangers")
         mine = [entry.sealed for entry in message.sealed if entry.peer == self.me]
         if not mine:
             raise _reject(RejectReason.BAD_FIELD, "no shares sealed for this peer")
-        cipher = self._share_cipher(sender, message.cipher_key, outgoing=False)
+        cipher = self._share_cipher(sender, secret, outgoing=False)
         try:
             plain = cipher.decrypt(_ZERO_NONCE, mine[0], self.context)
         except InvalidTag:
             raise _reject(RejectReason.INCONSISTENT, "sealed shares do not open") from None
-        return _Held(plain[:66], plain[66:], message.self_mask_digest)
+        held = _Held(plain[:_SHARE_BYTES], plain[_SHARE_BYTES:], message.self_mask_digest)
+        _check_share(held.mask_key_share)
+        _check_share(held.self_mask_share)
+        return held
 
     # -- phases --------------------------------------------------------------------------------
 
@@ -582,7 +653,7 @@ class SecAggPeer:
         sealed = []
         for peer in receivers:
             index = self._index[peer]
-            cipher = self._share_cipher(peer, self._keys[peer][0], outgoing=True)
+            cipher = self._share_cipher(peer, self._agreed[peer][0], outgoing=True)
             plain = mask_shares[index].y + self_shares[index].y
             sealed.append(SealedShares(peer, cipher.encrypt(_ZERO_NONCE, plain, self.context)))
         message = ShareKeys(
@@ -702,9 +773,10 @@ class SecAggPeer:
         try:
             self_seeds = {p: self._rebuild(p, revealed, 0) for p in self._survivors}
             mask_keys = {p: self._rebuild(p, revealed, 1) for p in self._dropped()}
+            seeds = self._unmask_seeds(self_seeds, mask_keys)
         except _RebuildError as exc:
             return self._abort(exc.reason, str(exc))
-        total = self._unmasked_slice(self_seeds, mask_keys)
+        total = self._unmasked_slice(seeds)
         self._inbox[Phase.SUM][self.me] = total
         actions: list[Action] = self._drop_misfit_slices(Phase.SUM)
         self.phase = Phase.SUM
@@ -758,36 +830,47 @@ class SecAggPeer:
 
     # -- masks ---------------------------------------------------------------------------------
 
-    def _pair_seed(self, my_mask_key: X25519PrivateKey, me: PeerId, other: PeerId) -> bytes:
-        secret = my_mask_key.exchange(X25519PublicKey.from_public_bytes(self._keys[other][1]))
-        return pair_seed(secret, context=self.context, a=me, b=other)
-
     def _masked_input(self) -> Levels:
         """``x + PRG(b) + sum over neighbours v of sign(me, v) PRG(s_{me,v})``."""
         seeds = [(self._self_seed, 1)] + [
-            (self._pair_seed(self._mask_key, self.me, peer), mask_sign(self.me, peer))
+            (
+                pair_seed(self._agreed[peer][1], context=self.context, a=self.me, b=peer),
+                mask_sign(self.me, peer),
+            )
             for peer in sorted(self._graph[self.me], key=lambda p: p.raw)
         ]
         masked = np.empty_like(self._levels) if self._buffer is None else self._buffer
         add_masks(masked, seeds, base=[self._levels])
         return masked
 
-    def _unmasked_slice(
+    def _unmask_seeds(
         self, self_seeds: dict[PeerId, bytes], mask_keys: dict[PeerId, bytes]
-    ) -> Levels:
-        """This owner's slice of the survivors' sum, every mask removed."""
-        index = self._owners.index(self.me)
-        lo, hi = slice_bounds(len(self._levels), len(self._owners), index)
-        inputs: dict[PeerId, Levels] = self._inbox[Phase.INPUT]
-        # Subtracting a mask is adding it with the opposite sign.
+    ) -> list[tuple[bytes, int]]:
+        """The masks to take off the survivors' sum, as (seed, sign): subtracting a mask is
+        adding it with the opposite sign.
+
+        Raises:
+            _RebuildError: a dropped peer's rebuilt key agrees with no survivor's key (cannot
+                happen with keys checked at the door; an abort, never an exception out).
+        """
         seeds = [(self_seeds[peer], -1) for peer in self._survivors]
         for dropped, key in mask_keys.items():
             dropped_key = X25519PrivateKey.from_private_bytes(key)
             for peer in self._graph[dropped] & set(self._survivors):
+                try:
+                    secret = _agree(dropped_key, self._keys[peer][1])
+                except RemoteProtocolError as exc:
+                    raise _RebuildError(AbortReason.INCONSISTENT, str(exc)) from None
                 # peer added sign(peer, dropped) * PRG(s); remove it
-                seeds.append(
-                    (self._pair_seed(dropped_key, dropped, peer), -mask_sign(peer, dropped))
-                )
+                seed = pair_seed(secret, context=self.context, a=dropped, b=peer)
+                seeds.append((seed, -mask_sign(peer, dropped)))
+        return seeds
+
+    def _unmasked_slice(self, seeds: list[tuple[bytes, int]]) -> Levels:
+        """This owner's slice of the survivors' sum, ``seeds`` taken off."""
+        index = self._owners.index(self.me)
+        lo, hi = slice_bounds(len(self._levels), len(self._owners), index)
+        inputs: dict[PeerId, Levels] = self._inbox[Phase.INPUT]
         total = np.empty(hi - lo, dtype=self.spec.dtype)
         add_masks(total, seeds, offset=lo, base=[inputs[peer] for peer in self._survivors])
         return total

@@ -3,7 +3,8 @@
 Messages are delivered in order through one queue; when nothing is in flight, the waiting peer
 in the earliest phase has its deadline expire (the way real deadlines fire one peer at a time).
 A peer can die after its n-th send (a crash in the middle of a broadcast included), and chosen
-messages can be held back and delivered only once the run is over (a straggler).
+messages can be held back and delivered only once the run is over (a straggler), and a
+dishonest member's messages rewritten on their way (it signs whatever it likes).
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ def run_once(
     *,
     die_after_sends: dict[PeerId, int] | None = None,
     hold_back: Any = None,
+    rewrite: Any = None,
     max_attempts: int = 1,
     seed: int = 0,
 ) -> Trace:
     """Run ``spec`` (with up to ``max_attempts`` attempts). ``hold_back(sender, receiver,
-    action) -> bool`` delays a message until the end of the run."""
+    action) -> bool`` delays a message until the end of the run; ``rewrite(sender, receiver,
+    action) -> action`` replaces what ``sender`` sends."""
     trace = Trace()
     budget = dict(die_after_sends or {})
     queue: collections.deque[tuple[PeerId, Send | SendSlice]] = collections.deque()
@@ -62,6 +65,8 @@ def run_once(
             if peer in trace.dead:
                 return
             if isinstance(action, Send | SendSlice):
+                if rewrite is not None:
+                    action = rewrite(peer, action.to, action)
                 if peer in budget:
                     if budget[peer] <= 0:
                         trace.dead[peer] = trace.sessions[peer].current.phase

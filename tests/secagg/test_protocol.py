@@ -43,12 +43,24 @@ from .simulation import run_once
 PEERS = [Identity.generate().peer_id for _ in range(12)]
 
 
+def least_threshold(size: int, collusion: int = 1) -> int:
+    """The smallest threshold a group spec accepts: a majority, and collusion + 2."""
+    return max(size // 2 + 1, collusion + 2)
+
+
+def sparse_neighbours(size: int, threshold: int, collusion: int = 1) -> int:
+    """The sparsest masking graph a spec accepts: every survivor keeps an honest neighbour
+    after ``collusion`` colluders had ``size - threshold`` others declared dropped."""
+    needed = collusion + 1 + size - threshold
+    return needed + needed % 2
+
+
 def make_spec(size: int, threshold: int | None = None, **options: object) -> GroupSpec:
     fields: dict[str, object] = {"job": b"job-1", "round": 3, "group": 0}
     fields.update(options)
     return GroupSpec(
         roster=tuple(PEERS[:size]),
-        threshold=threshold or size // 2 + 1,
+        threshold=threshold or least_threshold(size),
         **fields,  # type: ignore[arg-type]
     )
 
@@ -65,9 +77,11 @@ def ring_sum(inputs: dict[PeerId, np.ndarray], peers: tuple[PeerId, ...]) -> np.
     return total
 
 
-@pytest.mark.parametrize("size", [3, 5, 8])
-@pytest.mark.parametrize("neighbours", [None, 2])
-def test_without_dropouts_every_peer_gets_the_exact_sum(size: int, neighbours: int | None) -> None:
+@pytest.mark.parametrize("size", [3, 5, 8, 12])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_without_dropouts_every_peer_gets_the_exact_sum(size: int, sparse: bool) -> None:
+    threshold = least_threshold(size)
+    neighbours = sparse_neighbours(size, threshold) if sparse else None
     spec = make_spec(size, neighbours=neighbours)
     inputs = random_inputs(spec, 1000, seed=size, top=2**20)
     trace = run_once(spec, inputs)
@@ -97,8 +111,9 @@ def test_with_any_dropouts_the_sum_is_exact_or_the_run_aborts_with_a_reason(
     deaths: dict[int, int],
     seed: int,
 ) -> None:
-    threshold = min(size, size // 2 + 1 + extra_threshold)
-    spec = make_spec(size, threshold, ring_bits=ring_bits, neighbours=2 if sparse else None)
+    threshold = min(size, least_threshold(size) + extra_threshold)
+    neighbours = sparse_neighbours(size, threshold) if sparse else None
+    spec = make_spec(size, threshold, ring_bits=ring_bits, neighbours=neighbours)
     inputs = random_inputs(spec, length, seed, top=(1 << (ring_bits - 5)) - 1)
     die = {spec.roster[i]: sends for i, sends in deaths.items() if i < size}
     # Each death can spoil at most the attempt it happens in.
@@ -269,13 +284,15 @@ def first_send(actions: list[object], to: PeerId) -> Send:
 
 
 def test_replayed_cross_run_late_and_stranger_messages_are_rejected_with_reasons() -> None:
-    spec = make_spec(3)
-    a, b, c = spec.roster
+    spec = make_spec(4)
+    a, b, c, d = spec.roster
     core_a = SecAggPeer(spec, a, np.zeros(10, spec.dtype))
     core_b = SecAggPeer(spec, b, np.zeros(10, spec.dtype))
+    core_d = SecAggPeer(spec, d, np.zeros(10, spec.dtype))
     keys_from_a = first_send(core_a.start(), to=b).message
     core_b.start()
     core_b.receive(a, keys_from_a)
+    core_b.receive(d, first_send(core_d.start(), to=b).message)
 
     def reason(sender: PeerId, message: object) -> RejectReason:
         with pytest.raises(RemoteProtocolError) as info:
@@ -283,9 +300,9 @@ def test_replayed_cross_run_late_and_stranger_messages_are_rejected_with_reasons
         return info.value.reason
 
     assert reason(a, keys_from_a) is RejectReason.DUPLICATE
-    other_round = SecAggPeer(make_spec(3, round=4), a, np.zeros(10, spec.dtype))
+    other_round = SecAggPeer(make_spec(4, round=4), a, np.zeros(10, spec.dtype))
     assert reason(c, first_send(other_round.start(), to=b).message) is RejectReason.WRONG_CONTEXT
-    retry = SecAggPeer(make_spec(3, attempt=1), a, np.zeros(10, spec.dtype))
+    retry = SecAggPeer(make_spec(4, attempt=1), a, np.zeros(10, spec.dtype))
     assert reason(c, first_send(retry.start(), to=b).message) is RejectReason.WRONG_CONTEXT
     assert reason(PEERS[5], keys_from_a) is RejectReason.NOT_A_MEMBER
     # b gives up waiting for c's keys; c's keys then come too late.
