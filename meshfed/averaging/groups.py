@@ -7,17 +7,50 @@ peers that share every other coordinate. When every cell of the grid is filled a
 drops, ``d`` steps of weighted averaging give every peer the exact global weighted mean (the
 ``exact`` schedule); one step per round (``moshpit``) converges across rounds. A roster no
 longer than ``max_group`` is one group: the exact mean in one step.
+
+Secure groups and the collusion bound ``c`` (:mod:`meshfed.secagg.bounds`, SPEC 7c). Colluders
+inside a group can declare honest members dropped until ``t`` survivors remain, and read the sum
+of the ``t - c`` honest inputs among them; ``t >= c + 2`` keeps two or more inside it. Which
+groups may take which inputs:
+
+- *Individual models* (every group of the ``exact`` schedule's first step, every group of a
+  ``moshpit`` step): a group needs ``t >= c + 2`` and, to tolerate a dropout, ``t < size``: at
+  least :func:`~meshfed.secagg.bounds.smallest_group` members. :func:`check_secure_grid`
+  refuses a job whose first-step groups can be shorter.
+- *Aggregates* (later steps of ``exact``): a peer whose step 0 succeeded holds the mean of
+  ``>= t - c >= 2`` honest models, known to the members of that step-0 group (maybe
+  colluders). A later group of ``size >= c + 2`` keeps ``t = max(majority, c + 2)``: colluders
+  inside it number ``c_in``, those outside know at most one member's aggregate each (a step-0
+  group meets a later group in one cell), so every revealed sum holds ``>= t - c >= 2`` honest
+  inputs unknown to the coalition; a peer whose own model is still its input (its step 0
+  failed) may join. A smaller later group (a pair when ``c = 1``) sums aggregates only, with a
+  majority of at least 2 against no colluder (whatever it reveals is already a sum of two
+  honest models or more), and a peer still holding its own model sits it out (the training
+  layer: "a peer not yet inside an aggregate sits out pairs"). :func:`check_secure_grid`
+  refuses a grid with later groups of 3 to ``c + 1`` members, which the sit-out rule (pairs
+  only) would let such a peer join.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
+from typing import TypedDict
 
+from ..errors import ConfigError
 from ..identity import PeerId
+from ..secagg.bounds import least_threshold, smallest_group
 
-__all__ = ["Placement", "grid_shape"]
+__all__ = [
+    "Placement",
+    "SecureGroup",
+    "check_secure_grid",
+    "grid_shape",
+    "group_sizes",
+    "secure_group",
+]
 
 
 def grid_shape(peers: int, max_group: int) -> tuple[int, ...]:
@@ -68,6 +101,87 @@ def _best_shape(peers: int, max_group: int) -> tuple[int, ...]:
     return tuple(sorted(best[1], reverse=True))
 
 
+def _coordinate(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Cell ``index`` of the grid (mixed radix, the last axis fastest)."""
+    digits = []
+    for length in reversed(shape):
+        index, digit = divmod(index, length)
+        digits.append(digit)
+    return tuple(reversed(digits))
+
+
+def group_sizes(peers: int, shape: tuple[int, ...]) -> tuple[frozenset[int], ...]:
+    """For each axis, the sizes its groups have when ``peers`` fill the first cells of
+    ``shape`` (as :class:`Placement` fills it; empty cells shorten some groups)."""
+    cells = [_coordinate(index, shape) for index in range(peers)]
+    sizes = []
+    for axis in range(len(shape)):
+        counts = Counter(cell[:axis] + cell[axis + 1 :] for cell in cells)
+        sizes.append(frozenset(counts.values()))
+    return tuple(sizes)
+
+
+class SecureGroup(TypedDict):
+    """A secure group's :class:`~meshfed.secagg.protocol.GroupSpec` options."""
+
+    threshold: int
+    collusion: int
+
+
+def secure_group(size: int, collusion: int) -> SecureGroup:
+    """The threshold of a secure group of ``size`` in a job that resists ``collusion``
+    colluding members, and the bound it resists (see the module docstring): ``max(majority,
+    c + 2)`` against ``c`` when ``size >= c + 2``; else (a group of aggregates only) a
+    majority of at least 2 against none."""
+    if size >= collusion + 2:
+        return {"threshold": least_threshold(size, collusion), "collusion": collusion}
+    return {"threshold": least_threshold(size, 0), "collusion": 0}
+
+
+def check_secure_grid(peers: int, max_group: int, collusion: int) -> None:
+    """Refuse a secure job whose groups would let ``collusion`` members read less than two
+    honest models (see the module docstring).
+
+    Raises:
+        ConfigError: naming the groups at fault and what would do instead.
+    """
+    if collusion < 1:
+        raise ConfigError(
+            f"collusion must be >= 1, not {collusion}: a member reading its own group's sum "
+            "already counts as one"
+        )
+    least = smallest_group(collusion)
+    shape = grid_shape(peers, max_group)
+    sizes = group_sizes(peers, shape)
+    if min(sizes[0]) < least:
+        fits = next(
+            (size for size in range(max_group + 1, 129) if _first_groups(peers, size) >= least),
+            None,
+        )
+        fix = [f"a job of {least} peers or more" if peers < least else "more peers"]
+        if fits is not None:
+            fix.append(f"max_group {fits} or more")
+        raise ConfigError(
+            f"secure aggregation against {collusion} colluding member(s) needs groups of "
+            f"{least} or more for the trained models (smaller ones let the colluders read one "
+            f"peer's model, or tolerate no dropout): {peers} peers in groups of at most "
+            f"{max_group} make groups of {min(sizes[0])}; use {', or '.join(fix)}, a smaller "
+            "collusion bound, or secure=false"
+        )
+    risky = sorted(s for axis in sizes[1:] for s in axis if 3 <= s < collusion + 2)
+    if risky:
+        raise ConfigError(
+            f"later averaging steps would form groups of {risky[0]}, too few against "
+            f"{collusion} colluding member(s) for a peer that still holds its own model: use "
+            "another max_group, a smaller collusion bound, or secure=false"
+        )
+
+
+def _first_groups(peers: int, max_group: int) -> int:
+    """The shortest first-step group of ``peers`` in groups of at most ``max_group``."""
+    return min(group_sizes(peers, grid_shape(peers, max_group))[0])
+
+
 class Placement:
     """Where each peer of ``roster`` sits in round ``round`` of ``job`` (immutable; the groups
     of an axis are worked out once, on first use)."""
@@ -76,13 +190,9 @@ class Placement:
         self.shape = grid_shape(len(roster), max_group)
         salt = job + round.to_bytes(8, "big")
         order = sorted(roster, key=lambda p: hashlib.sha256(salt + p.raw).digest())
-        self._coordinates: dict[PeerId, tuple[int, ...]] = {}
-        for index, peer in enumerate(order):
-            coordinate = []
-            for length in reversed(self.shape):
-                index, digit = divmod(index, length)
-                coordinate.append(digit)
-            self._coordinates[peer] = tuple(reversed(coordinate))
+        self._coordinates = {
+            peer: _coordinate(index, self.shape) for index, peer in enumerate(order)
+        }
         self._axes: dict[int, dict[tuple[int, ...], tuple[int, tuple[PeerId, ...]]]] = {}
 
     @classmethod

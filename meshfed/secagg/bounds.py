@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_COLLUSION",
     "dropouts_tolerated",
     "honest_survivors",
+    "least_threshold",
     "smallest_group",
     "threshold_for",
 ]
@@ -29,6 +30,12 @@ def smallest_group(collusion: int = DEFAULT_COLLUSION) -> int:
     return max(collusion + 3, 3)
 
 
+def least_threshold(size: int, collusion: int = DEFAULT_COLLUSION) -> int:
+    """``max(size // 2 + 1, collusion + 2)``: the least threshold that resists ``collusion``
+    (it may reach or pass ``size``: :func:`threshold_for` refuses such groups)."""
+    return max(size // 2 + 1, collusion + 2)
+
+
 def threshold_for(size: int, collusion: int = DEFAULT_COLLUSION) -> int:
     """The survivors a group of ``size`` needs: ``max(size // 2 + 1, collusion + 2)``.
 
@@ -38,7 +45,7 @@ def threshold_for(size: int, collusion: int = DEFAULT_COLLUSION) -> int:
     """
     if collusion < 0:
         raise ConfigError(f"the collusion bound must be >= 0, not {collusion}")
-    threshold = max(size // 2 + 1, collusion + 2)
+    threshold = least_threshold(size, collusion)
     if threshold >= size:
         raise ConfigError(
             f"a secure group of {size} against {collusion} colluding member(s) needs all "

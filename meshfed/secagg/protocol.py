@@ -62,7 +62,7 @@ from ..errors import ConfigError, RemoteProtocolError
 from ..identity import PeerId
 from ..stats import RejectReason
 from ..wire import Message
-from .bounds import DEFAULT_COLLUSION, smallest_group
+from .bounds import DEFAULT_COLLUSION, least_threshold, smallest_group
 from .keys import context_digest, mask_sign, neighbours, pair_seed
 from .messages import (
     MAX_GROUP,
@@ -186,7 +186,7 @@ class GroupSpec:
             raise ConfigError(f"a roster lists 2..{MAX_GROUP} distinct peers, not {size}")
         if self.collusion < 0:
             raise ConfigError(f"collusion must be >= 0, not {self.collusion}")
-        least = max(size // 2 + 1, self.collusion + 2)
+        least = least_threshold(size, self.collusion)
         if least > size:
             raise ConfigError(
                 f"a secure group of {size} cannot resist {self.collusion} colluding member(s): "

@@ -39,7 +39,7 @@ import trio
 
 from ..arrays import ArrayHeader
 from ..averaging.compression import ErrorFeedback, TopK, codec_named
-from ..averaging.groups import Placement, grid_shape
+from ..averaging.groups import Placement, check_secure_grid, secure_group
 from ..averaging.pushsum import PushSumState, push_target
 from ..averaging.robust import AGGREGATORS
 from ..errors import ConfigError, MeshfedError, RemoteProtocolError, StoreError
@@ -86,6 +86,8 @@ class JobSpec:
             passes (push-sum: one or a few steps per tick, as SGP does).
         algorithm, algorithm_options: the strategy (:func:`..strategies.named`).
         secure: average with secure aggregation (else a plain butterfly).
+        collusion: how many members of a secure group may collude (SPEC 7b.7); thresholds
+            resist it, and grids whose groups are too small for it are refused.
         schedule: ``exact`` (all grid axes every round: identical models), ``moshpit`` (one
             axis per round) or ``pushsum`` (asynchronous push-sum gossip, no groups: each
             "round" is one local step and one push; plain, for meshes with heavy churn).
@@ -143,6 +145,7 @@ class JobSpec:
     algorithm: str = "fedavg"
     algorithm_options: dict[str, Any] = field(default_factory=dict)
     secure: bool = True
+    collusion: int = 1
     schedule: str = "exact"
     max_group: int = 32
     clip: float = 8.0
@@ -180,12 +183,8 @@ class JobSpec:
             raise ConfigError("gossip_staleness must be >= 1 (0 would make every peer wait)")
         if not 2 <= self.max_group <= 128:
             raise ConfigError("max_group must be in 2..128")
-        if self.secure and grid_shape(len(self.roster), self.max_group)[0] < 3:
-            raise ConfigError(
-                "secure aggregation in groups of 2 shows each peer the other's model (the sum "
-                "minus its own): give the job 3 peers or more, a max_group of 3 or more, or "
-                "secure=false"
-            )
+        if self.secure:
+            check_secure_grid(len(self.roster), self.max_group, self.collusion)
         auto_noise = self.dp_mode == "sample" and self.dp_noise_multiplier == 0
         if self.dp_clip < 0 or (self.dp_clip and not (self.dp_noise_multiplier > 0 or auto_noise)):
             raise ConfigError("dp_clip must be >= 0, and dp_noise_multiplier > 0 with it")
@@ -951,7 +950,7 @@ class TrainingPeer:
         spec = GroupSpec(
             **where,
             roster=members,
-            threshold=len(members) // 2 + 1,
+            **secure_group(len(members), self.spec.collusion),
             ring_bits=self.quantizer.ring_bits,
         )
         if self.quantizer.ring_bits == 32:

@@ -13,7 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshfed import NodeConfig, open_node
-from meshfed.averaging.groups import Placement, grid_shape
+from meshfed.averaging.groups import (
+    Placement,
+    check_secure_grid,
+    grid_shape,
+    group_sizes,
+    secure_group,
+)
+from meshfed.errors import ConfigError
 from meshfed.identity import Identity
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
 from meshfed.training.job import JobSpec, TrainingPeer
@@ -59,6 +66,66 @@ def test_each_step_splits_the_roster_into_groups(peers: int, max_group: int, rou
         assert len({index for index, _ in groups}) == len(groups)
 
 
+@given(st.integers(1, 300), st.integers(2, 12))
+def test_group_sizes_are_the_sizes_of_the_placed_groups(peers: int, max_group: int) -> None:
+    roster = [Identity.generate().peer_id for _ in range(peers)]
+    placement = Placement(roster, job=b"job", round=1, max_group=max_group)
+    sizes = group_sizes(peers, placement.shape)
+    for step in range(placement.steps):
+        placed = {len(members) for _, members in {placement.group(p, step) for p in roster}}
+        assert placed == sizes[step]
+
+
+@pytest.mark.parametrize(
+    ("size", "collusion", "threshold", "resists"),
+    [
+        (2, 1, 2, 0),  # a pair of aggregates: a peer with its own model sits it out
+        (3, 1, 3, 1),  # every member must survive
+        (4, 1, 3, 1),
+        (5, 1, 3, 1),
+        (8, 1, 5, 1),
+        (3, 2, 2, 0),
+        (4, 2, 4, 2),
+        (5, 2, 4, 2),
+        (9, 3, 5, 3),
+    ],
+)
+def test_a_secure_group_keeps_two_honest_inputs_in_every_sum_it_reveals(
+    size: int, collusion: int, threshold: int, resists: int
+) -> None:
+    assert secure_group(size, collusion) == {"threshold": threshold, "collusion": resists}
+    assert threshold - resists >= 2
+
+
+@pytest.mark.parametrize(
+    ("peers", "max_group", "collusion", "refused"),
+    [
+        (2, 32, 1, "a job of 4 peers or more"),
+        (3, 32, 1, "groups of 4 or more"),
+        (4, 32, 1, None),
+        (4, 32, 2, "groups of 5 or more"),
+        (9, 3, 1, "max_group 9 or more"),  # 3 x 3
+        (8, 4, 1, None),  # 4 x 2: pairs of aggregates at step 1
+        (16, 4, 1, None),
+        (25, 5, 2, None),  # 5 x 5
+        (15, 5, 2, "later averaging steps would form groups of 3"),  # 5 x 3
+        (30, 6, 3, None),  # 6 x 5: later groups of 5 = c + 2 take own models safely
+        (4, 32, 0, "collusion must be >= 1"),
+    ],
+)
+def test_a_secure_job_is_refused_when_its_groups_are_too_small_for_the_collusion_bound(
+    peers: int, max_group: int, collusion: int, refused: str | None
+) -> None:
+    roster = tuple(str(Identity.generate().peer_id) for _ in range(peers))
+    if refused is None:
+        check_secure_grid(peers, max_group, collusion)
+        JobSpec(job_id="j", roster=roster, max_group=max_group, collusion=collusion)
+        return
+    with pytest.raises(ConfigError, match=refused):
+        JobSpec(job_id="j", roster=roster, max_group=max_group, collusion=collusion)
+    JobSpec(job_id="j", roster=roster, max_group=max_group, collusion=collusion, secure=False)
+
+
 def test_groups_change_from_round_to_round() -> None:
     roster = [Identity.generate().peer_id for _ in range(16)]
     first = Placement(roster, job=b"job", round=0, max_group=4).group(roster[0], 0)[1]
@@ -86,12 +153,12 @@ async def test_after_d_steps_every_peer_holds_the_exact_global_weighted_mean(
                     network=network,
                 )
             )
-            for i in range(9)
+            for i in range(8)
         ]
         spec = JobSpec(
             job_id="grid",
             roster=tuple(str(n.peer_id) for n in nodes),
-            max_group=3,  # a full 3 x 3 grid: two steps
+            max_group=4,  # a full 4 x 2 grid: groups of 4, then pairs of their means
             secure=secure,
             partition="iid",
         )
@@ -107,7 +174,7 @@ async def test_after_d_steps_every_peer_holds_the_exact_global_weighted_mean(
             results[i] = await peers[i].average(params[i], 0)
 
         async with trio.open_nursery() as nursery:
-            for i in range(9):
+            for i in range(8):
                 nursery.start_soon(one, i)
     weights = np.array([peer.weight for peer in peers])
     expected = np.average(np.stack(params), axis=0, weights=weights)
@@ -116,5 +183,5 @@ async def test_after_d_steps_every_peer_holds_the_exact_global_weighted_mean(
     level = 2 * spec.clip / (2**spec.levels_bits - 1)
     tolerance = 2 * level * (1 + 2) / 0.2 if secure else 1e-5
     for average, sizes in results.values():
-        assert sizes == [3, 3]
+        assert sizes == [4, 2]
         assert np.max(np.abs(average - expected)) <= tolerance
