@@ -40,6 +40,7 @@ from ..node import Node
 from ..stats import RejectReason
 from ..wire import Envelope, Message, Scope
 from .messages import AdvertiseKeys, InputsReceived, RollCall, ShareKeys, Survivors, Unmask
+from .pending import Item, PendingStore
 from .protocol import (
     Aborted,
     AbortReason,
@@ -233,8 +234,11 @@ class Aggregator:
         deadlines: how long phases wait (:class:`DeadlinePolicy`).
         max_attempts: runs of one secure group per round (re-runs after early dropouts).
         pending_ttl_s: how long messages and arrays for a run not started here yet are kept.
-        max_pending: how many such messages and arrays are kept at most (then they are
-            rejected), and ``max_pending_bytes`` how many array bytes.
+        max_pending: how many such messages and arrays are kept at most, and
+            ``max_pending_bytes`` how many array bytes; when full, the sender holding the most
+            makes room for one holding less (:class:`~meshfed.secagg.pending.PendingStore`).
+        max_pending_per_peer: how many of them one sender may have kept (then they are
+            rejected).
         on_progress: called with each session's :class:`Progress` whenever it takes a new
             step (for status displays; it must not block).
     """
@@ -248,6 +252,7 @@ class Aggregator:
         pending_ttl_s: float = 30.0,
         max_pending: int = 4096,
         max_pending_bytes: int = 1 << 30,
+        max_pending_per_peer: int = 64,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
         self._node = node
@@ -255,12 +260,15 @@ class Aggregator:
         self.deadlines = deadlines or DeadlinePolicy()
         self._max_attempts = max_attempts
         self._pending_ttl_s = pending_ttl_s
-        self._max_pending = max_pending
-        self._max_pending_bytes = max_pending_bytes
         self._runs: dict[bytes, _Run] = {}
         self._buffers = _Buffers()
         self._ended: dict[bytes, float] = {}
-        self._pending: dict[bytes, list[tuple[float, PeerId, _Item]]] = {}
+        self._pending = PendingStore(
+            ttl_s=pending_ttl_s,
+            max_items=max_pending,
+            max_bytes=max_pending_bytes,
+            per_sender=max_pending_per_peer,
+        )
         for message_type in _MESSAGES:
             node.handle(message_type, self._on_message)
         node.on_array(self._on_array, prefix="secagg.")
@@ -417,7 +425,7 @@ class Aggregator:
                     self._runs[context] = run
                 await self._feed(run, session.start)
                 for context in contexts:
-                    for _, sender, item in self._pending.pop(context, []):
+                    for sender, item in self._pending.take(context):
                         await self._feed_quietly(run, sender, context, item)
                 while run.outcome is None:
                     await self._wait_or_expire(run)
@@ -488,7 +496,7 @@ class Aggregator:
         if parts:
             run.nursery.start_soon(self._send_each, parts, True)
 
-    async def _feed_quietly(self, run: _Run, sender: PeerId, context: bytes, item: _Item) -> None:
+    async def _feed_quietly(self, run: _Run, sender: PeerId, context: bytes, item: Item) -> None:
         """Hand over something kept before the run began; count it if it is rejected now."""
         try:
             await self._feed(run, _delivery(run.session, sender, context, item))
@@ -576,7 +584,7 @@ class Aggregator:
             ) from None
         await self._deliver(envelope.sender, context, (slice_kind, array))
 
-    async def _deliver(self, sender: PeerId, context: bytes, item: _Item) -> None:
+    async def _deliver(self, sender: PeerId, context: bytes, item: Item) -> None:
         """Feed ``item`` to its run; keep it if the run has not started here yet (another
         peer got there first), within the pending limits.
 
@@ -591,33 +599,16 @@ class Aggregator:
         if context in self._ended:
             raise RemoteProtocolError("for a run that has ended", reason=RejectReason.LATE)
         self._forget_old()
-        kept = [entry[2] for entries in self._pending.values() for entry in entries]
-        kept_bytes = sum(entry[1].nbytes for entry in kept if isinstance(entry, tuple))
-        size = item[1].nbytes if isinstance(item, tuple) else 0
-        if len(kept) >= self._max_pending or kept_bytes + size > self._max_pending_bytes:
-            raise RemoteProtocolError(
-                "too much kept for runs not started here", reason=RejectReason.RATE_LIMITED
-            )
-        self._pending.setdefault(context, []).append((trio.current_time(), sender, item))
+        self._pending.keep(trio.current_time(), context, sender, item)
 
     def _forget_old(self) -> None:
         now = trio.current_time()
-        horizon = now - self._pending_ttl_s
-        for context, kept in list(self._pending.items()):
-            fresh = [entry for entry in kept if entry[0] >= horizon]
-            if fresh:
-                self._pending[context] = fresh
-            else:
-                del self._pending[context]
+        self._pending.forget_old(now)
         self._ended = {c: t for c, t in self._ended.items() if t >= now - 10 * self._pending_ttl_s}
 
 
-_Item = Message | tuple[SliceKind, npt.NDArray[Any]]
-"""What arrives for a run: a message, or an array with its kind."""
-
-
 def _delivery(
-    session: _Session, sender: PeerId, context: bytes, item: _Item
+    session: _Session, sender: PeerId, context: bytes, item: Item
 ) -> Callable[[], list[Action]]:
     """The session call that takes ``item``."""
     if isinstance(item, tuple):

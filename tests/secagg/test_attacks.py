@@ -322,3 +322,42 @@ async def test_a_member_advertising_a_low_order_key_is_rejected_and_the_rest_fin
             assert np.max(np.abs(result.value - expected)) <= quantization_bound(4)
         assert refused == [str(RejectReason.BAD_FIELD)] * 4
         assert all(node.stats.rejected[RejectReason.BAD_FIELD] == 1 for node in group[:4])
+
+
+# -- finding 9: strangers filling the store of early messages ------------------------------------
+
+
+async def test_a_stranger_flooding_early_messages_cannot_push_out_an_honest_members(
+    tmp_path: Path,
+) -> None:
+    async with nodes(tmp_path, 5) as group:
+        *members, stranger = group
+        roster = tuple(node.peer_id for node in members)
+        spec = GroupSpec(job=b"job-7", round=1, group=0, roster=roster, threshold=3)
+        values = vectors(4, 1_000)
+        late = Aggregator(members[0], deadlines=QUICK, max_pending=16)
+        flood = 20
+        for n in range(flood):  # keys for runs nobody will ever start
+            junk = AdvertiseKeys(context=n.to_bytes(32, "big"), cipher_key=bytes(32),
+                                 mask_key=bytes(32))  # fmt: skip
+            try:
+                await stranger.send(members[0].peer_id, junk, scope=Scope(b"x", 1))
+            except RequestFailed as exc:
+                assert exc.reason == str(RejectReason.RATE_LIMITED)
+        flooded = members[0].stats.rejected[RejectReason.RATE_LIMITED]
+        assert flooded == flood - 16  # the store is full of the stranger's keys
+        results: dict[int, GroupResult] = {}
+
+        async def one(i: int, aggregator: Aggregator) -> None:
+            rng = np.random.default_rng(i)
+            results[i] = await aggregator.secure_mean(spec, values[i], QUANTIZER, rng=rng)
+
+        async with trio.open_nursery() as nursery:
+            for i in (1, 2, 3):  # these three start first: their keys reach a node not ready
+                nursery.start_soon(one, i, Aggregator(members[i], deadlines=QUICK))
+            await trio.sleep(0.2)
+            nursery.start_soon(one, 0, late)
+        # the members' early keys were kept (the stranger's made room), not rate-limited
+        assert members[0].stats.rejected[RejectReason.RATE_LIMITED] == flooded
+        for result in results.values():
+            assert result.survivors == roster and result.attempts == 1
