@@ -161,12 +161,14 @@ def check_secure_grid(peers: int, max_group: int, collusion: int) -> None:
         fix = [f"a job of {least} peers or more" if peers < least else "more peers"]
         if fits is not None:
             fix.append(f"max_group {fits} or more")
+        if collusion > 1:
+            fix.append("a smaller collusion bound")
         raise ConfigError(
             f"secure aggregation against {collusion} colluding member(s) needs groups of "
             f"{least} or more for the trained models (smaller ones let the colluders read one "
             f"peer's model, or tolerate no dropout): {peers} peers in groups of at most "
-            f"{max_group} make groups of {min(sizes[0])}; use {', or '.join(fix)}, a smaller "
-            "collusion bound, or secure=false"
+            f"{max_group} make groups of {min(sizes[0])}; use {', '.join(fix)}, or "
+            "secure=false"
         )
     risky = sorted(s for axis in sizes[1:] for s in axis if 3 <= s < collusion + 2)
     if risky:

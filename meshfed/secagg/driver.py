@@ -125,11 +125,13 @@ class DeadlinePolicy:
 
 @dataclass(frozen=True, slots=True)
 class GroupResult:
-    """A group's sum (or mean): whose inputs are in it, and how many attempts it took."""
+    """A group's sum (or mean): whose inputs are in it, how many attempts it took, and how
+    many of this peer's values the quantizer clipped to ``[-clip, clip]`` (secure means)."""
 
     value: npt.NDArray[Any]
     survivors: tuple[PeerId, ...]
     attempts: int
+    clipped: int = 0
 
 
 class _Session(Protocol):
@@ -297,6 +299,11 @@ class Aggregator:
     ) -> GroupResult:
         """The mean of the survivors' float vectors, quantized, summed securely, rescaled.
 
+        Values beyond ``quantizer.clip`` are clipped to it (the mean is of the clipped
+        vectors): their count is logged as a warning and returned as ``clipped``. The group
+        itself is checked when ``spec`` is built (:class:`GroupSpec`: no group in which
+        colluders could read one member's input).
+
         Raises:
             ValueError: the quantizer's ring differs from the spec's, or the group's sum could
                 wrap around the ring (:func:`~meshfed.secagg.ring.check_capacity`).
@@ -307,7 +314,14 @@ class Aggregator:
         check_capacity(len(spec.roster), quantizer.levels_bits, spec.ring_bits)
         with self._buffers.lend() as take:
             levels = take(values.size, spec.dtype)
-            await _off_loop(lambda: quantizer.quantize(values, rng, out=levels), values.size)
+            _, clipped = await _off_loop(
+                lambda: quantizer.quantize_clipped(values, rng, out=levels), values.size
+            )
+            if clipped:
+                log.warning(
+                    "%d of %d values beyond the quantizer's clip %g were clipped to it",
+                    clipped, values.size, quantizer.clip,
+                )  # fmt: skip
             outcome, attempts = await self._secure(spec, levels, take)
             count = len(outcome.survivors)
 
@@ -318,7 +332,7 @@ class Aggregator:
                 return mean
 
             mean = await _off_loop(rescale, values.size)
-            return GroupResult(mean, outcome.survivors, attempts)
+            return GroupResult(mean, outcome.survivors, attempts, clipped)
 
     async def _secure(
         self, spec: GroupSpec, levels: Levels, take: Callable[[int, np.dtype[Any]], Levels]

@@ -92,11 +92,23 @@ class Quantizer:
         *,
         out: Levels | None = None,
     ) -> Levels:
+        """As :meth:`quantize_clipped`, without the count."""
+        return self.quantize_clipped(values, rng, out=out)[0]
+
+    def quantize_clipped(
+        self,
+        values: npt.NDArray[np.floating[Any]],
+        rng: np.random.Generator,
+        *,
+        out: Levels | None = None,
+    ) -> tuple[Levels, int]:
         """Levels of ``values`` (into ``out``, a flat array of ``dtype``, if given):
         ``floor(y + U)``, which rounds ``y`` up with probability ``frac(y)`` (unbiased), with
         ``U`` uniform on the multiples of 2^-32 in [0, 1), from the AES-256-CTR keystream keyed
         by 32 bytes drawn from ``rng`` (4 bytes per value). Computed in float64: a level differs
-        from the exact one only if ``y + U`` lies within 2^(q-50) of an integer.
+        from the exact one only if ``y + U`` lies within 2^(q-50) of an integer. Returns the
+        levels and how many values lay beyond ``[-clip, clip]`` (counted only in the chunks
+        whose extremes pass it, so a vector inside costs one more pass, a max).
 
         Raises:
             ValueError: a NaN among ``values``, or a wrong ``out``.
@@ -111,10 +123,15 @@ class Quantizer:
         stream = Keystream(rng.bytes(32), dtype=np.dtype(np.uint32))
         size = min(_CHUNK, len(flat))
         work, noise, words = np.empty(size), np.empty(size), np.empty(size, np.uint32)
+        clipped = 0
         for start in range(0, len(flat), _CHUNK):
             part = flat[start : start + _CHUNK]
-            if np.isnan(part.min()):
+            low, high = part.min(), part.max()
+            if np.isnan(low):
                 raise ValueError("cannot quantize NaN")
+            if low < -self.clip or high > self.clip:
+                clipped += int(np.count_nonzero(part > self.clip))
+                clipped += int(np.count_nonzero(part < -self.clip))
             y, u, r = work[: len(part)], noise[: len(part)], words[: len(part)]
             np.multiply(part, scale, out=y)
             stream.fill(r)
@@ -123,7 +140,7 @@ class Quantizer:
             y += u  # y + U, y unclipped: clipping after the floor gives the same level
             np.clip(y, 0, self.top, out=y)
             np.copyto(signed[start : start + _CHUNK], y, casting="unsafe")  # floor: y >= 0
-        return levels.reshape(np.shape(values))
+        return levels.reshape(np.shape(values)), clipped
 
     def decode(
         self,

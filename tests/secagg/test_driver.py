@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from meshfed import Node, NodeConfig, open_node
+from meshfed.errors import ConfigError
 from meshfed.identity import Identity
 from meshfed.secagg.driver import AggregationFailed, Aggregator, DeadlinePolicy, GroupResult
 from meshfed.secagg.protocol import AbortReason, GroupSpec
@@ -206,3 +207,51 @@ def test_deadlines_adapt_to_arrivals_and_do_not_wait_long_for_a_lost_majority() 
     assert policy.deadline(started=0.0, majority_at=None, last_at=1.0, first=False) == 4.0
     assert policy.deadline(started=0.0, majority_at=None, last_at=10.0, first=False) == 30.0
     assert policy.deadline(started=0.0, majority_at=None, last_at=40.0, first=False) == 60.0
+
+
+async def test_the_library_refuses_groups_in_which_one_member_could_read_another(
+    tmp_path: Path,
+) -> None:
+    async with nodes(tmp_path, 3) as group:
+        roster = tuple(n.peer_id for n in group)
+        # a pair: each would read the other's vector (the sum minus its own)
+        with pytest.raises(ConfigError, match="groups of 4 or more"):
+            GroupSpec(job=b"j", round=0, group=0, roster=roster[:2], threshold=2)
+        # three with threshold 2: one member declaring a second dropped reads the third
+        with pytest.raises(ConfigError, match="at least collusion \\+ 2 = 3"):
+            GroupSpec(job=b"j", round=0, group=0, roster=roster, threshold=2)
+        # three that must all finish: one absent, and nobody learns anything
+        spec = GroupSpec(job=b"j", round=0, group=0, roster=roster, threshold=3)
+        values = vectors(3, 100)
+        results = await run_all(group, values, spec, delays=[0, 0, -1])
+        for result in results.values():
+            assert isinstance(result, AggregationFailed)
+            assert result.reason is AbortReason.TOO_FEW
+
+
+async def test_values_beyond_clip_are_clipped_and_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    quantizer = Quantizer(clip=1.0, levels_bits=16, ring_bits=32)
+    async with nodes(tmp_path, 4) as group:
+        spec = spec_for(group)
+        beyond = np.array([3.0, 6.0, 9.0, 0.5, -4.0, 0.0], np.float32)  # four beyond clip 1
+        values = [beyond + np.float32(0.01 * i) for i in range(4)]
+        values[0][:] = 0.25  # inside: nothing to report
+        results: dict[int, GroupResult] = {}
+
+        async def one(i: int) -> None:
+            aggregator = Aggregator(group[i], deadlines=QUICK)
+            rng = np.random.default_rng(i)
+            results[i] = await aggregator.secure_mean(spec, values[i], quantizer, rng=rng)
+
+        with caplog.at_level("WARNING", logger="meshfed.secagg.driver"):
+            async with trio.open_nursery() as nursery:
+                for i in range(4):
+                    nursery.start_soon(one, i)
+    assert [results[i].clipped for i in range(4)] == [0, 4, 4, 4]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["4 of 6 values beyond the quantizer's clip 1 were clipped to it"] * 3
+    expected = np.mean(np.clip(values, -1, 1), axis=0)
+    for result in results.values():
+        assert np.max(np.abs(result.value - expected)) <= 2 * quantizer.clip / quantizer.top
