@@ -59,6 +59,7 @@ from meshfed.config import NodeConfig
 from meshfed.identity import PeerId
 from meshfed.logs import configure_logging
 from meshfed.node import Node, open_node
+from meshfed.secagg.bounds import DEFAULT_COLLUSION, least_threshold
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy, GroupResult
 from meshfed.secagg.keys import neighbours as masking_graph
 from meshfed.secagg.prg import Keystream
@@ -79,12 +80,19 @@ def values_for(index: int, n: int) -> np.ndarray:
 
 
 def spec_for(roster: tuple[PeerId, ...], neighbours: int | None, round: int) -> GroupSpec:
+    """The group's spec at the default collusion bound: the least threshold it accepts, raised
+    for a sparse graph of ``neighbours`` until every survivor keeps an honest neighbour when
+    the colluder declares ``g - t`` others dropped (``t >= g - k + c + 1``, SPEC 7b.2)."""
+    g, c = len(roster), DEFAULT_COLLUSION
+    threshold = least_threshold(g, c)
+    if neighbours is not None and neighbours < g - 1:
+        threshold = max(threshold, g - neighbours + c + 1)
     return GroupSpec(
         job=b"bench",
         round=round,
         group=0,
         roster=roster,
-        threshold=len(roster) // 2 + 1,
+        threshold=threshold,
         neighbours=neighbours,
     )
 
