@@ -45,7 +45,10 @@ async def main() -> None:
                 round=0,
                 group=0,
                 roster=tuple(node.peer_id for node in nodes),
-                threshold=3,  # a majority: any 3 can finish, fewer learn nothing
+                # any 3 can finish, fewer learn nothing; a majority, and at least collusion + 2
+                # (default collusion 1): a member that declares others dropped still only
+                # sees a sum of two honest vectors or more (SPEC 7b.2)
+                threshold=3,
             )
             quantizer = Quantizer(clip=1.0, levels_bits=16, ring_bits=32)
             private = [np.random.default_rng(i).uniform(-1, 1, LENGTH).astype(np.float32)

@@ -25,6 +25,7 @@ from meshfed.secagg.driver import AggregationFailed, Aggregator, GroupResult
 from meshfed.secagg.messages import AdvertiseKeys, SealedShares, ShareKeys, SharePart, Unmask
 from meshfed.secagg.protocol import (
     Aborted,
+    AbortReason,
     Finished,
     GroupSpec,
     Phase,
@@ -123,6 +124,30 @@ def test_colluders_that_declare_honest_members_dropped_never_read_one_honest_inp
         assert len(honest_inside) >= 2, "the colluders read one honest member's exact input"
         for peer in honest:
             assert not np.array_equal(revealed, inputs[peer])
+
+
+def test_after_a_dropout_the_rerun_keeps_the_threshold_and_the_attack_only_aborts() -> None:
+    """Four members, threshold 3: one dies before the run, the colluder declares a second
+    dropped. Every attempt (fewer members, the same threshold) aborts: nothing is revealed."""
+    spec = GroupSpec(job=b"j", round=1, group=0, roster=tuple(PEERS[:4]), threshold=3)
+    colluder, honest, declared, dead = spec.roster
+    inputs = random_inputs(spec, 300, seed=1, top=2**20)
+
+    def never_arrived(sender: PeerId, receiver: PeerId, action: object) -> bool:
+        return sender == declared and receiver == colluder and isinstance(action, SendSlice)
+
+    trace = run_once(
+        spec, inputs, hold_back=never_arrived, die_after_sends={dead: 0}, max_attempts=3
+    )
+    for peer in (colluder, honest, declared):
+        outcome = trace.outcomes[peer]
+        assert isinstance(outcome, Aborted) and not outcome.released
+        assert outcome.reason is AbortReason.TOO_FEW, outcome
+        assert all(abort.reason is AbortReason.TOO_FEW for abort in trace.sessions[peer].aborts)
+    assert not any(
+        isinstance(action, Send) and isinstance(action.message, Unmask)
+        for _, _, action in trace.delivered
+    )
 
 
 class DeclaresDropped(Aggregator):
