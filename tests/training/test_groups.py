@@ -20,11 +20,14 @@ from meshfed.averaging.groups import (
     group_sizes,
     secure_group,
 )
-from meshfed.errors import ConfigError
+from meshfed.errors import ConfigError, RequestFailed
 from meshfed.identity import Identity
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
+from meshfed.secagg.keys import context_digest
+from meshfed.secagg.messages import AdvertiseKeys
 from meshfed.training.job import JobSpec, TrainingPeer
 from meshfed.transports.memory import MemoryNetwork
+from meshfed.wire import Scope
 
 
 @given(st.integers(1, 5000), st.integers(2, 64))
@@ -185,3 +188,64 @@ async def test_after_d_steps_every_peer_holds_the_exact_global_weighted_mean(
     for average, sizes in results.values():
         assert sizes == [4, 2]
         assert np.max(np.abs(average - expected)) <= tolerance
+
+
+async def test_a_member_with_a_low_order_key_costs_the_others_nothing_but_its_model(
+    tmp_path: Path,
+) -> None:
+    """Issue 11, finding 6, in a job: the offender's keys are refused at the door, and the
+    four honest peers average among themselves (the job goes on: nothing raises)."""
+    network = MemoryNetwork(seed=6)
+    async with AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(
+                open_node(
+                    NodeConfig(
+                        data_dir=tmp_path / f"n{i}",
+                        transport="memory",
+                        ping_interval_s=0,
+                        membership=False,
+                        mdns=False,
+                    ),
+                    network=network,
+                )
+            )
+            for i in range(5)
+        ]
+        *honest, offender = nodes
+        spec = JobSpec(
+            job_id="offended", roster=tuple(str(n.peer_id) for n in nodes), partition="iid"
+        )
+        quick = DeadlinePolicy(join_s=1.0, phase_max_s=20.0)
+        peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=quick)) for node in honest]
+        rng = np.random.default_rng(6)
+        params = [rng.uniform(-2, 2, 1001).astype(np.float32) for _ in peers]
+        for peer in peers:
+            peer.weight = 1.0
+        results: dict[int, tuple[np.ndarray, list[int]]] = {}
+        context = context_digest(job=b"offended", round=0, group=0,
+                                 roster=[n.peer_id for n in nodes])  # fmt: skip
+        refused: list[str] = []
+
+        async def one(i: int) -> None:
+            results[i] = await peers[i].average(params[i], 0)
+
+        async def attack() -> None:
+            await trio.sleep(0.1)
+            bad = AdvertiseKeys(context=context, cipher_key=bytes(32), mask_key=bytes(32))
+            for node in honest:
+                try:
+                    await offender.send(node.peer_id, bad, scope=Scope(b"offended", 0))
+                except RequestFailed as exc:
+                    refused.append(exc.reason)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(one, i)
+            nursery.start_soon(attack)
+    expected = np.mean(np.stack(params), axis=0)
+    level = 2 * spec.clip / (2**spec.levels_bits - 1)
+    for average, sizes in results.values():
+        assert sizes == [4]
+        assert np.max(np.abs(average - expected)) <= 2 * level * (1 + 2)
+    assert refused == ["bad_field"] * 4
