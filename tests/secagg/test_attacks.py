@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import trio
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +23,10 @@ from meshfed.arrays import ArrayHeader
 from meshfed.errors import RemoteProtocolError, RequestFailed
 from meshfed.identity import PeerId
 from meshfed.secagg.driver import AggregationFailed, Aggregator, GroupResult
+from meshfed.secagg.keys import mask_sign, pair_seed
+from meshfed.secagg.keys import neighbours as masking_graph
 from meshfed.secagg.messages import AdvertiseKeys, SealedShares, ShareKeys, SharePart, Unmask
+from meshfed.secagg.prg import expand_mask
 from meshfed.secagg.protocol import (
     Aborted,
     AbortReason,
@@ -34,6 +38,7 @@ from meshfed.secagg.protocol import (
     Send,
     SendSlice,
     SliceKind,
+    slice_bounds,
 )
 from meshfed.secagg.shamir import PRIME
 from meshfed.stats import RejectReason
@@ -148,6 +153,64 @@ def test_after_a_dropout_the_rerun_keeps_the_threshold_and_the_attack_only_abort
         isinstance(action, Send) and isinstance(action.message, Unmask)
         for _, _, action in trace.delivered
     )
+
+
+@pytest.mark.parametrize("size", [8, 12])
+def test_a_colluder_cannot_strip_a_neighbours_masks_in_a_sparse_graph(size: int) -> None:
+    """SecAgg+: a survivor's slice hides behind its pairwise masks. The colluder, a neighbour
+    of the victim, declares the victim's other neighbours dropped (their mask keys are then
+    revealed) and strips every mask it can from the victim's slice it owns. With the sparsest
+    graph the spec accepts, one honest neighbour's mask always stays on."""
+    roster = tuple(PEERS[:size])
+    threshold = least_threshold_accepted(roster, 1)
+    assert threshold is not None
+    spec = None
+    for k in range(2, size, 2):  # the sparsest graph a spec accepts
+        try:
+            spec = GroupSpec(job=b"j", round=1, group=0, roster=roster, threshold=threshold,
+                             neighbours=k)  # fmt: skip
+        except ValueError:
+            continue
+        break
+    if spec is None or spec.neighbours is None or spec.neighbours >= size - 1:
+        return  # only a complete graph: nothing sparse to attack
+    graph = masking_graph(roster, k=spec.neighbours, context=spec.context)
+    colluder = roster[0]
+    victim = sorted(graph[colluder], key=lambda p: p.raw)[0]
+    others = sorted(graph[victim] - {colluder}, key=lambda p: p.raw)
+    declared = set(others[: size - threshold])
+    inputs = random_inputs(spec, 400, seed=size, top=2**20)
+
+    def never_arrived(sender: PeerId, receiver: PeerId, action: object) -> bool:
+        return (
+            sender in declared
+            and receiver == colluder
+            and isinstance(action, SendSlice)
+            and action.kind is SliceKind.INPUT
+        )
+
+    trace = run_once(spec, inputs, hold_back=never_arrived)
+    outcome = trace.outcomes[colluder]
+    assert isinstance(outcome, Finished) and victim in outcome.survivors
+    # What the colluder holds: the victim's masked slice, every share revealed to it, its keys.
+    core = trace.sessions[colluder].current
+    owners = core.owners
+    lo, hi = slice_bounds(400, len(owners), owners.index(colluder))
+    revealed = core._inbox[Phase.UNMASK]
+    guess = core._inbox[Phase.INPUT][victim].copy()
+    masks = [(core._rebuild(victim, revealed, 0), 1)]  # the victim's self-mask
+    mine = core._mask_key.exchange(X25519PublicKey.from_public_bytes(core._keys[victim][1]))
+    masks.append((pair_seed(mine, context=core.context, a=colluder, b=victim),
+                  mask_sign(victim, colluder)))  # fmt: skip
+    for dropped in declared:  # their mask keys were revealed to every owner
+        key = X25519PrivateKey.from_private_bytes(core._rebuild(dropped, revealed, 1))
+        secret = key.exchange(X25519PublicKey.from_public_bytes(core._keys[victim][1]))
+        masks.append((pair_seed(secret, context=core.context, a=dropped, b=victim),
+                      mask_sign(victim, dropped)))  # fmt: skip
+    for seed, sign in masks:
+        mask = expand_mask(seed, hi - lo, dtype=spec.dtype, offset=lo)
+        guess -= mask if sign > 0 else -mask
+    assert not np.array_equal(guess, inputs[victim][lo:hi]), "the colluder read a slice"
 
 
 class DeclaresDropped(Aggregator):

@@ -377,6 +377,15 @@ def test_one_shares_message_for_all_and_each_opens_only_its_own() -> None:
 def test_a_group_spec_refuses_what_cannot_be_secure() -> None:
     with pytest.raises(ValueError, match="majority"):
         make_spec(6, threshold=3)
+    with pytest.raises(ValueError, match="cannot resist 1 colluding"):
+        make_spec(2, threshold=2)  # a pair: each reads the other's input
+    with pytest.raises(ValueError, match="collusion \\+ 2 = 4"):
+        make_spec(5, threshold=3, collusion=2)
+    make_spec(2, threshold=2, collusion=0)  # a pair of aggregates (later Moshpit steps)
+    # two neighbours of 12, threshold 7: one colluder has the other declared dropped
+    with pytest.raises(ValueError, match="without an honest neighbour"):
+        make_spec(12, neighbours=2)
+    make_spec(12, neighbours=sparse_neighbours(12, 7))
     with pytest.raises(ValueError, match="even"):
         make_spec(6, neighbours=3)
     with pytest.raises(ValueError, match="distinct"):
