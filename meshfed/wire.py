@@ -31,11 +31,11 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 
 import msgpack
 
-from .codec import bounded, schema_of
+from .codec import UNPACK_ERRORS, bounded, bounded_reader, bounded_unpack, schema_of
 from .errors import LocalProtocolError, RemoteProtocolError
 from .identity import Identity, PeerId
 from .stats import RejectReason
@@ -147,30 +147,6 @@ def seal(
     return msgpack.packb([signed, signature], use_bin_type=True), nonce
 
 
-def _no_ext(code: int, data: bytes) -> Any:
-    raise ValueError(f"msgpack extension type {code} is not allowed")
-
-
-def _unpack(data: bytes, max_bytes: int) -> Any:
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            ext_hook=_no_ext,
-            max_str_len=max_bytes,
-            max_bin_len=max_bytes,
-            max_array_len=max(1024, max_bytes // 8),
-            max_map_len=max(1024, max_bytes // 16),
-        )
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        # UnicodeDecodeError is a ValueError: invalid UTF-8 in a str lands here too.
-        raise RemoteProtocolError(
-            f"not a msgpack document: {e}", reason=RejectReason.MALFORMED
-        ) from None
-
-
 def _malformed(message: str) -> RemoteProtocolError:
     return RemoteProtocolError(message, reason=RejectReason.MALFORMED)
 
@@ -204,30 +180,32 @@ def open_envelope(
         )
     envelope = VERIFIED.get(frame, max_bytes)
     if envelope is None:
-        envelope, signed, signature = _decode(frame, max_bytes)
-        _check_sender(envelope, peer)
-        if not envelope.sender.verify(signature, SIGNATURE_DOMAIN + signed):
+        signed, signature = _split(frame, max_bytes)
+        header, cls, body = _decode_header(signed, signature, max_bytes)
+        _check_sender(header.sender, peer)
+        if not header.sender.verify(signature, SIGNATURE_DOMAIN + signed):
             raise RemoteProtocolError(
-                f"bad signature on {envelope.body.TYPE}", reason=RejectReason.BAD_SIGNATURE
+                f"bad signature on {cls.TYPE}", reason=RejectReason.BAD_SIGNATURE
             )
+        # Only now, with the sender known to have signed it, is the body parsed.
+        envelope = header.with_body(schema_of(cls).unpack(body, cls.TYPE, max_bytes=max_bytes))
         VERIFIED.put(frame, max_bytes, envelope)
     else:
-        _check_sender(envelope, peer)
+        _check_sender(envelope.sender, peer)
     replay.check_and_remember(envelope.sender, envelope.nonce, envelope.timestamp_ms, now_ms)
     return envelope
 
 
-def _check_sender(envelope: Envelope, peer: PeerId) -> None:
-    if envelope.sender != peer:
+def _check_sender(sender: PeerId, peer: PeerId) -> None:
+    if sender != peer:
         raise RemoteProtocolError(
-            f"signed by {envelope.sender} but received from {peer}",
-            reason=RejectReason.SENDER_MISMATCH,
+            f"signed by {sender} but received from {peer}", reason=RejectReason.SENDER_MISMATCH
         )
 
 
-def _decode(frame: bytes, max_bytes: int) -> tuple[Envelope, bytes, bytes]:
-    """The envelope in ``frame`` (not verified yet), its signed bytes and its signature."""
-    outer = _unpack(frame, max_bytes)
+def _split(frame: bytes, max_bytes: int) -> tuple[bytes, bytes]:
+    """The ``signed`` and ``signature`` byte strings of ``frame`` (an array of two bins)."""
+    outer = bounded_unpack(frame, max_items=2, max_arrays=1, max_bytes=max_bytes)
     if (
         type(outer) is not list
         or len(outer) != 2
@@ -235,11 +213,37 @@ def _decode(frame: bytes, max_bytes: int) -> tuple[Envelope, bytes, bytes]:
         or type(outer[1]) is not bytes
     ):
         raise _malformed("an envelope is [signed: bin, signature: bin]")
-    signed, signature = outer
-    inner = _unpack(signed, max_bytes)
-    if type(inner) is not list or len(inner) != 8:
-        raise _malformed("the signed part is an array of 8 fields")
-    version, type_name, sender_raw, scope_raw, nonce, timestamp_ms, reply_to, body_raw = inner
+    return outer[0], outer[1]
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    """The envelope fields before the body: checked, not yet verified."""
+
+    sender: PeerId
+    scope: Scope
+    nonce: bytes
+    timestamp_ms: int
+    reply_to: bytes
+
+    def with_body(self, body: Message) -> Envelope:
+        return Envelope(self.sender, self.scope, self.nonce, self.timestamp_ms, self.reply_to, body)
+
+
+def _decode_header(
+    signed: bytes, signature: bytes, max_bytes: int
+) -> tuple[_Header, type[Message], memoryview]:
+    """The checked header fields of ``signed``, the body's message class, and the body's
+    still unparsed bytes (the rest of ``signed``)."""
+    # the one array among the header's fields is the scope: [job, round]
+    reader = bounded_reader(signed, max_items=2, max_arrays=1, max_bytes=max_bytes)
+    try:
+        if reader.read_array_header() != 8:
+            raise _malformed("the signed part is an array of 8 fields")
+        fields = [reader.unpack() for _ in range(7)]
+    except UNPACK_ERRORS as exc:
+        raise _malformed(f"the signed part is not an array of 8 fields: {exc}") from None
+    version, type_name, sender_raw, scope_raw, nonce, timestamp_ms, reply_to = fields
     if version != VERSION or type(version) is not int:
         raise RemoteProtocolError(f"envelope version {version!r}", reason=RejectReason.BAD_VERSION)
     if type(type_name) is not str:
@@ -249,14 +253,6 @@ def _decode(frame: bytes, max_bytes: int) -> tuple[Envelope, bytes, bytes]:
         raise RemoteProtocolError(
             f"unknown message type {type_name[:_MAX_TYPE_LEN]!r}", reason=RejectReason.UNKNOWN_TYPE
         )
-    sender, scope = _decode_header(sender_raw, scope_raw, nonce, timestamp_ms, reply_to, signature)
-    body = schema_of(cls).decode(body_raw, type_name)
-    return Envelope(sender, scope, nonce, timestamp_ms, reply_to, body), signed, signature
-
-
-def _decode_header(
-    sender_raw: Any, scope_raw: Any, nonce: Any, timestamp_ms: Any, reply_to: Any, signature: bytes
-) -> tuple[PeerId, Scope]:
     if type(sender_raw) is not bytes:
         raise _bad_field("sender is not bytes")
     try:
@@ -272,7 +268,8 @@ def _decode_header(
         raise _bad_field("reply_to must be empty or a nonce")
     if len(signature) != 64:
         raise _bad_field("signature must be 64 bytes")
-    return sender, scope
+    body = memoryview(signed)[reader.tell() :]
+    return _Header(sender, scope, nonce, timestamp_ms, reply_to), cls, body
 
 
 def _bad_field(what: str) -> RemoteProtocolError:

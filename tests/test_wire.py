@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgpack
@@ -41,6 +44,12 @@ class Sample(Message):
     blob: bytes = bounded(max_len=64)
     peers: list[PeerId] = bounded(max_len=4)
     maybe: int | None = bounded()
+
+
+@message("test.wire.blob")
+@dataclass(frozen=True, slots=True)
+class Blob(Message):
+    data: bytes = bounded(max_len=MAX)
 
 
 def guard() -> ReplayGuard:
@@ -258,3 +267,74 @@ def test_verified_frames_are_bounded_by_count_and_bytes() -> None:
     small = VerifiedFrames(max_frames=10, max_bytes=16 * len(frames[0]) - 1)
     small.put(frames[0], MAX, envelope)  # over 1/16 of the budget: not kept
     assert small.get(frames[0], MAX) is None
+
+
+def nested_arrays(size: int) -> bytes:
+    """About ``size`` bytes of msgpack: an array of arrays of empty arrays (each array short
+    enough for msgpack's own length limit), the shape that cost 0.36 s and 74 MiB."""
+    inner = b"\xdd" + (100_000).to_bytes(4, "big") + b"\x90" * 100_000
+    count = max(1, size // len(inner))
+    return b"\xdc" + count.to_bytes(2, "big") + inner * count
+
+
+def cpu_and_peak(work: Callable[[], object]) -> tuple[float, int]:
+    """The least CPU time of a few runs of ``work`` and its peak of traced allocations."""
+    cpu = []
+    for _ in range(5):
+        started = time.process_time()
+        work()
+        cpu.append(time.process_time() - started)
+    tracemalloc.start()
+    try:
+        work()
+        return min(cpu), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_hostile_nesting_costs_what_an_honest_frame_of_its_size_costs() -> None:
+    bulk = nested_arrays(MAX - 1024)
+    honest, _ = seal(ALICE, Blob(data=bytes(len(bulk))), now_ms=NOW)
+    header = fields_of(seal(ALICE, Text(text="x"), now_ms=NOW)[0])[:7]
+    signed = b"\x98" + msgpack.packb(header)[1:] + bulk  # [header..., body: nested arrays]
+    packed = [msgpack.packb(field) for field in header]
+    in_header = b"\x98" + b"".join(packed[:3]) + bulk + b"".join(packed[4:]) + b"\x90"
+    hostile = {
+        "the whole frame": (bulk, RejectReason.MALFORMED),
+        "the body, unsigned": (msgpack.packb([signed, bytes(64)]), RejectReason.BAD_SIGNATURE),
+        "the body, signed by the sender": (
+            msgpack.packb([signed, ALICE.sign(SIGNATURE_DOMAIN + signed)]),
+            RejectReason.MALFORMED,
+        ),
+        "a header field": (msgpack.packb([in_header, bytes(64)]), RejectReason.MALFORMED),
+    }
+
+    def open_honest() -> None:
+        VERIFIED.__init__()  # type: ignore[misc]  # no shortcut through the cache
+        open_(honest)
+
+    honest_cpu, honest_peak = cpu_and_peak(open_honest)
+    for name, (frame, reason) in hostile.items():
+        assert len(frame) > MAX // 2
+        assert reason_of(frame) == reason, name
+        cpu, peak = cpu_and_peak(lambda frame=frame: reason_of(frame))  # type: ignore[misc]
+        # measured side by side under the same load; the unbounded parse cost 100x and more
+        assert cpu <= 5 * honest_cpu, (name, cpu, honest_cpu)
+        assert peak <= max(2 * honest_peak, 4 * len(frame)), (name, peak, honest_peak)
+
+
+def test_bodies_are_parsed_within_their_schema_bounds() -> None:
+    frame, _ = seal(ALICE, Ping(sent_ms=5), now_ms=NOW)
+    fields = fields_of(frame)
+    cases = {
+        "a longer array than the type holds": [5, 6],
+        "more arrays than the type holds": [[]],
+        "a map": {"sent_ms": 5},
+    }
+    for name, body in cases.items():
+        assert reason_of(resign(ALICE, [*fields[:7], body])) == RejectReason.MALFORMED, name
+    trailing = msgpack.packb(fields, use_bin_type=True) + b"\xc0"
+    assert reason_of(msgpack.packb([trailing, ALICE.sign(SIGNATURE_DOMAIN + trailing)])) == (
+        RejectReason.MALFORMED
+    )
+    assert reason_of(frame + b"\xc0") == RejectReason.MALFORMED
