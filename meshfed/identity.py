@@ -22,6 +22,8 @@ from pathlib import Path
 import base58
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
@@ -166,6 +168,13 @@ class Identity:
     def agree(self, peer_x25519_public: bytes) -> bytes:
         """The raw X25519 shared secret with a peer's key (feed it to HKDF; never use it raw)."""
         return self._agreement_key.exchange(X25519PublicKey.from_public_bytes(peer_x25519_public))
+
+    def derive_key(self, purpose: bytes) -> bytes:
+        """A 32-byte secret key for ``purpose`` (e.g. ``b"meshfed-store-v1"``), derived from
+        the private keys: HKDF-SHA256(ed25519_seed || x25519_private, info=purpose)."""
+        return HKDF(algorithm=SHA256(), length=32, salt=None, info=purpose).derive(
+            self.ed25519_seed() + self._x25519_seed()
+        )
 
     def ed25519_seed(self) -> bytes:
         """The 32-byte Ed25519 private seed (for handing the key to libp2p)."""
