@@ -284,6 +284,10 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
+def _no_map(pairs: Any) -> Any:
+    raise ValueError("msgpack maps are not allowed")  # max_map_len=0 still lets {} through
+
+
 class _ArrayBudget:
     """A msgpack ``list_hook`` that stops the parse after ``limit`` arrays."""
 
@@ -305,6 +309,7 @@ def _limits(max_items: int, max_arrays: int, max_bytes: int) -> dict[str, Any]:
         "use_list": True,
         "list_hook": _ArrayBudget(max_arrays),
         "ext_hook": _no_ext,
+        "object_hook": _no_map,
         "max_str_len": max_bytes,
         "max_bin_len": max_bytes,
         "max_array_len": max_items,

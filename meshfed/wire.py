@@ -331,20 +331,29 @@ VERIFIED = VerifiedFrames()
 class ReplayGuard:
     """Rejects stale, future-dated and replayed envelopes with bounded memory.
 
-    An envelope is fresh if ``now - window <= timestamp <= now + max_skew`` and its nonce was
-    not seen from that sender. Nonces are kept until they leave the window. When one sender's
-    cache would exceed ``max_per_peer`` entries, its oldest entries are dropped and that
-    sender's *floor* rises to their timestamp: anything at or below a floor is stale, so
-    forgetting a nonce never lets its envelope back in. The floor starts at the guard's creation
-    time, because nonces seen before a restart are not remembered.
+    An envelope is fresh if ``now - window < timestamp <= now + max_skew`` and its timestamp is
+    above its sender's *floor*, and it is new if its nonce was not seen from that sender.
+    Nonces are kept until they leave the window. When one sender's cache would exceed
+    ``max_per_peer`` entries, its oldest entries are dropped and that sender's floor rises to
+    their timestamp: forgetting a nonce never lets its envelope back in.
+
+    Senders are remembered up to ``max_peers``; past that, the least recently heard is
+    forgotten and the *global floor* rises to the newest timestamp it sent, so that none of its
+    envelopes is new again. The global floor is the floor of senders not remembered (a new
+    sender's entry starts with it); the senders remembered never see it, so a crowd of
+    newcomers cannot make an established peer's messages stale. It only ever rises to a
+    timestamp our own clock has reached: a sender that may still have a future-dated envelope
+    (heard within the last ``max_skew``) is not forgotten, and a newcomer that would need it
+    to be is refused [rate_limited] until it can be.
 
     Args:
         window_ms: how old a message may be.
         max_skew_ms: how far in the future a timestamp may be (peers' clock skew).
-        started_ms: the wall clock when the guard was created.
+        floor_ms: the initial global floor: nothing at or below it is fresh (a node passes
+            its start time minus ``max_skew_ms``, since a previous run's nonces are not
+            remembered).
         max_per_peer: nonces remembered per sender.
-        max_peers: senders remembered; the least recently heard is forgotten first
-            (its floor then becomes the global floor).
+        max_peers: senders remembered.
     """
 
     def __init__(
@@ -352,13 +361,13 @@ class ReplayGuard:
         *,
         window_ms: int,
         max_skew_ms: int,
-        started_ms: int,
+        floor_ms: int,
         max_per_peer: int = 65536,
         max_peers: int = 100_000,
     ) -> None:
         self.window_ms = window_ms
         self.max_skew_ms = max_skew_ms
-        self._global_floor = started_ms
+        self._global_floor = floor_ms
         self._max_per_peer = max_per_peer
         self._max_peers = max_peers
         self._seen: collections.OrderedDict[PeerId, _PeerNonces] = collections.OrderedDict()
@@ -372,33 +381,41 @@ class ReplayGuard:
                 f"timestamp {timestamp_ms - now_ms} ms in the future", reason=RejectReason.FUTURE
             )
         peer = self._seen.get(sender)
-        floor = max(self._global_floor, now_ms - self.window_ms)
-        if peer is not None:
-            floor = max(floor, peer.floor)
+        floor = max(self._global_floor if peer is None else peer.floor, now_ms - self.window_ms)
         if timestamp_ms <= floor:
             raise RemoteProtocolError(
-                f"timestamp {now_ms - timestamp_ms} ms old is outside the replay window",
+                f"timestamp {now_ms - timestamp_ms} ms old is at or below the replay floor",
                 reason=RejectReason.STALE,
             )
         if peer is None:
-            peer = self._seen[sender] = _PeerNonces()
-            if len(self._seen) > self._max_peers:
-                _, evicted = self._seen.popitem(last=False)
-                self._global_floor = max(self._global_floor, evicted.latest)
+            if len(self._seen) >= self._max_peers:
+                self._forget_one(now_ms)
+            peer = self._seen[sender] = _PeerNonces(self._global_floor)
         else:
             self._seen.move_to_end(sender)
-        if nonce in peer.nonces:
-            raise RemoteProtocolError("nonce already seen", reason=RejectReason.REPLAYED)
+            if nonce in peer.nonces:
+                raise RemoteProtocolError("nonce already seen", reason=RejectReason.REPLAYED)
         peer.remember(nonce, timestamp_ms, now_ms - self.window_ms, self._max_per_peer)
+
+    def _forget_one(self, now_ms: int) -> None:
+        """Forget the least recently heard sender, or refuse the newcomer that needs it."""
+        oldest = next(iter(self._seen.values()))
+        if oldest.latest > now_ms:
+            raise RemoteProtocolError(
+                f"{len(self._seen)} senders heard within the clock skew: a new one must wait",
+                reason=RejectReason.RATE_LIMITED,
+            )
+        self._seen.popitem(last=False)
+        self._global_floor = max(self._global_floor, oldest.latest)
 
 
 class _PeerNonces:
     __slots__ = ("floor", "latest", "nonces")
 
-    def __init__(self) -> None:
+    def __init__(self, floor: int) -> None:
         self.nonces: collections.OrderedDict[bytes, int] = collections.OrderedDict()
-        self.floor = 0
-        self.latest = 0
+        self.floor = floor
+        self.latest = floor
 
     def remember(self, nonce: bytes, timestamp_ms: int, expire_before_ms: int, cap: int) -> None:
         self.nonces[nonce] = timestamp_ms

@@ -53,7 +53,7 @@ class Blob(Message):
 
 
 def guard() -> ReplayGuard:
-    return ReplayGuard(window_ms=60_000, max_skew_ms=5_000, started_ms=NOW - 60_000)
+    return ReplayGuard(window_ms=60_000, max_skew_ms=5_000, floor_ms=NOW - 60_000)
 
 
 def open_(
@@ -190,7 +190,7 @@ def test_rejected_frames_do_not_poison_the_replay_cache() -> None:
 
 
 def test_replay_memory_is_bounded_and_never_readmits() -> None:
-    replay = ReplayGuard(window_ms=60_000, max_skew_ms=0, started_ms=0, max_per_peer=100)
+    replay = ReplayGuard(window_ms=60_000, max_skew_ms=0, floor_ms=0, max_per_peer=100)
     frames = [seal(ALICE, Text(text=str(i)), now_ms=NOW + i)[0] for i in range(300)]
     for i, frame in enumerate(frames):
         open_(frame, replay=replay, now=NOW + i)
@@ -204,7 +204,7 @@ def test_replay_memory_is_bounded_and_never_readmits() -> None:
 
 def test_messages_from_before_a_restart_are_stale() -> None:
     before, _ = seal(ALICE, Text(text="captured"), now_ms=NOW - 1_000)
-    restarted = ReplayGuard(window_ms=60_000, max_skew_ms=0, started_ms=NOW)
+    restarted = ReplayGuard(window_ms=60_000, max_skew_ms=0, floor_ms=NOW)
     assert reason_of(before, replay=restarted) == RejectReason.STALE
 
 
@@ -330,6 +330,7 @@ def test_bodies_are_parsed_within_their_schema_bounds() -> None:
         "a longer array than the type holds": [5, 6],
         "more arrays than the type holds": [[]],
         "a map": {"sent_ms": 5},
+        "an empty map": {},
     }
     for name, body in cases.items():
         assert reason_of(resign(ALICE, [*fields[:7], body])) == RejectReason.MALFORMED, name
@@ -338,3 +339,79 @@ def test_bodies_are_parsed_within_their_schema_bounds() -> None:
         RejectReason.MALFORMED
     )
     assert reason_of(frame + b"\xc0") == RejectReason.MALFORMED
+
+
+def test_a_crowd_of_future_dated_senders_cannot_make_honest_messages_stale() -> None:
+    skew = 5_000
+    replay = ReplayGuard(window_ms=60_000, max_skew_ms=skew, floor_ms=NOW - skew, max_peers=50)
+    crowd = [Identity.generate() for _ in range(120)]  # cheap identities, clocks at the limit
+    crowd_frames = [seal(sybil, Text(text="soon"), now_ms=NOW + skew)[0] for sybil in crowd]
+    refused = []
+    for i, (sybil, frame) in enumerate(zip(crowd, crowd_frames, strict=True)):
+        if i % 10 == 0:  # an established peer goes on talking, stamped by its honest clock
+            open_(
+                seal(ALICE, Text(text=str(i)), now_ms=NOW + i - 50)[0], replay=replay, now=NOW + i
+            )
+        try:
+            open_(frame, peer=sybil.peer_id, replay=replay, now=NOW + i)
+        except RemoteProtocolError as exc:
+            refused.append(exc.reason)
+    assert refused == [RejectReason.RATE_LIMITED] * (len(crowd) - 49)  # counted, not kept
+    assert replay._global_floor <= NOW + len(crowd)  # never beyond our own clock
+    # once the crowd's future has passed, a newcomer is heard at once, and none of the
+    # crowd's frames, forgotten or not, is accepted again
+    after = NOW + skew + 1
+    bob = Identity.generate()
+    open_(
+        seal(bob, Text(text="hi"), now_ms=after - 50)[0], peer=bob.peer_id, replay=replay, now=after
+    )
+    for sybil, frame in zip(crowd, crowd_frames, strict=True):
+        assert reason_of(frame, peer=sybil.peer_id, replay=replay, now=after) in (
+            RejectReason.STALE,
+            RejectReason.REPLAYED,
+        )
+
+
+def test_freshness_bounds_are_exact() -> None:
+    replay = ReplayGuard(window_ms=60_000, max_skew_ms=5_000, floor_ms=0)
+    assert reason_of(seal(ALICE, Ping(sent_ms=1), now_ms=NOW - 60_000)[0], replay=replay) == (
+        RejectReason.STALE
+    )
+    open_(seal(ALICE, Ping(sent_ms=2), now_ms=NOW - 59_999)[0], replay=replay)
+    open_(seal(ALICE, Ping(sent_ms=3), now_ms=NOW + 5_000)[0], replay=replay)
+    assert reason_of(seal(ALICE, Ping(sent_ms=4), now_ms=NOW + 5_001)[0], replay=replay) == (
+        RejectReason.FUTURE
+    )
+    floored = ReplayGuard(window_ms=60_000, max_skew_ms=5_000, floor_ms=NOW - 10)
+    assert reason_of(seal(ALICE, Ping(sent_ms=5), now_ms=NOW - 10)[0], replay=floored) == (
+        RejectReason.STALE
+    )
+    open_(seal(ALICE, Ping(sent_ms=6), now_ms=NOW - 9)[0], replay=floored)
+
+
+def wide_bin(data: bytes) -> bytes:
+    return b"\xc6" + len(data).to_bytes(4, "big") + data
+
+
+def test_any_msgpack_width_is_accepted_and_signed_as_sent() -> None:
+    """A second implementation may encode with wider formats than msgpack-python's shortest:
+    the signature covers the bytes as sent, and the receiver reads every width."""
+    header = fields_of(seal(ALICE, Ping(sent_ms=5), now_ms=NOW)[0])
+    uint64 = lambda n: b"\xcf" + n.to_bytes(8, "big")  # noqa: E731
+    signed = b"".join(
+        [
+            b"\xdd" + (8).to_bytes(4, "big"),  # array 32 of 8
+            uint64(1),
+            b"\xdb" + len(b"meshfed.ping").to_bytes(4, "big") + b"meshfed.ping",  # str 32
+            wide_bin(header[2]),
+            b"\xdc\x00\x02" + wide_bin(b"") + uint64(0),  # scope [b"", 0], array 16
+            wide_bin(header[4]),
+            uint64(NOW),
+            wide_bin(b""),  # reply_to: a zero-length bin
+            b"\xdd" + (1).to_bytes(4, "big") + uint64(5),  # body [5]
+        ]
+    )
+    frame = b"\xdc\x00\x02" + wide_bin(signed) + wide_bin(ALICE.sign(SIGNATURE_DOMAIN + signed))
+    envelope = open_(frame)
+    assert envelope.body == Ping(sent_ms=5)
+    assert envelope.scope == Scope() and envelope.reply_to == b""
