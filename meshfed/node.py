@@ -114,7 +114,7 @@ class Node:
         self._replay = ReplayGuard(
             window_ms=int(config.replay_window_s * 1000),
             max_skew_ms=int(config.max_clock_skew_s * 1000),
-            floor_ms=_now_ms() - int(config.max_clock_skew_s * 1000),
+            started_ms=_now_ms() - int(config.max_clock_skew_s * 1000),
         )
         self._handlers: dict[tuple[type[Message], bytes | None], MessageHandler] = {}
         self._array_handlers: dict[tuple[str, bytes | None], ArrayHandler] = {}

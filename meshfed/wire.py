@@ -349,9 +349,10 @@ class ReplayGuard:
     Args:
         window_ms: how old a message may be.
         max_skew_ms: how far in the future a timestamp may be (peers' clock skew).
-        floor_ms: the initial global floor: nothing at or below it is fresh (a node passes
-            its start time minus ``max_skew_ms``, since a previous run's nonces are not
-            remembered).
+        started_ms: despite its name, the initial global floor, not the creation time:
+            nothing at or below it is fresh (a node passes its start time minus
+            ``max_skew_ms``: a previous run's nonces are not remembered, and peers whose
+            clocks lag by up to the skew are heard at once).
         max_per_peer: nonces remembered per sender.
         max_peers: senders remembered.
     """
@@ -361,13 +362,13 @@ class ReplayGuard:
         *,
         window_ms: int,
         max_skew_ms: int,
-        floor_ms: int,
+        started_ms: int,
         max_per_peer: int = 65536,
         max_peers: int = 100_000,
     ) -> None:
         self.window_ms = window_ms
         self.max_skew_ms = max_skew_ms
-        self._global_floor = floor_ms
+        self._global_floor = started_ms
         self._max_per_peer = max_per_peer
         self._max_peers = max_peers
         self._seen: collections.OrderedDict[PeerId, _PeerNonces] = collections.OrderedDict()

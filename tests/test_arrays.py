@@ -138,7 +138,7 @@ def test_any_announced_shape_is_refused_or_builds_its_array(shape: list[int], dt
     signed[7] = [header, bytes(size)]
     inner = msgpack.packb(signed, use_bin_type=True)
     frame = msgpack.packb([inner, SENDER.sign(SIGNATURE_DOMAIN + inner)], use_bin_type=True)
-    guard = ReplayGuard(window_ms=10, max_skew_ms=10, floor_ms=0)
+    guard = ReplayGuard(window_ms=10, max_skew_ms=10, started_ms=0)
     try:
         envelope = open_envelope(
             frame, peer=SENDER.peer_id, now_ms=1, replay=guard, max_bytes=1 << 20

@@ -53,7 +53,7 @@ class Blob(Message):
 
 
 def guard() -> ReplayGuard:
-    return ReplayGuard(window_ms=60_000, max_skew_ms=5_000, floor_ms=NOW - 60_000)
+    return ReplayGuard(window_ms=60_000, max_skew_ms=5_000, started_ms=NOW - 60_000)
 
 
 def open_(
@@ -190,7 +190,7 @@ def test_rejected_frames_do_not_poison_the_replay_cache() -> None:
 
 
 def test_replay_memory_is_bounded_and_never_readmits() -> None:
-    replay = ReplayGuard(window_ms=60_000, max_skew_ms=0, floor_ms=0, max_per_peer=100)
+    replay = ReplayGuard(window_ms=60_000, max_skew_ms=0, started_ms=0, max_per_peer=100)
     frames = [seal(ALICE, Text(text=str(i)), now_ms=NOW + i)[0] for i in range(300)]
     for i, frame in enumerate(frames):
         open_(frame, replay=replay, now=NOW + i)
@@ -204,7 +204,7 @@ def test_replay_memory_is_bounded_and_never_readmits() -> None:
 
 def test_messages_from_before_a_restart_are_stale() -> None:
     before, _ = seal(ALICE, Text(text="captured"), now_ms=NOW - 1_000)
-    restarted = ReplayGuard(window_ms=60_000, max_skew_ms=0, floor_ms=NOW)
+    restarted = ReplayGuard(window_ms=60_000, max_skew_ms=0, started_ms=NOW)
     assert reason_of(before, replay=restarted) == RejectReason.STALE
 
 
@@ -343,7 +343,7 @@ def test_bodies_are_parsed_within_their_schema_bounds() -> None:
 
 def test_a_crowd_of_future_dated_senders_cannot_make_honest_messages_stale() -> None:
     skew = 5_000
-    replay = ReplayGuard(window_ms=60_000, max_skew_ms=skew, floor_ms=NOW - skew, max_peers=50)
+    replay = ReplayGuard(window_ms=60_000, max_skew_ms=skew, started_ms=NOW - skew, max_peers=50)
     crowd = [Identity.generate() for _ in range(120)]  # cheap identities, clocks at the limit
     crowd_frames = [seal(sybil, Text(text="soon"), now_ms=NOW + skew)[0] for sybil in crowd]
     refused = []
@@ -373,7 +373,7 @@ def test_a_crowd_of_future_dated_senders_cannot_make_honest_messages_stale() -> 
 
 
 def test_freshness_bounds_are_exact() -> None:
-    replay = ReplayGuard(window_ms=60_000, max_skew_ms=5_000, floor_ms=0)
+    replay = ReplayGuard(window_ms=60_000, max_skew_ms=5_000, started_ms=0)
     assert reason_of(seal(ALICE, Ping(sent_ms=1), now_ms=NOW - 60_000)[0], replay=replay) == (
         RejectReason.STALE
     )
@@ -382,7 +382,7 @@ def test_freshness_bounds_are_exact() -> None:
     assert reason_of(seal(ALICE, Ping(sent_ms=4), now_ms=NOW + 5_001)[0], replay=replay) == (
         RejectReason.FUTURE
     )
-    floored = ReplayGuard(window_ms=60_000, max_skew_ms=5_000, floor_ms=NOW - 10)
+    floored = ReplayGuard(window_ms=60_000, max_skew_ms=5_000, started_ms=NOW - 10)
     assert reason_of(seal(ALICE, Ping(sent_ms=5), now_ms=NOW - 10)[0], replay=floored) == (
         RejectReason.STALE
     )
