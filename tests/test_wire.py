@@ -415,3 +415,10 @@ def test_any_msgpack_width_is_accepted_and_signed_as_sent() -> None:
     envelope = open_(frame)
     assert envelope.body == Ping(sent_ms=5)
     assert envelope.scope == Scope() and envelope.reply_to == b""
+
+
+def test_string_bounds_count_code_points_not_bytes() -> None:
+    wide = "\u20ac" * 4096  # 4096 code points, 12,288 UTF-8 bytes: within Text's 4096
+    assert open_(seal(ALICE, Text(text=wide), now_ms=NOW)[0]).body == Text(text=wide)
+    fields = fields_of(seal(ALICE, Text(text="x"), now_ms=NOW)[0])
+    assert reason_of(resign(ALICE, [*fields[:7], ["x" * 4097]])) == RejectReason.BAD_FIELD
