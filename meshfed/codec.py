@@ -20,6 +20,7 @@ String and byte lengths count what Python holds: code points for ``str``, bytes 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Callable
@@ -303,11 +304,11 @@ class _ArrayBudget:
         return array
 
 
-def _limits(max_items: int, max_arrays: int, max_bytes: int) -> dict[str, Any]:
+@functools.lru_cache(maxsize=256)
+def _static_limits(max_items: int, max_bytes: int) -> dict[str, Any]:
     return {
         "raw": False,
         "use_list": True,
-        "list_hook": _ArrayBudget(max_arrays),
         "ext_hook": _no_ext,
         "object_hook": _no_map,
         "max_str_len": max_bytes,
@@ -316,6 +317,10 @@ def _limits(max_items: int, max_arrays: int, max_bytes: int) -> dict[str, Any]:
         "max_map_len": 0,
         "max_ext_len": 0,
     }
+
+
+def _limits(max_items: int, max_arrays: int, max_bytes: int) -> dict[str, Any]:
+    return {**_static_limits(max_items, max_bytes), "list_hook": _ArrayBudget(max_arrays)}
 
 
 #: what a bounded parse raises on bad input (UnicodeDecodeError and msgpack's ExtraData,
