@@ -11,9 +11,13 @@ the message dataclass encoded by :mod:`meshfed.codec`.
 
 Receiving is :func:`open_envelope`, a pure function of (bytes, authenticated peer, now): it
 either returns an :class:`Envelope` or raises :class:`~meshfed.errors.RemoteProtocolError`
-whose ``reason`` the caller counts. The checks, in order: size, outer shape, inner shape,
-version, type known, fields, sender equals the peer the transport authenticated, signature,
-clock (stale / future), replay (nonce seen). The replay check runs last so that a forged message
+whose ``reason`` the caller counts. Parsing is lazy and bounded (SPEC.md 3, "bounded
+parsing"): the frame and the header fields are read under bounds that admit nothing but their
+own shape, and the body's bytes are parsed only after the signature verified, within the bounds
+of its type's schema, so a hostile document costs O(its size) whatever it nests. The checks,
+in order: size, outer shape, inner shape and header, version, type known, header fields, sender
+equals the peer the transport authenticated, signature, body (parse, then fields), clock
+(stale / future), replay (nonce seen). The replay check runs last so that a forged message
 cannot poison the replay cache. :class:`ReplayGuard` keeps the nonces it has seen until they
 fall out of the freshness window, so its memory is bounded by (rate x window).
 
