@@ -66,6 +66,7 @@ RPC_PROTOCOL = "/meshfed/rpc/1"
 MSG_PROTOCOL = "/meshfed/msg/1"
 PARTS_PROTOCOL = "/meshfed/parts/1"
 ARRAY_PROTOCOL = "/meshfed/array/2"
+_MAX_JOB_LEN = 64  # Scope.job's bound (SPEC 3)
 #: what the key a node's store is sealed with is derived for (``Identity.derive_key``)
 STORE_KEY_PURPOSE = b"meshfed-store-v1"
 
@@ -74,6 +75,13 @@ MessageHandler = Callable[[Envelope, Any], Awaitable[Message | None]]
 """``handler(envelope, body) -> answer``; ``None`` answers :class:`~meshfed.control.Ack`."""
 ArrayHandler = Callable[[Envelope, ArrayHeader, npt.NDArray[Any]], Awaitable[None]]
 """``handler(envelope, header, array)``, called once the whole array arrived and checked out."""
+
+
+def _check_job(job: bytes | None) -> None:
+    if job is not None and len(job) > _MAX_JOB_LEN:
+        raise LocalProtocolError(
+            f"a job scope has at most {_MAX_JOB_LEN} bytes, not {len(job)}: no envelope has it"
+        )
 
 
 def _for_job(job: bytes | None) -> str:
@@ -191,6 +199,7 @@ class Node:
             LocalProtocolError: a handler for ``(message_type, job)`` exists and ``replace``
                 is false (two parts of a program would otherwise steal each other's messages).
         """
+        _check_job(job)
         key = (message_type, job)
         if key in self._handlers and not replace:
             raise LocalProtocolError(
@@ -444,6 +453,7 @@ class Node:
             LocalProtocolError: a handler for ``(prefix, job)`` exists and ``replace`` is
                 false.
         """
+        _check_job(job)
         key = (prefix, job)
         if key in self._array_handlers and not replace:
             raise LocalProtocolError(

@@ -420,6 +420,8 @@ async def test_a_second_handler_for_a_type_is_refused_unless_it_replaces(tmp_pat
         assert (await a.request(b.peer_id, Text(text="hi"), scope=Scope(job=b"other"))).body == (
             Text(text="stolen")
         )
+        with pytest.raises(LocalProtocolError, match="at most 64 bytes"):
+            b.handle(Text, thief, job=b"j" * 65)  # no envelope could ever reach it
         b.handle(Text, thief, replace=True)
         assert (await a.request(b.peer_id, Text(text="hi"))).body == Text(text="stolen")
 
