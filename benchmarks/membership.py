@@ -50,7 +50,11 @@ class Sim:
 
     async def _run(self, index: int, task_status: trio.TaskStatus[None]) -> None:
         config = NodeConfig(
-            data_dir=Path("/nonexistent"), transport="memory", ping_interval_s=0, membership=False
+            data_dir=Path("/nonexistent"),
+            store_file="",  # many identities, one fake data_dir: no store
+            transport="memory",
+            ping_interval_s=0,
+            membership=False,
         )
         with trio.CancelScope() as scope:
             async with open_node(

@@ -38,7 +38,11 @@ async def mesh(nodes: int, fanout: int, seed: int) -> dict[str, float | int | bo
         delivered += 1
 
     config = NodeConfig(
-        data_dir=Path("/nonexistent"), transport="memory", ping_interval_s=0, membership=False
+        data_dir=Path("/nonexistent"),
+        store_file="",  # many identities, one fake data_dir: no store
+        transport="memory",
+        ping_interval_s=0,
+        membership=False,
     )
     identities = [Identity.generate() for _ in range(nodes)]
     started = time.perf_counter()

@@ -59,6 +59,7 @@ ALLOWED_DTYPES = frozenset(
     {"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1"}
 )
 _MAX_DIMS = 32
+_MAX_NDARRAY_BYTES = 2**63 - 1
 #: arrays up to this many bytes travel inline, in one message (:class:`InlineArray`)
 INLINE_ARRAY_BYTES = 64 * 1024
 
@@ -81,6 +82,10 @@ class ArrayHeader(Message):
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(ALLOWED_DTYPES)}")
         if any(dim < 0 for dim in self.shape):
             raise ValueError(f"negative dimension in shape {self.shape}")
+        # numpy's own rule: even an empty array's other dimensions must fit in memory
+        itemsize = np.dtype(self.dtype).itemsize
+        if math.prod(max(dim, 1) for dim in self.shape) * itemsize > _MAX_NDARRAY_BYTES:
+            raise ValueError(f"shape {self.shape} of {self.dtype} cannot exist in memory")
 
     @property
     def nbytes(self) -> int:

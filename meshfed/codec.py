@@ -9,16 +9,25 @@ and lists get the defaults below, so nothing a peer sends can make us allocate w
 Decoding is strict: a wrong element count, a wrong msgpack type (``True`` is not an ``int``,
 an ``int`` is not a ``float``), an out-of-range value, or an over-long field raises
 :class:`~meshfed.errors.RemoteProtocolError` with reason ``BAD_FIELD``. Nothing is pickled.
+
+Parsing is bounded by the schema before any field is looked at (:meth:`Schema.unpack`): a schema
+knows the longest array and the most arrays a valid document holds (:attr:`Schema.max_items`,
+:attr:`Schema.max_arrays`), and msgpack stops at the first array over either, so a hostile
+document (a megabyte of nested empty arrays) costs a few operations, not a million objects.
+String and byte lengths count what Python holds: code points for ``str``, bytes for ``bytes``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import msgpack
 
 from .errors import RemoteProtocolError
 from .identity import PeerId
@@ -28,6 +37,9 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_ITEMS",
     "Bounds",
+    "UNPACK_ERRORS",
+    "bounded_reader",
+    "bounded_unpack",
     "Schema",
     "bounded",
     "schema_of",
@@ -76,6 +88,17 @@ def _reject(path: str, message: str) -> RemoteProtocolError:
 
 Encoder = Callable[[Any], Any]
 Decoder = Callable[[Any, str], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Codec:
+    """How one field travels, and the most a valid value of it holds: ``items`` is the longest
+    msgpack array in it, ``arrays`` the number of arrays (both 0 for a scalar)."""
+
+    encode: Encoder
+    decode: Decoder
+    items: int = 0
+    arrays: int = 0
 
 
 def _scalar(kind: type, bounds: Bounds) -> tuple[Encoder, Decoder]:
@@ -150,19 +173,25 @@ def _scalar(kind: type, bounds: Bounds) -> tuple[Encoder, Decoder]:
     raise TypeError(f"no wire encoding for {kind!r}")
 
 
-def _field_codec(annotation: Any, bounds: Bounds) -> tuple[Encoder, Decoder]:
+def _field_codec(annotation: Any, bounds: Bounds) -> _Codec:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
-        inner = args[0] if args[1] is type(None) else args[1]
-        encode_inner, decode_inner = _field_codec(inner, bounds)
+        inner = _field_codec(args[0] if args[1] is type(None) else args[1], bounds)
+        encode_inner, decode_inner = inner.encode, inner.decode
 
         def decode_optional(value: Any, path: str) -> Any:
             return None if value is None else decode_inner(value, path)
 
-        return (lambda v: None if v is None else encode_inner(v)), decode_optional
+        return _Codec(
+            lambda v: None if v is None else encode_inner(v),
+            decode_optional,
+            inner.items,
+            inner.arrays,
+        )
     if origin is list:
-        encode_item, decode_item = _field_codec(args[0], Bounds())
+        item = _field_codec(args[0], Bounds())
+        encode_item, decode_item = item.encode, item.decode
         limit = bounds.max_len if bounds.max_len is not None else DEFAULT_MAX_ITEMS
 
         def decode_list(value: Any, path: str) -> list[Any]:
@@ -177,12 +206,17 @@ def _field_codec(annotation: Any, bounds: Bounds) -> tuple[Encoder, Decoder]:
                     decode_item(item, f"{path}[{i}]")
                 raise
 
-        return (lambda v: [encode_item(item) for item in v]), decode_list
+        return _Codec(
+            lambda v: [encode_item(item) for item in v],
+            decode_list,
+            max(limit, item.items),
+            1 + limit * item.arrays,
+        )
     if annotation is not PeerId and dataclasses.is_dataclass(annotation):
         assert isinstance(annotation, type)
         nested = schema_of(annotation)
-        return nested.encode, nested.decode
-    return _scalar(annotation, bounds)
+        return _Codec(nested.encode, nested.decode, nested.max_items, nested.max_arrays)
+    return _Codec(*_scalar(annotation, bounds))
 
 
 class Schema:
@@ -192,20 +226,41 @@ class Schema:
         self.cls = cls
         hints = typing.get_type_hints(cls)
         self._names: list[str] = []
-        self._codecs: list[tuple[Encoder, Decoder]] = []
+        self._codecs: list[_Codec] = []
         self._fields: list[tuple[str, str, Decoder]] = []  # name, ".name", decoder
         for f in dataclasses.fields(cls):
             bounds = f.metadata.get("bounds", Bounds())
             self._names.append(f.name)
             self._codecs.append(_field_codec(hints[f.name], bounds))
-            self._fields.append((f.name, "." + f.name, self._codecs[-1][1]))
+            self._fields.append((f.name, "." + f.name, self._codecs[-1].decode))
+        #: the longest msgpack array a valid encoding holds (this dataclass's own included)
+        self.max_items = max([len(self._names), *(codec.items for codec in self._codecs)])
+        #: how many msgpack arrays a valid encoding holds at most
+        self.max_arrays = 1 + sum(codec.arrays for codec in self._codecs)
 
     def encode(self, value: Any) -> list[Any]:
         """The msgpack-ready list of ``value``'s fields."""
         return [
-            enc(getattr(value, name))
-            for name, (enc, _) in zip(self._names, self._codecs, strict=True)
+            codec.encode(getattr(value, name))
+            for name, codec in zip(self._names, self._codecs, strict=True)
         ]
+
+    def unpack(self, data: bytes | memoryview, path: str = "", *, max_bytes: int) -> Any:
+        """Parse the msgpack document ``data`` (nothing may follow it) and :meth:`decode` it.
+
+        The parse stops at the first array longer than :attr:`max_items`, at the array after
+        the :attr:`max_arrays`-th, at any map or extension type, and at strings or byte
+        strings over ``max_bytes``: what it costs is bounded by ``len(data)`` and the schema,
+        whatever the bytes.
+
+        Raises:
+            RemoteProtocolError: ``MALFORMED`` if ``data`` is not such a document,
+                ``BAD_FIELD`` as for :meth:`decode`.
+        """
+        document = bounded_unpack(
+            data, max_items=self.max_items, max_arrays=self.max_arrays, max_bytes=max_bytes
+        )
+        return self.decode(document, path)
 
     def decode(self, value: Any, path: str = "") -> Any:
         """Build the dataclass from a decoded msgpack list.
@@ -224,6 +279,85 @@ class Schema:
             return self.cls(**kwargs)
         except (ValueError, TypeError) as exc:
             raise _reject(path, str(exc)) from None
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def _no_map(pairs: Any) -> Any:
+    raise ValueError("msgpack maps are not allowed")  # max_map_len=0 still lets {} through
+
+
+class _ArrayBudget:
+    """A msgpack ``list_hook`` that stops the parse after ``limit`` arrays."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def __call__(self, array: list[Any]) -> list[Any]:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError("more arrays than any valid message holds")
+        return array
+
+
+@functools.lru_cache(maxsize=256)
+def _static_limits(max_items: int, max_bytes: int) -> dict[str, Any]:
+    return {
+        "raw": False,
+        "use_list": True,
+        "ext_hook": _no_ext,
+        "object_hook": _no_map,
+        "max_str_len": max_bytes,
+        "max_bin_len": max_bytes,
+        "max_array_len": max_items,
+        "max_map_len": 0,
+        "max_ext_len": 0,
+    }
+
+
+def _limits(max_items: int, max_arrays: int, max_bytes: int) -> dict[str, Any]:
+    return {**_static_limits(max_items, max_bytes), "list_hook": _ArrayBudget(max_arrays)}
+
+
+#: what a bounded parse raises on bad input (UnicodeDecodeError and msgpack's ExtraData,
+#: FormatError and StackError are ValueErrors; OutOfData is an UnpackException)
+UNPACK_ERRORS = (ValueError, TypeError, msgpack.UnpackException)
+
+
+def bounded_unpack(
+    data: bytes | memoryview, *, max_items: int, max_arrays: int, max_bytes: int
+) -> Any:
+    """The one msgpack document in ``data``, parsed under bounds: no array longer than
+    ``max_items``, at most ``max_arrays`` arrays, no map, no extension type, no string or byte
+    string over ``max_bytes`` (strings decoded as UTF-8). The parse stops at the first bound
+    crossed, so it costs O(len(data)) whatever the bytes.
+
+    Raises:
+        RemoteProtocolError: ``MALFORMED`` if ``data`` is anything else or has bytes after the
+            document.
+    """
+    try:
+        return msgpack.unpackb(data, **_limits(max_items, max_arrays, max_bytes))
+    except UNPACK_ERRORS as exc:
+        raise RemoteProtocolError(
+            f"not a valid msgpack document: {exc}", reason=RejectReason.MALFORMED
+        ) from None
+
+
+def bounded_reader(
+    data: bytes, *, max_items: int, max_arrays: int, max_bytes: int
+) -> msgpack.Unpacker:
+    """A msgpack reader over ``data`` with the bounds of :func:`bounded_unpack` (the array
+    budget shared by every value read); it raises :data:`UNPACK_ERRORS`."""
+    reader = msgpack.Unpacker(
+        max_buffer_size=max(1, len(data)), **_limits(max_items, max_arrays, max_bytes)
+    )
+    reader.feed(data)
+    return reader
 
 
 _SCHEMAS: dict[type[Any], Schema] = {}

@@ -59,7 +59,7 @@ class StoreError(MeshfedError):
 
 
 class CorruptRecord(StoreError):
-    """A stored row does not match its SHA-256: it is reported, never loaded."""
+    """A stored row does not match its HMAC: it is reported, never loaded."""
 
 
 class ProtocolError(MeshfedError):

@@ -13,6 +13,7 @@ by group or others: a leaked identity key lets anyone sign as the node.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from pathlib import Path
 import base58
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
@@ -166,6 +169,13 @@ class Identity:
         """The raw X25519 shared secret with a peer's key (feed it to HKDF; never use it raw)."""
         return self._agreement_key.exchange(X25519PublicKey.from_public_bytes(peer_x25519_public))
 
+    def derive_key(self, purpose: bytes) -> bytes:
+        """A 32-byte secret key for ``purpose`` (e.g. ``b"meshfed-store-v1"``), derived from
+        the private keys: HKDF-SHA256(ed25519_seed || x25519_private, info=purpose)."""
+        return HKDF(algorithm=SHA256(), length=32, salt=None, info=purpose).derive(
+            self.ed25519_seed() + self._x25519_seed()
+        )
+
     def ed25519_seed(self) -> bytes:
         """The 32-byte Ed25519 private seed (for handing the key to libp2p)."""
         return self._signing_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
@@ -174,9 +184,21 @@ class Identity:
         return self._agreement_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
     def save(self, path: Path) -> None:
-        """Write both private keys to ``path`` with mode 0600, atomically."""
+        """Write both private keys to ``path`` with mode 0600, atomically: into a new
+        ``<path>.tmp`` (created exclusively, never through a symlink: whatever sits at that
+        name is removed first), then renamed over ``path``.
+
+        Raises:
+            IdentityError: the temporary file cannot be created.
+        """
         tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # a crash's leftover, or a planted link: removed, not followed
+            fd = os.open(tmp, flags, 0o600)
+        except OSError as exc:
+            raise IdentityError(f"cannot create {tmp} for the node's key: {exc}") from None
         with os.fdopen(fd, "wb") as f:
             f.write(_KEY_MAGIC + self.ed25519_seed() + self._x25519_seed())
             f.flush()
@@ -194,21 +216,26 @@ def load_or_create_identity(data_dir: Path) -> Identity:
 
     Raises:
         IdentityError: if the key file is readable by group or others (fix with
-            ``chmod 600``), or is not a meshfed identity file.
+            ``chmod 600``), is a symlink, or is not a meshfed identity file.
     """
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = data_dir / _KEY_FILE
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         identity = Identity.generate()
         identity.save(path)
         return identity
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise IdentityError(
-            f"{path} has mode {mode:o}: other users can read the node's private key. "
-            f"Run `chmod 600 {path}` (and consider the key compromised) before starting."
-        )
-    blob = path.read_bytes()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:  # ELOOP: a symlink, which could lend us someone else's key
+        raise IdentityError(f"{path} cannot be opened as a regular file: {exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+        if mode & 0o077:
+            raise IdentityError(
+                f"{path} has mode {mode:o}: other users can read the node's private key. "
+                f"Run `chmod 600 {path}` (and consider the key compromised) before starting."
+            )
+        blob = f.read(len(_KEY_MAGIC) + 65)
     if not blob.startswith(_KEY_MAGIC) or len(blob) != len(_KEY_MAGIC) + 64:
         raise IdentityError(f"{path} is not a meshfed identity file (wrong magic or length)")
     body = blob[len(_KEY_MAGIC) :]

@@ -11,6 +11,7 @@ serving.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -43,6 +44,7 @@ from .errors import (
     LocalProtocolError,
     MeshfedError,
     RemoteProtocolError,
+    RequestTimeout,
     StreamClosed,
 )
 from .identity import Identity, PeerId, load_or_create_identity
@@ -64,12 +66,26 @@ RPC_PROTOCOL = "/meshfed/rpc/1"
 MSG_PROTOCOL = "/meshfed/msg/1"
 PARTS_PROTOCOL = "/meshfed/parts/1"
 ARRAY_PROTOCOL = "/meshfed/array/2"
+_MAX_JOB_LEN = 64  # Scope.job's bound (SPEC 3)
+#: what the key a node's store is sealed with is derived for (``Identity.derive_key``)
+STORE_KEY_PURPOSE = b"meshfed-store-v1"
 
 M = TypeVar("M", bound=Message)
 MessageHandler = Callable[[Envelope, Any], Awaitable[Message | None]]
 """``handler(envelope, body) -> answer``; ``None`` answers :class:`~meshfed.control.Ack`."""
 ArrayHandler = Callable[[Envelope, ArrayHeader, npt.NDArray[Any]], Awaitable[None]]
 """``handler(envelope, header, array)``, called once the whole array arrived and checked out."""
+
+
+def _check_job(job: bytes | None) -> None:
+    if job is not None and len(job) > _MAX_JOB_LEN:
+        raise LocalProtocolError(
+            f"a job scope has at most {_MAX_JOB_LEN} bytes, not {len(job)}: no envelope has it"
+        )
+
+
+def _for_job(job: bytes | None) -> str:
+    return "" if job is None else f" for job {job!r}"
 
 
 def _now_ms() -> int:
@@ -108,8 +124,8 @@ class Node:
             max_skew_ms=int(config.max_clock_skew_s * 1000),
             started_ms=_now_ms() - int(config.max_clock_skew_s * 1000),
         )
-        self._handlers: dict[type[Message], MessageHandler] = {}
-        self._array_handlers: dict[str, ArrayHandler] = {}
+        self._handlers: dict[tuple[type[Message], bytes | None], MessageHandler] = {}
+        self._array_handlers: dict[tuple[str, bytes | None], ArrayHandler] = {}
         self._in_flight = 0
         self._idle: trio.Event | None = None  # only while someone waits for the handlers
         transport.set_request_handler(RPC_PROTOCOL, self._serve_request)
@@ -135,9 +151,14 @@ class Node:
 
         Raises:
             PeerUnreachable: if the peer cannot be reached or is not who the address names.
+            RequestTimeout: no connection within ``config.request_timeout_s``.
         """
-        with trio.fail_after(self.config.request_timeout_s):
-            peer = await self.transport.connect(addr)
+        timeout = self.config.request_timeout_s
+        try:
+            with trio.fail_after(timeout):
+                peer = await self.transport.connect(addr)
+        except trio.TooSlowError:
+            raise RequestTimeout(f"{addr} did not answer within {timeout:g} s") from None
         self._peer(peer).last_seen = trio.current_time()
         if self.membership is not None:
             self.membership.introduce(peer)
@@ -152,7 +173,12 @@ class Node:
     # -- requests ------------------------------------------------------------------------------
 
     def handle(
-        self, message_type: type[M], handler: Callable[[Envelope, M], Awaitable[Any]]
+        self,
+        message_type: type[M],
+        handler: Callable[[Envelope, M], Awaitable[Any]],
+        *,
+        job: bytes | None = None,
+        replace: bool = False,
     ) -> None:
         """Answer requests whose body is a ``message_type`` with ``handler``.
 
@@ -160,8 +186,27 @@ class Node:
         registered message) or ``None`` for an :class:`~meshfed.control.Ack`. Raising
         :class:`~meshfed.errors.RemoteProtocolError` rejects the request: it is counted and the
         requester gets :class:`~meshfed.errors.RequestFailed` with that reason.
+
+        Args:
+            message_type: the registered message class to answer.
+            handler: ``handler(envelope, body)``.
+            job: take only envelopes of this job scope (``envelope.scope.job``); ``None``
+                takes every scope no handler was registered for by job. Two jobs on one
+                node each register their own handler and each gets its own messages.
+            replace: replace the handler registered for ``(message_type, job)``.
+
+        Raises:
+            LocalProtocolError: a handler for ``(message_type, job)`` exists and ``replace``
+                is false (two parts of a program would otherwise steal each other's messages).
         """
-        self._handlers[message_type] = handler
+        _check_job(job)
+        key = (message_type, job)
+        if key in self._handlers and not replace:
+            raise LocalProtocolError(
+                f"{message_type.TYPE} is handled already{_for_job(job)}; "
+                "pass replace=True to replace its handler"
+            )
+        self._handlers[key] = handler
 
     async def request(
         self,
@@ -169,6 +214,7 @@ class Node:
         body: Message,
         *,
         scope: Scope = NO_SCOPE,
+        within: float | None = None,
     ) -> Envelope:
         """Send a signed request and return the peer's verified answer.
 
@@ -176,19 +222,19 @@ class Node:
             peer: who to ask.
             body: a registered message.
             scope: the job and round the message belongs to.
-
-        The request is bounded by ``config.request_timeout_s``; wrap the call in
-        ``trio.fail_after`` for a tighter deadline.
+            within: seconds to wait for the answer; never more than
+                ``config.request_timeout_s``, so a deadline a peer chose (a SWIM ping-req's
+                ``timeout_ms``) can be passed as it is.
 
         Raises:
-            trio.TooSlowError: no answer before ``config.request_timeout_s``.
+            RequestTimeout: no answer within ``within`` or ``config.request_timeout_s``.
             PeerUnreachable: the peer cannot be reached.
             RequestFailed: the peer rejected the request (``.reason`` says why).
             RemoteProtocolError: the answer failed verification (counted).
         """
         frame, nonce = seal(self.identity, body, now_ms=_now_ms(), scope=scope)
         started = trio.current_time()
-        answer = await self._transport_request(peer, RPC_PROTOCOL, frame)
+        answer = await self._transport_request(peer, frame, body.TYPE, self._bound(within))
         try:
             envelope = self._open(answer, peer)
             if envelope.reply_to != nonce:
@@ -220,7 +266,7 @@ class Node:
         given, and by ``config.request_timeout_s``.
 
         Raises:
-            trio.TooSlowError, PeerUnreachable: as for :meth:`request`.
+            RequestTimeout, PeerUnreachable: as for :meth:`request`.
             RequestFailed: the peer rejected the message (``.reason`` says why).
             RemoteProtocolError: the answer was not empty (counted).
         """
@@ -240,13 +286,18 @@ class Node:
         with ``parts``, from :meth:`sealed_parts`) as :meth:`send` does, all at once; returns,
         in order, ``None`` for each message its peer took, else the error :meth:`send` would
         have raised. Bounded as :meth:`send` is."""
-        timeout = self.config.request_timeout_s
-        deadline = trio.current_time() + (timeout if within is None else min(within, timeout))
+        timeout = self._bound(within)
         protocol = PARTS_PROTOCOL if parts else MSG_PROTOCOL
+        deadline = trio.current_time() + timeout
         answers = await self.transport.request_each(frames, protocol, deadline=deadline)
         errors: list[Exception | None] = []
         for (peer, _), answer in zip(frames, answers, strict=True):
-            if isinstance(answer, Exception):
+            if isinstance(answer, trio.TooSlowError):
+                self._peer(peer).failures += 1
+                errors.append(
+                    RequestTimeout(f"{peer.short()} took no message within {timeout:g} s")
+                )
+            elif isinstance(answer, Exception):
                 self._peer(peer).failures += 1
                 errors.append(answer)
             elif answer:
@@ -259,18 +310,31 @@ class Node:
                 errors.append(None)
         return errors
 
-    async def _transport_request(self, peer: PeerId, protocol: str, frame: bytes) -> bytes:
+    def _bound(self, within: float | None) -> float:
+        """Seconds a request may take: ``within``, at most ``config.request_timeout_s``."""
+        timeout = self.config.request_timeout_s
+        return timeout if within is None else max(0.0, min(within, timeout))
+
+    async def _transport_request(
+        self, peer: PeerId, frame: bytes, what: str, seconds: float
+    ) -> bytes:
         try:
-            with trio.fail_after(self.config.request_timeout_s):
-                return await self.transport.request(peer, protocol, frame)
-        except (MeshfedError, trio.TooSlowError):
+            with trio.fail_after(seconds):
+                return await self.transport.request(peer, RPC_PROTOCOL, frame)
+        except trio.TooSlowError:
+            self._peer(peer).failures += 1
+            raise RequestTimeout(
+                f"{peer.short()} did not answer {what} within {seconds:g} s"
+            ) from None
+        except MeshfedError:
             self._peer(peer).failures += 1
             raise
 
-    async def ping(self, peer: PeerId) -> float:
-        """Round-trip a signed :class:`~meshfed.control.Ping`; returns seconds."""
+    async def ping(self, peer: PeerId, *, within: float | None = None) -> float:
+        """Round-trip a signed :class:`~meshfed.control.Ping` (bounded as :meth:`request`);
+        returns seconds."""
         started = trio.current_time()
-        await self.request(peer, Ping(sent_ms=_now_ms()))
+        await self.request(peer, Ping(sent_ms=_now_ms()), within=within)
         return trio.current_time() - started
 
     async def _answer_ping(self, envelope: Envelope, ping: Ping) -> Pong:
@@ -347,7 +411,8 @@ class Node:
 
     async def _dispatch(self, envelope: Envelope) -> Message | None:
         """The registered handler's answer to a verified envelope (counted as in flight)."""
-        handler = self._handlers.get(type(envelope.body))
+        handlers, kind = self._handlers, type(envelope.body)
+        handler = handlers.get((kind, envelope.scope.job)) or handlers.get((kind, None))
         if handler is None:
             raise RemoteProtocolError(
                 f"no handler for {envelope.body.TYPE}", reason=RejectReason.UNKNOWN_TYPE
@@ -364,16 +429,49 @@ class Node:
 
     # -- arrays --------------------------------------------------------------------------------
 
-    def on_array(self, handler: ArrayHandler, *, prefix: str = "") -> None:
+    def on_array(
+        self,
+        handler: ArrayHandler,
+        *,
+        prefix: str = "",
+        job: bytes | None = None,
+        replace: bool = False,
+    ) -> None:
         """Deliver the arrays whose name starts with ``prefix`` to ``handler`` (the longest
         matching prefix wins). A handler that raises
         :class:`~meshfed.errors.RemoteProtocolError` rejects the array: it is counted and the
-        sender gets no acknowledgement."""
-        self._array_handlers[prefix] = handler
+        sender gets no acknowledgement.
 
-    def _array_handler_for(self, name: str) -> ArrayHandler | None:
-        matching = [prefix for prefix in self._array_handlers if name.startswith(prefix)]
-        return self._array_handlers[max(matching, key=len)] if matching else None
+        Args:
+            handler: ``handler(envelope, header, array)``.
+            prefix: the names it takes.
+            job: take only arrays sent in this job scope; ``None`` takes arrays of every scope
+                that no handler registered for by job takes (as for :meth:`handle`).
+            replace: replace the handler registered for ``(prefix, job)``.
+
+        Raises:
+            LocalProtocolError: a handler for ``(prefix, job)`` exists and ``replace`` is
+                false.
+        """
+        _check_job(job)
+        key = (prefix, job)
+        if key in self._array_handlers and not replace:
+            raise LocalProtocolError(
+                f"arrays named {prefix!r}... are handled already{_for_job(job)}; "
+                "pass replace=True to replace their handler"
+            )
+        self._array_handlers[key] = handler
+
+    def _array_handler_for(self, name: str, job: bytes) -> ArrayHandler | None:
+        for wanted in (job, None):
+            matching = [
+                prefix
+                for prefix, for_job in self._array_handlers
+                if for_job == wanted and name.startswith(prefix)
+            ]
+            if matching:
+                return self._array_handlers[max(matching, key=len), wanted]
+        return None
 
     async def send_array(
         self,
@@ -397,7 +495,7 @@ class Node:
                 bounded by ``config.request_timeout_s``, a streamed one not at all).
 
         Raises:
-            trio.TooSlowError: ``within`` passed.
+            RequestTimeout: ``within`` passed.
             LocalProtocolError: the dtype cannot travel.
             PeerUnreachable, StreamClosed: the transfer broke off.
             RequestFailed: the receiver refused an inline array (``.reason`` says why).
@@ -408,8 +506,13 @@ class Node:
             await self.send(peer, self.sealed_array(array, name=name, scope=scope), within=within)
             return
         header, contiguous = self._array_header(array, name)
-        with trio.fail_after(math.inf if within is None else within):
-            answer = await self._stream_array(peer, header, contiguous, scope)
+        try:
+            with trio.fail_after(math.inf if within is None else within):
+                answer = await self._stream_array(peer, header, contiguous, scope)
+        except trio.TooSlowError:
+            raise RequestTimeout(
+                f"{peer.short()} did not take array {name!r} within {within:g} s"
+            ) from None
         if answer:
             exc = RemoteProtocolError(
                 "an array was answered with more than an acknowledgement",
@@ -504,7 +607,7 @@ class Node:
     async def _deliver_array(
         self, envelope: Envelope, header: ArrayHeader, array: npt.NDArray[Any]
     ) -> None:
-        handler = self._array_handler_for(header.name)
+        handler = self._array_handler_for(header.name, envelope.scope.job)
         if handler is None:
             raise RemoteProtocolError(
                 f"no handler for array {header.name!r}", reason=RejectReason.UNKNOWN_TYPE
@@ -547,9 +650,8 @@ class Node:
 
     async def _ping_quietly(self, peer: PeerId, within: float) -> None:
         try:
-            with trio.fail_after(within):
-                await self.ping(peer)
-        except (MeshfedError, trio.TooSlowError) as exc:
+            await self.ping(peer, within=within)
+        except MeshfedError as exc:
             log.debug("ping failed", extra={"peer": peer.short(), "error": repr(exc)})
 
     async def _wait_idle(self) -> None:
@@ -654,7 +756,7 @@ async def open_node(
         for addr in config.bootstrap:
             try:
                 await node.connect(addr)
-            except (MeshfedError, trio.TooSlowError) as exc:
+            except MeshfedError as exc:
                 log.warning("bootstrap peer unreachable", extra={"addr": addr, "error": repr(exc)})
         if config.membership:
             from .membership.device import probe_capabilities
@@ -673,7 +775,10 @@ async def open_node(
 
             await nursery.start(MdnsDiscovery(node).run)
         if config.store_path is not None:
-            node.store = await trio.to_thread.run_sync(Store.open, config.store_path)
+            key = identity.derive_key(STORE_KEY_PURPOSE)
+            node.store = await trio.to_thread.run_sync(
+                functools.partial(Store.open, config.store_path, key=key)
+            )
         log.info("node started", extra={"peer": str(node.peer_id), "listen": node.listen_addrs})
         try:
             yield node

@@ -14,8 +14,14 @@ round costs nothing next to a round). A process killed mid-transaction leaves a 
 SQLite discards on the next open. Other processes (a dashboard, a test) may read the file with
 ``Store.open(path, readonly=True)`` while the node writes: WAL readers see the last commit.
 
-Integrity. Every checkpoint row carries the SHA-256 of all its columns (``_digest`` below); a
-row that does not match raises :class:`~meshfed.errors.CorruptRecord` and is never loaded.
+Integrity. Every checkpoint row and every privacy row carries an HMAC-SHA256 of all its
+columns under the store's key (``_mac`` below); a row that does not match raises
+:class:`~meshfed.errors.CorruptRecord` and is never loaded. The key is the node's (derived from
+its identity, :meth:`~meshfed.identity.Identity.derive_key`), so someone who can write the file
+but not read the identity cannot forge a row; a store opened under another key is refused.
+Without a key (tools, tests) the all-zero key is used: that detects corruption, not forgery.
+Deleting rows or putting back an older copy of the file is not detected: the file is created
+mode 0600 (a looser mode is fixed at open) in a 0700 directory for that.
 Model vectors are raw little-endian float32 bytes; strategy state is msgpack with numpy arrays
 as an extension type (dtype, shape, raw bytes); nothing is ever pickled.
 
@@ -28,11 +34,15 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 import json
+import logging
+import os
 import sqlite3
+import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +64,8 @@ __all__ = [
     "pack_state",
     "unpack_state",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Schema migrations, in order: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -93,12 +105,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated REAL NOT NULL
         ) STRICT""",
     ),
+    (
+        # v2: rows are sealed with an HMAC under the store's key (``Store._seal_rows`` re-seals
+        # what v1 holds, checking each checkpoint's plain SHA-256 first)
+        "ALTER TABLE checkpoints RENAME COLUMN sha256 TO mac",
+        "ALTER TABLE privacy ADD COLUMN mac BLOB NOT NULL DEFAULT x''",
+        """CREATE TABLE integrity (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            key_check BLOB NOT NULL
+        ) STRICT""",
+    ),
 )
 
 _MODEL_DTYPE = "<f4"
 _WAL_LIMIT_BYTES = 64 * 1024 * 1024
 _ARRAY_DTYPES = frozenset({"<f4", "<f8", "<i4", "<i8", "|b1"})
 _NDARRAY_EXT = 1
+_NO_KEY = bytes(32)
+_KEY_CHECK = b"meshfed-store-key-check-v1"
 
 
 class JobState(enum.Enum):
@@ -160,25 +184,34 @@ class Checkpoint:
 class Store:
     """The node's store. Open with :meth:`open`; close with :meth:`close` (or ``with``)."""
 
-    def __init__(self, path: Path, connection: sqlite3.Connection, *, readonly: bool) -> None:
+    def __init__(
+        self, path: Path, connection: sqlite3.Connection, *, readonly: bool, key: bytes
+    ) -> None:
         self.path = path
         self.readonly = readonly
+        self._key = key
         self._connection: sqlite3.Connection | None = connection
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path | str, *, readonly: bool = False) -> Store:
+    def open(cls, path: Path | str, *, key: bytes | None = None, readonly: bool = False) -> Store:
         """Open (creating and migrating if needed) the store at ``path``.
 
         Args:
-            path: the SQLite file; its directory is created (mode 0700) if missing.
+            path: the SQLite file; its directory is created (mode 0700) if missing, the file
+                itself mode 0600 (an existing file readable by others is set to 0600).
+            key: the 32-byte key rows are sealed with (a node passes its identity's); ``None``:
+                the all-zero key, which detects corruption but not forgery.
             readonly: read another process's store without writing (no migrations).
 
         Raises:
-            StoreError: not a SQLite file, a schema newer than this code, or a read-only open
-                of a missing or out-of-date file.
+            StoreError: not a SQLite file, a symlink, a schema newer than this code, a store
+                sealed under another key, or a read-only open of a missing or out-of-date file.
         """
         path = Path(path)
+        key = _NO_KEY if key is None else key
+        if len(key) != 32:
+            raise StoreError(f"a store key has 32 bytes, not {len(key)}")
         try:
             if readonly:
                 connection = sqlite3.connect(
@@ -189,12 +222,15 @@ class Store:
                 )
             else:
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _make_private(path, create=True)
+                for suffix in ("-wal", "-shm"):
+                    _make_private(path.with_name(path.name + suffix), create=False)
                 connection = sqlite3.connect(
                     path, isolation_level=None, check_same_thread=False, timeout=10.0
                 )
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from None
-        store = cls(path, connection, readonly=readonly)
+        store = cls(path, connection, readonly=readonly, key=key)
         try:
             store._prepare(connection)
         except BaseException:
@@ -212,6 +248,7 @@ class Store:
                         f"store {self.path} has schema v{version}, this meshfed reads "
                         f"v{len(MIGRATIONS)}: open it read-write once to migrate it"
                     )
+                self._check_key(connection)
                 return
             mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
@@ -220,6 +257,7 @@ class Store:
             # a checkpoint may be large: after it is copied into the file, shrink the WAL back
             connection.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT_BYTES}")
             self._migrate(connection)
+            self._check_key(connection)
         except sqlite3.Error as exc:
             raise StoreError(f"store {self.path} is unusable: {exc}") from None
 
@@ -238,11 +276,50 @@ class Store:
                     return
                 for statement in MIGRATIONS[version]:
                     connection.execute(statement)
+                after = _AFTER_MIGRATION.get(version + 1)
+                if after is not None:
+                    after(self, connection)
                 connection.execute(f"PRAGMA user_version = {version + 1}")
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
             connection.execute("COMMIT")
+
+    def _check_key(self, connection: sqlite3.Connection) -> None:
+        (key_check,) = connection.execute("SELECT key_check FROM integrity").fetchone()
+        if not hmac.compare_digest(key_check, self._seal(_KEY_CHECK)):
+            raise StoreError(
+                f"store {self.path} was sealed under another key: it belongs to another "
+                "identity (or was replaced); use that node's data_dir, or another store_file"
+            )
+
+    def _seal(self, message: bytes) -> bytes:
+        return hmac.digest(self._key, message, "sha256")
+
+    def _seal_rows(self, connection: sqlite3.Connection) -> None:
+        """Migration to v2: seal every row under this store's key. A checkpoint whose plain
+        SHA-256 (v1) does not match is left unsealed, so it stays corrupt."""
+        rows = connection.execute("SELECT * FROM checkpoints")
+        names = [column[0] for column in rows.description]
+        for values in rows.fetchall():
+            row = dict(zip(names, values, strict=True))
+            if hashlib.sha256(_checkpoint_message(row)).digest() == row["mac"]:
+                connection.execute(
+                    "UPDATE checkpoints SET mac = ? WHERE job = ? AND round = ?",
+                    (self._checkpoint_mac(row), row["job"], row["round"]),
+                )
+        for job, state in connection.execute("SELECT job, state FROM privacy").fetchall():
+            mac = self._privacy_mac(job, state)
+            connection.execute("UPDATE privacy SET mac = ? WHERE job = ?", (mac, job))
+        connection.execute(
+            "INSERT INTO integrity (id, key_check) VALUES (1, ?)", (self._seal(_KEY_CHECK),)
+        )
+
+    def _checkpoint_mac(self, row: dict[str, Any]) -> bytes:
+        return self._seal(_checkpoint_message(row))
+
+    def _privacy_mac(self, job: str, state: str) -> bytes:
+        return self._seal(msgpack.packb(["privacy", job, state], use_bin_type=True))
 
     @property
     def schema_version(self) -> int:
@@ -352,6 +429,7 @@ class Store:
         if keep < 1:
             raise StoreError("keep must be at least 1 (the checkpoint to resume from)")
         row = _checkpoint_row(checkpoint)
+        row["mac"] = self._checkpoint_mac(row)
         job, number = checkpoint.job_id, checkpoint.round
         now = time.time()
         with self._write() as connection:
@@ -361,8 +439,8 @@ class Store:
             )
             connection.execute(
                 "INSERT INTO checkpoints (job, round, score, dtype, length, model, strategy, "
-                "privacy, metrics, sha256, created) VALUES (:job, :round, :score, :dtype, "
-                ":length, :model, :strategy, :privacy, :metrics, :sha256, :created)",
+                "privacy, metrics, mac, created) VALUES (:job, :round, :score, :dtype, "
+                ":length, :model, :strategy, :privacy, :metrics, :mac, :created)",
                 {**row, "created": now},
             )
             connection.execute(
@@ -374,12 +452,7 @@ class Store:
                 {"job": job, "keep": keep},
             )
             if privacy is not None:
-                connection.execute(
-                    "INSERT INTO privacy (job, state, updated) VALUES (?, ?, ?) "
-                    "ON CONFLICT (job) DO UPDATE SET state = excluded.state, "
-                    "updated = excluded.updated",
-                    (job, json.dumps(privacy), now),
-                )
+                self._put_privacy(connection, job, privacy, now)
             connection.execute("UPDATE jobs SET updated = ? WHERE id = ?", (now, job))
 
     def rounds(self, job_id: str) -> list[RoundRecord]:
@@ -403,26 +476,29 @@ class Store:
         none.
 
         Raises:
-            CorruptRecord: the row does not match its SHA-256 (or cannot be decoded).
+            CorruptRecord: the row does not match its HMAC (or cannot be decoded).
         """
         query = "SELECT * FROM checkpoints WHERE job = ? "
         if round is None:
             rows = self._select(query + "ORDER BY round DESC LIMIT 1", (job_id,))
         else:
             rows = self._select(query + "AND round = ?", (job_id, round))
-        return _checkpoint(rows[0]) if rows else None
+        return self._checkpoint(rows[0]) if rows else None
 
     def best_checkpoint(self, job_id: str) -> Checkpoint | None:
         """The checkpoint of ``job_id`` with the highest score (the earliest on ties).
 
         Raises:
-            CorruptRecord: the row does not match its SHA-256.
+            CorruptRecord: the row does not match its HMAC.
         """
         rows = self._select(
             "SELECT * FROM checkpoints WHERE job = ? ORDER BY score DESC, round ASC LIMIT 1",
             (job_id,),
         )
-        return _checkpoint(rows[0]) if rows else None
+        return self._checkpoint(rows[0]) if rows else None
+
+    def _checkpoint(self, row: dict[str, Any]) -> Checkpoint:
+        return _checkpoint(row, self._checkpoint_mac(row))
 
     def _select(self, query: str, parameters: tuple[Any, ...]) -> list[dict[str, Any]]:
         with self._read() as connection:
@@ -430,16 +506,37 @@ class Store:
             names = [column[0] for column in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
+    def _put_privacy(
+        self, connection: sqlite3.Connection, job: str, state: dict[str, Any], now: float
+    ) -> None:
+        """Write ``job``'s privacy row, sealed (inside the caller's transaction)."""
+        text = json.dumps(state)
+        connection.execute(
+            "INSERT INTO privacy (job, state, updated, mac) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (job) DO UPDATE SET state = excluded.state, "
+            "updated = excluded.updated, mac = excluded.mac",
+            (job, text, now, self._privacy_mac(job, text)),
+        )
+
     def privacy(self, job_id: str) -> dict[str, Any] | None:
-        """The privacy accountant state last saved for ``job_id``, or None."""
+        """The privacy accountant state last saved for ``job_id``, or None.
+
+        Raises:
+            CorruptRecord: the row does not match its HMAC (someone changed the budget).
+        """
         with self._read() as connection:
-            row = connection.execute("SELECT state FROM privacy WHERE job = ?", (job_id,))
+            row = connection.execute("SELECT state, mac FROM privacy WHERE job = ?", (job_id,))
             found = row.fetchone()
-        return None if found is None else dict(json.loads(found[0]))
+        if found is None:
+            return None
+        state, mac = found
+        if not hmac.compare_digest(mac, self._privacy_mac(job_id, state)):
+            raise CorruptRecord(f"privacy of job {job_id!r} does not match its HMAC")
+        return dict(json.loads(state))
 
     def verify(self) -> list[str]:
-        """Check the whole file (SQLite's integrity check, then every checkpoint's SHA-256);
-        returns the problems found (empty: all is well)."""
+        """Check the whole file (SQLite's integrity check, then every checkpoint's and privacy
+        row's HMAC); returns the problems found (empty: all is well)."""
         with self._read() as connection:
             problems = [
                 f"sqlite: {message}"
@@ -447,12 +544,23 @@ class Store:
                 if message != "ok"
             ]
             keys = connection.execute("SELECT job, round FROM checkpoints").fetchall()
+            jobs = connection.execute("SELECT job FROM privacy").fetchall()
         for job, number in keys:
             try:
                 self.load_checkpoint(job, number)
             except CorruptRecord as exc:
                 problems.append(str(exc))
+        for (job,) in jobs:
+            try:
+                self.privacy(job)
+            except CorruptRecord as exc:
+                problems.append(str(exc))
         return problems
+
+
+_AFTER_MIGRATION: dict[int, Callable[[Store, sqlite3.Connection], None]] = {
+    2: Store._seal_rows,
+}
 
 
 def _job_record(row: tuple[Any, ...]) -> JobRecord:
@@ -460,12 +568,35 @@ def _job_record(row: tuple[Any, ...]) -> JobRecord:
     return JobRecord(job_id, spec, JobState(state), note, created, updated)
 
 
-def _digest(row: dict[str, Any]) -> bytes:
-    """SHA-256 of a checkpoint row: ``msgpack([job, round, score, dtype, length, metrics,
-    strategy, privacy])`` followed by the model bytes."""
+def _checkpoint_message(row: dict[str, Any]) -> bytes:
+    """What a checkpoint row's MAC covers: ``msgpack([job, round, score, dtype, length,
+    metrics, strategy, privacy])`` followed by the model bytes (v1 kept its plain SHA-256)."""
     fields = [row[k] for k in ("job", "round", "score", "dtype", "length", "metrics")]
     header = msgpack.packb([*fields, row["strategy"], row["privacy"]], use_bin_type=True)
-    return hashlib.sha256(header + row["model"]).digest()
+    return bytes(header + row["model"])
+
+
+def _make_private(path: Path, *, create: bool) -> None:
+    """Make ``path`` a regular file only its owner can read and write (mode 0600), creating it
+    if ``create``; a looser mode is fixed (and logged).
+
+    Raises:
+        StoreError: ``path`` is a symlink or cannot be opened.
+    """
+    flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # ELOOP: a symlink
+        raise StoreError(f"cannot open store file {path} as a regular file: {exc}") from None
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o077:
+            os.fchmod(fd, 0o600)
+            log.warning("store file mode fixed", extra={"path": str(path), "was": f"{mode:o}"})
+    finally:
+        os.close(fd)
 
 
 def _checkpoint_row(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -483,14 +614,13 @@ def _checkpoint_row(checkpoint: Checkpoint) -> dict[str, Any]:
         "privacy": None if checkpoint.privacy is None else json.dumps(checkpoint.privacy),
         "metrics": json.dumps(checkpoint.metrics),
     }
-    row["sha256"] = _digest(row)
     return row
 
 
-def _checkpoint(row: dict[str, Any]) -> Checkpoint:
+def _checkpoint(row: dict[str, Any], mac: bytes) -> Checkpoint:
     where = f"checkpoint of job {row['job']!r} round {row['round']}"
-    if _digest(row) != row["sha256"]:
-        raise CorruptRecord(f"{where} does not match its SHA-256: the row is corrupt")
+    if not hmac.compare_digest(mac, row["mac"]):
+        raise CorruptRecord(f"{where} does not match its HMAC: the row is corrupt or forged")
     if row["dtype"] != _MODEL_DTYPE or len(row["model"]) != 4 * row["length"]:
         raise CorruptRecord(f"{where}: a model of {row['dtype']} x {row['length']} is not ours")
     try:

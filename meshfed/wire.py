@@ -11,9 +11,13 @@ the message dataclass encoded by :mod:`meshfed.codec`.
 
 Receiving is :func:`open_envelope`, a pure function of (bytes, authenticated peer, now): it
 either returns an :class:`Envelope` or raises :class:`~meshfed.errors.RemoteProtocolError`
-whose ``reason`` the caller counts. The checks, in order: size, outer shape, inner shape,
-version, type known, fields, sender equals the peer the transport authenticated, signature,
-clock (stale / future), replay (nonce seen). The replay check runs last so that a forged message
+whose ``reason`` the caller counts. Parsing is lazy and bounded (SPEC.md 3, "bounded
+parsing"): the frame and the header fields are read under bounds that admit nothing but their
+own shape, and the body's bytes are parsed only after the signature verified, within the bounds
+of its type's schema, so a hostile document costs O(its size) whatever it nests. The checks,
+in order: size, outer shape, inner shape and header, version, type known, header fields, sender
+equals the peer the transport authenticated, signature, body (parse, then fields), clock
+(stale / future), replay (nonce seen). The replay check runs last so that a forged message
 cannot poison the replay cache. :class:`ReplayGuard` keeps the nonces it has seen until they
 fall out of the freshness window, so its memory is bounded by (rate x window).
 
@@ -31,11 +35,11 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 
 import msgpack
 
-from .codec import bounded, schema_of
+from .codec import UNPACK_ERRORS, bounded, bounded_reader, bounded_unpack, schema_of
 from .errors import LocalProtocolError, RemoteProtocolError
 from .identity import Identity, PeerId
 from .stats import RejectReason
@@ -147,30 +151,6 @@ def seal(
     return msgpack.packb([signed, signature], use_bin_type=True), nonce
 
 
-def _no_ext(code: int, data: bytes) -> Any:
-    raise ValueError(f"msgpack extension type {code} is not allowed")
-
-
-def _unpack(data: bytes, max_bytes: int) -> Any:
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            ext_hook=_no_ext,
-            max_str_len=max_bytes,
-            max_bin_len=max_bytes,
-            max_array_len=max(1024, max_bytes // 8),
-            max_map_len=max(1024, max_bytes // 16),
-        )
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        # UnicodeDecodeError is a ValueError: invalid UTF-8 in a str lands here too.
-        raise RemoteProtocolError(
-            f"not a msgpack document: {e}", reason=RejectReason.MALFORMED
-        ) from None
-
-
 def _malformed(message: str) -> RemoteProtocolError:
     return RemoteProtocolError(message, reason=RejectReason.MALFORMED)
 
@@ -204,30 +184,32 @@ def open_envelope(
         )
     envelope = VERIFIED.get(frame, max_bytes)
     if envelope is None:
-        envelope, signed, signature = _decode(frame, max_bytes)
-        _check_sender(envelope, peer)
-        if not envelope.sender.verify(signature, SIGNATURE_DOMAIN + signed):
+        signed, signature = _split(frame, max_bytes)
+        header, cls, body = _decode_header(signed, signature, max_bytes)
+        _check_sender(header.sender, peer)
+        if not header.sender.verify(signature, SIGNATURE_DOMAIN + signed):
             raise RemoteProtocolError(
-                f"bad signature on {envelope.body.TYPE}", reason=RejectReason.BAD_SIGNATURE
+                f"bad signature on {cls.TYPE}", reason=RejectReason.BAD_SIGNATURE
             )
+        # Only now, with the sender known to have signed it, is the body parsed.
+        envelope = header.with_body(schema_of(cls).unpack(body, cls.TYPE, max_bytes=max_bytes))
         VERIFIED.put(frame, max_bytes, envelope)
     else:
-        _check_sender(envelope, peer)
+        _check_sender(envelope.sender, peer)
     replay.check_and_remember(envelope.sender, envelope.nonce, envelope.timestamp_ms, now_ms)
     return envelope
 
 
-def _check_sender(envelope: Envelope, peer: PeerId) -> None:
-    if envelope.sender != peer:
+def _check_sender(sender: PeerId, peer: PeerId) -> None:
+    if sender != peer:
         raise RemoteProtocolError(
-            f"signed by {envelope.sender} but received from {peer}",
-            reason=RejectReason.SENDER_MISMATCH,
+            f"signed by {sender} but received from {peer}", reason=RejectReason.SENDER_MISMATCH
         )
 
 
-def _decode(frame: bytes, max_bytes: int) -> tuple[Envelope, bytes, bytes]:
-    """The envelope in ``frame`` (not verified yet), its signed bytes and its signature."""
-    outer = _unpack(frame, max_bytes)
+def _split(frame: bytes, max_bytes: int) -> tuple[bytes, bytes]:
+    """The ``signed`` and ``signature`` byte strings of ``frame`` (an array of two bins)."""
+    outer = bounded_unpack(frame, max_items=2, max_arrays=1, max_bytes=max_bytes)
     if (
         type(outer) is not list
         or len(outer) != 2
@@ -235,11 +217,37 @@ def _decode(frame: bytes, max_bytes: int) -> tuple[Envelope, bytes, bytes]:
         or type(outer[1]) is not bytes
     ):
         raise _malformed("an envelope is [signed: bin, signature: bin]")
-    signed, signature = outer
-    inner = _unpack(signed, max_bytes)
-    if type(inner) is not list or len(inner) != 8:
-        raise _malformed("the signed part is an array of 8 fields")
-    version, type_name, sender_raw, scope_raw, nonce, timestamp_ms, reply_to, body_raw = inner
+    return outer[0], outer[1]
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    """The envelope fields before the body: checked, not yet verified."""
+
+    sender: PeerId
+    scope: Scope
+    nonce: bytes
+    timestamp_ms: int
+    reply_to: bytes
+
+    def with_body(self, body: Message) -> Envelope:
+        return Envelope(self.sender, self.scope, self.nonce, self.timestamp_ms, self.reply_to, body)
+
+
+def _decode_header(
+    signed: bytes, signature: bytes, max_bytes: int
+) -> tuple[_Header, type[Message], memoryview]:
+    """The checked header fields of ``signed``, the body's message class, and the body's
+    still unparsed bytes (the rest of ``signed``)."""
+    # the one array among the header's fields is the scope: [job, round]
+    reader = bounded_reader(signed, max_items=2, max_arrays=1, max_bytes=max_bytes)
+    try:
+        if reader.read_array_header() != 8:
+            raise _malformed("the signed part is an array of 8 fields")
+        fields = [reader.unpack() for _ in range(7)]
+    except UNPACK_ERRORS as exc:
+        raise _malformed(f"the signed part is not an array of 8 fields: {exc}") from None
+    version, type_name, sender_raw, scope_raw, nonce, timestamp_ms, reply_to = fields
     if version != VERSION or type(version) is not int:
         raise RemoteProtocolError(f"envelope version {version!r}", reason=RejectReason.BAD_VERSION)
     if type(type_name) is not str:
@@ -249,14 +257,6 @@ def _decode(frame: bytes, max_bytes: int) -> tuple[Envelope, bytes, bytes]:
         raise RemoteProtocolError(
             f"unknown message type {type_name[:_MAX_TYPE_LEN]!r}", reason=RejectReason.UNKNOWN_TYPE
         )
-    sender, scope = _decode_header(sender_raw, scope_raw, nonce, timestamp_ms, reply_to, signature)
-    body = schema_of(cls).decode(body_raw, type_name)
-    return Envelope(sender, scope, nonce, timestamp_ms, reply_to, body), signed, signature
-
-
-def _decode_header(
-    sender_raw: Any, scope_raw: Any, nonce: Any, timestamp_ms: Any, reply_to: Any, signature: bytes
-) -> tuple[PeerId, Scope]:
     if type(sender_raw) is not bytes:
         raise _bad_field("sender is not bytes")
     try:
@@ -272,7 +272,8 @@ def _decode_header(
         raise _bad_field("reply_to must be empty or a nonce")
     if len(signature) != 64:
         raise _bad_field("signature must be 64 bytes")
-    return sender, scope
+    body = memoryview(signed)[reader.tell() :]
+    return _Header(sender, scope, nonce, timestamp_ms, reply_to), cls, body
 
 
 def _bad_field(what: str) -> RemoteProtocolError:
@@ -334,20 +335,30 @@ VERIFIED = VerifiedFrames()
 class ReplayGuard:
     """Rejects stale, future-dated and replayed envelopes with bounded memory.
 
-    An envelope is fresh if ``now - window <= timestamp <= now + max_skew`` and its nonce was
-    not seen from that sender. Nonces are kept until they leave the window. When one sender's
-    cache would exceed ``max_per_peer`` entries, its oldest entries are dropped and that
-    sender's *floor* rises to their timestamp: anything at or below a floor is stale, so
-    forgetting a nonce never lets its envelope back in. The floor starts at the guard's creation
-    time, because nonces seen before a restart are not remembered.
+    An envelope is fresh if ``now - window < timestamp <= now + max_skew`` and its timestamp is
+    above its sender's *floor*, and it is new if its nonce was not seen from that sender.
+    Nonces are kept until they leave the window. When one sender's cache would exceed
+    ``max_per_peer`` entries, its oldest entries are dropped and that sender's floor rises to
+    their timestamp: forgetting a nonce never lets its envelope back in.
+
+    Senders are remembered up to ``max_peers``; past that, the least recently heard is
+    forgotten and the *global floor* rises to the newest timestamp it sent, so that none of its
+    envelopes is new again. The global floor is the floor of senders not remembered (a new
+    sender's entry starts with it); the senders remembered never see it, so a crowd of
+    newcomers cannot make an established peer's messages stale. It only ever rises to a
+    timestamp our own clock has reached: a sender that may still have a future-dated envelope
+    (heard within the last ``max_skew``) is not forgotten, and a newcomer that would need it
+    to be is refused [rate_limited] until it can be.
 
     Args:
         window_ms: how old a message may be.
         max_skew_ms: how far in the future a timestamp may be (peers' clock skew).
-        started_ms: the wall clock when the guard was created.
+        started_ms: despite its name, the initial global floor, not the creation time:
+            nothing at or below it is fresh (a node passes its start time minus
+            ``max_skew_ms``: a previous run's nonces are not remembered, and peers whose
+            clocks lag by up to the skew are heard at once).
         max_per_peer: nonces remembered per sender.
-        max_peers: senders remembered; the least recently heard is forgotten first
-            (its floor then becomes the global floor).
+        max_peers: senders remembered.
     """
 
     def __init__(
@@ -375,33 +386,41 @@ class ReplayGuard:
                 f"timestamp {timestamp_ms - now_ms} ms in the future", reason=RejectReason.FUTURE
             )
         peer = self._seen.get(sender)
-        floor = max(self._global_floor, now_ms - self.window_ms)
-        if peer is not None:
-            floor = max(floor, peer.floor)
+        floor = max(self._global_floor if peer is None else peer.floor, now_ms - self.window_ms)
         if timestamp_ms <= floor:
             raise RemoteProtocolError(
-                f"timestamp {now_ms - timestamp_ms} ms old is outside the replay window",
+                f"timestamp {now_ms - timestamp_ms} ms old is at or below the replay floor",
                 reason=RejectReason.STALE,
             )
         if peer is None:
-            peer = self._seen[sender] = _PeerNonces()
-            if len(self._seen) > self._max_peers:
-                _, evicted = self._seen.popitem(last=False)
-                self._global_floor = max(self._global_floor, evicted.latest)
+            if len(self._seen) >= self._max_peers:
+                self._forget_one(now_ms)
+            peer = self._seen[sender] = _PeerNonces(self._global_floor)
         else:
             self._seen.move_to_end(sender)
-        if nonce in peer.nonces:
-            raise RemoteProtocolError("nonce already seen", reason=RejectReason.REPLAYED)
+            if nonce in peer.nonces:
+                raise RemoteProtocolError("nonce already seen", reason=RejectReason.REPLAYED)
         peer.remember(nonce, timestamp_ms, now_ms - self.window_ms, self._max_per_peer)
+
+    def _forget_one(self, now_ms: int) -> None:
+        """Forget the least recently heard sender, or refuse the newcomer that needs it."""
+        oldest = next(iter(self._seen.values()))
+        if oldest.latest > now_ms:
+            raise RemoteProtocolError(
+                f"{len(self._seen)} senders heard within the clock skew: a new one must wait",
+                reason=RejectReason.RATE_LIMITED,
+            )
+        self._seen.popitem(last=False)
+        self._global_floor = max(self._global_floor, oldest.latest)
 
 
 class _PeerNonces:
     __slots__ = ("floor", "latest", "nonces")
 
-    def __init__(self) -> None:
+    def __init__(self, floor: int) -> None:
         self.nonces: collections.OrderedDict[bytes, int] = collections.OrderedDict()
-        self.floor = 0
-        self.latest = 0
+        self.floor = floor
+        self.latest = floor
 
     def remember(self, nonce: bytes, timestamp_ms: int, expire_before_ms: int, cap: int) -> None:
         self.nonces[nonce] = timestamp_ms

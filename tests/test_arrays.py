@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given
@@ -14,14 +15,19 @@ from meshfed.arrays import (
     ALLOWED_DTYPES,
     ArrayAssembler,
     ArrayHeader,
+    InlineArray,
     crc32_of,
     header_for,
     iter_chunks,
     parts_frame,
     split_parts_frame,
 )
+from meshfed.codec import schema_of
+from meshfed.control import Ping
 from meshfed.errors import LocalProtocolError, RemoteProtocolError
+from meshfed.identity import Identity
 from meshfed.stats import RejectReason
+from meshfed.wire import SIGNATURE_DOMAIN, ReplayGuard, open_envelope, seal
 
 TID = b"t" * 16
 
@@ -109,3 +115,48 @@ def test_parts_frames_split_back_or_are_malformed(
         assert exc.reason == RejectReason.MALFORMED
     else:
         assert 4 + len(signed) + len(part) == len(junk)
+
+
+SENDER = Identity.generate()
+
+
+@given(
+    st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 4), min_size=1, max_size=32),
+    st.sampled_from(sorted(ALLOWED_DTYPES)),
+)
+def test_any_announced_shape_is_refused_or_builds_its_array(shape: list[int], dtype: str) -> None:
+    """A hostile inline array (any shape, e.g. one zero and 2^64 - 1 beside it) is rejected as
+    [bad_field] when it is opened, or the array it announces can be built: never an error
+    later, in reshape."""
+    signed = msgpack.unpackb(msgpack.unpackb(seal(SENDER, Ping(sent_ms=1), now_ms=1)[0])[0])
+    signed[1] = InlineArray.TYPE
+    size = np.dtype(dtype).itemsize * (0 if 0 in shape else int(np.prod(shape, dtype=object)))
+    if size > 4096:
+        shape = [0, *shape]  # keep the data small: the shape is what is on trial
+        size = 0
+    header = [TID, "a", dtype, shape, 1, 0]
+    signed[7] = [header, bytes(size)]
+    inner = msgpack.packb(signed, use_bin_type=True)
+    frame = msgpack.packb([inner, SENDER.sign(SIGNATURE_DOMAIN + inner)], use_bin_type=True)
+    guard = ReplayGuard(window_ms=10, max_skew_ms=10, started_ms=0)
+    try:
+        envelope = open_envelope(
+            frame, peer=SENDER.peer_id, now_ms=1, replay=guard, max_bytes=1 << 20
+        )
+    except RemoteProtocolError as exc:
+        assert exc.reason == RejectReason.BAD_FIELD
+        assert 0 in shape
+        return
+    assert isinstance(envelope.body, InlineArray)
+    assert envelope.body.array().shape == tuple(shape)
+    assert ArrayAssembler(envelope.body.header, max_bytes=1 << 20).header.nbytes == size
+
+
+def test_one_zero_dimension_beside_huge_ones_is_a_bad_field() -> None:
+    for shape in ([0, 2**64 - 1], [2**63, 0], [0, 2**32, 2**31]):
+        with pytest.raises(ValueError, match="cannot exist"):
+            ArrayHeader(transfer_id=TID, name="a", dtype="<f4", shape=shape, chunk_bytes=1, crc32=0)
+        fields = [TID, "a", "<f4", shape, 1, 0]
+        with pytest.raises(RemoteProtocolError) as info:
+            schema_of(ArrayHeader).decode(fields)
+        assert info.value.reason == RejectReason.BAD_FIELD

@@ -36,6 +36,30 @@ def test_corrupt_key_file_is_refused(tmp_path: Path) -> None:
         load_or_create_identity(tmp_path)
 
 
+def test_a_symlink_planted_at_the_temporary_key_file_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    (data_dir / "identity.tmp").symlink_to(victim)
+    identity = load_or_create_identity(data_dir)
+    assert victim.read_bytes() == b"precious"  # neither truncated nor given the key
+    key_file = data_dir / "identity.key"
+    assert not key_file.is_symlink() and key_file.stat().st_mode & 0o777 == 0o600
+    assert not (data_dir / "identity.tmp").exists()
+    assert load_or_create_identity(data_dir).peer_id == identity.peer_id
+
+
+def test_a_symlinked_key_file_is_refused(tmp_path: Path) -> None:
+    planted = tmp_path / "someone-elses.key"
+    Identity.generate().save(planted)  # a key its planter knows, mode 0600
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    (data_dir / "identity.key").symlink_to(planted)
+    with pytest.raises(IdentityError, match="regular file"):
+        load_or_create_identity(data_dir)
+
+
 def test_peer_id_is_the_libp2p_one() -> None:
     from libp2p.crypto.ed25519 import Ed25519PrivateKey
     from libp2p.peer.id import ID

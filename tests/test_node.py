@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 from meshfed import Envelope, Node, NodeConfig, open_node
 from meshfed.arrays import (
@@ -20,7 +22,14 @@ from meshfed.arrays import (
     split_parts_frame,
 )
 from meshfed.control import Ping, Text
-from meshfed.errors import ConfigError, LocalProtocolError, PeerUnreachable, RequestFailed
+from meshfed.errors import (
+    ConfigError,
+    LocalProtocolError,
+    MeshfedError,
+    PeerUnreachable,
+    RequestFailed,
+    RequestTimeout,
+)
 from meshfed.identity import Identity
 from meshfed.stats import RejectReason
 from meshfed.transports.memory import MemoryNetwork
@@ -348,3 +357,141 @@ async def test_small_arrays_travel_in_one_message_and_large_ones_on_a_stream(
             await a.send(b.peer_id, forged)
         assert info.value.reason == "bad_field"
         assert len(got) == 2
+
+
+@asynccontextmanager
+async def libp2p_pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
+    """Two nodes over libp2p on 127.0.0.1, ``a`` connected to ``b``."""
+    async with AsyncExitStack() as stack:
+        a, b = [
+            await stack.enter_async_context(
+                open_node(
+                    NodeConfig(
+                        data_dir=tmp_path / name,
+                        transport="libp2p",
+                        listen=["/ip4/127.0.0.1/tcp/0"],
+                        membership=False,
+                        mdns=False,
+                        ping_interval_s=0,
+                    )
+                )
+            )
+            for name in ("a", "b")
+        ]
+        await a.connect(b.listen_addrs[0])
+        yield a, b
+
+
+async def test_nested_array_floods_are_rejected_early_and_counted_over_libp2p(
+    tmp_path: Path,
+) -> None:
+    async with libp2p_pair(tmp_path) as (a, b):
+        b.handle(Text, echo)
+        bulk = b"\xdd" + (100_000).to_bytes(4, "big") + b"\x90" * 100_000
+        flood = b"\xdc\x00\x0a" + bulk * 10  # 1 MB of nested empty arrays
+        started = time.process_time()
+        for protocol in ("/meshfed/rpc/1", "/meshfed/msg/1"):
+            for _ in range(5):
+                with pytest.raises(RequestFailed) as info:
+                    await a.transport.request(b.peer_id, protocol, flood)
+                assert info.value.reason == "malformed"
+        # both ends of ten 1 MB requests in this process, sealed and unsealed: well under the
+        # 0.36 s of CPU each one cost when the whole document was unpacked first
+        assert time.process_time() - started < 2.0
+        assert b.stats.rejected[RejectReason.MALFORMED] == 10
+        answer = await a.request(b.peer_id, Text(text="still there?"))
+        assert answer.body.text.startswith("still there?")
+
+
+async def test_a_second_handler_for_a_type_is_refused_unless_it_replaces(tmp_path: Path) -> None:
+    async with mesh(tmp_path, 2, ping_interval_s=0) as (a, b):
+        b.handle(Text, echo)
+
+        async def thief(envelope: Envelope, text: Text) -> Text:
+            return Text(text="stolen")
+
+        with pytest.raises(LocalProtocolError, match="handled already"):
+            b.handle(Text, thief)
+        with pytest.raises(LocalProtocolError, match="handled already"):
+            b.handle(Ping, thief)  # the node's own
+        assert (await a.request(b.peer_id, Text(text="hi"))).body.text.startswith("hi from")
+        b.handle(Text, thief, job=b"other")  # another job's: beside, not instead
+        assert (await a.request(b.peer_id, Text(text="hi"))).body.text.startswith("hi from")
+        assert (await a.request(b.peer_id, Text(text="hi"), scope=Scope(job=b"other"))).body == (
+            Text(text="stolen")
+        )
+        with pytest.raises(LocalProtocolError, match="at most 64 bytes"):
+            b.handle(Text, thief, job=b"j" * 65)  # no envelope could ever reach it
+        b.handle(Text, thief, replace=True)
+        assert (await a.request(b.peer_id, Text(text="hi"))).body == Text(text="stolen")
+
+        async def keep(envelope: Envelope, header: ArrayHeader, array: np.ndarray) -> None:
+            pass
+
+        b.on_array(keep, prefix="w")
+        with pytest.raises(LocalProtocolError, match="handled already"):
+            b.on_array(keep, prefix="w")
+        b.on_array(keep, prefix="w", job=b"other")
+        b.on_array(keep, prefix="w", replace=True)
+
+
+async def test_two_jobs_on_the_same_nodes_each_get_their_own_secure_mean(tmp_path: Path) -> None:
+    from meshfed.secagg.driver import Aggregator, DeadlinePolicy
+    from meshfed.secagg.protocol import GroupSpec
+    from meshfed.secagg.ring import Quantizer
+
+    quantizer = Quantizer(clip=4.0, levels_bits=16, ring_bits=32)
+    async with mesh(tmp_path, 5, ping_interval_s=0, membership=False) as nodes:
+        rosters = {b"job-a": nodes[:4], b"job-b": nodes[1:]}  # three nodes in both
+        rng = np.random.default_rng(3)
+        values = {
+            (job, i): rng.uniform(-1, 1, 1000).astype(np.float32)
+            for job, members in rosters.items()
+            for i in range(len(members))
+        }
+        results: dict[tuple[bytes, int], np.ndarray] = {}
+
+        async def one(job: bytes, i: int, aggregator: Aggregator, spec: GroupSpec) -> None:
+            rng = np.random.default_rng(i)
+            result = await aggregator.secure_mean(spec, values[job, i], quantizer, rng=rng)
+            results[job, i] = result.value
+
+        async with trio.open_nursery() as nursery:
+            for job, members in rosters.items():
+                spec = GroupSpec(
+                    job=job,
+                    round=0,
+                    group=0,
+                    roster=tuple(node.peer_id for node in members),
+                    threshold=3,
+                    ring_bits=32,
+                )
+                for i, node in enumerate(members):
+                    aggregator = Aggregator(
+                        node, job=job, deadlines=DeadlinePolicy(join_s=0.5, phase_max_s=10.0)
+                    )
+                    nursery.start_soon(one, job, i, aggregator, spec)
+        step = 2 * quantizer.clip / (2**quantizer.levels_bits - 1)
+        for job, members in rosters.items():
+            mean = np.mean([values[job, i] for i in range(len(members))], axis=0)
+            for i in range(len(members)):
+                np.testing.assert_allclose(results[job, i], mean, atol=step)
+
+
+async def test_an_unanswered_request_raises_request_timeout_within_the_node_bound(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with mesh(tmp_path, 2, ping_interval_s=0, request_timeout_s=3.0) as (a, b):
+
+        async def stuck(envelope: Envelope, text: Text) -> None:
+            await trio.sleep_forever()
+
+        b.handle(Text, stuck)
+        for within, waited in ((None, 3.0), (0.5, 0.5), (60.0, 3.0)):  # a peer's 60 s: capped
+            started = trio.current_time()
+            with pytest.raises(RequestTimeout, match=f"{b.peer_id.short()} .* within {waited:g} s"):
+                await a.request(b.peer_id, Text(text="anyone?"), within=within)
+            assert trio.current_time() - started == pytest.approx(waited, abs=0.05)
+        with pytest.raises(MeshfedError):  # in the tree: `except MeshfedError` is enough
+            await a.send(b.peer_id, Text(text="one way"), within=1.0)
+        assert a.links[b.peer_id].failures == 4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import sqlite3
@@ -141,7 +143,7 @@ def test_a_corrupt_row_is_reported_and_never_loaded(tmp_path: Path) -> None:
     connection.commit()
     connection.close()
     with Store.open(path) as store:
-        with pytest.raises(CorruptRecord, match="round 1 does not match its SHA-256"):
+        with pytest.raises(CorruptRecord, match="round 1 does not match its HMAC"):
             store.load_checkpoint("job")
         with pytest.raises(CorruptRecord, match="round 0"):
             store.best_checkpoint("job")
@@ -232,3 +234,90 @@ def test_kill_9_loses_no_acknowledged_checkpoint(tmp_path: Path) -> None:
         assert latest is not None and latest.round >= acknowledged
         np.testing.assert_array_equal(latest.model, np.full(200_000, latest.round, np.float32))
         assert [r.round for r in store.rounds("job")] == list(range(latest.round + 1))
+
+
+def test_the_store_file_is_private_even_outside_a_private_directory(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)  # a directory every user may read
+    old_umask = os.umask(0)
+    try:
+        with Store.open(shared / "fresh.sqlite3") as store:
+            store.put_job("job", "{}")
+            store.save_round(checkpoint(0))
+            for suffix in ("", "-wal", "-shm"):
+                file = shared / f"fresh.sqlite3{suffix}"
+                assert file.stat().st_mode & 0o777 == 0o600, suffix
+    finally:
+        os.umask(old_umask)
+    loose = shared / "loose.sqlite3"
+    Store.open(loose).close()
+    os.chmod(loose, 0o644)  # an older meshfed left it readable by everyone
+    Store.open(loose).close()
+    assert loose.stat().st_mode & 0o777 == 0o600
+    (shared / "planted.sqlite3").symlink_to(loose)
+    with pytest.raises(StoreError, match="regular file"):
+        Store.open(shared / "planted.sqlite3")
+
+
+KEY = bytes(range(32))
+
+
+def test_a_local_writer_without_the_key_cannot_reset_a_privacy_budget(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    spent = {"events": [["gaussian", 1.0, 0.01, 10]], "delta": 1e-5}
+    with Store.open(path, key=KEY) as store:
+        store.put_job("job", "{}")
+        store.save_round(checkpoint(0), privacy=spent)
+        assert store.privacy("job") == spent
+    # the attacker writes the file with sqlite itself: a fresh budget, sealed as best it can
+    connection = sqlite3.connect(path)
+    fresh = json.dumps({"events": [], "delta": 1e-5})
+    for mac in (hashlib.sha256(fresh.encode()).digest(), b""):
+        connection.execute("UPDATE privacy SET state = ?, mac = ?", (fresh, mac))
+        connection.commit()
+        with Store.open(path, key=KEY) as store:
+            with pytest.raises(CorruptRecord, match="privacy of job 'job'"):
+                store.privacy("job")
+            assert any("privacy" in problem for problem in store.verify())
+    connection.close()
+    # ... or swaps in a whole store of its own making: refused at open
+    path.unlink()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"s.sqlite3{suffix}").unlink(missing_ok=True)
+    with Store.open(path) as forged:
+        forged.put_job("job", "{}")
+        forged.save_round(checkpoint(0), privacy={"events": [], "delta": 1e-5})
+    with pytest.raises(StoreError, match="another key"):
+        Store.open(path, key=KEY)
+    with pytest.raises(StoreError, match="another key"):
+        Store.open(path, key=KEY, readonly=True)
+
+
+def test_a_version_1_store_is_sealed_under_the_key_when_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite3"
+    connection = sqlite3.connect(path, isolation_level=None)
+    for statement in MIGRATIONS[0]:
+        connection.execute(statement)
+    connection.execute("PRAGMA user_version = 1")
+    connection.execute("INSERT INTO jobs VALUES ('job', '{}', 'running', '', 0, 0)")
+    for number, intact in ((0, True), (1, False)):
+        row = store_module._checkpoint_row(checkpoint(number))
+        digest = hashlib.sha256(store_module._checkpoint_message(row)).digest()
+        row["sha256"] = digest if intact else bytes(32)  # round 1 was corrupt under v1
+        connection.execute(
+            "INSERT INTO checkpoints VALUES (:job, :round, :score, :dtype, :length, :model, "
+            ":strategy, :privacy, :metrics, :sha256, 0)",
+            row,
+        )
+    connection.execute("INSERT INTO privacy VALUES ('job', '{\"events\": []}', 0)")
+    connection.close()
+    with Store.open(path, key=KEY) as store:
+        assert store.schema_version == len(MIGRATIONS)
+        loaded = store.load_checkpoint("job", 0)
+        assert loaded is not None and np.all(loaded.model == 0)
+        with pytest.raises(CorruptRecord):
+            store.load_checkpoint("job", 1)  # still corrupt: never sealed as good
+        assert store.privacy("job") == {"events": []}
+    with pytest.raises(StoreError, match="another key"):
+        Store.open(path)  # sealed under KEY from now on

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgpack
@@ -41,6 +44,12 @@ class Sample(Message):
     blob: bytes = bounded(max_len=64)
     peers: list[PeerId] = bounded(max_len=4)
     maybe: int | None = bounded()
+
+
+@message("test.wire.blob")
+@dataclass(frozen=True, slots=True)
+class Blob(Message):
+    data: bytes = bounded(max_len=MAX)
 
 
 def guard() -> ReplayGuard:
@@ -258,3 +267,158 @@ def test_verified_frames_are_bounded_by_count_and_bytes() -> None:
     small = VerifiedFrames(max_frames=10, max_bytes=16 * len(frames[0]) - 1)
     small.put(frames[0], MAX, envelope)  # over 1/16 of the budget: not kept
     assert small.get(frames[0], MAX) is None
+
+
+def nested_arrays(size: int) -> bytes:
+    """About ``size`` bytes of msgpack: an array of arrays of empty arrays (each array short
+    enough for msgpack's own length limit), the shape that cost 0.36 s and 74 MiB."""
+    inner = b"\xdd" + (100_000).to_bytes(4, "big") + b"\x90" * 100_000
+    count = max(1, size // len(inner))
+    return b"\xdc" + count.to_bytes(2, "big") + inner * count
+
+
+def cpu_and_peak(work: Callable[[], object]) -> tuple[float, int]:
+    """The least CPU time of a few runs of ``work`` and its peak of traced allocations."""
+    cpu = []
+    for _ in range(5):
+        started = time.process_time()
+        work()
+        cpu.append(time.process_time() - started)
+    tracemalloc.start()
+    try:
+        work()
+        return min(cpu), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_hostile_nesting_costs_what_an_honest_frame_of_its_size_costs() -> None:
+    bulk = nested_arrays(MAX - 1024)
+    honest, _ = seal(ALICE, Blob(data=bytes(len(bulk))), now_ms=NOW)
+    header = fields_of(seal(ALICE, Text(text="x"), now_ms=NOW)[0])[:7]
+    signed = b"\x98" + msgpack.packb(header)[1:] + bulk  # [header..., body: nested arrays]
+    packed = [msgpack.packb(field) for field in header]
+    in_header = b"\x98" + b"".join(packed[:3]) + bulk + b"".join(packed[4:]) + b"\x90"
+    hostile = {
+        "the whole frame": (bulk, RejectReason.MALFORMED),
+        "the body, unsigned": (msgpack.packb([signed, bytes(64)]), RejectReason.BAD_SIGNATURE),
+        "the body, signed by the sender": (
+            msgpack.packb([signed, ALICE.sign(SIGNATURE_DOMAIN + signed)]),
+            RejectReason.MALFORMED,
+        ),
+        "a header field": (msgpack.packb([in_header, bytes(64)]), RejectReason.MALFORMED),
+    }
+
+    def open_honest() -> None:
+        VERIFIED.__init__()  # type: ignore[misc]  # no shortcut through the cache
+        open_(honest)
+
+    honest_cpu, honest_peak = cpu_and_peak(open_honest)
+    for name, (frame, reason) in hostile.items():
+        assert len(frame) > MAX // 2
+        assert reason_of(frame) == reason, name
+        cpu, peak = cpu_and_peak(lambda frame=frame: reason_of(frame))  # type: ignore[misc]
+        # measured side by side under the same load; the unbounded parse cost 100x and more
+        assert cpu <= 5 * honest_cpu, (name, cpu, honest_cpu)
+        assert peak <= max(2 * honest_peak, 4 * len(frame)), (name, peak, honest_peak)
+
+
+def test_bodies_are_parsed_within_their_schema_bounds() -> None:
+    frame, _ = seal(ALICE, Ping(sent_ms=5), now_ms=NOW)
+    fields = fields_of(frame)
+    cases = {
+        "a longer array than the type holds": [5, 6],
+        "more arrays than the type holds": [[]],
+        "a map": {"sent_ms": 5},
+        "an empty map": {},
+    }
+    for name, body in cases.items():
+        assert reason_of(resign(ALICE, [*fields[:7], body])) == RejectReason.MALFORMED, name
+    trailing = msgpack.packb(fields, use_bin_type=True) + b"\xc0"
+    assert reason_of(msgpack.packb([trailing, ALICE.sign(SIGNATURE_DOMAIN + trailing)])) == (
+        RejectReason.MALFORMED
+    )
+    assert reason_of(frame + b"\xc0") == RejectReason.MALFORMED
+
+
+def test_a_crowd_of_future_dated_senders_cannot_make_honest_messages_stale() -> None:
+    skew = 5_000
+    replay = ReplayGuard(window_ms=60_000, max_skew_ms=skew, started_ms=NOW - skew, max_peers=50)
+    crowd = [Identity.generate() for _ in range(120)]  # cheap identities, clocks at the limit
+    crowd_frames = [seal(sybil, Text(text="soon"), now_ms=NOW + skew)[0] for sybil in crowd]
+    refused = []
+    for i, (sybil, frame) in enumerate(zip(crowd, crowd_frames, strict=True)):
+        if i % 10 == 0:  # an established peer goes on talking, stamped by its honest clock
+            open_(
+                seal(ALICE, Text(text=str(i)), now_ms=NOW + i - 50)[0], replay=replay, now=NOW + i
+            )
+        try:
+            open_(frame, peer=sybil.peer_id, replay=replay, now=NOW + i)
+        except RemoteProtocolError as exc:
+            refused.append(exc.reason)
+    assert refused == [RejectReason.RATE_LIMITED] * (len(crowd) - 49)  # counted, not kept
+    assert replay._global_floor <= NOW + len(crowd)  # never beyond our own clock
+    # once the crowd's future has passed, a newcomer is heard at once, and none of the
+    # crowd's frames, forgotten or not, is accepted again
+    after = NOW + skew + 1
+    bob = Identity.generate()
+    open_(
+        seal(bob, Text(text="hi"), now_ms=after - 50)[0], peer=bob.peer_id, replay=replay, now=after
+    )
+    for sybil, frame in zip(crowd, crowd_frames, strict=True):
+        assert reason_of(frame, peer=sybil.peer_id, replay=replay, now=after) in (
+            RejectReason.STALE,
+            RejectReason.REPLAYED,
+        )
+
+
+def test_freshness_bounds_are_exact() -> None:
+    replay = ReplayGuard(window_ms=60_000, max_skew_ms=5_000, started_ms=0)
+    assert reason_of(seal(ALICE, Ping(sent_ms=1), now_ms=NOW - 60_000)[0], replay=replay) == (
+        RejectReason.STALE
+    )
+    open_(seal(ALICE, Ping(sent_ms=2), now_ms=NOW - 59_999)[0], replay=replay)
+    open_(seal(ALICE, Ping(sent_ms=3), now_ms=NOW + 5_000)[0], replay=replay)
+    assert reason_of(seal(ALICE, Ping(sent_ms=4), now_ms=NOW + 5_001)[0], replay=replay) == (
+        RejectReason.FUTURE
+    )
+    floored = ReplayGuard(window_ms=60_000, max_skew_ms=5_000, started_ms=NOW - 10)
+    assert reason_of(seal(ALICE, Ping(sent_ms=5), now_ms=NOW - 10)[0], replay=floored) == (
+        RejectReason.STALE
+    )
+    open_(seal(ALICE, Ping(sent_ms=6), now_ms=NOW - 9)[0], replay=floored)
+
+
+def wide_bin(data: bytes) -> bytes:
+    return b"\xc6" + len(data).to_bytes(4, "big") + data
+
+
+def test_any_msgpack_width_is_accepted_and_signed_as_sent() -> None:
+    """A second implementation may encode with wider formats than msgpack-python's shortest:
+    the signature covers the bytes as sent, and the receiver reads every width."""
+    header = fields_of(seal(ALICE, Ping(sent_ms=5), now_ms=NOW)[0])
+    uint64 = lambda n: b"\xcf" + n.to_bytes(8, "big")  # noqa: E731
+    signed = b"".join(
+        [
+            b"\xdd" + (8).to_bytes(4, "big"),  # array 32 of 8
+            uint64(1),
+            b"\xdb" + len(b"meshfed.ping").to_bytes(4, "big") + b"meshfed.ping",  # str 32
+            wide_bin(header[2]),
+            b"\xdc\x00\x02" + wide_bin(b"") + uint64(0),  # scope [b"", 0], array 16
+            wide_bin(header[4]),
+            uint64(NOW),
+            wide_bin(b""),  # reply_to: a zero-length bin
+            b"\xdd" + (1).to_bytes(4, "big") + uint64(5),  # body [5]
+        ]
+    )
+    frame = b"\xdc\x00\x02" + wide_bin(signed) + wide_bin(ALICE.sign(SIGNATURE_DOMAIN + signed))
+    envelope = open_(frame)
+    assert envelope.body == Ping(sent_ms=5)
+    assert envelope.scope == Scope() and envelope.reply_to == b""
+
+
+def test_string_bounds_count_code_points_not_bytes() -> None:
+    wide = "\u20ac" * 4096  # 4096 code points, 12,288 UTF-8 bytes: within Text's 4096
+    assert open_(seal(ALICE, Text(text=wide), now_ms=NOW)[0]).body == Text(text=wide)
+    fields = fields_of(seal(ALICE, Text(text="x"), now_ms=NOW)[0])
+    assert reason_of(resign(ALICE, [*fields[:7], ["x" * 4097]])) == RejectReason.BAD_FIELD

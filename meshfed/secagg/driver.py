@@ -243,6 +243,10 @@ class Aggregator:
             rejected).
         on_progress: called with each session's :class:`Progress` whenever it takes a new
             step (for status displays; it must not block).
+        job: serve only the runs of this job (envelope scope ``job[:64]``), beside other
+            jobs' aggregators on the same node; ``None``: every run no such aggregator takes.
+        replace: take over from an earlier aggregator of the same ``job`` on ``node``
+            (otherwise a second one is a ``LocalProtocolError``).
     """
 
     def __init__(
@@ -256,6 +260,8 @@ class Aggregator:
         max_pending_bytes: int = 1 << 30,
         max_pending_per_peer: int = 64,
         on_progress: Callable[[Progress], None] | None = None,
+        job: bytes | None = None,
+        replace: bool = False,
     ) -> None:
         self._node = node
         self._on_progress = on_progress
@@ -271,11 +277,11 @@ class Aggregator:
             max_bytes=max_pending_bytes,
             per_sender=max_pending_per_peer,
         )
+        scope = None if job is None else job[:64]
         for message_type in _MESSAGES:
-            node.handle(message_type, self._on_message)
-        node.on_array(self._on_array, prefix="secagg.")
-        node.on_array(self._on_array, prefix="butterfly.")
-        node.on_array(self._on_array, prefix="gather.")
+            node.handle(message_type, self._on_message, job=scope, replace=replace)
+        for prefix in ("secagg.", "butterfly.", "gather."):
+            node.on_array(self._on_array, prefix=prefix, job=scope, replace=replace)
 
     # -- public API ------------------------------------------------------------------------------
 

@@ -337,7 +337,8 @@ class TrainingPeer:
         self.state, self.note = JobState.RUNNING, ""
         self.node = node
         self.spec = spec
-        self.aggregator = aggregator or Aggregator(node)
+        # a node runs a job once at a time: a new peer for the job takes over its messages
+        self.aggregator = aggregator or Aggregator(node, job=spec.job_id.encode(), replace=True)
         self._roster = tuple(PeerId.from_string(peer) for peer in spec.roster)
         self._job = spec.job_id.encode()
         try:
@@ -422,14 +423,14 @@ class TrainingPeer:
         self._push_came = trio.Event()
         self._lag = spec.gossip_staleness + math.ceil(hops / self._pushes_per_tick) - 1
         if spec.schedule == "pushsum":
-            node.on_array(self._on_push, prefix=self._push_prefix)
+            node.on_array(self._on_push, prefix=self._push_prefix, replace=True)
         #: what a peer catching up gets from us: the state our current round started from
         self._offer = TrainingState(0, flatten(self.model), self.strategy.state_dict())
         self._state_prefix = f"trainstate.{self._job.hex()}:"
         self._state_from: PeerId | None = None  # whose state we asked for
         self._received: list[TrainingState] = []  # what came from it
         serve(node, spec.job_id, self._answer_state_query)
-        node.on_array(self._on_state, prefix=self._state_prefix)
+        node.on_array(self._on_state, prefix=self._state_prefix, replace=True)
 
     @property
     def parameters(self) -> npt.NDArray[np.float32]:

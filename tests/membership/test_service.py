@@ -50,6 +50,7 @@ async def start_mesh(
             roles = ["client-only", "trainer"] if client else ["trainer"]
             node_config = NodeConfig(
                 data_dir=Path("/nonexistent"),
+                store_file="",  # nodes of many identities: none keeps a store here
                 transport="memory",
                 ping_interval_s=0,
                 membership=False,  # this test runs its own, with its own timers

@@ -124,7 +124,7 @@ async def run_job(
         TrainingPeer(
             node,
             spec,
-            Aggregator(node, deadlines=QUICK),
+            Aggregator(node, deadlines=QUICK, replace=True),  # run_job runs again on these nodes
             store=node.store if stores else None,
         )
         for node in nodes
