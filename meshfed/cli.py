@@ -89,8 +89,9 @@ def run(
 
             spec = JobSpec.from_json(job.read_text())
         trio.run(_run, cfg, json_output, status_interval, spec)
-    except MeshfedError as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except* MeshfedError as group:  # also from inside open_node's nursery
+        for exc in _leaves(group):
+            typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
 
 

@@ -73,7 +73,7 @@ def test_a_listen_address_the_node_cannot_serve_is_refused(addr: str) -> None:
     with pytest.raises(ConfigError, match=r"listen \(from env MESHFED_LISTEN\): .*") as error:
         NodeConfig.load(env={"MESHFED_LISTEN": addr})
     assert addr in str(error.value)
-    with pytest.raises(ConfigError, match="^listen: "):
+    with pytest.raises(ConfigError, match=r"^listen: "):
         NodeConfig(listen=[addr])
 
 
