@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import json
 import os
 import tomllib
 import typing
@@ -153,6 +154,10 @@ class NodeConfig:
             request_burst=self.request_burst,
         )
 
+    def to_toml(self) -> str:
+        """Every key with its value, as a TOML file that :meth:`load` reads back."""
+        return "".join(f"{f.name} = {_toml_value(getattr(self, f.name))}\n" for f in _FIELDS)
+
     @classmethod
     def load(
         cls,
@@ -220,7 +225,18 @@ def _check_listen_addr(addr: str) -> None:
 
 
 _HINTS = typing.get_type_hints(NodeConfig)
-_KEYS = [f.name for f in dataclasses.fields(NodeConfig)]
+_FIELDS = dataclasses.fields(NodeConfig)
+_KEYS = [f.name for f in _FIELDS]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string is a JSON string
 
 
 def _known_key(key: str, source: str) -> str:
