@@ -266,3 +266,29 @@ async def test_a_job_this_node_finished_is_reported_at_once(
         assert trio.current_time() - began < 10
     [done] = [e for e in _events(capsys.readouterr().out) if e["event"] == "job_done"]
     assert (done["state"], done["rounds"]) == ("finished", 1)
+
+
+def test_a_simulation_too_large_for_its_data_is_refused_at_once_saying_what_fits(
+    tmp_path: Path,
+) -> None:
+    result = cli("testnet", "--simulate", "400", "--rounds", "1", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "partition: alpha 0.5 leaves some of 400 peers" in result.stderr
+    assert "digits (1437 training examples) feeds about" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_testnet_job_that_cannot_run_is_refused_before_any_node_starts() -> None:
+    result = cli("testnet", "--nodes", "3", "--algorithm", "adam", timeout=60)
+    assert result.returncode == 2
+    assert "algorithm: no strategy 'adam'; known: fedavg" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_testnet_node_that_cannot_start_is_named(tmp_path: Path) -> None:
+    # every node is given a listen address it cannot serve
+    result = cli("testnet", "--nodes", "3", timeout=60, MESHFED_LISTEN="/ip4/127.0.0.1")
+    assert result.returncode == 2
+    assert "node 0 ended with code 2 before it started" in result.stderr
+    assert "listen (from env MESHFED_LISTEN)" in result.stderr  # the node's own error
