@@ -292,3 +292,15 @@ def test_a_testnet_node_that_cannot_start_is_named(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "node 0 ended with code 2 before it started" in result.stderr
     assert "listen (from env MESHFED_LISTEN)" in result.stderr  # the node's own error
+
+
+def test_a_simulation_of_many_small_shards_says_why_accuracy_stays_low(tmp_path: Path) -> None:
+    out = tmp_path / "sim.json"
+    result = cli(
+        "testnet", "--simulate", "50", "--plain", "--rounds", "1", "--out", str(out),
+        timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    said = " ".join(result.stdout.split())  # as the console wrapped it
+    assert "50 peers share 1437 training examples" in said
+    assert "1 SGD step(s) per peer per round" in said and "--epochs" in said
