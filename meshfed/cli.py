@@ -94,7 +94,7 @@ def run(
         Path | None,
         typer.Option(
             help="Take part in the training job described in this file (JSON, or TOML by its "
-            ".toml suffix; examples/job.json lists every field). A bad field stops the start; "
+            ".toml suffix; examples/job.toml lists every field). A bad field stops the start; "
             "a job that fails later is reported (job_failed) and the node serves on."
         ),
     ] = None,
@@ -187,7 +187,7 @@ async def _train(node: Node, spec: JobSpec, json_output: bool, roster_wait: floa
         _emit(json_output, "job_started", {"job_id": spec.job_id, "examples": len(peer.shard)})
         reports = await peer.run(lambda report: _emit(json_output, "round", asdict(report)))
     except Exception as exc:  # the job's end, never the node's
-        if not isinstance(exc, MeshfedError):  # not one of our refusals: a bug to look at
+        if not all(isinstance(leaf, MeshfedError) for leaf in _leaves(exc)):  # a bug to see
             log.exception("training job failed", extra={"job": spec.job_id})
         _emit(json_output, "job_failed", {"job_id": spec.job_id, "error": _reason(exc)})
         return

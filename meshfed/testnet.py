@@ -255,6 +255,8 @@ async def run_testnet(
                         starting.start_soon(_first, child.ready, starting.cancel_scope)
                         starting.start_soon(_first, child.finished, starting.cancel_scope)
                 if not child.ready.is_set():
+                    with trio.move_on_after(_STOP_S if child.finished.is_set() else 0):
+                        await process.wait()  # its output ended: so does it, soon
                     for started in children:
                         started.process.kill()
                     code = process.returncode
