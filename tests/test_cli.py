@@ -279,8 +279,9 @@ def test_a_simulation_too_large_for_its_data_is_refused_at_once_saying_what_fits
     assert not (tmp_path / "o").exists()
 
 
-def test_a_testnet_job_that_cannot_run_is_refused_before_any_node_starts() -> None:
-    result = cli("testnet", "--nodes", "3", "--algorithm", "adam", timeout=60)
+def test_a_testnet_job_that_cannot_run_is_refused_before_any_node_starts(tmp_path: Path) -> None:
+    out = str(tmp_path / "run.json")
+    result = cli("testnet", "--nodes", "3", "--algorithm", "adam", "--out", out, timeout=60)
     assert result.returncode == 2
     assert "algorithm: no strategy 'adam'; known: fedavg" in result.stderr
     assert "Traceback" not in result.stderr
@@ -288,7 +289,10 @@ def test_a_testnet_job_that_cannot_run_is_refused_before_any_node_starts() -> No
 
 def test_a_testnet_node_that_cannot_start_is_named(tmp_path: Path) -> None:
     # every node is given a listen address it cannot serve
-    result = cli("testnet", "--nodes", "3", timeout=60, MESHFED_LISTEN="/ip4/127.0.0.1")
+    out = str(tmp_path / "run.json")
+    result = cli(
+        "testnet", "--nodes", "3", "--out", out, timeout=60, MESHFED_LISTEN="/ip4/127.0.0.1"
+    )
     assert result.returncode == 2
     assert "node 0 ended with code 2 before it started" in result.stderr
     assert "listen (from env MESHFED_LISTEN)" in result.stderr  # the node's own error

@@ -134,7 +134,11 @@ def test_a_second_node_on_a_data_directory_in_use_exits_naming_the_holder(
     try:
         started = first.read()
         second = Process(*command, env={"MESHFED_MDNS": "0"})
-        assert second.popen.wait(60) == 1
+        try:
+            assert second.popen.wait(60) == 1
+        finally:
+            if second.popen.poll() is None:  # it runs beside the first: the bug
+                second.popen.kill()
         deadline = time.monotonic() + 10
         while "lock file" not in second.stderr and time.monotonic() < deadline:
             time.sleep(0.05)  # the reader thread drains stderr
