@@ -308,3 +308,14 @@ def test_a_simulation_of_many_small_shards_says_why_accuracy_stays_low(tmp_path:
     said = " ".join(result.stdout.split())  # as the console wrapped it
     assert "50 peers share 1437 training examples" in said
     assert "1 SGD step(s) per peer per round" in said and "--epochs" in said
+
+
+def test_help_names_the_default_data_dir_the_mdns_switch_and_every_model(tmp_path: Path) -> None:
+    wide = {"COLUMNS": "300", "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    run_help = " ".join(cli("run", "--help", **wide).stdout.split())
+    assert f"default: {tmp_path / 'xdg' / 'meshfed'}" in run_help
+    assert "--no-mdns" in run_help
+    testnet_help = cli("testnet", "--help", **wide).stdout
+    for model in ("mlp", "cnn", "cifar_cnn", "resnet", "mobilenet"):
+        assert model in testnet_help
+    assert "config" in cli("--help").stdout

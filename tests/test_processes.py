@@ -156,3 +156,20 @@ def test_a_second_node_on_a_data_directory_in_use_exits_naming_the_holder(
     finally:
         again.popen.send_signal(signal.SIGTERM)
         assert again.popen.wait(20) == 0
+
+
+async def test_a_data_directory_serves_one_node_in_a_process_too(tmp_path: Path) -> None:
+    import pytest
+
+    from meshfed import NodeConfig, open_node
+    from meshfed.errors import ConfigError
+
+    config = NodeConfig(data_dir=tmp_path, ping_interval_s=0, mdns=False, membership=False)
+    async with open_node(config):
+        assert (tmp_path / "lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(ExceptionGroup) as refused:
+            async with open_node(config):
+                pass
+        assert refused.group_contains(ConfigError, match=f"process {os.getpid()}")
+    async with open_node(config):  # released at the first node's stop
+        pass
