@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshfed.errors import ConfigError
 from meshfed.identity import Identity
@@ -311,3 +313,30 @@ def test_too_many_peers_for_the_data_are_refused_saying_how_many_it_feeds() -> N
     spec = JobSpec(job_id="j", roster=tuple(_roster(400)), partition="dirichlet", alpha=0.5)
     with pytest.raises(ConfigError, match=r"partition: .* digits .* feeds about \d+ peers"):
         prepare(spec)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=5,
+)
+_ROSTER = _roster()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(JobSpec.__dataclass_fields__)), _JSON_VALUES))
+def test_any_json_job_is_a_well_typed_job_or_a_config_error(fields: dict[str, object]) -> None:
+    import json
+
+    document = {"job_id": "j", "roster": _ROSTER, **fields}
+    try:
+        spec = JobSpec.from_json(json.dumps(document))
+    except ConfigError:
+        return  # refused (never another exception: a TypeError, an AttributeError ...)
+    assert JobSpec.from_json(spec.to_json()) == spec
+    for name, value in fields.items():  # what was accepted has its declared type
+        kept = getattr(spec, name)
+        assert kept == value or (isinstance(kept, tuple) and list(kept) == value)
+        assert type(kept) is type(JobSpec.__dataclass_fields__[name].default) or name in (
+            "job_id", "roster", "model_options", "algorithm_options", "robust_options",
+        )  # fmt: skip
