@@ -57,8 +57,9 @@ from rich.console import Console
 from meshfed.logs import configure_logging
 from meshfed.testnet import run_testnet
 from meshfed.training.data import load_dataset
-from meshfed.training.job import JobSpec, job_shards, local_seed
+from meshfed.training.job import JobSpec, local_seed
 from meshfed.training.models import build
+from meshfed.training.preflight import job_shards
 from meshfed.training.torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 
 DP = {"dp_mode": "sample", "dp_clip": 1.0, "dp_noise_multiplier": 0.0, "lr": 0.5, "dp_epsilon": 8.0}

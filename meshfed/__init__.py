@@ -5,8 +5,10 @@ Start a node with ``async with open_node(NodeConfig(...)) as node:``. Errors liv
 """
 
 from .config import NodeConfig as NodeConfig
+from .control import Text as Text
 from .identity import Identity as Identity
 from .identity import PeerId as PeerId
+from .membership.records import Role as Role
 from .node import Node as Node
 from .node import open_node as open_node
 from .wire import Envelope as Envelope
@@ -21,7 +23,9 @@ __all__ = [
     "Node",
     "NodeConfig",
     "PeerId",
+    "Role",
     "Scope",
+    "Text",
     "message",
     "open_node",
 ]

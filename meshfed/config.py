@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
+import json
 import os
 import tomllib
 import typing
@@ -42,7 +44,8 @@ class NodeConfig:
         store_file: the node's SQLite store (jobs, rounds, checkpoints, privacy): a file name
             under ``data_dir`` or an absolute path; empty: no store.
         transport: ``"libp2p"`` for real networks, ``"memory"`` for simulations.
-        listen: multiaddrs to listen on (libp2p).
+        listen: TCP multiaddrs to listen on (libp2p): ``/ip4/<address>/tcp/<port>`` or
+            ``/ip6/<address>/tcp/<port>``; port 0 takes any free port.
         bootstrap: multiaddrs (with ``/p2p/<id>``) to dial on start.
         max_message_bytes: the largest signed message accepted (arrays travel in chunks).
         max_array_bytes: the largest array accepted in one transfer.
@@ -114,10 +117,11 @@ class NodeConfig:
                 f"array_chunk_bytes ({self.array_chunk_bytes}) must not exceed "
                 f"max_message_bytes ({self.max_message_bytes}): a chunk is one frame"
             )
-        for name in ("listen", "bootstrap"):
-            for addr in getattr(self, name):
-                if not addr.startswith("/"):
-                    raise ConfigError(f"{name}: {addr!r} is not a multiaddr (starts with '/')")
+        for addr in self.listen:
+            _check_listen_addr(addr)
+        for addr in self.bootstrap:
+            if not addr.startswith("/"):
+                raise ConfigError(f"bootstrap: {addr!r} is not a multiaddr (starts with '/')")
         known_roles = {"trainer", "inference", "relay", "client-only"}
         for role in self.roles:
             if role not in known_roles:
@@ -149,6 +153,10 @@ class NodeConfig:
             requests_per_second=self.requests_per_second,
             request_burst=self.request_burst,
         )
+
+    def to_toml(self) -> str:
+        """Every key with its value, as a TOML file that :meth:`load` reads back."""
+        return "".join(f"{f.name} = {_toml_value(getattr(self, f.name))}\n" for f in _FIELDS)
 
     @classmethod
     def load(
@@ -199,8 +207,36 @@ class NodeConfig:
             raise ConfigError(f"{key}{where}:{str(exc).split(':', 1)[1]}") from None
 
 
+def _check_listen_addr(addr: str) -> None:
+    """A listen address the node can serve: ``/ip4/<address>/tcp/<port>`` or
+    ``/ip6/<address>/tcp/<port>`` (port 0: any free port). Anything else (no port, UDP/QUIC, a
+    DNS name) would be dropped by the transport, leaving a node that nobody can reach."""
+    accepted = "accepted: /ip4/<address>/tcp/<port> or /ip6/<address>/tcp/<port>"
+    parts = addr.split("/")
+    if len(parts) != 5 or parts[0] or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp":
+        raise ConfigError(f"listen: {addr!r} is not a TCP multiaddr with a port; {accepted}")
+    kind = ipaddress.IPv4Address if parts[1] == "ip4" else ipaddress.IPv6Address
+    try:
+        kind(parts[2])
+    except ValueError:
+        raise ConfigError(f"listen: {addr!r}: {parts[2]!r} is not an {parts[1]} address") from None
+    if not (parts[4].isascii() and parts[4].isdigit() and int(parts[4]) <= 65535):
+        raise ConfigError(f"listen: {addr!r}: {parts[4]!r} is not a TCP port (0-65535)")
+
+
 _HINTS = typing.get_type_hints(NodeConfig)
-_KEYS = [f.name for f in dataclasses.fields(NodeConfig)]
+_FIELDS = dataclasses.fields(NodeConfig)
+_KEYS = [f.name for f in _FIELDS]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string is a JSON string
 
 
 def _known_key(key: str, source: str) -> str:

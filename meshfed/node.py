@@ -39,6 +39,7 @@ from .arrays import (
 )
 from .config import NodeConfig
 from .control import Ack, Ping, Pong
+from .datadir import hold_data_dir
 from .errors import (
     ConfigError,
     LocalProtocolError,
@@ -726,10 +727,13 @@ async def open_node(
         network: the simulated network to join when ``config.transport == "memory"``.
 
     Raises:
-        ConfigError: the configuration cannot work (memory transport without a network).
+        ConfigError: the configuration cannot work (memory transport without a network), or
+            another node holds ``config.data_dir`` (a node whose identity comes from there
+            locks it while it runs).
         IdentityError: the identity file is unsafe or corrupt.
         StoreError: the store (``config.store_path``) cannot be opened.
     """
+    owns_data_dir = identity is None  # one node per data directory (meshfed/datadir.py)
     identity = identity or load_or_create_identity(config.data_dir)
     stats = NodeStats()
     transport: Transport
@@ -749,6 +753,8 @@ async def open_node(
             listen_addrs=() if config.client_only else config.listen,
         )
     async with trio.open_nursery() as nursery:
+        if owns_data_dir:
+            await nursery.start(hold_data_dir, config.data_dir)
         node = Node(config, identity, transport, stats)  # handlers exist before we listen
         await nursery.start(transport.run)
         if config.ping_interval_s > 0:

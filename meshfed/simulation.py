@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import resource
 import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from .config import NodeConfig
-from .node import open_node
+from .identity import Identity
 from .secagg.driver import Aggregator, DeadlinePolicy
+from .testing import open_memory_mesh
 from .training.job import JobSpec, RoundReport, TrainingPeer
-from .transports.memory import MemoryNetwork
+from .training.preflight import JobParts, prepare
 
 __all__ = ["run_simulation"]
 
@@ -51,7 +52,7 @@ def _table(spec: JobSpec, peers: int, rows: list[dict[str, Any]], elapsed: float
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
-            str(row["round"]),
+            str(row["round"] + 1),  # counted from 1 here, as everywhere on screen
             f"{row['accuracy']:.3f}",
             f"{row['accuracy_spread']:.3f}",
             f"{row['seconds']:.2f}",
@@ -101,23 +102,19 @@ async def run_simulation(
 
 
 async def _simulate(peers: int, out: Path, console: Console, job_options: dict[str, Any]) -> int:
-    network = MemoryNetwork(seed=0)
     began = time.monotonic()
     rows: list[dict[str, Any]] = []
+    # The job is checked whole (fields, data for this many peers, model against data) before
+    # any node opens: its roster comes from identities made first.
+    identities = [Identity.generate() for _ in range(peers)]
+    roster = tuple(str(identity.peer_id) for identity in identities)
+    spec = JobSpec(job_id=f"sim-{os.urandom(4).hex()}", roster=roster, **job_options)
+    parts = prepare(spec)
+    advice = _few_steps(spec, parts)
+    if advice:
+        console.print(advice)
     with tempfile.TemporaryDirectory(prefix="meshfed-sim-") as tmp:
-        async with AsyncExitStack() as stack:
-            nodes = []
-            for index in range(peers):
-                config = NodeConfig(
-                    data_dir=Path(tmp, f"n{index}"),
-                    transport="memory",
-                    ping_interval_s=0,
-                    membership=False,
-                    mdns=False,
-                )
-                nodes.append(await stack.enter_async_context(open_node(config, network=network)))
-            roster = tuple(str(node.peer_id) for node in nodes)
-            spec = JobSpec(job_id=f"sim-{os.urandom(4).hex()}", roster=roster, **job_options)
+        async with open_memory_mesh(peers, Path(tmp), identities=identities) as nodes:
             # One process carries every peer: a phase waits for stragglers that only this
             # process's own load delays, so the deadlines are generous (nobody dies here).
             patient = DeadlinePolicy(join_s=30.0, grace_s=10.0, slack=10.0, phase_max_s=600.0)
@@ -171,4 +168,26 @@ async def _simulate(peers: int, out: Path, console: Console, job_options: dict[s
         f"{summary['round_s']:.2f} s per round, peak {summary['peak_rss_mb']:.0f} MB; "
         f"run written to {out}"
     )
+    if advice and summary["final_accuracy"] < 2 / _classes(parts):
+        console.print(f"accuracy near chance: {advice.removeprefix('note: ')}")
     return 0
+
+
+def _classes(parts: JobParts) -> int:
+    return int(parts.train.y.max()) + 1
+
+
+def _few_steps(spec: JobSpec, parts: JobParts) -> str:
+    """Advice when the peers' shards are so small that a round is only a step or two of SGD
+    per peer (then many rounds stay near chance accuracy), else ''."""
+    sizes = [len(shard) for shard in parts.shards]
+    typical = statistics.median(sizes)
+    steps = spec.local_steps or spec.epochs * math.ceil(typical / spec.batch_size)
+    if steps > 2:
+        return ""
+    return (
+        f"note: {len(sizes)} peers share {len(parts.train)} training examples ({typical:.0f} "
+        f"each, typically): {steps} SGD step(s) per peer per round, so the first rounds stay "
+        "near chance accuracy; give more --epochs or --local-steps, fewer peers, or "
+        "--dataset synthetic"
+    )

@@ -30,10 +30,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from .errors import MeshfedError
 from .identity import Identity
 from .training.job import JobSpec
+from .training.preflight import prepare
 
-__all__ = ["run_testnet"]
+__all__ = ["TestnetError", "run_testnet"]
 
 _STARTUP_S = 60.0
 _STOP_S = 15.0
@@ -131,7 +133,7 @@ def _summary(children: list[_Child], spec: JobSpec) -> tuple[Table, list[dict[st
         }
         rows.append(row)
         table.add_row(
-            str(number),
+            str(number + 1),  # on screen rounds count from 1 (the live table's 1/N too)
             f"{row['accuracy']:.3f}",
             f"{row['accuracy_spread']:.3f}",
             f"{row['seconds']:.2f}",
@@ -148,6 +150,28 @@ def _averaging_phase(reports: list[dict[str, Any]]) -> float:
     return statistics.fmean(
         max(0.0, r["averaging_at"] + r["averaging_s"] - last_began) for r in reports
     )
+
+
+class TestnetError(MeshfedError):
+    """A node of the testnet could not start."""
+
+
+async def _first(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _failures(children: list[_Child]) -> list[str]:
+    """A line for each node that did not finish its job, with its reason."""
+    lines = []
+    for child in children:
+        outcome, code = child.outcome, child.process.returncode
+        if outcome.get("event") == "job_failed":
+            lines.append(f"node {child.index} failed: {outcome['error']}")
+        elif not outcome:
+            why = "did not finish in time" if code in (None, 0) else f"exited with code {code}"
+            lines.append(f"node {child.index} {why}, after {len(child.rounds)} round(s)")
+    return lines
 
 
 def _make_job(workdir: Path, nodes: int, options: dict[str, Any]) -> JobSpec:
@@ -194,6 +218,7 @@ async def run_testnet(
     with tempfile.TemporaryDirectory(prefix="meshfed-testnet-") as tmp:
         workdir = Path(tmp)
         spec = _make_job(workdir, nodes, job_options)
+        prepare(spec)  # a job that cannot run is refused before any node starts
         job_file = workdir / "job.json"
         job_file.write_text(spec.to_json())
         began = trio.current_time()
@@ -225,8 +250,20 @@ async def run_testnet(
                 child = _Child(index, process)
                 children.append(child)
                 nursery.start_soon(_read_lines, child, chaos)
-                with trio.fail_after(_STARTUP_S):
-                    await child.ready.wait()
+                with trio.move_on_after(_STARTUP_S):
+                    async with trio.open_nursery() as starting:  # started, or ended, or late
+                        starting.start_soon(_first, child.ready, starting.cancel_scope)
+                        starting.start_soon(_first, child.finished, starting.cancel_scope)
+                if not child.ready.is_set():
+                    with trio.move_on_after(_STOP_S if child.finished.is_set() else 0):
+                        await process.wait()  # its output ended: so does it, soon
+                    for started in children:
+                        started.process.kill()
+                    code = process.returncode
+                    ended = f"ended with code {code}" if code is not None else "gave no sign"
+                    raise TestnetError(
+                        f"node {index} {ended} before it started (its error is printed above)"
+                    )
             with Live(
                 _live_table(children, spec, 0), console=console, refresh_per_second=4
             ) as live:
@@ -287,6 +324,8 @@ async def run_testnet(
         verdict = f"{who} finished, but the models differ by {max(finals) - min(finals):.3f}"
     else:
         verdict = "NOT every node finished"
+        for line in _failures(survivors):
+            console.print(line, markup=False)
     accuracy = f"final accuracy {summary['final_accuracy']:.3f}" if finals else "no accuracy"
     console.print(
         f"{verdict}, {accuracy}, {'clean stop' if clean else 'UNCLEAN stop'}; run written to {out}"

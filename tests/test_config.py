@@ -56,3 +56,27 @@ def test_limits_follow_the_config() -> None:
     cfg = NodeConfig(max_message_bytes=2048, array_chunk_bytes=1024, max_streams_per_peer=3)
     assert cfg.limits.max_frame_bytes == 2048
     assert cfg.limits.max_streams_per_peer == 3
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "/ip4/1.2.3.4",  # no port
+        "/ip4/1.2.3.4/udp/4001/quic",  # not TCP
+        "/dns4/example.com/tcp/4001",  # a name, not an address to bind
+        "/ip4/1.2.3/tcp/4001",
+        "/ip4/1.2.3.4/tcp/70000",
+        "/ip4/1.2.3.4/tcp/4001/p2p/12D3KooWBmwXN3rs5bN6dw7RtZrxJtKB2W4ycQV4bFwBmTBuuRBa",
+    ],
+)
+def test_a_listen_address_the_node_cannot_serve_is_refused(addr: str) -> None:
+    with pytest.raises(ConfigError, match=r"listen \(from env MESHFED_LISTEN\): .*") as error:
+        NodeConfig.load(env={"MESHFED_LISTEN": addr})
+    assert addr in str(error.value)
+    with pytest.raises(ConfigError, match=r"^listen: "):
+        NodeConfig(listen=[addr])
+
+
+def test_tcp_listen_addresses_are_accepted() -> None:
+    addrs = ["/ip4/0.0.0.0/tcp/4001", "/ip6/::1/tcp/0", "/ip4/127.0.0.1/tcp/65535"]
+    assert NodeConfig(listen=addrs).listen == addrs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from tests.procs.harness import ROOT, Process, start_peer
@@ -122,3 +123,53 @@ def test_hostile_process_is_rejected_and_counted_while_honest_peers_are_served(
     finally:
         for process, _ in peers:
             process.stop()
+
+
+def test_a_second_node_on_a_data_directory_in_use_exits_naming_the_holder(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "node"
+    command = ("-m", "meshfed.cli", "run", "--json", "--data-dir", str(data_dir))
+    first = Process(*command, env={"MESHFED_MDNS": "0"})
+    try:
+        started = first.read()
+        second = Process(*command, env={"MESHFED_MDNS": "0"})
+        try:
+            assert second.popen.wait(60) == 1
+        finally:
+            if second.popen.poll() is None:  # it runs beside the first: the bug
+                second.popen.kill()
+        deadline = time.monotonic() + 10
+        while "lock file" not in second.stderr and time.monotonic() < deadline:
+            time.sleep(0.05)  # the reader thread drains stderr
+        assert f"process {first.popen.pid}" in second.stderr
+        assert str(data_dir / "lock") in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.popen.poll() is None  # the first node serves on
+    finally:
+        first.popen.send_signal(signal.SIGTERM)
+        assert first.popen.wait(20) == 0
+    # the lock goes with its holder: the directory serves the next node, same identity
+    again = Process(*command, env={"MESHFED_MDNS": "0"})
+    try:
+        assert again.read()["peer_id"] == started["peer_id"]
+    finally:
+        again.popen.send_signal(signal.SIGTERM)
+        assert again.popen.wait(20) == 0
+
+
+async def test_a_data_directory_serves_one_node_in_a_process_too(tmp_path: Path) -> None:
+    import pytest
+
+    from meshfed import NodeConfig, open_node
+    from meshfed.errors import ConfigError
+
+    config = NodeConfig(data_dir=tmp_path, ping_interval_s=0, mdns=False, membership=False)
+    async with open_node(config):
+        assert (tmp_path / "lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(ExceptionGroup) as refused:
+            async with open_node(config):
+                pass
+        assert refused.group_contains(ConfigError, match=f"process {os.getpid()}")
+    async with open_node(config):  # released at the first node's stop
+        pass

@@ -30,11 +30,11 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 import trio
 
 from ..arrays import ArrayHeader
@@ -42,7 +42,7 @@ from ..averaging.compression import ErrorFeedback, TopK, codec_named
 from ..averaging.groups import Placement, check_secure_grid, secure_group
 from ..averaging.pushsum import PushSumState, push_target
 from ..averaging.robust import AGGREGATORS
-from ..errors import ConfigError, MeshfedError, RemoteProtocolError, StoreError
+from ..errors import ConfigError, MeshfedError, PeerUnreachable, RemoteProtocolError, StoreError
 from ..identity import PeerId
 from ..node import Node
 from ..privacy.accountant import GaussianEvent, PrivacyAccountant, calibrate_noise
@@ -55,13 +55,12 @@ from ..stats import RejectReason
 from ..store import Checkpoint, JobState, Store
 from ..wire import Envelope
 from .checkpoints import Converged, ProgressPolicy, Rollback
-from .data import Dataset, load_dataset, partition
-from .models import build
-from .strategies import named
+from .jobfile import check_types, from_mapping, read_document
+from .preflight import prepare
 from .sync import StateAnswer, StateQuery, TrainingState, decode_state, encode_state, serve
 from .torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 
-__all__ = ["JobSpec", "RoundReport", "TrainingPeer", "job_shards", "local_seed"]
+__all__ = ["JobSpec", "RoundReport", "TrainingPeer", "local_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +172,7 @@ class JobSpec:
     keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
+        check_types(self)  # first: the rules below compare values of the declared types
         if len(self.roster) < 2 or len(set(self.roster)) != len(self.roster):
             raise ConfigError("a job's roster lists at least 2 distinct peers")
         if self.schedule not in ("exact", "moshpit", "pushsum"):
@@ -207,6 +207,10 @@ class JobSpec:
             raise ConfigError(
                 "rounds, epochs and keep_checkpoints must be at least 1, local_steps at least 0"
             )
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"optimizer: must be sgd or adam, not {self.optimizer!r}")
+        if not (self.batch_size >= 1 and self.lr > 0):
+            raise ConfigError("batch_size must be at least 1 and lr > 0")
         if self.local_steps and self.dp_clip and self.dp_mode == "sample":
             raise ConfigError("DP-SGD's steps follow from epochs (its sampling): no local_steps")
         self._check_compression()
@@ -265,18 +269,31 @@ class JobSpec:
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
-        """Read a job written by :meth:`to_json`.
+        """Read a job written by :meth:`to_json` (or by hand: :mod:`.jobfile`'s checks).
 
         Raises:
-            ConfigError: unknown keys or invalid values.
+            ConfigError: not JSON, unknown keys (with the closest known one), a missing
+                required field (``job_id``, ``roster``), wrong types or invalid values.
         """
         try:
-            fields = json.loads(text)
-            fields["roster"] = tuple(fields["roster"])
-            fields["attackers"] = tuple(fields.get("attackers", ()))
-            return cls(**fields)
-        except (ValueError, TypeError, KeyError) as exc:
+            document = json.loads(text)
+        except ValueError as exc:
             raise ConfigError(f"not a job description: {exc}") from None
+        return from_mapping(cls, document)
+
+    @classmethod
+    def from_file(cls, path: Path) -> JobSpec:
+        """Read a job file: JSON, or TOML if its name ends in ``.toml``
+        (``examples/job.json`` shows every field with its default).
+
+        Raises:
+            ConfigError: as :meth:`from_json`, the message starting with the file name.
+        """
+        document = read_document(path)
+        try:
+            return from_mapping(cls, document)
+        except ConfigError as exc:
+            raise ConfigError(f"job file {path}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,15 +359,13 @@ class TrainingPeer:
         self._roster = tuple(PeerId.from_string(peer) for peer in spec.roster)
         self._job = spec.job_id.encode()
         try:
-            train, self.test = load_dataset(spec.dataset, seed=spec.seed)
-            shards = job_shards(spec, train)
-            torch.manual_seed(spec.seed)  # every peer starts from the same model
-            self.model = build(spec.model, **spec.model_options)
-            self.strategy = named(spec.algorithm, **spec.algorithm_options)
-        except (KeyError, ValueError, TypeError) as exc:
+            parts = prepare(spec)  # before any training: data, shards, model (it fits), strategy
+        except ConfigError as exc:
             raise ConfigError(f"job {spec.job_id!r}: {exc}") from None
+        self.test, self.model, self.strategy = parts.test, parts.model, parts.strategy
+        shards = parts.shards
         self._index = spec.roster.index(me)
-        self.shard = train.take(shards[self._index])
+        self.shard = parts.train.take(shards[self._index])
         #: this peer's weight in averages: its share of the largest shard (<= 1, so that
         #: weighted parameters stay inside the quantization range)
         self.weight = len(self.shard) / max(len(s) for s in shards)
@@ -437,27 +452,69 @@ class TrainingPeer:
         """The current model as a flat vector."""
         return flatten(self.model)
 
-    async def connect_roster(self, *, within: float) -> None:
+    async def connect_roster(
+        self,
+        *,
+        within: float,
+        report_every: float = 5.0,
+        on_wait: Callable[[list[PeerId], float], None] | None = None,
+    ) -> None:
         """Wait until this node is connected to every other roster peer, dialling the ones that
         membership has addresses for.
 
+        Args:
+            within: how long to wait in all.
+            report_every: how often ``on_wait`` hears who is still missing.
+            on_wait: called with the roster peers not connected yet (roster order) and the
+                seconds waited so far.
+
         Raises:
-            trio.TooSlowError: some roster peers are still unreachable after ``within`` seconds.
+            PeerUnreachable: naming the roster peers still not connected after ``within``
+                seconds, and whether membership knew an address for each.
         """
-        me = self.node.peer_id
-        with trio.fail_after(within):
+        me, began = self.node.peer_id, trio.current_time()
+        next_report = began + report_every
+        missing: list[PeerId] = []
+        with trio.move_on_after(within):
             while True:
                 connected = set(self.node.transport.connected_peers())
-                missing = {peer for peer in self._roster if peer != me and peer not in connected}
+                missing = [peer for peer in self._roster if peer != me and peer not in connected]
                 if not missing:
                     return
-                records = [] if self.node.membership is None else self.node.membership.peers()
-                for record in records:
-                    if record.peer in missing and record.addrs:
+                if on_wait is not None and trio.current_time() >= next_report:
+                    on_wait(missing, trio.current_time() - began)
+                    next_report += report_every
+                for peer, addrs in self._known_addrs().items():
+                    if peer in missing and addrs:
                         # not up yet: try again on the next pass
                         with contextlib.suppress(MeshfedError, trio.TooSlowError):
-                            await self.node.connect(record.addrs[0])
+                            await self.node.connect(addrs[0])
                 await trio.sleep(0.2)
+        known = self._known_addrs()
+        raise PeerUnreachable(
+            f"{len(missing)} of the job's {len(self._roster) - 1} other roster peers not "
+            f"connected after {within:.0f} s: "
+            + "; ".join(
+                f"{peer} (at {known[peer][0]}, not answering)"
+                if known.get(peer)
+                else f"{peer} (no address known: not met through bootstrap or gossip)"
+                for peer in missing
+            )
+        )
+
+    def _known_addrs(self) -> dict[PeerId, list[str]]:
+        """The addresses membership knows for each peer."""
+        records = [] if self.node.membership is None else self.node.membership.peers()
+        return {record.peer: list(record.addrs) for record in records}
+
+    async def ended_before(self) -> bool:
+        """Whether this node's store holds this job as ended (finished or converged): then
+        :meth:`run` only reports it, with no need of the roster."""
+        if self.store is None:
+            return False
+        job = await trio.to_thread.run_sync(self.store.job, self.spec.job_id)
+        ended = (JobState.FINISHED, JobState.CONVERGED)
+        return job is not None and job.state in ended and job.spec == self.spec.to_json()
 
     async def run(self, on_round: Callable[[RoundReport], None] | None = None) -> list[RoundReport]:
         """Every round of the job, until the last or until the policy stops it early; returns
@@ -471,7 +528,7 @@ class TrainingPeer:
         reports = await self._resume()
         try:
             number = reports[-1].round + 1 if reports else 0
-            if reports:  # resumed: the others may have gone on meanwhile
+            if reports and self.state is JobState.RUNNING:  # the others may have gone on
                 number = await self._catch_up(number)
             while number < self.spec.rounds and self.state is JobState.RUNNING:
                 self._offer = TrainingState(
@@ -975,16 +1032,3 @@ def local_seed(spec: JobSpec, number: int) -> int:
     """The seed of round ``number``'s local shuffling (the same formula on every peer, so a
     centralized reference can replay a job exactly)."""
     return spec.seed * 1_000_003 + number
-
-
-def job_shards(spec: JobSpec, train: Dataset) -> list[npt.NDArray[np.int64]]:
-    """Every roster peer's shard of ``train`` (indices), as every peer computes it."""
-    peers = len(spec.roster)
-    return partition(
-        train.y,
-        peers,
-        scheme=spec.partition,
-        alpha=spec.alpha,
-        seed=spec.seed,
-        min_size=max(1, min(10, len(train) // (4 * peers))),  # hundreds of peers: tiny shards
-    )

@@ -9,12 +9,17 @@ it to ``(channels, side, side)`` themselves.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+import torch
 from torch import nn
 
-__all__ = ["build", "names", "register"]
+__all__ = ["build", "check_fits", "names", "register"]
 
 ModelFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelFactory] = {}
@@ -42,12 +47,56 @@ def build(name: str, **kwargs: Any) -> nn.Module:
 
     Raises:
         KeyError: an unknown name (the message lists the known ones).
+        ValueError: an option the model does not take (with the closest one it does).
     """
     try:
         factory = _REGISTRY[name]
     except KeyError:
         raise KeyError(f"no model {name!r}; known: {', '.join(names())}") from None
+    options = [
+        p.name
+        for p in inspect.signature(factory).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
+    for key in kwargs:
+        if key not in options and not takes_any:
+            close = difflib.get_close_matches(key, options, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(options)}"
+            raise ValueError(f"model {name!r} has no option {key!r}; {hint}")
     return factory(**kwargs)
+
+
+def check_fits(model: nn.Module, rows: npt.NDArray[np.float32], classes: int) -> None:
+    """Run ``model`` on ``rows`` (a batch of the data set's feature rows) and check that it
+    gives a score for each of ``classes`` classes for each row; the model's mode and weights
+    are left as they were (evaluation mode: no batch statistics move).
+
+    Raises:
+        ValueError: the model cannot take rows of this width, or gives the wrong shape.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            scores = model(torch.from_numpy(np.ascontiguousarray(rows)))
+    except Exception as exc:  # whatever torch says about the shapes
+        raise ValueError(
+            f"it cannot take rows of {rows.shape[1]} features ({type(exc).__name__}: {exc})"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not (
+        isinstance(scores, torch.Tensor)
+        and scores.ndim == 2
+        and scores.shape[0] == len(rows)
+        and scores.shape[1] >= classes
+    ):
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores)
+        raise ValueError(
+            f"it gives scores of shape {shape} for {len(rows)} rows, where the data set "
+            f"needs ({len(rows)}, {classes}): a score for each of its classes (option classes)"
+        )
 
 
 @register("mlp")

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshfed.errors import ConfigError
 from meshfed.identity import Identity
@@ -49,7 +51,7 @@ def test_a_job_refuses_what_cannot_run() -> None:
         JobSpec(job_id="j", roster=roster, schedule="sometimes")
     with pytest.raises(ConfigError, match="roster"):
         JobSpec(job_id="j", roster=roster[:1])
-    with pytest.raises(ConfigError, match="not a job"):
+    with pytest.raises(ConfigError, match="roster: required"):
         JobSpec.from_json('{"job_id": "j"}')
     with pytest.raises(ConfigError, match="groups of 2"):
         JobSpec(job_id="j", roster=roster[:2])  # secure: each would see the other's model
@@ -227,3 +229,114 @@ async def test_pushsum_peers_wait_for_a_slow_pusher_instead_of_running_ahead(
             for tick in range(spec.rounds - 4):
                 assert done[i, tick + 4] > done[0, tick]
         assert not any(peer._gone for peer in peers)  # slow is not gone
+
+
+def _roster(n: int = 3) -> list[str]:
+    return [str(Identity.generate().peer_id) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"epoch": 2}, "epoch: unknown job field; did you mean 'epochs'?"),
+        ({"rounds": "3"}, "rounds: expected an integer, got '3'"),
+        ({"secure": "yes"}, "secure: expected true or false, got 'yes'"),
+        ({"lr": "0.1"}, "lr: expected a number, got '0.1'"),
+        ({"rounds": True}, "rounds: expected an integer, got True"),
+        ({"roster": [1, 2, 3]}, "roster: expected a list of strings"),
+        ({"model_options": [64]}, "model_options: expected a table"),
+        ({"job_id": None}, "job_id: expected a string, got None"),
+        ({"optimizer": "adamw"}, "optimizer: must be sgd or adam"),
+    ],
+)
+def test_a_job_file_with_a_bad_field_is_refused_naming_it(
+    tmp_path: Path, fields: dict[str, object], message: str
+) -> None:
+    import json
+
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"job_id": "j", "roster": _roster(), **fields}))
+    with pytest.raises(ConfigError) as refused:
+        JobSpec.from_file(job)
+    assert str(refused.value).startswith(f"job file {job}: ")
+    assert message in str(refused.value)
+
+
+def test_a_job_file_states_the_required_fields_and_reads_toml(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text("rounds = 3\n")
+    with pytest.raises(ConfigError, match="job_id, roster: required"):
+        JobSpec.from_file(job)
+    job.write_text(f'job_id = "j"\nroster = {_roster()!r}\nrounds = 3\nalpha = 1\n')
+    spec = JobSpec.from_file(job)
+    assert (spec.rounds, spec.alpha, type(spec.alpha)) == (3, 1.0, float)
+    job.write_text("rounds = [")
+    with pytest.raises(ConfigError, match=f"cannot read job file {job}"):
+        JobSpec.from_file(job)
+
+
+def test_a_job_built_in_python_is_type_checked_too() -> None:
+    with pytest.raises(ConfigError, match="rounds: expected an integer, got '3'"):
+        JobSpec(job_id="j", roster=tuple(_roster()), rounds="3")  # type: ignore[arg-type]
+    spec = JobSpec(job_id="j", roster=_roster(), attackers=[0])  # type: ignore[arg-type]
+    assert isinstance(spec.roster, tuple) and spec.attackers == (0,)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"model_options": {"inputs": 3}}, r"model, model_options: mlp .* 64 features"),
+        ({"model": "cifar_cnn"}, r"model, model_options: cifar_cnn .* not fit .*'digits'"),
+        ({"model_options": {"classes": 5}}, r"model_options: .* needs \(32, 10\)"),
+        (
+            {"model_options": {"input": 64}},
+            "model_options: .* no option 'input'; did you mean 'inputs'",
+        ),
+        ({"model": "transformer"}, "model: no model 'transformer'; known: cifar_cnn, cnn"),
+        ({"algorithm": "adam"}, "algorithm: no strategy 'adam'; known: fedavg"),
+        ({"dataset": "mnist"}, "dataset: no data set 'mnist'"),
+    ],
+)
+async def test_a_model_that_does_not_fit_the_data_is_refused_before_any_training(
+    tmp_path: Path, options: dict[str, object], message: str
+) -> None:
+    async with memory_nodes(tmp_path, 3) as nodes:
+        spec = job_for(nodes, "misfit", **options)
+        for node in nodes:
+            with pytest.raises(ConfigError, match=message):
+                TrainingPeer(node, spec)
+
+
+def test_too_many_peers_for_the_data_are_refused_saying_how_many_it_feeds() -> None:
+    from meshfed.training.preflight import prepare
+
+    spec = JobSpec(job_id="j", roster=tuple(_roster(400)), partition="dirichlet", alpha=0.5)
+    with pytest.raises(ConfigError, match=r"partition: .* digits .* feeds about \d+ peers"):
+        prepare(spec)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=5,
+)
+_ROSTER = _roster()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(JobSpec.__dataclass_fields__)), _JSON_VALUES))
+def test_any_json_job_is_a_well_typed_job_or_a_config_error(fields: dict[str, object]) -> None:
+    import json
+
+    document = {"job_id": "j", "roster": _ROSTER, **fields}
+    try:
+        spec = JobSpec.from_json(json.dumps(document))
+    except ConfigError:
+        return  # refused (never another exception: a TypeError, an AttributeError ...)
+    assert JobSpec.from_json(spec.to_json()) == spec
+    for name, value in fields.items():  # what was accepted has its declared type
+        kept = getattr(spec, name)
+        assert kept == value or (isinstance(kept, tuple) and list(kept) == value)
+        assert type(kept) is type(JobSpec.__dataclass_fields__[name].default) or name in (
+            "job_id", "roster", "model_options", "algorithm_options", "robust_options",
+        )  # fmt: skip

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from rich.console import Console
 
@@ -34,3 +35,22 @@ def test_six_survivors_finish_as_accurate_as_eight(tmp_path: Path) -> None:
     # after the kills, the groups shrink to the six survivors
     assert any(6 in r["groups"] for r in survivors[0]["rounds"])
     assert abs(chaos["final_accuracy"] - clean["final_accuracy"]) <= 0.02
+
+
+def test_the_testnet_prints_why_nodes_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the nodes run without a store (their environment says so), the job needs one
+    monkeypatch.setenv("MESHFED_STORE_FILE", "")
+    screen = io.StringIO()
+    code = trio.run(
+        lambda: run_testnet(
+            3, tmp_path / "run.json", limit_s=120, console=Console(file=screen, width=200),
+            secure=False, rounds=1, rollback_drop=0.5,
+        )
+    )  # fmt: skip
+    assert code == 1
+    printed = screen.getvalue()
+    assert "NOT every node finished" in printed
+    for index in range(3):
+        assert f"node {index} failed: rollback_drop needs the node's store" in printed

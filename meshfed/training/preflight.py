@@ -1,0 +1,111 @@
+"""What a job needs before its first round, built and checked: data, shards, model, strategy.
+
+:func:`prepare` loads the data set, splits it among the roster (:func:`job_shards`), builds the
+model and runs it on a batch of the data (:func:`..models.check_fits`), and builds the
+strategy. Whatever does not fit is a :class:`~meshfed.errors.ConfigError` naming the job field
+to change, raised before any training, so that a job that cannot run is refused at its start
+(``job_failed``) and never fails in a worker thread mid-round. The testnet and the simulation
+call it before they start any node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .data import Dataset, load_dataset, min_shard_size, most_peers, partition
+from .models import build, check_fits
+from .strategies import Strategy, named
+
+if TYPE_CHECKING:
+    from .job import JobSpec
+
+__all__ = ["JobParts", "job_shards", "prepare"]
+
+
+@dataclass(frozen=True, slots=True)
+class JobParts:
+    """A job's ingredients on one peer (the same on every peer: all are seeded by the job)."""
+
+    train: Dataset
+    test: Dataset
+    #: every roster peer's shard of ``train`` (indices), in roster order
+    shards: list[npt.NDArray[np.int64]]
+    #: the model every peer starts from
+    model: nn.Module
+    strategy: Strategy
+
+
+def prepare(spec: JobSpec) -> JobParts:
+    """Build and check what ``spec`` needs (no training).
+
+    Raises:
+        ConfigError: ``dataset``, ``partition``, ``model``, ``model_options`` or ``algorithm``
+            cannot work, with what to change.
+    """
+    try:
+        train, test = load_dataset(spec.dataset, seed=spec.seed)
+    except KeyError as exc:
+        raise ConfigError(f"dataset: {exc.args[0]}") from None
+    try:
+        shards = job_shards(spec, train)
+    except ValueError as exc:
+        raise ConfigError(f"partition: {exc}{_capacity(spec, train)}") from None
+    torch.manual_seed(spec.seed)  # every peer starts from the same model
+    try:
+        model = build(spec.model, **spec.model_options)
+    except KeyError as exc:
+        raise ConfigError(f"model: {exc.args[0]}") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model_options: {exc}") from None
+    classes = int(max(train.y.max(), test.y.max())) + 1
+    try:
+        check_fits(model, train.x[: min(len(train), spec.batch_size)], classes)
+    except ValueError as exc:
+        raise ConfigError(
+            f"model, model_options: {spec.model} with {spec.model_options or 'no options'} does "
+            f"not fit data set {spec.dataset!r} ({train.x.shape[1]} features per example, "
+            f"{classes} classes): {exc}"
+        ) from None
+    try:
+        strategy = named(spec.algorithm, **spec.algorithm_options)
+    except KeyError as exc:
+        raise ConfigError(f"algorithm: {exc.args[0]}") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"algorithm_options: {exc}") from None
+    return JobParts(train, test, shards, model, strategy)
+
+
+def job_shards(spec: JobSpec, train: Dataset) -> list[npt.NDArray[np.int64]]:
+    """Every roster peer's shard of ``train`` (indices), as every peer computes it.
+
+    Raises:
+        ValueError: the partition cannot give every peer its minimum.
+    """
+    peers = len(spec.roster)
+    return partition(
+        train.y,
+        peers,
+        scheme=spec.partition,
+        alpha=spec.alpha,
+        seed=spec.seed,
+        min_size=min_shard_size(len(train), peers),
+    )
+
+
+def _capacity(spec: JobSpec, train: Dataset) -> str:
+    """How many peers the data set can feed with this partition, as advice."""
+    if spec.partition not in ("dirichlet", "quantity"):
+        return ""
+    most = most_peers(train.y, scheme=spec.partition, alpha=spec.alpha, seed=spec.seed)
+    return (
+        f"; {spec.dataset} ({len(train)} training examples) feeds about {most} peers with "
+        f"{spec.partition} alpha {spec.alpha}: use fewer peers, a larger alpha, partition "
+        "iid, or dataset synthetic"
+    )
