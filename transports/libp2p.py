@@ -469,13 +469,16 @@ class Libp2pTransport(Transport):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener = await self._open_sealed_listener()
         try:
-            async with self.host.run(self._listen), trio.open_nursery() as nursery:
-                self._check_listening()
-                self._nursery = nursery
-                if listener is not None:
-                    nursery.start_soon(self._accept_loop, listener)
-                task_status.started()
-                await trio.sleep_forever()
+            async with self.host.run(self._listen):
+                failure = self._listen_failure()
+                if failure is None:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        if listener is not None:
+                            nursery.start_soon(self._accept_loop, listener)
+                        task_status.started()
+                        await trio.sleep_forever()
+            raise failure  # outside libp2p's nurseries: one plain exception
         finally:
             self._nursery = None
             if listener is not None:
@@ -486,13 +489,14 @@ class Libp2pTransport(Transport):
                 control.fail_all(PeerUnreachable("the transport stopped"))
             self._controls.clear()
 
-    def _check_listening(self) -> None:
-        """py-libp2p skips an address it cannot listen on (and logs it at DEBUG): fail."""
+    def _listen_failure(self) -> TransportError | None:
+        """py-libp2p skips an address it cannot listen on (and logs it at DEBUG): say which."""
         serving = self.host.get_network().listeners
         failed = [a for a in map(str, self._listen) if a not in serving]
-        if failed:
-            reasons = [f"{a} ({self._tcp.failures.get(a, 'no transport for it')})" for a in failed]
-            raise TransportError(f"cannot listen on {', '.join(reasons)}")
+        if not failed:
+            return None
+        reasons = [f"{a} ({self._tcp.failures.get(a, 'no transport for it')})" for a in failed]
+        return TransportError(f"cannot listen on {', '.join(reasons)}")
 
     async def _open_sealed_listener(self) -> trio.socket.SocketType | None:
         """Listen for sealed connections on the IP of the first TCP listen address. With no
