@@ -4,14 +4,23 @@ Usage: ``python tests/procs/hostile.py ADDR [ADDR ...]``. For each target it dia
 with its own valid identity (so it gets past Noise) and sends frames that must each be rejected
 with a counted reason. Prints one JSON line: ``{"attacks": {reason: count}, "answers": {...}}``
 where answers are the error reasons the target gave back.
+
+``python tests/procs/hostile.py --flood SECONDS [--only KIND ...] ADDR`` floods one target
+instead, every kind of :data:`FLOODS` at once (or those named): prints ``{"event":
+"flooding"}`` once it has begun, then ``{"flood": {kind: {outcome: count}}}`` at the end.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
+import contextlib
+import itertools
 import json
-import sys
+import os
+import random
 import time
+from collections.abc import Awaitable, Callable
 
 import msgpack
 import numpy as np
@@ -21,11 +30,15 @@ from meshfed.arrays import ArrayPart, ArrayParts, parts_frame
 from meshfed.control import Ping, Text
 from meshfed.errors import MeshfedError, RequestFailed
 from meshfed.identity import Identity, PeerId
+from meshfed.membership.gossip import Delta
+from meshfed.membership.records import Capabilities, sign_record
+from meshfed.membership.service import SwimPing
+from meshfed.membership.swim import Update
 from meshfed.node import ARRAY_PROTOCOL as ARRAY
 from meshfed.node import PARTS_PROTOCOL as PARTS
 from meshfed.node import RPC_PROTOCOL as RPC
 from meshfed.stats import NodeStats
-from meshfed.transports._sealed import HEADER
+from meshfed.transports._sealed import HEADER, NONCE_BYTES
 from meshfed.transports.libp2p import Libp2pTransport
 from meshfed.wire import SIGNATURE_DOMAIN, seal
 
@@ -152,6 +165,120 @@ def _array_header(me: Identity) -> bytes:
     return seal(me, header, now_ms=now_ms())[0]
 
 
+# -- flooding ------------------------------------------------------------------------------------
+
+Outcomes = collections.Counter[str]
+
+
+class Flood:
+    """Every kind of hostile traffic at one target, each kind from its own tasks."""
+
+    def __init__(self, transport: Libp2pTransport, me: Identity, peer: PeerId, host: str) -> None:
+        self.transport, self.me, self.peer, self.host = transport, me, peer, host
+        self.sealed_port = transport._sessions[peer].sealed_port  # test-only peek
+        self.outcomes: dict[str, Outcomes] = collections.defaultdict(collections.Counter)
+        self.strangers = [Identity.generate() for _ in range(64)]
+
+    async def unauthenticated(self) -> None:
+        """Keep ~200 connections open on the sealed port, each sent a 13-byte header claiming
+        2 GiB (or, every fourth, our own session id replayed, then such a header)."""
+        held: collections.deque[trio.SocketStream] = collections.deque()
+        session_id = self.transport._sessions[self.peer].session_id
+        for n in itertools.count():
+            try:
+                stream = await trio.open_tcp_stream(self.host, self.sealed_port)
+                if n % 4 == 0:
+                    await stream.send_all(session_id + os.urandom(NONCE_BYTES) + b"\x00")
+                await stream.send_all(HEADER.pack(2**31 - 1, 0, n))
+                held.append(stream)
+                self.outcomes["unauthenticated"]["opened"] += 1
+            except (OSError, trio.BrokenResourceError) as exc:
+                self.outcomes["unauthenticated"][type(exc).__name__] += 1
+            while len(held) > 200:
+                await held.popleft().aclose()
+            await trio.sleep(0.002)
+
+    async def oversized_headers(self) -> None:
+        """Authenticated stream connections whose first frame claims 1 GiB."""
+        while True:
+            await self._count("oversized_headers", self._oversized_once)
+
+    async def _oversized_once(self) -> None:
+        stream = await self.transport.open_stream(self.peer, ARRAY)
+        raw = stream._channel.sock  # type: ignore[attr-defined]  # test-only raw socket
+        await raw.send(HEADER.pack(2**30, 3, 0))
+        raw.close()
+
+    async def junk_envelopes(self) -> None:
+        """Every malformed, forged, stale and replayed request frame, over and over."""
+        while True:
+            for _, frame in frames(self.me):
+                await self._count("junk_envelopes", self._rpc, frame)
+
+    async def swim(self) -> None:
+        """SWIM pings carrying 64 updates about strangers each."""
+        while True:
+            updates = [
+                Update(peer=s.peer_id, state=random.randrange(3), incarnation=random.randrange(99))
+                for s in self.strangers
+            ]
+            await self._count("swim", self._message, SwimPing(updates=updates))
+
+    async def records(self) -> None:
+        """Anti-entropy deltas of fresh, validly signed records of strangers."""
+        while True:
+            records = [
+                sign_record(
+                    s,
+                    seq=now_ms(),
+                    expires_ms=now_ms() + 600_000,
+                    addrs=[f"/ip4/10.{i % 250}.0.1/tcp/4001/p2p/{s.peer_id}"],
+                    capabilities=Capabilities(),
+                )
+                for i, s in enumerate(self.strangers[:16])
+            ]
+            await self._count("records", self._message, Delta(records=records, wants=[]))
+
+    async def _message(self, body: object) -> None:
+        await self._rpc(seal(self.me, body, now_ms=now_ms())[0])  # type: ignore[arg-type]
+
+    async def _rpc(self, frame: bytes) -> None:
+        await self.transport.request(self.peer, RPC, frame)
+
+    async def _count(
+        self, kind: str, action: Callable[..., Awaitable[None]], *args: object
+    ) -> None:
+        try:
+            with trio.fail_after(5):
+                await action(*args)
+            self.outcomes[kind]["accepted"] += 1
+        except RequestFailed as exc:
+            self.outcomes[kind][exc.reason] += 1
+        except (MeshfedError, trio.TooSlowError) as exc:
+            self.outcomes[kind][type(exc).__name__] += 1
+            await trio.sleep(0.05)
+
+
+FLOODS = ("unauthenticated", "oversized_headers", "junk_envelopes", "swim", "records")
+
+
+async def flood(addr: str, seconds: float, kinds: list[str]) -> None:
+    me = Identity.generate()
+    transport = Libp2pTransport(me, stats=NodeStats())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(transport.run)
+        peer = await transport.connect(addr)
+        attack = Flood(transport, me, peer, addr.split("/")[2])
+        with trio.move_on_after(seconds):
+            async with trio.open_nursery() as floods:
+                for kind in kinds:
+                    for _ in range(1 if kind == "unauthenticated" else 2):
+                        floods.start_soon(getattr(attack, kind))
+                print(json.dumps({"event": "flooding"}), flush=True)
+        nursery.cancel_scope.cancel()
+    print(json.dumps({"flood": attack.outcomes}), flush=True)
+
+
 async def main(addrs: list[str]) -> None:
     me = Identity.generate()
     transport = Libp2pTransport(me, stats=NodeStats())
@@ -166,4 +293,13 @@ async def main(addrs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("addrs", nargs="+")
+    parser.add_argument("--flood", type=float, help="flood the one target for this many seconds")
+    parser.add_argument("--only", nargs="*", choices=FLOODS, default=list(FLOODS))
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        if args.flood is None:
+            trio.run(main, args.addrs)
+        else:
+            trio.run(flood, args.addrs[0], args.flood, args.only)
