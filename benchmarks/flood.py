@@ -96,10 +96,21 @@ def _line(process: subprocess.Popen[str]) -> dict[str, Any]:
     while True:
         line = process.stdout.readline()
         if not line:
-            raise RuntimeError(f"{process.args} ended ({process.wait()})")
+            raise RuntimeError(f"{process.args!r} ended ({process.wait()})")
         if line.startswith("{"):
             document: dict[str, Any] = json.loads(line)
             return document
+
+
+def _start_flooder(addr: str, seconds: float, only: list[str]) -> subprocess.Popen[str]:
+    hostile = ROOT / "tests" / "procs" / "hostile.py"
+    kinds = ["--only", *only] if only else []
+    return subprocess.Popen(
+        [sys.executable, str(hostile), addr, "--flood", str(seconds), *kinds],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 async def measure(
@@ -110,13 +121,7 @@ async def measure(
         target = await node.connect(addr)
         await honest_rps(node, target, 2, workers)  # warm-up
         result["honest_rps_calm"] = round(await honest_rps(node, target, seconds, workers), 1)
-        flooder = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "procs" / "hostile.py"), "--flood"]
-            + [str(seconds + 4), addr, *(["--only", *only] if only else [])],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
+        flooder = _start_flooder(addr, seconds + 4, only)
         try:
             assert (await trio.to_thread.run_sync(_line, flooder))["event"] == "flooding"
             await trio.sleep(2)  # let it build up

@@ -569,8 +569,12 @@ class Libp2pTransport(Transport):
                 remote = _remote_host(stream)
             finally:
                 await stream.close()
-        theirs, their_nonce, port = _parse_exchange(answer)
-        shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(theirs))
+        try:
+            theirs, their_nonce, port = _parse_exchange(answer)
+            shared = _agree(ephemeral, theirs)
+        except RemoteProtocolError as exc:
+            self.stats.reject(exc.reason)
+            raise PeerUnreachable(f"key exchange with {peer} failed: {exc}") from exc
         session_id, key = derive_session(
             shared,
             dialer=self.local_peer.raw,
@@ -590,7 +594,7 @@ class Libp2pTransport(Transport):
                 ephemeral = X25519PrivateKey.generate()
                 ours = ephemeral.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
                 nonce = fresh_nonce()
-                shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(theirs))
+                shared = _agree(ephemeral, theirs)
                 session_id, key = derive_session(
                     shared,
                     dialer=peer.raw,
@@ -947,6 +951,16 @@ class Libp2pTransport(Transport):
         with _mapped(f"libp2p ping to {peer} failed"), trio.fail_after(HANDSHAKE_TIMEOUT_S):
             await self._ping.ping(_to_libp2p(peer))
         return trio.current_time() - started
+
+
+def _agree(ephemeral: X25519PrivateKey, theirs: bytes) -> bytes:
+    """The X25519 secret; a low-order key (an all-zero result) is [handshake_failed]."""
+    try:
+        return ephemeral.exchange(X25519PublicKey.from_public_bytes(theirs))
+    except ValueError:
+        raise RemoteProtocolError(
+            "low-order X25519 key in a key exchange", reason=RejectReason.HANDSHAKE_FAILED
+        ) from None
 
 
 def _parse_exchange(data: bytes) -> tuple[bytes, bytes, int]:

@@ -489,3 +489,23 @@ def _listening(addr: str) -> bool:
     port = int(addr.rsplit("/", 1)[1])
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+# -- the key exchange: a low-order key is refused and counted, never an exception --------------
+
+
+async def test_a_low_order_key_in_the_key_exchange_is_refused_and_counted() -> None:
+    import msgpack
+
+    from meshfed.transports.libp2p import SESSION_PROTOCOL, _to_libp2p
+
+    async with pair() as [(a, _), (b, b_stats)]:
+        await a.connect(b.listen_addrs[0])
+        with trio.fail_after(10):
+            stream = await a.host.new_stream(_to_libp2p(b.local_peer), [SESSION_PROTOCOL])
+            await stream.write(msgpack.packb([1, bytes(32), os.urandom(16), 0]))
+            with contextlib.suppress(Exception):  # reset by B: py-libp2p's errors, any type
+                assert await stream.read(256) == b""
+        await trio.sleep(0.2)
+        assert b_stats.rejected[RejectReason.HANDSHAKE_FAILED] == 1
+        assert await a.request(b.local_peer, "/echo", b"still") == b"still"
