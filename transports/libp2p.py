@@ -21,10 +21,12 @@ import contextlib
 import errno
 import itertools
 import logging
+import os
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import libp2p
 import msgpack
 import multiaddr
 import trio
@@ -127,7 +129,9 @@ route_libp2p_logs()
 
 
 #: What the exceptions of py-libp2p, trio and the OS mean in our tree, by type (first match
-#: wins). Only these are mapped, in :func:`_mapped`; anything else is a bug and propagates.
+#: wins); :func:`_mapped` applies it, and also maps any other exception raised *inside*
+#: py-libp2p's code (its bugs show up as ``TypeError`` and the like) to ``PeerUnreachable``.
+#: Anything else is a bug of ours and propagates.
 ERROR_TABLE: tuple[tuple[type[BaseException], type[TransportError]], ...] = (
     (trio.TooSlowError, RequestTimeout),
     (BaseLibp2pError, PeerUnreachable),
@@ -139,13 +143,37 @@ _FOREIGN = tuple(foreign for foreign, _ in ERROR_TABLE)
 
 
 @contextlib.contextmanager
+def _quietly(what: str) -> Iterator[None]:
+    """Ignore a network's failure (after :func:`_mapped`): tidying up a connection."""
+    with contextlib.suppress(TransportError), _mapped(what):
+        yield
+
+
+_LIBP2P_DIR = os.path.dirname(libp2p.__file__) + os.sep
+
+
+def _raised_in_libp2p(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is py-libp2p's code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_LIBP2P_DIR)
+
+
+@contextlib.contextmanager
 def _mapped(what: str) -> Iterator[None]:
-    """Raise the exceptions of :data:`ERROR_TABLE` as our own, saying what failed."""
+    """Raise the exceptions of :data:`ERROR_TABLE`, and py-libp2p's own failures, as ours,
+    saying what failed."""
     try:
         yield
     except _FOREIGN as exc:
         ours = next(mine for foreign, mine in ERROR_TABLE if isinstance(exc, foreign))
         raise ours(f"{what}: {exc or type(exc).__name__}") from exc
+    except Exception as exc:
+        if not _raised_in_libp2p(exc):
+            raise
+        log.debug("py-libp2p failed with %s: %s", type(exc).__name__, exc)
+        raise PeerUnreachable(f"{what}: py-libp2p failed ({type(exc).__name__}: {exc})") from exc
 
 
 def _to_libp2p(peer: PeerId) -> ID:
@@ -530,7 +558,7 @@ class Libp2pTransport(Transport):
         if peer in self.connected_peers() and not await self._answers(peer):
             # A connection that no longer answers (its interface went away; TCP has not
             # noticed): close it, so that the dial below opens a fresh one.
-            with trio.move_on_after(STALE_CHECK_S), contextlib.suppress(*_FOREIGN):
+            with trio.move_on_after(STALE_CHECK_S), _quietly("disconnecting"):
                 await self.host.disconnect(info.peer_id)
             self._sessions.pop(peer, None)
             control = self._controls.pop(peer, None)
@@ -589,7 +617,7 @@ class Libp2pTransport(Transport):
         """The listener half of the key exchange (a libp2p stream handler)."""
         peer = _from_libp2p(stream.muxed_conn.peer_id)  # type: ignore[attr-defined]
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+            with _mapped(f"key exchange from {peer}"), trio.fail_after(HANDSHAKE_TIMEOUT_S):
                 theirs, their_nonce, _port = _parse_exchange(await stream.read(256))  # type: ignore[attr-defined]
                 ephemeral = X25519PrivateKey.generate()
                 ours = ephemeral.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -608,14 +636,14 @@ class Libp2pTransport(Transport):
                 remote = _remote_host(stream)
         except RemoteProtocolError as exc:
             self.stats.reject(exc.reason)
-            with contextlib.suppress(*_FOREIGN):
+            with _quietly("resetting the key exchange"):
                 await stream.reset()  # type: ignore[attr-defined]
             return
-        except _FOREIGN:  # a broken stream or a silent dialer (ERROR_TABLE)
+        except TransportError:  # a broken stream or a silent dialer
             self.stats.reject(RejectReason.HANDSHAKE_FAILED)
             return
         finally:
-            with contextlib.suppress(*_FOREIGN):
+            with _quietly("closing the key exchange"):
                 await stream.close()  # type: ignore[attr-defined]
         # The dialer can now be reached back without a dial of its own.
         if peer not in self._sessions and remote:

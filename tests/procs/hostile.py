@@ -125,7 +125,7 @@ async def attack_raw(transport: Libp2pTransport, peer: PeerId, addr: str) -> dic
     answers: dict[str, str] = {}
     host = addr.split("/")[2]
     libp2p_port = int(addr.split("/")[4])
-    sealed_port = transport._sessions[peer].sealed_port  # test-only peek at the session
+    sealed_port = (await transport._session(peer)).sealed_port  # test-only peek at the session
     for label, port in (("handshake_failed", sealed_port), ("libp2p_garbage", libp2p_port)):
         try:
             with trio.move_on_after(5):

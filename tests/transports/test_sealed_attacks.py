@@ -415,6 +415,13 @@ def test_foreign_exceptions_are_mapped_by_type(
         raise foreign() if foreign is not OSError else ConnectionRefusedError(111, "refused")
 
 
+def test_a_failure_inside_py_libp2p_is_mapped_whatever_its_type() -> None:
+    from libp2p.peer.peerinfo import PeerInfo
+
+    with pytest.raises(PeerUnreachable, match="py-libp2p failed"), _mapped("dialling x"):
+        PeerInfo(1, 1)  # type: ignore[arg-type]  # a TypeError raised in py-libp2p's code
+
+
 def test_our_own_bugs_are_not_mapped() -> None:
     for bug in (ZeroDivisionError, KeyError, AttributeError, AssertionError):
         with pytest.raises(bug), _mapped("anything"):
