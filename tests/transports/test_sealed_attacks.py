@@ -516,3 +516,23 @@ async def test_a_low_order_key_in_the_key_exchange_is_refused_and_counted() -> N
         await trio.sleep(0.2)
         assert b_stats.rejected[RejectReason.HANDSHAKE_FAILED] == 1
         assert await a.request(b.local_peer, "/echo", b"still") == b"still"
+
+
+async def test_authenticated_connections_per_peer_are_capped() -> None:
+    from meshfed.transports.libp2p import STREAM
+
+    limits = TransportLimits(max_streams_per_peer=2)
+    async with pair(limits) as [(a, _), (b, b_stats)]:
+        await a.connect(b.listen_addrs[0])
+        cap = limits.max_streams_per_peer + 4  # streams and a few control connections
+        with trio.fail_after(10):
+            held = [await a._dial_sealed(b.local_peer, STREAM) for _ in range(cap + 3)]
+            await trio.sleep(0.3)
+            for channel in held[cap:]:  # refused: B closed them
+                with pytest.raises(StreamClosed):
+                    await channel.receive_header()
+        assert b_stats.rejected[RejectReason.TOO_MANY_STREAMS] == 3
+        for channel in held:
+            channel.close()
+        with trio.fail_after(10):
+            assert await a.request(b.local_peer, "/echo", b"still") == b"still"
