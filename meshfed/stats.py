@@ -43,6 +43,10 @@ class RejectReason(enum.StrEnum):
     TOO_MANY_STREAMS = "too_many_streams"
     #: a transport handshake (key exchange, channel authentication) failed
     HANDSHAKE_FAILED = "handshake_failed"
+    #: an unauthenticated connection did not finish its handshake in time
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    #: an unauthenticated connection closed to make room (too many, or no descriptors left)
+    OVERLOADED = "overloaded"
     #: a protocol no handler is registered for
     UNKNOWN_PROTOCOL = "unknown_protocol"
     #: a chunked array transfer whose data does not match its header or digest

@@ -107,3 +107,16 @@ def test_training_benchmark_matches_centralized_fedavg() -> None:
     assert figures["sim_round_s_20"] > 0 and figures["sim_rss_mb_20"] > 0  # type: ignore[operator]
     # one grid axis per round instead of all of them: fewer secure runs, less CPU
     assert 0 < figures["sim_cpu_s_20_moshpit"] < figures["sim_cpu_s_20"]  # type: ignore[operator]
+
+
+def test_flood_benchmark_reports_honest_rates_and_the_targets_memory() -> None:
+    figures = run("flood.py", "--seconds", "3")
+    for key in ("honest_rps_calm", "honest_rps_flooded", "flood_ratio", "flood_rss_mb"):
+        value = figures[key]
+        assert isinstance(value, int | float) and value > 0, key
+    assert figures["target_alive"] is True
+    assert figures["flood_rss_mb"] < 500  # type: ignore[operator]
+    rejected = figures["target_rejected"]
+    assert isinstance(rejected, dict)
+    for reason in ("handshake_failed", "oversized", "malformed"):
+        assert rejected.get(reason, 0) > 0, rejected

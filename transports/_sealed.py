@@ -9,38 +9,53 @@ port*, each one keyed afresh from the session key and two nonces:
     listener -> dialer   : server_nonce (16)
     k_dialer, k_listener = HKDF-SHA256(session_key, salt = client_nonce || server_nonce,
                                        info = "meshfed-sealed-v1" || session_id || kind)
+    dialer   -> listener : CONFIRM frame (empty, id 0, frame counter 0)
 
-The server nonce makes a recorded connection useless to replay. Every frame afterwards is
+The session id is only a lookup key: an eavesdropper can replay it, but the CONFIRM frame,
+sealed under keys that depend on the listener's fresh nonce, proves that the dialer holds the
+session key. Until it has verified, the listener holds nothing but fixed-size buffers for the
+connection and does not hand it to anyone. Every frame afterwards is
 
     header (13 bytes, clear, authenticated as AAD) = length (4, big-endian) || type (1) || id (8)
     body = AES-256-GCM(key of the sender's direction, nonce = 0^4 || counter (8), AAD = header)
            of `length` bytes of plaintext, then the 16-byte tag
 
 The counter starts at 0 in each direction and increments per frame, so frames cannot be
-dropped, reordered or replayed without the next tag failing. ``type`` and ``id`` are in clear
-so that a receiver can refuse an oversized frame by id (and skip its body) without decrypting.
+dropped, reordered, replayed or altered (header included) without a tag failing. A receiver
+acts on a frame only after its tag verified, also when it refuses the frame as oversized
+(:meth:`SealedSocket.discard_body` authenticates what it drops). Receive buffers grow with
+the bytes that actually arrived, never with what a header claims. A send that fails or is
+cancelled after part of a frame left marks the connection broken (h11's ``send_failed``):
+it refuses further sends and is shut down; its owner opens a new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+from collections.abc import Callable
 
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from meshfed.errors import RemoteProtocolError, StreamClosed
+from meshfed.identity import PeerId
 from meshfed.stats import NodeStats, RejectReason
 
 __all__ = [
+    "CONFIRM",
     "HEADER",
     "HELLO_BYTES",
     "SealedSocket",
+    "accept_sealed",
     "derive_connection_keys",
     "derive_session",
+    "dial_sealed",
     "fresh_nonce",
 ]
 
@@ -49,8 +64,13 @@ TAG_BYTES = 16
 NONCE_BYTES = 16
 SESSION_ID_BYTES = 16
 HELLO_BYTES = SESSION_ID_BYTES + NONCE_BYTES + 1
-_MAX_LENGTH = 2**31
-_DISCARD_CHUNK = 1 << 20
+#: the frame type of the dialer's key confirmation (the frame types of the connection's
+#: users are below it)
+CONFIRM = 255
+_GROWTH_CHUNK = 1 << 16  # a receive buffer grows by at least this much, at most 2x at a time
+_DISCARD_CHUNK = 1 << 16
+
+SessionLookup = Callable[[bytes], "tuple[PeerId, bytes] | None"]
 
 
 def _hkdf(secret: bytes, *, salt: bytes, info: bytes, length: int) -> bytes:
@@ -81,6 +101,10 @@ def derive_connection_keys(
     return material[:32], material[32:]
 
 
+def _nonce(counter: int) -> bytes:
+    return b"\0\0\0\0" + counter.to_bytes(8, "big")
+
+
 class SealedSocket:
     """Frames in and out of one TCP socket, sealed with AES-256-GCM.
 
@@ -103,11 +127,15 @@ class SealedSocket:
         self.sock = sock
         self._seal = AESGCM(send_key)
         self._open = AESGCM(receive_key)
+        self._receive_key = receive_key
         self._send_counter = 0
         self._receive_counter = 0
         self.max_frame_bytes = max_frame_bytes
+        #: a send failed after part of a frame left: the connection can carry nothing more
+        self.broken = False
         self._send_buffer = bytearray(HEADER.size + 4096 + TAG_BYTES)
         self._receive_buffer = bytearray(4096 + TAG_BYTES)
+        self._header = b""
         self._send_lock = trio.Lock()
         self._stats = stats
 
@@ -118,36 +146,51 @@ class SealedSocket:
     ) -> None:
         """Seal and send one frame; concurrent senders are serialized.
 
+        A send that fails or is cancelled after part of the frame was written marks the
+        connection :attr:`broken` and shuts it down (the peer sees it end); one cancelled
+        before any byte left changes nothing.
+
         Raises:
-            StreamClosed: the connection is gone.
+            StreamClosed: the connection is gone or broken.
         """
         length = len(data)
         async with self._send_lock:
+            if self.broken:
+                raise StreamClosed("the connection broke on an earlier send")
             total = HEADER.size + length + TAG_BYTES
             if len(self._send_buffer) < total:
                 self._send_buffer = bytearray(total)
             view = memoryview(self._send_buffer)
             HEADER.pack_into(view, 0, length, frame_type, frame_id)
-            nonce = b"\0\0\0\0" + self._send_counter.to_bytes(8, "big")
-            self._send_counter += 1
             header = bytes(view[: HEADER.size])
-            self._seal.encrypt_into(nonce, data, header, view[HEADER.size : total])
-            await self._send_all(view[:total])
-            self._stats.bytes_out += total
+            self._seal.encrypt_into(
+                _nonce(self._send_counter), data, header, view[HEADER.size : total]
+            )
+            sent = 0
+            try:
+                while sent < total:
+                    sent += await self.sock.send(view[sent:total])
+            except OSError as exc:
+                self._break()
+                raise StreamClosed(f"connection lost while sending: {exc}") from None
+            except BaseException:
+                if sent:  # half a frame is out: nothing can follow it
+                    self._break()
+                raise
+            finally:
+                self._stats.bytes_out += sent
+            self._send_counter += 1
 
-    async def _send_all(self, view: memoryview) -> None:
-        sent = 0
-        try:
-            while sent < len(view):
-                sent += await self.sock.send(view[sent:])
-        except OSError as exc:
-            raise StreamClosed(f"connection lost while sending: {exc}") from None
+    def _break(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(trio.socket.SHUT_RDWR)
 
     # -- receiving -----------------------------------------------------------------------------
 
     async def receive_header(self) -> tuple[int, int, int]:
-        """The next frame's ``(length, type, id)``; then call :meth:`receive_body` or
-        :meth:`skip_body`.
+        """The next frame's ``(length, type, id)``, not yet authenticated: call
+        :meth:`receive_body` or :meth:`discard_body` before acting on it.
 
         Raises:
             StreamClosed: the peer closed the connection between frames.
@@ -183,12 +226,8 @@ class SealedSocket:
                 f"frame of {length} bytes does not fit a {len(into)}-byte buffer",
                 reason=RejectReason.BAD_FIELD,
             )
-        sealed = length + TAG_BYTES
-        if len(self._receive_buffer) < sealed:
-            self._receive_buffer = bytearray(sealed)
-        view = memoryview(self._receive_buffer)[:sealed]
-        await self._receive_exactly(view, at_boundary=False)
-        nonce = b"\0\0\0\0" + self._receive_counter.to_bytes(8, "big")
+        view = await self._receive_sealed(length + TAG_BYTES)
+        nonce = _nonce(self._receive_counter)
         self._receive_counter += 1
         try:
             if into is not None:
@@ -200,15 +239,46 @@ class SealedSocket:
                 "a sealed frame failed authentication", reason=RejectReason.MALFORMED
             ) from None
 
-    async def skip_body(self, length: int) -> None:
-        """Read and drop the body of a refused frame (its counter slot is used up)."""
-        remaining = length + TAG_BYTES
-        scratch = memoryview(bytearray(min(remaining, _DISCARD_CHUNK)))
+    async def _receive_sealed(self, sealed: int) -> memoryview:
+        """The next ``sealed`` bytes, in a buffer that grows with the bytes that arrived."""
+        got = 0
+        while True:
+            buffer = self._receive_buffer
+            end = min(sealed, len(buffer))
+            got += await self._receive_exactly(memoryview(buffer)[got:end], at_boundary=False)
+            if got == sealed:
+                return memoryview(self._receive_buffer)[:sealed]
+            grown = bytearray(min(sealed, max(2 * len(buffer), len(buffer) + _GROWTH_CHUNK)))
+            grown[:got] = buffer[:got]
+            self._receive_buffer = grown
+
+    async def discard_body(self, length: int) -> None:
+        """Read, authenticate and drop the body of a refused frame, in bounded memory.
+
+        Raises:
+            RemoteProtocolError: ``MALFORMED`` if its tag (over the header too) does not
+                verify, ``TRUNCATED``.
+        """
+        decryptor = Cipher(
+            algorithms.AES(self._receive_key), modes.GCM(_nonce(self._receive_counter))
+        ).decryptor()
+        self._receive_counter += 1
+        decryptor.authenticate_additional_data(self._header)
+        scratch = memoryview(bytearray(min(length, _DISCARD_CHUNK) or 1))
+        remaining = length
         while remaining:
             chunk = scratch[: min(remaining, len(scratch))]
             await self._receive_exactly(chunk, at_boundary=False)
+            decryptor.update(chunk)
             remaining -= len(chunk)
-        self._receive_counter += 1
+        tag = bytearray(TAG_BYTES)
+        await self._receive_exactly(memoryview(tag), at_boundary=False)
+        try:
+            decryptor.finalize_with_tag(bytes(tag))
+        except InvalidTag:
+            raise RemoteProtocolError(
+                "a refused sealed frame failed authentication", reason=RejectReason.MALFORMED
+            ) from None
 
     async def _receive_exactly(self, view: memoryview, *, at_boundary: bool) -> int:
         got = 0
@@ -230,6 +300,102 @@ class SealedSocket:
     def close(self) -> None:
         """Close the socket (the peer sees the end)."""
         self.sock.close()
+
+
+# -- the handshake ------------------------------------------------------------------------------
+
+
+async def dial_sealed(
+    sock: trio.socket.SocketType,
+    *,
+    session_id: bytes,
+    session_key: bytes,
+    kind: int,
+    max_frame_bytes: int,
+    stats: NodeStats,
+) -> SealedSocket:
+    """The dialer's handshake on a connected socket: hello, the listener's nonce, CONFIRM.
+
+    Raises:
+        OSError: the listener closed the connection (it does not know the session).
+        StreamClosed: the connection broke while sending the confirmation.
+    """
+    client_nonce = fresh_nonce()
+    hello = session_id + client_nonce + bytes([kind])
+    sent = 0
+    while sent < len(hello):
+        sent += await sock.send(hello[sent:])
+    server_nonce = await receive_exactly(sock, NONCE_BYTES)
+    dialer_key, listener_key = derive_connection_keys(
+        session_key,
+        session_id=session_id,
+        client_nonce=client_nonce,
+        server_nonce=server_nonce,
+        kind=kind,
+    )
+    channel = SealedSocket(sock, dialer_key, listener_key, max_frame_bytes, stats)
+    await channel.send(CONFIRM, 0, b"")
+    return channel
+
+
+async def accept_sealed(
+    sock: trio.socket.SocketType,
+    *,
+    lookup: SessionLookup,
+    kinds: tuple[int, ...],
+    max_frame_bytes: int,
+    stats: NodeStats,
+) -> tuple[PeerId, int, SealedSocket]:
+    """The listener's handshake: ``(peer, kind, channel)`` once the dialer proved that it
+    holds the session key. Reads exactly ``HELLO_BYTES`` and one empty frame before that.
+
+    Raises:
+        RemoteProtocolError: ``HANDSHAKE_FAILED`` (unknown session or kind, no valid
+            confirmation), ``TRUNCATED``.
+        OSError, StreamClosed: the connection broke.
+    """
+    hello = await receive_exactly(sock, HELLO_BYTES)
+    known = lookup(hello[:SESSION_ID_BYTES])
+    kind = hello[-1]
+    if known is None or kind not in kinds:
+        raise RemoteProtocolError(
+            "unknown session or connection kind", reason=RejectReason.HANDSHAKE_FAILED
+        )
+    peer, session_key = known
+    server_nonce = fresh_nonce()
+    await sock.send(server_nonce)
+    dialer_key, listener_key = derive_connection_keys(
+        session_key,
+        session_id=hello[:SESSION_ID_BYTES],
+        client_nonce=hello[SESSION_ID_BYTES : SESSION_ID_BYTES + NONCE_BYTES],
+        server_nonce=server_nonce,
+        kind=kind,
+    )
+    channel = SealedSocket(sock, listener_key, dialer_key, max_frame_bytes, stats)
+    try:
+        if await channel.receive_header() != (0, CONFIRM, 0):
+            raise RemoteProtocolError("no key confirmation", reason=RejectReason.HANDSHAKE_FAILED)
+        await channel.receive_body(0)
+    except RemoteProtocolError as exc:
+        if exc.reason is RejectReason.TRUNCATED:
+            raise
+        raise RemoteProtocolError(
+            f"key confirmation failed: {exc}", reason=RejectReason.HANDSHAKE_FAILED
+        ) from None
+    return peer, kind, channel
+
+
+async def receive_exactly(sock: trio.socket.SocketType, n: int) -> bytes:
+    """``n`` bytes from ``sock`` (raises ``OSError`` if it closes first)."""
+    buffer = bytearray(n)
+    view = memoryview(buffer)
+    got = 0
+    while got < n:
+        received = await sock.recv_into(view[got:], n - got)
+        if received == 0:
+            raise OSError("connection closed during the handshake")
+        got += received
+    return bytes(buffer)
 
 
 def fresh_nonce() -> bytes:

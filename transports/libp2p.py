@@ -16,13 +16,17 @@ unless a node uses this transport. libp2p's import detaches its loggers from the
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import itertools
 import logging
+import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import libp2p
 import msgpack
 import multiaddr
 import trio
@@ -32,8 +36,10 @@ from libp2p import new_host
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_noise_key_pair
-from libp2p.custom_types import TProtocol
+from libp2p.custom_types import THandler, TProtocol
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.ping import PingService
+from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -41,12 +47,17 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.exceptions import OpenConnectionError
+from libp2p.transport.tcp.tcp import TCP, TCPListener
+from libp2p.utils.multiaddr_utils import extract_ip_from_multiaddr
 
 from meshfed.errors import (
     PeerUnreachable,
     RemoteProtocolError,
     RequestFailed,
+    RequestTimeout,
     StreamClosed,
+    TransportError,
 )
 from meshfed.identity import Identity, PeerId
 from meshfed.interfaces import dialable, host_addresses
@@ -61,12 +72,11 @@ from meshfed.transport import (
 
 from ._limits import PeerAdmission
 from ._sealed import (
-    HELLO_BYTES,
     NONCE_BYTES,
-    SESSION_ID_BYTES,
     SealedSocket,
-    derive_connection_keys,
+    accept_sealed,
     derive_session,
+    dial_sealed,
     fresh_nonce,
 )
 
@@ -78,6 +88,16 @@ SESSION_PROTOCOL = TProtocol("/meshfed/session/1")
 HANDSHAKE_TIMEOUT_S = 5.0
 DIAL_TIMEOUT_S = 10.0
 STALE_CHECK_S = 2.0  # a connected peer that does not answer a ping in this long is re-dialled
+#: unauthenticated sealed connections at once; one more sheds the oldest [overloaded]
+MAX_UNAUTHENTICATED = 64
+#: authenticated sealed connections per peer beyond its streams (its control connections)
+_CONTROL_SLACK = 4
+#: sessions kept per peer, and in all, for inbound sealed handshakes (oldest dropped first)
+SESSIONS_PER_PEER = 2
+MAX_SESSIONS = 4096
+ACCEPT_BACKOFF_S = (0.01, 1.0)  # first and longest pause when accept() finds no resources
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_LISTENER_GONE_ERRNOS = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
 
 # connection kinds (the last byte of the hello)
 CONTROL, STREAM = 0, 1
@@ -108,6 +128,54 @@ def route_libp2p_logs() -> None:
 route_libp2p_logs()
 
 
+#: What the exceptions of py-libp2p, trio and the OS mean in our tree, by type (first match
+#: wins); :func:`_mapped` applies it, and also maps any other exception raised *inside*
+#: py-libp2p's code (its bugs show up as ``TypeError`` and the like) to ``PeerUnreachable``.
+#: Anything else is a bug of ours and propagates.
+ERROR_TABLE: tuple[tuple[type[BaseException], type[TransportError]], ...] = (
+    (trio.TooSlowError, RequestTimeout),
+    (BaseLibp2pError, PeerUnreachable),
+    (trio.BrokenResourceError, PeerUnreachable),
+    (trio.ClosedResourceError, PeerUnreachable),
+    (OSError, PeerUnreachable),
+)
+_FOREIGN = tuple(foreign for foreign, _ in ERROR_TABLE)
+
+
+@contextlib.contextmanager
+def _quietly(what: str) -> Iterator[None]:
+    """Ignore a network's failure (after :func:`_mapped`): tidying up a connection."""
+    with contextlib.suppress(TransportError), _mapped(what):
+        yield
+
+
+_LIBP2P_DIR = os.path.dirname(libp2p.__file__) + os.sep
+
+
+def _raised_in_libp2p(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is py-libp2p's code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_LIBP2P_DIR)
+
+
+@contextlib.contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    """Raise the exceptions of :data:`ERROR_TABLE`, and py-libp2p's own failures, as ours,
+    saying what failed."""
+    try:
+        yield
+    except _FOREIGN as exc:
+        ours = next(mine for foreign, mine in ERROR_TABLE if isinstance(exc, foreign))
+        raise ours(f"{what}: {exc or type(exc).__name__}") from exc
+    except Exception as exc:
+        if not _raised_in_libp2p(exc):
+            raise
+        log.debug("py-libp2p failed with %s: %s", type(exc).__name__, exc)
+        raise PeerUnreachable(f"{what}: py-libp2p failed ({type(exc).__name__}: {exc})") from exc
+
+
 def _to_libp2p(peer: PeerId) -> ID:
     return ID(peer.raw)
 
@@ -127,13 +195,65 @@ class _Session:
 
 
 @dataclass(slots=True)
+class _InboundSessions:
+    """The sessions peers opened with us, by session id, for their sealed handshakes.
+
+    Bounded: a peer keeps its ``per_peer`` newest sessions, the table its ``total`` newest.
+    A dialer whose session was dropped fails its handshake and exchanges keys again.
+    """
+
+    per_peer: int = SESSIONS_PER_PEER
+    total: int = MAX_SESSIONS
+    _by_id: dict[bytes, tuple[PeerId, bytes]] = field(default_factory=dict)
+    _by_peer: dict[PeerId, collections.deque[bytes]] = field(default_factory=dict)
+
+    def add(self, session_id: bytes, peer: PeerId, key: bytes) -> None:
+        """Remember a session, dropping the oldest beyond the bounds."""
+        ids = self._by_peer.setdefault(peer, collections.deque())
+        ids.append(session_id)
+        self._by_id[session_id] = (peer, key)
+        if len(ids) > self.per_peer:
+            self._drop(ids[0])
+        while len(self._by_id) > self.total:
+            self._drop(next(iter(self._by_id)))
+
+    def get(self, session_id: bytes) -> tuple[PeerId, bytes] | None:
+        """The peer and session key of ``session_id``, if we know it."""
+        return self._by_id.get(session_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def _drop(self, session_id: bytes) -> None:
+        peer, _ = self._by_id.pop(session_id)
+        ids = self._by_peer[peer]
+        ids.remove(session_id)
+        if not ids:
+            del self._by_peer[peer]
+
+
+@dataclass(slots=True)
+class _Unauthenticated:
+    """A sealed connection whose dialer has not yet proved that it holds a session key."""
+
+    sock: trio.socket.SocketType
+    scope: trio.CancelScope
+    shed: bool = False
+
+
+@dataclass(slots=True)
 class _Control:
     """A control connection with one peer: requests both ways, answers matched by id."""
 
     channel: SealedSocket
     waiters: dict[int, tuple[trio.Event, list[bytes | Exception]]] = field(default_factory=dict)
     ids: itertools.count[int] = field(default_factory=itertools.count)
-    broken: bool = False
+    failed: bool = False
+
+    @property
+    def usable(self) -> bool:
+        """Whether new requests may go out on it."""
+        return not self.failed and not self.channel.broken
 
     def deliver(self, peer: PeerId, failed: bool, request_id: int, body: bytes) -> None:
         """Hand an answer to the request waiting for it (if it has not given up)."""
@@ -148,7 +268,7 @@ class _Control:
         waiter[0].set()
 
     def fail_all(self, error: Exception) -> None:
-        self.broken = True
+        self.failed = True
         for event, slot in self.waiters.values():
             slot.append(error)
             event.set()
@@ -233,6 +353,64 @@ def _remote_host(stream: object) -> str | None:
     return None
 
 
+class _ExclusiveTCPListener(TCPListener):  # type: ignore[misc]  # libp2p is untyped
+    """py-libp2p's TCP listener, bound without ``SO_REUSEPORT``.
+
+    py-libp2p sets ``SO_REUSEPORT`` on its listening sockets (for hole punching, which we do
+    not use), so a second node on a taken port "listens" too and the kernel splits incoming
+    connections between them. This one fails with ``EADDRINUSE`` instead and records why.
+    """
+
+    def __init__(self, handler_function: THandler, failures: dict[str, str]) -> None:
+        super().__init__(handler_function)
+        self._failures = failures
+
+    async def listen(self, maddr: multiaddr.Multiaddr) -> None:
+        try:
+            host = extract_ip_from_multiaddr(maddr) or "0.0.0.0"
+            port = int(maddr.value_for_protocol("tcp"))
+        except (ValueError, TypeError, multiaddr.exceptions.Error) as exc:
+            self._failures[str(maddr)] = f"not a TCP address with a port ({exc})"
+            raise OpenConnectionError(f"cannot listen on {maddr}: {exc}") from exc
+        sock = trio.socket.socket(
+            trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET,
+            trio.socket.SOCK_STREAM,
+        )
+        try:
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)  # TIME_WAIT
+            await sock.bind((host, port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            self._failures[str(maddr)] = (
+                "address in use" if exc.errno == errno.EADDRINUSE else str(exc.strerror or exc)
+            )
+            raise OpenConnectionError(f"cannot listen on {maddr}: {exc}") from exc
+        listener = trio.SocketListener(sock)
+
+        async def serve(stream: trio.SocketStream) -> None:
+            with contextlib.suppress(Exception):  # as py-libp2p's: a failed upgrade is logged there
+                await self.handler(TrioTCPStream(stream))
+
+        if self._nursery is None:
+            await self._spawn_background_task()
+        assert self._nursery is not None
+        await self._nursery.start(trio.serve_listeners, serve, [listener])
+        self.listeners.append(listener)
+
+
+class _ExclusiveTCP(TCP):  # type: ignore[misc]
+    """py-libp2p's TCP transport with :class:`_ExclusiveTCPListener`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: why listening on an address failed, by multiaddr (py-libp2p only logs it)
+        self.failures: dict[str, str] = {}
+
+    def create_listener(self, handler_function: THandler) -> TCPListener:
+        return _ExclusiveTCPListener(handler_function, self.failures)
+
+
 class Libp2pTransport(Transport):
     """A node's libp2p transport. See the module docstring.
 
@@ -258,7 +436,9 @@ class Libp2pTransport(Transport):
         secret = Ed25519PrivateKey.from_bytes(identity.ed25519_seed())
         key_pair = KeyPair(secret, secret.get_public_key())
         noise = NoiseTransport(key_pair, noise_privkey=new_noise_key_pair().private_key)
+        self._tcp = _ExclusiveTCP()
         self.host = new_host(
+            transports=[self._tcp],
             key_pair=key_pair,
             sec_opt={NOISE_PROTOCOL_ID: noise},
             muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
@@ -278,7 +458,9 @@ class Libp2pTransport(Transport):
         self._request_handlers: dict[str, RequestHandler] = {}
         self._stream_handlers: dict[str, StreamHandler] = {}
         self._sessions: dict[PeerId, _Session] = {}
-        self._inbound_sessions: dict[bytes, tuple[PeerId, bytes]] = {}
+        self._inbound_sessions = _InboundSessions()
+        self._unauthenticated: dict[trio.socket.SocketType, _Unauthenticated] = {}
+        self._sealed_per_peer: collections.Counter[PeerId] = collections.Counter()
         self._controls: dict[PeerId, _Control] = {}
         self._session_locks: dict[PeerId, trio.Lock] = {}
         self._control_locks: dict[PeerId, trio.Lock] = {}
@@ -315,12 +497,16 @@ class Libp2pTransport(Transport):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener = await self._open_sealed_listener()
         try:
-            async with self.host.run(self._listen), trio.open_nursery() as nursery:
-                self._nursery = nursery
-                if listener is not None:
-                    nursery.start_soon(self._accept_loop, listener)
-                task_status.started()
-                await trio.sleep_forever()
+            async with self.host.run(self._listen):
+                failure = self._listen_failure()
+                if failure is None:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        if listener is not None:
+                            nursery.start_soon(self._accept_loop, listener)
+                        task_status.started()
+                        await trio.sleep_forever()
+            raise failure  # outside libp2p's nurseries: one plain exception
         finally:
             self._nursery = None
             if listener is not None:
@@ -330,6 +516,15 @@ class Libp2pTransport(Transport):
             for control in self._controls.values():
                 control.fail_all(PeerUnreachable("the transport stopped"))
             self._controls.clear()
+
+    def _listen_failure(self) -> TransportError | None:
+        """py-libp2p skips an address it cannot listen on (and logs it at DEBUG): say which."""
+        serving = self.host.get_network().listeners
+        failed = [a for a in map(str, self._listen) if a not in serving]
+        if not failed:
+            return None
+        reasons = [f"{a} ({self._tcp.failures.get(a, 'no transport for it')})" for a in failed]
+        return TransportError(f"cannot listen on {', '.join(reasons)}")
 
     async def _open_sealed_listener(self) -> trio.socket.SocketType | None:
         """Listen for sealed connections on the IP of the first TCP listen address. With no
@@ -357,13 +552,13 @@ class Libp2pTransport(Transport):
     async def connect(self, addr: str) -> PeerId:
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-        except Exception as exc:
+        except ValueError as exc:  # multiaddr's and py-libp2p's parse errors
             raise PeerUnreachable(f"{addr!r} is not a multiaddr with /p2p/<id>: {exc}") from None
         peer = _from_libp2p(info.peer_id)
         if peer in self.connected_peers() and not await self._answers(peer):
             # A connection that no longer answers (its interface went away; TCP has not
             # noticed): close it, so that the dial below opens a fresh one.
-            with trio.move_on_after(STALE_CHECK_S):
+            with trio.move_on_after(STALE_CHECK_S), _quietly("disconnecting"):
                 await self.host.disconnect(info.peer_id)
             self._sessions.pop(peer, None)
             control = self._controls.pop(peer, None)
@@ -374,11 +569,8 @@ class Libp2pTransport(Transport):
         # Dial the address asked for: the peerstore may hold others that no longer work (from
         # an interface that went, or a wildcard a peer's identify message reported).
         self.host.get_peerstore().clear_addrs(info.peer_id)
-        try:
-            with trio.fail_after(DIAL_TIMEOUT_S):
-                await self.host.connect(info)
-        except (Exception, trio.TooSlowError) as exc:
-            raise PeerUnreachable(f"cannot reach {addr}: {exc}") from exc
+        with _mapped(f"cannot reach {addr}"), trio.fail_after(DIAL_TIMEOUT_S):
+            await self.host.connect(info)
         await self._session(peer)
         return peer
 
@@ -397,19 +589,20 @@ class Libp2pTransport(Transport):
         ephemeral = X25519PrivateKey.generate()
         ours = ephemeral.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         nonce = fresh_nonce()
+        with _mapped(f"key exchange with {peer} failed"), trio.fail_after(HANDSHAKE_TIMEOUT_S):
+            stream = await self.host.new_stream(_to_libp2p(peer), [SESSION_PROTOCOL])
+            try:
+                await stream.write(msgpack.packb([1, ours, nonce, self._sealed_port]))
+                answer = await stream.read(256)
+                remote = _remote_host(stream)
+            finally:
+                await stream.close()
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                stream = await self.host.new_stream(_to_libp2p(peer), [SESSION_PROTOCOL])
-                try:
-                    await stream.write(msgpack.packb([1, ours, nonce, self._sealed_port]))
-                    answer = await stream.read(256)
-                    remote = _remote_host(stream)
-                finally:
-                    await stream.close()
-        except (Exception, trio.TooSlowError) as exc:
+            theirs, their_nonce, port = _parse_exchange(answer)
+            shared = _agree(ephemeral, theirs)
+        except RemoteProtocolError as exc:
+            self.stats.reject(exc.reason)
             raise PeerUnreachable(f"key exchange with {peer} failed: {exc}") from exc
-        theirs, their_nonce, port = _parse_exchange(answer)
-        shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(theirs))
         session_id, key = derive_session(
             shared,
             dialer=self.local_peer.raw,
@@ -424,12 +617,12 @@ class Libp2pTransport(Transport):
         """The listener half of the key exchange (a libp2p stream handler)."""
         peer = _from_libp2p(stream.muxed_conn.peer_id)  # type: ignore[attr-defined]
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+            with _mapped(f"key exchange from {peer}"), trio.fail_after(HANDSHAKE_TIMEOUT_S):
                 theirs, their_nonce, _port = _parse_exchange(await stream.read(256))  # type: ignore[attr-defined]
                 ephemeral = X25519PrivateKey.generate()
                 ours = ephemeral.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
                 nonce = fresh_nonce()
-                shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(theirs))
+                shared = _agree(ephemeral, theirs)
                 session_id, key = derive_session(
                     shared,
                     dialer=peer.raw,
@@ -438,18 +631,20 @@ class Libp2pTransport(Transport):
                 )
                 # Known before the answer leaves: the dialer may open a sealed connection the
                 # moment it reads it.
-                self._inbound_sessions[session_id] = (peer, key)
+                self._inbound_sessions.add(session_id, peer, key)
                 await stream.write(msgpack.packb([1, ours, nonce, self._sealed_port]))  # type: ignore[attr-defined]
                 remote = _remote_host(stream)
         except RemoteProtocolError as exc:
             self.stats.reject(exc.reason)
-            await stream.reset()  # type: ignore[attr-defined]
+            with _quietly("resetting the key exchange"):
+                await stream.reset()  # type: ignore[attr-defined]
             return
-        except (Exception, trio.TooSlowError):  # libp2p raises many types on a broken stream
+        except TransportError:  # a broken stream or a silent dialer
             self.stats.reject(RejectReason.HANDSHAKE_FAILED)
             return
         finally:
-            await stream.close()  # type: ignore[attr-defined]
+            with _quietly("closing the key exchange"):
+                await stream.close()  # type: ignore[attr-defined]
         # The dialer can now be reached back without a dial of its own.
         if peer not in self._sessions and remote:
             reverse = await self._exchange_keys_quietly(peer)
@@ -459,97 +654,140 @@ class Libp2pTransport(Transport):
     async def _exchange_keys_quietly(self, peer: PeerId) -> _Session | None:
         try:
             return await self._exchange_keys(peer)
-        except PeerUnreachable:
+        except (TransportError, RemoteProtocolError):
             return None
 
     # -- sealed connections --------------------------------------------------------------------
 
     async def _dial_sealed(self, peer: PeerId, kind: int) -> SealedSocket:
         fresh = peer not in self._sessions
-        session = await self._session(peer)
-        if session.sealed_port == 0:
-            raise PeerUnreachable(f"{peer} accepts no inbound connections (client mode)")
-        try:
-            return await self._handshake(session, kind)
-        except (OSError, trio.TooSlowError) as exc:
-            self._sessions.pop(peer, None)  # the peer may have restarted: exchange keys anew
-            if fresh:
-                raise PeerUnreachable(f"sealed connection to {peer} failed: {exc}") from exc
-        try:  # once more, with a session made just now
-            return await self._handshake(await self._session(peer), kind)
-        except (OSError, trio.TooSlowError) as exc:
-            self._sessions.pop(peer, None)
-            raise PeerUnreachable(f"sealed connection to {peer} failed: {exc}") from exc
+        for retry in (False, True):
+            session = await self._session(peer)
+            if session.sealed_port == 0:
+                raise PeerUnreachable(f"{peer} accepts no inbound connections (client mode)")
+            try:
+                return await self._handshake(session, kind)
+            except TransportError:
+                self._sessions.pop(peer, None)  # the peer may have restarted: exchange anew
+                if fresh or retry:
+                    raise
+        raise AssertionError("not reached")
 
     async def _handshake(self, session: _Session, kind: int) -> SealedSocket:
-        """Open and key one sealed connection (raises ``OSError`` or ``TooSlowError``)."""
+        """Open and key one sealed connection."""
         family = trio.socket.AF_INET6 if ":" in session.host else trio.socket.AF_INET
         sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
-        sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
-        client_nonce = fresh_nonce()
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+            what = f"sealed connection to {session.host}:{session.sealed_port} failed"
+            with _mapped(what), trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
                 await sock.connect((session.host, session.sealed_port))
-                await sock.send(session.session_id + client_nonce + bytes([kind]))
-                server_nonce = await _receive_exactly(sock, NONCE_BYTES)
+                return await dial_sealed(
+                    sock,
+                    session_id=session.session_id,
+                    session_key=session.key,
+                    kind=kind,
+                    max_frame_bytes=self.limits.max_frame_bytes + _REQUEST_OVERHEAD,
+                    stats=self.stats,
+                )
+        except StreamClosed as exc:
+            sock.close()
+            raise PeerUnreachable(f"sealed connection failed: {exc}") from exc
         except BaseException:
             sock.close()
             raise
-        dialer_key, listener_key = derive_connection_keys(
-            session.key,
-            session_id=session.session_id,
-            client_nonce=client_nonce,
-            server_nonce=server_nonce,
-            kind=kind,
-        )
-        max_frame = self.limits.max_frame_bytes + _REQUEST_OVERHEAD
-        return SealedSocket(sock, dialer_key, listener_key, max_frame, self.stats)
 
     async def _accept_loop(self, listener: trio.socket.SocketType) -> None:
+        """Accept sealed connections until cancelled. Out of file descriptors or buffers, it
+        sheds the oldest unauthenticated connection, backs off and goes on (as trio's
+        ``serve_listeners`` backs off)."""
+        pause = ACCEPT_BACKOFF_S[0]
         while True:
-            sock, _ = await listener.accept()
-            sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _LISTENER_GONE_ERRNOS:
+                    raise
+                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                    shed = self._shed_oldest()
+                    level = logging.WARNING if pause == ACCEPT_BACKOFF_S[0] else logging.DEBUG
+                    log.log(
+                        level,
+                        "sealed port: %s; shed %d connection(s), pausing %.2f s",
+                        exc.strerror,
+                        int(shed),
+                        pause,
+                    )
+                    await trio.sleep(pause)
+                    pause = min(2 * pause, ACCEPT_BACKOFF_S[1])
+                continue  # any other error is the failed connection's, not the listener's
+            pause = ACCEPT_BACKOFF_S[0]
             self._spawn(self._serve_sealed, sock)
+
+    def _shed_oldest(self) -> bool:
+        """Close the oldest unauthenticated connection (its task counts it [overloaded])."""
+        if not self._unauthenticated:
+            return False
+        pending = self._unauthenticated.pop(next(iter(self._unauthenticated)))
+        pending.shed = True
+        pending.scope.cancel()
+        pending.sock.close()  # its descriptor is free at once
+        return True
+
+    async def _authenticate(
+        self, sock: trio.socket.SocketType
+    ) -> tuple[PeerId, int, SealedSocket] | None:
+        """The listener's handshake under the limits for unauthenticated connections: at most
+        ``MAX_UNAUTHENTICATED`` at once (one more sheds the oldest), each done in
+        ``HANDSHAKE_TIMEOUT_S``. ``None`` (counted) if it failed."""
+        if len(self._unauthenticated) >= MAX_UNAUTHENTICATED:
+            self._shed_oldest()
+        deadline = trio.current_time() + HANDSHAKE_TIMEOUT_S
+        pending = self._unauthenticated[sock] = _Unauthenticated(
+            sock, trio.CancelScope(deadline=deadline)
+        )
+        reason = RejectReason.HANDSHAKE_TIMEOUT
+        try:
+            with pending.scope:
+                sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+                return await accept_sealed(
+                    sock,
+                    lookup=self._inbound_sessions.get,
+                    kinds=(CONTROL, STREAM),
+                    max_frame_bytes=self.limits.max_frame_bytes + _REQUEST_OVERHEAD,
+                    stats=self.stats,
+                )
+        except (OSError, StreamClosed, trio.ClosedResourceError, RemoteProtocolError):
+            reason = RejectReason.HANDSHAKE_FAILED
+        finally:
+            self._unauthenticated.pop(sock, None)
+        self.stats.reject(RejectReason.OVERLOADED if pending.shed else reason)
+        return None
 
     async def _serve_sealed(self, sock: trio.socket.SocketType) -> None:
         self._sockets.add(sock)
         try:
-            try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                    hello = await _receive_exactly(sock, HELLO_BYTES)
-                    known = self._inbound_sessions.get(hello[:SESSION_ID_BYTES])
-                    kind = hello[-1]
-                    if known is None or kind not in (CONTROL, STREAM):
-                        raise RemoteProtocolError(
-                            "unknown session", reason=RejectReason.HANDSHAKE_FAILED
-                        )
-                    server_nonce = fresh_nonce()
-                    await sock.send(server_nonce)
-            except (OSError, trio.TooSlowError, RemoteProtocolError):
-                self.stats.reject(RejectReason.HANDSHAKE_FAILED)
+            accepted = await self._authenticate(sock)
+            if accepted is None:
                 return
-            peer, key = known
-            dialer_key, listener_key = derive_connection_keys(
-                key,
-                session_id=hello[:SESSION_ID_BYTES],
-                client_nonce=hello[SESSION_ID_BYTES : SESSION_ID_BYTES + NONCE_BYTES],
-                server_nonce=server_nonce,
-                kind=kind,
-            )
-            channel = SealedSocket(
-                sock,
-                listener_key,
-                dialer_key,
-                self.limits.max_frame_bytes + _REQUEST_OVERHEAD,
-                self.stats,
-            )
-            if kind == CONTROL:
-                control = _Control(channel)
-                if self._controls.get(peer) is None:
-                    self._controls[peer] = control  # our requests may ride it back
-                await self._run_control(peer, control)
-            else:
-                await self._serve_stream(peer, channel)
+            peer, kind, channel = accepted
+            if self._sealed_per_peer[peer] >= self.limits.max_streams_per_peer + _CONTROL_SLACK:
+                self.stats.reject(RejectReason.TOO_MANY_STREAMS)
+                return
+            self._sealed_per_peer[peer] += 1
+            try:
+                if kind == CONTROL:
+                    control = _Control(channel)
+                    current = self._controls.get(peer)
+                    if current is None or not current.usable:
+                        self._controls[peer] = control  # our requests may ride it back
+                    await self._run_control(peer, control)
+                else:
+                    await self._serve_stream(peer, channel)
+            finally:
+                self._sealed_per_peer[peer] -= 1
+                if not self._sealed_per_peer[peer]:
+                    del self._sealed_per_peer[peer]
         finally:
             self._sockets.discard(sock)
             sock.close()
@@ -581,12 +819,12 @@ class Libp2pTransport(Transport):
 
     async def _control(self, peer: PeerId) -> _Control:
         control = self._controls.get(peer)
-        if control is not None and not control.broken:
+        if control is not None and control.usable:
             return control
         lock = self._control_locks.setdefault(peer, trio.Lock())
         async with lock:
             control = self._controls.get(peer)
-            if control is None or control.broken:
+            if control is None or not control.usable:
                 channel = await self._dial_sealed(peer, CONTROL)
                 control = self._controls[peer] = _Control(channel)
                 self._spawn(self._run_control, peer, control)
@@ -605,8 +843,8 @@ class Libp2pTransport(Transport):
                         frame_type == REQUEST
                         and length > self.limits.max_frame_bytes + _REQUEST_OVERHEAD
                     ):
+                        await channel.discard_body(length)  # authenticated before we answer
                         self.stats.reject(RejectReason.OVERSIZED)
-                        await channel.skip_body(length)
                         nursery.start_soon(_send_quietly, channel, ERROR, frame_id, b"oversized")
                         continue
                     body = await channel.receive_body(length)
@@ -726,7 +964,7 @@ class Libp2pTransport(Transport):
     async def _answers(self, peer: PeerId) -> bool:
         """Whether our connection to ``peer`` still carries a libp2p ping."""
         with trio.move_on_after(STALE_CHECK_S):
-            with contextlib.suppress(PeerUnreachable):
+            with contextlib.suppress(TransportError):
                 await self.ping(peer)
                 return True
         return False
@@ -738,12 +976,19 @@ class Libp2pTransport(Transport):
             PeerUnreachable: no answer.
         """
         started = trio.current_time()  # libp2p reports whole milliseconds: time it ourselves
-        try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                await self._ping.ping(_to_libp2p(peer))
-        except (Exception, trio.TooSlowError) as exc:
-            raise PeerUnreachable(f"libp2p ping to {peer} failed: {exc}") from exc
+        with _mapped(f"libp2p ping to {peer} failed"), trio.fail_after(HANDSHAKE_TIMEOUT_S):
+            await self._ping.ping(_to_libp2p(peer))
         return trio.current_time() - started
+
+
+def _agree(ephemeral: X25519PrivateKey, theirs: bytes) -> bytes:
+    """The X25519 secret; a low-order key (an all-zero result) is [handshake_failed]."""
+    try:
+        return ephemeral.exchange(X25519PublicKey.from_public_bytes(theirs))
+    except ValueError:
+        raise RemoteProtocolError(
+            "low-order X25519 key in a key exchange", reason=RejectReason.HANDSHAKE_FAILED
+        ) from None
 
 
 def _parse_exchange(data: bytes) -> tuple[bytes, bytes, int]:
@@ -764,18 +1009,6 @@ def _parse_exchange(data: bytes) -> tuple[bytes, bytes, int]:
     ):
         raise RemoteProtocolError("bad key exchange fields", reason=RejectReason.HANDSHAKE_FAILED)
     return key, nonce, port
-
-
-async def _receive_exactly(sock: trio.socket.SocketType, n: int) -> bytes:
-    buffer = bytearray(n)
-    view = memoryview(buffer)
-    got = 0
-    while got < n:
-        received = await sock.recv_into(view[got:], n - got)
-        if received == 0:
-            raise OSError("connection closed during the handshake")
-        got += received
-    return bytes(buffer)
 
 
 async def _send_quietly(channel: SealedSocket, frame_type: int, frame_id: int, data: bytes) -> None:

@@ -4,14 +4,23 @@ Usage: ``python tests/procs/hostile.py ADDR [ADDR ...]``. For each target it dia
 with its own valid identity (so it gets past Noise) and sends frames that must each be rejected
 with a counted reason. Prints one JSON line: ``{"attacks": {reason: count}, "answers": {...}}``
 where answers are the error reasons the target gave back.
+
+``python tests/procs/hostile.py ADDR --flood SECONDS [--only KIND ...] [--mix SEED]`` floods
+one target instead, every kind of :data:`FLOODS` at once (or those named), or with ``--mix``
+random steps of every kind :class:`Flood` knows (the one-shot attacks too): prints
+``{"event": "flooding"}`` once it has begun, then ``{"flood": {kind: {outcome: count}}}``.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
+import contextlib
 import json
-import sys
+import os
+import random
 import time
+from collections.abc import Awaitable, Callable
 
 import msgpack
 import numpy as np
@@ -21,11 +30,15 @@ from meshfed.arrays import ArrayPart, ArrayParts, parts_frame
 from meshfed.control import Ping, Text
 from meshfed.errors import MeshfedError, RequestFailed
 from meshfed.identity import Identity, PeerId
+from meshfed.membership.gossip import Delta
+from meshfed.membership.records import Capabilities, sign_record
+from meshfed.membership.service import SwimPing
+from meshfed.membership.swim import Update
 from meshfed.node import ARRAY_PROTOCOL as ARRAY
 from meshfed.node import PARTS_PROTOCOL as PARTS
 from meshfed.node import RPC_PROTOCOL as RPC
 from meshfed.stats import NodeStats
-from meshfed.transports._sealed import HEADER
+from meshfed.transports._sealed import HEADER, NONCE_BYTES
 from meshfed.transports.libp2p import Libp2pTransport
 from meshfed.wire import SIGNATURE_DOMAIN, seal
 
@@ -112,7 +125,7 @@ async def attack_raw(transport: Libp2pTransport, peer: PeerId, addr: str) -> dic
     answers: dict[str, str] = {}
     host = addr.split("/")[2]
     libp2p_port = int(addr.split("/")[4])
-    sealed_port = transport._sessions[peer].sealed_port  # test-only peek at the session
+    sealed_port = (await transport._session(peer)).sealed_port  # test-only peek at the session
     for label, port in (("handshake_failed", sealed_port), ("libp2p_garbage", libp2p_port)):
         try:
             with trio.move_on_after(5):
@@ -152,6 +165,155 @@ def _array_header(me: Identity) -> bytes:
     return seal(me, header, now_ms=now_ms())[0]
 
 
+# -- flooding ------------------------------------------------------------------------------------
+
+Outcomes = collections.Counter[str]
+
+
+class Flood:
+    """Every kind of hostile traffic at one target. Each kind is a step (one hostile action,
+    its outcome counted); :meth:`repeat` runs one kind over and over, :meth:`mix` random
+    steps of every kind."""
+
+    def __init__(self, transport: Libp2pTransport, me: Identity, peer: PeerId, addr: str) -> None:
+        self.transport, self.me, self.peer, self.addr = transport, me, peer, addr
+        self.host = addr.split("/")[2]
+        self.session = transport._sessions[peer]  # test-only peek: sealed port and session id
+        self.outcomes: dict[str, Outcomes] = collections.defaultdict(collections.Counter)
+        self.strangers = [Identity.generate() for _ in range(64)]
+        self.held: collections.deque[trio.SocketStream] = collections.deque()
+        self.opened = 0
+        self.steps: dict[str, Callable[[], Awaitable[None]]] = {
+            "unauthenticated": self.unauthenticated,
+            "oversized_headers": self.oversized_headers,
+            "junk_envelopes": self.junk_envelopes,
+            "swim": self.swim,
+            "records": self.records,
+            "attacks": self.attacks,
+        }
+
+    async def repeat(self, kind: str) -> None:
+        step = self.steps[kind]
+        while True:
+            await step()
+            if kind == "unauthenticated":
+                await trio.sleep(0.002)
+
+    async def mix(self, rng: random.Random) -> None:
+        kinds = sorted(self.steps)
+        while True:
+            await self.steps[rng.choice(kinds)]()
+            await trio.sleep(rng.random() * 0.01)
+
+    async def unauthenticated(self) -> None:
+        """Open one more connection to the sealed port and send it a 13-byte header claiming
+        2 GiB (every fourth after our own session id, replayed); hold the newest 200."""
+        try:
+            stream = await trio.open_tcp_stream(self.host, self.session.sealed_port)
+            if self.opened % 4 == 0:
+                hello = self.session.session_id + os.urandom(NONCE_BYTES) + b"\x00"
+                await stream.send_all(hello)
+            await stream.send_all(HEADER.pack(2**31 - 1, 0, self.opened))
+            self.held.append(stream)
+            self.opened += 1
+            self.outcomes["unauthenticated"]["opened"] += 1
+        except (OSError, trio.BrokenResourceError) as exc:
+            self.outcomes["unauthenticated"][type(exc).__name__] += 1
+        while len(self.held) > 200:
+            await self.held.popleft().aclose()
+
+    async def oversized_headers(self) -> None:
+        """An authenticated stream connection whose first frame claims 1 GiB."""
+        await self._count("oversized_headers", self._oversized_once)
+
+    async def _oversized_once(self) -> None:
+        stream = await self.transport.open_stream(self.peer, ARRAY)
+        raw = stream._channel.sock  # type: ignore[attr-defined]  # test-only raw socket
+        await raw.send(HEADER.pack(2**30, 3, 0))
+        raw.close()
+
+    async def junk_envelopes(self) -> None:
+        """One malformed, forged, stale, replayed or oversized request frame."""
+        _, frame = random.choice(frames(self.me))
+        await self._count("junk_envelopes", self._rpc, frame)
+
+    async def swim(self) -> None:
+        """A SWIM ping carrying 64 updates about strangers."""
+        updates = [
+            Update(peer=s.peer_id, state=random.randrange(3), incarnation=random.randrange(99))
+            for s in self.strangers
+        ]
+        await self._count("swim", self._message, SwimPing(updates=updates))
+
+    async def records(self) -> None:
+        """An anti-entropy delta of 16 fresh, validly signed records of strangers."""
+        records = [
+            sign_record(
+                s,
+                seq=now_ms(),
+                expires_ms=now_ms() + 600_000,
+                addrs=[f"/ip4/10.{i % 250}.0.1/tcp/4001/p2p/{s.peer_id}"],
+                capabilities=Capabilities(),
+            )
+            for i, s in enumerate(random.sample(self.strangers, 16))
+        ]
+        await self._count("records", self._message, Delta(records=records, wants=[]))
+
+    async def attacks(self) -> None:
+        """The whole one-shot attack suite (:func:`attack`): envelopes, parts, streams, raw."""
+        try:
+            with trio.fail_after(60):
+                answers = await attack(self.transport, self.me, self.addr)
+            self.outcomes["attacks"].update(answers.values())
+        except (MeshfedError, trio.TooSlowError) as exc:
+            self.outcomes["attacks"][type(exc).__name__] += 1
+
+    async def _message(self, body: object) -> None:
+        await self._rpc(seal(self.me, body, now_ms=now_ms())[0])  # type: ignore[arg-type]
+
+    async def _rpc(self, frame: bytes) -> None:
+        await self.transport.request(self.peer, RPC, frame)
+
+    async def _count(
+        self, kind: str, action: Callable[..., Awaitable[None]], *args: object
+    ) -> None:
+        try:
+            with trio.fail_after(5):
+                await action(*args)
+            self.outcomes[kind]["accepted"] += 1
+        except RequestFailed as exc:
+            self.outcomes[kind][exc.reason] += 1
+        except (MeshfedError, trio.TooSlowError) as exc:
+            self.outcomes[kind][type(exc).__name__] += 1
+            await trio.sleep(0.05)
+
+
+FLOODS = ("unauthenticated", "oversized_headers", "junk_envelopes", "swim", "records")
+
+
+async def flood(addr: str, seconds: float, kinds: list[str], mix_seed: int | None) -> None:
+    """Flood ``addr`` for ``seconds``: two tasks per kind (one for unauthenticated
+    connections), or with ``mix_seed``, six tasks of random steps of every kind."""
+    me = Identity.generate()
+    transport = Libp2pTransport(me, stats=NodeStats())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(transport.run)
+        peer = await transport.connect(addr)
+        attack_ = Flood(transport, me, peer, addr)
+        with trio.move_on_after(seconds):
+            async with trio.open_nursery() as floods:
+                if mix_seed is None:
+                    for kind in kinds:
+                        for _ in range(1 if kind == "unauthenticated" else 2):
+                            floods.start_soon(attack_.repeat, kind)
+                else:
+                    for n in range(6):
+                        floods.start_soon(attack_.mix, random.Random(mix_seed + n))
+                print(json.dumps({"event": "flooding"}), flush=True)
+        nursery.cancel_scope.cancel()
+    print(json.dumps({"flood": attack_.outcomes}), flush=True)
+
+
 async def main(addrs: list[str]) -> None:
     me = Identity.generate()
     transport = Libp2pTransport(me, stats=NodeStats())
@@ -166,4 +328,14 @@ async def main(addrs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("addrs", nargs="+")
+    parser.add_argument("--flood", type=float, help="flood the one target for this many seconds")
+    parser.add_argument("--only", nargs="*", choices=FLOODS, default=list(FLOODS))
+    parser.add_argument("--mix", type=int, help="random steps of every kind, from this seed")
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        if args.flood is None:
+            trio.run(main, args.addrs)
+        else:
+            trio.run(flood, args.addrs[0], args.flood, args.only, args.mix)
