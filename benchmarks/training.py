@@ -123,12 +123,12 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="3 nodes, 3 rounds, for tests")
+    parser.add_argument("--quick", action="store_true", help="4 nodes, 3 rounds, for tests")
     parser.add_argument("--sim-peers", type=int, default=200, help="peers of the simulation")
     parser.add_argument("--sim-max-group", type=int, default=8, help="its largest group")
     args = parser.parse_args()
     configure_logging("error")
-    nodes, rounds = (3, 3) if args.quick else (args.nodes, args.rounds)
+    nodes, rounds = (4, 3) if args.quick else (args.nodes, args.rounds)
     options: dict[str, Any] = {
         "dataset": "digits",
         "partition": "dirichlet",

@@ -73,19 +73,19 @@ def test_a_job_that_cannot_run_is_refused_with_its_reason(mode: list[str]) -> No
 def test_testnet_trains_one_model_on_every_node_and_stops_cleanly(tmp_path: Path) -> None:
     out = tmp_path / "run.json"
     result = cli(
-        "testnet", "--nodes", "3", "--rounds", "3", "--epochs", "2", "--out", str(out), timeout=240
+        "testnet", "--nodes", "4", "--rounds", "3", "--epochs", "2", "--out", str(out), timeout=240
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every node finished with the same model" in result.stdout
     assert "clean stop" in result.stdout
     run = json.loads(out.read_text())
     assert run["finished"] and run["same_model_everywhere"]
-    assert [node["returncode"] for node in run["nodes"]] == [0, 0, 0]
+    assert [node["returncode"] for node in run["nodes"]] == [0, 0, 0, 0]
     assert [r["round"] for r in run["rounds"]] == [0, 1, 2]
     assert run["rounds"][-1]["accuracy"] > run["rounds"][0]["accuracy"]
     assert run["final_accuracy"] > 0.6
     for node in run["nodes"]:
-        assert node["stats"]["accepted"]["meshfed.secagg.unmask"] == 3 * 2  # 3 rounds, 2 others
+        assert node["stats"]["accepted"]["meshfed.secagg.unmask"] == 3 * 3  # 3 rounds, 3 others
         assert node["outcome"]["state"] == "finished"  # as each node's store says
         assert not node["stats"]["rejected"]
 
@@ -94,7 +94,7 @@ def test_a_job_file_for_another_node_is_reported_not_fatal(tmp_path: Path) -> No
     from meshfed.identity import Identity
     from meshfed.training.job import JobSpec
 
-    roster = tuple(str(Identity.generate().peer_id) for _ in range(3))
+    roster = tuple(str(Identity.generate().peer_id) for _ in range(4))
     job = tmp_path / "job.json"
     job.write_text(JobSpec(job_id="elsewhere", roster=roster).to_json())
     node = Process(
@@ -140,11 +140,11 @@ def _node_id(data_dir: Path) -> str:
 
 
 def _job_node(tmp_path: Path, **fields: object) -> Process:
-    """A `run --json --job` node, roster itself and two peers that never come."""
+    """A `run --json --job` node, roster itself and three peers that never come."""
     from meshfed.identity import Identity
 
     me = _node_id(tmp_path / "me")
-    roster = [me, *(str(Identity.generate().peer_id) for _ in range(2))]
+    roster = [me, *(str(Identity.generate().peer_id) for _ in range(3))]
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"job_id": "j", "roster": roster, **fields}))
     return Process(
@@ -225,7 +225,7 @@ def _events(out: str) -> list[dict[str, Any]]:
 async def test_an_error_inside_training_fails_the_job_and_the_node_serves_on(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async with open_memory_mesh(3, tmp_path) as nodes:
+    async with open_memory_mesh(4, tmp_path) as nodes:
         await _connect_all(nodes)
         roster = tuple(str(node.peer_id) for node in nodes)
         spec = JobSpec(job_id="breaks", roster=roster, model="test_breaks_in_training")
@@ -234,7 +234,7 @@ async def test_an_error_inside_training_fails_the_job_and_the_node_serves_on(
                 for node in nodes:
                     nursery.start_soon(_train, node, spec, True, 30.0)
         failed = [e for e in _events(capsys.readouterr().out) if e["event"] == "job_failed"]
-        assert len(failed) == 3
+        assert len(failed) == 4
         assert all("RuntimeError: boom in forward" in e["error"] for e in failed)
 
         async def echo(envelope: Envelope, text: Text) -> Text:
@@ -252,7 +252,7 @@ async def test_an_error_inside_training_fails_the_job_and_the_node_serves_on(
 async def test_a_job_this_node_finished_is_reported_at_once(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async with open_memory_mesh(3, tmp_path) as nodes:
+    async with open_memory_mesh(4, tmp_path) as nodes:
         roster = tuple(str(node.peer_id) for node in nodes)
         spec = JobSpec(job_id="done", roster=roster, rounds=1)
         peers = [
@@ -281,7 +281,7 @@ def test_a_simulation_too_large_for_its_data_is_refused_at_once_saying_what_fits
 
 def test_a_testnet_job_that_cannot_run_is_refused_before_any_node_starts(tmp_path: Path) -> None:
     out = str(tmp_path / "run.json")
-    result = cli("testnet", "--nodes", "3", "--algorithm", "adam", "--out", out, timeout=60)
+    result = cli("testnet", "--nodes", "4", "--algorithm", "adam", "--out", out, timeout=60)
     assert result.returncode == 2
     assert "algorithm: no strategy 'adam'; known: fedavg" in result.stderr
     assert "Traceback" not in result.stderr
@@ -291,7 +291,7 @@ def test_a_testnet_node_that_cannot_start_is_named(tmp_path: Path) -> None:
     # every node is given a listen address it cannot serve
     out = str(tmp_path / "run.json")
     result = cli(
-        "testnet", "--nodes", "3", "--out", out, timeout=60, MESHFED_LISTEN="/ip4/127.0.0.1"
+        "testnet", "--nodes", "4", "--out", out, timeout=60, MESHFED_LISTEN="/ip4/127.0.0.1"
     )
     assert result.returncode == 2
     assert "node 0 ended with code 2 before it started" in result.stderr

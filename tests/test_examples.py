@@ -80,4 +80,4 @@ async def test_the_sample_job_runs(tmp_path: Path) -> None:
         spec = dataclasses.replace(sample, roster=roster, rounds=2)
         reports = await run_together(peers_for(nodes, spec))
     assert all([r.round for r in mine] == [0, 1] for mine in reports)
-    assert all(r.groups == (3,) for mine in reports for r in mine)
+    assert all(r.groups == (4,) for mine in reports for r in mine)

@@ -277,7 +277,7 @@ async def test_a_job_that_reaches_its_target_stops_everywhere_at_the_same_round(
 
 
 def test_rollback_needs_a_store() -> None:
-    roster = tuple(str(Identity.generate().peer_id) for _ in range(3))
+    roster = tuple(str(Identity.generate().peer_id) for _ in range(4))
     with pytest.raises(ConfigError, match="rollback_drop must be in"):
         JobSpec(job_id="j", roster=roster, rollback_drop=2.0)
     with pytest.raises(ConfigError, match="keep_checkpoints"):

@@ -312,7 +312,7 @@ async def test_compressed_jobs_train_about_as_well_as_uncompressed(
 
 
 def test_a_job_refuses_compression_it_cannot_run() -> None:
-    roster = tuple(str(Identity.generate().peer_id) for _ in range(3))
+    roster = tuple(str(Identity.generate().peer_id) for _ in range(4))
     for options, match in [
         ({"compression": "zip"}, "compression must be"),
         ({"compression": "topk"}, "secure"),

@@ -46,16 +46,16 @@ async def test_peers_train_digits_together_and_hold_the_same_model(
 
 
 def test_a_job_refuses_what_cannot_run() -> None:
-    roster = tuple(str(Identity.generate().peer_id) for _ in range(3))
+    roster = tuple(str(Identity.generate().peer_id) for _ in range(4))
     with pytest.raises(ConfigError, match="schedule"):
         JobSpec(job_id="j", roster=roster, schedule="sometimes")
     with pytest.raises(ConfigError, match="roster"):
         JobSpec(job_id="j", roster=roster[:1])
     with pytest.raises(ConfigError, match="roster: required"):
         JobSpec.from_json('{"job_id": "j"}')
-    with pytest.raises(ConfigError, match="groups of 2"):
-        JobSpec(job_id="j", roster=roster[:2])  # secure: each would see the other's model
-    JobSpec(job_id="j", roster=roster[:2], secure=False)
+    with pytest.raises(ConfigError, match="groups of 4 or more"):
+        JobSpec(job_id="j", roster=roster[:3])  # secure: a colluder could read one model
+    JobSpec(job_id="j", roster=roster[:3], secure=False)
     spec = JobSpec(job_id="j", roster=roster, model="mlp", model_options={"hidden": [32]})
     assert JobSpec.from_json(spec.to_json()) == spec
 
@@ -151,21 +151,21 @@ async def test_a_peer_that_starts_late_takes_the_others_state_and_ends_with_thei
             np.testing.assert_array_equal(peer.parameters, peers[0].parameters)
 
 
-async def test_under_secure_aggregation_no_peer_sums_its_own_model_with_just_one_other(
+async def test_under_secure_aggregation_a_peer_sums_its_own_model_with_three_others_at_least(
     tmp_path: Path,
 ) -> None:
-    async with memory_nodes(tmp_path, 7) as nodes:
-        # 7 peers in groups of at most 3: a 3 x 3 grid with two empty cells
-        spec = job_for(nodes, "pairs", rounds=1, max_group=3)
+    async with memory_nodes(tmp_path, 8) as nodes:
+        # 8 peers in groups of at most 4: groups of 4 first, then pairs of group means
+        spec = job_for(nodes, "groups", rounds=1, max_group=4)
         peers = peers_for(nodes, spec)
         reports = await run_together(peers)
-        placement = peers[0]._placement(0)
-        first_groups = [len(placement.group(node.peer_id, 0)[1]) for node in nodes]
-        assert 2 in first_groups  # the grid does make pairs on the first axis here
-        for size, peer_reports in zip(first_groups, reports, strict=True):
+        for peer_reports in reports:
             step_0, step_1 = peer_reports[0].groups
-            assert step_0 == (0 if size == 2 else size)  # a pair never sums two own models
-            assert step_1 != 2 or step_0 >= 3  # a later pair sums aggregates of 3 or more
+            assert step_0 == 4  # one colluder among them never reads one honest model
+            assert step_1 == 2  # a pair sums two aggregates of 4, never a peer's own model
+        assert len({report[-1].accuracy for report in reports}) == 1  # the exact mean
+    with pytest.raises(ConfigError, match="groups of 4 or more"):
+        JobSpec(job_id="j", roster=spec.roster[:7], max_group=3)
 
 
 async def test_pushsum_gossip_brings_every_peer_close_to_the_same_model(tmp_path: Path) -> None:
@@ -231,7 +231,7 @@ async def test_pushsum_peers_wait_for_a_slow_pusher_instead_of_running_ahead(
         assert not any(peer._gone for peer in peers)  # slow is not gone
 
 
-def _roster(n: int = 3) -> list[str]:
+def _roster(n: int = 4) -> list[str]:
     return [str(Identity.generate().peer_id) for _ in range(n)]
 
 
@@ -300,7 +300,7 @@ def test_a_job_built_in_python_is_type_checked_too() -> None:
 async def test_a_model_that_does_not_fit_the_data_is_refused_before_any_training(
     tmp_path: Path, options: dict[str, object], message: str
 ) -> None:
-    async with memory_nodes(tmp_path, 3) as nodes:
+    async with memory_nodes(tmp_path, 4) as nodes:
         spec = job_for(nodes, "misfit", **options)
         for node in nodes:
             with pytest.raises(ConfigError, match=message):
