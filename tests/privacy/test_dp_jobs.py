@@ -21,7 +21,7 @@ from meshfed.privacy.accountant import GaussianEvent, PrivacyAccountant
 from meshfed.secagg.bounds import DEFAULT_COLLUSION, threshold_for
 from meshfed.training.job import JobSpec, TrainingPeer
 from tests.privacy.recording import Recording, Sent, recorded_peers, run_all
-from tests.training.nodes import job_for, memory_nodes
+from tests.training.nodes import job_for, memory_nodes, run_together
 
 SIGMA, CLIP = 1.0, 1.0  # the released noise must have std >= SIGMA * CLIP per coordinate
 #: peer-level DP whose local training barely moves the model: what leaves a peer is the
@@ -145,3 +145,168 @@ async def test_moshpit_shares_are_sized_for_each_rounds_own_group(tmp_path: Path
     for (_, members), group in noises.items():
         assert len(group) == len(members)
         honest_subsets_carry_the_charged_noise(group, len(members))
+
+
+def record_pushes(
+    monkeypatch: pytest.MonkeyPatch, node: Node, into: list[tuple[str, npt.NDArray[Any]]]
+) -> None:
+    """Keep every array ``node`` sends (what leaves it), by name."""
+    send = node.send_array
+
+    async def sending(peer: PeerId, array: npt.NDArray[Any], **options: Any) -> None:
+        into.append((options["name"], np.array(array)))
+        await send(peer, array, **options)
+
+    monkeypatch.setattr(node, "send_array", sending)
+
+
+async def test_push_sum_with_peer_level_dp_pushes_noisy_clipped_models_and_charges_each_tick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with memory_nodes(tmp_path, 4) as nodes:
+        reference = PrivacyAccountant(budget_epsilon=100, delta=1e-5)
+        reference.compose(GaussianEvent(SIGMA), 2)
+        spec = job_for(
+            nodes,
+            "gossip-dp",
+            **{**QUIET, "rounds": 3},
+            secure=False,
+            schedule="pushsum",
+            local_steps=1,
+            dp_epsilon=reference.epsilon() + 0.01,  # two ticks fit, a third does not
+        )
+        pushes: list[tuple[str, npt.NDArray[Any]]] = []
+        record_pushes(monkeypatch, nodes[0], pushes)
+        peers, _ = recorded_peers(nodes, spec)
+        base = peers[0].parameters
+        outcomes = await run_all(peers)
+    per_tick = peers[0]._pushes_per_tick
+    training = [a for name, a in pushes if int(name.rsplit(":", 1)[1]) < 2 * per_tick]
+    assert len(training) == 2 * per_tick
+    for message in training:  # [x / 2, w / 2]: the estimate x / w is what it releases
+        estimate = message[:-1].astype(np.float64) / float(message[-1])
+        assert np.std(estimate - base) >= 0.97 * SIGMA * CLIP
+    for reports in outcomes:
+        assert isinstance(reports, list)
+        assert [r.contributed for r in reports] == [True, True, False]
+        assert reports[-1].epsilon == pytest.approx(reference.epsilon())
+
+
+async def test_push_sum_with_dp_sgd_charges_every_tick_its_sampled_steps(tmp_path: Path) -> None:
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = job_for(
+            nodes,
+            "gossip-dp-sgd",
+            rounds=3,
+            secure=False,
+            schedule="pushsum",
+            partition="iid",
+            dp_mode="sample",
+            dp_clip=1.0,
+            dp_noise_multiplier=1.0,
+        )
+        peers, _ = recorded_peers(nodes, spec)
+        outcomes = await run_all(peers)
+    for peer, reports in zip(peers, outcomes, strict=True):
+        assert isinstance(reports, list) and all(r.contributed for r in reports)
+        event, steps = peer.trainer.event(len(peer.shard))  # type: ignore[union-attr]
+        reference = PrivacyAccountant(budget_epsilon=100, delta=spec.dp_delta)
+        reference.compose(event, 3 * steps)
+        assert reports[-1].epsilon == pytest.approx(reference.epsilon())
+        assert reports[-1].epsilon > 0
+
+
+async def test_a_peer_killed_between_release_and_commit_is_charged_for_every_release(
+    tmp_path: Path,
+) -> None:
+    spec_options = {**QUIET, "rounds": 3, "dp_epsilon": 50.0}
+    releases = [0] * 4
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = job_for(nodes, "crash-dp", **spec_options)
+        # every node dies right after round 1's sum came back, before it committed the round
+        peers, aggregators = recorded_peers(nodes, spec, crash=lambda r, s: r == 1)
+        outcomes = await run_all(peers)
+        assert all(isinstance(o, RuntimeError) for o in outcomes)
+        for i, aggregator in enumerate(aggregators):
+            releases[i] += sum(1 for s in aggregator.sent if s.vector[-1] > 0)
+            store = nodes[i].store
+            assert store is not None and [r.round for r in store.rounds("crash-dp")] == [0]
+    async with memory_nodes(tmp_path, 4) as nodes:  # restarted, same stores
+        peers, aggregators = recorded_peers(nodes, spec)
+        outcomes = await run_all(peers)
+        for i, (peer, aggregator) in enumerate(zip(peers, aggregators, strict=True)):
+            reports = outcomes[i]
+            assert isinstance(reports, list) and [r.round for r in reports] == [0, 1, 2]
+            releases[i] += sum(1 for s in aggregator.sent if s.vector[-1] > 0)
+            covered = PrivacyAccountant(budget_epsilon=100, delta=spec.dp_delta)
+            covered.compose(GaussianEvent(SIGMA), releases[i])
+            assert peer.accountant is not None
+            assert peer.accountant.epsilon() >= covered.epsilon() * (1 - 1e-9)
+            assert reports[-1].epsilon == peer.accountant.epsilon()
+            # round 1 was charged before the crash: its re-run goes without this peer's data
+            assert [r.contributed for r in reports] == [True, False, True]
+            assert releases[i] == 3  # rounds 0 and 1 before the crash, 2 after
+
+
+async def test_a_dp_job_needs_a_store_and_room_for_its_noise(tmp_path: Path) -> None:
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = job_for(nodes, "no-store", dp_clip=1.0)
+        with pytest.raises(ConfigError, match="store"):
+            TrainingPeer(nodes[0], spec)
+        # secure: shares of std up to 2 x 2 / sqrt(2) = 2.8 would be cut by clip 8
+        with pytest.raises(ConfigError, match="quantizer"):
+            job_for(nodes, "cut", dp_clip=2.0, dp_noise_multiplier=2.0)
+        job_for(nodes, "room", dp_clip=2.0, dp_noise_multiplier=2.0, clip=32.0)
+        job_for(nodes, "plain", dp_clip=2.0, dp_noise_multiplier=2.0, secure=False)
+        with pytest.raises(ConfigError, match="dp_delta"):
+            job_for(nodes, "delta", dp_clip=1.0, dp_delta=1.0)
+
+
+async def test_with_dp_each_peer_spends_its_budget_then_stops_contributing(tmp_path: Path) -> None:
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = job_for(
+            nodes,
+            "dp",
+            rounds=7,
+            dp_clip=1.0,
+            dp_noise_multiplier=2.0,
+            clip=16.0,  # room for noise shares of std 2 / sqrt(2) beside the parameters
+            dp_epsilon=5.5,  # sigma 2: five rounds fit (epsilon 5.38), a sixth would not (5.98)
+            dp_delta=1e-5,
+        )
+        peers, _ = recorded_peers(nodes, spec)
+        reports = await run_together(peers)
+        for peer in peers[1:]:
+            np.testing.assert_array_equal(peer.parameters, peers[0].parameters)
+        for peer_reports in reports:
+            assert [r.contributed for r in peer_reports] == [True] * 5 + [False] * 2
+            epsilons = [r.epsilon for r in peer_reports]
+            assert epsilons == sorted(epsilons) and 5.3 < epsilons[-1] <= 5.5
+            assert epsilons[5] == epsilons[4]  # nothing spent once it stopped
+            assert 0.0 <= peer_reports[-1].accuracy <= 1.0
+
+
+async def test_with_dp_sgd_each_example_is_protected_and_the_job_still_learns(
+    tmp_path: Path,
+) -> None:
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = job_for(
+            nodes,
+            "dp-sgd",
+            rounds=4,
+            partition="iid",
+            lr=0.5,
+            dp_mode="sample",
+            dp_clip=1.0,
+            dp_noise_multiplier=1.0,
+            dp_epsilon=5.0,  # three rounds of ~12 sampled steps fit (epsilon 4.67), four do not
+        )
+        peers, _ = recorded_peers(nodes, spec)
+        reports = await run_together(peers)
+        for peer, peer_reports in zip(peers, reports, strict=True):
+            assert [r.contributed for r in peer_reports] == [True] * 3 + [False]
+            event, steps = peer.trainer.event(len(peer.shard))  # type: ignore[union-attr]
+            reference = PrivacyAccountant(budget_epsilon=100, delta=spec.dp_delta)
+            reference.compose(event, 3 * steps)
+            assert peer_reports[-1].epsilon == pytest.approx(reference.epsilon())
+            assert peer_reports[2].accuracy > 0.6  # chance is 0.1

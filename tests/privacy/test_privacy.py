@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
 
 import dp_accounting
 import numpy as np
@@ -11,8 +11,10 @@ from dp_accounting import rdp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshfed.errors import StoreError
 from meshfed.privacy.accountant import GaussianEvent, PrivacyAccountant, calibrate_noise
-from meshfed.privacy.dp import clip_update, privatize
+from meshfed.privacy.dp import clip_update
+from meshfed.store import Store
 
 
 @settings(max_examples=30, deadline=None)
@@ -66,19 +68,6 @@ def test_clipping_bounds_the_norm_and_keeps_short_updates(
         assert cosine == pytest.approx(1.0, abs=1e-5)
 
 
-def test_each_peer_adds_its_share_of_the_noise_the_sum_is_charged_for() -> None:
-    rng = np.random.default_rng(0)
-    contributors, clip, sigma = 4, 0.5, 1.5
-    shares = [
-        privatize(np.zeros(200_000, np.float32), clip=clip, noise_multiplier=sigma,
-                  min_contributors=contributors, rng=rng)
-        for _ in range(contributors)
-    ]  # fmt: skip
-    total = np.sum(shares, axis=0)
-    assert np.std(total) == pytest.approx(sigma * clip, rel=0.01)
-    assert np.std(shares[0]) == pytest.approx(sigma * clip / math.sqrt(contributors), rel=0.01)
-
-
 @pytest.mark.parametrize(("rate", "count"), [(1.0, 5), (0.1, 100), (0.01, 2000)])
 def test_calibrated_noise_is_the_least_that_fits_the_budget(rate: float, count: int) -> None:
     noise = calibrate_noise(epsilon=4.0, delta=1e-5, sampling_rate=rate, count=count)
@@ -91,3 +80,25 @@ def test_calibrated_noise_is_the_least_that_fits_the_budget(rate: float, count: 
     assert spent(noise) <= 4.0 < spent(noise * 0.98)
     with pytest.raises(ValueError, match="do not fit"):
         calibrate_noise(epsilon=1e-3, delta=1e-5, sampling_rate=1.0, count=1000, most=2.0)
+
+
+def test_a_round_is_charged_once_and_its_charge_survives_a_restart(tmp_path: Path) -> None:
+    accountant = PrivacyAccountant(budget_epsilon=10, delta=1e-5)
+    accountant.charge(0, GaussianEvent(2.0))
+    accountant.charge(1, GaussianEvent(0.5, 0.1), 20)
+    with pytest.raises(ValueError, match="already charged"):
+        accountant.charge(1, GaussianEvent(2.0))
+    with Store.open(tmp_path / "store.sqlite3") as store:
+        store.put_job("j", "{}")
+        store.commit_privacy("j", accountant.state_dict())
+        earlier = PrivacyAccountant(budget_epsilon=10, delta=1e-5)
+        earlier.charge(0, GaussianEvent(2.0))
+        with pytest.raises(StoreError, match="never rolled back"):
+            store.commit_privacy("j", earlier.state_dict())
+    with Store.open(tmp_path / "store.sqlite3") as store:  # reopened: the charges are there
+        state = store.privacy("j")
+    assert state is not None
+    restored = PrivacyAccountant(budget_epsilon=1, delta=0.5)
+    restored.load_state_dict(state)
+    assert restored.charged(0) and restored.charged(1) and not restored.charged(2)
+    assert restored.epsilon() == accountant.epsilon()
