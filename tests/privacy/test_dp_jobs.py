@@ -274,7 +274,7 @@ async def test_with_dp_each_peer_spends_its_budget_then_stops_contributing(tmp_p
             dp_epsilon=5.5,  # sigma 2: five rounds fit (epsilon 5.38), a sixth would not (5.98)
             dp_delta=1e-5,
         )
-        peers, _ = recorded_peers(nodes, spec)
+        peers, aggregators = recorded_peers(nodes, spec)
         reports = await run_together(peers)
         for peer in peers[1:]:
             np.testing.assert_array_equal(peer.parameters, peers[0].parameters)
@@ -284,6 +284,12 @@ async def test_with_dp_each_peer_spends_its_budget_then_stops_contributing(tmp_p
             assert epsilons == sorted(epsilons) and 5.3 < epsilons[-1] <= 5.5
             assert epsilons[5] == epsilons[4]  # nothing spent once it stopped
             assert 0.0 <= peer_reports[-1].accuracy <= 1.0
+        # a peer out of budget sends weight 0 but still its noise share, no data: it counts
+        # toward the group's threshold, so the sum must not miss its share
+        for aggregator in aggregators:
+            for sent in aggregator.sent[5:]:
+                assert sent.vector[-1] == 0
+                assert np.std(sent.vector[:-1]) == pytest.approx(2.0 / math.sqrt(2), rel=0.03)
 
 
 async def test_with_dp_sgd_each_example_is_protected_and_the_job_still_learns(
