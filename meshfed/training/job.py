@@ -952,6 +952,8 @@ class TrainingPeer:
             weight = total * len(result.survivors) / placement.shape[step % placement.steps]
             sizes.append(len(result.survivors))
             own = own and len(result.survivors) < 3
+        if noise is not None and data:  # never aggregated: the model kept may leave later
+            params = self._release(params, noise, 1, first=False, data=True)
         return (params if origin is None else origin + params), sizes
 
     async def _robust_step(

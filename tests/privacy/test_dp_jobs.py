@@ -316,3 +316,26 @@ async def test_with_dp_sgd_each_example_is_protected_and_the_job_still_learns(
             reference.compose(event, 3 * steps)
             assert peer_reports[-1].epsilon == pytest.approx(reference.epsilon())
             assert peer_reports[2].accuracy > 0.6  # chance is 0.1
+
+
+async def test_a_peer_left_out_of_every_step_keeps_only_a_fully_noised_model(
+    tmp_path: Path,
+) -> None:
+    """What a left-out peer keeps is its next round's base and what it offers a peer that
+    catches up: it must not hold its update with less than the whole noise."""
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = job_for(nodes, "left-out", **QUIET, secure=False)
+        left_out = nodes[0].peer_id
+        aggregators = [
+            Recording(node, fail=lambda r, s, me=node.peer_id: me == left_out) for node in nodes
+        ]
+        peers = [
+            TrainingPeer(node, spec, aggregator, store=node.store)
+            for node, aggregator in zip(nodes, aggregators, strict=True)
+        ]
+        base = peers[0].parameters
+        outcomes = await run_all(peers)
+    reports = outcomes[0]
+    assert isinstance(reports, list) and reports[0].groups == (0,)
+    std = np.std(peers[0].parameters.astype(np.float64) - base)
+    assert 0.97 * SIGMA * CLIP <= std <= 1.03 * SIGMA * CLIP
