@@ -1032,7 +1032,7 @@ class TrainingPeer:
 
 def local_seed(spec: JobSpec, number: int) -> int:
     """The seed of round ``number``'s local shuffling (the same formula on every peer, so a
-    centralized reference can replay a job exactly)."""
+    centralized reference can replay a job exactly). Public: DP-SGD's sampling ignores it."""
     return spec.seed * 1_000_003 + number
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import dp_accounting
@@ -11,10 +12,14 @@ from dp_accounting import rdp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshfed.errors import StoreError
+from meshfed.errors import ConfigError, StoreError
+from meshfed.identity import Identity
 from meshfed.privacy.accountant import GaussianEvent, PrivacyAccountant, calibrate_noise
 from meshfed.privacy.dp import clip_update
+from meshfed.privacy.policy import honest_floor, share_std
+from meshfed.secagg.bounds import threshold_for
 from meshfed.store import Store
+from meshfed.training.job import JobSpec
 
 
 @settings(max_examples=30, deadline=None)
@@ -102,3 +107,27 @@ def test_a_round_is_charged_once_and_its_charge_survives_a_restart(tmp_path: Pat
     restored.load_state_dict(state)
     assert restored.charged(0) and restored.charged(1) and not restored.charged(2)
     assert restored.epsilon() == accountant.epsilon()
+
+
+@given(st.integers(2, 128), st.integers(0, 4))
+def test_a_share_is_sized_so_that_the_fewest_honest_survivors_carry_the_charge(
+    size: int, collusion: int
+) -> None:
+    honest = honest_floor(size, collusion)
+    try:
+        threshold = threshold_for(size, collusion)
+    except ConfigError:  # no dropout tolerated: no secure group, every member adds it all
+        assert honest == 1
+        return
+    assert honest == threshold - collusion >= 2  # so a share is sigma C / sqrt(t - c)
+
+
+def test_shares_only_in_a_secure_jobs_first_sum() -> None:
+    roster = tuple(str(Identity.generate().peer_id) for _ in range(4))
+    secure = JobSpec(job_id="j", roster=roster, dp_clip=0.5, dp_noise_multiplier=2.0)
+    plain = JobSpec(job_id="j", roster=roster, dp_clip=0.5, dp_noise_multiplier=2.0, secure=False)
+    assert share_std(secure, 4, first=True) == pytest.approx(1.0 / math.sqrt(2))  # t 3, c 1
+    assert share_std(secure, 16, first=True) == pytest.approx(1.0 / math.sqrt(8))  # t 9
+    assert share_std(secure, 3, first=True) == 1.0  # t = 3 = g: no bound, all of it
+    assert share_std(secure, 4, first=False) == 1.0
+    assert share_std(plain, 4, first=True) == 1.0
