@@ -22,8 +22,10 @@ the 9.6k-parameter MLP, ``--rounds`` rounds of ``--epochs`` local epochs, one se
 
 - ``acc_dp``, ``epsilon_dp``: the secure job again with example-level differential privacy
   (DP-SGD: clip 1, lr 0.5, budget epsilon 8 at delta 1e-5 per peer, each peer's noise the least
-  that lasts every round): the
-  final accuracy and the largest epsilon a peer spent (``dp_rounds``: rounds it contributed to).
+  that lasts every round; batches and noise from the OS's generator): the
+  final accuracy and the largest epsilon a peer spent (``dp_rounds``: rounds it contributed to),
+  for the neighbour relation ``dp_neighbour`` (add/remove one example of a peer's shard).
+  ``--dp-only`` runs and prints just these.
 
 - ``sim_round_s_200``, ``sim_cpu_s_200``, ``sim_rss_mb_200``: ``--sim-peers`` (200) peers of
   the same job in one process on the memory transport (``meshfed-node testnet --simulate``,
@@ -33,7 +35,7 @@ the 9.6k-parameter MLP, ``--rounds`` rounds of ``--epochs`` local epochs, one se
   ``sim_round_s_200_moshpit``, ``sim_cpu_s_200_moshpit``: the same with the ``moshpit``
   schedule (one grid axis per round, so one secure run).
 
-Usage: python benchmarks/training.py [--nodes 8] [--rounds 10] [--epochs 1] [--quick]
+Usage: python benchmarks/training.py [--nodes 8] [--rounds 10] [--epochs 1] [--quick] [--dp-only]
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ from meshfed.training.torch_adapter import LocalTrainer, evaluate, flatten, load
 
 DP = {"dp_mode": "sample", "dp_clip": 1.0, "dp_noise_multiplier": 0.0, "lr": 0.5, "dp_epsilon": 8.0}
 LARGE = {"hidden": [1024, 960]}  # 64*1024 + 1024 + 1024*960 + 960 + 960*10 + 10 = 1.05M
+#: what epsilon_dp protects (SPEC 7c, the guarantee): DP-SGD's unit is one example
+NEIGHBOUR = "add/remove one example of a peer's shard (q = batch / public shard size)"
 
 
 def centralized_fedavg(spec: JobSpec) -> list[float]:
@@ -104,6 +108,18 @@ def decentralized(nodes: int, *, agree: bool = True, **options: Any) -> dict[str
     return run
 
 
+def private(nodes: int, **options: Any) -> dict[str, Any]:
+    """The job with example-level DP (:data:`DP`) on the testnet: its figures."""
+    run = decentralized(nodes, **{**options, **DP})
+    spent = [n["rounds"][-1] for n in run["nodes"] if n["rounds"]]
+    return {
+        "acc_dp": round(run["final_accuracy"], 4),
+        "epsilon_dp": round(max(r["epsilon"] for r in spent), 3),
+        "dp_rounds": max(sum(r["contributed"] for r in n["rounds"]) for n in run["nodes"]),
+        "dp_neighbour": NEIGHBOUR,
+    }
+
+
 def simulated(peers: int, **options: Any) -> dict[str, Any]:
     """``meshfed-node testnet --simulate peers`` in its own process (its own peak memory)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,6 +142,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 nodes, 3 rounds, for tests")
     parser.add_argument("--sim-peers", type=int, default=200, help="peers of the simulation")
     parser.add_argument("--sim-max-group", type=int, default=8, help="its largest group")
+    parser.add_argument("--dp-only", action="store_true", help="only the DP job's figures")
     args = parser.parse_args()
     configure_logging("error")
     nodes, rounds = (4, 3) if args.quick else (args.nodes, args.rounds)
@@ -137,6 +154,10 @@ def main() -> None:
         "epochs": args.epochs,
         "secure": True,
     }
+    if args.dp_only:
+        dp = private(nodes, **options)
+        print(json.dumps({"benchmark": "training", "nodes": nodes, "rounds": rounds, **dp}))
+        return
     secure = decentralized(nodes, **options)
     # The reference replays the very job the testnet ran (same roster size, seed, shards).
     job = JobSpec(**{**secure["job"], "roster": tuple(secure["job"]["roster"])})
@@ -152,8 +173,7 @@ def main() -> None:
     later = [row for row in secure["rounds"] if row["round"] > 0]
     large = decentralized(nodes, **{**options, "rounds": 4, "model_options": LARGE})
     large_later = large["rounds"][1:]
-    private = decentralized(nodes, **{**options, **DP})
-    spent = [n["rounds"][-1] for n in private["nodes"] if n["rounds"]]
+    dp = private(nodes, **options)
     params_large = sum(p.numel() for p in build("mlp", **LARGE).parameters())
     sim_peers = 20 if args.quick else args.sim_peers
     sim_options = {**options, "rounds": 3, "max_group": args.sim_max_group}
@@ -184,9 +204,7 @@ def main() -> None:
         ],
         "acc_gossip_spread": round(gossip["rounds"][-1]["accuracy_spread"], 4),
         "round_s_gossip": round(statistics.mean(r["seconds"] for r in gossip["rounds"][1:]), 4),
-        "acc_dp": round(private["final_accuracy"], 4),
-        "epsilon_dp": round(max(r["epsilon"] for r in spent), 3),
-        "dp_rounds": max(sum(r["contributed"] for r in n["rounds"]) for n in private["nodes"]),
+        **dp,
         "sim_peers": sim_peers,
         f"sim_round_s_{sim_peers}": round(simulation["round_s"], 3),
         f"sim_cpu_s_{sim_peers}": round(simulation["round_cpu_s"], 3),

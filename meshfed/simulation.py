@@ -119,7 +119,13 @@ async def _simulate(peers: int, out: Path, console: Console, job_options: dict[s
             # process's own load delays, so the deadlines are generous (nobody dies here).
             patient = DeadlinePolicy(join_s=30.0, grace_s=10.0, slack=10.0, phase_max_s=600.0)
             trainers = [
-                TrainingPeer(node, spec, Aggregator(node, deadlines=patient)) for node in nodes
+                TrainingPeer(
+                    node,
+                    spec,
+                    Aggregator(node, deadlines=patient),
+                    store=node.store if spec.dp_clip else None,  # DP commits each charge
+                )
+                for node in nodes
             ]
             reports: dict[int, list[RoundReport]] = {}
             with (

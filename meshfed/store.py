@@ -534,6 +534,26 @@ class Store:
             raise CorruptRecord(f"privacy of job {job_id!r} does not match its HMAC")
         return dict(json.loads(state))
 
+    def commit_privacy(self, job_id: str, state: dict[str, Any]) -> None:
+        """Commit ``job_id``'s spent privacy now, before the data it charges for is used
+        (write-ahead: a crash after the release finds the charge already durable).
+
+        Raises:
+            StoreError: ``state`` records fewer events than the stored one (spent privacy is
+                never rolled back), or the job is unknown.
+        """
+        with self._write() as connection:
+            row = connection.execute("SELECT state FROM privacy WHERE job = ?", (job_id,))
+            found = row.fetchone()
+            if found is not None and len(json.loads(found[0])["events"]) > len(state["events"]):
+                raise StoreError(f"job {job_id!r}: spent privacy is never rolled back")
+            connection.execute(
+                "INSERT INTO privacy (job, state, updated) VALUES (?, ?, ?) "
+                "ON CONFLICT (job) DO UPDATE SET state = excluded.state, "
+                "updated = excluded.updated",
+                (job_id, json.dumps(state), time.time()),
+            )
+
     def verify(self) -> list[str]:
         """Check the whole file (SQLite's integrity check, then every checkpoint's and privacy
         row's HMAC); returns the problems found (empty: all is well)."""

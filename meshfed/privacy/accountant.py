@@ -3,8 +3,9 @@
 The accountant records each privacy event a peer's data took part in (a Gaussian mechanism
 with some noise multiplier, optionally Poisson-subsampled) and answers ``epsilon()`` at the
 job's delta with dp-accounting's Renyi-DP accountant, so the figure is dp-accounting's own.
-``would_exceed(event)`` asks before spending; ``state_dict()`` / ``load_state_dict()`` keep the
-spent budget across restarts (the events, replayed into a fresh accountant).
+``would_exceed(event)`` asks before spending; ``charge(round, event)`` records a round's release
+(once per round); ``state_dict()`` / ``load_state_dict()`` keep the spent budget and the charged
+rounds across restarts (the events, replayed into a fresh accountant).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class PrivacyAccountant:
         self.budget_epsilon = budget_epsilon
         self.delta = delta
         self._events: list[tuple[GaussianEvent, int]] = []
+        self._rounds: set[int] = set()
 
     def _epsilon_of(self, events: list[tuple[GaussianEvent, int]]) -> float:
         accountant = rdp.RdpAccountant()
@@ -59,6 +61,18 @@ class PrivacyAccountant:
         if count < 1:
             raise ValueError("count must be at least 1")
         self._events.append((event, count))
+
+    def charge(self, round: int, event: GaussianEvent, count: int = 1) -> None:
+        """Record round ``round``'s release: ``event``, ``count`` times. One charge per round:
+        a round charged once (then maybe released before a crash) is never charged again."""
+        if round in self._rounds:
+            raise ValueError(f"round {round} is already charged")
+        self.compose(event, count)
+        self._rounds.add(round)
+
+    def charged(self, round: int) -> bool:
+        """Whether round ``round`` was charged (its release may have happened)."""
+        return round in self._rounds
 
     def epsilon(self) -> float:
         """Epsilon spent so far at :attr:`delta` (0 before any event)."""
@@ -74,6 +88,7 @@ class PrivacyAccountant:
             "budget_epsilon": self.budget_epsilon,
             "delta": self.delta,
             "events": [[e.noise_multiplier, e.sampling_rate, count] for e, count in self._events],
+            "rounds": sorted(self._rounds),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -81,6 +96,7 @@ class PrivacyAccountant:
         self.budget_epsilon = float(state["budget_epsilon"])
         self.delta = float(state["delta"])
         self._events = [(GaussianEvent(m, q), int(c)) for m, q, c in state["events"]]
+        self._rounds = {int(r) for r in state.get("rounds", [])}
 
 
 def calibrate_noise(

@@ -1,12 +1,11 @@
 """Clipping and Gaussian noise for one peer's model update (DP-FedAvg, McMahan et al. 2018).
 
-A peer's update ``x - base`` is clipped to L2 norm ``clip``, so that no peer moves the sum by
-more than ``clip`` (the sensitivity). Noise is *distributed*: each peer adds
-``N(0, (noise_multiplier clip)^2 / min_contributors)`` so that a sum over at least
-``min_contributors`` peers carries at least ``N(0, (noise_multiplier clip)^2)``, the Gaussian
-mechanism the accountant charges. ``min_contributors`` is the fewest peers a group sum can have
-(its threshold), never the hoped-for group size: with fewer survivors than hoped, there is more
-noise than charged, not less. Secure aggregation keeps each peer's share of the noise hidden.
+A peer's update ``x - base`` is clipped to L2 norm ``clip``, so that no peer moves a sum by
+more than ``clip`` (the sensitivity). The noise lives beside the vector until it leaves:
+:class:`OwnNoise` holds what the peer's own vector carries this round and tops it up (an
+independent Gaussian of the missing variance) whenever the vector is about to enter a sum
+that needs more (:mod:`.policy` says how much); every release is rounded to the noise's grid
+(:meth:`.noise.SecureRandom.release`).
 """
 
 from __future__ import annotations
@@ -16,7 +15,9 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["clip_update", "privatize"]
+from .noise import SecureRandom
+
+__all__ = ["OwnNoise", "clip_update"]
 
 
 def clip_update(update: npt.NDArray[np.float32], clip: float) -> npt.NDArray[np.float32]:
@@ -27,18 +28,24 @@ def clip_update(update: npt.NDArray[np.float32], clip: float) -> npt.NDArray[np.
     return (update * (clip / norm)).astype(np.float32)
 
 
-def privatize(
-    update: npt.NDArray[np.float32],
-    *,
-    clip: float,
-    noise_multiplier: float,
-    min_contributors: int,
-    rng: np.random.Generator,
-) -> npt.NDArray[np.float32]:
-    """The clipped update plus this peer's share of the noise."""
-    if clip <= 0 or noise_multiplier < 0 or min_contributors < 1:
-        raise ValueError("clip > 0, noise_multiplier >= 0, min_contributors >= 1")
-    clipped = clip_update(update, clip)
-    std = noise_multiplier * clip / math.sqrt(min_contributors)
-    noise = rng.normal(0.0, std, clipped.shape).astype(np.float32)
-    return clipped + noise
+class OwnNoise:
+    """The Gaussian noise a peer's own (not yet aggregated) vector of ``size`` carries."""
+
+    def __init__(self, size: int, random: SecureRandom) -> None:
+        self._random = random
+        self.vector = np.zeros(size, np.float64)
+        #: its standard deviation (0: none yet)
+        self.std = 0.0
+
+    def top_up(self, std: float) -> None:
+        """Make the noise's std at least ``std`` (never less: what was added stays)."""
+        if std > self.std:
+            missing = math.sqrt(std**2 - self.std**2)
+            self.vector += self._random.gaussian(len(self.vector), missing)
+            self.std = std
+
+    def release(self, values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """``values`` plus this noise, rounded to its grid: what may leave the peer."""
+        if self.std == 0:
+            return values
+        return self._random.release(values, self.std, noise=self.vector)

@@ -8,15 +8,16 @@ the peer releases afterwards (its trained model, its share of a group sum) is po
 so the accountant charges ``steps`` Poisson-subsampled Gaussian events per round
 (:meth:`DPSGDTrainer.event`), whatever the averaging does.
 
-The noise comes from a generator seeded with ``os.urandom``, not from the round's public
-shuffling seed. Models with batch normalization are refused: batch statistics mix the examples
-of a batch, so per-example clipping would not bound one example's influence.
+Amplification by subsampling assumes the sample is secret: the batches and the noise come from
+the OS's cryptographic generator (:class:`.noise.SecureRandom`), never from the round's public
+seed, and each noisy sum is rounded to its noise's grid (the least-significant-bit defence).
+Models with batch normalization are refused: batch statistics mix the examples of a batch, so
+per-example clipping would not bound one example's influence.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .accountant import GaussianEvent
+from .noise import SecureRandom
 
 __all__ = ["DPSGDTrainer", "clipped_gradient_sum"]
 
@@ -110,28 +112,26 @@ class DPSGDTrainer:
         y: npt.NDArray[np.int64],
         *,
         seed: int,
+        random: SecureRandom | None = None,
     ) -> float:
         """Train ``model`` in place; returns the mean loss of the round's sampled examples
-        (before each step). ``seed`` drives the Poisson sampling; the noise does not use it."""
+        (before each step). ``seed``, the round's public seed of the trainers' common interface,
+        decides nothing here: batches and noise come from ``random`` (the OS's generator)."""
+        del seed  # public: a sample known to others would void the amplification
         _check_per_example(model)
+        random = random or SecureRandom()
         inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
-        sampling = torch.Generator().manual_seed(seed)
-        noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big"))
         rate = self.sampling_rate(len(inputs))
         expected = rate * len(inputs)
+        std = self.noise_multiplier * self.clip
         model.train()
         total, seen = 0.0, 0
         for _ in range(self.steps(len(inputs))):
-            batch = torch.nonzero(torch.rand(len(inputs), generator=sampling) < rate).flatten()
+            batch = torch.from_numpy(np.flatnonzero(random.bernoulli(len(inputs), rate)))
             sums, loss = clipped_gradient_sum(model, inputs[batch], labels[batch], clip=self.clip)
             total, seen = total + loss, seen + len(batch)
             with torch.no_grad():
                 for name, parameter in model.named_parameters():
-                    noisy = sums[name] + torch.normal(
-                        0.0,
-                        self.noise_multiplier * self.clip,
-                        parameter.shape,
-                        generator=noise,
-                    )
-                    parameter.sub_(noisy, alpha=self.lr / expected)
+                    noisy = random.release(sums[name].numpy(), std)
+                    parameter.sub_(torch.from_numpy(noisy), alpha=self.lr / expected)
         return total / max(seen, 1)

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -45,9 +46,11 @@ from ..averaging.robust import AGGREGATORS
 from ..errors import ConfigError, MeshfedError, PeerUnreachable, RemoteProtocolError, StoreError
 from ..identity import PeerId
 from ..node import Node
+from ..privacy import policy as dp_policy
 from ..privacy.accountant import GaussianEvent, PrivacyAccountant, calibrate_noise
-from ..privacy.dp import privatize
+from ..privacy.dp import OwnNoise, clip_update
 from ..privacy.dpsgd import DPSGDTrainer
+from ..privacy.noise import SecureRandom
 from ..secagg.driver import AggregationFailed, Aggregator, GroupResult
 from ..secagg.protocol import GroupSpec
 from ..secagg.ring import Quantizer, check_capacity
@@ -214,6 +217,7 @@ class JobSpec:
         if self.local_steps and self.dp_clip and self.dp_mode == "sample":
             raise ConfigError("DP-SGD's steps follow from epochs (its sampling): no local_steps")
         self._check_compression()
+        dp_policy.check(self)  # differential privacy that holds (privacy/policy.py)
         self.policy()  # its own checks
         try:
             for peer in self.roster:
@@ -348,6 +352,11 @@ class TrainingPeer:
             raise ConfigError("this node is not in the job's roster")
         if spec.rollback_drop and store is None:
             raise ConfigError("rollback_drop needs the node's store (config store_file)")
+        if spec.dp_clip and store is None:
+            raise ConfigError(
+                "differential privacy needs the node's store (config store_file): each round's "
+                "charge is committed before the data is used, and must survive a restart"
+            )
         self.store = store
         self.policy = spec.policy()
         #: the job's state on this node, and a note on its last event (also in the store)
@@ -416,6 +425,8 @@ class TrainingPeer:
         #: top-k's residuals, one per averaging step, kept across rounds
         self._feedback: dict[int, ErrorFeedback] = {}
         self._rng = np.random.default_rng(int.from_bytes(os.urandom(8), "big"))
+        #: everything privacy depends on (DP noise and sampling) comes from here
+        self._random = SecureRandom()
         self._push_state = PushSumState(flatten(self.model))
         #: push-sum ticks are short: the local optimizer and its momentum live across them
         self._tick_optimizer = (
@@ -572,8 +583,8 @@ class TrainingPeer:
 
         others = [peer for peer in self._roster if peer != me]
         async with trio.open_nursery() as nursery:
-            for index in self._rng.permutation(len(others))[:CATCH_UP_ASKED]:
-                nursery.start_soon(ask, others[index])
+            for peer in secrets.SystemRandom().sample(others, min(CATCH_UP_ASKED, len(others))):
+                nursery.start_soon(ask, peer)
         ahead = max(answers, key=answers.__getitem__, default=None)
         if ahead is None or answers[ahead] <= start:
             return start
@@ -644,13 +655,14 @@ class TrainingPeer:
         self.state, self.note = job.state, job.note
         if job.state is JobState.FAILED:  # try again from the last checkpoint
             await self._set_state(JobState.RUNNING, f"resumed after: {job.note}")
+        # every charge committed so far, those of rounds cut short by a crash included
+        privacy = await trio.to_thread.run_sync(self.store.privacy, job_id)
+        if self.accountant is not None and privacy is not None:
+            self.accountant.load_state_dict(privacy)
         if reports:
             checkpoint = await trio.to_thread.run_sync(self.store.load_checkpoint, job_id)
             if checkpoint is None or checkpoint.round != reports[-1].round:
                 raise StoreError(f"job {job_id!r} has no checkpoint of its last round")
-            privacy = await trio.to_thread.run_sync(self.store.privacy, job_id)
-            if self.accountant is not None and privacy is not None:
-                self.accountant.load_state_dict(privacy)
             self._restore(checkpoint)
         return reports
 
@@ -707,10 +719,10 @@ class TrainingPeer:
         """Train locally, average in this round's groups, apply the strategy, evaluate."""
         began, sent_before = time.monotonic(), self.node.stats.bytes_out
         base = flatten(self.model)
-        contributes = self._may_contribute()
+        contributes = await self._charge(number)
         train_loss = await self._train_locally(number) if contributes else float("nan")
         averaging_began, averaging_at = time.monotonic(), time.time()
-        trained = self._privatized(base, flatten(self.model), number) if contributes else base
+        trained = self._clipped(base, flatten(self.model)) if contributes else base
         if self._index in self.spec.attackers:
             factor = self.spec.attack_scale * (-1 if self.spec.attack == "sign_flip" else 1)
             trained = (base + factor * (trained - base)).astype(np.float32)
@@ -737,10 +749,17 @@ class TrainingPeer:
         began, sent_before = time.monotonic(), self.node.stats.bytes_out
         if number >= self._lag:
             await self._wait_for_pushers(number - self._lag)
+        contributes = await self._charge(number)
         self._absorb_pushes()
-        load_flat(self.model, self._push_state.estimate())
-        train_loss = await self._train_locally(number)
-        self._push_state.move_to(flatten(self.model))
+        estimate = self._push_state.estimate()
+        load_flat(self.model, estimate)
+        train_loss = await self._train_locally(number) if contributes else float("nan")
+        trained = self._clipped(estimate, flatten(self.model)) if contributes else estimate
+        noise = self._own_noise(len(trained))
+        if noise is not None and contributes:  # pushes are plain: the whole noise
+            noise.top_up(dp_policy.share_std(self.spec, 1, first=False))
+            trained = noise.release(trained)
+        self._push_state.move_to(trained)
         pushing, pushing_at = time.monotonic(), time.time()
         pushed = await self._push(number)
         if number == self.spec.rounds - 1:
@@ -760,7 +779,7 @@ class TrainingPeer:
             sent_before=sent_before,
             train_loss=train_loss,
             groups=(pushed,),
-            contributed=True,
+            contributed=contributes,
         )
 
     async def _push(self, number: int) -> int:
@@ -804,6 +823,8 @@ class TrainingPeer:
         x, y = self.shard.x, self.shard.y
         seed = local_seed(self.spec, number)
         train = functools.partial(self.trainer.train, self.model, x, y, seed=seed)
+        if isinstance(self.trainer, DPSGDTrainer):
+            train = functools.partial(train, random=self._random)
         if self._tick_optimizer is not None:
             train = functools.partial(train, optimizer=self._tick_optimizer)
         return await trio.to_thread.run_sync(train)
@@ -867,31 +888,61 @@ class TrainingPeer:
             return self.trainer.event(len(self.shard))
         return GaussianEvent(self.spec.dp_noise_multiplier), 1
 
-    def _may_contribute(self) -> bool:
-        """False once the next round would take this peer past its privacy budget."""
+    async def _charge(self, number: int) -> bool:
+        """Whether this peer's data goes into round ``number``; if so, the round's charge is
+        committed to the store first (write-ahead: a crash after the release finds it there).
+        Not once the charge would take the peer past its budget, nor in a round charged before
+        a restart (its release may have happened: one release per charge)."""
         if self.accountant is None:
             return True
-        return not self.accountant.would_exceed(*self._round_cost())
+        if self.accountant.charged(number):
+            self.note = f"round {number} was charged before a restart: it runs without our data"
+            return False
+        cost = self._round_cost()
+        if self.accountant.would_exceed(*cost):
+            return False
+        self.accountant.charge(number, *cost)
+        assert self.store is not None  # a DP job needs one (checked at start)
+        state = self.accountant.state_dict()
+        await trio.to_thread.run_sync(self.store.commit_privacy, self.spec.job_id, state)
+        return True
 
-    def _privatized(
-        self, base: npt.NDArray[np.float32], trained: npt.NDArray[np.float32], number: int
+    def _clipped(
+        self, base: npt.NDArray[np.float32], trained: npt.NDArray[np.float32]
     ) -> npt.NDArray[np.float32]:
-        """``trained`` with its update clipped and noised (DP-SGD did that already in
-        training), and the release accounted."""
-        if self.accountant is None:
+        """``trained`` with its update clipped to ``dp_clip`` for peer-level DP (DP-SGD clipped
+        in training; without DP, ``trained``)."""
+        if not self.spec.dp_clip or self.spec.dp_mode != "update":
             return trained
-        self.accountant.compose(*self._round_cost())
-        if isinstance(self.trainer, DPSGDTrainer):
-            return trained
-        _, members = self._placement(number).group(self.node.peer_id, 0)
-        noisy = privatize(
-            trained - base,
-            clip=self.spec.dp_clip,
-            noise_multiplier=self.spec.dp_noise_multiplier,
-            min_contributors=len(members) // 2 + 1,  # the fewest survivors a group sum has
-            rng=self._rng,
-        )
-        return base + noisy
+        return base + clip_update(trained - base, self.spec.dp_clip)
+
+    def _own_noise(self, size: int) -> OwnNoise | None:
+        """Fresh noise for a vector of this peer's own, under peer-level DP (else None: DP-SGD
+        noised in training)."""
+        if not self.spec.dp_clip or self.spec.dp_mode != "update":
+            return None
+        return OwnNoise(size, self._random)
+
+    def _release(
+        self,
+        values: npt.NDArray[np.float32],
+        noise: OwnNoise | None,
+        size: int,
+        *,
+        first: bool,
+        data: bool,
+    ) -> npt.NDArray[np.float32]:
+        """``values`` (this peer's own, with its data if ``data``) as they may enter a sum in
+        a group of ``size``: with the noise it needs (:func:`..privacy.policy.share_std`),
+        clamped so that a share survives the quantizer. Without data, a vector still brings
+        its share to the round's first secure sum (the honest count includes it)."""
+        if noise is None or not (data or (self.spec.secure and first)):
+            return values
+        noise.top_up(dp_policy.share_std(self.spec, size, first=first))
+        if noise.std < self.spec.dp_noise_multiplier * self.spec.dp_clip:  # a share
+            bound = dp_policy.clamp_bound(self.spec, noise.std)
+            values = np.clip(values, -bound, bound)
+        return noise.release(values)
 
     def _placement(self, number: int) -> Placement:
         return Placement.of(
@@ -918,6 +969,8 @@ class TrainingPeer:
         steps = range(placement.steps) if exact else [number % placement.steps]
         weight, sizes = self.weight if weight is None else weight, []
         own = self.spec.secure  # params are still this peer's own, which masks must hide
+        # peer-level DP: the noise of this peer's own vector, until it is an aggregate
+        noise, data = self._own_noise(len(params)), weight > 0
         for step in steps:
             index, members = placement.group(self.node.peer_id, step)
             if len(members) < 2:
@@ -926,15 +979,19 @@ class TrainingPeer:
             if own and len(members) < 3:
                 sizes.append(0)  # a sum of two would show the other member this peer's model
                 continue
+            first = step == steps[0]
             if self.spec.robust != "none":
+                mine = self._release(params, noise, len(members), first=first, data=data)
                 try:
-                    params, count = await self._robust_step(params, number, step, index, members)
+                    params, count = await self._robust_step(mine, number, step, index, members)
+                    noise = None
                 except (AggregationFailed, MeshfedError, trio.TooSlowError):
                     count = 0
                 sizes.append(count)
                 continue
             vector = np.empty(len(params) + 1, np.float32)
             np.multiply(params, weight, out=vector[:-1])
+            vector[:-1] = self._release(vector[:-1], noise, len(members), first=first, data=data)
             vector[-1] = weight
             try:
                 result = await self._group_mean(
@@ -947,11 +1004,13 @@ class TrainingPeer:
             if total <= 0:  # nobody in the group contributed: nothing to learn from it
                 sizes.append(len(result.survivors))
                 continue
-            params = (result.value[:-1] / total).astype(np.float32)
+            params, noise = (result.value[:-1] / total).astype(np.float32), None
             # the group's weight, scaled by the axis so that it stays <= 1 at the next step
             weight = total * len(result.survivors) / placement.shape[step % placement.steps]
             sizes.append(len(result.survivors))
             own = own and len(result.survivors) < 3
+        if noise is not None and data:  # never aggregated: the model kept may leave later
+            params = self._release(params, noise, 1, first=False, data=True)
         return (params if origin is None else origin + params), sizes
 
     async def _robust_step(
@@ -1030,5 +1089,5 @@ class TrainingPeer:
 
 def local_seed(spec: JobSpec, number: int) -> int:
     """The seed of round ``number``'s local shuffling (the same formula on every peer, so a
-    centralized reference can replay a job exactly)."""
+    centralized reference can replay a job exactly). Public: DP-SGD's sampling ignores it."""
     return spec.seed * 1_000_003 + number

@@ -66,6 +66,54 @@ def test_the_noise_is_fresh_even_when_the_round_seed_repeats() -> None:
     assert not np.allclose(results[0], results[1])
 
 
+@pytest.mark.parametrize("sigma", [0.5, 2.0])
+def test_each_steps_gradient_sum_leaves_with_noise_of_std_sigma_clip(sigma: float) -> None:
+    """With every example in the step (q = 1), what training adds to the model beyond the
+    clipped gradient sum is the noise: measured, it has std sigma C per coordinate."""
+    x = np.random.default_rng(3).normal(size=(30, 64)).astype(np.float32)
+    y = np.arange(30, dtype=np.int64) % 10
+    trainer = DPSGDTrainer(clip=0.5, noise_multiplier=sigma, batch_size=30, lr=0.1)
+    torch.manual_seed(0)
+    model = build("mlp", hidden=[256])
+    sums, _ = clipped_gradient_sum(model, torch.from_numpy(x), torch.from_numpy(y), clip=0.5)
+    clean = torch.cat([sums[name].flatten() for name, _ in model.named_parameters()]).numpy()
+    before = flatten(model)
+    trainer.train(model, x, y, seed=0)
+    noise = (before - flatten(model)).astype(np.float64) * 30 / 0.1 - clean
+    assert np.std(noise) == pytest.approx(sigma * 0.5, rel=0.03)
+    assert abs(np.mean(noise)) < 0.05 * sigma * 0.5
+
+
+def test_the_batches_cannot_be_rebuilt_from_the_public_round_seed() -> None:
+    """The attacker holds the job spec (so the round's seed) and the trained model; with the
+    batches known, it could replay the round and isolate one example's part in it."""
+    x = np.random.default_rng(2).normal(size=(40, 64)).astype(np.float32)
+    y = np.arange(40, dtype=np.int64) % 10
+    trainer = DPSGDTrainer(clip=1.0, noise_multiplier=1e-6, batch_size=20, lr=0.5)
+    torch.manual_seed(0)
+    model = build("mlp", hidden=[16])
+    start = build("mlp", hidden=[16])
+    start.load_state_dict(model.state_dict())
+    trainer.train(model, x, y, seed=7)
+
+    def replay(sampling: torch.Generator) -> np.ndarray:
+        replica = build("mlp", hidden=[16])
+        replica.load_state_dict(start.state_dict())
+        inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
+        rate = trainer.sampling_rate(len(x))
+        for _ in range(trainer.steps(len(x))):
+            batch = torch.nonzero(torch.rand(len(x), generator=sampling) < rate).flatten()
+            sums, _ = clipped_gradient_sum(replica, inputs[batch], labels[batch], clip=1.0)
+            with torch.no_grad():
+                for name, parameter in replica.named_parameters():
+                    parameter.sub_(sums[name], alpha=trainer.lr / (rate * len(x)))
+        return flatten(replica)
+
+    # the sampler a seeded trainer would use: it would match to the (tiny) noise
+    guess = replay(torch.Generator().manual_seed(7))
+    assert np.abs(flatten(model) - guess).max() > 1e-3
+
+
 def test_a_round_costs_its_steps_of_poisson_sampled_gaussian_mechanisms() -> None:
     trainer = DPSGDTrainer(clip=1.0, noise_multiplier=1.1, epochs=2, batch_size=16)
     event, times = trainer.event(200)

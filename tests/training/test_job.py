@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from meshfed.errors import ConfigError
 from meshfed.identity import Identity
-from meshfed.privacy.accountant import PrivacyAccountant
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
 from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
 from tests.training.nodes import job_for, memory_nodes, peers_for, run_together
@@ -58,55 +57,6 @@ def test_a_job_refuses_what_cannot_run() -> None:
     JobSpec(job_id="j", roster=roster[:3], secure=False)
     spec = JobSpec(job_id="j", roster=roster, model="mlp", model_options={"hidden": [32]})
     assert JobSpec.from_json(spec.to_json()) == spec
-
-
-async def test_with_dp_each_peer_spends_its_budget_then_stops_contributing(tmp_path: Path) -> None:
-    async with memory_nodes(tmp_path, 4) as nodes:
-        spec = job_for(
-            nodes,
-            "dp",
-            rounds=7,
-            dp_clip=1.0,
-            dp_noise_multiplier=2.0,
-            dp_epsilon=5.5,  # sigma 2: five rounds fit (epsilon 5.38), a sixth would not (5.98)
-            dp_delta=1e-5,
-        )
-        peers = peers_for(nodes, spec)
-        reports = await run_together(peers)
-        for peer in peers[1:]:
-            np.testing.assert_array_equal(peer.parameters, peers[0].parameters)
-        for peer_reports in reports:
-            assert [r.contributed for r in peer_reports] == [True] * 5 + [False] * 2
-            epsilons = [r.epsilon for r in peer_reports]
-            assert epsilons == sorted(epsilons) and 5.3 < epsilons[-1] <= 5.5
-            assert epsilons[5] == epsilons[4]  # nothing spent once it stopped
-            assert 0.0 <= peer_reports[-1].accuracy <= 1.0
-
-
-async def test_with_dp_sgd_each_example_is_protected_and_the_job_still_learns(
-    tmp_path: Path,
-) -> None:
-    async with memory_nodes(tmp_path, 4) as nodes:
-        spec = job_for(
-            nodes,
-            "dp-sgd",
-            rounds=4,
-            partition="iid",
-            lr=0.5,
-            dp_mode="sample",
-            dp_clip=1.0,
-            dp_noise_multiplier=1.0,
-            dp_epsilon=5.0,  # three rounds of ~12 sampled steps fit (epsilon 4.67), four do not
-        )
-        peers = peers_for(nodes, spec)
-        reports = await run_together(peers)
-        for peer, peer_reports in zip(peers, reports, strict=True):
-            assert [r.contributed for r in peer_reports] == [True] * 3 + [False]
-            event, steps = peer.trainer.event(len(peer.shard))  # type: ignore[union-attr]
-            reference = PrivacyAccountant(budget_epsilon=100, delta=spec.dp_delta)
-            reference.compose(event, 3 * steps)
-            assert peer_reports[-1].epsilon == pytest.approx(reference.epsilon())
-            assert peer_reports[2].accuracy > 0.6  # chance is 0.1
 
 
 async def test_a_peer_that_starts_late_takes_the_others_state_and_ends_with_their_model(
