@@ -547,12 +547,7 @@ class Store:
             found = row.fetchone()
             if found is not None and len(json.loads(found[0])["events"]) > len(state["events"]):
                 raise StoreError(f"job {job_id!r}: spent privacy is never rolled back")
-            connection.execute(
-                "INSERT INTO privacy (job, state, updated) VALUES (?, ?, ?) "
-                "ON CONFLICT (job) DO UPDATE SET state = excluded.state, "
-                "updated = excluded.updated",
-                (job_id, json.dumps(state), time.time()),
-            )
+            self._put_privacy(connection, job_id, state, time.time())
 
     def verify(self) -> list[str]:
         """Check the whole file (SQLite's integrity check, then every checkpoint's and privacy

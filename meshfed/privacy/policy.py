@@ -47,7 +47,9 @@ def share_std(spec: JobSpec, size: int, *, first: bool) -> float:
     """The noise std a peer's own vector needs to enter a sum in a group of ``size``:
     a share when the job is secure and the sum is the round's first, else all of it."""
     full = spec.dp_noise_multiplier * spec.dp_clip
-    return full / math.sqrt(honest_floor(size)) if spec.secure and first else full
+    if not (spec.secure and first):
+        return full
+    return full / math.sqrt(honest_floor(size, spec.collusion))
 
 
 def clamp_bound(spec: JobSpec, std: float) -> float:
