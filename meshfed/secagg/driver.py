@@ -583,7 +583,7 @@ class Aggregator:
             await self._node.send_array(
                 action.to, action.array, name=name, scope=scope, within=self.deadlines.phase_max_s
             )
-        except (MeshfedError, trio.TooSlowError) as exc:
+        except MeshfedError as exc:
             log.info("slice send failed", extra={"peer": action.to.short(), "error": repr(exc)})
 
     # -- what arrives ------------------------------------------------------------------------------

@@ -498,7 +498,7 @@ class TrainingPeer:
                 for peer, addrs in self._known_addrs().items():
                     if peer in missing and addrs:
                         # not up yet: try again on the next pass
-                        with contextlib.suppress(MeshfedError, trio.TooSlowError):
+                        with contextlib.suppress(MeshfedError):
                             await self.node.connect(addrs[0])
                 await trio.sleep(0.2)
         known = self._known_addrs()
@@ -575,9 +575,9 @@ class TrainingPeer:
         me, answers = self.node.peer_id, {}
 
         async def ask(peer: PeerId) -> None:
-            with contextlib.suppress(MeshfedError, trio.TooSlowError):
-                with trio.fail_after(CATCH_UP_QUERY_S):
-                    answer = await self.node.request(peer, StateQuery(job=self.spec.job_id))
+            with contextlib.suppress(MeshfedError):
+                query = StateQuery(job=self.spec.job_id)
+                answer = await self.node.request(peer, query, within=CATCH_UP_QUERY_S)
                 if isinstance(answer.body, StateAnswer) and answer.body.job == self.spec.job_id:
                     answers[peer] = answer.body.next_round
 
@@ -590,9 +590,12 @@ class TrainingPeer:
             return start
         self._state_from = ahead
         self._received.clear()
-        with contextlib.suppress(MeshfedError, trio.TooSlowError):
-            with trio.fail_after(self.aggregator.deadlines.phase_max_s):
-                await self.node.request(ahead, StateQuery(job=self.spec.job_id, send=True))
+        with contextlib.suppress(MeshfedError):
+            await self.node.request(
+                ahead,
+                StateQuery(job=self.spec.job_id, send=True),
+                within=self.aggregator.deadlines.phase_max_s,
+            )
         self._state_from = None
         state = self._received.pop() if self._received else None
         if state is None or state.next_round <= start:
@@ -791,10 +794,14 @@ class TrainingPeer:
             tick = number * pushes + hop
             target = self._roster[push_target(self._index, len(self._roster), tick)]
             try:
-                with trio.fail_after(self.aggregator.deadlines.phase_max_s):
-                    await self.node.send_array(target, message, name=f"{self._push_prefix}{tick}")
+                await self.node.send_array(
+                    target,
+                    message,
+                    name=f"{self._push_prefix}{tick}",
+                    within=self.aggregator.deadlines.phase_max_s,
+                )
                 pushed += 1
-            except (MeshfedError, trio.TooSlowError):
+            except MeshfedError:
                 self._push_state.absorb(message)
         return pushed
 
