@@ -40,9 +40,7 @@ def _frame(reader: Reader) -> bytes:
     body = [reader.take(8).decode("latin-1"), dtype, parts]
     if reader.flag():
         body = loose_unpack(reader.sized(1024))
-    signed = pack(
-        [1, ArrayParts.TYPE, _SENDER.peer_id.raw, [b"", 0], bytes(16), NOW_MS, b"", body]
-    )
+    signed = pack([1, ArrayParts.TYPE, _SENDER.peer_id.raw, [b"", 0], bytes(16), NOW_MS, b"", body])
     envelope = pack([signed, _SENDER.sign(SIGNATURE_DOMAIN + signed)])
     mine = datas[reader.below(len(datas))] if not reader.flag() else reader.sized(512)
     return parts_frame(envelope, mine)

@@ -80,8 +80,8 @@ def test_one_input(data: bytes) -> None:
 
 def seeds() -> Iterator[bytes]:
     """Valid frames of a few kinds, and one valid body of every type's shape."""
-    for body in (Ping(sent_ms=NOW_MS), Text(text="hello")):
-        frame, _ = seal(_SENDER, body, now_ms=NOW_MS)
+    for first in (Ping(sent_ms=NOW_MS), Text(text="hello")):
+        frame, _ = seal(_SENDER, first, now_ms=NOW_MS)
         yield Writer().below(3, RAW).raw(frame).build()
         yield Writer().below(3, SIGNED).raw(loose_unpack(frame)[0]).build()
     for body in sample_messages():

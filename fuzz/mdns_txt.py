@@ -30,8 +30,12 @@ def seeds() -> Iterator[bytes]:
     """Records as meshfed and other libp2p implementations write them."""
     peer = IDENTITIES[0].peer_id
     yield Writer().raw(txt_for([f"/ip4/192.168.1.2/tcp/4001/p2p/{peer}"])).build()
-    yield Writer().raw(
-        txt_for([f"/ip6/::1/tcp/4001/p2p/{peer}", f"/ip4/10.0.0.1/udp/4001/quic-v1/p2p/{peer}"])
-        + b"\x05other"
-    ).build()
+    yield (
+        Writer()
+        .raw(
+            txt_for([f"/ip6/::1/tcp/4001/p2p/{peer}", f"/ip4/10.0.0.1/udp/4001/quic-v1/p2p/{peer}"])
+            + b"\x05other"
+        )
+        .build()
+    )
     yield Writer().raw(b"\x00\x09dnsaddr=/\xff").build()

@@ -109,9 +109,9 @@ def test_one_input(data: bytes) -> None:
             if frame_type == REQUEST and length > MAX_FRAME:
                 _run(channel.skip_body(length))
                 continue
-            body = _run(channel.receive_body(length))
-            assert isinstance(body, bytes)
-            accepted.append((frame_type, frame_id, body))
+            opened = _run(channel.receive_body(length))
+            assert isinstance(opened, bytes)
+            accepted.append((frame_type, frame_id, opened))
     except (StreamClosed, RemoteProtocolError):
         pass
     if accepted != honest[: len(accepted)]:
