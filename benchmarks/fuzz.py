@@ -15,7 +15,7 @@ of memory ends that harness's run and counts as one crash. ``inputs`` is what li
 reports it executed.
 
 Usage: python benchmarks/fuzz.py [--inputs 1000000] [--harness envelope,swim] [--jobs 1]
-       [--artifacts DIR] [--corpus-out DIR] [--timeout 30]
+       [--artifacts DIR] [--corpus-out DIR] [--timeout 30] [--max-seconds 0]
 """
 
 from __future__ import annotations
@@ -43,14 +43,15 @@ _FINDING = re.compile(r"^FINDING (.+?): ", re.MULTILINE)
 
 
 def run_harness(
-    name: str, inputs: int, artifacts: Path, corpus_out: Path, timeout_s: int
+    name: str, inputs: int, artifacts: Path, corpus_out: Path, timeout_s: int, max_s: int
 ) -> dict[str, Any]:
-    """Fuzz ``name`` for ``inputs`` inputs; its counts and findings."""
+    """Fuzz ``name`` for ``inputs`` inputs (or ``max_s`` seconds if not 0); its counts and
+    findings."""
     artifacts.mkdir(parents=True, exist_ok=True)
     corpus_out.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "fuzz.run", name,
-        f"-runs={inputs}", f"-timeout={timeout_s}", "-rss_limit_mb=2048", "-print_final_stats=1",
+        f"-runs={inputs}", f"-max_total_time={max_s}", f"-timeout={timeout_s}", "-rss_limit_mb=2048", "-print_final_stats=1",
         f"-keep_going={artifacts}", f"-artifact_prefix={artifacts}/",
         str(corpus_out), str(ROOT / "fuzz" / "corpus" / name),
     ]  # fmt: skip
@@ -87,6 +88,9 @@ def main() -> None:
     parser.add_argument("--artifacts", type=Path, default=None, help="crashes and logs go here")
     parser.add_argument("--corpus-out", type=Path, default=None, help="new corpus inputs go here")
     parser.add_argument("--timeout", type=int, default=30, help="seconds one input may take")
+    parser.add_argument(
+        "--max-seconds", type=int, default=0, help="stop a harness after this long (0: never)"
+    )
     args = parser.parse_args()
     names = [name for name in args.harness.split(",") if name]
     unknown = sorted(set(names) - set(HARNESSES))
@@ -101,7 +105,12 @@ def main() -> None:
                     names,
                     pool.map(
                         lambda name: run_harness(
-                            name, args.inputs, artifacts / name, corpus_out / name, args.timeout
+                            name,
+                            args.inputs,
+                            artifacts / name,
+                            corpus_out / name,
+                            args.timeout,
+                            args.max_seconds,
                         ),
                         names,
                     ),

@@ -8,12 +8,14 @@ catch exactly the documented rejections and let everything else propagate to lib
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
 from meshfed.arrays import ArrayHeader, ArrayPart, ArrayParts, InlineArray
+from meshfed.codec import schema_of
 from meshfed.control import Ack, Ping, Pong, Text
+from meshfed.errors import RemoteProtocolError
 from meshfed.identity import Identity
 from meshfed.membership.cyclon import Shuffle, ShuffleReply
 from meshfed.membership.gossip import Delta, Digest, DigestEntry
@@ -36,6 +38,7 @@ from meshfed.secagg.messages import (
     Survivors,
     Unmask,
 )
+from meshfed.stats import RejectReason
 from meshfed.training.sync import StateAnswer, StateQuery
 from meshfed.wire import Message, message_types
 
@@ -49,7 +52,10 @@ __all__ = [
     "pack",
     "sample_messages",
     "sample_record",
+    "through_wire",
 ]
+
+M = TypeVar("M")
 
 #: every registered message type (imported above: every one a node may receive), sorted
 WIRE_TYPES: tuple[tuple[str, type[Message]], ...] = tuple(sorted(message_types().items()))
@@ -190,3 +196,18 @@ def sample_messages() -> list[Message]:
         Unmask(context=context, self_masks=[share], mask_keys=[]),
         StateQuery(job="j", send=True), StateAnswer(job="j", next_round=3),
     ]  # fmt: skip
+
+
+def through_wire(cls: type[M], fields: Any) -> M:
+    """``fields`` packed and decoded as ``cls`` the way a receiver decodes a body (strict
+    msgpack, then the schema).
+
+    Raises:
+        RemoteProtocolError: what the receiver would reject [malformed or bad_field].
+    """
+    try:
+        value = msgpack.unpackb(pack(fields), raw=False, strict_map_key=True)
+    except (ValueError, TypeError) as exc:
+        raise RemoteProtocolError(str(exc), reason=RejectReason.MALFORMED) from None
+    decoded: M = schema_of(cls).decode(value, cls.__name__)
+    return decoded

@@ -29,10 +29,11 @@ def test_one_input(data: bytes) -> None:
     own = sample_record(_ME, seq=1 << 40, ttl_ms=1 << 40)
     table.apply(own, now_ms=NOW_MS)
     newest: dict[bytes, int] = {}
+    checked: set[bytes] = set()
     for _ in range(1 + reader.below(6)):
         records = [signed_record(reader) for _ in range(reader.below(5))]
         if reader.below(2) == ANSWER:
-            source = IDENTITIES[reader.below(len(IDENTITIES))].peer_id
+            source = IDENTITIES[1 + reader.below(len(IDENTITIES) - 1)].peer_id
             reply, _ = cyclon.answer(Shuffle(records=records), source, NOW_MS)
             if any(signed.verify().peer == source for signed in reply.records):
                 raise AssertionError("a shuffle was answered with the partner's own record")
@@ -46,7 +47,7 @@ def test_one_input(data: bytes) -> None:
             cyclon.merge(records, sent, NOW_MS)
         if _ME.peer_id in cyclon.view():
             raise AssertionError("we are in our own view")
-        check_table(table, newest, NOW_MS)
+        check_table(table, newest, checked, NOW_MS)
         for record in table.records():
             newest[record.peer.raw] = max(newest.get(record.peer.raw, 0), record.seq)
 
@@ -56,8 +57,8 @@ def seeds() -> Iterator[bytes]:
     w = Writer().below(6, 3)
     w.below(5, 2)
     for signer in (1, 2):
-        w.below(4, HONEST).below(4, signer).uint(2, 3).uint(3, 1 << 20)
-    w.below(2, ANSWER).below(4, 3)
-    w.below(5, 1).below(4, HONEST).below(4, 3).uint(2, 4).uint(3, 1 << 20).below(2, SHUFFLE)
-    w.below(5, 0).below(2, ANSWER).below(4, 1)
+        w.below(4, HONEST).below(3, signer - 1).uint(2, 3).uint(3, 1 << 20)
+    w.below(2, ANSWER).below(3, 2)
+    w.below(5, 1).below(4, HONEST).below(3, 2).uint(2, 4).uint(3, 1 << 20).below(2, SHUFFLE)
+    w.below(5, 0).below(2, ANSWER).below(3, 0)
     yield w.build()

@@ -75,30 +75,30 @@ def _seal(frame_type: int, frame_id: int, body: bytes, counter: int) -> bytes:
 def test_one_input(data: bytes) -> None:
     """A scenario: the honest frames, what the attacker does to each step, and the reads."""
     reader = Reader(data)
-    chunk = 1 + reader.uint(2)
+    chunk = 1 << reader.below(13)  # the size of the socket's reads
     honest: list[tuple[int, int, bytes]] = []
+    sealed_frames: list[bytes] = []
     wire = bytearray()
     for _ in range(reader.below(8)):
         action = reader.below(6)
         frame_type, frame_id = reader.below(6), reader.uint(1)
-        if action in (HONEST, DROP, TAMPER, REPLAY):
+        if action in (HONEST, DROP, TAMPER):
             body = reader.sized(MAX_FRAME + 64)
-            counter = len(honest) - (1 if action == REPLAY and honest else 0)
-            sealed = _seal(frame_type, frame_id, body, counter)
-            if action == REPLAY:
-                wire += sealed
-                continue
+            sealed = _seal(frame_type, frame_id, body, len(honest))
             honest.append((frame_type, frame_id, body))
+            sealed_frames.append(sealed)
             if action == TAMPER:
                 at = reader.below(len(sealed))
                 flip = 1 + reader.uint(1) % 255
                 sealed = sealed[:at] + bytes([sealed[at] ^ flip]) + sealed[at + 1 :]
             if action != DROP:
                 wire += sealed
-        elif action == FORGE:  # a well-framed frame under a key the attacker guessed
-            length = reader.uint(2) if reader.flag() else reader.uint(4)
-            wire += HEADER.pack(length, frame_type, frame_id)
-            wire += bytes(min(length + TAG_BYTES, 1 << 17))
+        elif action == REPLAY:  # an honest frame sent before, again
+            if sealed_frames:
+                wire += sealed_frames[reader.below(len(sealed_frames))]
+        elif action == FORGE:  # a well-framed frame the attacker made up (it holds no key)
+            length = reader.uint(2) % 4096
+            wire += HEADER.pack(length, frame_type, frame_id) + bytes(length + TAG_BYTES)
         else:
             wire += reader.sized(64)
     channel = _channel(bytes(wire), chunk)
@@ -122,17 +122,19 @@ def test_one_input(data: bytes) -> None:
 
 def seeds() -> Iterator[bytes]:
     """Honest frames (one oversized), and each kind of attack once."""
-    w = Writer().uint(2, 4095).below(8, 3)
+    w = Writer().below(13, 12).below(8, 3)
     w.below(6, HONEST).below(6, 0).uint(1, 1).sized(b"request")
     w.below(6, HONEST).below(6, 1).uint(1, 1).sized(bytes(MAX_FRAME + 10))
     w.below(6, HONEST).below(6, 2).uint(1, 2).sized(b"")
     yield w.build()
     for action in (DROP, TAMPER, FORGE, JUNK, REPLAY):
-        w = Writer().uint(2, 99).below(8, 3)
+        w = Writer().below(13, 6).below(8, 3)
         w.below(6, HONEST).below(6, 0).uint(1, 1).sized(b"first")
         w.below(6, action).below(6, 0).uint(1, 2)
         if action == FORGE:
-            w.uint(1, 1).uint(2, MAX_FRAME + 1)
+            w.uint(2, MAX_FRAME + 1)
+        elif action == REPLAY:
+            w.below(1, 0)
         else:
             w.sized(b"second")
         if action == TAMPER:

@@ -11,15 +11,13 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-import msgpack
-
 from meshfed.codec import schema_of
 from meshfed.errors import RemoteProtocolError
 from meshfed.membership.service import SwimAck, SwimPing, SwimPingReq
 from meshfed.membership.swim import IndirectProbe, Probe, Swim, SwimConfig
 from meshfed.wire import seal
 
-from ._common import IDENTITIES, NOW_MS, Reader, Writer, loose_unpack, pack
+from ._common import IDENTITIES, NOW_MS, Reader, Writer, loose_unpack, pack, through_wire
 
 _PEERS = [identity.peer_id for identity in IDENTITIES]
 _ME = _PEERS[0]
@@ -71,7 +69,7 @@ def test_one_input(data: bytes) -> None:
         if step == RECEIVE:
             cls, fields = _body(reader)
             try:
-                message = schema_of(cls).decode(msgpack.unpackb(pack(fields), raw=False), cls.TYPE)
+                message = through_wire(cls, fields)
             except RemoteProtocolError:
                 continue
             swim.receive(message.updates, now)
