@@ -51,7 +51,8 @@ def run_harness(
     corpus_out.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "fuzz.run", name,
-        f"-runs={inputs}", f"-max_total_time={max_s}", f"-timeout={timeout_s}", "-rss_limit_mb=2048", "-print_final_stats=1",
+        f"-runs={inputs}", f"-max_total_time={max_s}", f"-timeout={timeout_s}",
+        "-rss_limit_mb=2048", "-print_final_stats=1",
         f"-keep_going={artifacts}", f"-artifact_prefix={artifacts}/",
         str(corpus_out), str(ROOT / "fuzz" / "corpus" / name),
     ]  # fmt: skip
