@@ -25,7 +25,45 @@ CORPUS = ROOT / "fuzz" / "corpus"
 CRASHES = ROOT / "fuzz" / "crashes"
 
 #: every committed reproducer, by ``<harness>/<file>``: what it shows, and where the fault is
-FINDINGS: dict[str, str] = {}
+FINDINGS: dict[str, str] = {
+    "arrays/zero-dimension-streamed": (
+        "issue 11 #10: shape [0, 2**64-1] passes the size checks; ArrayAssembler.finish "
+        "(meshfed/arrays.py) raises ValueError in reshape"
+    ),
+    "arrays/zero-dimension-inline": (
+        "issue 11 #10: the same header inline; InlineArray.array (meshfed/arrays.py) raises "
+        "ValueError in reshape"
+    ),
+    "swim/incarnation-overflow": (
+        "issue 11 #1: Swim.receive (meshfed/membership/swim.py) refutes incarnation 2**64-1 "
+        "with 2**64; seal() of the next SwimPing raises OverflowError"
+    ),
+    "key_exchange/low-order-key": (
+        "new: a listener answering the key exchange with a low-order X25519 key makes "
+        "Libp2pTransport._exchange_keys (transports/libp2p.py) raise ValueError from "
+        "X25519 exchange, outside its try: connect() leaks it to callers that catch "
+        "MeshfedError only"
+    ),
+    "sealed_frames/skip-body-unauthenticated": (
+        "issue 11 #5: an honest frame replaced by a forged oversized REQUEST header is "
+        "skipped (SealedSocket.skip_body, transports/_sealed.py) and the next frame still "
+        "opens: a frame was dropped without the next tag failing"
+    ),
+    "peer_records/subject-not-bytes": (
+        "new: signed_subject (meshfed/membership/records.py) builds PeerId from a record's "
+        "first field without checking it is bytes; PeerId.__post_init__ "
+        "(meshfed/identity.py) then raises AttributeError (.hex() on a str or list)"
+    ),
+    "cyclon/subject-not-bytes": (
+        "new: the same record in a shuffle: Cyclon.merge (meshfed/membership/cyclon.py) "
+        "calls signed_subject, AttributeError escapes"
+    ),
+    "secagg/low-order-mask-key": (
+        "issue 11 #6: a member's low-order X25519 mask key (its advert dropped, its share "
+        "message carrying the key) makes SecAggPeer._masked_input "
+        "(meshfed/secagg/protocol.py) raise ValueError out of receive()"
+    ),
+}
 
 
 def _harness(name: str) -> object:
@@ -79,7 +117,7 @@ def test_reproducer_no_longer_crashes(name: str, path: Path) -> None:
 
 
 #: harnesses whose bounded run may still hit an open finding (xfail until the fix is merged)
-OPEN: dict[str, str] = {}
+OPEN = {key.split("/")[0]: reason for key, reason in FINDINGS.items()}
 
 
 @pytest.mark.parametrize(
