@@ -199,8 +199,8 @@ def test_one_input(data: bytes) -> None:
 
 
 def seeds() -> Iterator[bytes]:
-    """An honest run in order; one where the dishonest peer's share message is altered; one
-    where its slice is; one where it stays silent."""
+    """Honest runs in order; one where the dishonest peer's message is altered; one where it
+    is silent from the start; one where it sends a message of its own."""
     yield Writer().uint(1, 1).build()
     yield Writer().uint(1, 2).below(5, DELIVER).below(4, 3).build()
     w = Writer().uint(1, 3)
