@@ -199,8 +199,9 @@ def test_one_input(data: bytes) -> None:
 
 
 def seeds() -> Iterator[bytes]:
-    """Honest runs in order; one where the dishonest peer's message is altered; one where it
-    is silent from the start; one where it sends a message of its own."""
+    """Honest runs in order; one where the dishonest peer's message is altered; one where its
+    key adverts are lost (its share messages repeat the keys); one where it sends a message of
+    its own."""
     yield Writer().uint(1, 1).build()
     yield Writer().uint(1, 2).below(5, DELIVER).below(4, 3).build()
     w = Writer().uint(1, 3)
