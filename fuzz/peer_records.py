@@ -103,7 +103,11 @@ def test_one_input(data: bytes) -> None:
                 signed_record(reader) for _ in range(1 if step == APPLY else reader.below(5))
             ]
             for signed in records:
-                signed_subject(signed)  # a cache key read before verifying: must not raise
+                subject = signed_subject(signed)  # read before verifying: must not raise
+                if step == DELTA and subject is not None:
+                    # in a full table one record of a delta may evict a peer that a later
+                    # one brings back: its newest seq starts over
+                    newest.pop(subject.raw, None)
             try:
                 if step == APPLY:
                     changed = [r for r in [table.apply(records[0], now_ms=now_ms)] if r]
