@@ -102,6 +102,7 @@ def test_one_input(data: bytes) -> None:
             records = [
                 signed_record(reader) for _ in range(1 if step == APPLY else reader.below(5))
             ]
+            held = {record.peer.raw: record.seq for record in table.records()}
             for signed in records:
                 subject = signed_subject(signed)  # read before verifying: must not raise
                 if step == DELTA and subject is not None:
@@ -115,8 +116,11 @@ def test_one_input(data: bytes) -> None:
                     changed, _, _ = gossip.apply(Delta(records=records, wants=[]), now_ms)
             except RemoteProtocolError:
                 continue
-            for record in changed:
-                newest[record.peer.raw] = max(newest.get(record.peer.raw, 0), record.seq)
+            for record in changed:  # in order: the last one a peer got is the one held
+                before = held.get(record.peer.raw)
+                if step == APPLY and before is not None and record.seq <= before:
+                    raise AssertionError("an older record replaced a newer one")
+                newest[record.peer.raw] = record.seq
         elif step == DIGEST:
             entries = [
                 DigestEntry(IDENTITIES[reader.below(len(IDENTITIES))].peer_id, reader.uint(8))
