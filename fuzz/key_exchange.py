@@ -3,7 +3,7 @@ bytes reach before anything is authenticated by our own keys.
 
 - ``_parse_exchange``: the message on ``/meshfed/session/1`` (both directions);
 - the dialer's completion of the exchange, as ``Libp2pTransport._exchange_keys`` does it
-  after reading the answer (parse, X25519 with our ephemeral key, ``derive_session``);
+  after reading the answer (parse, ``_agree`` with our ephemeral key, ``derive_session``);
 - the listener's handling of a sealed-port hello (``_serve_sealed``: session id lookup, kind,
   ``derive_connection_keys``).
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from meshfed.errors import RemoteProtocolError
@@ -25,7 +25,7 @@ from meshfed.transports._sealed import (
     derive_connection_keys,
     derive_session,
 )
-from meshfed.transports.libp2p import CONTROL, STREAM, _parse_exchange
+from meshfed.transports.libp2p import CONTROL, STREAM, _agree, _parse_exchange
 
 from ._common import IDENTITIES, Reader, Writer, loose_unpack, pack
 
@@ -39,7 +39,7 @@ ANSWER, HELLO = range(2)
 def _complete_as_dialer(answer: bytes) -> tuple[bytes, bytes]:
     """What ``_exchange_keys`` does with the listener's answer (after reading 256 bytes)."""
     theirs, their_nonce, _port = _parse_exchange(answer[:256])
-    shared = _EPHEMERAL.exchange(X25519PublicKey.from_public_bytes(theirs))
+    shared = _agree(_EPHEMERAL, theirs)
     return derive_session(
         shared, dialer=_DIALER, listener=_LISTENER, transcript=_OURS + theirs + _NONCE + their_nonce
     )

@@ -54,6 +54,8 @@ class PeerId:
     raw: bytes
 
     def __post_init__(self) -> None:
+        if not isinstance(self.raw, bytes):
+            raise TypeError(f"a peer id is bytes, not {type(self.raw).__name__}")
         if len(self.raw) != len(_PEER_ID_PREFIX) + 32 or not self.raw.startswith(_PEER_ID_PREFIX):
             raise ValueError(f"not an Ed25519 libp2p peer id: {self.raw.hex()}")
 
