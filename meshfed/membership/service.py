@@ -36,6 +36,7 @@ from .records import (
     PeerRecord,
     PeerTable,
     Role,
+    SignedPeerRecord,
     sign_record,
     signed_subject,
 )
@@ -305,7 +306,7 @@ class Membership:
             log.debug("gossip exchange failed", extra={"peer": peer.short(), "error": repr(exc)})
 
     def _take(self, delta: Delta, source: PeerId) -> None:
-        delta = self._limit_newcomers(delta, source)
+        delta = Delta(records=self._limit_newcomers(delta.records, source), wants=delta.wants)
         changed, rejected, evicted = self._gossip.apply(delta, _wall_ms())
         for peer in evicted:
             self.swim.forget(peer)
@@ -340,13 +341,15 @@ class Membership:
                 raise RemoteProtocolError(
                     "a shuffle is answered by a shuffle reply", reason=RejectReason.BAD_FIELD
                 )
-            self._count(cyclon.merge(answer.body.records, sent, _wall_ms()), partner)
+            records = self._limit_newcomers(answer.body.records, partner)
+            self._count(cyclon.merge(records, sent, _wall_ms(), partner), partner)
         except (MeshfedError, trio.TooSlowError) as exc:
             log.debug("shuffle failed", extra={"peer": partner.short(), "error": repr(exc)})
         self._sync_swim()
 
     async def _on_shuffle(self, envelope: Envelope, shuffle: Shuffle) -> ShuffleReply:
         assert self.cyclon is not None, "shuffles are only answered in partial-view mode"
+        shuffle = Shuffle(records=self._limit_newcomers(shuffle.records, envelope.sender))
         reply, rejected = self.cyclon.answer(shuffle, envelope.sender, _wall_ms())
         self._count(rejected, envelope.sender)
         self._sync_swim()
@@ -368,18 +371,21 @@ class Membership:
             self.swim.add(peer)
         self._wake.set()
 
-    def _limit_newcomers(self, delta: Delta, source: PeerId) -> Delta:
-        """Let one source introduce only so many peers we never heard of per gossip interval,
-        so a peer minting identities cannot flood the table or eclipse the honest view."""
+    def _limit_newcomers(
+        self, records: list[SignedPeerRecord], source: PeerId
+    ) -> list[SignedPeerRecord]:
+        """Let one source introduce only so many peers we never heard of per gossip interval
+        (by anti-entropy or Cyclon shuffles alike), so a peer minting identities cannot flood
+        the table or eclipse the honest view."""
         kept = []
-        for signed in delta.records:
+        for signed in records:
             subject = signed_subject(signed)
             known = subject is not None and self.table.get(subject) is not None
             if known or self._newcomers.take(source, trio.current_time()):
                 kept.append(signed)
             else:
                 self.node.stats.reject(RejectReason.RATE_LIMITED)
-        return Delta(records=kept, wants=delta.wants) if len(kept) < len(delta.records) else delta
+        return kept
 
     async def _on_digest(self, envelope: Envelope, digest: Digest) -> Delta:
         record = self.table.get(envelope.sender)
