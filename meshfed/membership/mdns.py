@@ -66,6 +66,8 @@ MAX_ADDRS_PER_ANNOUNCEMENT = 8
 DIALS_PER_S, DIAL_BURST = 2.0, 8
 #: peers being dialled at once
 MAX_PENDING_DIALS = 8
+#: addresses remembered as answering (not dialled again while they are)
+MAX_DIALLED = 1024
 
 
 def txt_for(addrs: list[str]) -> bytes:
@@ -152,27 +154,28 @@ def peer_of(addr: str) -> PeerId | None:
 class DialBudget:
     """Which announced peers to dial now (sans-IO; pass ``now``).
 
-    At most ``MAX_ADDRS_PER_ANNOUNCEMENT`` addresses of an announcement are looked at; a peer
-    we are connected to, or already dialling, is skipped; new dials start at ``DIALS_PER_S``
-    (burst ``DIAL_BURST``) with at most ``MAX_PENDING_DIALS`` in flight. What does not fit is
-    dropped (``dropped`` counts it): the peer announces again.
+    At most ``MAX_ADDRS_PER_ANNOUNCEMENT`` addresses of an announcement are looked at; an
+    address that answered before (until :meth:`forget`), and a peer already being dialled, are
+    skipped; new dials start at ``DIALS_PER_S`` (burst ``DIAL_BURST``) with at most
+    ``MAX_PENDING_DIALS`` in flight. What does not fit is dropped (``dropped`` counts it): the
+    peer announces again.
     """
 
     me: PeerId
     max_pending: int = MAX_PENDING_DIALS
     pending: set[PeerId] = field(default_factory=set)
     dropped: int = 0
+    #: addresses that answered (bounded: forgotten wholesale past ``MAX_DIALLED``)
+    dialled: set[str] = field(default_factory=set)
     _rate: TokenBuckets[None] = field(default_factory=lambda: TokenBuckets(DIALS_PER_S, DIAL_BURST))
 
-    def admit(
-        self, addrs: list[str], connected: set[PeerId], now: float
-    ) -> dict[PeerId, list[str]]:
+    def admit(self, addrs: list[str], now: float) -> dict[PeerId, list[str]]:
         """The peers to dial now, each with its announced addresses (to try in turn); each
         stays pending until :meth:`done`."""
         wanted: dict[PeerId, list[str]] = {}
         for addr in addrs[:MAX_ADDRS_PER_ANNOUNCEMENT]:
             peer = peer_of(addr)
-            if peer is None or peer == self.me or peer in connected or peer in self.pending:
+            if peer is None or peer == self.me or peer in self.pending or addr in self.dialled:
                 continue
             wanted.setdefault(peer, []).append(addr)
         admitted: dict[PeerId, list[str]] = {}
@@ -184,9 +187,17 @@ class DialBudget:
             admitted[peer] = peer_addrs
         return admitted
 
-    def done(self, peer: PeerId) -> None:
-        """The dial of ``peer`` ended (connected or not)."""
+    def done(self, peer: PeerId, answered: str | None) -> None:
+        """The dial of ``peer`` ended; ``answered`` is the address that connected, if any."""
         self.pending.discard(peer)
+        if answered is not None:
+            if len(self.dialled) >= MAX_DIALLED:
+                self.dialled.clear()
+            self.dialled.add(answered)
+
+    def forget(self) -> None:
+        """Our interfaces changed: what answered may sit behind a gone one; dial it again."""
+        self.dialled.clear()
 
 
 class MdnsDiscovery:
@@ -260,6 +271,7 @@ class MdnsDiscovery:
                         await trio.to_thread.run_sync(_stop, *running)
                         running = None
                     announced = now
+                    self.budget.forget()
                     running = await self._start(token, found)
                 if not started:
                     task_status.started()
@@ -294,28 +306,27 @@ class MdnsDiscovery:
     async def _dial_found(self, found: trio.MemoryReceiveChannel[list[str]]) -> None:
         async with trio.open_nursery() as nursery:
             async for addrs in found:
-                connected = set(self.node.transport.connected_peers())
                 dropped = self.budget.dropped
-                for peer, peer_addrs in self.budget.admit(
-                    addrs, connected, trio.current_time()
-                ).items():
+                for peer, peer_addrs in self.budget.admit(addrs, trio.current_time()).items():
                     nursery.start_soon(self._dial, peer, peer_addrs)
                 if self.budget.dropped > dropped:
                     log.debug("mDNS dial budget spent", extra={"dropped": self.budget.dropped})
 
     async def _dial(self, peer: PeerId, addrs: list[str]) -> None:
         """Dial ``peer`` at its announced addresses in turn, until one answers."""
+        answered = None
         try:
             for addr in addrs:
                 try:
                     with trio.fail_after(10):
                         await self.node.connect(addr)
                     log.info("found by mDNS", extra={"peer": peer.short(), "addr": addr})
+                    answered = addr
                     return
                 except (MeshfedError, trio.TooSlowError) as exc:
                     log.debug("mDNS peer unreachable", extra={"addr": addr, "error": repr(exc)})
         finally:
-            self.budget.done(peer)
+            self.budget.done(peer, answered)
 
 
 def _stop(zc: Zeroconf, browser: ServiceBrowser, info: Any) -> None:

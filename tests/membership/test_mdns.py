@@ -210,18 +210,23 @@ def test_dials_are_budgeted_per_announcement_per_second_and_in_flight() -> None:
     budget = DialBudget(me)
     strangers = [Identity.generate().peer_id for _ in range(200)]
     flood = [f"/ip4/10.9.9.9/tcp/{i + 1}/p2p/{peer}" for i, peer in enumerate(strangers)]
-    first = budget.admit(flood, connected=set(), now=0.0)
+    first = budget.admit(flood, now=0.0)
     assert len(first) <= min(MAX_ADDRS_PER_ANNOUNCEMENT, MAX_PENDING_DIALS, DIAL_BURST)
     assert set(first) <= set(strangers[:MAX_ADDRS_PER_ANNOUNCEMENT])
     admitted = set(first)
     for t in range(1, 60):  # one announcement after another, every dial hanging
-        admitted |= set(budget.admit(flood[8 * t :], connected=set(), now=t * 0.1))
+        admitted |= set(budget.admit(flood[8 * t :], now=t * 0.1))
         assert len(budget.pending) <= MAX_PENDING_DIALS
     assert len(admitted) == MAX_PENDING_DIALS
     for peer in list(budget.pending):
-        budget.done(peer)
-    later = budget.admit(flood[-8:], connected=set(), now=100.0)
+        budget.done(peer, None)
+    later = budget.admit(flood[-8:], now=100.0)
     assert len(later) == MAX_ADDRS_PER_ANNOUNCEMENT  # the budget came back
-    # ourselves, connected peers and addresses naming no peer are never dialled
-    mine = [f"/ip4/10.0.0.1/tcp/1/p2p/{me}", f"/ip4/10.0.0.1/tcp/2/p2p/{strangers[0]}", "/ip4/x"]
-    assert budget.admit(mine, connected={strangers[0]}, now=200.0) == {}
+    # an address that answered is not dialled again until our interfaces change
+    peer, addrs = next(iter(later.items()))
+    budget.done(peer, addrs[0])
+    assert budget.admit(addrs, now=200.0) == {}
+    budget.forget()
+    assert budget.admit(addrs, now=300.0) == {peer: addrs}
+    # ourselves and addresses naming no valid peer are never dialled
+    assert budget.admit([f"/ip4/10.0.0.1/tcp/1/p2p/{me}", "/ip4/x", "/p2p/nope"], now=400.0) == {}
