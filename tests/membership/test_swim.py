@@ -6,6 +6,8 @@ import heapq
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshfed.identity import Identity, PeerId
 from meshfed.membership.swim import (
@@ -243,3 +245,38 @@ def test_precedence_at_equal_incarnation() -> None:
 def test_bad_timers_are_refused() -> None:
     with pytest.raises(ValueError, match="probe_timeout_s"):
         SwimConfig(period_s=0.1, probe_timeout_s=0.2)
+
+
+IDENTITIES = [Identity.generate() for _ in range(3)]
+
+
+@st.composite
+def updates(draw: st.DrawFn) -> Update:
+    who = draw(st.sampled_from(IDENTITIES))
+    number = draw(st.integers(0, MAX_INCARNATION))
+    if draw(st.booleans()):
+        statement = Incarnation.sign(who, number)
+    else:
+        statement = Incarnation(who.peer_id, number, draw(st.binary(min_size=64, max_size=64)))
+    return Update(statement, draw(st.integers(0, 2)))
+
+
+@given(st.lists(updates(), max_size=20))
+@settings(max_examples=200, deadline=None)
+def test_any_updates_give_actions_never_an_error_and_bounded_incarnations(
+    news: list[Update],
+) -> None:
+    me = IDENTITIES[0]
+    node = Swim(me, CONFIG, random.Random(0), incarnation=5)
+    for other in IDENTITIES[1:]:
+        node.add(other.peer_id)
+    now = 0.0
+    for update in news:
+        actions = node.receive([update], now)
+        assert all(isinstance(a, (Rejected, MemberDead)) for a in actions)
+        assert 0 <= node.incarnation <= MAX_INCARNATION
+        assert node.statement.valid()
+        now += 0.1
+        node.tick(now)
+    for update in node.piggyback():
+        assert update.statement.valid()
