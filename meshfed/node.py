@@ -759,11 +759,10 @@ async def open_node(
         await nursery.start(transport.run)
         if config.ping_interval_s > 0:
             nursery.start_soon(node._ping_loop)
-        for addr in config.bootstrap:
-            try:
-                await node.connect(addr)
-            except MeshfedError as exc:
-                log.warning("bootstrap peer unreachable", extra={"addr": addr, "error": repr(exc)})
+        if config.bootstrap:  # dialled now, retried with backoff until reached (SPEC 7a)
+            from .membership.bootstrap import Bootstrap
+
+            await nursery.start(Bootstrap(node, config.bootstrap).run)
         if config.membership:
             from .membership.device import probe_capabilities
             from .membership.service import Membership, MembershipConfig

@@ -569,6 +569,9 @@ class Libp2pTransport(Transport):
         # Dial the address asked for: the peerstore may hold others that no longer work (from
         # an interface that went, or a wildcard a peer's identify message reported).
         self.host.get_peerstore().clear_addrs(info.peer_id)
+        # ... and now: py-libp2p refuses for 60 s to dial a peer whose last dial failed (its
+        # negative cache), so a peer that starts after us would stay unreachable.
+        self.host.get_network().unblock_peer(info.peer_id)
         with _mapped(f"cannot reach {addr}"), trio.fail_after(DIAL_TIMEOUT_S):
             await self.host.connect(info)
         await self._session(peer)

@@ -13,6 +13,11 @@ every record: it holds a view of ``size`` records, each with an age. Every shuff
 Entries move between views rather than being copied, so every node appears in about ``size``
 views (in-degree balanced), each view is a near-uniform sample of the live nodes, and the state
 and traffic of a node do not grow with the mesh. Records stay signed by their subjects.
+
+**Newcomer share.** Each entry remembers the peer that introduced it (the shuffle's partner).
+One partner may hold at most ``max_share`` entries of our view that it introduced; its further
+newcomers are dropped (and reported), so a peer minting identities cannot eclipse a view by
+shuffling at it, however often it shuffles.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from ..codec import bounded
 from ..errors import RemoteProtocolError
 from ..identity import PeerId
+from ..stats import RejectReason
 from ..wire import Message, message
 from .records import PeerRecord, PeerTable, SignedPeerRecord, signed_subject
 
@@ -55,16 +61,28 @@ class Cyclon:
         table: the record store, created with ``max_size = size + 1`` (the view plus us).
         length: entries exchanged per shuffle.
         rng: the only randomness.
+        max_share: the most entries of our view one partner may have introduced (default:
+            ``length``, what one honest shuffle brings).
     """
 
-    def __init__(self, me: PeerId, table: PeerTable, *, length: int, rng: random.Random) -> None:
+    def __init__(
+        self,
+        me: PeerId,
+        table: PeerTable,
+        *,
+        length: int,
+        rng: random.Random,
+        max_share: int | None = None,
+    ) -> None:
         if not 1 <= length <= MAX_SHUFFLE:
             raise ValueError(f"shuffle length must be in 1..{MAX_SHUFFLE}, not {length}")
         self.me = me
         self.table = table
         self.length = length
+        self.max_share = length if max_share is None else max_share
         self._rng = rng
         self._age: dict[PeerId, int] = {}
+        self._introduced_by: dict[PeerId, PeerId] = {}
 
     def view(self) -> list[PeerId]:
         """The peers in our view (not us)."""
@@ -95,34 +113,52 @@ class Cyclon:
         others = [p for p in self.view() if p != source]
         sent = self._rng.sample(others, min(self.length, len(others)))
         reply = ShuffleReply(records=[s for s in map(self.table.signed, sent) if s is not None])
-        return reply, self.merge(shuffle.records, sent, now_ms)
+        return reply, self.merge(shuffle.records, sent, now_ms, source)
 
     def merge(
-        self, records: list[SignedPeerRecord], sent: list[PeerId], now_ms: int
+        self, records: list[SignedPeerRecord], sent: list[PeerId], now_ms: int, source: PeerId
     ) -> list[RemoteProtocolError]:
-        """Take received entries: fill free slots, then replace what we sent."""
+        """Take ``source``'s entries: fill free slots, then replace what we sent; newcomers
+        past ``source``'s share are dropped and reported as [rate_limited]."""
         rejected: list[RemoteProtocolError] = []
         replaceable = [p for p in sent if self.table.get(p) is not None]
+        share = self._share(source)
         for signed in records[:MAX_SHUFFLE]:
             subject = signed_subject(signed)
             if subject == self.me:
                 continue
+            newcomer = subject is None or self.table.get(subject) is None
             try:
-                if subject is None or (self.table.get(subject) is None and self.table.full()):
+                if newcomer and share >= self.max_share:
+                    raise RemoteProtocolError(
+                        f"{source} introduced {share} entries of our view already",
+                        reason=RejectReason.RATE_LIMITED,
+                    )
+                if newcomer and self.table.full():
                     signed.verify()  # check before anything of ours is given up for it
                     if not replaceable:
                         continue  # nothing of ours left to give up: keep our view
                     self.forget(replaceable.pop())
                 if (record := self.table.apply(signed, now_ms=now_ms)) is not None:
                     self._age.setdefault(record.peer, 0)
+                    if newcomer:
+                        self._introduced_by[record.peer] = source
+                        share += 1
             except RemoteProtocolError as exc:
                 rejected.append(exc)
         return rejected
+
+    def _share(self, source: PeerId) -> int:
+        """How many entries of our view ``source`` introduced."""
+        held = [p for p in self._introduced_by if self.table.get(p) is not None]
+        self._introduced_by = {p: self._introduced_by[p] for p in held}
+        return sum(1 for by in self._introduced_by.values() if by == source)
 
     def forget(self, peer: PeerId) -> None:
         """Drop ``peer`` from the view (shuffled away, or found dead)."""
         self.table.remove(peer)
         self._age.pop(peer, None)
+        self._introduced_by.pop(peer, None)
 
     def taken(self, record: PeerRecord) -> None:
         """A record entered the table by another path (bootstrap, mDNS): age it from zero."""

@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -22,7 +24,7 @@ from ..codec import bounded
 from ..control import Ack
 from ..errors import MeshfedError, RemoteProtocolError
 from ..identity import PeerId
-from ..node import Node
+from ..node import MessageHandler, Node
 from ..ratelimit import TokenBuckets
 from ..stats import RejectReason
 from ..wire import Envelope, Message, message
@@ -34,14 +36,28 @@ from .records import (
     PeerRecord,
     PeerTable,
     Role,
+    SignedPeerRecord,
     sign_record,
     signed_subject,
 )
-from .swim import IndirectProbe, MemberDead, MemberState, Probe, Swim, SwimConfig, Update
+from .swim import (
+    Action,
+    IndirectProbe,
+    MemberDead,
+    MemberState,
+    Probe,
+    Rejected,
+    Swim,
+    SwimConfig,
+    Update,
+)
 
 __all__ = ["Membership", "MembershipConfig", "SwimAck", "SwimPing", "SwimPingReq"]
 
 log = logging.getLogger(__name__)
+
+#: addresses a ping request may carry for its target (a helper dials the first one)
+MAX_PING_REQ_ADDRS = 4
 
 
 @message("meshfed.swim.ping")
@@ -55,11 +71,13 @@ class SwimPing(Message):
 @message("meshfed.swim.ping_req")
 @dataclass(frozen=True, slots=True)
 class SwimPingReq(Message):
-    """Probe ``target`` for me within ``timeout_ms`` and tell me whether it answered."""
+    """Probe ``target`` for me within ``timeout_ms`` and tell me whether it answered.
+    ``addrs`` are where the target's record says it listens (a helper may not know it)."""
 
     target: PeerId
     timeout_ms: int = bounded(ge=1, le=60_000)
     updates: list[Update] = bounded(max_len=64)
+    addrs: list[str] = bounded(max_len=MAX_PING_REQ_ADDRS, default_factory=list)
 
 
 @message("meshfed.swim.ack")
@@ -98,6 +116,24 @@ CLIENT_RECORD_TTL_S = 60.0
 
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _serving(handler: MessageHandler) -> MessageHandler:
+    """``handler``, with any error but our own turned into a counted rejection of the input
+    (logged with its traceback: it is a bug), so that no message stops the node."""
+
+    async def serve(envelope: Envelope, body: Any) -> Message | None:
+        try:
+            return await handler(envelope, body)
+        except MeshfedError:
+            raise
+        except Exception as exc:
+            log.exception("membership handler failed", extra={"type": body.TYPE})
+            raise RemoteProtocolError(
+                f"{body.TYPE} could not be handled: {exc!r}", reason=RejectReason.MALFORMED
+            ) from exc
+
+    return serve
 
 
 class Membership:
@@ -139,17 +175,17 @@ class Membership:
         )
         started = _wall_ms()
         self._seq = started
-        self.swim = Swim(node.peer_id, self.config.swim, self._rng, incarnation=started)
+        self.swim = Swim(node.identity, self.config.swim, self._rng, incarnation=started)
         self._capabilities = capabilities
         self._refresh_at_ms = 0
         self._own_addrs: list[str] = []
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
-        node.handle(Digest, self._on_digest)
-        node.handle(Delta, self._on_delta)
-        node.handle(Shuffle, self._on_shuffle)
-        node.handle(SwimPing, self._on_ping)
-        node.handle(SwimPingReq, self._on_ping_req)
+        node.handle(Digest, _serving(self._on_digest))
+        node.handle(Delta, _serving(self._on_delta))
+        node.handle(Shuffle, _serving(self._on_shuffle))
+        node.handle(SwimPing, _serving(self._on_ping))
+        node.handle(SwimPingReq, _serving(self._on_ping_req))
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -167,12 +203,14 @@ class Membership:
 
     def introduce(self, peer: PeerId) -> None:
         """A peer we just connected to (bootstrap, mDNS, the app): gossip and probe it too.
-        One we had declared dead is asked for its current record at once (a newer record
-        revives it: it may have been cut off, not dead)."""
+        One we had declared dead is pinged at once, told of its death, and asked for its
+        current record: it may have been cut off or restarted, not dead, and comes back with
+        a signed incarnation above the one it died at."""
         if peer == self.node.peer_id:
             return
         if self.swim.state(peer) == MemberState.DEAD and self._nursery is not None:
-            self._nursery.start_soon(self._exchange, peer)
+            self._nursery.start_soon(self._guarded, self._exchange, peer)
+            self._act_all(self.swim.recheck(peer, trio.current_time()))
         self.swim.add(peer)
         self._wake.set()
 
@@ -221,14 +259,14 @@ class Membership:
                 if len(self.cyclon.view()) < self.cyclon.length and (targets := self._live()):
                     # joining (or left with too few entries): fill up by one anti-entropy
                     # exchange with a peer we can reach, then shuffle as usual
-                    await self._exchange(self._rng.choice(targets))
+                    await self._guarded(self._exchange, self._rng.choice(targets))
                     self._sync_swim()
-                await self._shuffle(self.cyclon)
+                await self._guarded(self._shuffle, self.cyclon)
             else:
                 targets = self._live()
                 async with trio.open_nursery() as nursery:
                     for peer in self._rng.sample(targets, min(self.config.fanout, len(targets))):
-                        nursery.start_soon(self._exchange, peer)
+                        nursery.start_soon(self._guarded, self._exchange, peer)
             await trio.sleep(self.config.gossip_interval_s * (0.5 + self._rng.random()))
 
     def _live(self) -> list[PeerId]:
@@ -268,7 +306,7 @@ class Membership:
             log.debug("gossip exchange failed", extra={"peer": peer.short(), "error": repr(exc)})
 
     def _take(self, delta: Delta, source: PeerId) -> None:
-        delta = self._limit_newcomers(delta, source)
+        delta = Delta(records=self._limit_newcomers(delta.records, source), wants=delta.wants)
         changed, rejected, evicted = self._gossip.apply(delta, _wall_ms())
         for peer in evicted:
             self.swim.forget(peer)
@@ -280,9 +318,7 @@ class Membership:
                 self.swim.forget(record.peer)  # cannot be probed; its record's expiry decides
                 continue
             if self.swim.state(record.peer) == MemberState.DEAD:
-                self.swim.receive(
-                    [Update(record.peer, int(MemberState.ALIVE), record.seq)], trio.current_time()
-                )
+                self._act_all(self.swim.recheck(record.peer, trio.current_time()))
             else:
                 self.swim.add(record.peer)
         if changed:
@@ -305,22 +341,25 @@ class Membership:
                 raise RemoteProtocolError(
                     "a shuffle is answered by a shuffle reply", reason=RejectReason.BAD_FIELD
                 )
-            self._count(cyclon.merge(answer.body.records, sent, _wall_ms()), partner)
+            records = self._limit_newcomers(answer.body.records, partner)
+            self._count(cyclon.merge(records, sent, _wall_ms(), partner), partner)
         except (MeshfedError, trio.TooSlowError) as exc:
             log.debug("shuffle failed", extra={"peer": partner.short(), "error": repr(exc)})
         self._sync_swim()
 
     async def _on_shuffle(self, envelope: Envelope, shuffle: Shuffle) -> ShuffleReply:
         assert self.cyclon is not None, "shuffles are only answered in partial-view mode"
+        shuffle = Shuffle(records=self._limit_newcomers(shuffle.records, envelope.sender))
         reply, rejected = self.cyclon.answer(shuffle, envelope.sender, _wall_ms())
         self._count(rejected, envelope.sender)
         self._sync_swim()
         return reply
 
-    def _count(self, rejected: list[RemoteProtocolError], source: PeerId) -> None:
+    def _count(self, rejected: list[RemoteProtocolError], source: PeerId | None) -> None:
         for exc in rejected:
             self.node.stats.reject(exc.reason)
-            log.info("rejected a peer record", extra={"from": source.short(), "why": str(exc)})
+            origin = "-" if source is None else source.short()
+            log.info("rejected membership news", extra={"from": origin, "why": str(exc)})
 
     def _sync_swim(self) -> None:
         """Probe exactly the (non client-only) peers in the view."""
@@ -332,18 +371,21 @@ class Membership:
             self.swim.add(peer)
         self._wake.set()
 
-    def _limit_newcomers(self, delta: Delta, source: PeerId) -> Delta:
-        """Let one source introduce only so many peers we never heard of per gossip interval,
-        so a peer minting identities cannot flood the table or eclipse the honest view."""
+    def _limit_newcomers(
+        self, records: list[SignedPeerRecord], source: PeerId
+    ) -> list[SignedPeerRecord]:
+        """Let one source introduce only so many peers we never heard of per gossip interval
+        (by anti-entropy or Cyclon shuffles alike), so a peer minting identities cannot flood
+        the table or eclipse the honest view."""
         kept = []
-        for signed in delta.records:
+        for signed in records:
             subject = signed_subject(signed)
             known = subject is not None and self.table.get(subject) is not None
             if known or self._newcomers.take(source, trio.current_time()):
                 kept.append(signed)
             else:
                 self.node.stats.reject(RejectReason.RATE_LIMITED)
-        return Delta(records=kept, wants=delta.wants) if len(kept) < len(delta.records) else delta
+        return kept
 
     async def _on_digest(self, envelope: Envelope, digest: Digest) -> Delta:
         record = self.table.get(envelope.sender)
@@ -360,39 +402,57 @@ class Membership:
     async def _swim_loop(self) -> None:
         while True:
             now = trio.current_time()
-            for action in self.swim.tick(now):
-                self._act(action)
+            self._act_all(self.swim.tick(now))
             self._wake = trio.Event()
             with trio.move_on_at(max(self.swim.wake_at(), now + 0.001)):
                 await self._wake.wait()
 
-    def _act(self, action: Probe | IndirectProbe | MemberDead) -> None:
+    def _act_all(self, actions: list[Action], source: PeerId | None = None) -> None:
+        for action in actions:
+            self._act(action, source)
+
+    def _act(self, action: Action, source: PeerId | None = None) -> None:
         nursery = self._nursery
-        assert nursery is not None
+        if nursery is None:
+            return  # not running yet: SWIM starts probing with run()
         if isinstance(action, Probe):
-            nursery.start_soon(self._probe, action.target, action.deadline)
+            nursery.start_soon(self._guarded, self._probe, action.target, action.deadline)
         elif isinstance(action, IndirectProbe):
             for helper in action.via:
-                nursery.start_soon(self._probe_via, helper, action.target, action.deadline)
-        else:
+                nursery.start_soon(
+                    self._guarded, self._probe_via, helper, action.target, action.deadline
+                )
+        elif isinstance(action, MemberDead):
             log.info("peer declared dead", extra={"peer": action.peer.short()})
+        elif isinstance(action, Rejected):
+            self._count([action.error], source)
+
+    async def _guarded(self, task: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run one task that handles what peers sent: whatever goes wrong is logged and
+        counted, and the service goes on (a node never stops on input)."""
+        try:
+            await task(*args)
+        except Exception:
+            self.node.stats.reject(RejectReason.MALFORMED)
+            log.exception("membership task failed on peer input", extra={"task": task.__name__})
 
     async def _probe(self, target: PeerId, deadline: float) -> None:
         ok = False
         with trio.move_on_at(deadline):
             try:
                 await self._reach(target)
-                answer = await self.node.request(target, SwimPing(updates=self.swim.piggyback()))
+                ping = SwimPing(updates=self.swim.piggyback(to=target))
+                answer = await self.node.request(target, ping)
                 ok = isinstance(answer.body, SwimAck) and answer.body.ok
                 if isinstance(answer.body, SwimAck):
-                    self._receive(answer.body.updates)
-            except MeshfedError:
+                    self._receive(answer.body.updates, target)
+            except (MeshfedError, trio.TooSlowError):
                 ok = False
-        for action in self.swim.probe_result(target, ok, trio.current_time()):
-            self._act(action)
+        self._act_all(self.swim.probe_result(target, ok, trio.current_time()))
 
     async def _probe_via(self, helper: PeerId, target: PeerId, deadline: float) -> None:
         timeout_ms = max(1, int((deadline - trio.current_time()) * 1000))
+        record = self.table.get(target)
         ok = False
         with trio.move_on_at(deadline):
             try:
@@ -400,32 +460,43 @@ class Membership:
                 answer = await self.node.request(
                     helper,
                     SwimPingReq(
-                        target=target, timeout_ms=timeout_ms, updates=self.swim.piggyback()
+                        target=target,
+                        timeout_ms=timeout_ms,
+                        updates=self.swim.piggyback(to=helper),
+                        addrs=[] if record is None else record.addrs[:MAX_PING_REQ_ADDRS],
                     ),
                 )
                 ok = isinstance(answer.body, SwimAck) and answer.body.ok
-            except MeshfedError:
+                if isinstance(answer.body, SwimAck):
+                    self._receive(answer.body.updates, helper)
+            except (MeshfedError, trio.TooSlowError):
                 ok = False
         if ok:
-            self.swim.probe_result(target, True, trio.current_time())
+            self._act_all(self.swim.probe_result(target, True, trio.current_time()))
 
-    def _receive(self, updates: list[Update]) -> None:
-        for action in self.swim.receive(updates, trio.current_time()):
-            if isinstance(action, MemberDead):
-                log.info("peer declared dead", extra={"peer": action.peer.short()})
+    def _receive(self, updates: list[Update], source: PeerId) -> None:
+        self._act_all(self.swim.receive(updates, trio.current_time()), source)
 
     async def _on_ping(self, envelope: Envelope, ping: SwimPing) -> SwimAck:
-        self._receive(ping.updates)
-        return SwimAck(ok=True, updates=self.swim.piggyback())
+        self._receive(ping.updates, envelope.sender)
+        return SwimAck(ok=True, updates=self.swim.piggyback(to=envelope.sender))
 
     async def _on_ping_req(self, envelope: Envelope, request: SwimPingReq) -> SwimAck:
-        self._receive(request.updates)
+        self._receive(request.updates, envelope.sender)
         ok = False
-        with trio.move_on_after(request.timeout_ms / 1000):
+        with trio.move_on_after(min(request.timeout_ms / 1000, self.config.swim.period_s)):
             try:
-                await self._reach(request.target)
-                answer = await self.node.request(request.target, SwimPing(updates=[]))
+                target = request.target
+                if target not in self.node.transport.connected_peers() and request.addrs:
+                    if await self.node.connect(request.addrs[0]) != target:
+                        raise RemoteProtocolError(
+                            f"ping request's address does not answer as {target.short()}",
+                            reason=RejectReason.BAD_FIELD,
+                        )
+                else:
+                    await self._reach(target)
+                answer = await self.node.request(target, SwimPing(updates=[]))
                 ok = isinstance(answer.body, SwimAck)
-            except MeshfedError:
+            except (MeshfedError, trio.TooSlowError):
                 ok = False
-        return SwimAck(ok=ok, updates=self.swim.piggyback())
+        return SwimAck(ok=ok, updates=self.swim.piggyback(to=envelope.sender))

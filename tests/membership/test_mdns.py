@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshfed.membership.mdns import parse_txt, txt_for
+from meshfed.identity import Identity
+from meshfed.membership.mdns import (
+    DIAL_BURST,
+    MAX_ADDRS_PER_ANNOUNCEMENT,
+    MAX_PENDING_DIALS,
+    DialBudget,
+    parse_txt,
+    txt_for,
+)
 from tests.procs.harness import ROOT, Process, wait_for_full_views
 
 
@@ -157,3 +166,67 @@ def test_hosts_find_each_other_over_ipv6_as_their_links_come_and_go(
             process.popen.terminate()
         for process in processes:
             process.popen.wait(20)
+
+
+def test_a_peer_announced_by_ptr_and_txt_alone_is_found(namespace: str, tmp_path: Path) -> None:
+    """js-libp2p's announcement: PTR + TXT ``dnsaddr=``, no SRV, no A/AAAA."""
+    netns = ["ip", "netns", "exec", namespace]
+    quiet = Process(  # found only through the announcement below: its own mDNS is off
+        *("-m", "meshfed.cli", "run", "--json", "--status-interval", "0.5"),
+        *("--data-dir", str(tmp_path / "quiet")),
+        cwd=ROOT,
+        env={"MESHFED_PING_INTERVAL_S": "0", "MESHFED_MDNS": "0"},
+        prefix=netns,
+    )
+    seeker = Process(
+        *("-m", "meshfed.cli", "run", "--json", "--status-interval", "0.5"),
+        *("--data-dir", str(tmp_path / "seeker")),
+        cwd=ROOT,
+        env={"MESHFED_PING_INTERVAL_S": "0"},
+        prefix=netns,
+    )
+    announcer = None
+    try:
+        started = quiet.read()
+        seeker.read()
+        script = str(Path(__file__).with_name("announce_ptr_txt.py"))
+        announcer = subprocess.Popen(
+            [*netns, sys.executable, script, started["listen"][0], "30"], cwd=ROOT
+        )
+        _status_until(
+            seeker, lambda s: any(m["peer_id"] == started["peer_id"] for m in s["members"]), 30
+        )
+    finally:
+        if announcer is not None:
+            announcer.terminate()
+            announcer.wait(20)
+        for process in (quiet, seeker):
+            process.popen.terminate()
+            process.popen.wait(20)
+
+
+def test_dials_are_budgeted_per_announcement_per_second_and_in_flight() -> None:
+    me = Identity.generate().peer_id
+    budget = DialBudget(me)
+    strangers = [Identity.generate().peer_id for _ in range(200)]
+    flood = [f"/ip4/10.9.9.9/tcp/{i + 1}/p2p/{peer}" for i, peer in enumerate(strangers)]
+    first = budget.admit(flood, now=0.0)
+    assert len(first) <= min(MAX_ADDRS_PER_ANNOUNCEMENT, MAX_PENDING_DIALS, DIAL_BURST)
+    assert set(first) <= set(strangers[:MAX_ADDRS_PER_ANNOUNCEMENT])
+    admitted = set(first)
+    for t in range(1, 60):  # one announcement after another, every dial hanging
+        admitted |= set(budget.admit(flood[8 * t :], now=t * 0.1))
+        assert len(budget.pending) <= MAX_PENDING_DIALS
+    assert len(admitted) == MAX_PENDING_DIALS
+    for peer in list(budget.pending):
+        budget.done(peer, None)
+    later = budget.admit(flood[-8:], now=100.0)
+    assert len(later) == MAX_ADDRS_PER_ANNOUNCEMENT  # the budget came back
+    # an address that answered is not dialled again until our interfaces change
+    peer, addrs = next(iter(later.items()))
+    budget.done(peer, addrs[0])
+    assert budget.admit(addrs, now=200.0) == {}
+    budget.forget()
+    assert budget.admit(addrs, now=300.0) == {peer: addrs}
+    # ourselves and addresses naming no valid peer are never dialled
+    assert budget.admit([f"/ip4/10.0.0.1/tcp/1/p2p/{me}", "/ip4/x", "/p2p/nope"], now=400.0) == {}

@@ -277,3 +277,43 @@ async def test_partial_views_stay_bounded_and_cover_everyone(
             assert len(p.membership.table) <= size + 1  # bounded: the view and ourselves
             assert len(p.membership.swim.live_members()) <= size
         nursery.cancel_scope.cancel()
+
+
+async def test_shuffles_from_one_peer_cannot_eclipse_a_partial_view(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from meshfed.membership.cyclon import MAX_SHUFFLE, Shuffle
+    from meshfed.membership.records import sign_record
+
+    size = 12
+    config = MembershipConfig(gossip_interval_s=0.5, fanout=2, max_view=size)
+    network = MemoryNetwork(seed=8, latency=0.005)
+    async with trio.open_nursery() as nursery:
+        peers = await start_mesh(nursery, network, 24, seed=8, config=config)
+        await eventually(
+            lambda: full_partial_views(peers, size), within=60, what="full partial views"
+        )
+        mallory, target = peers[0], peers[1]
+        sybils = [
+            sign_record(
+                Identity.generate(),
+                seq=1,
+                expires_ms=2**62,
+                addrs=[],
+                capabilities=Capabilities(roles=["trainer"]),
+            )
+            for _ in range(4 * MAX_SHUFFLE)
+        ]
+        rng = random.Random(8)
+        minted = {record.verify().peer for record in sybils}
+        for _ in range(60):  # a shuffle every 50 ms for 3 s, each full of fresh identities
+            shuffle = Shuffle(records=rng.sample(sybils, MAX_SHUFFLE))
+            await mallory.node.request(target.node.peer_id, shuffle)
+            await trio.sleep(0.05)
+        cyclon = target.membership.cyclon
+        assert cyclon is not None
+        # Mallory introduced at most its share (l = 3 entries at this size); what honest
+        # partners shuffled back of them in the meantime may add one or two, never the view.
+        taken = minted & set(cyclon.view())
+        assert len(taken) <= 3 + 2 < size // 2
+        nursery.cancel_scope.cancel()
