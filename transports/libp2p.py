@@ -22,6 +22,7 @@ import errno
 import itertools
 import logging
 import os
+import re
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.noise.exceptions import PeerIDMismatchesPubkey
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -174,6 +176,27 @@ def _mapped(what: str) -> Iterator[None]:
             raise
         log.debug("py-libp2p failed with %s: %s", type(exc).__name__, exc)
         raise PeerUnreachable(f"{what}: py-libp2p failed ({type(exc).__name__}: {exc})") from exc
+
+
+_ANSWERING = re.compile(r"remote_peer_id_from_pubkey=(\w+)")
+
+
+def _answering_peer(exc: BaseException) -> str | None:
+    """The peer id an address proved it holds, where a dial failed because it was another
+    than the one asked for (py-libp2p's Noise ``PeerIDMismatchesPubkey``, deep in the cause
+    chain and its ``MultiError``)."""
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, PeerIDMismatchesPubkey):
+            found = _ANSWERING.search(str(current))
+            return found.group(1) if found else None
+        pending.extend(getattr(current, "errors", ()))
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None
 
 
 def _to_libp2p(peer: PeerId) -> ID:
@@ -572,8 +595,16 @@ class Libp2pTransport(Transport):
         # ... and now: py-libp2p refuses for 60 s to dial a peer whose last dial failed (its
         # negative cache), so a peer that starts after us would stay unreachable.
         self.host.get_network().unblock_peer(info.peer_id)
-        with _mapped(f"cannot reach {addr}"), trio.fail_after(DIAL_TIMEOUT_S):
-            await self.host.connect(info)
+        try:
+            with _mapped(f"cannot reach {addr}"), trio.fail_after(DIAL_TIMEOUT_S):
+                await self.host.connect(info)
+        except PeerUnreachable as exc:
+            answering = _answering_peer(exc)
+            if answering is None:
+                raise
+            raise PeerUnreachable(
+                f"{addr} answers as peer {answering}, not {peer}: check the /p2p/ part"
+            ) from exc
         await self._session(peer)
         return peer
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import trio
 
+from meshfed.errors import PeerUnreachable
 from meshfed.identity import Identity
 from meshfed.interfaces import host_addresses
 from meshfed.stats import NodeStats, RejectReason
@@ -118,3 +119,13 @@ def test_libp2p_records_reach_our_handlers(caplog: pytest.LogCaptureFixture) -> 
     assert any(
         r.name == "libp2p.network.swarm" and r.message == "from libp2p" for r in caplog.records
     )
+
+
+async def test_an_address_that_answers_as_another_peer_is_named() -> None:
+    stranger = Identity.generate().peer_id
+    async with libp2p_mesh(2, TransportLimits()) as [(a, _), (b, _)]:
+        listen = a.listen_addrs[0]
+        answering = listen.rsplit("/p2p/", 1)[1]
+        with pytest.raises(PeerUnreachable) as caught:
+            await b.connect(listen.replace(answering, str(stranger)))
+        assert f"answers as peer {answering}, not {stranger}" in str(caught.value)
