@@ -46,10 +46,10 @@ from .swim import (
     MemberDead,
     MemberState,
     Probe,
-    Rejected,
     Swim,
     SwimConfig,
     Update,
+    UpdateRejected,
 )
 
 __all__ = ["Membership", "MembershipConfig", "SwimAck", "SwimPing", "SwimPingReq"]
@@ -424,7 +424,7 @@ class Membership:
                 )
         elif isinstance(action, MemberDead):
             log.info("peer declared dead", extra={"peer": action.peer.short()})
-        elif isinstance(action, Rejected):
+        elif isinstance(action, UpdateRejected):
             self._count([action.error], source)
 
     async def _guarded(self, task: Callable[..., Awaitable[None]], *args: object) -> None:

@@ -54,7 +54,7 @@ __all__ = [
     "MemberDead",
     "MemberState",
     "Probe",
-    "Rejected",
+    "UpdateRejected",
     "Swim",
     "SwimConfig",
     "Update",
@@ -174,13 +174,13 @@ class MemberDead:
 
 
 @dataclass(frozen=True, slots=True)
-class Rejected:
+class UpdateRejected:
     """Action (a notification): an update was refused; the driver counts ``error.reason``."""
 
     error: RemoteProtocolError
 
 
-Action = Probe | IndirectProbe | MemberDead | Rejected
+Action = Probe | IndirectProbe | MemberDead | UpdateRejected
 
 
 @dataclass(slots=True)
@@ -396,7 +396,7 @@ class Swim:
 
     def receive(self, updates: list[Update], now: float) -> list[Action]:
         """Apply updates heard from a peer; refute claims against ourselves. Each forged
-        update comes back as a :class:`Rejected` action; the others still apply."""
+        update comes back as a :class:`UpdateRejected` action; the others still apply."""
         actions: list[Action] = []
         for update in updates:
             if update.peer == self.me:
@@ -444,11 +444,11 @@ class Swim:
         return []
 
 
-def _rejected(why: str, reason: RejectReason) -> Rejected:
-    return Rejected(RemoteProtocolError(why, reason=reason))
+def _rejected(why: str, reason: RejectReason) -> UpdateRejected:
+    return UpdateRejected(RemoteProtocolError(why, reason=reason))
 
 
-def _forged(update: Update) -> Rejected:
+def _forged(update: Update) -> UpdateRejected:
     return _rejected(
         f"incarnation {update.incarnation} of {update.peer} is not signed by it",
         RejectReason.BAD_SIGNATURE,

@@ -17,10 +17,10 @@ from meshfed.membership.swim import (
     MemberDead,
     MemberState,
     Probe,
-    Rejected,
     Swim,
     SwimConfig,
     Update,
+    UpdateRejected,
 )
 from meshfed.stats import RejectReason
 
@@ -203,7 +203,7 @@ def test_an_overflowing_suspicion_is_out_of_range_and_cannot_be_signed() -> None
     forged = Incarnation(me.peer_id, MAX_INCARNATION, bytes(64))
     node = Swim(me, CONFIG, random.Random(0), incarnation=5)
     actions = node.receive([Update(forged, int(MemberState.SUSPECT))], now=0.0)
-    assert [type(a) for a in actions] == [Rejected]
+    assert [type(a) for a in actions] == [UpdateRejected]
     assert node.incarnation == 5
 
 
@@ -213,7 +213,7 @@ def test_unsigned_claims_change_nothing() -> None:
     # A dead claim above what the member signed, signed by someone else.
     fake = Incarnation(me.peer_id, 2**40, mallory.sign(b"anything"))
     actions = observer.receive([Update(fake, int(MemberState.DEAD))], now=1.0)
-    assert isinstance(actions[0], Rejected)
+    assert isinstance(actions[0], UpdateRejected)
     assert actions[0].error.reason == RejectReason.BAD_SIGNATURE
     assert observer.state(me.peer_id) == MemberState.ALIVE
     # Keeping a dead member alive needs its signature above the death.
@@ -273,7 +273,7 @@ def test_any_updates_give_actions_never_an_error_and_bounded_incarnations(
     now = 0.0
     for update in news:
         actions = node.receive([update], now)
-        assert all(isinstance(a, (Rejected, MemberDead)) for a in actions)
+        assert all(isinstance(a, (UpdateRejected, MemberDead)) for a in actions)
         assert 0 <= node.incarnation <= MAX_INCARNATION
         assert node.statement.valid()
         now += 0.1
