@@ -33,7 +33,7 @@ from meshfed.identity import Identity, PeerId
 from meshfed.membership.gossip import Delta
 from meshfed.membership.records import Capabilities, sign_record
 from meshfed.membership.service import SwimPing
-from meshfed.membership.swim import Update
+from meshfed.membership.swim import Incarnation, Update
 from meshfed.node import ARRAY_PROTOCOL as ARRAY
 from meshfed.node import PARTS_PROTOCOL as PARTS
 from meshfed.node import RPC_PROTOCOL as RPC
@@ -238,9 +238,10 @@ class Flood:
         await self._count("junk_envelopes", self._rpc, frame)
 
     async def swim(self) -> None:
-        """A SWIM ping carrying 64 updates about strangers."""
+        """A SWIM ping carrying 64 updates about strangers, each statement signed by its
+        stranger (so the target verifies every one)."""
         updates = [
-            Update(peer=s.peer_id, state=random.randrange(3), incarnation=random.randrange(99))
+            Update(Incarnation.sign(s, random.randrange(99)), random.randrange(3))
             for s in self.strangers
         ]
         await self._count("swim", self._message, SwimPing(updates=updates))
