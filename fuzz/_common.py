@@ -27,7 +27,7 @@ from meshfed.membership.records import (
     sign_record,
 )
 from meshfed.membership.service import SwimAck, SwimPing, SwimPingReq
-from meshfed.membership.swim import Update
+from meshfed.membership.swim import Incarnation, Update
 from meshfed.secagg.messages import (
     AdvertiseKeys,
     InputsReceived,
@@ -175,7 +175,7 @@ def sample_messages() -> list[Message]:
     header = ArrayHeader(
         transfer_id=bytes(16), name="w", dtype="<f4", shape=[2, 3], chunk_bytes=8, crc32=7
     )
-    update = Update(a, 1, 5)
+    update = Update(Incarnation.sign(IDENTITIES[0], 5), 1)
     share = SharePart(b, bytes(66))
     return [
         Ack(), Ping(sent_ms=NOW_MS), Pong(echo_ms=NOW_MS, now_ms=NOW_MS), Text(text="hi"),
@@ -184,7 +184,7 @@ def sample_messages() -> list[Message]:
                    parts=[ArrayPart(a, 2, bytes(32)), ArrayPart(b, 0, bytes(32))]),
         sample_record(IDENTITIES[1]),
         SwimPing(updates=[update]), SwimPingReq(target=b, timeout_ms=100, updates=[update]),
-        SwimAck(ok=True, updates=[update, Update(c, 2, 2**32)]),
+        SwimAck(ok=True, updates=[update, Update(Incarnation.sign(IDENTITIES[2], 2**32), 2)]),
         Shuffle(records=[sample_record(IDENTITIES[2])]), ShuffleReply(records=[]),
         Digest(entries=[DigestEntry(a, 3)]),
         Delta(records=[sample_record(IDENTITIES[3])], wants=[b]),
