@@ -208,22 +208,17 @@ def _states(swim: Swim, model: _Model) -> dict[PeerId, MemberState | None]:
 
 
 def _check_probes(swim: Swim, actions: list[Action]) -> None:
-    """Probes go to tracked live members, indirect ones via live members, never to us.
-
-    An indirect probe may name a dead target: the period's target stays the one being probed
-    when our suspicion of it (a third party's claim) runs out before the period's indirect
-    window, and ``tick`` then asks helpers to ping it. It is wasted traffic, not a fault: an
-    answer does not revive the dead (checked in :func:`_probed`).
-    """
+    """Probes, direct and indirect, go to tracked live members via live members, never to us
+    (a target that died of our suspicion is no longer probed in its period)."""
     for action in actions:
         if isinstance(action, Probe) and (
             action.target == _ME or swim.state(action.target) in (None, _DEAD)
         ):
             raise AssertionError(f"a probe of {action.target}, not a live member")
         if isinstance(action, IndirectProbe) and (
-            action.target == _ME or swim.state(action.target) is None
+            action.target == _ME or swim.state(action.target) in (None, _DEAD)
         ):
-            raise AssertionError(f"an indirect probe of {action.target}, not a member")
+            raise AssertionError(f"an indirect probe of {action.target}, not a live member")
         if isinstance(action, IndirectProbe):
             live = set(swim.live_members())
             if (

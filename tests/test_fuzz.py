@@ -59,6 +59,11 @@ FINDINGS: dict[str, str] = {
         "new: the same record in a shuffle: Cyclon.merge (meshfed/membership/cyclon.py) "
         "calls signed_subject, AttributeError escapes"
     ),
+    "swim/indirect-probe-of-the-dead": (
+        "found after the signed-incarnation rewrite: Swim._expire_suspicions "
+        "(meshfed/membership/swim.py) declared the period's probe target dead and tick still "
+        "asked helpers to ping it (wasted ping requests)"
+    ),
     "secagg/low-order-mask-key": (
         "issue 11 #6: a member's low-order X25519 mask key (its advert dropped, its share "
         "message carrying the key) makes SecAggPeer._masked_input "

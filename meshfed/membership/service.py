@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 #: addresses a ping request may carry for its target (a helper dials the first one)
 MAX_PING_REQ_ADDRS = 4
+#: updates one SWIM message carries at most
+MAX_UPDATES = 64
 
 
 @message("meshfed.swim.ping")
@@ -65,7 +67,7 @@ MAX_PING_REQ_ADDRS = 4
 class SwimPing(Message):
     """A direct probe, carrying membership updates."""
 
-    updates: list[Update] = bounded(max_len=64)
+    updates: list[Update] = bounded(max_len=MAX_UPDATES)
 
 
 @message("meshfed.swim.ping_req")
@@ -76,7 +78,7 @@ class SwimPingReq(Message):
 
     target: PeerId
     timeout_ms: int = bounded(ge=1, le=60_000)
-    updates: list[Update] = bounded(max_len=64)
+    updates: list[Update] = bounded(max_len=MAX_UPDATES)
     addrs: list[str] = bounded(max_len=MAX_PING_REQ_ADDRS, default_factory=list)
 
 
@@ -86,7 +88,7 @@ class SwimAck(Message):
     """The answer to a probe: ``ok`` is false when an indirect probe got no answer."""
 
     ok: bool
-    updates: list[Update] = bounded(max_len=64)
+    updates: list[Update] = bounded(max_len=MAX_UPDATES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +175,12 @@ class Membership:
         self._newcomers: TokenBuckets[PeerId] = TokenBuckets(
             per_exchange / self.config.gossip_interval_s, 2 * per_exchange
         )
+        # Signatures one source may make us check (a record costs 2, a SWIM update 1): twice
+        # what an honest partner needs at most (a full delta per gossip interval and a full
+        # ping per SWIM period), so a flood of validly signed news costs bounded CPU.
+        checks = 2 * (2 * per_exchange / self.config.gossip_interval_s)
+        checks += 2 * MAX_UPDATES / self.config.swim.period_s
+        self._checks: TokenBuckets[PeerId] = TokenBuckets(checks, 2 * checks)
         started = _wall_ms()
         self._seq = started
         self.swim = Swim(node.identity, self.config.swim, self._rng, incarnation=started)
@@ -306,6 +314,8 @@ class Membership:
             log.debug("gossip exchange failed", extra={"peer": peer.short(), "error": repr(exc)})
 
     def _take(self, delta: Delta, source: PeerId) -> None:
+        if not self._affordable(source, 2 * len(delta.records)):
+            return
         delta = Delta(records=self._limit_newcomers(delta.records, source), wants=delta.wants)
         changed, rejected, evicted = self._gossip.apply(delta, _wall_ms())
         for peer in evicted:
@@ -348,9 +358,14 @@ class Membership:
         self._sync_swim()
 
     async def _on_shuffle(self, envelope: Envelope, shuffle: Shuffle) -> ShuffleReply:
-        assert self.cyclon is not None, "shuffles are only answered in partial-view mode"
-        shuffle = Shuffle(records=self._limit_newcomers(shuffle.records, envelope.sender))
-        reply, rejected = self.cyclon.answer(shuffle, envelope.sender, _wall_ms())
+        cyclon, sender = self.cyclon, envelope.sender
+        if cyclon is None:  # a full view takes no shuffles
+            raise RemoteProtocolError(
+                "this node keeps a full view", reason=RejectReason.UNKNOWN_TYPE
+            )
+        records = shuffle.records if self._affordable(sender, 2 * len(shuffle.records)) else []
+        shuffle = Shuffle(records=self._limit_newcomers(records, sender))
+        reply, rejected = cyclon.answer(shuffle, sender, _wall_ms())
         self._count(rejected, envelope.sender)
         self._sync_swim()
         return reply
@@ -370,6 +385,14 @@ class Membership:
         for peer in in_view:
             self.swim.add(peer)
         self._wake.set()
+
+    def _affordable(self, source: PeerId, signatures: int) -> bool:
+        """Whether ``source`` may still make us check ``signatures`` signatures now (else the
+        news is dropped and counted [rate_limited]; gossip brings honest news again)."""
+        if self._checks.take(source, trio.current_time(), signatures):
+            return True
+        self.node.stats.reject(RejectReason.RATE_LIMITED)
+        return False
 
     def _limit_newcomers(
         self, records: list[SignedPeerRecord], source: PeerId
@@ -475,7 +498,8 @@ class Membership:
             self._act_all(self.swim.probe_result(target, True, trio.current_time()))
 
     def _receive(self, updates: list[Update], source: PeerId) -> None:
-        self._act_all(self.swim.receive(updates, trio.current_time()), source)
+        if updates and self._affordable(source, len(updates)):
+            self._act_all(self.swim.receive(updates, trio.current_time()), source)
 
     async def _on_ping(self, envelope: Envelope, ping: SwimPing) -> SwimAck:
         self._receive(ping.updates, envelope.sender)

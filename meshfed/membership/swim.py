@@ -366,6 +366,8 @@ class Swim:
                 member.state = MemberState.DEAD
                 self._spread(peer, member)
                 actions.append(MemberDead(peer))
+                if self._probing == peer:  # dead now: no indirect probe, no second suspicion
+                    self._probing = None
         return actions
 
     # -- dissemination -------------------------------------------------------------------------
