@@ -49,7 +49,7 @@ def _frame(reader: Reader) -> bytes:
 def test_one_input(data: bytes) -> None:
     """One parts frame from ``IDENTITIES[0]`` to ``IDENTITIES[1]``."""
     frame = _frame(Reader(data))
-    wire.VERIFIED = wire.VerifiedFrames()
+    wire.VERIFIED.clear()
     guard = ReplayGuard(window_ms=60_000, max_skew_ms=5_000, started_ms=NOW_MS - 120_000)
     try:
         signed, part = split_parts_frame(frame)

@@ -56,7 +56,7 @@ def _frame(reader: Reader) -> bytes:
 def test_one_input(data: bytes) -> None:
     """One frame from ``IDENTITIES[0]``, opened twice."""
     frame = _frame(Reader(data))
-    wire.VERIFIED = wire.VerifiedFrames()  # each input on its own: no cache across inputs
+    wire.VERIFIED.clear()  # each input on its own: no cache across inputs
     guard = ReplayGuard(window_ms=60_000, max_skew_ms=5_000, started_ms=NOW_MS - 120_000)
     try:
         envelope = open_envelope(

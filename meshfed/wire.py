@@ -314,6 +314,13 @@ class VerifiedFrames:
                 self._kept.move_to_end(key)
             return envelope
 
+    def clear(self) -> None:
+        """Forget every kept frame (a measurement or a fuzz input that must not take the
+        shortcut)."""
+        with self._lock:
+            self._kept.clear()
+            self._bytes = 0
+
     def put(self, frame: bytes, limit: int, envelope: Envelope) -> None:
         """Keep ``envelope``, which ``frame`` verified as under the size limit ``limit``."""
         if len(frame) > self._max_bytes // 16:
