@@ -78,15 +78,30 @@ ArrayHandler = Callable[[Envelope, ArrayHeader, npt.NDArray[Any]], Awaitable[Non
 """``handler(envelope, header, array)``, called once the whole array arrived and checked out."""
 
 
-def _check_job(job: bytes | None) -> None:
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _register(
+    table: dict[tuple[K, bytes | None], V],
+    key: K,
+    job: bytes | None,
+    value: V,
+    *,
+    replace: bool,
+    what: str,
+) -> None:
+    """``table[key, job] = value``, refusing a second registration unless ``replace``."""
     if job is not None and len(job) > _MAX_JOB_LEN:
         raise LocalProtocolError(
             f"a job scope has at most {_MAX_JOB_LEN} bytes, not {len(job)}: no envelope has it"
         )
-
-
-def _for_job(job: bytes | None) -> str:
-    return "" if job is None else f" for job {job!r}"
+    if (key, job) in table and not replace:
+        for_job = "" if job is None else f" for job {job!r}"
+        raise LocalProtocolError(
+            f"{what} handled already{for_job}; pass replace=True to replace the handler"
+        )
+    table[key, job] = value
 
 
 def _now_ms() -> int:
@@ -200,14 +215,9 @@ class Node:
             LocalProtocolError: a handler for ``(message_type, job)`` exists and ``replace``
                 is false (two parts of a program would otherwise steal each other's messages).
         """
-        _check_job(job)
-        key = (message_type, job)
-        if key in self._handlers and not replace:
-            raise LocalProtocolError(
-                f"{message_type.TYPE} is handled already{_for_job(job)}; "
-                "pass replace=True to replace its handler"
-            )
-        self._handlers[key] = handler
+        key: type[Message] = message_type
+        what = f"{key.TYPE} is"
+        _register(self._handlers, key, job, handler, replace=replace, what=what)
 
     async def request(
         self,
@@ -454,14 +464,10 @@ class Node:
             LocalProtocolError: a handler for ``(prefix, job)`` exists and ``replace`` is
                 false.
         """
-        _check_job(job)
-        key = (prefix, job)
-        if key in self._array_handlers and not replace:
-            raise LocalProtocolError(
-                f"arrays named {prefix!r}... are handled already{_for_job(job)}; "
-                "pass replace=True to replace their handler"
-            )
-        self._array_handlers[key] = handler
+        _register(
+            self._array_handlers, prefix, job, handler, replace=replace,
+            what=f"arrays named {prefix!r}... are",
+        )  # fmt: skip
 
     def _array_handler_for(self, name: str, job: bytes) -> ArrayHandler | None:
         for wanted in (job, None):
