@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_ITEMS",
     "Bounds",
+    "ContainerBudget",
     "UNPACK_ERRORS",
     "bounded_reader",
     "bounded_unpack",
@@ -289,19 +290,21 @@ def _no_map(pairs: Any) -> Any:
     raise ValueError("msgpack maps are not allowed")  # max_map_len=0 still lets {} through
 
 
-class _ArrayBudget:
-    """A msgpack ``list_hook`` that stops the parse after ``limit`` arrays."""
+class ContainerBudget:
+    """A msgpack ``list_hook`` (or ``object_hook``) that stops the parse after ``limit``
+    containers: msgpack builds them bottom-up, so a hostile document costs at most ``limit``
+    of them before it is refused (``ValueError``, one of :data:`UNPACK_ERRORS`)."""
 
     __slots__ = ("left",)
 
     def __init__(self, limit: int) -> None:
         self.left = limit
 
-    def __call__(self, array: list[Any]) -> list[Any]:
+    def __call__(self, container: T) -> T:
         self.left -= 1
         if self.left < 0:
-            raise ValueError("more arrays than any valid message holds")
-        return array
+            raise ValueError("more arrays or maps than any valid document holds")
+        return container
 
 
 @functools.lru_cache(maxsize=256)
@@ -320,7 +323,7 @@ def _static_limits(max_items: int, max_bytes: int) -> dict[str, Any]:
 
 
 def _limits(max_items: int, max_arrays: int, max_bytes: int) -> dict[str, Any]:
-    return {**_static_limits(max_items, max_bytes), "list_hook": _ArrayBudget(max_arrays)}
+    return {**_static_limits(max_items, max_bytes), "list_hook": ContainerBudget(max_arrays)}
 
 
 #: what a bounded parse raises on bad input (UnicodeDecodeError and msgpack's ExtraData,

@@ -52,6 +52,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
+from .codec import ContainerBudget
 from .errors import CorruptRecord, StoreError
 
 __all__ = [
@@ -121,6 +122,8 @@ _MODEL_DTYPE = "<f4"
 _WAL_LIMIT_BYTES = 64 * 1024 * 1024
 _ARRAY_DTYPES = frozenset({"<f4", "<f8", "<i4", "<i8", "|b1"})
 _NDARRAY_EXT = 1
+#: arrays and maps a strategy state may hold (a state from a peer is parsed under it)
+MAX_STATE_CONTAINERS = 4096
 _NO_KEY = bytes(32)
 _KEY_CHECK = b"meshfed-store-key-check-v1"
 
@@ -689,7 +692,15 @@ def unpack_state(blob: bytes) -> dict[str, Any]:
             raise ValueError(f"unknown array dtype {dtype!r}")
         return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
 
-    state = msgpack.unpackb(blob, ext_hook=ext_hook, raw=False, strict_map_key=True)
+    budget = ContainerBudget(MAX_STATE_CONTAINERS)  # a peer's catch-up state comes from afar
+    state = msgpack.unpackb(
+        blob,
+        ext_hook=ext_hook,
+        raw=False,
+        strict_map_key=True,
+        list_hook=budget,
+        object_hook=budget,
+    )
     if not isinstance(state, dict):
         raise ValueError("a strategy state is a map")
     return state

@@ -25,7 +25,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from ..codec import bounded
+from ..codec import bounded, bounded_unpack
 from ..errors import RemoteProtocolError
 from ..node import Node
 from ..stats import RejectReason
@@ -79,14 +79,17 @@ def decode_state(array: npt.NDArray[Any], *, parameters: int) -> TrainingState:
     try:
         if array.dtype != np.uint8 or array.ndim != 1:
             raise ValueError(f"a {array.dtype} array of shape {array.shape}")
-        next_round, model, strategy = msgpack.unpackb(array.tobytes())
+        data = array.tobytes()
+        next_round, model, strategy = bounded_unpack(
+            data, max_items=3, max_arrays=1, max_bytes=len(data)
+        )
         vector = np.frombuffer(model, "<f4").astype(np.float32)
         if not isinstance(next_round, int) or next_round < 0:
             raise ValueError(f"round {next_round!r}")
         if vector.shape != (parameters,) or not np.isfinite(vector).all():
             raise ValueError(f"{vector.shape[0]} parameters, {parameters} expected, or not finite")
         return TrainingState(next_round, vector, unpack_state(strategy))
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
+    except (ValueError, TypeError, RemoteProtocolError) as exc:
         raise RemoteProtocolError(
             f"not a training state: {exc}", reason=RejectReason.BAD_ARRAY
         ) from None

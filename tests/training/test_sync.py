@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
+import msgpack
 import numpy as np
 import pytest
 
@@ -37,3 +40,22 @@ def test_what_is_not_a_state_of_this_model_is_a_bad_array(array: np.ndarray) -> 
     with pytest.raises(RemoteProtocolError) as caught:
         decode_state(array, parameters=5)
     assert caught.value.reason is RejectReason.BAD_ARRAY
+
+
+_EMPTY_ARRAYS = b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\x90" * (1 << 20)  # 1 MiB of []
+
+
+@pytest.mark.parametrize("where", ["state", "strategy"])
+def test_a_hostile_state_is_refused_before_it_is_built(where: str) -> None:
+    """A megabyte of empty arrays would be a million Python lists (~60 MB) if parsed whole."""
+    model = np.zeros(5, "<f4").tobytes()
+    packed = _EMPTY_ARRAYS if where == "state" else msgpack.packb([1, model, _EMPTY_ARRAYS])
+    tracemalloc.start()
+    try:
+        with pytest.raises(RemoteProtocolError) as caught:
+            decode_state(np.frombuffer(packed, np.uint8), parameters=5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert caught.value.reason is RejectReason.BAD_ARRAY
+    assert peak < 4 * len(packed), peak
