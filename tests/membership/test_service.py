@@ -317,3 +317,32 @@ async def test_shuffles_from_one_peer_cannot_eclipse_a_partial_view(
         taken = minted & set(cyclon.view())
         assert len(taken) <= 3 + 2 < size // 2
         nursery.cancel_scope.cancel()
+
+
+async def test_a_flood_of_signed_swim_news_costs_a_bounded_number_of_checks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from meshfed.membership.gossip import MAX_DELTA
+    from meshfed.membership.service import MAX_UPDATES, SwimAck, SwimPing
+    from meshfed.membership.swim import Incarnation, Update
+    from meshfed.stats import RejectReason
+
+    network = MemoryNetwork(seed=9, latency=0.005)
+    async with trio.open_nursery() as nursery:
+        [mallory, target] = await start_mesh(nursery, network, 2, seed=9)
+        strangers = [Identity.generate() for _ in range(MAX_UPDATES)]
+        updates = [Update(Incarnation.sign(s, 1), 0) for s in strangers]  # each validly signed
+        before = target.node.stats.rejected[RejectReason.RATE_LIMITED]
+        # 400 full pings: 25,600 signatures if each were checked
+        began = trio.current_time()
+        for _ in range(400):
+            answer = await mallory.node.request(target.node.peer_id, SwimPing(updates=updates))
+            assert isinstance(answer.body, SwimAck) and answer.body.ok  # liveness still answered
+            await trio.sleep(0.0025)
+        dropped = target.node.stats.rejected[RejectReason.RATE_LIMITED] - before
+        # the budget (SPEC 7a): a full view ships deltas of MAX_DELTA records
+        per_second = 2 * (2 * MAX_DELTA / CONFIG.gossip_interval_s)
+        per_second += 2 * MAX_UPDATES / CONFIG.swim.period_s
+        checked = (2 + trio.current_time() - began) * per_second  # the burst, then the rate
+        assert dropped >= 400 - checked // MAX_UPDATES - 1
+        nursery.cancel_scope.cancel()
