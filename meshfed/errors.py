@@ -10,6 +10,12 @@ The tree::
     ├── ProtocolError
     │   ├── LocalProtocolError   we were asked to do something illegal (a bug in the caller)
     │   └── RemoteProtocolError  a peer sent something we reject; carries the counted reason
+    ├── MarketError            a job cannot be bought as asked; says why
+    │   ├── NoMatchingPeers      no peer's record meets the requirements (counts per requirement)
+    │   ├── NoBids               too few bids before the deadline
+    │   ├── BudgetTooLow         the budget is below the price estimate (carries the estimate)
+    │   ├── BudgetExceeded       an award or a debit would spend beyond the budget
+    │   └── NotAwarded           a lease or debit from a peer that holds no award
     └── TransportError
         ├── PeerUnreachable      no route to the peer, or it refused us
         ├── StreamClosed         the other end closed (or reset) the stream
@@ -26,11 +32,17 @@ from __future__ import annotations
 from .stats import RejectReason
 
 __all__ = [
+    "BudgetExceeded",
+    "BudgetTooLow",
     "ConfigError",
     "CorruptRecord",
     "IdentityError",
     "LocalProtocolError",
+    "MarketError",
     "MeshfedError",
+    "NoBids",
+    "NoMatchingPeers",
+    "NotAwarded",
     "PeerUnreachable",
     "ProtocolError",
     "RemoteProtocolError",
@@ -110,3 +122,48 @@ class RequestFailed(TransportError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class MarketError(MeshfedError):
+    """A job cannot be bought, awarded, leased or paid as asked; the message says why."""
+
+
+class NoMatchingPeers(MarketError):
+    """No known peer meets the job's requirements.
+
+    Args:
+        message: what was asked.
+        excluded: for each requirement, how many known peers it excluded.
+    """
+
+    def __init__(self, message: str, *, excluded: dict[str, int]) -> None:
+        detail = ", ".join(f"{name}: {count}" for name, count in sorted(excluded.items()))
+        super().__init__(f"{message} (excluded by {detail})" if detail else message)
+        self.excluded = dict(excluded)
+
+
+class NoBids(MarketError):
+    """Fewer acceptable bids than the job needs arrived before the bid deadline."""
+
+
+class BudgetTooLow(MarketError):
+    """The budget is below what the job is estimated to cost.
+
+    Args:
+        message: what was asked.
+        estimate: the estimated price in micro-credits.
+        breakdown: how the estimate was made (per-unit price, units, discounts).
+    """
+
+    def __init__(self, message: str, *, estimate: int, breakdown: dict[str, object]) -> None:
+        super().__init__(message)
+        self.estimate = estimate
+        self.breakdown = dict(breakdown)
+
+
+class BudgetExceeded(MarketError):
+    """An award, a replacement or a debit would spend beyond the job's budget."""
+
+
+class NotAwarded(MarketError):
+    """A peer offered a lease or a debit for a job it holds no award in."""
