@@ -59,6 +59,7 @@ import msgpack
 from ..errors import BudgetExceeded, CorruptRecord, LocalProtocolError
 from ..identity import PeerId
 from ..store import Store
+from . import _checks as check
 from .terms import MAX_AMOUNT, credits
 
 __all__ = [
@@ -80,14 +81,8 @@ __all__ = [
 MINT = "mint"
 #: credits the node may put into escrow
 AVAILABLE = "available"
-#: the longest job id the ledger keeps
-MAX_JOB_LEN = 128
 #: the longest idempotency key or memo
 MAX_KEY_LEN = 256
-#: the largest evidence (a signed envelope) stored with an entry
-MAX_EVIDENCE = 64 * 1024
-#: the largest unit number
-MAX_UNIT = 2**40
 
 _ENTRIES = "ledger_entries"
 _BALANCES = "ledger_balances"
@@ -351,7 +346,7 @@ class Ledger:
             ValueError: ``amount`` not in (0, MAX_AMOUNT], or a malformed key or memo.
             BudgetExceeded: ``available`` would hold more than MAX_AMOUNT.
         """
-        _check_amount(amount)
+        check.amount(amount)
         self._apply(
             _Request(f"grant:{_checked_key(key)}", EntryKind.GRANT, "", None, None, amount),
             lambda _: [Posting(MINT, -amount), Posting(AVAILABLE, amount)],
@@ -365,9 +360,9 @@ class Ledger:
             ValueError: ``amount`` not in (0, MAX_AMOUNT], or a malformed job or key.
             BudgetExceeded: ``available`` holds less than ``amount``.
         """
-        _check_amount(amount)
+        check.amount(amount)
         request = _Request(
-            f"escrow:{_checked_key(key)}", EntryKind.ESCROW, _checked_job(job), None, None, amount
+            f"escrow:{_checked_key(key)}", EntryKind.ESCROW, check.job_id(job), None, None, amount
         )
 
         def postings(read: _Read) -> list[Posting]:
@@ -393,9 +388,9 @@ class Ledger:
             BudgetExceeded: the job's escrow holds less than ``amount`` (nothing is written).
             LocalProtocolError: this unit was paid before with another amount.
         """
-        _check_amount(amount)
+        check.amount(amount)
         request = _Request(
-            f"pay:{_checked_job(job)}:{seller.raw.hex()}:{_checked_unit(unit)}",
+            f"pay:{check.job_id(job)}:{seller.raw.hex()}:{check.unit(unit)}",
             EntryKind.PAY,
             job,
             seller,
@@ -428,7 +423,7 @@ class Ledger:
             ValueError: a malformed job or key.
         """
         request = _Request(
-            f"release:{_checked_key(key)}", EntryKind.RELEASE, _checked_job(job), None, None, None
+            f"release:{_checked_key(key)}", EntryKind.RELEASE, check.job_id(job), None, None, None
         )
 
         def postings(read: _Read) -> list[Posting]:
@@ -453,8 +448,8 @@ class Ledger:
             ValueError: ``amount`` not in (0, MAX_AMOUNT], a malformed job, unit or evidence.
             LocalProtocolError: this unit was earned before with another amount.
         """
-        _check_amount(amount)
-        tail = f"{_checked_job(job)}:{buyer.raw.hex()}:{_checked_unit(unit)}"
+        check.amount(amount)
+        tail = f"{check.job_id(job)}:{buyer.raw.hex()}:{check.unit(unit)}"
         request = _Request(f"earn:{tail}", EntryKind.EARN, job, buyer, unit, amount)
 
         def postings(read: _Read) -> list[Posting]:
@@ -482,8 +477,8 @@ class Ledger:
             ValueError: ``amount`` not in (0, MAX_AMOUNT], a malformed job, unit or evidence.
             LocalProtocolError: this unit was forfeited before with another amount.
         """
-        _check_amount(amount)
-        tail = f"{_checked_job(job)}:{buyer.raw.hex()}:{_checked_unit(unit)}"
+        check.amount(amount)
+        tail = f"{check.job_id(job)}:{buyer.raw.hex()}:{check.unit(unit)}"
         request = _Request(f"forfeit:{tail}", EntryKind.FORFEIT, job, buyer, unit, amount)
 
         def postings(read: _Read) -> list[Posting] | None:
@@ -510,8 +505,7 @@ class Ledger:
         and False if its key was applied before; (None, False) if ``plan`` declined."""
         if len(memo) > MAX_KEY_LEN:
             raise ValueError(f"a memo has at most {MAX_KEY_LEN} characters")
-        if not isinstance(evidence, bytes) or len(evidence) > MAX_EVIDENCE:
-            raise ValueError(f"evidence is at most {MAX_EVIDENCE} bytes")
+        check.envelope(evidence)
         with self._store.transaction() as connection:
             found = self._entry_by_key(connection, request.key)
             if found is not None:
@@ -649,24 +643,7 @@ class _Read:
         return self._ledger._entry_by_key(self._connection, key)
 
 
-def _check_amount(amount: int) -> None:
-    if type(amount) is not int or not 0 < amount <= MAX_AMOUNT:
-        raise ValueError(f"an amount is an int in (0, {MAX_AMOUNT}] micro-credits: {amount!r}")
-
-
 def _checked_key(key: str) -> str:
     if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LEN:
         raise ValueError(f"an idempotency key is a str of 1 to {MAX_KEY_LEN} characters")
     return key
-
-
-def _checked_job(job: str) -> str:
-    if not isinstance(job, str) or not 0 < len(job) <= MAX_JOB_LEN:
-        raise ValueError(f"a job id is a str of 1 to {MAX_JOB_LEN} characters: {job!r}")
-    return job
-
-
-def _checked_unit(unit: int) -> int:
-    if type(unit) is not int or not 0 <= unit <= MAX_UNIT:
-        raise ValueError(f"a unit is an int in [0, {MAX_UNIT}]: {unit!r}")
-    return unit
