@@ -295,10 +295,15 @@ def test_replacements_are_the_best_standby_within_the_reserve(
     gone = set(data.draw(st.lists(st.sampled_from([o.bidder for o in clearing.standby]))))
     left = [o for o in clearing.standby if o.bidder not in gone]
     needed = data.draw(st.integers(0, len(left)))
-    chosen = replace(terms, clearing, gone, needed, budget_left=terms.budget)
+    chosen = replace(terms, clearing, gone, needed, budget_left=MAX_AMOUNT)
     assert [w.bidder for w in chosen] == [o.bidder for o in left[:needed]]
     bids = {o.bidder: o.price for o in left}
     assert all(bids[w.bidder] <= w.price <= clearing.reserve for w in chosen)
+    cost = sum(w.price for w in chosen) * terms.units
+    assert replace(terms, clearing, gone, needed, budget_left=cost) == chosen
+    if cost > 0:
+        with pytest.raises(BudgetExceeded):
+            replace(terms, clearing, gone, needed, budget_left=cost - 1)
 
 
 def test_500_bidders_clear_well_within_50_ms() -> None:
