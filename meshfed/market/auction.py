@@ -122,7 +122,10 @@ class AuctionTerms:
             )
         if not 0 <= self.budget <= MAX_AMOUNT:
             raise ConfigError(f"auction.budget: {self.budget} outside [0, {MAX_AMOUNT}]")
-        Tier(self.tier)
+        if self.tier not in set(Tier):
+            raise ConfigError(
+                f"auction.tier: {self.tier!r} is not one of {[t.value for t in Tier]}"
+            )
 
     @property
     def reserve(self) -> int:
