@@ -65,6 +65,9 @@ class NodeConfig:
         gossip_interval_s: how often membership gossips with random peers.
         max_view: 0 keeps a full view of the mesh; N keeps a Cyclon partial view of N peers.
         mdns: announce and discover peers on the LAN by multicast DNS (libp2p transport).
+        market: buy and sell work (needs the store and membership).
+        market_capacity: leases this node holds at once as a seller (0: it only buys).
+        market_grant: credits a new node's ledger starts with (granted once).
     """
 
     data_dir: Path = field(default_factory=default_data_dir)
@@ -90,6 +93,9 @@ class NodeConfig:
     gossip_interval_s: float = 1.0
     max_view: int = 0
     mdns: bool = True
+    market: bool = True
+    market_capacity: int = 1
+    market_grant: float = 1000.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -107,9 +113,13 @@ class NodeConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        for name in ("max_clock_skew_s", "ping_interval_s", "max_view"):
+        for name in ("max_clock_skew_s", "ping_interval_s", "max_view", "market_capacity"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.market_grant <= 9e9:
+            raise ConfigError(
+                f"market_grant: must be in [0, 2^53 / 1e6] credits, got {self.market_grant!r}"
+            )
         if self.max_message_bytes < 1024:
             raise ConfigError("max_message_bytes: must be at least 1024")
         if self.array_chunk_bytes > self.max_message_bytes:

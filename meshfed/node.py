@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -55,6 +55,9 @@ from .transport import Stream, Transport
 from .wire import NO_SCOPE, Envelope, Message, ReplayGuard, Scope, open_envelope, seal
 
 if TYPE_CHECKING:
+    from .market.driver import JobHandle, Market
+    from .market.messages import JobStatusReport
+    from .market.terms import Requirements
     from .membership.records import PeerRecord, Role
     from .membership.service import Membership
     from .transports.memory import MemoryNetwork
@@ -134,6 +137,8 @@ class Node:
         self.membership: Membership | None = None
         #: the node's persistent state (``config.store_file``), open while the node runs
         self.store: Store | None = None
+        #: buying and selling work (``config.market``, with a store and membership)
+        self.market: Market | None = None
         self._started = trio.current_time()
         self._replay = ReplayGuard(
             window_ms=int(config.replay_window_s * 1000),
@@ -717,6 +722,66 @@ class Node:
         query = PeerQuery(role=role, model=model, dataset=dataset, min_battery_pct=min_battery_pct)
         return self.membership.peers(query)
 
+    # -- the market ----------------------------------------------------------------------------
+
+    def _market(self) -> Market:
+        if self.market is None:
+            raise LocalProtocolError(
+                "this node runs without the market (config market=false, or no store_file or "
+                "membership)"
+            )
+        return self.market
+
+    async def submit_training(
+        self,
+        job: Mapping[str, Any],
+        *,
+        budget: float,
+        tier: str = "small",
+        min_peers: int = 0,
+        max_peers: int = 0,
+        requirements: Requirements | None = None,
+        bid_window_s: float = 10.0,
+    ) -> JobHandle:
+        """Buy a training job: post it to the peers whose records match, award it by auction,
+        and let the winners train it on their own data; returns the job's handle once the
+        requests for quotes are out (``await handle.wait()`` for its end).
+
+        Args:
+            job: the job's fields as a job file holds them, without ``roster``.
+            budget: the most to pay, in credits, all winners and rounds together.
+            tier: ``small``, ``medium``, ``large`` or ``enterprise`` (scoring and defaults).
+            min_peers, max_peers: how many winners (0: the tier's range).
+            requirements: what a winner must offer (default: the job's data set).
+            bid_window_s: how long bids are awaited at most.
+
+        Raises:
+            ConfigError: a job field or a term is wrong (named).
+            NoMatchingPeers, BudgetTooLow, BudgetExceeded: see :mod:`meshfed.errors`.
+        """
+        from .market.order import TrainingOrder
+        from .market.terms import MICRO, Requirements, Tier
+
+        order = TrainingOrder(
+            job=job,
+            budget=round(budget * MICRO),
+            tier=Tier(tier),
+            min_peers=min_peers,
+            max_peers=max_peers,
+            requirements=requirements or Requirements(),
+            bid_window_s=bid_window_s,
+        )
+        return await self._market().submit_training(order)
+
+    async def job_status(self, job_id: str) -> JobStatusReport:
+        """How ``job_id`` is doing: this node's view if it takes part, else the first roster
+        peer's that answers.
+
+        Raises:
+            LocalProtocolError: no market here, or no peer knows the job.
+        """
+        return await self._market().job_status(job_id)
+
 
 @asynccontextmanager
 async def open_node(
@@ -790,6 +855,15 @@ async def open_node(
             node.store = await trio.to_thread.run_sync(
                 functools.partial(Store.open, config.store_path, key=key)
             )
+        if config.market and node.store is not None and node.membership is not None:
+            from .market.driver import Market, MarketConfig
+            from .market.terms import MICRO
+
+            market = MarketConfig(
+                capacity=config.market_capacity, grant=round(config.market_grant * MICRO)
+            )
+            node.market = Market(node, market)
+            await nursery.start(node.market.run)
         log.info("node started", extra={"peer": str(node.peer_id), "listen": node.listen_addrs})
         try:
             yield node

@@ -34,7 +34,7 @@ import collections
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
 import msgpack
@@ -110,7 +110,9 @@ NO_SCOPE = Scope()
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """A verified message: who sent it, when, in what scope, in reply to what."""
+    """A verified message: who sent it, when, in what scope, in reply to what; ``frame`` is
+    the signed bytes as received (evidence a third party can verify: the market keeps a
+    counterpart's signed acknowledgement with the payment it backs)."""
 
     sender: PeerId
     scope: Scope
@@ -118,6 +120,7 @@ class Envelope:
     timestamp_ms: int
     reply_to: bytes
     body: Message
+    frame: bytes = field(default=b"", repr=False, compare=False)
 
 
 def seal(
@@ -192,7 +195,8 @@ def open_envelope(
                 f"bad signature on {cls.TYPE}", reason=RejectReason.BAD_SIGNATURE
             )
         # Only now, with the sender known to have signed it, is the body parsed.
-        envelope = header.with_body(schema_of(cls).unpack(body, cls.TYPE, max_bytes=max_bytes))
+        message = schema_of(cls).unpack(body, cls.TYPE, max_bytes=max_bytes)
+        envelope = header.with_body(message, bytes(frame))
         VERIFIED.put(frame, max_bytes, envelope)
     else:
         _check_sender(envelope.sender, peer)
@@ -230,8 +234,10 @@ class _Header:
     timestamp_ms: int
     reply_to: bytes
 
-    def with_body(self, body: Message) -> Envelope:
-        return Envelope(self.sender, self.scope, self.nonce, self.timestamp_ms, self.reply_to, body)
+    def with_body(self, body: Message, frame: bytes) -> Envelope:
+        return Envelope(
+            self.sender, self.scope, self.nonce, self.timestamp_ms, self.reply_to, body, frame
+        )
 
 
 def _decode_header(

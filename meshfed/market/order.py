@@ -24,7 +24,10 @@ from .terms import MAX_AMOUNT, MICRO, Requirements, Tier, WorkKind, tier_range
 if TYPE_CHECKING:
     from ..training.job import JobSpec
 
-__all__ = ["TrainingOrder", "read_order"]
+__all__ = ["TrainingOrder", "read_order", "spec_from"]
+
+#: data sets that come with meshfed (``training/data.py``): every peer holds them
+BUNDLED = ("digits", "synthetic")
 
 #: the most job fields a spec sent in an RFQ may hold, encoded (JSON bytes)
 MAX_JOB_BYTES = 32 * 1024
@@ -41,7 +44,8 @@ class TrainingOrder:
         tier: picks the auction's scoring and defaults (:class:`~.terms.Tier`).
         min_peers, max_peers: how many winners; 0 takes the tier's range (at least 4 for a
             secure job: the smallest secure group).
-        requirements: what a seller must offer; its ``dataset`` defaults to the job's.
+        requirements: what a seller must offer; its ``dataset`` defaults to the job's (a data
+            set each winner registered; every peer has the bundled ones).
         bid_window_s: how long bids are awaited (the window closes early once every asked
             peer answered).
         forfeit_after_s: how long sellers hold unacknowledged debit notes for an absent
@@ -68,8 +72,9 @@ class TrainingOrder:
         least = max(span.least, self.smallest_roster)
         object.__setattr__(self, "min_peers", self.min_peers or least)
         object.__setattr__(self, "max_peers", self.max_peers or max(span.most or 1000, least))
-        if not self.requirements.dataset and isinstance(job.get("dataset"), str):
-            with_data = replace(self.requirements, dataset=job["dataset"])
+        data = job.get("dataset", "digits")
+        if not self.requirements.dataset and isinstance(data, str) and data not in BUNDLED:
+            with_data = replace(self.requirements, dataset=data)
             object.__setattr__(self, "requirements", with_data)
         self.check()
 

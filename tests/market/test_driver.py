@@ -1,0 +1,83 @@
+"""The market end to end on the memory transport: a buyer posts a training job, peers bid,
+the winners train with secure averaging and are paid unit by unit, both ledgers agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from meshfed.errors import BudgetExceeded, NoMatchingPeers
+from meshfed.market.ledger import AVAILABLE, earned_account, paid_account
+from meshfed.market.terms import MICRO, Requirements
+from meshfed.node import Node
+from meshfed.testing import open_memory_mesh
+
+JOB = {"job_id": "market-digits", "rounds": 3, "dataset": "digits", "partition": "iid"}
+
+
+async def _meshed(nodes: list[Node], within: float = 20.0) -> None:
+    """Every node knows every other's record, asks included."""
+    for node in nodes[1:]:
+        await node.connect(nodes[0].listen_addrs[0])
+    with trio.fail_after(within):
+        while True:
+            complete = all(
+                sum(1 for r in node.peers() if r.capabilities.prices) == len(nodes) - 1
+                for node in nodes
+            )
+            if complete:
+                return
+            await trio.sleep(0.1)
+
+
+async def test_a_job_is_bought_trained_and_paid_and_both_ledgers_agree(tmp_path: Path) -> None:
+    async with open_memory_mesh(
+        6, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
+    ) as nodes:
+        await _meshed(nodes)
+        buyer, sellers = nodes[0], nodes[1:]
+        handle = await buyer.submit_training(JOB, budget=5, min_peers=4, max_peers=4)
+        with trio.fail_after(120):
+            final = await handle.wait()
+        assert final["state"] == "ended", final
+        assert final["error"] is None
+        events = [e["event"] for e in handle.events]
+        assert events.count("award") == 4 and "started" in events
+        clearing = handle.buyer.clearing
+        assert clearing is not None
+        price = {winner.bidder: winner.price for winner in clearing.winners}
+        assert set(price) == set(handle.buyer.roster) and len(price) == 4
+        market = buyer.market
+        assert market is not None
+        for seller in sellers:
+            assert seller.market is not None
+            earned = seller.market.ledger.balance(earned_account(JOB["job_id"], buyer.peer_id))
+            paid = market.ledger.balance(paid_account(JOB["job_id"], seller.peer_id))
+            assert earned == paid == 3 * price.get(seller.peer_id, 0)  # to the last unit
+        spent = 3 * sum(price.values())
+        assert market.ledger.balance(AVAILABLE) == 1000 * MICRO - spent  # the rest released
+
+
+async def test_no_matching_peer_names_the_requirement(tmp_path: Path) -> None:
+    async with open_memory_mesh(3, tmp_path, membership=True, gossip_interval_s=0.1) as nodes:
+        await _meshed(nodes)
+        with pytest.raises(NoMatchingPeers) as caught:
+            await nodes[0].submit_training(
+                {**JOB, "secure": False}, budget=5, min_peers=2,
+                requirements=Requirements(min_memory_mb=2**39),
+            )  # fmt: skip
+        assert caught.value.excluded == {"memory": 2}
+
+
+async def test_a_budget_beyond_the_available_credits_is_refused(tmp_path: Path) -> None:
+    async with open_memory_mesh(
+        3, tmp_path, membership=True, gossip_interval_s=0.1, market_grant=1.0
+    ) as nodes:
+        await _meshed(nodes)
+        with pytest.raises(BudgetExceeded, match="available"):
+            await nodes[0].submit_training(
+                {**JOB, "secure": False}, budget=5, min_peers=2,
+                requirements=Requirements(dataset=""),
+            )  # fmt: skip
