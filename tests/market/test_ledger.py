@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -191,94 +192,93 @@ def test_both_ledgers_agree_to_the_last_unit(tmp_path: Path) -> None:
 JOBS = ("a", "b")
 AMOUNT_OF_UNIT = [1 + (unit * 7919) % 23 for unit in range(6)]
 
-operation = st.one_of(
-    st.tuples(st.just("grant"), st.integers(0, 3)),
-    st.tuples(st.just("escrow"), st.integers(0, 5)),
-    st.tuples(st.just("pay"), st.sampled_from(JOBS), st.integers(0, 2), st.integers(0, 5)),
-    st.tuples(st.just("release"), st.sampled_from(JOBS), st.integers(0, 1)),
-    st.tuples(st.just("earn"), st.sampled_from(JOBS), st.integers(0, 2), st.integers(0, 5)),
-    st.tuples(st.just("forfeit"), st.sampled_from(JOBS), st.integers(0, 2), st.integers(0, 5)),
+
+@dataclass(frozen=True)
+class Op:
+    """One ledger call; its amount is a function of its key, so a repeat is the same request."""
+
+    name: str
+    job: str = "a"
+    peer: int = 0
+    number: int = 0  # the unit, or which idempotency key
+
+    def apply(self, ledger: Ledger) -> int | bool | None:
+        job, peer, number = self.job, PEERS[self.peer], self.number
+        if self.name == "grant":
+            ledger.grant(10 + 20 * number, key=f"g{number}")
+            return None
+        if self.name == "escrow":
+            ledger.escrow(job, 5 + 7 * number, key=f"e{job}{number}")
+            return None
+        if self.name == "release":
+            return ledger.release(job, key=f"r{job}{number % 2}")
+        method = {"pay": ledger.pay, "earn": ledger.earn, "forfeit": ledger.forfeit}[self.name]
+        return method(job, peer, number, AMOUNT_OF_UNIT[number], evidence=self.name.encode())
+
+
+operations = st.builds(
+    Op,
+    st.sampled_from(["grant", "escrow", "pay", "release", "earn", "forfeit"]),
+    st.sampled_from(JOBS),
+    st.integers(0, 2),
+    st.integers(0, 5),
 )
 
 
-def _apply(ledger: Ledger, op: tuple[object, ...]) -> object:
-    """One operation; the amounts are a function of the key, so a repeat is the same request."""
-    match op:
-        case ("grant", int(k)):
-            return ledger.grant(10 + 20 * k, key=f"g{k}")
-        case ("escrow", int(k)):
-            return ledger.escrow(JOBS[k % 2], 5 + 7 * k, key=f"e{k}")
-        case ("pay", str(job), int(peer), int(unit)):
-            return ledger.pay(job, PEERS[peer], unit, AMOUNT_OF_UNIT[unit], evidence=b"n")
-        case ("release", str(job), int(k)):
-            return ledger.release(job, key=f"r{job}{k}")
-        case ("earn", str(job), int(peer), int(unit)):
-            return ledger.earn(job, PEERS[peer], unit, AMOUNT_OF_UNIT[unit], evidence=b"a")
-        case ("forfeit", str(job), int(peer), int(unit)):
-            return ledger.forfeit(job, PEERS[peer], unit, AMOUNT_OF_UNIT[unit], evidence=b"w")
-    raise AssertionError(op)
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(operation, max_size=30))
-def test_any_sequence_of_operations_keeps_the_books_balanced(ops: list[tuple[object, ...]]) -> None:
+@given(st.lists(operations, max_size=30))
+def test_any_sequence_of_operations_keeps_the_books_balanced(ops: list[Op]) -> None:
     with tempfile.TemporaryDirectory() as directory, Store.open(Path(directory) / "s") as store:
         ledger = Ledger(store)
-        paid: dict[tuple[str, PeerId], int] = {}
-        earned: dict[tuple[str, PeerId], int] = {}
+        applied: dict[str, dict[tuple[str, PeerId], int]] = {"pay": {}, "earn": {}}
         for op in ops:
             before = ledger.accounts()
             try:
-                applied = _apply(ledger, op)
+                result = op.apply(ledger)
             except BudgetExceeded:
                 assert ledger.accounts() == before  # a refusal writes nothing
                 continue
-            if applied is True and op[0] == "pay":
-                job, peer, unit = op[1], PEERS[op[2]], op[3]  # type: ignore[index]
-                paid[job, peer] = paid.get((job, peer), 0) + AMOUNT_OF_UNIT[unit]  # type: ignore
-            if applied is True and op[0] == "earn":
-                job, peer, unit = op[1], PEERS[op[2]], op[3]  # type: ignore[index]
-                earned[job, peer] = earned.get((job, peer), 0) + AMOUNT_OF_UNIT[unit]  # type: ignore
+            if result is True and op.name in applied:
+                totals, key = applied[op.name], (op.job, PEERS[op.peer])
+                totals[key] = totals.get(key, 0) + AMOUNT_OF_UNIT[op.number]
             after = ledger.accounts()
             assert sum(after.values()) == 0
             assert all(after[a] >= 0 for a in after if a.startswith(("escrow:", AVAILABLE)))
-            repeated = _apply(ledger, op)
-            assert repeated == applied if op[0] == "release" else repeated in (None, False)
+            repeated = op.apply(ledger)
+            assert repeated == result if op.name == "release" else repeated in (None, False)
             assert ledger.accounts() == after  # a repeat changes nothing
         assert ledger.verify() == []
         for entry in ledger.entries():
             assert len(entry.postings) >= 2 and sum(p.amount for p in entry.postings) == 0
         for job in JOBS:
             statement = ledger.statement(job)
-            assert dict(statement.paid) == {p: v for (j, p), v in paid.items() if j == job}
-            assert dict(statement.earned) == {p: v for (j, p), v in earned.items() if j == job}
+            for side, name in ((statement.paid, "pay"), (statement.earned, "earn")):
+                assert dict(side) == {p: v for (j, p), v in applied[name].items() if j == job}
             assert statement.escrow == statement.escrowed - statement.released - sum(
                 statement.paid.values()
             )
 
 
 DEBITS = [
-    (kind, "a", peer, unit)
-    for kind in ("pay", "earn", "forfeit")
+    Op(name, "a", peer, unit)
+    for name in ("pay", "earn", "forfeit")
     for peer in range(2)
-    for unit in range(0, 6, 1 if kind != "forfeit" else 2)
+    for unit in range(0, 6, 1 if name != "forfeit" else 2)
 ]
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.permutations(DEBITS + DEBITS[::3]))
-def test_reordering_and_duplicating_debits_ends_in_the_same_books(
-    ops: list[tuple[object, ...]],
-) -> None:
+def test_reordering_and_duplicating_debits_ends_in_the_same_books(ops: list[Op]) -> None:
     with tempfile.TemporaryDirectory() as directory:
-        books = []
+        books: list[dict[str, int]] = []
         for order in (DEBITS, ops):
             with Store.open(Path(directory) / f"{len(books)}") as store:
                 ledger = Ledger(store)
                 ledger.grant(1_000, key="g")
                 ledger.escrow("a", 1_000, key="e")
                 for op in order:
-                    _apply(ledger, op)
+                    op.apply(ledger)
                 books.append({a: v for a, v in ledger.accounts().items() if v})
         assert books[0] == books[1]
 
@@ -395,8 +395,10 @@ def test_kill_9_at_any_moment_loses_no_debit_that_was_acknowledged(tmp_path: Pat
             accounts = ledger.accounts()
             assert sum(accounts.values()) == 0
             statement = ledger.statement("job")
-            paid_units = sorted(e.unit for e in statement.entries if e.kind is EntryKind.PAY)
-            earned_units = sorted(e.unit for e in statement.entries if e.kind is EntryKind.EARN)
+            paid_units = sorted(e.unit or 0 for e in statement.entries if e.kind is EntryKind.PAY)
+            earned_units = sorted(
+                e.unit or 0 for e in statement.entries if e.kind is EntryKind.EARN
+            )
             assert paid_units == list(range(len(paid_units)))  # no hole, no duplicate
             assert earned_units == list(range(len(earned_units)))
             assert len(earned_units) >= acknowledged + 1
