@@ -81,15 +81,15 @@ def test_nobody_is_charged_beyond_the_budget(ledger: Ledger) -> None:
     with pytest.raises(BudgetExceeded, match=r"cannot escrow 0\.00006 credits, 0\.00005"):
         ledger.escrow("job", 60, key="e")
     ledger.escrow("job", 25, key="e")
-    assert ledger.pay("job", SELLER, 0, 20, evidence=b"")
+    assert ledger.pay("job", SELLER, 0, 20, evidence=b"note")
     with pytest.raises(BudgetExceeded, match=r"exceeds the 0\.000005 credits left"):
-        ledger.pay("job", SELLER, 1, 6, evidence=b"")
+        ledger.pay("job", SELLER, 1, 6, evidence=b"note")
     assert ledger.balance(escrow_account("job")) == 5  # the refused debit wrote nothing
     assert ledger.statement("job").paid == {SELLER: 20}
     assert ledger.entry(f"pay:job:{SELLER.raw.hex()}:1") is None
     assert ledger.release("job", key="r") == 5
     with pytest.raises(BudgetExceeded):  # released: the job pays nothing more
-        ledger.pay("job", SELLER, 1, 1, evidence=b"")
+        ledger.pay("job", SELLER, 1, 1, evidence=b"note")
 
 
 def test_every_key_applies_once_and_a_reused_key_is_refused(ledger: Ledger) -> None:
@@ -106,7 +106,7 @@ def test_every_key_applies_once_and_a_reused_key_is_refused(ledger: Ledger) -> N
     assert ledger.release("job", key="r") == 30  # ... is not released by a repeat
     assert ledger.balance(escrow_account("job")) == 10
     with pytest.raises(LocalProtocolError, match="another transaction"):
-        ledger.pay("job", SELLER, 7, 11, evidence=b"")  # the same unit, another amount
+        ledger.pay("job", SELLER, 7, 11, evidence=b"note")  # the same unit, another amount
     with pytest.raises(LocalProtocolError, match="another transaction"):
         ledger.escrow("other job", 40, key="e")
     with pytest.raises(LocalProtocolError, match="another transaction"):
@@ -124,8 +124,11 @@ def test_every_key_applies_once_and_a_reused_key_is_refused(ledger: Ledger) -> N
         lambda books: books.grant(1, key=""),
         lambda books: books.escrow("", 1, key="k"),
         lambda books: books.escrow("j" * 129, 1, key="k"),
-        lambda books: books.pay("job", SELLER, -1, 1, evidence=b""),
-        lambda books: books.pay("job", SELLER, 0, -5, evidence=b""),
+        lambda books: books.pay("job", SELLER, -1, 1, evidence=b"note"),
+        lambda books: books.pay("job", SELLER, 0, -5, evidence=b"note"),
+        lambda books: books.pay("job", SELLER, 0, 5, evidence=b""),
+        lambda books: books.earn("job", BUYER, 0, 5, evidence=b""),
+        lambda books: books.forfeit("job", BUYER, 0, 5, evidence=b""),
         lambda books: books.earn("job", BUYER, 0, 1, evidence=b"x" * (64 * 1024 + 1)),
         lambda books: books.grant(1, key="k", memo="m" * 257),
     ],
@@ -153,8 +156,8 @@ def test_a_seller_earns_per_acknowledged_unit_and_forfeits_follow_the_acks(
     # the buyer never came back for units 1 and 2: the seller records them as forfeited
     assert ledger.forfeit("job", BUYER, 1, 10, evidence=b"award + note 1")
     assert ledger.forfeit("job", BUYER, 2, 10, evidence=b"award + note 2")
-    assert not ledger.forfeit("job", BUYER, 0, 10, evidence=b"")  # acknowledged already
-    assert not ledger.forfeit("job", BUYER, 1, 10, evidence=b"")
+    assert not ledger.forfeit("job", BUYER, 0, 10, evidence=b"note")  # acknowledged already
+    assert not ledger.forfeit("job", BUYER, 1, 10, evidence=b"note")
     statement = ledger.statement("job")
     assert statement.earned == {BUYER: 10} and statement.forfeited == {BUYER: 20}
     # ... and it came back after all: its acknowledgement turns a forfeit into earnings
@@ -313,9 +316,9 @@ def test_a_tampered_entry_or_balance_is_detected_and_never_used(tmp_path: Path) 
         with pytest.raises(CorruptRecord, match="ledger account 'escrow:job'"):
             ledger.balance(escrow_account("job"))
         with pytest.raises(CorruptRecord, match="escrow:job"):
-            ledger.pay("job", SELLER, 3, 10, evidence=b"")  # never paid from a forged balance
+            ledger.pay("job", SELLER, 3, 10, evidence=b"note")  # never paid from a forged balance
         with pytest.raises(CorruptRecord):
-            ledger.pay("job", SELLER, 1, 1, evidence=b"")  # nor a repeat matched on it
+            ledger.pay("job", SELLER, 1, 1, evidence=b"note")  # nor a repeat matched on it
         problems = ledger.verify()
     forged = [p for p in problems if "HMAC" in p]
     assert len(forged) == 2 and "entry 4" in forged[0] and "'escrow:job'" in forged[1]
@@ -346,8 +349,8 @@ def test_a_read_only_store_answers_statements_and_refuses_writes(tmp_path: Path)
             reader = Ledger(reading)
             assert reader.statement("job").escrowed == 5
             with pytest.raises(StoreError, match="read-only"):
-                reader.pay("job", SELLER, 0, 1, evidence=b"")
-            writer.pay("job", SELLER, 0, 1, evidence=b"")
+                reader.pay("job", SELLER, 0, 1, evidence=b"note")
+            writer.pay("job", SELLER, 0, 1, evidence=b"note")
             assert reader.statement("job").paid == {SELLER: 1}  # sees the writer's commits
 
 
@@ -405,5 +408,7 @@ def test_kill_9_at_any_moment_loses_no_debit_that_was_acknowledged(tmp_path: Pat
             assert len(paid_units) - len(earned_units) in (0, 1)
             assert statement.paid[SELLER] == sum(1 + u % 7 for u in paid_units)
             assert statement.escrow == 10**9 - statement.paid[SELLER]
-            assert not ledger.pay("job", SELLER, acknowledged, 1 + acknowledged % 7, evidence=b"")
+            assert not ledger.pay(
+                "job", SELLER, acknowledged, 1 + acknowledged % 7, evidence=b"note"
+            )
             assert accounts[MINT] == -(10**12)  # the grant, once over all restarts
