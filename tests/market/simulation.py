@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from meshfed.errors import RemoteProtocolError
@@ -33,7 +34,15 @@ from meshfed.market.lease import (
     StartTraining,
     WakeAt,
 )
-from meshfed.market.messages import MarketMessage, PrivacyLevel, Rfq, SettleReason
+from meshfed.market.messages import (
+    Award,
+    LeaseDecline,
+    MarketMessage,
+    PrivacyLevel,
+    Rfq,
+    SettleReason,
+    digest,
+)
 from meshfed.market.terms import Requirements
 from meshfed.membership.records import Capabilities, DatasetOffer, PriceAsk
 
@@ -127,17 +136,21 @@ class Market:
         offers: list[SellerOffer],
         *,
         chaos: random.Random | None = None,
-        silent: set[int] = frozenset(),  # type: ignore[assignment]
+        silent: Collection[int] = (),
+        on_award: Mapping[int, str] | None = None,
         accept_window_s: float = 10.0,
+        peers: list[PeerId] | None = None,
     ) -> None:
-        self.buyer = Identity.generate().peer_id
-        self.sellers = [Identity.generate().peer_id for _ in offers]
+        ids = peers or [Identity.generate().peer_id for _ in range(len(offers) + 1)]
+        self.buyer, self.sellers = ids[0], ids[1 : len(offers) + 1]
         self.job = BuyerJob(rfq, accept_window_s=accept_window_s)
         self.books = {
             peer: SellerBook(peer, offer) for peer, offer in zip(self.sellers, offers, strict=True)
         }
-        #: sellers that receive nothing (gone, or never answering)
+        #: peers that receive nothing and run no deadlines (gone, or away); the buyer too
         self.silent = {self.sellers[i] for i in silent}
+        #: sellers that answer an award otherwise: "decline" it, or "drop" it (never answer)
+        self.on_award = {self.sellers[i]: how for i, how in (on_award or {}).items()}
         self.chaos = chaos
         self.now = T0
         self.queue: list[tuple[PeerId, PeerId, MarketMessage]] = []
@@ -147,6 +160,8 @@ class Market:
         #: seller -> its StartTraining, and how many units it reported done
         self.training: dict[PeerId, StartTraining] = {}
         self.done: Counter[PeerId] = Counter()
+        #: peers whose job or lease ended
+        self.ended: set[PeerId] = set()
 
     # -------------------------------------------------------------------- plumbing
 
@@ -164,7 +179,9 @@ class Market:
                 self.wakes.append(action.at)
             elif isinstance(action, StartTraining):
                 self.training[me] = action
-            elif isinstance(action, StartJob | ChangeRoster | Forfeit | JobEnded):
+            elif isinstance(action, JobEnded):
+                self.ended.add(me)
+            elif isinstance(action, StartJob | ChangeRoster | Forfeit):
                 pass
             else:  # pragma: no cover - a new action the simulation must learn
                 raise AssertionError(action)
@@ -174,6 +191,11 @@ class Market:
         if receiver in self.silent:
             return
         self.trace.delivered.append((sender, receiver, message))
+        if isinstance(message, Award) and receiver in self.on_award:
+            if self.on_award[receiver] == "decline":
+                answer = LeaseDecline(message.job, message.expires_ms, digest(message), "no")
+                self.queue.append((receiver, sender, answer))
+            return
         machine = self.job if receiver == self.buyer else self.books[receiver]
         try:
             actions = machine.receive(sender, message, self.now)
@@ -201,7 +223,8 @@ class Market:
                 break
             self.now = max(self.now, min(due))
             self.wakes = [t for t in self.wakes if t > self.now]
-            self.apply(self.buyer, self.job.expire(self.now))
+            if self.buyer not in self.silent:
+                self.apply(self.buyer, self.job.expire(self.now))
             for peer, book in self.books.items():
                 if peer not in self.silent:
                     self.apply(peer, book.expire(self.now))
@@ -219,7 +242,7 @@ class Market:
         """Every seller in training does ``units`` more units (up to its lease's)."""
         for _ in range(units):
             for peer, start in sorted(self.training.items(), key=lambda kv: kv[0].raw):
-                if peer in self.silent or self.done[peer] >= start.units:
+                if peer in self.silent | self.ended or self.done[peer] >= start.units:
                     continue
                 self.done[peer] += 1
                 unit = self.done[peer]
