@@ -7,10 +7,11 @@ Theory of operation. The buyer fixes a per-unit *reserve* from its budget alone:
 An offer is eligible when its price is at most the reserve and it meets the scoring's SLA
 floors. Each eligible offer gets an integer *bonus* for its non-price attributes, from its own
 attributes and the reserve only (:func:`quality_bonus`), and is ranked by its *adjusted price*
-``price - bonus`` (lower is better; equal adjusted prices by the higher quality, then by
-``sha256(salt + bidder)``: the bonus is rounded down to a micro-credit, the quality is not). This is
-the tier's score (:meth:`~meshfed.market.tiers.Scoring.score`) in micro-credits: ``score * reserve
-* (cost + performance) / cost = reserve - price + bonus``, up to the bonus's rounding down.
+``price - bonus``, lowest first. Equal adjusted prices rank by the higher quality (the bonus is
+rounded down to a micro-credit, the quality is not), then by ``sha256(salt + bidder)``. This
+is the tier's score (:meth:`~meshfed.market.tiers.Scoring.score`) in micro-credits:
+``score * reserve * (cost + performance) / cost = reserve - price + bonus``, up to the
+rounding of the bonus.
 
 The best ``max_winners`` eligible offers win (at least ``min_winners``, else :class:`NoBids`).
 Every winner is paid its *threshold price*: the highest price at which it would still have won,
@@ -122,7 +123,10 @@ class AuctionTerms:
             )
         if not 0 <= self.budget <= MAX_AMOUNT:
             raise ConfigError(f"auction.budget: {self.budget} outside [0, {MAX_AMOUNT}]")
-        Tier(self.tier)
+        if self.tier not in set(Tier):
+            raise ConfigError(
+                f"auction.tier: {self.tier!r} is not one of {[t.value for t in Tier]}"
+            )
 
     @property
     def reserve(self) -> int:
