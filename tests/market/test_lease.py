@@ -67,9 +67,7 @@ def market(**kwargs: object) -> Market:
 def by_index(m: Market, counter: Counter[tuple]) -> Counter[tuple]:  # type: ignore[type-arg]
     """Peer ids replaced by their index (0 the buyer), so runs can be compared."""
     index = {peer: i for i, peer in enumerate(PEERS)}
-    return Counter(
-        {tuple(index.get(x, x) for x in key): n for key, n in counter.items()}
-    )
+    return Counter({tuple(index.get(x, x) for x in key): n for key, n in counter.items()})
 
 
 def buyer_actions(m: Market) -> list[object]:
@@ -306,6 +304,24 @@ def test_a_winner_that_never_answers_is_replaced_when_its_award_expires() -> Non
     assert m.job.state is BuyerState.RUNNING
     assert m.job.roster == (m.sellers[0], m.sellers[2])
     assert m.now >= T0 + 10  # it waited the accept window, no longer
+
+
+def test_an_acceptance_that_comes_too_late_ends_that_lease_with_nothing_owed() -> None:
+    m = market(on_award={1: "drop"})
+    m.post()  # seller 1 never answered in time: replaced by seller 2
+    late = m.sellers[1]
+    award = next(msg for s, r, msg in m.trace.delivered if isinstance(msg, Award) and r == late)
+    (accepted, start) = m.books[late].receive(m.buyer, award, T0)  # it did accept, in time
+    assert isinstance(accepted, Reply) and isinstance(start, StartTraining)
+    m.deliver(late, m.buyer, accepted.message)  # but its acceptance arrives after the window
+    m.tick(m.now + 1)
+    assert m.job.roster == (m.sellers[0], m.sellers[2])
+    assert (late, JobEnded(JOB, "cancelled")) in m.trace.actions
+    (withdrawn,) = m.job.receive(late, accepted.message, m.now)  # again: the same settlement
+    assert isinstance(withdrawn, Reply) and withdrawn.message.units == 0  # type: ignore[attr-defined]
+    m.work(3)
+    m.finish()
+    assert late not in m.job.paid and m.trace.rejected == []
 
 
 def test_a_peer_failing_mid_job_is_replaced_and_the_roster_change_reaches_the_peers() -> None:
