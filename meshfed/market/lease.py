@@ -791,6 +791,8 @@ class SellerOffer:
         throughput: examples (or requests) per second it expects to sustain.
         locality: a hint for buyers (region, network).
         hold_s: how long past the bid deadline a bid holds its reservation.
+        max_wait_s: the furthest bid deadline it bids for (so that no RFQ holds a
+            reservation for longer than ``max_wait_s + hold_s``).
     """
 
     capabilities: Capabilities
@@ -798,6 +800,7 @@ class SellerOffer:
     throughput: float = 0.0
     locality: str = ""
     hold_s: float = 30.0
+    max_wait_s: float = 300.0
 
 
 @dataclass(slots=True)
@@ -999,9 +1002,11 @@ class SellerBook:
         if rfq.bid_deadline_ms < now_ms:
             raise _reject(RejectReason.LATE, f"the bid window of {rfq.job!r} closed")
         price = self._ask(rfq)
-        reason = self._unfit(rfq, price) or (
-            DeclineReason.BUSY if self.reserved(now) >= self.offer.capacity else None
-        )
+        reason = self._unfit(rfq, price)
+        if reason is None and rfq.bid_deadline_ms > _ms(now + self.offer.max_wait_s):
+            reason = DeclineReason.DEADLINE
+        if reason is None and self.reserved(now) >= self.offer.capacity:
+            reason = DeclineReason.BUSY
         answer: Bid | Decline
         if reason is None and price is not None:
             answer = Bid(

@@ -13,6 +13,7 @@ import random
 from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshfed.errors import RemoteProtocolError
 from meshfed.identity import Identity, PeerId
@@ -143,9 +144,11 @@ class Market:
     ) -> None:
         ids = peers or [Identity.generate().peer_id for _ in range(len(offers) + 1)]
         self.buyer, self.sellers = ids[0], ids[1 : len(offers) + 1]
-        self.job = BuyerJob(rfq, accept_window_s=accept_window_s)
-        self.books = {
-            peer: SellerBook(peer, offer) for peer, offer in zip(self.sellers, offers, strict=True)
+        self.rfq, self.offers, self.accept_window_s = rfq, offers, accept_window_s
+        self.job, self.books = self.machines()
+        #: every event each machine took (and did not refuse), in order: (method, *args)
+        self.inputs: dict[PeerId, list[tuple[Any, ...]]] = {
+            p: [] for p in [self.buyer, *self.sellers]
         }
         #: peers that receive nothing and run no deadlines (gone, or away); the buyer too
         self.silent = {self.sellers[i] for i in silent}
@@ -162,6 +165,32 @@ class Market:
         self.done: Counter[PeerId] = Counter()
         #: peers whose job or lease ended
         self.ended: set[PeerId] = set()
+
+    def machines(self) -> tuple[BuyerJob, dict[PeerId, SellerBook]]:
+        """Fresh machines for this market's buyer and sellers."""
+        job = BuyerJob(self.rfq, accept_window_s=self.accept_window_s)
+        books = {
+            peer: SellerBook(peer, offer)
+            for peer, offer in zip(self.sellers, self.offers, strict=True)
+        }
+        return job, books
+
+    def call(self, me: PeerId, method: str, *args: Any) -> None:
+        """Run one event on ``me``'s machine, remember it, carry out what it returns."""
+        machine = self.job if me == self.buyer else self.books[me]
+        actions = getattr(machine, method)(*args)
+        self.inputs[me].append((method, *args))
+        self.apply(me, actions, answering=args[0] if method == "receive" else None)
+
+    def rebuild(self) -> tuple[BuyerJob, dict[PeerId, SellerBook]]:
+        """Fresh machines fed every event the live ones took (what a driver does after a
+        crash, from the events it wrote ahead)."""
+        job, books = self.machines()
+        for peer, events in self.inputs.items():
+            machine = job if peer == self.buyer else books[peer]
+            for method, *args in events:
+                getattr(machine, method)(*args)
+        return job, books
 
     # -------------------------------------------------------------------- plumbing
 
@@ -196,13 +225,10 @@ class Market:
                 answer = LeaseDecline(message.job, message.expires_ms, digest(message), "no")
                 self.queue.append((receiver, sender, answer))
             return
-        machine = self.job if receiver == self.buyer else self.books[receiver]
         try:
-            actions = machine.receive(sender, message, self.now)
+            self.call(receiver, "receive", sender, message, self.now)
         except RemoteProtocolError as exc:
             self.trace.rejected.append((sender, receiver, message.TYPE, exc.reason.value))
-            return
-        self.apply(receiver, actions, answering=sender)
 
     def settle(self) -> None:
         """Deliver everything in flight (in the chaos's order, with its copies and replays)."""
@@ -223,11 +249,9 @@ class Market:
                 break
             self.now = max(self.now, min(due))
             self.wakes = [t for t in self.wakes if t > self.now]
-            if self.buyer not in self.silent:
-                self.apply(self.buyer, self.job.expire(self.now))
-            for peer, book in self.books.items():
+            for peer in [self.buyer, *self.sellers]:
                 if peer not in self.silent:
-                    self.apply(peer, book.expire(self.now))
+                    self.call(peer, "expire", self.now)
             self.settle()
         self.now = max(self.now, until)
 
@@ -235,7 +259,7 @@ class Market:
 
     def post(self) -> None:
         """The buyer asks every seller; bids, awards and leases run to a quiet network."""
-        self.apply(self.buyer, self.job.start(self.now, self.sellers))
+        self.call(self.buyer, "start", self.now, self.sellers)
         self.tick(self.now + 60)
 
     def work(self, units: int = 1) -> None:
@@ -247,11 +271,17 @@ class Market:
                 self.done[peer] += 1
                 unit = self.done[peer]
                 evidence = bytes([unit % 256]) * 32
-                self.apply(peer, self.books[peer].round_done(JOB, unit, evidence, self.now))
+                self.call(peer, "round_done", JOB, unit, evidence, self.now)
             self.tick(self.now + 1)
 
+    def fail(self, peer: PeerId, at_round: int) -> None:
+        """``peer`` dies; the buyer learns it failed from round ``at_round`` on."""
+        self.silent.add(peer)
+        self.call(self.buyer, "peer_failed", peer, at_round, self.now)
+        self.tick(self.now + 1)
+
     def finish(self, reason: SettleReason = SettleReason.DONE) -> None:
-        self.apply(self.buyer, self.job.finish(self.now, reason))
+        self.call(self.buyer, "finish", self.now, reason)
         self.tick(self.now + 120)
 
     def run(self) -> Market:

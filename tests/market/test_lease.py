@@ -116,7 +116,7 @@ def test_escrow_goes_before_the_awards_and_every_loser_is_released_with_them() -
 
 def test_the_bid_window_closes_as_soon_as_every_asked_peer_answered() -> None:
     m = market()
-    m.apply(m.buyer, m.job.start(m.now, m.sellers))
+    m.call(m.buyer, "start", m.now, m.sellers)
     m.settle()  # no time passes
     assert m.now == T0
     assert m.job.state is BuyerState.RUNNING
@@ -125,7 +125,7 @@ def test_the_bid_window_closes_as_soon_as_every_asked_peer_answered() -> None:
 
 def test_the_bid_window_waits_for_the_deadline_when_a_peer_is_silent() -> None:
     m = market(silent={4})
-    m.apply(m.buyer, m.job.start(m.now, m.sellers))
+    m.call(m.buyer, "start", m.now, m.sellers)
     m.settle()
     assert m.job.state is BuyerState.BIDDING
     m.tick(T0 + 5)
@@ -157,7 +157,7 @@ def test_sellers_that_cannot_do_the_work_decline_with_the_requirement() -> None:
         seller_offer(10**6),  # its price is beyond what the budget can pay
     ]
     m = Market(rfq, offers, peers=PEERS)
-    m.apply(m.buyer, m.job.start(m.now, m.sellers))
+    m.call(m.buyer, "start", m.now, m.sellers)
     m.settle()
     reasons = {
         s: msg.reason
@@ -190,10 +190,7 @@ def scenario(name: str, chaos: random.Random | None) -> Market:
     m.post()
     m.work(1)
     if name == "failure":
-        failed = m.job.roster[0]
-        m.silent.add(failed)
-        m.apply(m.buyer, m.job.peer_failed(failed, 2, m.now))
-        m.tick(m.now + 1)
+        m.fail(m.job.roster[0], 2)
     if name == "away":
         m.silent.add(m.buyer)
         m.work(2)
@@ -222,6 +219,21 @@ def test_reordering_duplicating_and_replaying_messages_changes_nothing(
     assert by_index(m, m.trace.pays()).keys() == {
         (j, s, u, a) for (j, s, b, u, a) in by_index(m, m.trace.earns())
     }
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(SCENARIOS), st.integers(0, 2**32))
+def test_a_machine_rebuilt_from_the_events_it_took_is_the_same_machine(
+    name: str, seed: int
+) -> None:
+    """What a driver does after kill -9: the machines are deterministic, so the events written
+    ahead rebuild them exactly (and the ledger actions that come out again are no-ops by their
+    idempotency keys)."""
+    m = scenario(name, random.Random(seed))
+    job, books = m.rebuild()
+    assert vars(job) == vars(m.job)
+    for peer, book in books.items():
+        assert vars(book) == vars(m.books[peer])
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -270,8 +282,7 @@ def test_the_buyer_never_pays_beyond_its_budget(
     m.post()
     m.work(1)
     if failure and m.job.state is BuyerState.RUNNING:
-        m.apply(m.buyer, m.job.peer_failed(m.job.roster[0], min(2, units), m.now))
-        m.tick(m.now + 1)
+        m.fail(m.job.roster[0], min(2, units))
     m.work(units)
     m.finish()
     paid = sum(a.amount for _, a in m.trace.ledger if isinstance(a, LedgerPay))
@@ -329,9 +340,7 @@ def test_a_peer_failing_mid_job_is_replaced_and_the_roster_change_reaches_the_pe
     m.post()
     m.work(1)
     failed, kept = m.job.roster
-    m.silent.add(failed)
-    m.apply(m.buyer, m.job.peer_failed(failed, 2, m.now))
-    m.tick(m.now + 1)
+    m.fail(failed, 2)
     m.work(3)
     m.finish()
     replacement = m.sellers[2]
@@ -354,7 +363,7 @@ def test_without_an_affordable_replacement_the_job_settles_with_what_it_did() ->
     m = market(rfq=make_rfq(min_peers=2), prices=PRICES[:2])
     m.post()
     m.work(1)
-    m.apply(m.buyer, m.job.peer_failed(m.job.roster[0], 2, m.now))
+    m.fail(m.job.roster[0], 2)
     m.tick(m.now + 120)
     ended = [a for a in buyer_actions(m) if isinstance(a, JobEnded)]
     assert len(ended) == 1 and isinstance(ended[0].error, NoBids)
@@ -529,6 +538,16 @@ def test_a_seller_reserves_once_per_rfq_and_frees_on_release() -> None:
     assert book.receive(PEERS[0], Release(JOB, int(T0 * 1000) + 1000, digest(rfq)), T0) == []
     assert book.reserved(T0) == 0
     assert book.reserved(T0 + 5 + 31) == 0  # and a reservation ends with its bid anyway
+
+
+def test_no_rfq_holds_a_reservation_longer_than_the_seller_allows() -> None:
+    book = SellerBook(PEERS[1], seller_offer(1000, capacity=1))
+    forever = dataclasses.replace(
+        make_rfq(), expires_ms=2**62, bid_deadline_ms=int((T0 + 301) * 1000)
+    )
+    (answer,) = book.receive(PEERS[0], forever, T0)
+    assert isinstance(answer, Reply) and isinstance(answer.message, Decline)
+    assert answer.message.reason == "deadline" and book.reserved(T0) == 0
 
 
 def test_a_seller_acknowledgement_must_be_for_its_own_note() -> None:
