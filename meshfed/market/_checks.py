@@ -37,8 +37,11 @@ def unit(value: int, *, least: int = 0) -> int:
     return value
 
 
-def envelope(value: bytes) -> bytes:
-    """``value`` if it is bytes of at most MAX_ENVELOPE, else ValueError."""
-    if not isinstance(value, bytes) or len(value) > MAX_ENVELOPE:
-        raise ValueError(f"a signed envelope kept here is at most {MAX_ENVELOPE} bytes")
+def envelope(value: bytes, *, required: bool = True) -> bytes:
+    """``value`` if it is bytes of at most MAX_ENVELOPE (and not empty if ``required``), else
+    ValueError."""
+    if not isinstance(value, bytes) or not int(required) <= len(value) <= MAX_ENVELOPE:
+        raise ValueError(
+            f"a signed envelope kept here is bytes, {int(required)} to {MAX_ENVELOPE} long"
+        )
     return value

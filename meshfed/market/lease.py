@@ -59,6 +59,7 @@ from ..membership.records import Capabilities
 from ..stats import RejectReason
 from .auction import AuctionTerms, Clearing, Offer, Winner, clear, replace
 from .messages import (
+    MAX_ROSTER,
     Award,
     Bid,
     BidCapabilities,
@@ -345,6 +346,8 @@ class BuyerJob:
         self.escrowed = 0
         self._escrows = 0
         self._settles: dict[PeerId, tuple[Settle, bytes]] = {}
+        #: sellers whose acceptance came too late, and the settlement that ended their lease
+        self._withdrawn: dict[PeerId, tuple[Settle, bytes]] = {}
         self._receipts: dict[PeerId, Receipt] = {}
         self._settle_reason = SettleReason.DONE
         self._settle_deadline = 0.0
@@ -562,24 +565,34 @@ class BuyerJob:
             if sender not in self._contracts:
                 raise _not_awarded(sender, self.job)
             raise _reject(RejectReason.WRONG_CONTEXT, "an answer to an award we did not make")
-        if self._contracts[sender] is not contract:
-            raise _reject(RejectReason.LATE, f"the award to {sender} was replaced")
-        if isinstance(answer, Lease) and contract.accepted:
-            return []  # the same acceptance again
-        if contract.gone:
-            raise _reject(RejectReason.LATE, f"the award to {sender} is withdrawn")
         if contract.accepted:
+            if isinstance(answer, Lease):
+                return []  # the same acceptance again
             raise _reject(RejectReason.INCONSISTENT, f"{sender} accepted, then declined")
-        if self.state not in (BuyerState.AWARDING, BuyerState.RUNNING):
-            raise _reject(RejectReason.LATE, f"job {self.job!r} is over")
+        withdrawn = self._withdrawn.get(sender)
+        if withdrawn is not None:  # its acceptance came too late before: the same answer
+            return [Reply(withdrawn[0])] if isinstance(answer, Lease) else []
+        if isinstance(answer, LeaseDecline) and contract.gone:
+            return []  # declined (or timed out) before
         now_ms = _ms(now)
         check_fresh(answer, now_ms)
-        if contract.award.expires_ms < now_ms:
-            raise _reject(RejectReason.STALE, f"the award to {sender} expired")
+        live = self.state in (BuyerState.AWARDING, BuyerState.RUNNING)
         if isinstance(answer, LeaseDecline):
+            if not live:
+                raise _reject(RejectReason.LATE, f"job {self.job!r} is over")
             return self._replace([sender], now, at_round=self._round)
-        contract.accepted = True
-        return self._roster_formed(now)
+        if live and not contract.gone and contract.award.expires_ms >= now_ms:
+            contract.accepted = True
+            return self._roster_formed(now)
+        # Accepted too late (the award expired, was replaced, or the job is over): the seller
+        # may have started, so its lease is ended at once, with nothing owed either way.
+        actions: list[Action] = []
+        if live and not contract.gone:
+            actions = self._replace([sender], now, at_round=self._round)
+        contract.gone = True
+        settle = Settle(self.job, _ms(now + self._settle_window_s), 0, 0, "cancelled")
+        self._withdrawn[sender] = (settle, digest(settle))
+        return [*actions, Reply(settle)]
 
     def _roster_formed(self, now: float) -> list[Action]:
         """After an acceptance: start the job once every award is accepted, or tell a running
@@ -607,7 +620,7 @@ class BuyerJob:
             roster_version=self.roster_version,
             roster=list(self.roster),
             from_round=from_round,
-            replaced=[peer for peer in self._removed if peer not in self.roster],
+            replaced=[peer for peer in self._removed if peer not in self.roster][-MAX_ROSTER:],
         )
         return [SendRequest(peer, change) for peer in to]
 
@@ -727,6 +740,9 @@ class BuyerJob:
         return [*actions, WakeAt(self._settle_deadline)]
 
     def _on_receipt(self, sender: PeerId, receipt: Receipt, now: float) -> list[Action]:
+        withdrawn = self._withdrawn.get(sender)
+        if withdrawn is not None and receipt.settle_digest == withdrawn[1]:
+            return []  # the receipt for a lease withdrawn before it began: nothing to record
         sent = self._settles.get(sender)
         if sent is None:
             if sender not in self._contracts:
@@ -775,6 +791,8 @@ class SellerOffer:
         throughput: examples (or requests) per second it expects to sustain.
         locality: a hint for buyers (region, network).
         hold_s: how long past the bid deadline a bid holds its reservation.
+        max_wait_s: the furthest bid deadline it bids for (so that no RFQ holds a
+            reservation for longer than ``max_wait_s + hold_s``).
     """
 
     capabilities: Capabilities
@@ -782,6 +800,7 @@ class SellerOffer:
     throughput: float = 0.0
     locality: str = ""
     hold_s: float = 30.0
+    max_wait_s: float = 300.0
 
 
 @dataclass(slots=True)
@@ -792,7 +811,6 @@ class _Quote:
     rfq: Rfq
     answer: Bid | Decline
     reserved: bool  # holds capacity until the bid expires or is released
-    award_digest: bytes = b""  # the award it accepted, if any
 
 
 @dataclass(slots=True)
@@ -800,6 +818,7 @@ class _SellerLease:
     buyer: PeerId
     award: Award
     award_digest: bytes
+    accepted: Lease
     roster_version: int
     notes: dict[int, DebitNote] = field(default_factory=dict)
     acks: dict[int, DebitAck] = field(default_factory=dict)
@@ -983,9 +1002,11 @@ class SellerBook:
         if rfq.bid_deadline_ms < now_ms:
             raise _reject(RejectReason.LATE, f"the bid window of {rfq.job!r} closed")
         price = self._ask(rfq)
-        reason = self._unfit(rfq, price) or (
-            DeclineReason.BUSY if self.reserved(now) >= self.offer.capacity else None
-        )
+        reason = self._unfit(rfq, price)
+        if reason is None and rfq.bid_deadline_ms > _ms(now + self.offer.max_wait_s):
+            reason = DeclineReason.DEADLINE
+        if reason is None and self.reserved(now) >= self.offer.capacity:
+            reason = DeclineReason.BUSY
         answer: Bid | Decline
         if reason is None and price is not None:
             answer = Bid(
@@ -1006,8 +1027,7 @@ class SellerBook:
         self._quotes[key] = quote
         while len(self._quotes) > self._max_quotes:
             oldest = next(
-                (k for k, q in self._quotes.items() if not q.reserved and not q.award_digest),
-                next(iter(self._quotes)),
+                (k for k, q in self._quotes.items() if not q.reserved), next(iter(self._quotes))
             )
             del self._quotes[oldest]
 
@@ -1072,20 +1092,24 @@ class SellerBook:
         if award.winner != self.me:
             raise _reject(RejectReason.WRONG_CONTEXT, "an award to another peer")
         award_digest = digest(award)
-        quote = self._quotes.get((buyer, award.rfq_digest))
-        if quote is not None and quote.award_digest == award_digest:
-            return [Reply(Lease(award.job, award.expires_ms, award_digest))]
+        held = self._leases.get(award.job)
+        if held is not None and held.award_digest == award_digest:
+            return [Reply(held.accepted)]  # the same award again: the same acceptance
         now_ms = _ms(now)
         check_fresh(award, now_ms)
+        quote = self._quotes.get((buyer, award.rfq_digest))
         refusal = self._refusal(quote, award, now)
         if refusal:
             return [Reply(LeaseDecline(award.job, award.expires_ms, award_digest, refusal))]
-        assert quote is not None and isinstance(quote.answer, Bid)
+        assert quote is not None
         quote.reserved = False  # the lease holds the capacity now
-        quote.award_digest = award_digest
-        self._leases[award.job] = _SellerLease(buyer, award, award_digest, award.roster_version)
+        # the acceptance is good for the lease's term (the buyer refuses it past the award's)
+        accepted = Lease(award.job, now_ms + award.forfeit_after_s * 1000, award_digest)
+        self._leases[award.job] = _SellerLease(
+            buyer, award, award_digest, accepted, award.roster_version
+        )
         return [
-            Reply(Lease(award.job, award.expires_ms, award_digest)),
+            Reply(accepted),
             StartTraining(
                 job=award.job,
                 buyer=buyer,

@@ -133,6 +133,10 @@ class EntryKind(enum.StrEnum):
     FORFEIT = "forfeit"
 
 
+#: entries that rest on a counterpart's signed envelope (their evidence is never empty)
+_NEEDS_EVIDENCE = frozenset({EntryKind.PAY, EntryKind.EARN, EntryKind.FORFEIT})
+
+
 @dataclass(frozen=True, slots=True)
 class Posting:
     """One leg of an entry: ``amount`` micro-credits into ``account`` (negative: out of it)."""
@@ -384,7 +388,7 @@ class Ledger:
             True if applied now, False if this (job, seller, unit) was paid before.
 
         Raises:
-            ValueError: ``amount`` not in (0, MAX_AMOUNT], a malformed job, unit or evidence.
+            ValueError: ``amount`` not in (0, MAX_AMOUNT], a malformed job or unit, no evidence.
             BudgetExceeded: the job's escrow holds less than ``amount`` (nothing is written).
             LocalProtocolError: this unit was paid before with another amount.
         """
@@ -445,7 +449,7 @@ class Ledger:
             True if applied now, False if this (job, buyer, unit) was earned before.
 
         Raises:
-            ValueError: ``amount`` not in (0, MAX_AMOUNT], a malformed job, unit or evidence.
+            ValueError: ``amount`` not in (0, MAX_AMOUNT], a malformed job or unit, no evidence.
             LocalProtocolError: this unit was earned before with another amount.
         """
         check.amount(amount)
@@ -474,7 +478,7 @@ class Ledger:
             True if applied now, False if the unit was already earned or forfeited.
 
         Raises:
-            ValueError: ``amount`` not in (0, MAX_AMOUNT], a malformed job, unit or evidence.
+            ValueError: ``amount`` not in (0, MAX_AMOUNT], a malformed job or unit, no evidence.
             LocalProtocolError: this unit was forfeited before with another amount.
         """
         check.amount(amount)
@@ -505,7 +509,7 @@ class Ledger:
         and False if its key was applied before; (None, False) if ``plan`` declined."""
         if len(memo) > MAX_KEY_LEN:
             raise ValueError(f"a memo has at most {MAX_KEY_LEN} characters")
-        check.envelope(evidence)
+        check.envelope(evidence, required=request.kind in _NEEDS_EVIDENCE)
         with self._store.transaction() as connection:
             found = self._entry_by_key(connection, request.key)
             if found is not None:

@@ -112,6 +112,8 @@ class DeclineReason(enum.StrEnum):
     CHARGING = "charging"
     KIND = "kind"
     PRICE = "price"
+    #: the bid deadline is further ahead than this seller holds a reservation open
+    DEADLINE = "deadline"
 
 
 class SettleReason(enum.StrEnum):

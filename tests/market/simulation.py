@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshfed.errors import RemoteProtocolError
 from meshfed.identity import Identity, PeerId
@@ -33,7 +35,15 @@ from meshfed.market.lease import (
     StartTraining,
     WakeAt,
 )
-from meshfed.market.messages import MarketMessage, PrivacyLevel, Rfq, SettleReason
+from meshfed.market.messages import (
+    Award,
+    LeaseDecline,
+    MarketMessage,
+    PrivacyLevel,
+    Rfq,
+    SettleReason,
+    digest,
+)
 from meshfed.market.terms import Requirements
 from meshfed.membership.records import Capabilities, DatasetOffer, PriceAsk
 
@@ -127,17 +137,23 @@ class Market:
         offers: list[SellerOffer],
         *,
         chaos: random.Random | None = None,
-        silent: set[int] = frozenset(),  # type: ignore[assignment]
+        silent: Collection[int] = (),
+        on_award: Mapping[int, str] | None = None,
         accept_window_s: float = 10.0,
+        peers: list[PeerId] | None = None,
     ) -> None:
-        self.buyer = Identity.generate().peer_id
-        self.sellers = [Identity.generate().peer_id for _ in offers]
-        self.job = BuyerJob(rfq, accept_window_s=accept_window_s)
-        self.books = {
-            peer: SellerBook(peer, offer) for peer, offer in zip(self.sellers, offers, strict=True)
+        ids = peers or [Identity.generate().peer_id for _ in range(len(offers) + 1)]
+        self.buyer, self.sellers = ids[0], ids[1 : len(offers) + 1]
+        self.rfq, self.offers, self.accept_window_s = rfq, offers, accept_window_s
+        self.job, self.books = self.machines()
+        #: every event each machine took (and did not refuse), in order: (method, *args)
+        self.inputs: dict[PeerId, list[tuple[Any, ...]]] = {
+            p: [] for p in [self.buyer, *self.sellers]
         }
-        #: sellers that receive nothing (gone, or never answering)
+        #: peers that receive nothing and run no deadlines (gone, or away); the buyer too
         self.silent = {self.sellers[i] for i in silent}
+        #: sellers that answer an award otherwise: "decline" it, or "drop" it (never answer)
+        self.on_award = {self.sellers[i]: how for i, how in (on_award or {}).items()}
         self.chaos = chaos
         self.now = T0
         self.queue: list[tuple[PeerId, PeerId, MarketMessage]] = []
@@ -147,6 +163,34 @@ class Market:
         #: seller -> its StartTraining, and how many units it reported done
         self.training: dict[PeerId, StartTraining] = {}
         self.done: Counter[PeerId] = Counter()
+        #: peers whose job or lease ended
+        self.ended: set[PeerId] = set()
+
+    def machines(self) -> tuple[BuyerJob, dict[PeerId, SellerBook]]:
+        """Fresh machines for this market's buyer and sellers."""
+        job = BuyerJob(self.rfq, accept_window_s=self.accept_window_s)
+        books = {
+            peer: SellerBook(peer, offer)
+            for peer, offer in zip(self.sellers, self.offers, strict=True)
+        }
+        return job, books
+
+    def call(self, me: PeerId, method: str, *args: Any) -> None:
+        """Run one event on ``me``'s machine, remember it, carry out what it returns."""
+        machine = self.job if me == self.buyer else self.books[me]
+        actions = getattr(machine, method)(*args)
+        self.inputs[me].append((method, *args))
+        self.apply(me, actions, answering=args[0] if method == "receive" else None)
+
+    def rebuild(self) -> tuple[BuyerJob, dict[PeerId, SellerBook]]:
+        """Fresh machines fed every event the live ones took (what a driver does after a
+        crash, from the events it wrote ahead)."""
+        job, books = self.machines()
+        for peer, events in self.inputs.items():
+            machine = job if peer == self.buyer else books[peer]
+            for method, *args in events:
+                getattr(machine, method)(*args)
+        return job, books
 
     # -------------------------------------------------------------------- plumbing
 
@@ -164,7 +208,9 @@ class Market:
                 self.wakes.append(action.at)
             elif isinstance(action, StartTraining):
                 self.training[me] = action
-            elif isinstance(action, StartJob | ChangeRoster | Forfeit | JobEnded):
+            elif isinstance(action, JobEnded):
+                self.ended.add(me)
+            elif isinstance(action, StartJob | ChangeRoster | Forfeit):
                 pass
             else:  # pragma: no cover - a new action the simulation must learn
                 raise AssertionError(action)
@@ -174,13 +220,15 @@ class Market:
         if receiver in self.silent:
             return
         self.trace.delivered.append((sender, receiver, message))
-        machine = self.job if receiver == self.buyer else self.books[receiver]
+        if isinstance(message, Award) and receiver in self.on_award:
+            if self.on_award[receiver] == "decline":
+                answer = LeaseDecline(message.job, message.expires_ms, digest(message), "no")
+                self.queue.append((receiver, sender, answer))
+            return
         try:
-            actions = machine.receive(sender, message, self.now)
+            self.call(receiver, "receive", sender, message, self.now)
         except RemoteProtocolError as exc:
             self.trace.rejected.append((sender, receiver, message.TYPE, exc.reason.value))
-            return
-        self.apply(receiver, actions, answering=sender)
 
     def settle(self) -> None:
         """Deliver everything in flight (in the chaos's order, with its copies and replays)."""
@@ -201,10 +249,9 @@ class Market:
                 break
             self.now = max(self.now, min(due))
             self.wakes = [t for t in self.wakes if t > self.now]
-            self.apply(self.buyer, self.job.expire(self.now))
-            for peer, book in self.books.items():
+            for peer in [self.buyer, *self.sellers]:
                 if peer not in self.silent:
-                    self.apply(peer, book.expire(self.now))
+                    self.call(peer, "expire", self.now)
             self.settle()
         self.now = max(self.now, until)
 
@@ -212,23 +259,29 @@ class Market:
 
     def post(self) -> None:
         """The buyer asks every seller; bids, awards and leases run to a quiet network."""
-        self.apply(self.buyer, self.job.start(self.now, self.sellers))
+        self.call(self.buyer, "start", self.now, self.sellers)
         self.tick(self.now + 60)
 
     def work(self, units: int = 1) -> None:
         """Every seller in training does ``units`` more units (up to its lease's)."""
         for _ in range(units):
             for peer, start in sorted(self.training.items(), key=lambda kv: kv[0].raw):
-                if peer in self.silent or self.done[peer] >= start.units:
+                if peer in self.silent | self.ended or self.done[peer] >= start.units:
                     continue
                 self.done[peer] += 1
                 unit = self.done[peer]
                 evidence = bytes([unit % 256]) * 32
-                self.apply(peer, self.books[peer].round_done(JOB, unit, evidence, self.now))
+                self.call(peer, "round_done", JOB, unit, evidence, self.now)
             self.tick(self.now + 1)
 
+    def fail(self, peer: PeerId, at_round: int) -> None:
+        """``peer`` dies; the buyer learns it failed from round ``at_round`` on."""
+        self.silent.add(peer)
+        self.call(self.buyer, "peer_failed", peer, at_round, self.now)
+        self.tick(self.now + 1)
+
     def finish(self, reason: SettleReason = SettleReason.DONE) -> None:
-        self.apply(self.buyer, self.job.finish(self.now, reason))
+        self.call(self.buyer, "finish", self.now, reason)
         self.tick(self.now + 120)
 
     def run(self) -> Market:

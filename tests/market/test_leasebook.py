@@ -62,7 +62,7 @@ def test_a_lease_is_found_again_after_a_restart_with_its_award(tmp_path: Path) -
 def test_a_lease_that_ended_never_changes_again(tmp_path: Path) -> None:
     with Store.open(tmp_path / "s") as store:
         book = LeaseBook(store)
-        book.put_lease("job", LeaseRole.BUYER, SELLER, price=1, units=1, award=b"")
+        book.put_lease("job", LeaseRole.BUYER, SELLER, price=1, units=1, award=b"award")
         book.set_lease_state("job", LeaseRole.BUYER, SELLER, LeaseState.SETTLED)
         book.set_lease_state("job", LeaseRole.BUYER, SELLER, LeaseState.SETTLED)  # a repeat
         with pytest.raises(LocalProtocolError, match="ended settled: it cannot become active"):
@@ -76,10 +76,11 @@ def test_a_lease_that_ended_never_changes_again(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "terms",
     [
-        {"price": 0, "units": 1, "award": b""},
-        {"price": MAX_AMOUNT + 1, "units": 1, "award": b""},
-        {"price": 1, "units": 0, "award": b""},
+        {"price": 0, "units": 1, "award": b"award"},
+        {"price": MAX_AMOUNT + 1, "units": 1, "award": b"award"},
+        {"price": 1, "units": 0, "award": b"award"},
         {"price": 1, "units": 1, "award": b"x" * (64 * 1024 + 1)},
+        {"price": 1, "units": 1, "award": b""},
     ],
 )
 def test_malformed_terms_are_refused(tmp_path: Path, terms: dict[str, object]) -> None:

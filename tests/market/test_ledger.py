@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -80,15 +81,15 @@ def test_nobody_is_charged_beyond_the_budget(ledger: Ledger) -> None:
     with pytest.raises(BudgetExceeded, match=r"cannot escrow 0\.00006 credits, 0\.00005"):
         ledger.escrow("job", 60, key="e")
     ledger.escrow("job", 25, key="e")
-    assert ledger.pay("job", SELLER, 0, 20, evidence=b"")
+    assert ledger.pay("job", SELLER, 0, 20, evidence=b"note")
     with pytest.raises(BudgetExceeded, match=r"exceeds the 0\.000005 credits left"):
-        ledger.pay("job", SELLER, 1, 6, evidence=b"")
+        ledger.pay("job", SELLER, 1, 6, evidence=b"note")
     assert ledger.balance(escrow_account("job")) == 5  # the refused debit wrote nothing
     assert ledger.statement("job").paid == {SELLER: 20}
     assert ledger.entry(f"pay:job:{SELLER.raw.hex()}:1") is None
     assert ledger.release("job", key="r") == 5
     with pytest.raises(BudgetExceeded):  # released: the job pays nothing more
-        ledger.pay("job", SELLER, 1, 1, evidence=b"")
+        ledger.pay("job", SELLER, 1, 1, evidence=b"note")
 
 
 def test_every_key_applies_once_and_a_reused_key_is_refused(ledger: Ledger) -> None:
@@ -105,7 +106,7 @@ def test_every_key_applies_once_and_a_reused_key_is_refused(ledger: Ledger) -> N
     assert ledger.release("job", key="r") == 30  # ... is not released by a repeat
     assert ledger.balance(escrow_account("job")) == 10
     with pytest.raises(LocalProtocolError, match="another transaction"):
-        ledger.pay("job", SELLER, 7, 11, evidence=b"")  # the same unit, another amount
+        ledger.pay("job", SELLER, 7, 11, evidence=b"note")  # the same unit, another amount
     with pytest.raises(LocalProtocolError, match="another transaction"):
         ledger.escrow("other job", 40, key="e")
     with pytest.raises(LocalProtocolError, match="another transaction"):
@@ -123,8 +124,11 @@ def test_every_key_applies_once_and_a_reused_key_is_refused(ledger: Ledger) -> N
         lambda books: books.grant(1, key=""),
         lambda books: books.escrow("", 1, key="k"),
         lambda books: books.escrow("j" * 129, 1, key="k"),
-        lambda books: books.pay("job", SELLER, -1, 1, evidence=b""),
-        lambda books: books.pay("job", SELLER, 0, -5, evidence=b""),
+        lambda books: books.pay("job", SELLER, -1, 1, evidence=b"note"),
+        lambda books: books.pay("job", SELLER, 0, -5, evidence=b"note"),
+        lambda books: books.pay("job", SELLER, 0, 5, evidence=b""),
+        lambda books: books.earn("job", BUYER, 0, 5, evidence=b""),
+        lambda books: books.forfeit("job", BUYER, 0, 5, evidence=b""),
         lambda books: books.earn("job", BUYER, 0, 1, evidence=b"x" * (64 * 1024 + 1)),
         lambda books: books.grant(1, key="k", memo="m" * 257),
     ],
@@ -152,8 +156,8 @@ def test_a_seller_earns_per_acknowledged_unit_and_forfeits_follow_the_acks(
     # the buyer never came back for units 1 and 2: the seller records them as forfeited
     assert ledger.forfeit("job", BUYER, 1, 10, evidence=b"award + note 1")
     assert ledger.forfeit("job", BUYER, 2, 10, evidence=b"award + note 2")
-    assert not ledger.forfeit("job", BUYER, 0, 10, evidence=b"")  # acknowledged already
-    assert not ledger.forfeit("job", BUYER, 1, 10, evidence=b"")
+    assert not ledger.forfeit("job", BUYER, 0, 10, evidence=b"note")  # acknowledged already
+    assert not ledger.forfeit("job", BUYER, 1, 10, evidence=b"note")
     statement = ledger.statement("job")
     assert statement.earned == {BUYER: 10} and statement.forfeited == {BUYER: 20}
     # ... and it came back after all: its acknowledgement turns a forfeit into earnings
@@ -191,94 +195,93 @@ def test_both_ledgers_agree_to_the_last_unit(tmp_path: Path) -> None:
 JOBS = ("a", "b")
 AMOUNT_OF_UNIT = [1 + (unit * 7919) % 23 for unit in range(6)]
 
-operation = st.one_of(
-    st.tuples(st.just("grant"), st.integers(0, 3)),
-    st.tuples(st.just("escrow"), st.integers(0, 5)),
-    st.tuples(st.just("pay"), st.sampled_from(JOBS), st.integers(0, 2), st.integers(0, 5)),
-    st.tuples(st.just("release"), st.sampled_from(JOBS), st.integers(0, 1)),
-    st.tuples(st.just("earn"), st.sampled_from(JOBS), st.integers(0, 2), st.integers(0, 5)),
-    st.tuples(st.just("forfeit"), st.sampled_from(JOBS), st.integers(0, 2), st.integers(0, 5)),
+
+@dataclass(frozen=True)
+class Op:
+    """One ledger call; its amount is a function of its key, so a repeat is the same request."""
+
+    name: str
+    job: str = "a"
+    peer: int = 0
+    number: int = 0  # the unit, or which idempotency key
+
+    def apply(self, ledger: Ledger) -> int | bool | None:
+        job, peer, number = self.job, PEERS[self.peer], self.number
+        if self.name == "grant":
+            ledger.grant(10 + 20 * number, key=f"g{number}")
+            return None
+        if self.name == "escrow":
+            ledger.escrow(job, 5 + 7 * number, key=f"e{job}{number}")
+            return None
+        if self.name == "release":
+            return ledger.release(job, key=f"r{job}{number % 2}")
+        method = {"pay": ledger.pay, "earn": ledger.earn, "forfeit": ledger.forfeit}[self.name]
+        return method(job, peer, number, AMOUNT_OF_UNIT[number], evidence=self.name.encode())
+
+
+operations = st.builds(
+    Op,
+    st.sampled_from(["grant", "escrow", "pay", "release", "earn", "forfeit"]),
+    st.sampled_from(JOBS),
+    st.integers(0, 2),
+    st.integers(0, 5),
 )
 
 
-def _apply(ledger: Ledger, op: tuple[object, ...]) -> object:
-    """One operation; the amounts are a function of the key, so a repeat is the same request."""
-    match op:
-        case ("grant", int(k)):
-            return ledger.grant(10 + 20 * k, key=f"g{k}")
-        case ("escrow", int(k)):
-            return ledger.escrow(JOBS[k % 2], 5 + 7 * k, key=f"e{k}")
-        case ("pay", str(job), int(peer), int(unit)):
-            return ledger.pay(job, PEERS[peer], unit, AMOUNT_OF_UNIT[unit], evidence=b"n")
-        case ("release", str(job), int(k)):
-            return ledger.release(job, key=f"r{job}{k}")
-        case ("earn", str(job), int(peer), int(unit)):
-            return ledger.earn(job, PEERS[peer], unit, AMOUNT_OF_UNIT[unit], evidence=b"a")
-        case ("forfeit", str(job), int(peer), int(unit)):
-            return ledger.forfeit(job, PEERS[peer], unit, AMOUNT_OF_UNIT[unit], evidence=b"w")
-    raise AssertionError(op)
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(operation, max_size=30))
-def test_any_sequence_of_operations_keeps_the_books_balanced(ops: list[tuple[object, ...]]) -> None:
+@given(st.lists(operations, max_size=30))
+def test_any_sequence_of_operations_keeps_the_books_balanced(ops: list[Op]) -> None:
     with tempfile.TemporaryDirectory() as directory, Store.open(Path(directory) / "s") as store:
         ledger = Ledger(store)
-        paid: dict[tuple[str, PeerId], int] = {}
-        earned: dict[tuple[str, PeerId], int] = {}
+        applied: dict[str, dict[tuple[str, PeerId], int]] = {"pay": {}, "earn": {}}
         for op in ops:
             before = ledger.accounts()
             try:
-                applied = _apply(ledger, op)
+                result = op.apply(ledger)
             except BudgetExceeded:
                 assert ledger.accounts() == before  # a refusal writes nothing
                 continue
-            if applied is True and op[0] == "pay":
-                job, peer, unit = op[1], PEERS[op[2]], op[3]  # type: ignore[index]
-                paid[job, peer] = paid.get((job, peer), 0) + AMOUNT_OF_UNIT[unit]  # type: ignore
-            if applied is True and op[0] == "earn":
-                job, peer, unit = op[1], PEERS[op[2]], op[3]  # type: ignore[index]
-                earned[job, peer] = earned.get((job, peer), 0) + AMOUNT_OF_UNIT[unit]  # type: ignore
+            if result is True and op.name in applied:
+                totals, key = applied[op.name], (op.job, PEERS[op.peer])
+                totals[key] = totals.get(key, 0) + AMOUNT_OF_UNIT[op.number]
             after = ledger.accounts()
             assert sum(after.values()) == 0
             assert all(after[a] >= 0 for a in after if a.startswith(("escrow:", AVAILABLE)))
-            repeated = _apply(ledger, op)
-            assert repeated == applied if op[0] == "release" else repeated in (None, False)
+            repeated = op.apply(ledger)
+            assert repeated == result if op.name == "release" else repeated in (None, False)
             assert ledger.accounts() == after  # a repeat changes nothing
         assert ledger.verify() == []
         for entry in ledger.entries():
             assert len(entry.postings) >= 2 and sum(p.amount for p in entry.postings) == 0
         for job in JOBS:
             statement = ledger.statement(job)
-            assert dict(statement.paid) == {p: v for (j, p), v in paid.items() if j == job}
-            assert dict(statement.earned) == {p: v for (j, p), v in earned.items() if j == job}
+            for side, name in ((statement.paid, "pay"), (statement.earned, "earn")):
+                assert dict(side) == {p: v for (j, p), v in applied[name].items() if j == job}
             assert statement.escrow == statement.escrowed - statement.released - sum(
                 statement.paid.values()
             )
 
 
 DEBITS = [
-    (kind, "a", peer, unit)
-    for kind in ("pay", "earn", "forfeit")
+    Op(name, "a", peer, unit)
+    for name in ("pay", "earn", "forfeit")
     for peer in range(2)
-    for unit in range(0, 6, 1 if kind != "forfeit" else 2)
+    for unit in range(0, 6, 1 if name != "forfeit" else 2)
 ]
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.permutations(DEBITS + DEBITS[::3]))
-def test_reordering_and_duplicating_debits_ends_in_the_same_books(
-    ops: list[tuple[object, ...]],
-) -> None:
+def test_reordering_and_duplicating_debits_ends_in_the_same_books(ops: list[Op]) -> None:
     with tempfile.TemporaryDirectory() as directory:
-        books = []
+        books: list[dict[str, int]] = []
         for order in (DEBITS, ops):
             with Store.open(Path(directory) / f"{len(books)}") as store:
                 ledger = Ledger(store)
                 ledger.grant(1_000, key="g")
                 ledger.escrow("a", 1_000, key="e")
                 for op in order:
-                    _apply(ledger, op)
+                    op.apply(ledger)
                 books.append({a: v for a, v in ledger.accounts().items() if v})
         assert books[0] == books[1]
 
@@ -313,9 +316,9 @@ def test_a_tampered_entry_or_balance_is_detected_and_never_used(tmp_path: Path) 
         with pytest.raises(CorruptRecord, match="ledger account 'escrow:job'"):
             ledger.balance(escrow_account("job"))
         with pytest.raises(CorruptRecord, match="escrow:job"):
-            ledger.pay("job", SELLER, 3, 10, evidence=b"")  # never paid from a forged balance
+            ledger.pay("job", SELLER, 3, 10, evidence=b"note")  # never paid from a forged balance
         with pytest.raises(CorruptRecord):
-            ledger.pay("job", SELLER, 1, 1, evidence=b"")  # nor a repeat matched on it
+            ledger.pay("job", SELLER, 1, 1, evidence=b"note")  # nor a repeat matched on it
         problems = ledger.verify()
     forged = [p for p in problems if "HMAC" in p]
     assert len(forged) == 2 and "entry 4" in forged[0] and "'escrow:job'" in forged[1]
@@ -346,8 +349,8 @@ def test_a_read_only_store_answers_statements_and_refuses_writes(tmp_path: Path)
             reader = Ledger(reading)
             assert reader.statement("job").escrowed == 5
             with pytest.raises(StoreError, match="read-only"):
-                reader.pay("job", SELLER, 0, 1, evidence=b"")
-            writer.pay("job", SELLER, 0, 1, evidence=b"")
+                reader.pay("job", SELLER, 0, 1, evidence=b"note")
+            writer.pay("job", SELLER, 0, 1, evidence=b"note")
             assert reader.statement("job").paid == {SELLER: 1}  # sees the writer's commits
 
 
@@ -395,13 +398,17 @@ def test_kill_9_at_any_moment_loses_no_debit_that_was_acknowledged(tmp_path: Pat
             accounts = ledger.accounts()
             assert sum(accounts.values()) == 0
             statement = ledger.statement("job")
-            paid_units = sorted(e.unit for e in statement.entries if e.kind is EntryKind.PAY)
-            earned_units = sorted(e.unit for e in statement.entries if e.kind is EntryKind.EARN)
+            paid_units = sorted(e.unit or 0 for e in statement.entries if e.kind is EntryKind.PAY)
+            earned_units = sorted(
+                e.unit or 0 for e in statement.entries if e.kind is EntryKind.EARN
+            )
             assert paid_units == list(range(len(paid_units)))  # no hole, no duplicate
             assert earned_units == list(range(len(earned_units)))
             assert len(earned_units) >= acknowledged + 1
             assert len(paid_units) - len(earned_units) in (0, 1)
             assert statement.paid[SELLER] == sum(1 + u % 7 for u in paid_units)
             assert statement.escrow == 10**9 - statement.paid[SELLER]
-            assert not ledger.pay("job", SELLER, acknowledged, 1 + acknowledged % 7, evidence=b"")
+            assert not ledger.pay(
+                "job", SELLER, acknowledged, 1 + acknowledged % 7, evidence=b"note"
+            )
             assert accounts[MINT] == -(10**12)  # the grant, once over all restarts
