@@ -258,7 +258,7 @@ class Node:
                     "the answer's reply_to is not our request", reason=RejectReason.BAD_FIELD
                 )
         except RemoteProtocolError as exc:
-            self._rejected(peer, exc)
+            self.count_rejection(peer, exc)
             raise
         self._peer(peer).rtt_s = trio.current_time() - started
         return envelope
@@ -320,7 +320,7 @@ class Node:
                 exc = RemoteProtocolError(
                     "a one-way message was answered", reason=RejectReason.MALFORMED
                 )
-                self._rejected(peer, exc)
+                self.count_rejection(peer, exc)
                 errors.append(exc)
             else:
                 errors.append(None)
@@ -357,7 +357,7 @@ class Node:
         return Pong(echo_ms=ping.sent_ms, now_ms=_now_ms())
 
     def _open(self, frame: bytes, peer: PeerId) -> Envelope:
-        """Verify one frame from ``peer``; the caller counts what fails (see ``_rejected``)."""
+        """Verify one frame from ``peer``; the caller counts what fails (``count_rejection``)."""
         envelope = open_envelope(
             frame,
             peer=peer,
@@ -369,7 +369,7 @@ class Node:
         self._peer(peer).last_seen = trio.current_time()
         return envelope
 
-    def _rejected(self, peer: PeerId, exc: RemoteProtocolError) -> None:
+    def count_rejection(self, peer: PeerId, exc: RemoteProtocolError) -> None:
         """Count one rejection. Each path that receives from a peer calls this exactly once."""
         self.stats.reject(exc.reason)
         log.info(
@@ -381,7 +381,7 @@ class Node:
             envelope = self._open(frame, peer)
             answer = await self._dispatch(envelope)
         except RemoteProtocolError as exc:
-            self._rejected(peer, exc)
+            self.count_rejection(peer, exc)
             raise
         reply, _ = seal(
             self.identity,
@@ -403,7 +403,7 @@ class Node:
             else:
                 await self._dispatch(envelope)  # an answer has nowhere to go: dropped
         except RemoteProtocolError as exc:
-            self._rejected(peer, exc)
+            self.count_rejection(peer, exc)
             raise
         return b""
 
@@ -421,7 +421,7 @@ class Node:
             self._check_array_size(header)
             await self._deliver_array(envelope, header, array)
         except RemoteProtocolError as exc:
-            self._rejected(peer, exc)
+            self.count_rejection(peer, exc)
             raise
         return b""
 
@@ -530,7 +530,7 @@ class Node:
                 "an array was answered with more than an acknowledgement",
                 reason=RejectReason.MALFORMED,
             )
-            self._rejected(peer, exc)
+            self.count_rejection(peer, exc)
             raise exc
 
     def sealed_array(self, array: npt.NDArray[Any], *, name: str, scope: Scope = NO_SCOPE) -> bytes:
@@ -641,11 +641,12 @@ class Node:
                 assembler.chunk_received(length)
             await self._deliver_array(header_env, header, assembler.finish())
         except RemoteProtocolError as exc:
-            self._rejected(peer, exc)
+            self.count_rejection(peer, exc)
             return
         except StreamClosed:
             reason = RejectReason.TRUNCATED
-            self._rejected(peer, RemoteProtocolError("array stream ended early", reason=reason))
+            early = RemoteProtocolError("array stream ended early", reason=reason)
+            self.count_rejection(peer, early)
             return
         await stream.send(b"")  # the acknowledgement: the stream is authenticated
 

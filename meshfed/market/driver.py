@@ -69,7 +69,7 @@ from .lease import (
     StartTraining,
     WakeAt,
 )
-from .leasebook import LeaseBook
+from .leasebook import LeaseBook, LeaseRole, LeaseState
 from .ledger import AVAILABLE, Ledger
 from .matching import match
 from .messages import (
@@ -79,6 +79,7 @@ from .messages import (
     Decline,
     JobStatusQuery,
     JobStatusReport,
+    Lease,
     MarketMessage,
     PrivacyLevel,
     Receipt,
@@ -574,6 +575,7 @@ class Market:
                         evidence=evidence,
                     )  # fmt: skip
             elif isinstance(action, StartTraining):
+                await self._put_lease(action.job, LeaseRole.SELLER, action.buyer, evidence)
                 work = self.work[action.job] = _Work(action)
                 assert self._nursery is not None
                 self._nursery.start_soon(self._train, work)
@@ -585,8 +587,8 @@ class Market:
                 assert handle is not None
                 handle._add("started", roster=[str(peer) for peer in action.roster])
                 await self._record_clearing(handle)
-            elif isinstance(action, JobEnded) and handle is not None:
-                self._ended(handle, action)
+            elif isinstance(action, JobEnded):
+                await self._lease_ended(action, handle)
         return reply
 
     async def _request(self, action: SendRequest, seller: bool, handle: JobHandle | None) -> None:
@@ -607,6 +609,10 @@ class Market:
         if not isinstance(answer, MarketMessage):
             return  # an Ack (a Release, a Receipt taken)
         try:
+            if isinstance(answer, Lease) and handle is not None:
+                await self._put_lease(
+                    handle.job_id, LeaseRole.BUYER, envelope.sender, envelope.frame
+                )
             if seller:
                 actions = self.seller.receive(envelope.sender, answer, time.time())
             else:
@@ -614,9 +620,50 @@ class Market:
                 actions = handle.buyer.receive(envelope.sender, answer, time.time())
                 _note_answer(handle, envelope.sender, answer)
         except RemoteProtocolError as exc:
-            self.node._rejected(envelope.sender, exc)
+            self.node.count_rejection(envelope.sender, exc)
             return
+        if isinstance(answer, Lease) and handle is not None:  # accepted: its signature kept
+            await self._put_lease(handle.job_id, LeaseRole.BUYER, envelope.sender, envelope.frame)
         await self._apply(actions, envelope, seller, handle)
+
+    async def _put_lease(self, job: str, role: LeaseRole, peer: PeerId, signed: bytes) -> None:
+        """Keep the lease with the counterpart's signature on it (its award, or its
+        acceptance)."""
+        terms = self._terms(job, role, peer)
+        if terms is not None:
+            price, units = terms
+            await self._ledger(
+                self.book.put_lease, job, role, peer, price=price, units=units, award=signed,
+                state=LeaseState.ACTIVE,
+            )  # fmt: skip
+
+    def _terms(self, job: str, role: LeaseRole, peer: PeerId) -> tuple[int, int] | None:
+        if role is LeaseRole.SELLER:
+            lease = self.seller.lease(job)
+            return None if lease is None else (lease.award.price, lease.award.units)
+        handle = self.jobs.get(job)
+        award = None if handle is None else handle.buyer.award_to(peer)
+        return None if award is None else (award.price, award.units)
+
+    async def _lease_ended(self, ended: JobEnded, handle: JobHandle | None) -> None:
+        final = {
+            SettleReason.DONE.value: LeaseState.SETTLED,
+            SettleReason.FORFEIT.value: LeaseState.FORFEITED,
+        }.get(ended.reason, LeaseState.CANCELLED)
+        if handle is None:
+            lease = self.seller.lease(ended.job)
+            if lease is not None:
+                with contextlib.suppress(LocalProtocolError):
+                    await self._ledger(
+                        self.book.set_lease_state, ended.job, LeaseRole.SELLER, lease.buyer, final
+                    )
+            return
+        for peer in handle.buyer.active:
+            with contextlib.suppress(LocalProtocolError):
+                await self._ledger(
+                    self.book.set_lease_state, ended.job, LeaseRole.BUYER, peer, final
+                )
+        self._ended(handle, ended)
 
     async def _ledger(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await trio.to_thread.run_sync(functools.partial(method, *args, **kwargs))

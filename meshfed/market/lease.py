@@ -364,6 +364,11 @@ class BuyerJob:
         """Micro-credits paid per seller so far."""
         return {peer: c.paid for peer, c in self._contracts.items() if c.acks}
 
+    def award_to(self, peer: PeerId) -> Award | None:
+        """The current award to ``peer``, if any."""
+        contract = self._contracts.get(peer)
+        return None if contract is None else contract.award
+
     @property
     def active(self) -> tuple[PeerId, ...]:
         """The sellers holding an accepted lease that is not over."""
@@ -883,6 +888,10 @@ class SellerBook:
             if quote.reserved and quote.answer.expires_ms >= now_ms
         )
         return held + sum(1 for lease in self._leases.values() if not lease.ended)
+
+    def lease(self, job: str) -> _SellerLease | None:
+        """This node's lease in ``job``, if it holds one."""
+        return self._leases.get(job)
 
     def outbox(self) -> list[tuple[PeerId, DebitNote]]:
         """Every debit note not yet acknowledged, with its buyer (the driver persists these)."""
