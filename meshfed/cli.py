@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import trio
 import typer
 
-from .config import NodeConfig, default_data_dir
+from .cli_common import ConfigOpt, DataDirOpt, _leaves, _load
+from .cli_market import register as register_market
+from .config import NodeConfig
 from .errors import MeshfedError
 from .identity import PeerId, load_or_create_identity
 from .logs import configure_logging
@@ -35,28 +37,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML file of node settings.", exists=True)
-]
-DataDirOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        "-d",
-        help=f"Where the identity and the store live (default: {default_data_dir()}, "
-        "i.e. $XDG_DATA_HOME/meshfed). One node per directory: it is locked while a node runs.",
-        show_default=False,
-    ),
-]
-
-
-def _load(config: Path | None, **overrides: Any) -> NodeConfig:
-    try:
-        return NodeConfig.load(toml_path=config, overrides=overrides)
-    except MeshfedError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -383,17 +363,12 @@ def _reason(error: BaseException) -> str:
     )
 
 
-def _leaves(error: BaseException) -> list[BaseException]:
-    """The exceptions inside (nested) exception groups."""
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
-
-
 def main() -> None:
     """Entry point of the ``meshfed-node`` script."""
     app()
 
+
+register_market(app)  # submit training, jobs, job, ledger
 
 if __name__ == "__main__":
     main()

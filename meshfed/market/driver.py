@@ -47,6 +47,7 @@ from ..errors import (
     TransportError,
 )
 from ..identity import PeerId
+from ..membership.records import PeerRecord
 from ..membership.swim import MemberState
 from ..stats import RejectReason
 from ..wire import Envelope
@@ -71,7 +72,7 @@ from .lease import (
 )
 from .leasebook import LeaseBook, LeaseRole, LeaseState
 from .ledger import AVAILABLE, Ledger
-from .matching import match
+from .matching import Match, match
 from .messages import (
     Award,
     Bid,
@@ -348,12 +349,9 @@ class Market:
         """
         if order.job_id in self.jobs:
             raise LocalProtocolError(f"job {order.job_id!r} was posted already")
-        membership = self.node.membership
-        if membership is None:
-            raise LocalProtocolError("buying needs membership (peer records to match)")
-        records = membership.peers()
+        records = self._records()
         kind, tier = order.kind, order.tier
-        found = match(records, order.requirements, kind=kind, tier=tier, exclude=self.node.peer_id)
+        found = self.matching(order, records)
         if len(found.peers) < order.min_peers:
             raise NoMatchingPeers(
                 f"job {order.job_id!r}: {len(found.peers)} of {len(records)} known peers meet "
@@ -406,6 +404,22 @@ class Market:
         self._nursery.start_soon(self._buyer_loop, handle)
         await self._apply(actions, None, seller=False, handle=handle)
         return handle
+
+    def matching(self, order: TrainingOrder, records: list[PeerRecord] | None = None) -> Match:
+        """The known peers whose records meet ``order``'s requirements (this node excluded)."""
+        return match(
+            self._records() if records is None else records,
+            order.requirements,
+            kind=order.kind,
+            tier=order.tier,
+            exclude=self.node.peer_id,
+        )
+
+    def _records(self) -> list[PeerRecord]:
+        membership = self.node.membership
+        if membership is None:
+            raise LocalProtocolError("buying needs membership (peer records to match)")
+        return membership.peers()
 
     async def _as_buyer(self, envelope: Envelope, message: MarketMessage) -> MarketMessage | None:
         handle = self.jobs.get(message.job)
