@@ -10,7 +10,7 @@ The buyer::
         --winners--> LedgerEscrow(total), Award to every winner, Release to every loser
     AWARDING --a Lease from every winner--> StartJob(roster)             RUNNING
              --a LeaseDecline, or no answer by the award's expiry--> replace() from standby
-    RUNNING  --peer_failed--> RosterChange without it; replace(); its Lease--> RosterChange
+    RUNNING  --peer_failed--> RosterUpdate without it; replace(); its Lease--> RosterUpdate
              --DebitNote--> LedgerPay, then Reply(DebitAck)   (the same unit again: the same ack)
     finish() / cancel() / no replacement affordable--> LedgerRelease, Settle to every seller
     SETTLING --a Receipt from every seller, or the settle deadline--> ENDED
@@ -73,7 +73,7 @@ from .messages import (
     Receipt,
     Release,
     Rfq,
-    RosterChange,
+    RosterUpdate,
     Settle,
     SettleReason,
     check_fresh,
@@ -616,7 +616,7 @@ class BuyerJob:
     def _roster_change(self, now: float, to: list[PeerId], *, from_round: int) -> list[LeaseAction]:
         if not to:
             return []
-        change = RosterChange(
+        change = RosterUpdate(
             job=self.job,
             expires_ms=_ms(now + self._settle_window_s),
             roster_version=self.roster_version,
@@ -915,7 +915,7 @@ class SellerBook:
             raise _reject(RejectReason.NOT_A_MEMBER, f"no lease from {sender} in {message.job!r}")
         if isinstance(message, DebitAck):
             return self._on_ack(lease, message, now)
-        if isinstance(message, RosterChange):
+        if isinstance(message, RosterUpdate):
             return self._on_roster(lease, message, now)
         if isinstance(message, Settle):
             return self._on_settle(lease, message, now)
@@ -1166,7 +1166,7 @@ class SellerBook:
         return actions
 
     def _on_roster(
-        self, lease: _SellerLease, change: RosterChange, now: float
+        self, lease: _SellerLease, change: RosterUpdate, now: float
     ) -> list[LeaseAction]:
         if change.roster_version <= lease.roster_version:
             return []  # an older or the same change: we hold a newer roster

@@ -41,7 +41,7 @@ from meshfed.market.messages import (
     LeaseDecline,
     MarketMessage,
     Release,
-    RosterChange,
+    RosterUpdate,
     Settle,
     SettleReason,
     digest,
@@ -303,7 +303,7 @@ def test_a_winner_that_declines_is_replaced_from_standby() -> None:
     changes = [
         a.message
         for a in buyer_actions(m)
-        if isinstance(a, SendRequest) and isinstance(a.message, RosterChange)
+        if isinstance(a, SendRequest) and isinstance(a.message, RosterUpdate)
     ]
     assert [c.roster for c in changes] == [[m.sellers[1], m.sellers[2]]]
     assert changes[0].replaced == [m.sellers[0]]
@@ -516,7 +516,7 @@ def test_an_award_below_the_bid_or_not_for_our_bid_is_declined() -> None:
 def test_only_the_buyer_can_change_the_roster_and_only_forward() -> None:
     m = running()
     seller, other = m.job.roster
-    change = RosterChange(JOB, int(m.now * 1000) + 60_000, 5, [seller], 2, [other])
+    change = RosterUpdate(JOB, int(m.now * 1000) + 60_000, 5, [seller], 2, [other])
     assert refused(m.books[seller], other, change, m.now) is RejectReason.NOT_A_MEMBER
     older = dataclasses.replace(change, roster_version=1)
     assert m.books[seller].receive(m.buyer, older, m.now) == []
