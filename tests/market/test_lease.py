@@ -460,6 +460,38 @@ def test_a_seller_cannot_bill_more_units_another_price_or_another_lease() -> Non
     assert refused(m.job, b, theirs, m.now) is RejectReason.WRONG_CONTEXT
 
 
+def test_a_sealed_bid_cannot_be_revised_nor_cover_fewer_units_than_asked() -> None:
+    m = market(silent={4})  # one peer silent: the window stays open
+    m.call(m.buyer, "start", m.now, m.sellers)
+    m.settle()
+    bidder = m.sellers[0]
+    bid = next(msg for s, r, msg in m.trace.delivered if isinstance(msg, Bid) and s == bidder)
+    assert m.job.receive(bidder, bid, m.now) == []  # the same bid again: nothing
+    cheaper = dataclasses.replace(bid, price=bid.price - 1)
+    assert refused(m.job, bidder, cheaper, m.now) is RejectReason.DUPLICATE
+    short = dataclasses.replace(bid, units=m.job.rfq.units - 1)
+    assert refused(m.job, m.sellers[4], short, m.now) is RejectReason.INCONSISTENT
+    assert refused(m.job, STRANGER, bid, m.now) is RejectReason.NOT_A_MEMBER
+
+
+def test_a_peer_reported_failed_is_paid_for_the_rounds_before_and_no_more() -> None:
+    m = market()
+    m.post()
+    m.work(1)
+    victim = m.job.roster[0]
+    m.call(m.buyer, "peer_failed", victim, 2, m.now)  # it did not fail: it goes on working
+    m.tick(m.now + 1)
+    m.work(3)
+    price = next(w.price for w in m.job.clearing.winners if w.bidder == victim)  # type: ignore[union-attr]
+    assert m.job.paid[victim] == price
+    refusals = {
+        (s, reason)
+        for s, r, kind, reason in m.trace.rejected
+        if kind == "meshfed.market.debit_note"
+    }
+    assert refusals == {(victim, "inconsistent")}
+
+
 def test_the_same_unit_billed_again_gets_the_same_acknowledgement_and_no_payment() -> None:
     m = running()
     seller = m.job.roster[0]
