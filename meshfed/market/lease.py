@@ -1,7 +1,7 @@
 """The market's lease state machines: one :class:`BuyerJob` per posted job, one
 :class:`SellerBook` per node. Sans-IO: events in, actions out; time is passed in (seconds).
 
-Theory of operation (SPEC.md, "Market leases").
+Theory of operation (SPEC.md, "Market messages and leases").
 
 The buyer::
 
@@ -10,6 +10,7 @@ The buyer::
         --winners--> LedgerEscrow(total), Award to every winner, Release to every loser
     AWARDING --a Lease from every winner--> StartJob(roster)             RUNNING
              --a LeaseDecline, or no answer by the award's expiry--> replace() from standby
+             --a Lease after the award's expiry--> Reply(Settle(0, "cancelled")), replace()
     RUNNING  --peer_failed--> RosterUpdate without it; replace(); its Lease--> RosterUpdate
              --DebitNote--> LedgerPay, then Reply(DebitAck)   (the same unit again: the same ack)
     finish() / cancel() / no replacement affordable--> LedgerRelease, Settle to every seller
@@ -24,7 +25,8 @@ The seller (per RFQ, then per lease)::
     round_done --> DebitNote to the buyer, resent (WakeAt) until acknowledged
     DebitAck --> LedgerEarn                       (once per unit, whatever arrives again)
     a note unacknowledged until it expires (the lease's forfeit term) --> Forfeit, lease ends
-    Settle --> Reply(Receipt): the seller's own acknowledged totals
+    Settle --> Reply(Receipt): the seller's own acknowledged totals (once the acks the
+               settlement counts are in, or when it expires)
 
 Every event is checked in full before anything changes: a message that fails a check raises
 :class:`~meshfed.errors.RemoteProtocolError` with its counted reason and leaves the machine as
@@ -36,7 +38,9 @@ case on the wire); an expired message with ``STALE``.
 The driver applies every ledger action before it sends the message after it (write-ahead):
 ``LedgerEscrow`` before the awards, ``LedgerPay`` before the acknowledgement. For the ledger's
 evidence it attaches the signed frame of the message being received (the seller's note to a
-``LedgerPay``, the buyer's acknowledgement to a ``LedgerEarn``).
+``LedgerPay``, the buyer's acknowledgement to a ``LedgerEarn``). Both machines are
+deterministic functions of their events, so a driver that writes each event ahead rebuilds
+them after a crash by feeding the events again.
 """
 
 from __future__ import annotations
