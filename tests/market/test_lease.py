@@ -623,15 +623,46 @@ def test_local_misuse_is_a_local_error() -> None:
 senders = st.sampled_from([*PEERS[:6], STRANGER])
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(market_messages, st.booleans(), senders, st.sampled_from([0, 1, 2]))
+def _phases() -> dict[str, Market]:
+    bidding = market(silent={4})
+    bidding.call(bidding.buyer, "start", bidding.now, bidding.sellers)
+    bidding.settle()
+    settling = running()
+    settling.call(settling.buyer, "finish", settling.now, SettleReason.DONE)
+    return {"bidding": bidding, "running": running(), "settling": settling}
+
+
+PHASES = _phases()
+
+
+def _bound(m: Market, message: MarketMessage, which: int) -> MarketMessage:
+    """``message`` made to name this job and, where it can, a real RFQ or award of it."""
+    message = dataclasses.replace(message, job=JOB)  # type: ignore[type-var]
+    awards = [digest(msg) for _, _, msg in m.trace.delivered if isinstance(msg, Award)]
+    if hasattr(message, "rfq_digest"):
+        message = dataclasses.replace(message, rfq_digest=m.job.rfq_digest)  # type: ignore[type-var]
+    if hasattr(message, "award_digest") and awards:
+        message = dataclasses.replace(message, award_digest=awards[which % len(awards)])  # type: ignore[type-var]
+    return message
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    market_messages,
+    st.sampled_from(["foreign", "ours", "bound"]),
+    senders,
+    st.integers(0, 5),
+    st.sampled_from(sorted(PHASES)),
+)
 def test_anything_a_peer_sends_is_actions_or_a_counted_refusal(
-    message: MarketMessage, ours: bool, sender: PeerId, target: int
+    message: MarketMessage, how: str, sender: PeerId, target: int, phase: str
 ) -> None:
-    m = RUNNING_TEMPLATE()
-    if ours:
+    m = copy.deepcopy(PHASES[phase])
+    if how == "ours":
         message = dataclasses.replace(message, job=JOB)  # type: ignore[type-var]
-    machine: BuyerJob | SellerBook = m.job if target == 0 else m.books[m.job.roster[target - 1]]
+    elif how == "bound":
+        message = _bound(m, message, target)
+    machine: BuyerJob | SellerBook = m.job if target == 0 else m.books[m.sellers[target - 1]]
     before = copy.deepcopy(vars(machine))
     try:
         actions = machine.receive(sender, message, m.now)
@@ -640,10 +671,4 @@ def test_anything_a_peer_sends_is_actions_or_a_counted_refusal(
         assert vars(machine) == before
     else:
         assert all(not isinstance(a, LedgerPay) or a.seller == sender for a in actions)
-
-
-_RUNNING = running()
-
-
-def RUNNING_TEMPLATE() -> Market:
-    return copy.deepcopy(_RUNNING)
+        assert all(not isinstance(a, LedgerEarn) or a.buyer == sender for a in actions)
