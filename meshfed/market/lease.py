@@ -806,7 +806,7 @@ class SellerOffer:
     throughput: float = 0.0
     locality: str = ""
     hold_s: float = 30.0
-    max_wait_s: float = 300.0
+    max_wait_s: float = 600.0
 
 
 @dataclass(slots=True)

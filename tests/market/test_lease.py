@@ -575,7 +575,7 @@ def test_a_seller_reserves_once_per_rfq_and_frees_on_release() -> None:
 def test_no_rfq_holds_a_reservation_longer_than_the_seller_allows() -> None:
     book = SellerBook(PEERS[1], seller_offer(1000, capacity=1))
     forever = dataclasses.replace(
-        make_rfq(), expires_ms=2**62, bid_deadline_ms=int((T0 + 301) * 1000)
+        make_rfq(), expires_ms=2**62, bid_deadline_ms=int((T0 + 601) * 1000)
     )
     (answer,) = book.receive(PEERS[0], forever, T0)
     assert isinstance(answer, Reply) and isinstance(answer.message, Decline)
