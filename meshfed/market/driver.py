@@ -52,12 +52,12 @@ from ..membership.swim import MemberState
 from ..stats import RejectReason
 from ..wire import Envelope
 from .lease import (
-    Action,
     BuyerJob,
     BuyerState,
     ChangeRoster,
     Forfeit,
     JobEnded,
+    LeaseAction,
     LedgerEarn,
     LedgerEscrow,
     LedgerPay,
@@ -86,7 +86,7 @@ from .messages import (
     Receipt,
     Release,
     Rfq,
-    RosterChange,
+    RosterUpdate,
     Settle,
     SettleReason,
 )
@@ -103,7 +103,7 @@ __all__ = ["JobHandle", "Market", "MarketConfig"]
 
 log = logging.getLogger(__name__)
 
-_SELLER_MESSAGES: tuple[type[MarketMessage], ...] = (Rfq, Award, Release, RosterChange, Settle)
+_SELLER_MESSAGES: tuple[type[MarketMessage], ...] = (Rfq, Award, Release, RosterUpdate, Settle)
 _GRANT_KEY = "initial"
 
 
@@ -545,7 +545,7 @@ class Market:
 
     async def _apply(
         self,
-        actions: list[Action],
+        actions: list[LeaseAction],
         envelope: Envelope | None,
         seller: bool,
         handle: JobHandle | None = None,
@@ -711,7 +711,7 @@ def _note_send(handle: JobHandle, action: SendRequest) -> None:
     if isinstance(message, Award):
         handle._add("award", peer=str(action.to), price=message.price, units=message.units,
                     escrowed=handle.buyer.escrowed)  # fmt: skip
-    elif isinstance(message, RosterChange):
+    elif isinstance(message, RosterUpdate):
         roster = [str(p) for p in message.roster]
         handle._add("roster", to=str(action.to), version=message.roster_version, roster=roster,
                     from_round=message.from_round)  # fmt: skip

@@ -62,6 +62,7 @@ from ..identity import PeerId
 from ..membership.records import Capabilities
 from ..stats import RejectReason
 from .auction import AuctionTerms, Clearing, Offer, Winner, clear, replace
+from .matching import ask_for, unmet
 from .messages import (
     MAX_ROSTER,
     Award,
@@ -83,7 +84,7 @@ from .messages import (
     check_fresh,
     digest,
 )
-from .terms import Tier
+from .terms import Tier, WorkKind
 from .tiers import scoring_for
 
 __all__ = [
@@ -1048,39 +1049,15 @@ class SellerBook:
 
     def _unfit(self, rfq: Rfq, price: int | None) -> DeclineReason | None:
         """The first requirement of ``rfq`` this node fails (``price``: our ask), or None."""
-        need, caps = rfq.requirements, self.offer.capabilities
-        held = {offer.name: offer.examples for offer in caps.datasets}
-        checks = [
-            (price is None, DeclineReason.KIND),
-            (bool(need.dataset) and need.dataset not in held, DeclineReason.DATASET),
-            (held.get(need.dataset, 0) < need.min_examples, DeclineReason.MIN_EXAMPLES),
-            (bool(need.model) and need.model not in caps.models, DeclineReason.MODEL),
-            (not set(need.roles) <= set(caps.roles), DeclineReason.ROLES),
-            (caps.memory_mb < need.min_memory_mb, DeclineReason.MEMORY),
-            (
-                bool(need.accelerator) and caps.accelerator != need.accelerator,
-                DeclineReason.ACCELERATOR,
-            ),
-            (
-                caps.battery_pct is not None and caps.battery_pct < need.min_battery_pct,
-                DeclineReason.BATTERY,
-            ),
-            (need.unmetered and caps.metered, DeclineReason.METERED),
-            (
-                need.charging and caps.battery_pct is not None and not caps.charging,
-                DeclineReason.CHARGING,
-            ),
-            (
-                price is not None and price * rfq.units * rfq.max_peers > rfq.budget,
-                DeclineReason.PRICE,
-            ),
-        ]
-        return next((reason for failed, reason in checks if failed), None)
+        kind, tier = WorkKind(rfq.kind), Tier(rfq.tier)
+        unfit = unmet(rfq.requirements, self.offer.capabilities, kind=kind, tier=tier)
+        if unfit is None and price is not None and price * rfq.units * rfq.max_peers > rfq.budget:
+            return DeclineReason.PRICE
+        return unfit
 
     def _ask(self, rfq: Rfq) -> int | None:
         """Our price per unit for the RFQ's kind and tier (None: we do not sell it)."""
-        asks = self.offer.capabilities.prices
-        return next((a.price for a in asks if (a.kind, a.tier) == (rfq.kind, rfq.tier)), None)
+        return ask_for(self.offer.capabilities, WorkKind(rfq.kind), Tier(rfq.tier))
 
     def _snapshot(self, rfq: Rfq) -> BidCapabilities:
         caps = self.offer.capabilities
