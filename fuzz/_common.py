@@ -163,7 +163,7 @@ def sample_record(identity: Identity, *, seq: int = 1, ttl_ms: int = 600_000) ->
         capabilities=Capabilities(
             cpu_cores=4, battery_pct=80, models=["mlp"], roles=["trainer"],
             datasets=[DatasetOffer(name="digits", examples=100)],
-            prices=[PriceAsk(tier="cpu", price=1.5)],
+            prices=[PriceAsk(kind="training", tier="small", price=1_500_000)],
         ),
     )  # fmt: skip
 

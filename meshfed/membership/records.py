@@ -64,10 +64,24 @@ class DatasetOffer:
 
 @dataclass(frozen=True, slots=True)
 class PriceAsk:
-    """The lowest price a peer accepts for a unit of work in one tier."""
+    """The lowest price a peer accepts for a unit of one kind of work in one tier, in integer
+    micro-credits (``meshfed.market.pricing`` makes them; a unit is one peer-round of training
+    or one inference request)."""
 
+    kind: str = bounded(max_len=32)
     tier: str = bounded(max_len=32)
-    price: float = bounded(ge=0.0)
+    price: int = bounded(ge=0, le=2**53)  # market.terms.MAX_AMOUNT (not importable here)
+
+    def __post_init__(self) -> None:
+        # imported here: the market's vocabulary imports this module (Role)
+        from ..market.terms import Tier, WorkKind
+
+        if self.kind not in {kind.value for kind in WorkKind}:
+            raise ValueError(
+                f"unknown kind of work {self.kind!r}; known: {[k.value for k in WorkKind]}"
+            )
+        if self.tier not in {tier.value for tier in Tier}:
+            raise ValueError(f"unknown tier {self.tier!r}; known: {[t.value for t in Tier]}")
 
 
 @dataclass(frozen=True, slots=True)

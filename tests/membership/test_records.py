@@ -53,7 +53,12 @@ capabilities = st.builds(
     roles=st.lists(st.sampled_from(["relay", "trainer", "inference"]), max_size=3)
     | st.just(["client-only", "trainer"]),
     prices=st.lists(
-        st.builds(PriceAsk, tier=st.sampled_from(["small", "large"]), price=st.floats(0, 1e6)),
+        st.builds(
+            PriceAsk,
+            kind=st.sampled_from(["training", "inference"]),
+            tier=st.sampled_from(["small", "large"]),
+            price=st.integers(0, 2**53),
+        ),
         max_size=2,
     ),
 )
@@ -115,6 +120,27 @@ def test_garbage_records_are_malformed_or_bad_fields() -> None:
         with pytest.raises(RemoteProtocolError) as info:
             SignedPeerRecord(record=blob, signature=bytes(64)).verify()
         assert info.value.reason in (RejectReason.MALFORMED, RejectReason.BAD_FIELD)
+
+
+@pytest.mark.parametrize(
+    ("ask", "problem"),
+    [
+        (["training", "platinum", 5], "unknown tier"),
+        (["mining", "small", 5], "unknown kind"),
+        (["training", "small", 1.5], "expected int"),
+        (["training", "small", 2**53 + 1], ">"),
+    ],
+)
+def test_price_asks_outside_the_market_vocabulary_are_bad_fields(
+    ask: list[object], problem: str
+) -> None:
+    fields = schema_of(PeerRecord).encode(record().verify())
+    fields[-1][-1] = [ask]  # capabilities.prices
+    encoded = msgpack.packb(fields, use_bin_type=True)
+    signed = SignedPeerRecord(record=encoded, signature=ALICE.sign(RECORD_DOMAIN + encoded))
+    with pytest.raises(RemoteProtocolError, match=problem) as info:
+        signed.verify()
+    assert info.value.reason == RejectReason.BAD_FIELD
 
 
 def test_queries_answer_from_the_table() -> None:
