@@ -37,7 +37,7 @@ from ..identity import PeerId
 from ..store import Store
 from . import _checks as check
 
-__all__ = ["PeerEvent", "PeerRecord", "Reputation"]
+__all__ = ["PeerEvent", "Reputation", "WorkRecord"]
 
 _EVENTS = "market_reputation"
 _TALLIES = "market_reputation_peers"
@@ -68,7 +68,7 @@ _EVIDENCE = {
 
 
 @dataclass(frozen=True, slots=True)
-class PeerRecord:
+class WorkRecord:
     """How many jobs saw each event from ``peer`` (no decay)."""
 
     peer: PeerId
@@ -169,7 +169,7 @@ class Reputation:
             )
         return True
 
-    def counters(self, peer: PeerId) -> PeerRecord:
+    def counters(self, peer: PeerId) -> WorkRecord:
         """How many jobs saw each event from ``peer``.
 
         Raises:
@@ -177,7 +177,7 @@ class Reputation:
         """
         with self._store.snapshot() as connection:
             tally = self._tally(connection, peer)
-        return PeerRecord(peer, *tally.counts)
+        return WorkRecord(peer, *tally.counts)
 
     def score(self, peer: PeerId, *, now: float | None = None) -> float:
         """``peer``'s reliability in (0, 1) (a stranger: the prior's mean, 0.5 by default).

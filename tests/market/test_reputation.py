@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from meshfed.errors import CorruptRecord
 from meshfed.identity import PeerId
-from meshfed.market.reputation import PeerEvent, PeerRecord, Reputation
+from meshfed.market.reputation import PeerEvent, Reputation, WorkRecord
 from meshfed.store import Store
 
 GOOD, BAD, STRANGER = (PeerId.from_public_key(bytes([i]) * 32) for i in range(3))
@@ -51,9 +51,9 @@ def test_an_event_counts_once_per_job_across_restarts(tmp_path: Path) -> None:
     with Store.open(path, key=KEY) as store:
         reputation = Reputation(store)
         assert not reputation.record("job", BAD, PeerEvent.FAILED)  # replayed after a restart
-        assert reputation.counters(BAD) == PeerRecord(BAD, failed=2, wrong=1)
+        assert reputation.counters(BAD) == WorkRecord(BAD, failed=2, wrong=1)
         assert reputation.score(BAD, now=1e9) == before
-        assert reputation.counters(GOOD) == PeerRecord(GOOD)
+        assert reputation.counters(GOOD) == WorkRecord(GOOD)
 
 
 def test_old_events_weigh_less_and_the_score_drifts_back_to_the_prior(tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_old_events_weigh_less_and_the_score_drifts_back_to_the_prior(tmp_path: 
         # another half-life: the score is summed from the events themselves
         faster = Reputation(store, half_life=5 * DAY)
         assert faster.score(BAD, now=30 * DAY) == pytest.approx(2 / (4 + 2**-6 + 2**-2))
-        assert faster.counters(BAD) == PeerRecord(BAD, failed=2)
+        assert faster.counters(BAD) == WorkRecord(BAD, failed=2)
 
 
 #: (good, bad) per event, as SPEC states them
