@@ -270,7 +270,7 @@ DEBITS = [
 ]
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.permutations(DEBITS + DEBITS[::3]))
 def test_reordering_and_duplicating_debits_ends_in_the_same_books(ops: list[Op]) -> None:
     with tempfile.TemporaryDirectory() as directory:
