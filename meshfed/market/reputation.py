@@ -21,7 +21,7 @@ forgiven, and an old record of good work does not shelter a peer that turned bad
 
 The buyer's driver feeds it to the auction: ``Offer(..., reliability=reputation.score(peer))``.
 The score is this node's own view, never gossiped: a peer cannot raise it but by working well
-for this node, nor lower another's but by being that other (SPEC: what a seller can do).
+for this node, nor lower a third peer's (only this node's lease machine records events).
 """
 
 from __future__ import annotations
@@ -144,12 +144,12 @@ class Reputation:
             True if recorded now, False if this (job, peer, event) was recorded before.
 
         Raises:
-            ValueError: a malformed job.
+            ValueError: a malformed job, or ``at`` not a finite time.
             CorruptRecord: the peer's tally (or one of its events) does not match its HMAC.
         """
         event = PeerEvent(event)
         fields = (peer.raw, check.job_id(job), event.value)
-        when = self._clock() if at is None else float(at)
+        when = check.instant(self._clock() if at is None else at)
         with self._store.transaction() as connection:
             known = connection.execute(
                 f"SELECT 1 FROM {_EVENTS} WHERE peer = ? AND job = ? AND event = ?", fields

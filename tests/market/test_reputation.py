@@ -144,3 +144,5 @@ def test_a_prior_or_half_life_that_means_nothing_is_refused(tmp_path: Path) -> N
                 Reputation(store, prior=prior)
         with pytest.raises(ValueError, match="half-life"):
             Reputation(store, half_life=0.0)
+        with pytest.raises(ValueError, match="finite"):
+            Reputation(store).record("job", BAD, PeerEvent.FAILED, at=float("nan"))
