@@ -1,4 +1,5 @@
-"""The node's persistent state: one SQLite file (jobs, their rounds, checkpoints, privacy).
+"""The node's persistent state: one SQLite file (jobs, their rounds, checkpoints, privacy,
+the market's books).
 
 Theory of operation. One :class:`Store` is one connection to one file, shared by the node's
 tasks through worker threads (``await trio.to_thread.run_sync(store.save_round, ...)``): every
@@ -19,6 +20,9 @@ columns under the store's key (``_mac`` below); a row that does not match raises
 :class:`~meshfed.errors.CorruptRecord` and is never loaded. The key is the node's (derived from
 its identity, :meth:`~meshfed.identity.Identity.derive_key`), so someone who can write the file
 but not read the identity cannot forge a row; a store opened under another key is refused.
+Other modules keep sealed tables here the same way (the market's ledger, leases and
+reputation): :meth:`Store.seal` / :meth:`Store.check_seal` and one write transaction at a time
+(:meth:`Store.transaction`).
 Without a key (tools, tests) the all-zero key is used: that detects corruption, not forgery.
 Deleting rows or putting back an older copy of the file is not detected: the file is created
 mode 0600 (a looser mode is fixed at open) in a 0700 directory for that.
@@ -114,6 +118,85 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE integrity (
             id INTEGER PRIMARY KEY CHECK (id = 1),
             key_check BLOB NOT NULL
+        ) STRICT""",
+    ),
+    (
+        # the market's books (meshfed/market/ledger.py, leasebook.py, reputation.py); every
+        # row sealed under the store's key (Store.seal), ledger entries chained by their MACs
+        """CREATE TABLE ledger_entries (
+            seq INTEGER PRIMARY KEY,
+            key TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL,
+            job TEXT NOT NULL,
+            counterpart BLOB,
+            unit INTEGER,
+            amount INTEGER NOT NULL,
+            postings BLOB NOT NULL,
+            memo TEXT NOT NULL,
+            evidence BLOB NOT NULL,
+            at REAL NOT NULL,
+            prev BLOB NOT NULL,
+            mac BLOB NOT NULL
+        ) STRICT""",
+        "CREATE INDEX ledger_entries_by_job ON ledger_entries (job, seq)",
+        """CREATE TABLE ledger_balances (
+            account TEXT PRIMARY KEY,
+            balance INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            mac BLOB NOT NULL
+        ) STRICT""",
+        """CREATE TABLE market_leases (
+            job TEXT NOT NULL,
+            role TEXT NOT NULL,
+            counterpart BLOB NOT NULL,
+            price INTEGER NOT NULL,
+            units INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            award BLOB NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            mac BLOB NOT NULL,
+            PRIMARY KEY (job, role, counterpart)
+        ) STRICT""",
+        """CREATE TABLE market_outbox (
+            seq INTEGER PRIMARY KEY,
+            job TEXT NOT NULL,
+            counterpart BLOB NOT NULL,
+            unit INTEGER NOT NULL,
+            message BLOB NOT NULL,
+            created REAL NOT NULL,
+            mac BLOB NOT NULL,
+            UNIQUE (job, counterpart, unit)
+        ) STRICT""",
+        "CREATE INDEX market_outbox_by_counterpart ON market_outbox (counterpart, seq)",
+        """CREATE TABLE market_clearings (
+            seq INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            tier TEXT NOT NULL,
+            price INTEGER NOT NULL,
+            at REAL NOT NULL,
+            mac BLOB NOT NULL
+        ) STRICT""",
+        "CREATE INDEX market_clearings_by_kind ON market_clearings (kind, tier, at)",
+        """CREATE TABLE market_reputation (
+            peer BLOB NOT NULL,
+            job TEXT NOT NULL,
+            event TEXT NOT NULL,
+            at REAL NOT NULL,
+            mac BLOB NOT NULL,
+            PRIMARY KEY (peer, job, event)
+        ) STRICT""",
+        """CREATE TABLE market_reputation_peers (
+            peer BLOB PRIMARY KEY,
+            half_life REAL NOT NULL,
+            delivered INTEGER NOT NULL,
+            failed INTEGER NOT NULL,
+            late INTEGER NOT NULL,
+            wrong INTEGER NOT NULL,
+            good REAL NOT NULL,
+            bad REAL NOT NULL,
+            at REAL NOT NULL,
+            mac BLOB NOT NULL
         ) STRICT""",
     ),
 )
@@ -322,7 +405,51 @@ class Store:
         return self._seal(_checkpoint_message(row))
 
     def _privacy_mac(self, job: str, state: str) -> bytes:
-        return self._seal(msgpack.packb(["privacy", job, state], use_bin_type=True))
+        return self.seal("privacy", job, state)
+
+    # -- sealed tables of other modules (the market's books) ----------------------------------
+
+    def seal(self, table: str, *fields: Any) -> bytes:
+        """The HMAC of a row of ``table``: HMAC-SHA256 under the store's key of
+        ``msgpack([table, *fields])`` (fields: ints, floats, strings, bytes, None, lists)."""
+        return self._seal(msgpack.packb([table, *fields], use_bin_type=True))
+
+    def check_seal(self, mac: bytes, table: str, *fields: Any, what: str) -> None:
+        """Check a row's ``mac`` against :meth:`seal` of its fields.
+
+        Raises:
+            CorruptRecord: it does not match (``what`` names the row in the message).
+        """
+        if not hmac.compare_digest(mac, self.seal(table, *fields)):
+            raise CorruptRecord(f"{what} does not match its HMAC: the row is corrupt or forged")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction on the store's connection (``BEGIN IMMEDIATE`` ... ``COMMIT``,
+        rolled back if the block raises), under the store's lock, for a module that keeps its
+        own tables here: when the block returns, what it wrote survives ``kill -9``.
+
+        Raises:
+            StoreError: the store is closed or read-only, or SQLite failed.
+        """
+        with self._write() as connection:
+            yield connection
+
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every query in the block sees the same commit (also in a
+        read-only store while another process writes).
+
+        Raises:
+            StoreError: the store is closed, or SQLite failed.
+        """
+        with self._read() as connection:
+            connection.execute("BEGIN")
+            try:
+                yield connection
+            finally:
+                if connection.in_transaction:
+                    connection.execute("COMMIT")
 
     @property
     def schema_version(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -19,6 +21,8 @@ from hypothesis import strategies as st
 
 import meshfed.store as store_module
 from meshfed.errors import CorruptRecord, StoreError
+from meshfed.identity import PeerId
+from meshfed.market.ledger import Ledger
 from meshfed.privacy.accountant import GaussianEvent, PrivacyAccountant
 from meshfed.store import MIGRATIONS, Checkpoint, JobState, Store
 from meshfed.training.strategies import named
@@ -321,3 +325,67 @@ def test_a_version_1_store_is_sealed_under_the_key_when_migrated(tmp_path: Path)
         assert store.privacy("job") == {"events": []}
     with pytest.raises(StoreError, match="another key"):
         Store.open(path)  # sealed under KEY from now on
+
+
+def test_a_version_2_store_migrates_to_the_latest_schema_with_the_market_books(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "v2.sqlite3"
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:2])  # the schema before the market
+    with Store.open(path, key=KEY) as store:
+        assert store.schema_version == 2
+        store.put_job("job", "{}")
+        store.save_round(checkpoint(0), privacy={"events": [], "delta": 1e-5})
+    monkeypatch.undo()
+    with Store.open(path, key=KEY) as store:
+        assert store.schema_version == len(MIGRATIONS)
+        loaded = store.load_checkpoint("job")
+        assert loaded is not None and np.all(loaded.model == 0)
+        assert store.privacy("job") == {"events": [], "delta": 1e-5}
+        assert store.verify() == []
+        ledger = Ledger(store)
+        ledger.grant(10, key="g")
+        ledger.escrow("job", 10, key="e")
+        assert ledger.pay("job", PeerId.from_public_key(bytes(32)), 0, 4, evidence=b"note")
+        assert ledger.verify() == []
+    tables = {name for (name,) in sqlite3.connect(path).execute("SELECT name FROM sqlite_master")}
+    assert {"ledger_entries", "ledger_balances", "market_leases", "market_outbox"} <= tables
+    assert {"market_clearings", "market_reputation", "market_reputation_peers"} <= tables
+
+
+def test_other_modules_seal_their_rows_under_the_store_key(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s.sqlite3", key=KEY) as store:
+        mac = store.seal("table", "row", 1, b"x")
+        expected = hmac.digest(KEY, msgpack.packb(["table", "row", 1, b"x"]), "sha256")
+        assert mac == expected
+        # the privacy rows of earlier versions keep their MACs
+        old = hmac.digest(KEY, msgpack.packb(["privacy", "job", "{}"]), "sha256")
+        assert store.seal("privacy", "job", "{}") == old
+        store.check_seal(mac, "table", "row", 1, b"x", what="row")
+        for forged in (("other", "row", 1, b"x"), ("table", "row", 2, b"x")):
+            with pytest.raises(CorruptRecord, match="the row does not match its HMAC"):
+                store.check_seal(mac, *forged, what="the row")
+    with Store.open(tmp_path / "other.sqlite3") as unkeyed:
+        assert unkeyed.seal("table", "row", 1, b"x") != mac
+
+
+def test_a_transaction_commits_whole_or_not_at_all_and_a_snapshot_sees_one_commit(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.sqlite3"
+    with Store.open(path) as store:
+        with store.transaction() as connection:
+            connection.execute("INSERT INTO market_clearings VALUES (1, 'k', 't', 1, 0, x'')")
+        with pytest.raises(RuntimeError), store.transaction() as connection:
+            connection.execute("INSERT INTO market_clearings VALUES (2, 'k', 't', 1, 0, x'')")
+            raise RuntimeError("a check failed half-way")
+        with Store.open(path, readonly=True) as reader, reader.snapshot() as connection:
+            (count,) = connection.execute("SELECT COUNT(*) FROM market_clearings").fetchone()
+            with store.transaction() as writing:  # another writer commits meanwhile ...
+                writing.execute("INSERT INTO market_clearings VALUES (3, 'k', 't', 1, 0, x'')")
+            (again,) = connection.execute("SELECT COUNT(*) FROM market_clearings").fetchone()
+            assert count == again == 1  # ... unseen until the snapshot ends
+        reader = Store.open(path, readonly=True)
+        with pytest.raises(StoreError, match="read-only"), reader.transaction():
+            pass
+        reader.close()
