@@ -186,6 +186,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             mac BLOB NOT NULL,
             PRIMARY KEY (peer, job, event)
         ) STRICT""",
+        """CREATE TABLE market_reputation_peers (
+            peer BLOB PRIMARY KEY,
+            half_life REAL NOT NULL,
+            delivered INTEGER NOT NULL,
+            failed INTEGER NOT NULL,
+            late INTEGER NOT NULL,
+            wrong INTEGER NOT NULL,
+            good REAL NOT NULL,
+            bad REAL NOT NULL,
+            at REAL NOT NULL,
+            mac BLOB NOT NULL
+        ) STRICT""",
     ),
 )
 
