@@ -199,6 +199,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             mac BLOB NOT NULL
         ) STRICT""",
     ),
+    (
+        # v4: the market's write-ahead journal of lease-machine events (market/journal.py)
+        """CREATE TABLE market_journal (
+            seq INTEGER PRIMARY KEY,
+            machine TEXT NOT NULL,
+            event TEXT NOT NULL,
+            body BLOB NOT NULL,
+            at REAL NOT NULL,
+            mac BLOB NOT NULL
+        ) STRICT""",
+    ),
 )
 
 _MODEL_DTYPE = "<f4"

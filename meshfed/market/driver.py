@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..codec import schema_of
 from ..errors import (
     BudgetExceeded,
     ConfigError,
@@ -47,10 +48,11 @@ from ..errors import (
     TransportError,
 )
 from ..identity import PeerId
-from ..membership.records import PeerRecord
+from ..membership.records import Capabilities, PeerRecord
 from ..membership.swim import MemberState
 from ..stats import RejectReason
 from ..wire import Envelope
+from .journal import Journal, decode_message, encode_message
 from .lease import (
     BuyerJob,
     BuyerState,
@@ -105,6 +107,9 @@ log = logging.getLogger(__name__)
 
 _SELLER_MESSAGES: tuple[type[MarketMessage], ...] = (Rfq, Award, Release, RosterUpdate, Settle)
 _GRANT_KEY = "initial"
+#: the journal's machine names: the seller book, and one buyer job per posted job
+_SELLER = "seller"
+_BUYER = "buyer:"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,6 +240,7 @@ class Market:
         self.ledger = Ledger(node.store)
         self.book = LeaseBook(node.store)
         self.reputation = Reputation(node.store)
+        self.journal = Journal(node.store)
         self.seller = SellerBook(node.peer_id, self._offer())
         self.jobs: dict[str, JobHandle] = {}
         self.work: dict[str, _Work] = {}
@@ -245,20 +251,102 @@ class Market:
     # -- the service ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Sell and buy until cancelled."""
-        await self._ledger(self.ledger.grant, self.config.grant, key=_GRANT_KEY, memo="start")
-        self.publish_asks()
-        for message_type in _SELLER_MESSAGES:
-            self.node.handle(message_type, self._as_seller)
-        self.node.handle(DebitNote, self._as_buyer)
-        self.node.handle(JobStatusQuery, self._status_query)
+        """Sell and buy until cancelled: first the journal is replayed (the leases and jobs of
+        before a restart come back and go on), then the market's messages are answered."""
+        await self._store_call(self.ledger.grant, self.config.grant, key=_GRANT_KEY, memo="start")
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await self._replay()
+            await self.publish_asks()
+            for message_type in _SELLER_MESSAGES:
+                self.node.handle(message_type, self._as_seller)
+            self.node.handle(DebitNote, self._as_buyer)
+            self.node.handle(JobStatusQuery, self._status_query)
             nursery.start_soon(self._seller_timer)
             task_status.started()
             await trio.sleep_forever()
 
-    def publish_asks(self, conditions: Conditions | None = None) -> None:
+    async def _replay(self) -> None:
+        """Rebuild the machines from the journal; resume the work and jobs still open."""
+        entries = await trio.to_thread.run_sync(self.journal.entries)
+        for entry in entries:
+            actions = self._call(entry.machine, entry.event, entry.body)
+            handle = self.jobs.get(entry.machine.removeprefix(_BUYER))
+            evidence = entry.body.get("frame", b"")
+            await self._apply(actions, evidence, seller=entry.machine == _SELLER, handle=handle,
+                              replaying=True)  # fmt: skip
+        assert self._nursery is not None
+        for job, work in self.work.items():
+            lease = self.seller.lease(job)
+            if lease is not None and not lease.ended:
+                self._nursery.start_soon(self._train, work)
+        for handle in self.jobs.values():
+            if handle.buyer.state is not BuyerState.ENDED:
+                self._nursery.start_soon(self._buyer_loop, handle)
+        if entries:
+            log.info("market journal replayed", extra={"events": len(entries)})
+
+    # -- the machines, journaled ---------------------------------------------------------------
+
+    def _call(self, machine: str, event: str, body: dict[str, Any]) -> list[LeaseAction]:
+        """Feed one event to its machine: the same code live and on replay."""
+        now = body.get("now", 0.0)
+        if machine == _SELLER:
+            book = self.seller
+            if event == "offer":
+                caps = schema_of(Capabilities).decode(body["capabilities"], "capabilities")
+                book.offer = SellerOffer(capabilities=caps, capacity=body["capacity"])
+                return []
+            if event == "receive":
+                message = decode_message(body["message"])
+                assert isinstance(message, MarketMessage)
+                return book.receive(PeerId.of(body["sender"]), message, now)
+            if event == "expire":
+                return book.expire(now)
+            if event == "round_done":
+                return book.round_done(body["job"], body["unit"], body["evidence"], now)
+        elif event == "new":
+            rfq = decode_message(body["rfq"])
+            assert isinstance(rfq, Rfq)
+            buyer = BuyerJob(
+                rfq,
+                accept_window_s=body["accept_s"],
+                settle_window_s=body["settle_s"],
+                reliability={PeerId.of(raw): score for raw, score in body["reliability"]},
+            )
+            self.jobs[rfq.job] = JobHandle(self, buyer)
+            return []
+        else:
+            buyer = self.jobs[machine.removeprefix(_BUYER)].buyer
+            if event == "start":
+                return buyer.start(now, [PeerId.of(raw) for raw in body["peers"]])
+            if event == "receive":
+                message = decode_message(body["message"])
+                assert isinstance(message, MarketMessage)
+                return buyer.receive(PeerId.of(body["sender"]), message, now)
+            if event == "expire":
+                return buyer.expire(now)
+            if event == "peer_failed":
+                return buyer.peer_failed(PeerId.of(body["peer"]), body["at_round"], now)
+            if event == "finish":
+                return buyer.finish(now, SettleReason(body["reason"]))
+        raise LocalProtocolError(f"market journal: no event {event!r} for {machine}")
+
+    async def _event(self, machine: str, event: str, **body: Any) -> list[LeaseAction]:
+        """Feed one event, then journal it (a refused one raises and is not journaled)."""
+        actions = self._call(machine, event, body)
+        await self._store_call(self.journal.append, machine, event, body)
+        return actions
+
+    async def _received(
+        self, machine: str, envelope: Envelope, message: MarketMessage
+    ) -> list[LeaseAction]:
+        return await self._event(
+            machine, "receive", sender=envelope.sender.raw, message=encode_message(message),
+            frame=envelope.frame, now=time.time(),
+        )  # fmt: skip
+
+    async def publish_asks(self, conditions: Conditions | None = None) -> None:
         """Put this node's asks (from its policy and ``conditions``, default: its load now)
         in its signed record, so buyers can estimate and match."""
         load = self.seller.reserved(time.time()) / max(1, self.config.capacity)
@@ -269,26 +357,28 @@ class Market:
             own = membership.table.get(self.node.peer_id)
             if own is not None:
                 membership.update_capabilities(replace(own.capabilities, prices=prices))
-        self.seller.offer = self._offer()
+        await self._offer_changed()
+
+    async def _offer_changed(self) -> None:
+        """Journal the offer the seller answers with, if it changed (a bid depends on it)."""
+        offer = self._offer()
+        if offer != self.seller.offer:
+            caps = schema_of(Capabilities).encode(offer.capabilities)
+            await self._event(_SELLER, "offer", capabilities=caps, capacity=offer.capacity)
 
     def _offer(self) -> SellerOffer:
         membership = self.node.membership
         own = None if membership is None else membership.table.get(self.node.peer_id)
-        if own is None:
-            from ..membership.records import Capabilities
-
-            caps = Capabilities()
-        else:
-            caps = own.capabilities
+        caps = Capabilities() if own is None else own.capabilities
         return SellerOffer(capabilities=caps, capacity=self.config.capacity)
 
     # -- seller --------------------------------------------------------------------------------
 
     async def _as_seller(self, envelope: Envelope, message: MarketMessage) -> MarketMessage | None:
         if isinstance(message, Rfq):
-            self.seller.offer = self._offer()
-        actions = self.seller.receive(envelope.sender, message, time.time())
-        return await self._apply(actions, envelope, seller=True)
+            await self._offer_changed()
+        actions = await self._received(_SELLER, envelope, message)
+        return await self._apply(actions, envelope.frame, seller=True)
 
     async def _seller_timer(self) -> None:
         while True:
@@ -297,7 +387,8 @@ class Market:
             self._seller_wake = trio.Event()
             if time.time() >= self._seller_at:
                 self._seller_at = float("inf")
-                await self._apply(self.seller.expire(time.time()), None, seller=True)
+                actions = await self._event(_SELLER, "expire", now=time.time())
+                await self._apply(actions, b"", seller=True)
 
     def _wake_seller(self, at: float) -> None:
         if at < self._seller_at:
@@ -327,14 +418,20 @@ class Market:
 
     def _round_done(self, work: _Work, report: RoundReport) -> None:
         work.round, work.report = report.round + 1, report
+        assert self._nursery is not None
+        self._nursery.start_soon(self._bill, work.start.job, work.round, report)
+
+    async def _bill(self, job: str, unit: int, report: RoundReport) -> None:
+        """Note the debit for one round done (its evidence: the digest of its report)."""
         evidence = hashlib.sha256(json.dumps(asdict(report), sort_keys=True).encode()).digest()
         try:
-            actions = self.seller.round_done(work.start.job, work.round, evidence, time.time())
+            actions = await self._event(
+                _SELLER, "round_done", job=job, unit=unit, evidence=evidence, now=time.time()
+            )
         except LocalProtocolError as exc:  # the lease ended (forfeit) or the job ran longer
-            log.info("round not billed", extra={"job": work.start.job, "error": str(exc)})
+            log.info("round not billed", extra={"job": job, "error": str(exc)})
             return
-        assert self._nursery is not None
-        self._nursery.start_soon(self._apply, actions, None, True)
+        await self._apply(actions, b"", seller=True)
 
     # -- buyer ---------------------------------------------------------------------------------
 
@@ -391,18 +488,20 @@ class Market:
             spec=order.job_bytes(),
             scoring=[],
         )
-        buyer = BuyerJob(
-            rfq,
-            accept_window_s=self.config.accept_window_s,
-            settle_window_s=self.config.settle_window_s,
-            reliability=self.reputation.scores(found.peers),
-        )
-        handle = self.jobs[order.job_id] = JobHandle(self, buyer)
+        machine = _BUYER + order.job_id
+        scores = self.reputation.scores(found.peers)
+        await self._event(
+            machine, "new", rfq=encode_message(rfq), accept_s=self.config.accept_window_s,
+            settle_s=self.config.settle_window_s,
+            reliability=[[peer.raw, score] for peer, score in scores.items()],
+        )  # fmt: skip
+        handle = self.jobs[order.job_id]
         handle._add("rfq", asked=[str(peer) for peer in found.peers], estimate=cost.total)
-        actions = buyer.start(now, found.peers)
+        peers = [peer.raw for peer in found.peers]
+        actions = await self._event(machine, "start", now=now, peers=peers)
         assert self._nursery is not None
         self._nursery.start_soon(self._buyer_loop, handle)
-        await self._apply(actions, None, seller=False, handle=handle)
+        await self._apply(actions, b"", seller=False, handle=handle)
         return handle
 
     def matching(self, order: TrainingOrder, records: list[PeerRecord] | None = None) -> Match:
@@ -427,8 +526,8 @@ class Market:
             raise RemoteProtocolError(
                 f"no job {message.job!r} posted here", reason=RejectReason.NOT_A_MEMBER
             )
-        actions = handle.buyer.receive(envelope.sender, message, time.time())
-        return await self._apply(actions, envelope, seller=False, handle=handle)
+        actions = await self._received(_BUYER + message.job, envelope, message)
+        return await self._apply(actions, envelope.frame, seller=False, handle=handle)
 
     async def _buyer_loop(self, handle: JobHandle) -> None:
         """The job's deadlines, its progress reports, failure detection and its end."""
@@ -436,7 +535,8 @@ class Market:
         while buyer.state is not BuyerState.ENDED:
             await trio.sleep(min(self.config.status_every_s, 0.25))
             now = time.time()
-            await self._apply(buyer.expire(now), None, seller=False, handle=handle)
+            actions = await self._event(_BUYER + buyer.job, "expire", now=now)
+            await self._apply(actions, b"", seller=False, handle=handle)
             if buyer.state is BuyerState.RUNNING:
                 await self._watch_roster(handle, now)
 
@@ -453,8 +553,10 @@ class Market:
             if dead or ahead - done >= self.config.lag_rounds:
                 handle._add("failed", peer=str(peer), round=done + 1, dead=dead)
                 self.reputation.record(buyer.job, peer, PeerEvent.FAILED)
-                actions = buyer.peer_failed(peer, done + 1, now)
-                await self._apply(actions, None, seller=False, handle=handle)
+                actions = await self._event(
+                    _BUYER + buyer.job, "peer_failed", peer=peer.raw, at_round=done + 1, now=now
+                )
+                await self._apply(actions, b"", seller=False, handle=handle)
                 return
         if now - handle.asked_at >= self.config.status_every_s:
             handle.asked_at = now
@@ -475,8 +577,10 @@ class Market:
                 return
 
     async def _finish(self, handle: JobHandle, reason: SettleReason) -> None:
-        actions = handle.buyer.finish(time.time(), reason)
-        await self._apply(actions, None, seller=False, handle=handle)
+        actions = await self._event(
+            _BUYER + handle.job_id, "finish", now=time.time(), reason=reason.value
+        )
+        await self._apply(actions, b"", seller=False, handle=handle)
 
     # -- status --------------------------------------------------------------------------------
 
@@ -546,17 +650,22 @@ class Market:
     async def _apply(
         self,
         actions: list[LeaseAction],
-        envelope: Envelope | None,
+        evidence: bytes,
         seller: bool,
         handle: JobHandle | None = None,
+        *,
+        replaying: bool = False,
     ) -> MarketMessage | None:
         """Carry out ``actions`` in order: ledger first (awaited), then the sends they allow;
-        returns the reply to the message being received, if any."""
+        returns the reply to the message being received, if any. ``evidence``: the signed
+        frame of that message. Replaying the journal, nothing is sent and no work started
+        (the ledger's idempotency makes its actions no-ops)."""
         reply: MarketMessage | None = None
-        evidence = b"" if envelope is None else envelope.frame
         for action in actions:
             if isinstance(action, Reply):
                 reply = action.message
+            elif replaying and isinstance(action, SendRequest | StartJob):
+                continue
             elif isinstance(action, SendRequest):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._request, action, seller, handle)
@@ -566,33 +675,36 @@ class Market:
                 if seller:
                     self._wake_seller(action.at)
             elif isinstance(action, LedgerEscrow):
-                await self._ledger(self.ledger.escrow, action.job, action.amount, key=action.key)
+                await self._store_call(
+                    self.ledger.escrow, action.job, action.amount, key=action.key
+                )
             elif isinstance(action, LedgerPay):
-                await self._ledger(
+                await self._store_call(
                     self.ledger.pay, action.job, action.seller, action.unit, action.amount,
                     evidence=evidence,
                 )  # fmt: skip
                 if handle is not None:
                     _note_paid(handle, action)
             elif isinstance(action, LedgerRelease):
-                await self._ledger(self.ledger.release, action.job, key=action.key)
+                await self._store_call(self.ledger.release, action.job, key=action.key)
             elif isinstance(action, LedgerEarn):
-                await self._ledger(
+                await self._store_call(
                     self.ledger.earn, action.job, action.buyer, action.unit, action.amount,
                     evidence=evidence,
                 )  # fmt: skip
             elif isinstance(action, Forfeit):
                 for unit in action.units:
                     share = action.amount // len(action.units)
-                    await self._ledger(
+                    await self._store_call(
                         self.ledger.forfeit, action.job, action.buyer, unit, share,
                         evidence=evidence,
                     )  # fmt: skip
             elif isinstance(action, StartTraining):
                 await self._put_lease(action.job, LeaseRole.SELLER, action.buyer, evidence)
                 work = self.work[action.job] = _Work(action)
-                assert self._nursery is not None
-                self._nursery.start_soon(self._train, work)
+                if not replaying:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._train, work)
             elif isinstance(action, ChangeRoster):
                 work_for = self.work.get(action.job)
                 if work_for is not None:
@@ -628,17 +740,17 @@ class Market:
                     handle.job_id, LeaseRole.BUYER, envelope.sender, envelope.frame
                 )
             if seller:
-                actions = self.seller.receive(envelope.sender, answer, time.time())
+                actions = await self._received(_SELLER, envelope, answer)
             else:
                 assert handle is not None
-                actions = handle.buyer.receive(envelope.sender, answer, time.time())
+                actions = await self._received(_BUYER + handle.job_id, envelope, answer)
                 _note_answer(handle, envelope.sender, answer)
         except RemoteProtocolError as exc:
             self.node.count_rejection(envelope.sender, exc)
             return
         if isinstance(answer, Lease) and handle is not None:  # accepted: its signature kept
             await self._put_lease(handle.job_id, LeaseRole.BUYER, envelope.sender, envelope.frame)
-        await self._apply(actions, envelope, seller, handle)
+        await self._apply(actions, envelope.frame, seller, handle)
 
     async def _put_lease(self, job: str, role: LeaseRole, peer: PeerId, signed: bytes) -> None:
         """Keep the lease with the counterpart's signature on it (its award, or its
@@ -646,7 +758,7 @@ class Market:
         terms = self._terms(job, role, peer)
         if terms is not None:
             price, units = terms
-            await self._ledger(
+            await self._store_call(
                 self.book.put_lease, job, role, peer, price=price, units=units, award=signed,
                 state=LeaseState.ACTIVE,
             )  # fmt: skip
@@ -668,18 +780,18 @@ class Market:
             lease = self.seller.lease(ended.job)
             if lease is not None:
                 with contextlib.suppress(LocalProtocolError):
-                    await self._ledger(
+                    await self._store_call(
                         self.book.set_lease_state, ended.job, LeaseRole.SELLER, lease.buyer, final
                     )
             return
         for peer in handle.buyer.active:
             with contextlib.suppress(LocalProtocolError):
-                await self._ledger(
+                await self._store_call(
                     self.book.set_lease_state, ended.job, LeaseRole.BUYER, peer, final
                 )
         self._ended(handle, ended)
 
-    async def _ledger(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def _store_call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await trio.to_thread.run_sync(functools.partial(method, *args, **kwargs))
 
     async def _record_clearing(self, handle: JobHandle) -> None:
@@ -688,7 +800,7 @@ class Market:
             return
         rfq = handle.buyer.rfq
         prices = sorted(winner.price for winner in clearing.winners)
-        await self._ledger(
+        await self._store_call(
             self.book.record_clearing, WorkKind(rfq.kind), Tier(rfq.tier),
             prices[len(prices) // 2], time.time(),
         )  # fmt: skip
