@@ -156,7 +156,7 @@ def _show(as_json: bool, handle: JobHandle, event: dict[str, Any]) -> None:
         "started": lambda e: f"roster of {len(e['roster'])} accepted: training starts",
         "round": lambda e: f"round {e['unit']} by {e['seller'][-8:]}: paid {credits(e['amount'])}",
         "status": lambda e: (
-            f"status from {e['peer'][-8:]}: {e['state']} round {e['round']}"
+            f"roster at round {e['round']}"
             f"/{e['rounds']}" + ("" if e["accuracy"] is None else f", accuracy {e['accuracy']:.3f}")
         ),
         "failed": lambda e: f"{e['peer'][-8:]} failed at round {e['round']}: replacing it",

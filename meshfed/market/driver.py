@@ -109,6 +109,8 @@ _SELLER_MESSAGES: tuple[type[MarketMessage], ...] = (Rfq, Award, Release, Roster
 _GRANT_KEY = "initial"
 #: the journal's machine names: the seller book, and one buyer job per posted job
 _SELLER = "seller"
+#: the states of a winner's training that end its work (:class:`~meshfed.store.JobState`)
+_ENDED_WORK = frozenset({"finished", "converged"})
 _BUYER = "buyer:"
 
 
@@ -123,7 +125,10 @@ class MarketConfig:
         accept_window_s: how long a winner has to accept an award.
         settle_window_s: how long the buyer waits for receipts.
         request_within_s: the deadline of each market request.
-        lag_rounds: a winner this many rounds behind the others' debit notes is replaced.
+        lag_rounds: a winner whose status report is this many rounds behind the others' is
+            replaced.
+        silent_polls: a winner that answers this many status polls in a row with silence is
+            replaced.
         roster_wait_s: how long a winner waits for the rest of its roster to connect.
         status_every_s: how often a buyer asks its roster how the job is doing.
     """
@@ -135,6 +140,7 @@ class MarketConfig:
     settle_window_s: float = 30.0
     request_within_s: float = 5.0
     lag_rounds: int = 2
+    silent_polls: int = 3
     roster_wait_s: float = 60.0
     status_every_s: float = 2.0
 
@@ -155,6 +161,8 @@ class JobHandle:
         self.report: JobStatusReport | None = None
         #: the highest unit paid per seller
         self.units_paid: dict[PeerId, int] = {}
+        #: status polls in a row each winner did not answer
+        self.silence: dict[PeerId, int] = {}
         #: when the roster was last asked for a status report
         self.asked_at = 0.0
         self._changed = trio.Event()
@@ -245,6 +253,9 @@ class Market:
         self.jobs: dict[str, JobHandle] = {}
         self.work: dict[str, _Work] = {}
         self._nursery: trio.Nursery | None = None
+        self._unwritten: list[tuple[str, str, dict[str, Any], trio.Event]] = []
+        self._write_journal = trio.Event()
+        self._journal_error: MeshfedError | None = None
         self._seller_wake = trio.Event()
         self._seller_at = float("inf")
 
@@ -256,6 +267,7 @@ class Market:
         await self._store_call(self.ledger.grant, self.config.grant, key=_GRANT_KEY, memo="start")
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._journal_writer)
             await self._replay()
             await self.publish_asks()
             for message_type in _SELLER_MESSAGES:
@@ -333,10 +345,31 @@ class Market:
         raise LocalProtocolError(f"market journal: no event {event!r} for {machine}")
 
     async def _event(self, machine: str, event: str, **body: Any) -> list[LeaseAction]:
-        """Feed one event, then journal it (a refused one raises and is not journaled)."""
+        """Feed one event, then wait until the journal holds it (a refused one raises and is
+        not journaled). Taken and queued with no checkpoint between: the journal's order is
+        the machines' order."""
         actions = self._call(machine, event, body)
-        await self._store_call(self.journal.append, machine, event, body)
+        written = trio.Event()
+        self._unwritten.append((machine, event, body, written))
+        self._write_journal.set()
+        await written.wait()
+        if self._journal_error is not None:
+            raise self._journal_error
         return actions
+
+    async def _journal_writer(self) -> None:
+        """Write what :meth:`_event` queued, in batches (one fsync each), in order."""
+        while True:
+            await self._write_journal.wait()
+            self._write_journal = trio.Event()
+            batch, self._unwritten = self._unwritten, []
+            try:
+                events = [(machine, event, body) for machine, event, body, _ in batch]
+                await self._store_call(self.journal.append, events)
+            except MeshfedError as exc:  # the store failed: every waiter learns it
+                self._journal_error = exc
+            for *_, written in batch:
+                written.set()
 
     async def _received(
         self, machine: str, envelope: Envelope, message: MarketMessage
@@ -541,40 +574,65 @@ class Market:
                 await self._watch_roster(handle, now)
 
     async def _watch_roster(self, handle: JobHandle, now: float) -> None:
+        """Ask the roster how the job goes; end it once every winner is paid for every unit
+        or reports it stopped (converged); replace a winner that is dead, silent for
+        ``silent_polls`` polls in a row, or ``lag_rounds`` behind the others' reports.
+
+        Debit notes are no failure signal: a buyer that was away gets them late, by backoff."""
         buyer = handle.buyer
         paid = {peer: handle.units_paid.get(peer, 0) for peer in buyer.active}
         if paid and min(paid.values()) >= buyer.rfq.units:
             await self._finish(handle, SettleReason.DONE)
             return
-        ahead = max(paid.values(), default=0)
+        if now - handle.asked_at < self.config.status_every_s:
+            return
+        handle.asked_at = now
+        reports = await self._poll(handle)
+        ended = [r for r in reports.values() if r.state in _ENDED_WORK]
+        if ended and len(ended) == len(paid):  # stopped early (converged), or all rounds ran
+            if all(paid[peer] >= reports[peer].round for peer in paid):  # every note is in
+                await self._finish(handle, SettleReason.DONE)
+            return
+        ahead = max((r.round for r in reports.values()), default=0)
         membership = self.node.membership
-        for peer, done in paid.items():
+        for peer in buyer.active:
+            report = reports.get(peer)
+            silent = handle.silence.get(peer, 0) >= self.config.silent_polls
             dead = membership is not None and membership.swim.state(peer) is MemberState.DEAD
-            if dead or ahead - done >= self.config.lag_rounds:
-                handle._add("failed", peer=str(peer), round=done + 1, dead=dead)
+            behind = report is not None and ahead - report.round >= self.config.lag_rounds
+            if dead or silent or behind:
+                at_round = min(buyer.rfq.units, max(1, (0 if report is None else report.round) + 1))
+                handle._add("failed", peer=str(peer), round=at_round, dead=dead, silent=silent)
                 self.reputation.record(buyer.job, peer, PeerEvent.FAILED)
                 actions = await self._event(
-                    _BUYER + buyer.job, "peer_failed", peer=peer.raw, at_round=done + 1, now=now
+                    _BUYER + buyer.job, "peer_failed", peer=peer.raw, at_round=at_round, now=now
                 )
                 await self._apply(actions, b"", seller=False, handle=handle)
                 return
-        if now - handle.asked_at >= self.config.status_every_s:
-            handle.asked_at = now
-            await self._ask_status(handle)
 
-    async def _ask_status(self, handle: JobHandle) -> None:
-        for peer in handle.buyer.active:
+    async def _poll(self, handle: JobHandle) -> dict[PeerId, JobStatusReport]:
+        """Every active winner's report (asked in parallel); counts the silent ones."""
+        reports: dict[PeerId, JobStatusReport] = {}
+
+        async def ask(peer: PeerId) -> None:
             query = JobStatusQuery(handle.job_id, _ms(time.time() + 30))
             try:
                 envelope = await self.node.request(peer, query, within=2.0)
             except TransportError:
-                continue
-            if isinstance(envelope.body, JobStatusReport):
-                handle.report = envelope.body
-                handle._add("status", peer=str(peer), **_report_fields(envelope.body))
-                if envelope.body.state in ("done", "stopped", "failed"):
-                    await self._finish(handle, SettleReason.DONE)
+                handle.silence[peer] = handle.silence.get(peer, 0) + 1
                 return
+            if isinstance(envelope.body, JobStatusReport) and envelope.body.job == handle.job_id:
+                reports[peer] = envelope.body
+                handle.silence[peer] = 0
+
+        async with trio.open_nursery() as nursery:
+            for peer in handle.buyer.active:
+                nursery.start_soon(ask, peer)
+        if reports:
+            latest = max(reports.values(), key=lambda report: report.round)
+            handle.report = latest
+            handle._add("status", **_report_fields(latest))
+        return reports
 
     async def _finish(self, handle: JobHandle, reason: SettleReason) -> None:
         actions = await self._event(

@@ -2,8 +2,9 @@
 killed at any moment rebuilds them exactly.
 
 The machines of :mod:`.lease` are deterministic functions of their events (time is passed
-in), so the driver journals each event a machine accepted before it carries out any of the
-actions that came out of it (a refused message changed nothing and is not journaled). After a
+in), so the driver journals each event a machine accepted, in the order the machine took it,
+before it carries out any of the actions that came out of it (a refused message changed
+nothing and is not journaled). Events that come together are written in one transaction. After a
 restart the driver feeds the journal back in order: the machines come back as they were, the
 ledger actions that come out again are no-ops by their idempotency keys, and the messages that
 come out are not sent again (a peer that missed one asks again, and gets the same answer).
@@ -17,7 +18,7 @@ row changed on disk is refused (:class:`~meshfed.errors.CorruptRecord`), never r
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,19 +64,21 @@ class Journal:
         self._store = store
         self._clock = clock
 
-    def append(self, machine: str, event: str, body: dict[str, Any]) -> None:
-        """Keep one event, durably (it survives ``kill -9`` once this returns)."""
-        packed = msgpack.packb(body, use_bin_type=True)
+    def append(self, events: Iterable[tuple[str, str, dict[str, Any]]]) -> None:
+        """Keep ``events`` (machine, event, body), in order, durably: one transaction, so one
+        fsync for a batch; they survive ``kill -9`` once this returns."""
         at = self._clock()
         with self._store.transaction() as connection:
-            (seq,) = connection.execute(
-                f"SELECT COALESCE(MAX(seq), 0) + 1 FROM {_TABLE}"
-            ).fetchone()
-            mac = self._store.seal(_TABLE, seq, machine, event, packed, at)
-            connection.execute(
-                f"INSERT INTO {_TABLE} ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                (seq, machine, event, packed, at, mac),
-            )
+            next_seq = f"SELECT COALESCE(MAX(seq), 0) + 1 FROM {_TABLE}"
+            (seq,) = connection.execute(next_seq).fetchone()
+            for machine, event, body in events:
+                packed = msgpack.packb(body, use_bin_type=True)
+                mac = self._store.seal(_TABLE, seq, machine, event, packed, at)
+                connection.execute(
+                    f"INSERT INTO {_TABLE} ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    (seq, machine, event, packed, at, mac),
+                )
+                seq += 1
 
     def entries(self) -> list[JournalEntry]:
         """Every event, in the order it was taken.
