@@ -63,9 +63,10 @@ class OwnData:
         validation: the share of its examples each peer holds out to evaluate on (the split is
             fixed by the data set's name and file digest).
         max_examples: the most training examples a peer's weight in averages counts: a peer
-            weighs ``min(examples, max_examples) / max_examples`` (``max_examples`` is best the
-            largest of the roster's offers; a peer cannot weigh more than 1 whatever it
-            claims); 0: every peer weighs the same.
+            with ``n`` examples to train on (its data set less the part held out) weighs
+            ``min(n, max_examples) / max_examples``, so no peer weighs more than 1 whatever it
+            claims; best the largest example count among the roster's offers. 0: every peer
+            weighs the same.
     """
 
     validation: float = 0.2
