@@ -799,9 +799,9 @@ async def open_node(
             node.store = await trio.to_thread.run_sync(
                 functools.partial(Store.open, config.store_path, key=key)
             )
-            from .data.registry import DataRegistry
+            from .data.registry import DATASETS_DIR, DataRegistry
 
-            node.datasets = DataRegistry(node.store, config.data_dir / "datasets")
+            node.datasets = DataRegistry(node.store, config.data_dir / DATASETS_DIR)
         if config.membership:
             from .membership.device import probe_capabilities
             from .membership.service import Membership, MembershipConfig

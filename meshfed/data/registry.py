@@ -24,28 +24,61 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..membership.records import DatasetOffer
 from ..store import DatasetRecord, Store
 from ..training.data import BUNDLED, Dataset
 from .loaders import format_of, read_file, read_items
 from .validation import checked, label_digest, validation_split
 
-__all__ = ["DataRegistry", "MAX_DATASETS", "NAME_PATTERN"]
+__all__ = ["DATASETS_DIR", "DataRegistry", "MAX_DATASETS", "NAME_PATTERN", "open_registry"]
+
+#: where, under a node's data directory, data sets registered as arrays are saved
+DATASETS_DIR = "datasets"
 
 #: how many data sets a node registers at most (each one's offer rides in its signed record)
 MAX_DATASETS = 32
 #: what a data set may be called (it also names the file arrays are saved to)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
+if TYPE_CHECKING:
+    from ..config import NodeConfig
+
 Listener = Callable[[list[DatasetOffer]], None]
+
+
+@contextmanager
+def open_registry(config: NodeConfig) -> Iterator[DataRegistry]:
+    """The registry of the node whose data directory ``config`` names, for a tool (the CLI's
+    ``meshfed-node data``, the testnet) while no node runs there: the directory is locked and
+    the store opened under the node's key for as long as the block runs.
+
+    Raises:
+        ConfigError: the node has no store (``store_file`` empty), or a node runs on the data
+            directory (stop it first: a running node would not advertise the change).
+        StoreError, IdentityError: the store or the identity cannot be opened.
+    """
+    from ..datadir import DataDirLock
+    from ..identity import load_or_create_identity
+    from ..node import STORE_KEY_PURPOSE
+
+    if config.store_path is None:
+        raise ConfigError("store_file is empty: registered data sets are kept in the node's store")
+    lock = DataDirLock(config.data_dir)
+    try:
+        key = load_or_create_identity(config.data_dir).derive_key(STORE_KEY_PURPOSE)
+        with Store.open(config.store_path, key=key) as store:
+            yield DataRegistry(store, config.data_dir / DATASETS_DIR)
+    finally:
+        lock.release()
 
 
 class DataRegistry:
@@ -101,7 +134,7 @@ class DataRegistry:
             )
         old = self.store.dataset(name)
         if old is not None and not replace:
-            raise DataError(f"data set {name!r} is registered already ({old.path}): replace it")
+            raise DataError(f"data set {name!r} is registered already ({old.path}): pass replace")
         if old is None and len(self.store.datasets()) >= MAX_DATASETS:
             raise DataError(f"{MAX_DATASETS} data sets are registered: remove one first")
         if isinstance(source, str | os.PathLike):
