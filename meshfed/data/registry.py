@@ -134,7 +134,10 @@ class DataRegistry:
             )
         old = self.store.dataset(name)
         if old is not None and not replace:
-            raise DataError(f"data set {name!r} is registered already ({old.path}): pass replace")
+            raise DataError(
+                f"data set {name!r} is registered already ({old.path}): register it with "
+                "replace=True (--replace) to change it"
+            )
         if old is None and len(self.store.datasets()) >= MAX_DATASETS:
             raise DataError(f"{MAX_DATASETS} data sets are registered: remove one first")
         if isinstance(source, str | os.PathLike):
