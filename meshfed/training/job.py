@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -362,6 +363,9 @@ class RoundReport:
     pooled_accuracy: float | None = None
     pooled_examples: int = 0
     pooled_peers: int = 0
+    #: the first 8 bytes of SHA-256 of the model after the round (float32 bytes), hex: peers
+    #: that hold the same model show the same (with own data their accuracies differ)
+    model_digest: str = ""
 
     @property
     def score(self) -> float:
@@ -924,6 +928,7 @@ class TrainingPeer:
             pooled_accuracy=None if pooled is None else pooled.accuracy,
             pooled_examples=0 if pooled is None else pooled.examples,
             pooled_peers=0 if pooled is None else pooled.peers,
+            model_digest=hashlib.sha256(self.parameters.tobytes()).hexdigest()[:16],
         )
 
     async def _on_push(self, envelope: Envelope, header: ArrayHeader, array: Any) -> None:
