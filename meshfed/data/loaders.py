@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import operator
+import struct
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -85,11 +87,37 @@ def read_npz(path: Path, content: bytes) -> Arrays:
                     f"{path}: no array {' or '.join(missing)}; a .npz data set holds x "
                     f"(features) and y (labels), this one holds {held}"
                 )
+            for key in ("x", "y"):
+                _check_size(path, archive, key)
             return archive["x"], archive["y"]
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+    except (
+        OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+        RuntimeError, struct.error,
+    ) as exc:  # fmt: skip  # zipfile's and numpy's answers to bytes they cannot take
+        # (RuntimeError: a member flagged encrypted)
         raise DataError(f"{path}: not a readable .npz (truncated or corrupt): {exc}") from None
+
+
+def _check_size(path: Path, archive: np.lib.npyio.NpzFile, key: str) -> None:
+    """Refuse array ``key`` if its header claims more bytes than the archive stores for it
+    (a corrupt header must not make us allocate them)."""
+    zipped = archive.zip
+    assert zipped is not None  # an archive np.load just opened
+    info = zipped.getinfo(f"{key}.npy")
+    with zipped.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+    claimed = dtype.itemsize * math.prod(shape)
+    if claimed > info.file_size:
+        raise DataError(
+            f"{path}: array {key} claims shape {shape} of {dtype} ({claimed} bytes) but "
+            f"{info.file_size} bytes are stored (truncated or corrupt)"
+        )
 
 
 def read_csv(path: Path, content: bytes, *, label_column: str | int | None = None) -> Arrays:
