@@ -289,14 +289,19 @@ def test_a_testnet_job_that_cannot_run_is_refused_before_any_node_starts(tmp_pat
 
 
 def test_a_testnet_node_that_cannot_start_is_named(tmp_path: Path) -> None:
-    # every node is given a listen address it cannot serve
+    # every node is given a listen address another socket holds (a malformed one is refused
+    # by the testnet itself now, as it reads the nodes' configuration to register their data)
+    import socket
+
     out = str(tmp_path / "run.json")
-    result = cli(
-        "testnet", "--nodes", "4", "--out", out, timeout=60, MESHFED_LISTEN="/ip4/127.0.0.1"
-    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"/ip4/127.0.0.1/tcp/{taken.getsockname()[1]}"
+        result = cli("testnet", "--nodes", "4", "--out", out, timeout=60, MESHFED_LISTEN=listen)
     assert result.returncode == 2
-    assert "node 0 ended with code 2 before it started" in result.stderr
-    assert "listen (from env MESHFED_LISTEN)" in result.stderr  # the node's own error
+    assert "node 0 ended with code 1 before it started" in result.stderr
+    assert f"cannot listen on {listen} (address in use)" in result.stderr  # the node's own error
 
 
 def test_a_simulation_of_many_small_shards_says_why_accuracy_stays_low(tmp_path: Path) -> None:

@@ -44,7 +44,14 @@ from ..averaging.compression import ErrorFeedback, TopK, codec_named
 from ..averaging.groups import Placement, check_secure_grid, secure_group
 from ..averaging.pushsum import PushSumState, push_target
 from ..averaging.robust import AGGREGATORS
-from ..errors import ConfigError, MeshfedError, PeerUnreachable, RemoteProtocolError, StoreError
+from ..errors import (
+    ConfigError,
+    DataError,
+    MeshfedError,
+    PeerUnreachable,
+    RemoteProtocolError,
+    StoreError,
+)
 from ..identity import PeerId
 from ..node import Node
 from ..privacy import policy as dp_policy
@@ -416,8 +423,8 @@ class TrainingPeer:
         self._job = spec.job_id.encode()
         try:  # before any training: data, shards, model (it fits), strategy
             parts = prepare(spec, _own_data(node, spec))
-        except ConfigError as exc:
-            raise ConfigError(f"job {spec.job_id!r}: {exc}") from None
+        except ConfigError as exc:  # DataError stays one
+            raise type(exc)(f"job {spec.job_id!r}: {exc}") from None
         self.test, self.model, self.strategy = parts.test, parts.model, parts.strategy
         shards = parts.shards
         self._index = spec.roster.index(me)
@@ -1163,7 +1170,7 @@ def _own_data(node: Node, spec: JobSpec) -> tuple[Dataset, Dataset, int] | None:
     (None for a bundled data set, which the job partitions).
 
     Raises:
-        ConfigError: the node has no store, or no such data set; DataError: its file changed
+        ConfigError: the node has no store; DataError: no such data set, or its file changed
             or cannot be read.
     """
     if not spec.own:
@@ -1173,7 +1180,10 @@ def _own_data(node: Node, spec: JobSpec) -> tuple[Dataset, Dataset, int] | None:
             f"dataset: {spec.dataset!r} is a registered data set: it needs the node's store "
             "(config store_file)"
         )
-    train, validation = node.datasets.load(spec.dataset, validation=spec.own_data.validation)
+    try:
+        train, validation = node.datasets.load(spec.dataset, validation=spec.own_data.validation)
+    except DataError as exc:
+        raise DataError(f"dataset: {exc}") from None
     return train, validation, node.datasets.get(spec.dataset).classes
 
 

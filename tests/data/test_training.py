@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshfed.errors import ConfigError
+from meshfed.errors import ConfigError, DataError
 from meshfed.secagg.driver import Aggregator
 from meshfed.testing import open_memory_mesh
 from meshfed.training.data import OwnData, load_dataset, partition
@@ -79,7 +79,7 @@ async def test_a_job_on_a_data_set_a_peer_has_not_registered_is_refused_naming_i
         spec = JobSpec(
             job_id="missing", roster=tuple(str(n.peer_id) for n in nodes), dataset="clinic"
         )
-        with pytest.raises(ConfigError, match="job 'missing': no data set 'clinic' on this node"):
+        with pytest.raises(DataError, match="job 'missing': dataset: no data set 'clinic' on"):
             TrainingPeer(nodes[0], spec, store=nodes[0].store)
 
 
@@ -96,7 +96,7 @@ async def test_a_registered_file_changed_since_registration_is_refused_at_job_st
         spec = JobSpec(
             job_id="changed", roster=tuple(str(n.peer_id) for n in nodes), dataset="clinic"
         )
-        with pytest.raises(ConfigError, match=f"{path}: changed since it was registered"):
+        with pytest.raises(DataError, match=f"dataset: {path}: changed since it was registered"):
             TrainingPeer(nodes[0], spec, store=nodes[0].store)
 
 
