@@ -237,6 +237,114 @@ def show_id(data_dir: DataDirOpt = None, config: ConfigOpt = None) -> None:
     print(identity.peer_id)
 
 
+data_app = typer.Typer(
+    help="The node's own data sets: registered here, advertised by name and shape, trained on "
+    "where they are (their content never leaves the node). Stop the node first: it reads its "
+    "data sets when it starts.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
+
+
+def _label_column(text: str | None) -> str | int | None:
+    """A column index if ``text`` is a whole number, else a header name."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+@data_app.command("add")
+def data_add(
+    name: Annotated[str, typer.Argument(help="What jobs call the data set.")],
+    path: Annotated[Path, typer.Argument(help="A .npz file (arrays x and y) or a .csv file.")],
+    label_column: Annotated[
+        str | None,
+        typer.Option(
+            help="CSV: the label column, by header name or index (a number; negative counts "
+            "from the end). Default: the column named label, else the last."
+        ),
+    ] = None,
+    classes: Annotated[
+        int | None,
+        typer.Option(help="How many label values (default: the largest label + 1).", min=1),
+    ] = None,
+    replace: Annotated[
+        bool, typer.Option(help="Register again under a name already taken (a changed file).")
+    ] = False,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Check a data file and register it; a file with a problem is refused, naming it."""
+    from .data.registry import open_registry
+
+    cfg = _load(config, data_dir=data_dir)
+    try:
+        with open_registry(cfg) as registry:
+            record = registry.register(
+                name, path, label_column=_label_column(label_column), classes=classes,
+                replace=replace,
+            )  # fmt: skip
+    except MeshfedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    shape = "x".join(map(str, record.feature_shape))
+    print(
+        f"registered {record.name}: {record.examples} examples of {shape} features, "
+        f"{record.classes} classes, from {record.path}"
+    )
+
+
+@data_app.command("list")
+def data_list(
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The registered data sets: name, examples, feature shape, classes, file."""
+    from .data.registry import open_registry
+
+    cfg = _load(config, data_dir=data_dir)
+    try:
+        with open_registry(cfg) as registry:
+            records = registry.list()
+    except MeshfedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for r in records:
+        if json_output:
+            document = {
+                "name": r.name, "examples": r.examples, "feature_shape": list(r.feature_shape),
+                "classes": r.classes, "format": r.format, "path": r.path,
+                "sha256": r.digest.hex(), "label_digest": r.label_digest.hex(),
+            }  # fmt: skip
+            print(json.dumps(document))
+        else:
+            shape = "x".join(map(str, r.feature_shape))
+            print(f"{r.name}\t{r.examples} examples\t{shape}\t{r.classes} classes\t{r.path}")
+
+
+@data_app.command("remove")
+def data_remove(
+    name: Annotated[str, typer.Argument(help="The data set to forget.")],
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Forget a data set (its file stays, unless the node saved it from arrays)."""
+    from .data.registry import open_registry
+
+    cfg = _load(config, data_dir=data_dir)
+    try:
+        with open_registry(cfg) as registry:
+            registry.remove(name)
+    except MeshfedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    print(f"removed {name}")
+
+
 @app.command()
 def testnet(
     nodes: Annotated[int, typer.Option(help="How many node processes to start.", min=2)] = 4,

@@ -4,6 +4,7 @@ The tree::
 
     MeshfedError
     ├── ConfigError            a configuration key is missing, malformed or out of range
+    │   └── DataError            a data set cannot be registered or loaded (names file, problem)
     ├── IdentityError          the key files are unreadable, world-readable or corrupt
     ├── StoreError             the node's store cannot be opened or used
     │   └── CorruptRecord        a stored row fails its integrity check: never loaded
@@ -36,6 +37,7 @@ __all__ = [
     "BudgetTooLow",
     "ConfigError",
     "CorruptRecord",
+    "DataError",
     "IdentityError",
     "LocalProtocolError",
     "MarketError",
@@ -60,6 +62,11 @@ class MeshfedError(Exception):
 
 class ConfigError(MeshfedError, ValueError):
     """A configuration value is wrong; the message names the key and says why."""
+
+
+class DataError(ConfigError):
+    """A data set is refused (wrong shape, bad labels, NaN, a corrupt or changed file ...);
+    the message names the file (or the data set) and the problem."""
 
 
 class IdentityError(MeshfedError):

@@ -2,12 +2,16 @@
 
 Each node is its own OS process talking libp2p over loopback. The testnet plays the buyer of a
 private federation: it creates the nodes' identities (so it knows the roster before they
-start), writes the job (:class:`~meshfed.training.job.JobSpec`) to a file, and starts every
-node with ``--job`` that file. The first node starts alone; each next one is given the addresses
-of those before it as bootstrap peers, and membership gossip connects the rest. Each node trains
-on its own non-IID shard and averages with the others by secure aggregation, printing a JSON
-line per round; this module shows them live (rich), then stops the nodes with SIGTERM (a
-graceful stop), prints a summary per round and writes the whole run as JSON.
+start), cuts the bundled data set (``--dataset``) into one shard per node (``--partition``),
+writes each shard as a ``.npz`` file in that node's data directory and registers it there the
+way ``meshfed-node data add`` does, writes the job (:class:`~meshfed.training.job.JobSpec`,
+naming the registered data set) to a file, and starts every node with ``--job`` that file. The
+first node starts alone; each next one is given the addresses of those before it as bootstrap
+peers, and membership gossip connects the rest. Each node trains on its own non-IID shard,
+evaluates on the part of it it holds out, and averages with the others by secure aggregation,
+printing a JSON line per round (with the roster's pooled accuracy and a digest of its model);
+this module shows them live (rich), then stops the nodes with SIGTERM (a graceful stop), prints
+a summary per round and writes the whole run as JSON.
 """
 
 from __future__ import annotations
@@ -25,13 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import trio
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from .config import NodeConfig
+from .data.registry import open_registry
 from .errors import MeshfedError
 from .identity import Identity
+from .training.data import OwnData
 from .training.job import JobSpec
 from .training.preflight import prepare
 
@@ -82,14 +90,18 @@ async def _read_lines(child: _Child, on_round: Callable[[], None]) -> None:
 def _live_table(children: list[_Child], spec: JobSpec, elapsed: float) -> Table:
     mode = "secure" if spec.secure else "plain"
     table = Table(
-        title=f"meshfed testnet: {len(children)} nodes, {spec.model} on {spec.dataset} "
-        f"({spec.partition}), {mode} averaging, {elapsed:.0f} s"
+        title=f"meshfed testnet: {len(children)} nodes, {spec.model} on each node's own "
+        f"{spec.dataset}, {mode} averaging, {elapsed:.0f} s"
     )
-    columns = ["node", "peer id", "round", "accuracy", "loss", "round s", "avg s", "MB out"]
+    table.caption = "accuracy: on the node's held-out part; pooled: over every node's part"
+    columns = ["node", "peer id", "round", "accuracy", "pooled", "loss", "round s", "avg s"]
+    columns.append("MB out")
     for column in columns + (["epsilon"] if spec.dp_clip else []):
         table.add_column(column, justify="right")
     if spec.dp_clip:
-        table.caption = f"* privacy budget (epsilon {spec.dp_epsilon}) spent: data no longer used"
+        table.caption += (
+            f"\n* privacy budget (epsilon {spec.dp_epsilon}) spent: data no longer used"
+        )
     for child in children:
         last = child.rounds[-1] if child.rounds else {}
         state = child.outcome.get("event", "")
@@ -102,6 +114,7 @@ def _live_table(children: list[_Child], spec: JobSpec, elapsed: float) -> Table:
             + (" failed" if state == "job_failed" else "")
             + (" converged" if child.outcome.get("state") == "converged" else ""),
             f"{last['accuracy']:.3f}" if last else "-",
+            _pooled(last),
             f"{last['loss']:.3f}" if last else "-",
             f"{last['seconds']:.2f}" if last else "-",
             f"{last['averaging_s']:.2f}" if last else "-",
@@ -111,9 +124,15 @@ def _live_table(children: list[_Child], spec: JobSpec, elapsed: float) -> Table:
     return table
 
 
+def _pooled(report: dict[str, Any]) -> str:
+    pooled = report.get("pooled_accuracy")
+    return "-" if pooled is None else f"{pooled:.3f}"
+
+
 def _summary(children: list[_Child], spec: JobSpec) -> tuple[Table, list[dict[str, Any]]]:
     table = Table(title="per round, over all nodes")
-    for column in ("round", "accuracy", "spread", "round s", "avg s", "kB out / node"):
+    table.caption = "accuracy: pooled over the nodes' held-out parts; spread: between nodes' own"
+    for column in ("round", "accuracy", "spread", "models", "round s", "avg s", "kB out / node"):
         table.add_column(column, justify="right")
     rows = []
     for number in range(spec.rounds):
@@ -121,11 +140,14 @@ def _summary(children: list[_Child], spec: JobSpec) -> tuple[Table, list[dict[st
         if not reports:
             break
         accuracies = [r["accuracy"] for r in reports]
+        pooled = [r["pooled_accuracy"] for r in reports if r.get("pooled_accuracy") is not None]
         row = {
             "round": number,
             "nodes": len(reports),
-            "accuracy": statistics.mean(accuracies),
+            # the roster's example-weighted accuracy (each node's own part, when not pooled)
+            "accuracy": statistics.mean(pooled or accuracies),
             "accuracy_spread": max(accuracies) - min(accuracies),
+            "models": len({r.get("model_digest") for r in reports}),
             "seconds": statistics.mean(r["seconds"] for r in reports),
             "averaging_s": statistics.mean(r["averaging_s"] for r in reports),
             "averaging_phase_s": _averaging_phase(reports),
@@ -136,6 +158,7 @@ def _summary(children: list[_Child], spec: JobSpec) -> tuple[Table, list[dict[st
             str(number + 1),  # on screen rounds count from 1 (the live table's 1/N too)
             f"{row['accuracy']:.3f}",
             f"{row['accuracy_spread']:.3f}",
+            str(row["models"]),
             f"{row['seconds']:.2f}",
             f"{row['averaging_s']:.2f}",
             f"{row['bytes_out'] / 1e3:.0f}",
@@ -175,7 +198,13 @@ def _failures(children: list[_Child]) -> list[str]:
 
 
 def _make_job(workdir: Path, nodes: int, options: dict[str, Any]) -> JobSpec:
-    """Create each node's identity in its data directory; the roster follows from them."""
+    """Create each node's identity in its data directory (the roster follows from them), and
+    give each node its shard of the bundled data set as a registered data set of its own.
+
+    Raises:
+        ConfigError: the job cannot run (checked on the bundled data set before any file is
+            written), or a node's shard cannot be registered.
+    """
     roster = []
     for index in range(nodes):
         data_dir = workdir / f"node-{index}"
@@ -184,7 +213,20 @@ def _make_job(workdir: Path, nodes: int, options: dict[str, Any]) -> JobSpec:
         identity.save(data_dir / "identity.key")
         roster.append(str(identity.peer_id))
     job_id = f"testnet-{os.urandom(4).hex()}"
-    return JobSpec(job_id=job_id, roster=tuple(roster), **options)
+    bundled = JobSpec(job_id=job_id, roster=tuple(roster), **options)
+    parts = prepare(bundled)  # a job that cannot run is refused before any node starts
+    name = f"{bundled.dataset}-shard"
+    for index, shard in enumerate(parts.shards):
+        data_dir = workdir / f"node-{index}"
+        path = data_dir / f"{name}.npz"
+        mine = parts.train.take(shard)
+        np.savez(path, x=mine.x, y=mine.y)
+        with open_registry(NodeConfig.load(overrides={"data_dir": data_dir})) as registry:
+            registry.register(name, path, classes=int(parts.train.y.max()) + 1)
+    own = OwnData(max_examples=max(len(shard) for shard in parts.shards))
+    cut = ("dataset", "partition", "alpha")  # how the testnet cut the shards, not the job's
+    rest = {key: value for key, value in options.items() if key not in cut}
+    return JobSpec(job_id=job_id, roster=tuple(roster), dataset=name, own_data=own, **rest)
 
 
 async def run_testnet(
@@ -218,7 +260,6 @@ async def run_testnet(
     with tempfile.TemporaryDirectory(prefix="meshfed-testnet-") as tmp:
         workdir = Path(tmp)
         spec = _make_job(workdir, nodes, job_options)
-        prepare(spec)  # a job that cannot run is refused before any node starts
         job_file = workdir / "job.json"
         job_file.write_text(spec.to_json())
         began = trio.current_time()
@@ -287,13 +328,17 @@ async def run_testnet(
     console.print()
     console.print(table)
     # a job may stop early (converged); every survivor must have said job_done
-    finals = [c.rounds[-1]["accuracy"] for c in survivors if c.rounds]
-    done = len(finals) == len(survivors) and all(
+    lasts = [c.rounds[-1] for c in survivors if c.rounds]
+    finals = [
+        r["accuracy"] if r.get("pooled_accuracy") is None else r["pooled_accuracy"] for r in lasts
+    ]
+    done = len(lasts) == len(survivors) and all(
         c.outcome.get("event") == "job_done" for c in survivors
     )
-    # gossip only brings models close; every other schedule makes them identical
-    tolerance = 0.05 if spec.schedule == "pushsum" else 1e-6
-    same = done and max(finals) - min(finals) < tolerance
+    # gossip only brings models close (each node evaluates on its own part: not compared);
+    # every other schedule makes them identical
+    digests = {r["model_digest"] for r in lasts}
+    same = done and (spec.schedule == "pushsum" or len(digests) == 1)
     clean = all(c.process.returncode == 0 for c in survivors)
     summary = {
         "job": json.loads(spec.to_json()),
@@ -321,7 +366,7 @@ async def run_testnet(
     if same:
         verdict = f"{who} finished with {model}"
     elif done:
-        verdict = f"{who} finished, but the models differ by {max(finals) - min(finals):.3f}"
+        verdict = f"{who} finished, but with {len(digests)} different models"
     else:
         verdict = "NOT every node finished"
         for line in _failures(survivors):
