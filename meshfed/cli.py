@@ -15,7 +15,7 @@ import trio
 import typer
 
 from .cli_common import ConfigOpt, DataDirOpt, _leaves, _load
-from .cli_market import register as register_market
+from .cli_market import add_market_commands
 from .config import NodeConfig
 from .errors import MeshfedError
 from .identity import PeerId, load_or_create_identity
@@ -476,7 +476,7 @@ def main() -> None:
     app()
 
 
-register_market(app)  # submit training, jobs, job, ledger
+add_market_commands(app)  # submit training, jobs, job, ledger
 
 if __name__ == "__main__":
     main()

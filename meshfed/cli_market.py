@@ -30,12 +30,12 @@ if TYPE_CHECKING:
     from .market.order import TrainingOrder
     from .store import Store
 
-__all__ = ["register"]
+__all__ = ["add_market_commands"]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON lines on stdout.")]
 
 
-def register(app: typer.Typer) -> None:
+def add_market_commands(app: typer.Typer) -> None:
     """Add the market's commands to ``app``."""
     submit = typer.Typer(help="Buy work from the mesh.", no_args_is_help=True)
     submit.command("training")(submit_training)
