@@ -7,18 +7,17 @@ import json
 import logging
 import signal
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import trio
 import typer
 
-from .cli_common import ConfigOpt, DataDirOpt, _leaves, _load
+from .cli_common import ConfigOpt, DataDirOpt, _load
 from .cli_market import add_market_commands
 from .config import NodeConfig
-from .errors import MeshfedError
-from .identity import PeerId, load_or_create_identity
+from .errors import MeshfedError, leaves
+from .identity import load_or_create_identity
 from .logs import configure_logging
 from .node import Node, open_node
 
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["app", "main"]
 
-_WAIT_REPORT_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +92,7 @@ def run(
     try:
         trio.run(_run, cfg, json_output, status_interval, spec, roster_wait)
     except* MeshfedError as group:  # also from inside open_node's nursery
-        for exc in _leaves(group):
+        for exc in leaves(group):
             typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
 
@@ -147,41 +145,11 @@ def _emit(json_output: bool, event: str, document: dict[str, Any]) -> None:
 
 
 async def _train(node: Node, spec: JobSpec, json_output: bool, roster_wait: float) -> None:
-    """Take part in ``spec``: reach the roster (saying every few seconds whom it waits for),
-    run every round (resuming from the node's store), report each one. A job this node's store
-    holds as ended is reported at once. A job that cannot run, or fails in any way while it
-    runs, ends as ``job_failed`` with the reason; the node keeps serving."""
-    from .training.job import TrainingPeer
+    """Take part in ``spec`` (:func:`~meshfed.training.participation.take_part`), printing
+    its events."""
+    from .training.participation import take_part
 
-    def waiting(missing: list[PeerId], waited: float) -> None:
-        missing_ids = [str(peer) for peer in missing]
-        document = {"job_id": spec.job_id, "missing": missing_ids, "waited_s": round(waited, 1)}
-        _emit(json_output, "waiting", document)
-
-    try:
-        peer = TrainingPeer(node, spec, store=node.store)
-        if not await peer.ended_before():
-            await peer.connect_roster(
-                within=roster_wait, report_every=_WAIT_REPORT_S, on_wait=waiting
-            )
-        _emit(json_output, "job_started", {"job_id": spec.job_id, "examples": len(peer.shard)})
-        reports = await peer.run(lambda report: _emit(json_output, "round", asdict(report)))
-    except Exception as exc:  # the job's end, never the node's
-        if not all(isinstance(leaf, MeshfedError) for leaf in _leaves(exc)):  # a bug to see
-            log.exception("training job failed", extra={"job": spec.job_id})
-        _emit(json_output, "job_failed", {"job_id": spec.job_id, "error": _reason(exc)})
-        return
-    _emit(
-        json_output,
-        "job_done",
-        {
-            "job_id": spec.job_id,
-            "accuracy": reports[-1].accuracy,
-            "rounds": len(reports),
-            "state": peer.state.value,
-            "note": peer.note,
-        },
-    )
+    await take_part(node, spec, functools.partial(_emit, json_output), roster_wait=roster_wait)
 
 
 async def _run(
@@ -205,6 +173,8 @@ async def _run(
 
                 if status_interval > 0:
                     nursery.start_soon(report)
+                if node.market is not None:  # the work it leases, reported as a job's
+                    node.market.observers.append(functools.partial(_emit, json_output))
                 if job is not None:
                     nursery.start_soon(_train, node, job, json_output, roster_wait)
                 async for _ in signals:
@@ -457,18 +427,10 @@ def testnet(
         )
         code = trio.run(functools.partial(run, **options))
     except* MeshfedError as group:  # also from inside the simulation's nurseries
-        for exc in _leaves(group):
+        for exc in leaves(group):
             typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     sys.exit(code)
-
-
-def _reason(error: BaseException) -> str:
-    """What went wrong, in one line per leaf of an exception group."""
-    return "; ".join(
-        str(leaf) if isinstance(leaf, MeshfedError) else f"{type(leaf).__name__}: {leaf}"
-        for leaf in _leaves(error)
-    )
 
 
 def main() -> None:

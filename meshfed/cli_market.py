@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import trio
 import typer
 
-from .cli_common import ConfigOpt, DataDirOpt, _leaves, _load
-from .errors import MeshfedError
+from .cli_common import ConfigOpt, DataDirOpt, _load
+from .errors import MeshfedError, leaves
 from .identity import load_or_create_identity
 from .logs import configure_logging
 from .market.terms import MICRO, credits
@@ -82,7 +82,7 @@ def submit_training(
     try:
         ok = trio.run(_buy, cfg, order, wait_peers, json_output)
     except* MeshfedError as group:
-        for leaf in _leaves(group):
+        for leaf in leaves(group):
             typer.echo(f"error: {leaf}", err=True)
         raise typer.Exit(1) from None
     raise typer.Exit(0 if ok else 1)

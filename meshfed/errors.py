@@ -53,6 +53,7 @@ __all__ = [
     "StoreError",
     "StreamClosed",
     "TransportError",
+    "leaves",
 ]
 
 
@@ -174,3 +175,10 @@ class BudgetExceeded(MarketError):
 
 class NotAwarded(MarketError):
     """A peer offered a lease or a debit for a job it holds no award in."""
+
+
+def leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions inside ``error``, however deeply exception groups nest them."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
+    return [error]

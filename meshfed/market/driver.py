@@ -100,6 +100,7 @@ from .terms import MICRO, Tier, WorkKind, credits
 if TYPE_CHECKING:
     from ..node import Node
     from ..training.job import RoundReport, TrainingPeer
+    from ..training.participation import JobEvents
 
 __all__ = ["JobHandle", "Market", "MarketConfig"]
 
@@ -252,6 +253,8 @@ class Market:
         self.seller = SellerBook(node.peer_id, self._offer())
         self.jobs: dict[str, JobHandle] = {}
         self.work: dict[str, _Work] = {}
+        #: get the events of the work this node leased (``job_started``, ``round``, ...)
+        self.observers: list[JobEvents] = []
         self._nursery: trio.Nursery | None = None
         self._unwritten: list[tuple[str, str, dict[str, Any], trio.Event]] = []
         self._write_journal = trio.Event()
@@ -430,24 +433,32 @@ class Market:
 
     async def _train(self, work: _Work) -> None:
         """Run the training a lease won; note a debit for every round done."""
-        from ..training.job import TrainingPeer
+        from ..training.participation import failure_reason, take_part
 
         start = work.start
+        events = functools.partial(self._work_event, work)
         try:
             spec = spec_from(start.spec, [str(peer) for peer in start.roster])
-            work.peer = peer = TrainingPeer(self.node, spec, store=self.node.store)
-            work.state = "connecting"
-            if not await peer.ended_before():
-                await peer.connect_roster(within=self.config.roster_wait_s)
+        except ConfigError as exc:  # the buyer's job is bad: the lease's end
+            events("job_failed", {"job_id": start.job, "error": failure_reason(exc)})
+            return
+        work.state = "connecting"
+        await take_part(
+            self.node, spec, events, roster_wait=self.config.roster_wait_s,
+            on_peer=functools.partial(setattr, work, "peer"),
+            on_round=functools.partial(self._round_done, work),
+        )  # fmt: skip
+
+    def _work_event(self, work: _Work, event: str, document: dict[str, Any]) -> None:
+        if event == "job_started":
             work.state = "running"
-            await peer.run(functools.partial(self._round_done, work))
-            work.state = peer.state.value
-        except MeshfedError as exc:
+        elif event == "job_done":
+            work.state = document["state"]
+        elif event == "job_failed":
             work.state = "failed"
-            log.warning("leased job failed", extra={"job": start.job, "error": str(exc)})
-        except Exception:  # the lease's end, never the node's
-            work.state = "failed"
-            log.exception("leased job failed", extra={"job": start.job})
+            log.warning("leased job failed", extra={"job": work.start.job, **document})
+        for observer in self.observers:
+            observer(event, document)
 
     def _round_done(self, work: _Work, report: RoundReport) -> None:
         work.round, work.report = report.round + 1, report
