@@ -383,12 +383,16 @@ def testnet(
         int, typer.Option(help="Chaos: SIGKILL this many nodes mid-job (the rest go on).")
     ] = 0,
     kill_at_round: Annotated[int, typer.Option(help="...once every node reached it.")] = 1,
+    budget: Annotated[
+        float, typer.Option(help="What the buyer may pay for the job, in credits.")
+    ] = 5.0,
     limit: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 600.0,
     out: Annotated[Path, typer.Option(help="Where to write the run as JSON.")] = Path(
         "testnet-run.json"
     ),
 ) -> None:
-    """Start N node processes on 127.0.0.1 that train one model together, live."""
+    """Start N node processes on 127.0.0.1 and a buyer that hires them, by auction, to train
+    one model together; live."""
     from .testnet import run_testnet
 
     configure_logging("warning")
@@ -423,8 +427,9 @@ def testnet(
         if not 0 <= kill <= nodes - 2:
             raise typer.BadParameter("--kill must leave at least 2 nodes")
         run = functools.partial(
-            run_testnet, nodes, out, limit_s=limit, kill=kill, kill_at_round=kill_at_round
-        )
+            run_testnet, nodes, out, limit_s=limit, kill=kill, kill_at_round=kill_at_round,
+            budget=budget,
+        )  # fmt: skip
         code = trio.run(functools.partial(run, **options))
     except* MeshfedError as group:  # also from inside the simulation's nurseries
         for exc in leaves(group):

@@ -232,6 +232,8 @@ class _Work:
     report: RoundReport | None = None
     state: str = "starting"
     changes: list[ChangeRoster] = field(default_factory=list)
+    #: the training's scope: cancelled when the lease ends (settled, cancelled, forfeited)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 class Market:
@@ -443,11 +445,15 @@ class Market:
             events("job_failed", {"job_id": start.job, "error": failure_reason(exc)})
             return
         work.state = "connecting"
-        await take_part(
-            self.node, spec, events, roster_wait=self.config.roster_wait_s,
-            on_peer=functools.partial(setattr, work, "peer"),
-            on_round=functools.partial(self._round_done, work),
-        )  # fmt: skip
+        with work.scope:
+            await take_part(
+                self.node, spec, events, roster_wait=self.config.roster_wait_s,
+                on_peer=functools.partial(setattr, work, "peer"),
+                on_round=functools.partial(self._round_done, work),
+            )  # fmt: skip
+        if work.scope.cancelled_caught:
+            work.state = "ended"
+            events("job_failed", {"job_id": start.job, "error": "the lease ended"})
 
     def _work_event(self, work: _Work, event: str, document: dict[str, Any]) -> None:
         if event == "job_started":
@@ -608,10 +614,11 @@ class Market:
         membership = self.node.membership
         for peer in buyer.active:
             report = reports.get(peer)
-            silent = handle.silence.get(peer, 0) >= self.config.silent_polls
+            silence = handle.silence.get(peer, 0)
             dead = membership is not None and membership.swim.state(peer) is MemberState.DEAD
+            silent = silence >= self.config.silent_polls or (dead and silence > 0)
             behind = report is not None and ahead - report.round >= self.config.lag_rounds
-            if dead or silent or behind:
+            if silent or behind:  # membership's verdict alone is not enough: it asks too
                 at_round = min(buyer.rfq.units, max(1, (0 if report is None else report.round) + 1))
                 handle._add("failed", peer=str(peer), round=at_round, dead=dead, silent=silent)
                 self.reputation.record(buyer.job, peer, PeerEvent.FAILED)
@@ -846,6 +853,9 @@ class Market:
             SettleReason.FORFEIT.value: LeaseState.FORFEITED,
         }.get(ended.reason, LeaseState.CANCELLED)
         if handle is None:
+            work = self.work.get(ended.job)
+            if work is not None and ended.reason != SettleReason.DONE.value:
+                work.scope.cancel()  # cancelled, out of budget or forfeited: no one pays more
             lease = self.seller.lease(ended.job)
             if lease is not None:
                 with contextlib.suppress(LocalProtocolError):
