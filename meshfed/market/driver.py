@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import time
@@ -139,9 +140,9 @@ class MarketConfig:
     asks: AskPolicy = field(default_factory=AskPolicy)
     accept_window_s: float = 10.0
     settle_window_s: float = 30.0
-    request_within_s: float = 5.0
-    lag_rounds: int = 2
-    silent_polls: int = 3
+    request_within_s: float = 10.0
+    lag_rounds: int = 3
+    silent_polls: int = 5
     roster_wait_s: float = 60.0
     status_every_s: float = 2.0
 
@@ -162,6 +163,8 @@ class JobHandle:
         self.report: JobStatusReport | None = None
         #: the highest unit paid per seller
         self.units_paid: dict[PeerId, int] = {}
+        #: when the job's machine next needs :meth:`~.lease.BuyerJob.expire`
+        self.wake_at = float("inf")
         #: status polls in a row each winner did not answer
         self.silence: dict[PeerId, int] = {}
         #: when the roster was last asked for a status report
@@ -273,6 +276,8 @@ class Market:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._journal_writer)
+            if self.config.capacity:
+                nursery.start_soon(self._load_training)
             await self._replay()
             await self.publish_asks()
             for message_type in _SELLER_MESSAGES:
@@ -282,6 +287,12 @@ class Market:
             nursery.start_soon(self._seller_timer)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _load_training(self) -> None:
+        """Import the training code (torch) in a worker thread now, not on the loop when the
+        first award comes: an import of seconds there would hold the answer past its deadline."""
+        await trio.to_thread.run_sync(importlib.import_module, "meshfed.training.participation")
+        await trio.to_thread.run_sync(importlib.import_module, "meshfed.training.job")
 
     async def _replay(self) -> None:
         """Rebuild the machines from the journal; resume the work and jobs still open."""
@@ -585,8 +596,10 @@ class Market:
         while buyer.state is not BuyerState.ENDED:
             await trio.sleep(min(self.config.status_every_s, 0.25))
             now = time.time()
-            actions = await self._event(_BUYER + buyer.job, "expire", now=now)
-            await self._apply(actions, b"", seller=False, handle=handle)
+            if now >= handle.wake_at:  # a deadline of the machine's passed
+                handle.wake_at = float("inf")
+                actions = await self._event(_BUYER + buyer.job, "expire", now=now)
+                await self._apply(actions, b"", seller=False, handle=handle)
             if buyer.state is BuyerState.RUNNING:
                 await self._watch_roster(handle, now)
 
@@ -635,7 +648,7 @@ class Market:
         async def ask(peer: PeerId) -> None:
             query = JobStatusQuery(handle.job_id, _ms(time.time() + 30))
             try:
-                envelope = await self.node.request(peer, query, within=2.0)
+                envelope = await self.node.request(peer, query)
             except TransportError:
                 handle.silence[peer] = handle.silence.get(peer, 0) + 1
                 return
@@ -750,6 +763,8 @@ class Market:
             elif isinstance(action, WakeAt):
                 if seller:
                     self._wake_seller(action.at)
+                elif handle is not None:
+                    handle.wake_at = min(handle.wake_at, action.at)
             elif isinstance(action, LedgerEscrow):
                 await self._store_call(
                     self.ledger.escrow, action.job, action.amount, key=action.key
@@ -799,8 +814,8 @@ class Market:
             envelope = await self.node.request(
                 action.to, action.message, within=self.config.request_within_s
             )
-        except TransportError as exc:
-            log.info(
+        except TransportError as exc:  # the machine's deadlines deal with it
+            log.warning(
                 "market request unanswered",
                 extra={"peer": action.to.short(), "type": action.message.TYPE, "error": str(exc)},
             )
@@ -811,10 +826,6 @@ class Market:
         if not isinstance(answer, MarketMessage):
             return  # an Ack (a Release, a Receipt taken)
         try:
-            if isinstance(answer, Lease) and handle is not None:
-                await self._put_lease(
-                    handle.job_id, LeaseRole.BUYER, envelope.sender, envelope.frame
-                )
             if seller:
                 actions = await self._received(_SELLER, envelope, answer)
             else:
@@ -823,6 +834,10 @@ class Market:
                 _note_answer(handle, envelope.sender, answer)
         except RemoteProtocolError as exc:
             self.node.count_rejection(envelope.sender, exc)
+            log.warning(
+                "market answer refused",
+                extra={"peer": envelope.sender.short(), "type": answer.TYPE, "error": str(exc)},
+            )
             return
         if isinstance(answer, Lease) and handle is not None:  # accepted: its signature kept
             await self._put_lease(handle.job_id, LeaseRole.BUYER, envelope.sender, envelope.frame)
