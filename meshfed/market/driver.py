@@ -113,6 +113,8 @@ class MarketConfig:
         capacity: leases (and reservations) it holds at once as a seller (0: it does not sell).
         grant: credits (micro) a new node starts with, granted once.
         asks: how it prices its work (:class:`~.pricing.AskPolicy`).
+        throughput: examples per second it expects to sustain (its bids say so; buyers
+            score speed by it, relative to the fastest bid).
         accept_window_s: how long a winner has to accept an award.
         settle_window_s: how long the buyer waits for receipts.
         request_within_s: the deadline of each market request.
@@ -124,6 +126,7 @@ class MarketConfig:
     capacity: int = 1
     grant: int = 1_000 * MICRO
     asks: AskPolicy = field(default_factory=AskPolicy)
+    throughput: float = 0.0
     accept_window_s: float = 10.0
     settle_window_s: float = 30.0
     request_within_s: float = 5.0
@@ -234,6 +237,10 @@ class Market:
         self.book = LeaseBook(node.store)
         self.reputation = Reputation(node.store)
         self.seller = SellerBook(node.peer_id, self._offer())
+        #: called with every request a buyer sent the seller's book (RFQ, award, release,
+        #: roster change, settlement) and the actions the book produced, before they are
+        #: carried out: live views, benchmarks
+        self.seller_observers: list[Callable[[PeerId, MarketMessage, list[Action]], None]] = []
         self.jobs: dict[str, JobHandle] = {}
         self.work: dict[str, _Work] = {}
         self._nursery: trio.Nursery | None = None
@@ -278,7 +285,9 @@ class Market:
             caps = Capabilities()
         else:
             caps = own.capabilities
-        return SellerOffer(capabilities=caps, capacity=self.config.capacity)
+        return SellerOffer(
+            capabilities=caps, capacity=self.config.capacity, throughput=self.config.throughput
+        )
 
     # -- seller --------------------------------------------------------------------------------
 
@@ -286,6 +295,8 @@ class Market:
         if isinstance(message, Rfq):
             self.seller.offer = self._offer()
         actions = self.seller.receive(envelope.sender, message, time.time())
+        for observe in self.seller_observers:
+            observe(envelope.sender, message, actions)
         return await self._apply(actions, envelope, seller=True)
 
     async def _seller_timer(self) -> None:
