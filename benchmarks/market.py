@@ -157,14 +157,16 @@ def milestones(handle: JobHandle) -> dict[str, float]:
 
 
 def figures(
-    suffix: str, bought: dict[str, Any], outcomes: dict[str, float], rtt_ms: float
+    suffix: str, bought: dict[str, Any], outcomes: dict[str, tuple[str, float]], rtt_ms: float
 ) -> dict[str, float]:
     """One auction's figures in milliseconds (see the module docstring); ``outcomes`` holds
-    when each bidder leased its award or released its reservation."""
+    what each bidder said (``leased`` or ``released``) and when."""
     submitted, marks = bought["submitted"], bought["milestones"]
-    leased = [outcomes[peer] for peer in bought["roster"]]
     losers = set(bought["bidders"]) - set(bought["roster"])
-    released = [outcomes[peer] for peer in losers]
+    said = {peer: "leased" for peer in bought["roster"]} | {peer: "released" for peer in losers}
+    assert {peer: outcomes[peer][0] for peer in said} == said, outcomes
+    leased = [outcomes[peer][1] for peer in bought["roster"]]
+    released = [outcomes[peer][1] for peer in losers]
     award_ms = (max(leased) - submitted) * 1000
     result = {
         f"award_ms_{suffix}": round(award_ms, 1),
@@ -190,12 +192,12 @@ class Outcomes:
     """When each bidder leased its award or released its reservation, per job."""
 
     def __init__(self) -> None:
-        self.at: dict[str, dict[str, float]] = defaultdict(dict)
+        self.at: dict[str, dict[str, tuple[str, float]]] = defaultdict(dict)
         self._changed = trio.Event()
 
     def reporter(self, peer: str) -> Callable[[str, str, float], None]:
         def report(job: str, what: str, at: float) -> None:
-            self.at[job][peer] = at
+            self.at[job][peer] = (what, at)
             self._changed.set()
             self._changed = trio.Event()
 
@@ -357,11 +359,11 @@ def libp2p_case(count: int, winners: int, repeats: int, tmp: Path, seed: int) ->
             rtt_ms = workers.call(buyer, cmd="rtt", peer=peer)["rtt_ms"]
             job = f"bench-libp2p-{attempt}"
             bought = workers.call(buyer, cmd="buy", job=job, winners=winners)
-            outcomes = {}
+            outcomes: dict[str, tuple[str, float]] = {}
             for bidder in bought["bidders"]:  # each says once: leased, or released
                 said = workers.read(by_id[bidder])
                 assert said["job"] == job, said
-                outcomes[bidder] = said["at"]
+                outcomes[bidder] = (said["event"], said["at"])
             attempts.append(
                 {**figures(suffix, bought, outcomes, rtt_ms), f"rtt_ms_{suffix}": round(rtt_ms, 3)}
             )
