@@ -15,7 +15,9 @@ Prints one JSON line:
   the last loser's lease book holds no reservation (observed at the loser as it takes the
   release, not by polling);
 - ``rfq_out_ms_*``, ``bids_in_ms_*``, ``award_out_ms_*``: where the time goes, at the buyer:
-  its RFQs sent, the last answer in, its awards sent (from the submit);
+  its RFQs sent, the last answer in, its awards sent (from the submit); ``buyer_cpu_ms_*``:
+  CPU time of the buyer's process from the submit until every winner accepted (on the memory
+  transport that process runs every node);
 - ``goal_*``: the issue's goals (award within 1 s with the most bidders on memory, within 20
   round trips over libp2p, every reservation released within 1 s), met or not.
 
@@ -124,7 +126,7 @@ async def round_trip_ms(node: Node, peer: PeerId, n: int = RTT_SAMPLES) -> float
 
 async def buy(node: Node, job_id: str, winners: int) -> dict[str, Any]:
     """Post a job, wait until every winner accepted, cancel it; when things happened."""
-    submitted = time.time()
+    submitted, cpu = time.time(), time.process_time()
     handle = await node.submit_training(
         {**JOB, "job_id": job_id}, budget=BUDGET, min_peers=winners, max_peers=winners
     )
@@ -136,11 +138,13 @@ async def buy(node: Node, job_id: str, winners: int) -> dict[str, Any]:
             if event["event"] == "started":
                 roster = list(event["roster"])
                 break
+    cpu = time.process_time() - cpu
     await handle.cancel()
     with trio.fail_after(60):
         await handle.wait()
     return {
         "submitted": submitted,
+        "cpu_s": cpu,
         "milestones": milestones(handle),
         "roster": roster,
         "bidders": [e["peer"] for e in handle.events if e["event"] == "bid"],
@@ -173,6 +177,7 @@ def figures(
     result = {
         f"award_ms_{suffix}": round(award_ms, 1),
         f"award_first_ms_{suffix}": round((min(leased) - submitted) * 1000, 1),
+        f"buyer_cpu_ms_{suffix}": round(bought["cpu_s"] * 1000, 1),
         f"release_ms_{suffix}": round(
             (max(released, default=marks["award_out"]) - marks["award_out"]) * 1000, 1
         ),
