@@ -25,10 +25,8 @@ Each case runs ``--repeats`` auctions (default 3) on the same nodes and reports 
 auction's figures and the fastest round trip (each a median of 50), as ``timeit`` does: the
 machine is shared, other load only adds time, and the first auction of a process pays
 first-use costs. The job bought is one round of a small plain (not secure) job; the buyer
-cancels it as soon as every winner holds its lease, so nothing is paid. Winners start training
-at once all the same (the driver does not stop a lease's training when it is settled): over
-libp2p the next auction waits until that training stopped; on the memory transport the
-winners hold no records of each other and wait for their roster, idle. Every bidder asks its
+cancels it as soon as every winner holds its lease, so nothing is paid, and the settlement
+stops the winners' training; the next auction waits until it stopped. Every bidder asks its
 own price (seeded) and states its own throughput. Before the clock starts the buyer holds
 every bidder's signed record: on the memory transport it is handed them (what membership
 gossip converges to, without gossiping 500 full views in one process), over libp2p it learns
@@ -63,7 +61,7 @@ from meshfed.control import Ping
 from meshfed.identity import PeerId
 from meshfed.logs import configure_logging
 from meshfed.market.driver import JobHandle, Market
-from meshfed.market.lease import Action, StartTraining
+from meshfed.market.lease import LeaseAction, StartTraining
 from meshfed.market.messages import MarketMessage, Release
 from meshfed.market.pricing import AskPolicy
 from meshfed.market.terms import WorkKind
@@ -75,7 +73,7 @@ JOB = {"rounds": 1, "dataset": "synthetic", "secure": False, "partition": "iid"}
 BUDGET = 1.0  # credits: a reserve far above every ask, so every bidder is eligible
 RTT_SAMPLES = 50
 #: what a lease's training ends in (``Market.work[job].state``)
-STOPPED = ("finished", "converged", "failed", "stopped")
+STOPPED = ("finished", "converged", "failed", "stopped", "ended")
 
 
 def prices(count: int, seed: int) -> list[tuple[int, float]]:
@@ -84,18 +82,18 @@ def prices(count: int, seed: int) -> list[tuple[int, float]]:
     return [(rng.randint(8_000, 12_000), rng.uniform(100.0, 1_000.0)) for _ in range(count)]
 
 
-def sell(market: Market, price: int, throughput: float) -> None:
+async def sell(market: Market, price: int, throughput: float) -> None:
     """Ask ``price`` for training and state ``throughput``, in a newly signed record."""
     policy = AskPolicy(base={WorkKind.TRAINING: price})
     market.config = replace(market.config, asks=policy, throughput=throughput)
-    market.publish_asks()
+    await market.publish_asks()
 
 
 def on_outcome(market: Market, report: Callable[[str, str, float], None]) -> None:
     """Call ``report(job, "leased" | "released", wall_time)`` the instant ``market``'s lease
     book turns an award into a lease, or a release leaves it holding no reservation."""
 
-    def seen(sender: PeerId, message: MarketMessage, actions: list[Action]) -> None:
+    def seen(sender: PeerId, message: MarketMessage, actions: list[LeaseAction]) -> None:
         now = time.time()
         if any(isinstance(action, StartTraining) for action in actions):
             report(message.job, "leased", now)
@@ -234,7 +232,7 @@ async def memory_case(
         outcomes = Outcomes()
         for seller, (price, throughput) in zip(sellers, prices(bidders, seed), strict=True):
             assert seller.market is not None and seller.membership is not None
-            sell(seller.market, price, throughput)
+            await sell(seller.market, price, throughput)
             on_outcome(seller.market, outcomes.reporter(str(seller.peer_id)))
             signed = seller.membership.table.signed(seller.peer_id)
             assert signed is not None
@@ -292,7 +290,7 @@ async def worker(data_dir: Path) -> None:
                 if cmd == "connect":
                     say({"peer": str(await node.connect(command["addr"]))})
                 elif cmd == "sell":
-                    sell(market, command["price"], command["throughput"])
+                    await sell(market, command["price"], command["throughput"])
                     say({"selling": True})
                 elif cmd == "sellers":
                     say({"sellers": sum(1 for r in node.peers() if r.capabilities.prices)})

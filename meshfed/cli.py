@@ -7,16 +7,17 @@ import json
 import logging
 import signal
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import trio
 import typer
 
-from .config import NodeConfig, default_data_dir
-from .errors import MeshfedError
-from .identity import PeerId, load_or_create_identity
+from .cli_common import ConfigOpt, DataDirOpt, _load
+from .cli_market import add_market_commands
+from .config import NodeConfig
+from .errors import MeshfedError, leaves
+from .identity import load_or_create_identity
 from .logs import configure_logging
 from .node import Node, open_node
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["app", "main"]
 
-_WAIT_REPORT_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +35,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML file of node settings.", exists=True)
-]
-DataDirOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        "-d",
-        help=f"Where the identity and the store live (default: {default_data_dir()}, "
-        "i.e. $XDG_DATA_HOME/meshfed). One node per directory: it is locked while a node runs.",
-        show_default=False,
-    ),
-]
-
-
-def _load(config: Path | None, **overrides: Any) -> NodeConfig:
-    try:
-        return NodeConfig.load(toml_path=config, overrides=overrides)
-    except MeshfedError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -114,7 +92,7 @@ def run(
     try:
         trio.run(_run, cfg, json_output, status_interval, spec, roster_wait)
     except* MeshfedError as group:  # also from inside open_node's nursery
-        for exc in _leaves(group):
+        for exc in leaves(group):
             typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
 
@@ -167,41 +145,11 @@ def _emit(json_output: bool, event: str, document: dict[str, Any]) -> None:
 
 
 async def _train(node: Node, spec: JobSpec, json_output: bool, roster_wait: float) -> None:
-    """Take part in ``spec``: reach the roster (saying every few seconds whom it waits for),
-    run every round (resuming from the node's store), report each one. A job this node's store
-    holds as ended is reported at once. A job that cannot run, or fails in any way while it
-    runs, ends as ``job_failed`` with the reason; the node keeps serving."""
-    from .training.job import TrainingPeer
+    """Take part in ``spec`` (:func:`~meshfed.training.participation.take_part`), printing
+    its events."""
+    from .training.participation import take_part
 
-    def waiting(missing: list[PeerId], waited: float) -> None:
-        missing_ids = [str(peer) for peer in missing]
-        document = {"job_id": spec.job_id, "missing": missing_ids, "waited_s": round(waited, 1)}
-        _emit(json_output, "waiting", document)
-
-    try:
-        peer = TrainingPeer(node, spec, store=node.store)
-        if not await peer.ended_before():
-            await peer.connect_roster(
-                within=roster_wait, report_every=_WAIT_REPORT_S, on_wait=waiting
-            )
-        _emit(json_output, "job_started", {"job_id": spec.job_id, "examples": len(peer.shard)})
-        reports = await peer.run(lambda report: _emit(json_output, "round", asdict(report)))
-    except Exception as exc:  # the job's end, never the node's
-        if not all(isinstance(leaf, MeshfedError) for leaf in _leaves(exc)):  # a bug to see
-            log.exception("training job failed", extra={"job": spec.job_id})
-        _emit(json_output, "job_failed", {"job_id": spec.job_id, "error": _reason(exc)})
-        return
-    _emit(
-        json_output,
-        "job_done",
-        {
-            "job_id": spec.job_id,
-            "accuracy": reports[-1].accuracy,
-            "rounds": len(reports),
-            "state": peer.state.value,
-            "note": peer.note,
-        },
-    )
+    await take_part(node, spec, functools.partial(_emit, json_output), roster_wait=roster_wait)
 
 
 async def _run(
@@ -225,6 +173,8 @@ async def _run(
 
                 if status_interval > 0:
                     nursery.start_soon(report)
+                if node.market is not None:  # the work it leases, reported as a job's
+                    node.market.observers.append(functools.partial(_emit, json_output))
                 if job is not None:
                     nursery.start_soon(_train, node, job, json_output, roster_wait)
                 async for _ in signals:
@@ -255,6 +205,114 @@ def show_id(data_dir: DataDirOpt = None, config: ConfigOpt = None) -> None:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     print(identity.peer_id)
+
+
+data_app = typer.Typer(
+    help="The node's own data sets: registered here, advertised by name and shape, trained on "
+    "where they are (their content never leaves the node). Stop the node first: it reads its "
+    "data sets when it starts.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
+
+
+def _label_column(text: str | None) -> str | int | None:
+    """A column index if ``text`` is a whole number, else a header name."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+@data_app.command("add")
+def data_add(
+    name: Annotated[str, typer.Argument(help="What jobs call the data set.")],
+    path: Annotated[Path, typer.Argument(help="A .npz file (arrays x and y) or a .csv file.")],
+    label_column: Annotated[
+        str | None,
+        typer.Option(
+            help="CSV: the label column, by header name or index (a number; negative counts "
+            "from the end). Default: the column named label, else the last."
+        ),
+    ] = None,
+    classes: Annotated[
+        int | None,
+        typer.Option(help="How many label values (default: the largest label + 1).", min=1),
+    ] = None,
+    replace: Annotated[
+        bool, typer.Option(help="Register again under a name already taken (a changed file).")
+    ] = False,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Check a data file and register it; a file with a problem is refused, naming it."""
+    from .data.registry import open_registry
+
+    cfg = _load(config, data_dir=data_dir)
+    try:
+        with open_registry(cfg) as registry:
+            record = registry.register(
+                name, path, label_column=_label_column(label_column), classes=classes,
+                replace=replace,
+            )  # fmt: skip
+    except MeshfedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    shape = "x".join(map(str, record.feature_shape))
+    print(
+        f"registered {record.name}: {record.examples} examples of {shape} features, "
+        f"{record.classes} classes, from {record.path}"
+    )
+
+
+@data_app.command("list")
+def data_list(
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The registered data sets: name, examples, feature shape, classes, file."""
+    from .data.registry import open_registry
+
+    cfg = _load(config, data_dir=data_dir)
+    try:
+        with open_registry(cfg) as registry:
+            records = registry.list()
+    except MeshfedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for r in records:
+        if json_output:
+            document = {
+                "name": r.name, "examples": r.examples, "feature_shape": list(r.feature_shape),
+                "classes": r.classes, "format": r.format, "path": r.path,
+                "sha256": r.digest.hex(), "label_digest": r.label_digest.hex(),
+            }  # fmt: skip
+            print(json.dumps(document))
+        else:
+            shape = "x".join(map(str, r.feature_shape))
+            print(f"{r.name}\t{r.examples} examples\t{shape}\t{r.classes} classes\t{r.path}")
+
+
+@data_app.command("remove")
+def data_remove(
+    name: Annotated[str, typer.Argument(help="The data set to forget.")],
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Forget a data set (its file stays, unless the node saved it from arrays)."""
+    from .data.registry import open_registry
+
+    cfg = _load(config, data_dir=data_dir)
+    try:
+        with open_registry(cfg) as registry:
+            registry.remove(name)
+    except MeshfedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    print(f"removed {name}")
 
 
 @app.command()
@@ -325,12 +383,16 @@ def testnet(
         int, typer.Option(help="Chaos: SIGKILL this many nodes mid-job (the rest go on).")
     ] = 0,
     kill_at_round: Annotated[int, typer.Option(help="...once every node reached it.")] = 1,
+    budget: Annotated[
+        float, typer.Option(help="What the buyer may pay for the job, in credits.")
+    ] = 5.0,
     limit: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 600.0,
     out: Annotated[Path, typer.Option(help="Where to write the run as JSON.")] = Path(
         "testnet-run.json"
     ),
 ) -> None:
-    """Start N node processes on 127.0.0.1 that train one model together, live."""
+    """Start N node processes on 127.0.0.1 and a buyer that hires them, by auction, to train
+    one model together; live."""
     from .testnet import run_testnet
 
     configure_logging("warning")
@@ -365,35 +427,23 @@ def testnet(
         if not 0 <= kill <= nodes - 2:
             raise typer.BadParameter("--kill must leave at least 2 nodes")
         run = functools.partial(
-            run_testnet, nodes, out, limit_s=limit, kill=kill, kill_at_round=kill_at_round
-        )
+            run_testnet, nodes, out, limit_s=limit, kill=kill, kill_at_round=kill_at_round,
+            budget=budget,
+        )  # fmt: skip
         code = trio.run(functools.partial(run, **options))
     except* MeshfedError as group:  # also from inside the simulation's nurseries
-        for exc in _leaves(group):
+        for exc in leaves(group):
             typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     sys.exit(code)
-
-
-def _reason(error: BaseException) -> str:
-    """What went wrong, in one line per leaf of an exception group."""
-    return "; ".join(
-        str(leaf) if isinstance(leaf, MeshfedError) else f"{type(leaf).__name__}: {leaf}"
-        for leaf in _leaves(error)
-    )
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    """The exceptions inside (nested) exception groups."""
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
 
 
 def main() -> None:
     """Entry point of the ``meshfed-node`` script."""
     app()
 
+
+add_market_commands(app)  # submit training, jobs, job, ledger
 
 if __name__ == "__main__":
     main()

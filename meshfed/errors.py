@@ -4,6 +4,7 @@ The tree::
 
     MeshfedError
     ├── ConfigError            a configuration key is missing, malformed or out of range
+    │   └── DataError            a data set cannot be registered or loaded (names file, problem)
     ├── IdentityError          the key files are unreadable, world-readable or corrupt
     ├── StoreError             the node's store cannot be opened or used
     │   └── CorruptRecord        a stored row fails its integrity check: never loaded
@@ -36,6 +37,7 @@ __all__ = [
     "BudgetTooLow",
     "ConfigError",
     "CorruptRecord",
+    "DataError",
     "IdentityError",
     "LocalProtocolError",
     "MarketError",
@@ -51,6 +53,7 @@ __all__ = [
     "StoreError",
     "StreamClosed",
     "TransportError",
+    "leaves",
 ]
 
 
@@ -60,6 +63,11 @@ class MeshfedError(Exception):
 
 class ConfigError(MeshfedError, ValueError):
     """A configuration value is wrong; the message names the key and says why."""
+
+
+class DataError(ConfigError):
+    """A data set is refused (wrong shape, bad labels, NaN, a corrupt or changed file ...);
+    the message names the file (or the data set) and the problem."""
 
 
 class IdentityError(MeshfedError):
@@ -167,3 +175,10 @@ class BudgetExceeded(MarketError):
 
 class NotAwarded(MarketError):
     """A peer offered a lease or a debit for a job it holds no award in."""
+
+
+def leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions inside ``error``, however deeply exception groups nest them."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
+    return [error]

@@ -11,6 +11,7 @@ serving.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -55,10 +56,11 @@ from .transport import Stream, Transport
 from .wire import NO_SCOPE, Envelope, Message, ReplayGuard, Scope, open_envelope, seal
 
 if TYPE_CHECKING:
+    from .data.registry import DataRegistry
     from .market.driver import JobHandle, Market
     from .market.messages import JobStatusReport
     from .market.terms import Requirements
-    from .membership.records import PeerRecord, Role
+    from .membership.records import DatasetOffer, PeerRecord, Role
     from .membership.service import Membership
     from .transports.memory import MemoryNetwork
 
@@ -137,6 +139,8 @@ class Node:
         self.membership: Membership | None = None
         #: the node's persistent state (``config.store_file``), open while the node runs
         self.store: Store | None = None
+        #: the node's own data sets (with a store): registered ones are offered in its record
+        self.datasets: DataRegistry | None = None
         #: buying and selling work (``config.market``, with a store and membership)
         self.market: Market | None = None
         self._started = trio.current_time()
@@ -258,7 +262,7 @@ class Node:
                     "the answer's reply_to is not our request", reason=RejectReason.BAD_FIELD
                 )
         except RemoteProtocolError as exc:
-            self._rejected(peer, exc)
+            self.count_rejection(peer, exc)
             raise
         self._peer(peer).rtt_s = trio.current_time() - started
         return envelope
@@ -320,7 +324,7 @@ class Node:
                 exc = RemoteProtocolError(
                     "a one-way message was answered", reason=RejectReason.MALFORMED
                 )
-                self._rejected(peer, exc)
+                self.count_rejection(peer, exc)
                 errors.append(exc)
             else:
                 errors.append(None)
@@ -357,7 +361,7 @@ class Node:
         return Pong(echo_ms=ping.sent_ms, now_ms=_now_ms())
 
     def _open(self, frame: bytes, peer: PeerId) -> Envelope:
-        """Verify one frame from ``peer``; the caller counts what fails (see ``_rejected``)."""
+        """Verify one frame from ``peer``; the caller counts what fails (``count_rejection``)."""
         envelope = open_envelope(
             frame,
             peer=peer,
@@ -369,7 +373,7 @@ class Node:
         self._peer(peer).last_seen = trio.current_time()
         return envelope
 
-    def _rejected(self, peer: PeerId, exc: RemoteProtocolError) -> None:
+    def count_rejection(self, peer: PeerId, exc: RemoteProtocolError) -> None:
         """Count one rejection. Each path that receives from a peer calls this exactly once."""
         self.stats.reject(exc.reason)
         log.info(
@@ -381,7 +385,7 @@ class Node:
             envelope = self._open(frame, peer)
             answer = await self._dispatch(envelope)
         except RemoteProtocolError as exc:
-            self._rejected(peer, exc)
+            self.count_rejection(peer, exc)
             raise
         reply, _ = seal(
             self.identity,
@@ -403,7 +407,7 @@ class Node:
             else:
                 await self._dispatch(envelope)  # an answer has nowhere to go: dropped
         except RemoteProtocolError as exc:
-            self._rejected(peer, exc)
+            self.count_rejection(peer, exc)
             raise
         return b""
 
@@ -421,7 +425,7 @@ class Node:
             self._check_array_size(header)
             await self._deliver_array(envelope, header, array)
         except RemoteProtocolError as exc:
-            self._rejected(peer, exc)
+            self.count_rejection(peer, exc)
             raise
         return b""
 
@@ -530,7 +534,7 @@ class Node:
                 "an array was answered with more than an acknowledgement",
                 reason=RejectReason.MALFORMED,
             )
-            self._rejected(peer, exc)
+            self.count_rejection(peer, exc)
             raise exc
 
     def sealed_array(self, array: npt.NDArray[Any], *, name: str, scope: Scope = NO_SCOPE) -> bytes:
@@ -641,11 +645,12 @@ class Node:
                 assembler.chunk_received(length)
             await self._deliver_array(header_env, header, assembler.finish())
         except RemoteProtocolError as exc:
-            self._rejected(peer, exc)
+            self.count_rejection(peer, exc)
             return
         except StreamClosed:
             reason = RejectReason.TRUNCATED
-            self._rejected(peer, RemoteProtocolError("array stream ended early", reason=reason))
+            early = RemoteProtocolError("array stream ended early", reason=reason)
+            self.count_rejection(peer, early)
             return
         await stream.send(b"")  # the acknowledgement: the stream is authenticated
 
@@ -783,6 +788,27 @@ class Node:
         return await self._market().job_status(job_id)
 
 
+def _republisher(membership: Membership, me: PeerId) -> Callable[[list[DatasetOffer]], None]:
+    """A registry listener that re-signs this node's record with the new offers (from the
+    registry's caller thread: a worker thread hands the change to the trio loop)."""
+    token = trio.lowlevel.current_trio_token()
+
+    def publish(offers: list[DatasetOffer]) -> None:
+        own = membership.table.get(me)
+        if own is not None:
+            membership.update_capabilities(dataclasses.replace(own.capabilities, datasets=offers))
+
+    def listener(offers: list[DatasetOffer]) -> None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:  # not on the loop
+            trio.from_thread.run_sync(publish, offers, trio_token=token)
+        else:
+            publish(offers)
+
+    return listener
+
+
 @asynccontextmanager
 async def open_node(
     config: NodeConfig,
@@ -834,27 +860,33 @@ async def open_node(
             from .membership.bootstrap import Bootstrap
 
             await nursery.start(Bootstrap(node, config.bootstrap).run)
-        if config.membership:
-            from .membership.device import probe_capabilities
-            from .membership.service import Membership, MembershipConfig
-
-            node.membership = Membership(
-                node,
-                probe_capabilities(roles=config.roles),
-                config=MembershipConfig(
-                    gossip_interval_s=config.gossip_interval_s, max_view=config.max_view or None
-                ),
-            )
-            await nursery.start(node.membership.run)
-        if config.mdns and config.transport == "libp2p":
-            from .membership.mdns import MdnsDiscovery
-
-            await nursery.start(MdnsDiscovery(node).run)
         if config.store_path is not None:
             key = identity.derive_key(STORE_KEY_PURPOSE)
             node.store = await trio.to_thread.run_sync(
                 functools.partial(Store.open, config.store_path, key=key)
             )
+            from .data.registry import DATASETS_DIR, DataRegistry
+
+            node.datasets = DataRegistry(node.store, config.data_dir / DATASETS_DIR)
+        if config.membership:
+            from .membership.device import probe_capabilities
+            from .membership.service import Membership, MembershipConfig
+
+            offers = None if node.datasets is None else node.datasets.offers()
+            node.membership = Membership(
+                node,
+                probe_capabilities(roles=config.roles, datasets=offers),
+                config=MembershipConfig(
+                    gossip_interval_s=config.gossip_interval_s, max_view=config.max_view or None
+                ),
+            )
+            await nursery.start(node.membership.run)
+            if node.datasets is not None:
+                node.datasets.on_change(_republisher(node.membership, node.peer_id))
+        if config.mdns and config.transport == "libp2p":
+            from .membership.mdns import MdnsDiscovery
+
+            await nursery.start(MdnsDiscovery(node).run)
         if config.market and node.store is not None and node.membership is not None:
             from .market.driver import Market, MarketConfig
             from .market.terms import MICRO

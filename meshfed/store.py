@@ -62,6 +62,7 @@ from .errors import CorruptRecord, StoreError
 __all__ = [
     "MIGRATIONS",
     "Checkpoint",
+    "DatasetRecord",
     "JobRecord",
     "JobState",
     "RoundRecord",
@@ -186,6 +187,45 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             mac BLOB NOT NULL,
             PRIMARY KEY (peer, job, event)
         ) STRICT""",
+        """CREATE TABLE market_reputation_peers (
+            peer BLOB PRIMARY KEY,
+            half_life REAL NOT NULL,
+            delivered INTEGER NOT NULL,
+            failed INTEGER NOT NULL,
+            late INTEGER NOT NULL,
+            wrong INTEGER NOT NULL,
+            good REAL NOT NULL,
+            bad REAL NOT NULL,
+            at REAL NOT NULL,
+            mac BLOB NOT NULL
+        ) STRICT""",
+    ),
+    (
+        # v4: the node's registered data sets (meshfed/data/registry.py), each row sealed
+        """CREATE TABLE datasets (
+            name TEXT PRIMARY KEY,
+            path TEXT NOT NULL,
+            format TEXT NOT NULL,
+            options TEXT NOT NULL,
+            digest BLOB NOT NULL,
+            examples INTEGER NOT NULL,
+            feature_shape TEXT NOT NULL,
+            classes INTEGER NOT NULL,
+            label_digest BLOB NOT NULL,
+            registered REAL NOT NULL,
+            mac BLOB NOT NULL
+        ) STRICT""",
+    ),
+    (
+        # v5: the market's write-ahead journal of lease-machine events (market/journal.py)
+        """CREATE TABLE market_journal (
+            seq INTEGER PRIMARY KEY,
+            machine TEXT NOT NULL,
+            event TEXT NOT NULL,
+            body BLOB NOT NULL,
+            at REAL NOT NULL,
+            mac BLOB NOT NULL
+        ) STRICT""",
     ),
 )
 
@@ -253,6 +293,33 @@ class Checkpoint:
     metrics: dict[str, Any] = field(default_factory=dict)
     strategy: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatasetRecord:
+    """A data set this node registered: where it is, how to read it, and what it holds.
+
+    Attributes:
+        name: what jobs call it.
+        path: the file (absolute); arrays registered from memory are saved under the node's
+            data directory first.
+        format: ``npz`` or ``csv``.
+        options: how to read it (``{"label_column": ...}`` for CSV).
+        digest: SHA-256 of the file when it was registered (a changed file is refused).
+        examples, feature_shape, classes, label_digest: what it holds (its offer).
+        registered: Unix time of registration.
+    """
+
+    name: str
+    path: str
+    format: str
+    options: dict[str, Any]
+    digest: bytes
+    examples: int
+    feature_shape: tuple[int, ...]
+    classes: int
+    label_digest: bytes
+    registered: float
 
 
 class Store:
@@ -667,9 +734,57 @@ class Store:
                 raise StoreError(f"job {job_id!r}: spent privacy is never rolled back")
             self._put_privacy(connection, job_id, state, time.time())
 
+    # -- data sets ---------------------------------------------------------------------------
+
+    def put_dataset(self, record: DatasetRecord) -> None:
+        """Record (or replace) the data set ``record.name``, sealed."""
+        row = _dataset_row(record)
+        with self._write() as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO datasets (name, path, format, options, digest, "
+                "examples, feature_shape, classes, label_digest, registered, mac) VALUES "
+                "(:name, :path, :format, :options, :digest, :examples, :feature_shape, "
+                ":classes, :label_digest, :registered, :mac)",
+                {**row, "mac": self._seal(_dataset_message(row))},
+            )
+
+    def dataset(self, name: str) -> DatasetRecord | None:
+        """The data set registered as ``name``, or None.
+
+        Raises:
+            CorruptRecord: the row does not match its HMAC.
+        """
+        rows = self._select("SELECT * FROM datasets WHERE name = ?", (name,))
+        return self._dataset(rows[0]) if rows else None
+
+    def datasets(self) -> list[DatasetRecord]:
+        """Every registered data set, by name.
+
+        Raises:
+            CorruptRecord: a row does not match its HMAC.
+        """
+        rows = self._select("SELECT * FROM datasets ORDER BY name", ())
+        return [self._dataset(row) for row in rows]
+
+    def remove_dataset(self, name: str) -> bool:
+        """Forget the data set ``name``; returns whether it was registered."""
+        with self._write() as connection:
+            removed: int = connection.execute(
+                "DELETE FROM datasets WHERE name = ?", (name,)
+            ).rowcount
+        return removed > 0
+
+    def _dataset(self, row: dict[str, Any]) -> DatasetRecord:
+        if not hmac.compare_digest(row["mac"], self._seal(_dataset_message(row))):
+            raise CorruptRecord(f"data set {row['name']!r} does not match its HMAC")
+        fields = {name: row[name] for name in _DATASET_COLUMNS}
+        fields["options"] = json.loads(row["options"])
+        fields["feature_shape"] = tuple(json.loads(row["feature_shape"]))
+        return DatasetRecord(**fields)
+
     def verify(self) -> list[str]:
-        """Check the whole file (SQLite's integrity check, then every checkpoint's and privacy
-        row's HMAC); returns the problems found (empty: all is well)."""
+        """Check the whole file (SQLite's integrity check, then every checkpoint's, privacy
+        row's and data set's HMAC); returns the problems found (empty: all is well)."""
         with self._read() as connection:
             problems = [
                 f"sqlite: {message}"
@@ -678,6 +793,7 @@ class Store:
             ]
             keys = connection.execute("SELECT job, round FROM checkpoints").fetchall()
             jobs = connection.execute("SELECT job FROM privacy").fetchall()
+            names = [name for (name,) in connection.execute("SELECT name FROM datasets")]
         for job, number in keys:
             try:
                 self.load_checkpoint(job, number)
@@ -686,6 +802,11 @@ class Store:
         for (job,) in jobs:
             try:
                 self.privacy(job)
+            except CorruptRecord as exc:
+                problems.append(str(exc))
+        for name in names:
+            try:
+                self.dataset(name)
             except CorruptRecord as exc:
                 problems.append(str(exc))
         return problems
@@ -707,6 +828,33 @@ def _checkpoint_message(row: dict[str, Any]) -> bytes:
     fields = [row[k] for k in ("job", "round", "score", "dtype", "length", "metrics")]
     header = msgpack.packb([*fields, row["strategy"], row["privacy"]], use_bin_type=True)
     return bytes(header + row["model"])
+
+
+def _dataset_row(record: DatasetRecord) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "path": record.path,
+        "format": record.format,
+        "options": json.dumps(record.options, sort_keys=True),
+        "digest": record.digest,
+        "examples": record.examples,
+        "feature_shape": json.dumps(list(record.feature_shape)),
+        "classes": record.classes,
+        "label_digest": record.label_digest,
+        "registered": record.registered,
+    }
+
+
+def _dataset_message(row: dict[str, Any]) -> bytes:
+    """What a data set row's MAC covers: ``msgpack(["dataset", every column but the MAC])``."""
+    columns = [row[k] for k in _DATASET_COLUMNS]
+    return bytes(msgpack.packb(["dataset", *columns], use_bin_type=True))
+
+
+_DATASET_COLUMNS = (
+    "name", "path", "format", "options", "digest", "examples", "feature_shape", "classes",
+    "label_digest", "registered",
+)  # fmt: skip
 
 
 def _make_private(path: Path, *, create: bool) -> None:

@@ -1,13 +1,19 @@
-"""A local testnet: N ``meshfed-node run`` processes on 127.0.0.1 training one job together.
+"""A local testnet: N ``meshfed-node run`` processes on 127.0.0.1 that a buyer's
+``meshfed-node submit training`` process hires, by auction, to train one job together.
 
-Each node is its own OS process talking libp2p over loopback. The testnet plays the buyer of a
-private federation: it creates the nodes' identities (so it knows the roster before they
-start), writes the job (:class:`~meshfed.training.job.JobSpec`) to a file, and starts every
-node with ``--job`` that file. The first node starts alone; each next one is given the addresses
-of those before it as bootstrap peers, and membership gossip connects the rest. Each node trains
-on its own non-IID shard and averages with the others by secure aggregation, printing a JSON
-line per round; this module shows them live (rich), then stops the nodes with SIGTERM (a
-graceful stop), prints a summary per round and writes the whole run as JSON.
+Each node is its own OS process talking libp2p over loopback. The testnet cuts the bundled
+data set (``--dataset``) into one shard per node (``--partition``), writes each shard as a
+``.npz`` file in that node's data directory and registers it there the way ``meshfed-node data
+add`` does, and writes the job (:class:`~meshfed.training.job.JobSpec` fields without a roster,
+naming the registered data set) to a file. It starts the nodes (the first alone; each next one
+given the addresses of those before it as bootstrap peers, membership gossip connects the
+rest), then a buyer node that posts the job with a budget: the nodes bid, the auction awards
+them, and each winner trains on its own non-IID shard, evaluates on the part of it it holds
+out and averages with the others by secure aggregation, printing a JSON line per round (with
+the roster's pooled accuracy and a digest of its model), and is paid round by round. This
+module shows the bids, the award and its clearing price and the rounds live (rich), stops the
+nodes with SIGTERM (a graceful stop) once the buyer settled, prints a summary per round and
+each node's ledger, and writes the whole run as JSON.
 """
 
 from __future__ import annotations
@@ -25,13 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import trio
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from .config import NodeConfig
+from .data.registry import open_registry
 from .errors import MeshfedError
 from .identity import Identity
+from .market.terms import credits
+from .training.data import OwnData
 from .training.job import JobSpec
 from .training.preflight import prepare
 
@@ -79,17 +90,71 @@ async def _read_lines(child: _Child, on_round: Callable[[], None]) -> None:
     child.finished.set()  # the process ended
 
 
-def _live_table(children: list[_Child], spec: JobSpec, elapsed: float) -> Table:
+@dataclass
+class _Buyer:
+    """The buyer's process and what it reported: the job's market events, its statement."""
+
+    process: trio.Process | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    statement: dict[str, Any] = field(default_factory=dict)
+    ended: trio.Event = field(default_factory=trio.Event)
+
+    def market_line(self) -> str:
+        """Bids, the award and its clearing price, what was paid: one line."""
+        kinds = [event.get("event") for event in self.events]
+        if not self.events:
+            return "market: the buyer waits for the nodes' records"
+        line = f"market: {kinds.count('bid')} bids, {kinds.count('decline')} declines"
+        prices = [event["price"] for event in self.events if event.get("event") == "award"]
+        if prices:
+            line += f"; {len(prices)} awarded at {credits(min(prices))}"
+            line += "" if len(set(prices)) == 1 else f"-{credits(max(prices))}"
+            line += " per round (clearing price)"
+        paid = sum(event["amount"] for event in self.events if event.get("event") == "round")
+        line += f"; paid {credits(paid)} for {kinds.count('round')} rounds"
+        ended = next((e for e in self.events if e.get("event") == "ended"), None)
+        if ended is not None:
+            line += f"; {ended['reason']}" + (f" ({ended['error']})" if ended["error"] else "")
+        return line
+
+
+async def _read_buyer(buyer: _Buyer) -> None:
+    assert buyer.process is not None and buyer.process.stdout is not None
+    buffer = b""
+    async for chunk in buyer.process.stdout:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            try:
+                document = json.loads(line)
+            except ValueError:
+                continue
+            if document.get("event") == "statement":
+                buyer.statement = document
+            elif document.get("event") != "started":
+                buyer.events.append(document)
+    buyer.ended.set()
+
+
+def _live_table(
+    children: list[_Child], spec: JobSpec, elapsed: float, buyer: _Buyer | None = None
+) -> Table:
     mode = "secure" if spec.secure else "plain"
     table = Table(
-        title=f"meshfed testnet: {len(children)} nodes, {spec.model} on {spec.dataset} "
-        f"({spec.partition}), {mode} averaging, {elapsed:.0f} s"
+        title=f"meshfed testnet: {len(children)} nodes, {spec.model} on each node's own "
+        f"{spec.dataset}, {mode} averaging, {elapsed:.0f} s"
     )
-    columns = ["node", "peer id", "round", "accuracy", "loss", "round s", "avg s", "MB out"]
+    table.caption = "accuracy: on the node's held-out part; pooled: over every node's part"
+    if buyer is not None:
+        table.caption += "\n" + buyer.market_line()
+    columns = ["node", "peer id", "round", "accuracy", "pooled", "loss", "round s", "avg s"]
+    columns.append("MB out")
     for column in columns + (["epsilon"] if spec.dp_clip else []):
         table.add_column(column, justify="right")
     if spec.dp_clip:
-        table.caption = f"* privacy budget (epsilon {spec.dp_epsilon}) spent: data no longer used"
+        table.caption += (
+            f"\n* privacy budget (epsilon {spec.dp_epsilon}) spent: data no longer used"
+        )
     for child in children:
         last = child.rounds[-1] if child.rounds else {}
         state = child.outcome.get("event", "")
@@ -102,6 +167,7 @@ def _live_table(children: list[_Child], spec: JobSpec, elapsed: float) -> Table:
             + (" failed" if state == "job_failed" else "")
             + (" converged" if child.outcome.get("state") == "converged" else ""),
             f"{last['accuracy']:.3f}" if last else "-",
+            _pooled(last),
             f"{last['loss']:.3f}" if last else "-",
             f"{last['seconds']:.2f}" if last else "-",
             f"{last['averaging_s']:.2f}" if last else "-",
@@ -111,9 +177,15 @@ def _live_table(children: list[_Child], spec: JobSpec, elapsed: float) -> Table:
     return table
 
 
+def _pooled(report: dict[str, Any]) -> str:
+    pooled = report.get("pooled_accuracy")
+    return "-" if pooled is None else f"{pooled:.3f}"
+
+
 def _summary(children: list[_Child], spec: JobSpec) -> tuple[Table, list[dict[str, Any]]]:
     table = Table(title="per round, over all nodes")
-    for column in ("round", "accuracy", "spread", "round s", "avg s", "kB out / node"):
+    table.caption = "accuracy: pooled over the nodes' held-out parts; spread: between nodes' own"
+    for column in ("round", "accuracy", "spread", "models", "round s", "avg s", "kB out / node"):
         table.add_column(column, justify="right")
     rows = []
     for number in range(spec.rounds):
@@ -121,11 +193,14 @@ def _summary(children: list[_Child], spec: JobSpec) -> tuple[Table, list[dict[st
         if not reports:
             break
         accuracies = [r["accuracy"] for r in reports]
+        pooled = [r["pooled_accuracy"] for r in reports if r.get("pooled_accuracy") is not None]
         row = {
             "round": number,
             "nodes": len(reports),
-            "accuracy": statistics.mean(accuracies),
+            # the roster's example-weighted accuracy (each node's own part, when not pooled)
+            "accuracy": statistics.mean(pooled or accuracies),
             "accuracy_spread": max(accuracies) - min(accuracies),
+            "models": len({r.get("model_digest") for r in reports}),
             "seconds": statistics.mean(r["seconds"] for r in reports),
             "averaging_s": statistics.mean(r["averaging_s"] for r in reports),
             "averaging_phase_s": _averaging_phase(reports),
@@ -136,6 +211,7 @@ def _summary(children: list[_Child], spec: JobSpec) -> tuple[Table, list[dict[st
             str(number + 1),  # on screen rounds count from 1 (the live table's 1/N too)
             f"{row['accuracy']:.3f}",
             f"{row['accuracy_spread']:.3f}",
+            str(row["models"]),
             f"{row['seconds']:.2f}",
             f"{row['averaging_s']:.2f}",
             f"{row['bytes_out'] / 1e3:.0f}",
@@ -175,7 +251,13 @@ def _failures(children: list[_Child]) -> list[str]:
 
 
 def _make_job(workdir: Path, nodes: int, options: dict[str, Any]) -> JobSpec:
-    """Create each node's identity in its data directory; the roster follows from them."""
+    """Create each node's identity in its data directory (the roster follows from them), and
+    give each node its shard of the bundled data set as a registered data set of its own.
+
+    Raises:
+        ConfigError: the job cannot run (checked on the bundled data set before any file is
+            written), or a node's shard cannot be registered.
+    """
     roster = []
     for index in range(nodes):
         data_dir = workdir / f"node-{index}"
@@ -184,7 +266,45 @@ def _make_job(workdir: Path, nodes: int, options: dict[str, Any]) -> JobSpec:
         identity.save(data_dir / "identity.key")
         roster.append(str(identity.peer_id))
     job_id = f"testnet-{os.urandom(4).hex()}"
-    return JobSpec(job_id=job_id, roster=tuple(roster), **options)
+    bundled = JobSpec(job_id=job_id, roster=tuple(roster), **options)
+    parts = prepare(bundled)  # a job that cannot run is refused before any node starts
+    name = f"{bundled.dataset}-shard"
+    for index, shard in enumerate(parts.shards):
+        data_dir = workdir / f"node-{index}"
+        path = data_dir / f"{name}.npz"
+        mine = parts.train.take(shard)
+        np.savez(path, x=mine.x, y=mine.y)
+        with open_registry(NodeConfig.load(overrides={"data_dir": data_dir})) as registry:
+            registry.register(name, path, classes=int(parts.train.y.max()) + 1)
+    own = OwnData(max_examples=max(len(shard) for shard in parts.shards))
+    cut = ("dataset", "partition", "alpha")  # how the testnet cut the shards, not the job's
+    rest = {key: value for key, value in options.items() if key not in cut}
+    return JobSpec(job_id=job_id, roster=tuple(roster), dataset=name, own_data=own, **rest)
+
+
+def _ledgers(workdir: Path, names: list[str]) -> dict[str, dict[str, int]]:
+    """Each node's accounts, read from its store by ``meshfed-node ledger --json``."""
+    ledgers = {}
+    for name in names:
+        command = [sys.executable, "-m", "meshfed.cli", "ledger", "--json"]
+        command += ["--data-dir", str(workdir / name)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        ledgers[name] = json.loads(done.stdout) if done.returncode == 0 else {}
+    return ledgers
+
+
+def _ledger_table(ledgers: dict[str, dict[str, int]], peers: dict[str, str]) -> Table:
+    table = Table(title="ledgers at the end (credits)")
+    for column in ("node", "peer id", "available", "paid", "earned"):
+        table.add_column(column, justify="right")
+    for name, accounts in ledgers.items():
+        paid = sum(v for k, v in accounts.items() if k.startswith("paid:"))
+        earned = sum(v for k, v in accounts.items() if k.startswith("earned:"))
+        table.add_row(
+            name, peers.get(name, "")[-8:], credits(accounts.get("available", 0)),
+            credits(paid), credits(earned),
+        )  # fmt: skip
+    return table
 
 
 async def run_testnet(
@@ -195,6 +315,7 @@ async def run_testnet(
     console: Console | None = None,
     kill: int = 0,
     kill_at_round: int = 1,
+    budget: float = 5.0,
     **job_options: Any,
 ) -> int:
     """Run the testnet (showing it on ``console``, stdout by default); returns 0 if every node
@@ -202,7 +323,7 @@ async def run_testnet(
 
     ``kill`` nodes (the last ones) are killed with SIGKILL once every node has reported round
     ``kill_at_round - 1``: the others go on without them (the chaos test of the training
-    issue)."""
+    issue). ``budget``: the buyer's, in credits."""
     console = console or Console(stderr=False)
     # The nodes bootstrap off each other; mDNS stays off so that two testnets (or a testnet and
     # other meshfed nodes on this host) never merge. One torch thread per node: N processes
@@ -218,9 +339,11 @@ async def run_testnet(
     with tempfile.TemporaryDirectory(prefix="meshfed-testnet-") as tmp:
         workdir = Path(tmp)
         spec = _make_job(workdir, nodes, job_options)
-        prepare(spec)  # a job that cannot run is refused before any node starts
         job_file = workdir / "job.json"
-        job_file.write_text(spec.to_json())
+        fields = json.loads(spec.to_json())
+        del fields["roster"]  # the auction picks it
+        job_file.write_text(json.dumps(fields))
+        buyer = _Buyer()
         began = trio.current_time()
 
         def chaos() -> None:
@@ -240,7 +363,7 @@ async def run_testnet(
             for index in range(nodes):
                 bootstrap = [c.started["listen"][0] for c in children]
                 command = [sys.executable, "-m", "meshfed.cli", "run", "--json"]
-                command += ["--data-dir", str(workdir / f"node-{index}"), "--job", str(job_file)]
+                command += ["--data-dir", str(workdir / f"node-{index}")]
                 for addr in bootstrap:
                     command += ["--bootstrap", addr]
                 launch = functools.partial(
@@ -264,36 +387,59 @@ async def run_testnet(
                     raise TestnetError(
                         f"node {index} {ended} before it started (its error is printed above)"
                     )
+            command = [sys.executable, "-m", "meshfed.cli", "submit", "training", str(job_file)]
+            command += ["--budget", str(budget), "--json", "--data-dir", str(workdir / "buyer")]
+            command += ["--min-peers", str(max(4 if spec.secure else 2, nodes - kill))]
+            command += ["--max-peers", str(nodes), "--bid-window", "5", "--wait-peers", "60"]
+            for child in children:
+                command += ["--bootstrap", child.started["listen"][0]]
+            launch = functools.partial(
+                trio.run_process, command, stdout=subprocess.PIPE, env=env, check=False
+            )
+            buyer.process = await nursery.start(launch)
+            nursery.start_soon(_read_buyer, buyer)
             with Live(
-                _live_table(children, spec, 0), console=console, refresh_per_second=4
+                _live_table(children, spec, 0, buyer), console=console, refresh_per_second=4
             ) as live:
                 with trio.move_on_after(limit_s):
-                    for child in children:
-                        while not child.finished.is_set():
-                            live.update(_live_table(children, spec, trio.current_time() - began))
+                    for waited in [*(child.finished for child in children), buyer.ended]:
+                        while not waited.is_set():
+                            elapsed = trio.current_time() - began
+                            live.update(_live_table(children, spec, elapsed, buyer))
                             with trio.move_on_after(0.25):
-                                await child.finished.wait()
-                for child in children:
-                    child.process.send_signal(signal.SIGTERM)
+                                await waited.wait()
+                for process in [buyer.process, *(child.process for child in children)]:
+                    if process.returncode is None:
+                        process.send_signal(signal.SIGTERM)
                 with trio.move_on_after(_STOP_S):
                     for child in children:
                         await child.process.wait()
-                live.update(_live_table(children, spec, trio.current_time() - began))
-            for child in children:
-                if child.process.returncode is None:
-                    child.process.kill()
+                    await buyer.process.wait()
+                live.update(_live_table(children, spec, trio.current_time() - began, buyer))
+            for process in [buyer.process, *(child.process for child in children)]:
+                if process.returncode is None:
+                    process.kill()
+        names = [*(f"node-{c.index}" for c in children), "buyer"]
+        ledgers = await trio.to_thread.run_sync(_ledgers, workdir, names)
     survivors = [c for c in children if c.outcome.get("event") != "killed"]
     table, rows = _summary(survivors, spec)
     console.print()
     console.print(table)
+    console.print(buyer.market_line(), markup=False)
+    peers = {f"node-{c.index}": c.started.get("peer_id", "") for c in children}
+    console.print(_ledger_table(ledgers, peers))
     # a job may stop early (converged); every survivor must have said job_done
-    finals = [c.rounds[-1]["accuracy"] for c in survivors if c.rounds]
-    done = len(finals) == len(survivors) and all(
+    lasts = [c.rounds[-1] for c in survivors if c.rounds]
+    finals = [
+        r["accuracy"] if r.get("pooled_accuracy") is None else r["pooled_accuracy"] for r in lasts
+    ]
+    done = len(lasts) == len(survivors) and all(
         c.outcome.get("event") == "job_done" for c in survivors
     )
-    # gossip only brings models close; every other schedule makes them identical
-    tolerance = 0.05 if spec.schedule == "pushsum" else 1e-6
-    same = done and max(finals) - min(finals) < tolerance
+    # gossip only brings models close (each node evaluates on its own part: not compared);
+    # every other schedule makes them identical
+    digests = {r["model_digest"] for r in lasts}
+    same = done and (spec.schedule == "pushsum" or len(digests) == 1)
     clean = all(c.process.returncode == 0 for c in survivors)
     summary = {
         "job": json.loads(spec.to_json()),
@@ -303,6 +449,7 @@ async def run_testnet(
         "same_model_everywhere": same,
         "final_accuracy": statistics.mean(finals) if finals else None,
         "rounds": rows,
+        "market": {"events": buyer.events, "statement": buyer.statement, "ledgers": ledgers},
         "nodes": [
             {
                 "index": c.index,
@@ -321,7 +468,7 @@ async def run_testnet(
     if same:
         verdict = f"{who} finished with {model}"
     elif done:
-        verdict = f"{who} finished, but the models differ by {max(finals) - min(finals):.3f}"
+        verdict = f"{who} finished, but with {len(digests)} different models"
     else:
         verdict = "NOT every node finished"
         for line in _failures(survivors):

@@ -85,7 +85,8 @@ def test_testnet_trains_one_model_on_every_node_and_stops_cleanly(tmp_path: Path
     assert run["rounds"][-1]["accuracy"] > run["rounds"][0]["accuracy"]
     assert run["final_accuracy"] > 0.6
     for node in run["nodes"]:
-        assert node["stats"]["accepted"]["meshfed.secagg.unmask"] == 3 * 3  # 3 rounds, 3 others
+        # 3 rounds, 3 others, two sums a round: the model and the pooled validation counts
+        assert node["stats"]["accepted"]["meshfed.secagg.unmask"] == 3 * 3 * 2
         assert node["outcome"]["state"] == "finished"  # as each node's store says
         assert not node["stats"]["rejected"]
 
@@ -288,14 +289,19 @@ def test_a_testnet_job_that_cannot_run_is_refused_before_any_node_starts(tmp_pat
 
 
 def test_a_testnet_node_that_cannot_start_is_named(tmp_path: Path) -> None:
-    # every node is given a listen address it cannot serve
+    # every node is given a listen address another socket holds (a malformed one is refused
+    # by the testnet itself now, as it reads the nodes' configuration to register their data)
+    import socket
+
     out = str(tmp_path / "run.json")
-    result = cli(
-        "testnet", "--nodes", "4", "--out", out, timeout=60, MESHFED_LISTEN="/ip4/127.0.0.1"
-    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"/ip4/127.0.0.1/tcp/{taken.getsockname()[1]}"
+        result = cli("testnet", "--nodes", "4", "--out", out, timeout=60, MESHFED_LISTEN=listen)
     assert result.returncode == 2
-    assert "node 0 ended with code 2 before it started" in result.stderr
-    assert "listen (from env MESHFED_LISTEN)" in result.stderr  # the node's own error
+    assert "node 0 ended with code 1 before it started" in result.stderr
+    assert f"cannot listen on {listen} (address in use)" in result.stderr  # the node's own error
 
 
 def test_a_simulation_of_many_small_shards_says_why_accuracy_stays_low(tmp_path: Path) -> None:
@@ -319,3 +325,56 @@ def test_help_names_the_default_data_dir_the_mdns_switch_and_every_model(tmp_pat
     for model in ("mlp", "cnn", "cifar_cnn", "resnet", "mobilenet"):
         assert model in testnet_help
     assert "config" in cli("--help").stdout
+
+
+def test_data_add_list_remove_through_the_command_line(tmp_path: Path) -> None:
+    import numpy as np
+
+    node = str(tmp_path / "node")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "scans.npz", x=rng.random((30, 3, 4, 4)), y=np.arange(30) % 5)
+    (tmp_path / "notes.csv").write_text("a,kind,b\n1,0,2\n3,1,4\n5,1,6\n")
+    added = cli("data", "add", "scans", str(tmp_path / "scans.npz"), "--data-dir", node)
+    assert added.returncode == 0, added.stderr
+    assert "registered scans: 30 examples of 3x4x4 features, 5 classes" in added.stdout
+    added = cli(
+        "data", "add", "notes", str(tmp_path / "notes.csv"), "--label-column", "kind",
+        "--data-dir", node,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    listed = cli("data", "list", "--json", "--data-dir", node)
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["name"], r["examples"], r["feature_shape"], r["classes"]) for r in rows] == [
+        ("notes", 3, [2], 2),
+        ("scans", 30, [3, 4, 4], 5),
+    ]
+    removed = cli("data", "remove", "notes", "--data-dir", node)
+    assert removed.returncode == 0 and "removed notes" in removed.stdout
+    assert cli("data", "list", "--data-dir", node).stdout.startswith("scans\t30 examples\t3x4x4")
+    again = cli("data", "remove", "notes", "--data-dir", node)
+    assert again.returncode == 1 and "no data set 'notes' on this node" in again.stderr
+
+
+def test_data_add_refuses_a_bad_file_naming_it_and_records_nothing(tmp_path: Path) -> None:
+    node = str(tmp_path / "node")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,label\n1,0\n2,x\n")
+    result = cli("data", "add", "bad", str(bad), "--data-dir", node)
+    assert result.returncode == 1
+    assert f"error: {bad}, line 3, column 'label': 'x' is not a number" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert cli("data", "list", "--data-dir", node).stdout == ""
+
+
+def test_data_add_waits_for_the_node_to_stop(tmp_path: Path) -> None:
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 2)), y=np.arange(4) % 2)
+    node = Process("-m", "meshfed.cli", "run", "--json", "--data-dir", str(tmp_path / "n"))
+    try:
+        assert node.read()["event"] == "started"
+        result = cli("data", "add", "d", str(tmp_path / "d.npz"), "--data-dir", str(tmp_path / "n"))
+        assert result.returncode == 1 and "is in use by another node" in result.stderr
+    finally:
+        node.popen.send_signal(signal.SIGTERM)
+        assert node.popen.wait(20) == 0

@@ -350,7 +350,7 @@ def test_a_version_2_store_migrates_to_the_latest_schema_with_the_market_books(
         assert ledger.verify() == []
     tables = {name for (name,) in sqlite3.connect(path).execute("SELECT name FROM sqlite_master")}
     assert {"ledger_entries", "ledger_balances", "market_leases", "market_outbox"} <= tables
-    assert {"market_clearings", "market_reputation"} <= tables
+    assert {"market_clearings", "market_reputation", "market_reputation_peers"} <= tables
 
 
 def test_other_modules_seal_their_rows_under_the_store_key(tmp_path: Path) -> None:

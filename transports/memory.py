@@ -98,15 +98,18 @@ class MemoryNetwork:
         limits: TransportLimits = TransportLimits(),  # noqa: B008 - frozen, immutable
         accepts_inbound: bool = True,
     ) -> MemoryTransport:
-        """Register a node with this identity and return its transport.
+        """Register a node with this identity and return its transport. A node whose earlier
+        transport stopped joins again at its old address (a restart).
 
         Args:
             accepts_inbound: ``False`` models a peer behind NAT (client mode): others reach it
                 only after it contacted them.
         """
-        if identity.peer_id in self._nodes:
+        earlier = self._nodes.get(identity.peer_id)
+        if earlier is not None and (earlier._serving or earlier._nursery is None):
             raise ValueError(f"{identity.peer_id} already joined this network")
-        transport = MemoryTransport(self, identity.peer_id, len(self._nodes), stats, limits)
+        index = len(self._nodes) if earlier is None else earlier._index
+        transport = MemoryTransport(self, identity.peer_id, index, stats, limits)
         transport.accepts_inbound = accepts_inbound
         self._nodes[identity.peer_id] = transport
         return transport

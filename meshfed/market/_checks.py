@@ -3,6 +3,8 @@ row may hold, checked at their public edge with ``ValueError`` before anything i
 
 from __future__ import annotations
 
+import math
+
 from .terms import MAX_AMOUNT
 
 # internal to the market's books, which import the module (``from . import _checks as check``)
@@ -45,3 +47,10 @@ def envelope(value: bytes, *, required: bool = True) -> bytes:
             f"a signed envelope kept here is bytes, {int(required)} to {MAX_ENVELOPE} long"
         )
     return value
+
+
+def instant(value: float) -> float:
+    """``value`` as a float if it is a finite time (seconds since the epoch), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"a time is a finite number of seconds: {value!r}")
+    return float(value)

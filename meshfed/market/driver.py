@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import time
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..codec import schema_of
 from ..errors import (
     BudgetExceeded,
     ConfigError,
@@ -47,16 +49,18 @@ from ..errors import (
     TransportError,
 )
 from ..identity import PeerId
+from ..membership.records import Capabilities, PeerRecord
 from ..membership.swim import MemberState
 from ..stats import RejectReason
 from ..wire import Envelope
+from .journal import Journal, decode_message, encode_message
 from .lease import (
-    Action,
     BuyerJob,
     BuyerState,
     ChangeRoster,
     Forfeit,
     JobEnded,
+    LeaseAction,
     LedgerEarn,
     LedgerEscrow,
     LedgerPay,
@@ -69,9 +73,9 @@ from .lease import (
     StartTraining,
     WakeAt,
 )
-from .leasebook import LeaseBook
+from .leasebook import LeaseBook, LeaseRole, LeaseState
 from .ledger import AVAILABLE, Ledger
-from .matching import match
+from .matching import Match, match
 from .messages import (
     Award,
     Bid,
@@ -79,12 +83,13 @@ from .messages import (
     Decline,
     JobStatusQuery,
     JobStatusReport,
+    Lease,
     MarketMessage,
     PrivacyLevel,
     Receipt,
     Release,
     Rfq,
-    RosterChange,
+    RosterUpdate,
     Settle,
     SettleReason,
 )
@@ -96,13 +101,19 @@ from .terms import MICRO, Tier, WorkKind, credits
 if TYPE_CHECKING:
     from ..node import Node
     from ..training.job import RoundReport, TrainingPeer
+    from ..training.participation import JobEvents
 
 __all__ = ["JobHandle", "Market", "MarketConfig"]
 
 log = logging.getLogger(__name__)
 
-_SELLER_MESSAGES: tuple[type[MarketMessage], ...] = (Rfq, Award, Release, RosterChange, Settle)
+_SELLER_MESSAGES: tuple[type[MarketMessage], ...] = (Rfq, Award, Release, RosterUpdate, Settle)
 _GRANT_KEY = "initial"
+#: the journal's machine names: the seller book, and one buyer job per posted job
+_SELLER = "seller"
+#: the states of a winner's training that end its work (:class:`~meshfed.store.JobState`)
+_ENDED_WORK = frozenset({"finished", "converged"})
+_BUYER = "buyer:"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,7 +129,10 @@ class MarketConfig:
         accept_window_s: how long a winner has to accept an award.
         settle_window_s: how long the buyer waits for receipts.
         request_within_s: the deadline of each market request.
-        lag_rounds: a winner this many rounds behind the others' debit notes is replaced.
+        lag_rounds: a winner whose status report is this many rounds behind the others' is
+            replaced.
+        silent_polls: a winner that answers this many status polls in a row with silence is
+            replaced.
         roster_wait_s: how long a winner waits for the rest of its roster to connect.
         status_every_s: how often a buyer asks its roster how the job is doing.
     """
@@ -129,8 +143,9 @@ class MarketConfig:
     throughput: float = 0.0
     accept_window_s: float = 10.0
     settle_window_s: float = 30.0
-    request_within_s: float = 5.0
-    lag_rounds: int = 2
+    request_within_s: float = 10.0
+    lag_rounds: int = 3
+    silent_polls: int = 5
     roster_wait_s: float = 60.0
     status_every_s: float = 2.0
 
@@ -151,6 +166,10 @@ class JobHandle:
         self.report: JobStatusReport | None = None
         #: the highest unit paid per seller
         self.units_paid: dict[PeerId, int] = {}
+        #: when the job's machine next needs :meth:`~.lease.BuyerJob.expire`
+        self.wake_at = float("inf")
+        #: status polls in a row each winner did not answer
+        self.silence: dict[PeerId, int] = {}
         #: when the roster was last asked for a status report
         self.asked_at = 0.0
         self._changed = trio.Event()
@@ -219,6 +238,8 @@ class _Work:
     report: RoundReport | None = None
     state: str = "starting"
     changes: list[ChangeRoster] = field(default_factory=list)
+    #: the training's scope: cancelled when the lease ends (settled, cancelled, forfeited)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 class Market:
@@ -236,34 +257,156 @@ class Market:
         self.ledger = Ledger(node.store)
         self.book = LeaseBook(node.store)
         self.reputation = Reputation(node.store)
+        self.journal = Journal(node.store)
         self.seller = SellerBook(node.peer_id, self._offer())
         #: called with every request a buyer sent the seller's book (RFQ, award, release,
-        #: roster change, settlement) and the actions the book produced, before they are
-        #: carried out: live views, benchmarks
-        self.seller_observers: list[Callable[[PeerId, MarketMessage, list[Action]], None]] = []
+        #: roster change, settlement) and the actions the book produced, once the journal
+        #: holds it and before the actions are carried out: live views, benchmarks
+        self.seller_observers: list[Callable[[PeerId, MarketMessage, list[LeaseAction]], None]] = []
         self.jobs: dict[str, JobHandle] = {}
         self.work: dict[str, _Work] = {}
+        #: get the events of the work this node leased (``job_started``, ``round``, ...)
+        self.observers: list[JobEvents] = []
         self._nursery: trio.Nursery | None = None
+        self._unwritten: list[tuple[str, str, dict[str, Any], trio.Event]] = []
+        self._write_journal = trio.Event()
+        self._journal_error: MeshfedError | None = None
         self._seller_wake = trio.Event()
         self._seller_at = float("inf")
 
     # -- the service ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Sell and buy until cancelled."""
-        await self._ledger(self.ledger.grant, self.config.grant, key=_GRANT_KEY, memo="start")
-        self.publish_asks()
-        for message_type in _SELLER_MESSAGES:
-            self.node.handle(message_type, self._as_seller)
-        self.node.handle(DebitNote, self._as_buyer)
-        self.node.handle(JobStatusQuery, self._status_query)
+        """Sell and buy until cancelled: first the journal is replayed (the leases and jobs of
+        before a restart come back and go on), then the market's messages are answered."""
+        await self._store_call(self.ledger.grant, self.config.grant, key=_GRANT_KEY, memo="start")
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._journal_writer)
+            if self.config.capacity:
+                nursery.start_soon(self._load_training)
+            await self._replay()
+            await self.publish_asks()
+            for message_type in _SELLER_MESSAGES:
+                self.node.handle(message_type, self._as_seller)
+            self.node.handle(DebitNote, self._as_buyer)
+            self.node.handle(JobStatusQuery, self._status_query)
             nursery.start_soon(self._seller_timer)
             task_status.started()
             await trio.sleep_forever()
 
-    def publish_asks(self, conditions: Conditions | None = None) -> None:
+    async def _load_training(self) -> None:
+        """Import the training code (torch) in a worker thread now, not on the loop when the
+        first award comes: an import of seconds there would hold the answer past its deadline."""
+        await trio.to_thread.run_sync(importlib.import_module, "meshfed.training.participation")
+        await trio.to_thread.run_sync(importlib.import_module, "meshfed.training.job")
+
+    async def _replay(self) -> None:
+        """Rebuild the machines from the journal; resume the work and jobs still open."""
+        entries = await trio.to_thread.run_sync(self.journal.entries)
+        for entry in entries:
+            actions = self._call(entry.machine, entry.event, entry.body)
+            handle = self.jobs.get(entry.machine.removeprefix(_BUYER))
+            evidence = entry.body.get("frame", b"")
+            await self._apply(actions, evidence, seller=entry.machine == _SELLER, handle=handle,
+                              replaying=True)  # fmt: skip
+        assert self._nursery is not None
+        for job, work in self.work.items():
+            lease = self.seller.lease(job)
+            if lease is not None and not lease.ended:
+                self._nursery.start_soon(self._train, work)
+        for handle in self.jobs.values():
+            if handle.buyer.state is not BuyerState.ENDED:
+                self._nursery.start_soon(self._buyer_loop, handle)
+        if entries:
+            log.info("market journal replayed", extra={"events": len(entries)})
+
+    # -- the machines, journaled ---------------------------------------------------------------
+
+    def _call(self, machine: str, event: str, body: dict[str, Any]) -> list[LeaseAction]:
+        """Feed one event to its machine: the same code live and on replay."""
+        now = body.get("now", 0.0)
+        if machine == _SELLER:
+            book = self.seller
+            if event == "offer":
+                caps = schema_of(Capabilities).decode(body["capabilities"], "capabilities")
+                book.offer = SellerOffer(
+                    capabilities=caps,
+                    capacity=body["capacity"],
+                    throughput=body.get("throughput", 0.0),
+                )
+                return []
+            if event == "receive":
+                message = decode_message(body["message"])
+                assert isinstance(message, MarketMessage)
+                return book.receive(PeerId.of(body["sender"]), message, now)
+            if event == "expire":
+                return book.expire(now)
+            if event == "round_done":
+                return book.round_done(body["job"], body["unit"], body["evidence"], now)
+        elif event == "new":
+            rfq = decode_message(body["rfq"])
+            assert isinstance(rfq, Rfq)
+            buyer = BuyerJob(
+                rfq,
+                accept_window_s=body["accept_s"],
+                settle_window_s=body["settle_s"],
+                reliability={PeerId.of(raw): score for raw, score in body["reliability"]},
+            )
+            self.jobs[rfq.job] = JobHandle(self, buyer)
+            return []
+        else:
+            buyer = self.jobs[machine.removeprefix(_BUYER)].buyer
+            if event == "start":
+                return buyer.start(now, [PeerId.of(raw) for raw in body["peers"]])
+            if event == "receive":
+                message = decode_message(body["message"])
+                assert isinstance(message, MarketMessage)
+                return buyer.receive(PeerId.of(body["sender"]), message, now)
+            if event == "expire":
+                return buyer.expire(now)
+            if event == "peer_failed":
+                return buyer.peer_failed(PeerId.of(body["peer"]), body["at_round"], now)
+            if event == "finish":
+                return buyer.finish(now, SettleReason(body["reason"]))
+        raise LocalProtocolError(f"market journal: no event {event!r} for {machine}")
+
+    async def _event(self, machine: str, event: str, **body: Any) -> list[LeaseAction]:
+        """Feed one event, then wait until the journal holds it (a refused one raises and is
+        not journaled). Taken and queued with no checkpoint between: the journal's order is
+        the machines' order."""
+        actions = self._call(machine, event, body)
+        written = trio.Event()
+        self._unwritten.append((machine, event, body, written))
+        self._write_journal.set()
+        await written.wait()
+        if self._journal_error is not None:
+            raise self._journal_error
+        return actions
+
+    async def _journal_writer(self) -> None:
+        """Write what :meth:`_event` queued, in batches (one fsync each), in order."""
+        while True:
+            await self._write_journal.wait()
+            self._write_journal = trio.Event()
+            batch, self._unwritten = self._unwritten, []
+            try:
+                events = [(machine, event, body) for machine, event, body, _ in batch]
+                await self._store_call(self.journal.append, events)
+            except MeshfedError as exc:  # the store failed: every waiter learns it
+                self._journal_error = exc
+            for *_, written in batch:
+                written.set()
+
+    async def _received(
+        self, machine: str, envelope: Envelope, message: MarketMessage
+    ) -> list[LeaseAction]:
+        return await self._event(
+            machine, "receive", sender=envelope.sender.raw, message=encode_message(message),
+            frame=envelope.frame, now=time.time(),
+        )  # fmt: skip
+
+    async def publish_asks(self, conditions: Conditions | None = None) -> None:
         """Put this node's asks (from its policy and ``conditions``, default: its load now)
         in its signed record, so buyers can estimate and match."""
         load = self.seller.reserved(time.time()) / max(1, self.config.capacity)
@@ -274,17 +417,22 @@ class Market:
             own = membership.table.get(self.node.peer_id)
             if own is not None:
                 membership.update_capabilities(replace(own.capabilities, prices=prices))
-        self.seller.offer = self._offer()
+        await self._offer_changed()
+
+    async def _offer_changed(self) -> None:
+        """Journal the offer the seller answers with, if it changed (a bid depends on it)."""
+        offer = self._offer()
+        if offer != self.seller.offer:
+            caps = schema_of(Capabilities).encode(offer.capabilities)
+            await self._event(
+                _SELLER, "offer", capabilities=caps, capacity=offer.capacity,
+                throughput=offer.throughput,
+            )  # fmt: skip
 
     def _offer(self) -> SellerOffer:
         membership = self.node.membership
         own = None if membership is None else membership.table.get(self.node.peer_id)
-        if own is None:
-            from ..membership.records import Capabilities
-
-            caps = Capabilities()
-        else:
-            caps = own.capabilities
+        caps = Capabilities() if own is None else own.capabilities
         return SellerOffer(
             capabilities=caps, capacity=self.config.capacity, throughput=self.config.throughput
         )
@@ -293,11 +441,11 @@ class Market:
 
     async def _as_seller(self, envelope: Envelope, message: MarketMessage) -> MarketMessage | None:
         if isinstance(message, Rfq):
-            self.seller.offer = self._offer()
-        actions = self.seller.receive(envelope.sender, message, time.time())
+            await self._offer_changed()
+        actions = await self._received(_SELLER, envelope, message)
         for observe in self.seller_observers:
             observe(envelope.sender, message, actions)
-        return await self._apply(actions, envelope, seller=True)
+        return await self._apply(actions, envelope.frame, seller=True)
 
     async def _seller_timer(self) -> None:
         while True:
@@ -306,7 +454,8 @@ class Market:
             self._seller_wake = trio.Event()
             if time.time() >= self._seller_at:
                 self._seller_at = float("inf")
-                await self._apply(self.seller.expire(time.time()), None, seller=True)
+                actions = await self._event(_SELLER, "expire", now=time.time())
+                await self._apply(actions, b"", seller=True)
 
     def _wake_seller(self, at: float) -> None:
         if at < self._seller_at:
@@ -315,35 +464,53 @@ class Market:
 
     async def _train(self, work: _Work) -> None:
         """Run the training a lease won; note a debit for every round done."""
-        from ..training.job import TrainingPeer
+        from ..training.participation import failure_reason, take_part
 
         start = work.start
+        events = functools.partial(self._work_event, work)
         try:
             spec = spec_from(start.spec, [str(peer) for peer in start.roster])
-            work.peer = peer = TrainingPeer(self.node, spec, store=self.node.store)
-            work.state = "connecting"
-            if not await peer.ended_before():
-                await peer.connect_roster(within=self.config.roster_wait_s)
+        except ConfigError as exc:  # the buyer's job is bad: the lease's end
+            events("job_failed", {"job_id": start.job, "error": failure_reason(exc)})
+            return
+        work.state = "connecting"
+        with work.scope:
+            await take_part(
+                self.node, spec, events, roster_wait=self.config.roster_wait_s,
+                on_peer=functools.partial(setattr, work, "peer"),
+                on_round=functools.partial(self._round_done, work),
+            )  # fmt: skip
+        if work.scope.cancelled_caught:
+            work.state = "ended"
+            events("job_failed", {"job_id": start.job, "error": "the lease ended"})
+
+    def _work_event(self, work: _Work, event: str, document: dict[str, Any]) -> None:
+        if event == "job_started":
             work.state = "running"
-            await peer.run(functools.partial(self._round_done, work))
-            work.state = peer.state.value
-        except MeshfedError as exc:
+        elif event == "job_done":
+            work.state = document["state"]
+        elif event == "job_failed":
             work.state = "failed"
-            log.warning("leased job failed", extra={"job": start.job, "error": str(exc)})
-        except Exception:  # the lease's end, never the node's
-            work.state = "failed"
-            log.exception("leased job failed", extra={"job": start.job})
+            log.warning("leased job failed", extra={"job": work.start.job, **document})
+        for observer in self.observers:
+            observer(event, document)
 
     def _round_done(self, work: _Work, report: RoundReport) -> None:
         work.round, work.report = report.round + 1, report
+        assert self._nursery is not None
+        self._nursery.start_soon(self._bill, work.start.job, work.round, report)
+
+    async def _bill(self, job: str, unit: int, report: RoundReport) -> None:
+        """Note the debit for one round done (its evidence: the digest of its report)."""
         evidence = hashlib.sha256(json.dumps(asdict(report), sort_keys=True).encode()).digest()
         try:
-            actions = self.seller.round_done(work.start.job, work.round, evidence, time.time())
+            actions = await self._event(
+                _SELLER, "round_done", job=job, unit=unit, evidence=evidence, now=time.time()
+            )
         except LocalProtocolError as exc:  # the lease ended (forfeit) or the job ran longer
-            log.info("round not billed", extra={"job": work.start.job, "error": str(exc)})
+            log.info("round not billed", extra={"job": job, "error": str(exc)})
             return
-        assert self._nursery is not None
-        self._nursery.start_soon(self._apply, actions, None, True)
+        await self._apply(actions, b"", seller=True)
 
     # -- buyer ---------------------------------------------------------------------------------
 
@@ -358,12 +525,9 @@ class Market:
         """
         if order.job_id in self.jobs:
             raise LocalProtocolError(f"job {order.job_id!r} was posted already")
-        membership = self.node.membership
-        if membership is None:
-            raise LocalProtocolError("buying needs membership (peer records to match)")
-        records = membership.peers()
+        records = self._records()
         kind, tier = order.kind, order.tier
-        found = match(records, order.requirements, kind=kind, tier=tier, exclude=self.node.peer_id)
+        found = self.matching(order, records)
         if len(found.peers) < order.min_peers:
             raise NoMatchingPeers(
                 f"job {order.job_id!r}: {len(found.peers)} of {len(records)} known peers meet "
@@ -403,19 +567,37 @@ class Market:
             spec=order.job_bytes(),
             scoring=[],
         )
-        buyer = BuyerJob(
-            rfq,
-            accept_window_s=self.config.accept_window_s,
-            settle_window_s=self.config.settle_window_s,
-            reliability=self.reputation.scores(found.peers),
-        )
-        handle = self.jobs[order.job_id] = JobHandle(self, buyer)
+        machine = _BUYER + order.job_id
+        scores = self.reputation.scores(found.peers)
+        await self._event(
+            machine, "new", rfq=encode_message(rfq), accept_s=self.config.accept_window_s,
+            settle_s=self.config.settle_window_s,
+            reliability=[[peer.raw, score] for peer, score in scores.items()],
+        )  # fmt: skip
+        handle = self.jobs[order.job_id]
         handle._add("rfq", asked=[str(peer) for peer in found.peers], estimate=cost.total)
-        actions = buyer.start(now, found.peers)
+        peers = [peer.raw for peer in found.peers]
+        actions = await self._event(machine, "start", now=now, peers=peers)
         assert self._nursery is not None
         self._nursery.start_soon(self._buyer_loop, handle)
-        await self._apply(actions, None, seller=False, handle=handle)
+        await self._apply(actions, b"", seller=False, handle=handle)
         return handle
+
+    def matching(self, order: TrainingOrder, records: list[PeerRecord] | None = None) -> Match:
+        """The known peers whose records meet ``order``'s requirements (this node excluded)."""
+        return match(
+            self._records() if records is None else records,
+            order.requirements,
+            kind=order.kind,
+            tier=order.tier,
+            exclude=self.node.peer_id,
+        )
+
+    def _records(self) -> list[PeerRecord]:
+        membership = self.node.membership
+        if membership is None:
+            raise LocalProtocolError("buying needs membership (peer records to match)")
+        return membership.peers()
 
     async def _as_buyer(self, envelope: Envelope, message: MarketMessage) -> MarketMessage | None:
         handle = self.jobs.get(message.job)
@@ -423,8 +605,8 @@ class Market:
             raise RemoteProtocolError(
                 f"no job {message.job!r} posted here", reason=RejectReason.NOT_A_MEMBER
             )
-        actions = handle.buyer.receive(envelope.sender, message, time.time())
-        return await self._apply(actions, envelope, seller=False, handle=handle)
+        actions = await self._received(_BUYER + message.job, envelope, message)
+        return await self._apply(actions, envelope.frame, seller=False, handle=handle)
 
     async def _buyer_loop(self, handle: JobHandle) -> None:
         """The job's deadlines, its progress reports, failure detection and its end."""
@@ -432,47 +614,80 @@ class Market:
         while buyer.state is not BuyerState.ENDED:
             await trio.sleep(min(self.config.status_every_s, 0.25))
             now = time.time()
-            await self._apply(buyer.expire(now), None, seller=False, handle=handle)
+            if now >= handle.wake_at:  # a deadline of the machine's passed
+                handle.wake_at = float("inf")
+                actions = await self._event(_BUYER + buyer.job, "expire", now=now)
+                await self._apply(actions, b"", seller=False, handle=handle)
             if buyer.state is BuyerState.RUNNING:
                 await self._watch_roster(handle, now)
 
     async def _watch_roster(self, handle: JobHandle, now: float) -> None:
+        """Ask the roster how the job goes; end it once every winner is paid for every unit
+        or reports it stopped (converged); replace a winner that is dead, silent for
+        ``silent_polls`` polls in a row, or ``lag_rounds`` behind the others' reports.
+
+        Debit notes are no failure signal: a buyer that was away gets them late, by backoff."""
         buyer = handle.buyer
         paid = {peer: handle.units_paid.get(peer, 0) for peer in buyer.active}
         if paid and min(paid.values()) >= buyer.rfq.units:
             await self._finish(handle, SettleReason.DONE)
             return
-        ahead = max(paid.values(), default=0)
+        if now - handle.asked_at < self.config.status_every_s:
+            return
+        handle.asked_at = now
+        reports = await self._poll(handle)
+        ended = [r for r in reports.values() if r.state in _ENDED_WORK]
+        if ended and len(ended) == len(paid):  # stopped early (converged), or all rounds ran
+            if all(paid[peer] >= reports[peer].round for peer in paid):  # every note is in
+                await self._finish(handle, SettleReason.DONE)
+            return
+        ahead = max((r.round for r in reports.values()), default=0)
         membership = self.node.membership
-        for peer, done in paid.items():
+        for peer in buyer.active:
+            report = reports.get(peer)
+            silence = handle.silence.get(peer, 0)
             dead = membership is not None and membership.swim.state(peer) is MemberState.DEAD
-            if dead or ahead - done >= self.config.lag_rounds:
-                handle._add("failed", peer=str(peer), round=done + 1, dead=dead)
+            silent = silence >= self.config.silent_polls or (dead and silence > 0)
+            behind = report is not None and ahead - report.round >= self.config.lag_rounds
+            if silent or behind:  # membership's verdict alone is not enough: it asks too
+                at_round = min(buyer.rfq.units, max(1, (0 if report is None else report.round) + 1))
+                handle._add("failed", peer=str(peer), round=at_round, dead=dead, silent=silent)
                 self.reputation.record(buyer.job, peer, PeerEvent.FAILED)
-                actions = buyer.peer_failed(peer, done + 1, now)
-                await self._apply(actions, None, seller=False, handle=handle)
+                actions = await self._event(
+                    _BUYER + buyer.job, "peer_failed", peer=peer.raw, at_round=at_round, now=now
+                )
+                await self._apply(actions, b"", seller=False, handle=handle)
                 return
-        if now - handle.asked_at >= self.config.status_every_s:
-            handle.asked_at = now
-            await self._ask_status(handle)
 
-    async def _ask_status(self, handle: JobHandle) -> None:
-        for peer in handle.buyer.active:
+    async def _poll(self, handle: JobHandle) -> dict[PeerId, JobStatusReport]:
+        """Every active winner's report (asked in parallel); counts the silent ones."""
+        reports: dict[PeerId, JobStatusReport] = {}
+
+        async def ask(peer: PeerId) -> None:
             query = JobStatusQuery(handle.job_id, _ms(time.time() + 30))
             try:
-                envelope = await self.node.request(peer, query, within=2.0)
+                envelope = await self.node.request(peer, query)
             except TransportError:
-                continue
-            if isinstance(envelope.body, JobStatusReport):
-                handle.report = envelope.body
-                handle._add("status", peer=str(peer), **_report_fields(envelope.body))
-                if envelope.body.state in ("done", "stopped", "failed"):
-                    await self._finish(handle, SettleReason.DONE)
+                handle.silence[peer] = handle.silence.get(peer, 0) + 1
                 return
+            if isinstance(envelope.body, JobStatusReport) and envelope.body.job == handle.job_id:
+                reports[peer] = envelope.body
+                handle.silence[peer] = 0
+
+        async with trio.open_nursery() as nursery:
+            for peer in handle.buyer.active:
+                nursery.start_soon(ask, peer)
+        if reports:
+            latest = max(reports.values(), key=lambda report: report.round)
+            handle.report = latest
+            handle._add("status", **_report_fields(latest))
+        return reports
 
     async def _finish(self, handle: JobHandle, reason: SettleReason) -> None:
-        actions = handle.buyer.finish(time.time(), reason)
-        await self._apply(actions, None, seller=False, handle=handle)
+        actions = await self._event(
+            _BUYER + handle.job_id, "finish", now=time.time(), reason=reason.value
+        )
+        await self._apply(actions, b"", seller=False, handle=handle)
 
     # -- status --------------------------------------------------------------------------------
 
@@ -541,18 +756,23 @@ class Market:
 
     async def _apply(
         self,
-        actions: list[Action],
-        envelope: Envelope | None,
+        actions: list[LeaseAction],
+        evidence: bytes,
         seller: bool,
         handle: JobHandle | None = None,
+        *,
+        replaying: bool = False,
     ) -> MarketMessage | None:
         """Carry out ``actions`` in order: ledger first (awaited), then the sends they allow;
-        returns the reply to the message being received, if any."""
+        returns the reply to the message being received, if any. ``evidence``: the signed
+        frame of that message. Replaying the journal, nothing is sent and no work started
+        (the ledger's idempotency makes its actions no-ops)."""
         reply: MarketMessage | None = None
-        evidence = b"" if envelope is None else envelope.frame
         for action in actions:
             if isinstance(action, Reply):
                 reply = action.message
+            elif replaying and isinstance(action, SendRequest | StartJob):
+                continue
             elif isinstance(action, SendRequest):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._request, action, seller, handle)
@@ -561,33 +781,39 @@ class Market:
             elif isinstance(action, WakeAt):
                 if seller:
                     self._wake_seller(action.at)
+                elif handle is not None:
+                    handle.wake_at = min(handle.wake_at, action.at)
             elif isinstance(action, LedgerEscrow):
-                await self._ledger(self.ledger.escrow, action.job, action.amount, key=action.key)
+                await self._store_call(
+                    self.ledger.escrow, action.job, action.amount, key=action.key
+                )
             elif isinstance(action, LedgerPay):
-                await self._ledger(
+                await self._store_call(
                     self.ledger.pay, action.job, action.seller, action.unit, action.amount,
                     evidence=evidence,
                 )  # fmt: skip
                 if handle is not None:
                     _note_paid(handle, action)
             elif isinstance(action, LedgerRelease):
-                await self._ledger(self.ledger.release, action.job, key=action.key)
+                await self._store_call(self.ledger.release, action.job, key=action.key)
             elif isinstance(action, LedgerEarn):
-                await self._ledger(
+                await self._store_call(
                     self.ledger.earn, action.job, action.buyer, action.unit, action.amount,
                     evidence=evidence,
                 )  # fmt: skip
             elif isinstance(action, Forfeit):
                 for unit in action.units:
                     share = action.amount // len(action.units)
-                    await self._ledger(
+                    await self._store_call(
                         self.ledger.forfeit, action.job, action.buyer, unit, share,
                         evidence=evidence,
                     )  # fmt: skip
             elif isinstance(action, StartTraining):
+                await self._put_lease(action.job, LeaseRole.SELLER, action.buyer, evidence)
                 work = self.work[action.job] = _Work(action)
-                assert self._nursery is not None
-                self._nursery.start_soon(self._train, work)
+                if not replaying:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._train, work)
             elif isinstance(action, ChangeRoster):
                 work_for = self.work.get(action.job)
                 if work_for is not None:
@@ -596,8 +822,8 @@ class Market:
                 assert handle is not None
                 handle._add("started", roster=[str(peer) for peer in action.roster])
                 await self._record_clearing(handle)
-            elif isinstance(action, JobEnded) and handle is not None:
-                self._ended(handle, action)
+            elif isinstance(action, JobEnded):
+                await self._lease_ended(action, handle)
         return reply
 
     async def _request(self, action: SendRequest, seller: bool, handle: JobHandle | None) -> None:
@@ -606,8 +832,8 @@ class Market:
             envelope = await self.node.request(
                 action.to, action.message, within=self.config.request_within_s
             )
-        except TransportError as exc:
-            log.info(
+        except TransportError as exc:  # the machine's deadlines deal with it
+            log.warning(
                 "market request unanswered",
                 extra={"peer": action.to.short(), "type": action.message.TYPE, "error": str(exc)},
             )
@@ -619,17 +845,65 @@ class Market:
             return  # an Ack (a Release, a Receipt taken)
         try:
             if seller:
-                actions = self.seller.receive(envelope.sender, answer, time.time())
+                actions = await self._received(_SELLER, envelope, answer)
             else:
                 assert handle is not None
-                actions = handle.buyer.receive(envelope.sender, answer, time.time())
+                actions = await self._received(_BUYER + handle.job_id, envelope, answer)
                 _note_answer(handle, envelope.sender, answer)
         except RemoteProtocolError as exc:
-            self.node._rejected(envelope.sender, exc)
+            self.node.count_rejection(envelope.sender, exc)
+            log.warning(
+                "market answer refused",
+                extra={"peer": envelope.sender.short(), "type": answer.TYPE, "error": str(exc)},
+            )
             return
-        await self._apply(actions, envelope, seller, handle)
+        if isinstance(answer, Lease) and handle is not None:  # accepted: its signature kept
+            await self._put_lease(handle.job_id, LeaseRole.BUYER, envelope.sender, envelope.frame)
+        await self._apply(actions, envelope.frame, seller, handle)
 
-    async def _ledger(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def _put_lease(self, job: str, role: LeaseRole, peer: PeerId, signed: bytes) -> None:
+        """Keep the lease with the counterpart's signature on it (its award, or its
+        acceptance)."""
+        terms = self._terms(job, role, peer)
+        if terms is not None:
+            price, units = terms
+            await self._store_call(
+                self.book.put_lease, job, role, peer, price=price, units=units, award=signed,
+                state=LeaseState.ACTIVE,
+            )  # fmt: skip
+
+    def _terms(self, job: str, role: LeaseRole, peer: PeerId) -> tuple[int, int] | None:
+        if role is LeaseRole.SELLER:
+            lease = self.seller.lease(job)
+            return None if lease is None else (lease.award.price, lease.award.units)
+        handle = self.jobs.get(job)
+        award = None if handle is None else handle.buyer.award_to(peer)
+        return None if award is None else (award.price, award.units)
+
+    async def _lease_ended(self, ended: JobEnded, handle: JobHandle | None) -> None:
+        final = {
+            SettleReason.DONE.value: LeaseState.SETTLED,
+            SettleReason.FORFEIT.value: LeaseState.FORFEITED,
+        }.get(ended.reason, LeaseState.CANCELLED)
+        if handle is None:
+            work = self.work.get(ended.job)
+            if work is not None and ended.reason != SettleReason.DONE.value:
+                work.scope.cancel()  # cancelled, out of budget or forfeited: no one pays more
+            lease = self.seller.lease(ended.job)
+            if lease is not None:
+                with contextlib.suppress(LocalProtocolError):
+                    await self._store_call(
+                        self.book.set_lease_state, ended.job, LeaseRole.SELLER, lease.buyer, final
+                    )
+            return
+        for peer in handle.buyer.active:
+            with contextlib.suppress(LocalProtocolError):
+                await self._store_call(
+                    self.book.set_lease_state, ended.job, LeaseRole.BUYER, peer, final
+                )
+        self._ended(handle, ended)
+
+    async def _store_call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await trio.to_thread.run_sync(functools.partial(method, *args, **kwargs))
 
     async def _record_clearing(self, handle: JobHandle) -> None:
@@ -638,7 +912,7 @@ class Market:
             return
         rfq = handle.buyer.rfq
         prices = sorted(winner.price for winner in clearing.winners)
-        await self._ledger(
+        await self._store_call(
             self.book.record_clearing, WorkKind(rfq.kind), Tier(rfq.tier),
             prices[len(prices) // 2], time.time(),
         )  # fmt: skip
@@ -661,7 +935,7 @@ def _note_send(handle: JobHandle, action: SendRequest) -> None:
     if isinstance(message, Award):
         handle._add("award", peer=str(action.to), price=message.price, units=message.units,
                     escrowed=handle.buyer.escrowed)  # fmt: skip
-    elif isinstance(message, RosterChange):
+    elif isinstance(message, RosterUpdate):
         roster = [str(p) for p in message.roster]
         handle._add("roster", to=str(action.to), version=message.roster_version, roster=roster,
                     from_round=message.from_round)  # fmt: skip

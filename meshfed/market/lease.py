@@ -1,7 +1,7 @@
 """The market's lease state machines: one :class:`BuyerJob` per posted job, one
 :class:`SellerBook` per node. Sans-IO: events in, actions out; time is passed in (seconds).
 
-Theory of operation (SPEC.md, "Market leases").
+Theory of operation (SPEC.md, "Market messages and leases").
 
 The buyer::
 
@@ -10,7 +10,8 @@ The buyer::
         --winners--> LedgerEscrow(total), Award to every winner, Release to every loser
     AWARDING --a Lease from every winner--> StartJob(roster)             RUNNING
              --a LeaseDecline, or no answer by the award's expiry--> replace() from standby
-    RUNNING  --peer_failed--> RosterChange without it; replace(); its Lease--> RosterChange
+             --a Lease after the award's expiry--> Reply(Settle(0, "cancelled")), replace()
+    RUNNING  --peer_failed--> RosterUpdate without it; replace(); its Lease--> RosterUpdate
              --DebitNote--> LedgerPay, then Reply(DebitAck)   (the same unit again: the same ack)
     finish() / cancel() / no replacement affordable--> LedgerRelease, Settle to every seller
     SETTLING --a Receipt from every seller, or the settle deadline--> ENDED
@@ -24,7 +25,8 @@ The seller (per RFQ, then per lease)::
     round_done --> DebitNote to the buyer, resent (WakeAt) until acknowledged
     DebitAck --> LedgerEarn                       (once per unit, whatever arrives again)
     a note unacknowledged until it expires (the lease's forfeit term) --> Forfeit, lease ends
-    Settle --> Reply(Receipt): the seller's own acknowledged totals
+    Settle --> Reply(Receipt): the seller's own acknowledged totals (once the acks the
+               settlement counts are in, or when it expires)
 
 Every event is checked in full before anything changes: a message that fails a check raises
 :class:`~meshfed.errors.RemoteProtocolError` with its counted reason and leaves the machine as
@@ -36,7 +38,9 @@ case on the wire); an expired message with ``STALE``.
 The driver applies every ledger action before it sends the message after it (write-ahead):
 ``LedgerEscrow`` before the awards, ``LedgerPay`` before the acknowledgement. For the ledger's
 evidence it attaches the signed frame of the message being received (the seller's note to a
-``LedgerPay``, the buyer's acknowledgement to a ``LedgerEarn``).
+``LedgerPay``, the buyer's acknowledgement to a ``LedgerEarn``). Both machines are
+deterministic functions of their events, so a driver that writes each event ahead rebuilds
+them after a crash by feeding the events again.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from ..identity import PeerId
 from ..membership.records import Capabilities
 from ..stats import RejectReason
 from .auction import AuctionTerms, Clearing, Offer, Winner, clear, replace
+from .matching import ask_for, unmet
 from .messages import (
     MAX_ROSTER,
     Award,
@@ -73,17 +78,17 @@ from .messages import (
     Receipt,
     Release,
     Rfq,
-    RosterChange,
+    RosterUpdate,
     Settle,
     SettleReason,
     check_fresh,
     digest,
 )
-from .terms import Tier
+from .terms import Tier, WorkKind
 from .tiers import scoring_for
 
 __all__ = [
-    "Action",
+    "LeaseAction",
     "BuyerJob",
     "BuyerState",
     "ChangeRoster",
@@ -225,7 +230,7 @@ class WakeAt:
     at: float
 
 
-Action = (
+LeaseAction = (
     SendRequest
     | Reply
     | LedgerEscrow
@@ -364,6 +369,11 @@ class BuyerJob:
         """Micro-credits paid per seller so far."""
         return {peer: c.paid for peer, c in self._contracts.items() if c.acks}
 
+    def award_to(self, peer: PeerId) -> Award | None:
+        """The current award to ``peer``, if any."""
+        contract = self._contracts.get(peer)
+        return None if contract is None else contract.award
+
     @property
     def active(self) -> tuple[PeerId, ...]:
         """The sellers holding an accepted lease that is not over."""
@@ -371,7 +381,7 @@ class BuyerJob:
 
     # ------------------------------------------------------------------------- events
 
-    def start(self, now: float, peers: Collection[PeerId]) -> list[Action]:
+    def start(self, now: float, peers: Collection[PeerId]) -> list[LeaseAction]:
         """Ask every peer in ``peers`` (those whose records match) for a quote, all at once.
 
         Raises:
@@ -383,13 +393,13 @@ class BuyerJob:
             raise LocalProtocolError(f"job {self.job!r}: no peer to ask for a quote")
         self._asked = frozenset(peers)
         self.state = BuyerState.BIDDING
-        actions: list[Action] = [
+        actions: list[LeaseAction] = [
             SendRequest(peer, self.rfq) for peer in sorted(self._asked, key=_raw)
         ]
         actions.append(WakeAt(self.rfq.bid_deadline_ms / 1000))
         return actions
 
-    def receive(self, sender: PeerId, message: MarketMessage, now: float) -> list[Action]:
+    def receive(self, sender: PeerId, message: MarketMessage, now: float) -> list[LeaseAction]:
         """Take one message ``sender`` signed.
 
         Raises:
@@ -408,7 +418,7 @@ class BuyerJob:
             return self._on_receipt(sender, message, now)
         raise _reject(RejectReason.WRONG_CONTEXT, f"a buyer takes no {message.TYPE}")
 
-    def expire(self, now: float) -> list[Action]:
+    def expire(self, now: float) -> list[LeaseAction]:
         """Deadlines up to ``now`` passed: close the bid window, replace winners that did not
         accept in time, end a settlement whose receipts did not all come."""
         now_ms = _ms(now)
@@ -428,7 +438,7 @@ class BuyerJob:
             return [JobEnded(self.job, self._settle_reason.value, self.error)]
         return []
 
-    def peer_failed(self, peer: PeerId, at_round: int, now: float) -> list[Action]:
+    def peer_failed(self, peer: PeerId, at_round: int, now: float) -> list[LeaseAction]:
         """``peer`` stopped working from round ``at_round`` (1-based) on: take it off the
         roster at once and award its remaining rounds to the best standby bid.
 
@@ -442,7 +452,7 @@ class BuyerJob:
         self._round = max(self._round, at_round)
         return self._replace([peer], now, at_round=at_round)
 
-    def finish(self, now: float, reason: SettleReason = SettleReason.DONE) -> list[Action]:
+    def finish(self, now: float, reason: SettleReason = SettleReason.DONE) -> list[LeaseAction]:
         """End the job (done, or cancelled by the user): release the escrow's rest and settle
         every lease. A second call changes nothing."""
         if self.state in (BuyerState.SETTLING, BuyerState.ENDED):
@@ -453,13 +463,13 @@ class BuyerJob:
             return [*releases, JobEnded(self.job, reason.value, self.error)]
         return self._settle(now, reason)
 
-    def cancel(self, now: float) -> list[Action]:
+    def cancel(self, now: float) -> list[LeaseAction]:
         """The user cancels the job: :meth:`finish` with reason ``cancelled``."""
         return self.finish(now, SettleReason.CANCELLED)
 
     # -------------------------------------------------------------------------- bids
 
-    def _on_answer(self, sender: PeerId, answer: Bid | Decline, now: float) -> list[Action]:
+    def _on_answer(self, sender: PeerId, answer: Bid | Decline, now: float) -> list[LeaseAction]:
         if sender not in self._asked:
             raise _reject(RejectReason.NOT_A_MEMBER, f"{sender} was not asked for a quote")
         if answer.rfq_digest != self.rfq_digest:
@@ -496,7 +506,7 @@ class BuyerJob:
             accelerator=bool(seen.accelerator),
         )
 
-    def _close(self, now: float) -> list[Action]:
+    def _close(self, now: float) -> list[LeaseAction]:
         """The bid window closes: clear, escrow, award the winners, release the losers."""
         now_ms = _ms(now)
         live = {peer: bid for peer, bid in self._bids.items() if bid.expires_ms >= now_ms}
@@ -512,7 +522,7 @@ class BuyerJob:
         self.state = BuyerState.AWARDING
         self.roster = tuple(winner.bidder for winner in clearing.winners)
         self.roster_version = 1
-        actions: list[Action] = [*self._escrow(clearing.total)]
+        actions: list[LeaseAction] = [*self._escrow(clearing.total)]
         for winner in clearing.winners:
             actions.append(self._award(winner, self.rfq.units, now))
         winners = set(self.roster)
@@ -523,7 +533,7 @@ class BuyerJob:
         ]
         return [*actions, *self._next_wake()]
 
-    def _release_bidders(self, now: float) -> list[Action]:
+    def _release_bidders(self, now: float) -> list[LeaseAction]:
         return [
             SendRequest(peer, Release(self.job, self._expiry(now), self.rfq_digest))
             for peer in sorted(self._bids, key=_raw)
@@ -532,7 +542,7 @@ class BuyerJob:
     def _expiry(self, now: float) -> int:
         return _ms(now + self._accept_window_s)
 
-    def _escrow(self, needed: int) -> list[Action]:
+    def _escrow(self, needed: int) -> list[LeaseAction]:
         """Escrow up to ``needed`` in all (nothing if it is escrowed already)."""
         if needed <= self.escrowed:
             return []
@@ -559,7 +569,9 @@ class BuyerJob:
 
     # ------------------------------------------------------------------------ leases
 
-    def _on_lease(self, sender: PeerId, answer: Lease | LeaseDecline, now: float) -> list[Action]:
+    def _on_lease(
+        self, sender: PeerId, answer: Lease | LeaseDecline, now: float
+    ) -> list[LeaseAction]:
         contract = self._by_award.get(answer.award_digest)
         if contract is None or contract.award.winner != sender:
             if sender not in self._contracts:
@@ -586,7 +598,7 @@ class BuyerJob:
             return self._roster_formed(now)
         # Accepted too late (the award expired, was replaced, or the job is over): the seller
         # may have started, so its lease is ended at once, with nothing owed either way.
-        actions: list[Action] = []
+        actions: list[LeaseAction] = []
         if live and not contract.gone:
             actions = self._replace([sender], now, at_round=self._round)
         contract.gone = True
@@ -594,7 +606,7 @@ class BuyerJob:
         self._withdrawn[sender] = (settle, digest(settle))
         return [*actions, Reply(settle)]
 
-    def _roster_formed(self, now: float) -> list[Action]:
+    def _roster_formed(self, now: float) -> list[LeaseAction]:
         """After an acceptance: start the job once every award is accepted, or tell a running
         job's peers who joined."""
         if any(not c.accepted for c in self._contracts.values() if not c.gone):
@@ -606,15 +618,15 @@ class BuyerJob:
                 for peer in self.roster
                 if self._contracts[peer].award.roster_version < self.roster_version
             ]
-            start: list[Action] = [StartJob(self.job, self.roster, self.roster_version)]
+            start: list[LeaseAction] = [StartJob(self.job, self.roster, self.roster_version)]
             return start + self._roster_change(now, stale, from_round=0)
         self.roster_version += 1
         return self._roster_change(now, list(self.roster), from_round=self._round)
 
-    def _roster_change(self, now: float, to: list[PeerId], *, from_round: int) -> list[Action]:
+    def _roster_change(self, now: float, to: list[PeerId], *, from_round: int) -> list[LeaseAction]:
         if not to:
             return []
-        change = RosterChange(
+        change = RosterUpdate(
             job=self.job,
             expires_ms=_ms(now + self._settle_window_s),
             roster_version=self.roster_version,
@@ -624,7 +636,7 @@ class BuyerJob:
         )
         return [SendRequest(peer, change) for peer in to]
 
-    def _replace(self, gone: list[PeerId], now: float, *, at_round: int) -> list[Action]:
+    def _replace(self, gone: list[PeerId], now: float, *, at_round: int) -> list[LeaseAction]:
         """``gone`` are out of the job: replace them from standby, or carry on without them
         while ``min_peers`` remain, or end the job."""
         assert self.clearing is not None
@@ -638,7 +650,7 @@ class BuyerJob:
         self._removed += gone
         self.roster = tuple(peer for peer in self.roster if peer not in gone)
         self.roster_version += 1
-        actions: list[Action] = []
+        actions: list[LeaseAction] = []
         if self.state is BuyerState.RUNNING:
             actions += self._roster_change(now, list(self.roster), from_round=at_round)
         units = self.rfq.units
@@ -667,12 +679,12 @@ class BuyerJob:
         actions += [self._award(winner, units, now) for winner in chosen]
         return [*actions, *self._next_wake()]
 
-    def _roster_formed_after_loss(self, now: float) -> list[Action]:
+    def _roster_formed_after_loss(self, now: float) -> list[LeaseAction]:
         if self.state is BuyerState.AWARDING:
             return self._roster_formed(now)
         return self._next_wake()
 
-    def _next_wake(self) -> list[Action]:
+    def _next_wake(self) -> list[LeaseAction]:
         pending = [
             c.award.expires_ms for c in self._contracts.values() if not c.accepted and not c.gone
         ]
@@ -680,7 +692,7 @@ class BuyerJob:
 
     # ------------------------------------------------------------------------- debits
 
-    def _on_note(self, sender: PeerId, note: DebitNote, now: float) -> list[Action]:
+    def _on_note(self, sender: PeerId, note: DebitNote, now: float) -> list[LeaseAction]:
         contract = self._by_award.get(note.award_digest)
         if contract is None or contract.award.winner != sender:
             if sender not in self._contracts:
@@ -717,11 +729,11 @@ class BuyerJob:
 
     # ---------------------------------------------------------------------- settlement
 
-    def _settle(self, now: float, reason: SettleReason) -> list[Action]:
+    def _settle(self, now: float, reason: SettleReason) -> list[LeaseAction]:
         self.state = BuyerState.SETTLING
         self._settle_reason = reason
         self._settle_deadline = now + self._settle_window_s
-        actions: list[Action] = [LedgerRelease(self.job, key=f"{self.job}:release")]
+        actions: list[LeaseAction] = [LedgerRelease(self.job, key=f"{self.job}:release")]
         for peer, contract in sorted(self._contracts.items(), key=_kraw):
             if not contract.accepted:
                 continue
@@ -739,7 +751,7 @@ class BuyerJob:
             return [*actions, JobEnded(self.job, reason.value, self.error)]
         return [*actions, WakeAt(self._settle_deadline)]
 
-    def _on_receipt(self, sender: PeerId, receipt: Receipt, now: float) -> list[Action]:
+    def _on_receipt(self, sender: PeerId, receipt: Receipt, now: float) -> list[LeaseAction]:
         withdrawn = self._withdrawn.get(sender)
         if withdrawn is not None and receipt.settle_digest == withdrawn[1]:
             return []  # the receipt for a lease withdrawn before it began: nothing to record
@@ -800,7 +812,7 @@ class SellerOffer:
     throughput: float = 0.0
     locality: str = ""
     hold_s: float = 30.0
-    max_wait_s: float = 300.0
+    max_wait_s: float = 600.0
 
 
 @dataclass(slots=True)
@@ -884,6 +896,10 @@ class SellerBook:
         )
         return held + sum(1 for lease in self._leases.values() if not lease.ended)
 
+    def lease(self, job: str) -> _SellerLease | None:
+        """This node's lease in ``job``, if it holds one."""
+        return self._leases.get(job)
+
     def outbox(self) -> list[tuple[PeerId, DebitNote]]:
         """Every debit note not yet acknowledged, with its buyer (the driver persists these)."""
         return [
@@ -895,7 +911,7 @@ class SellerBook:
 
     # ------------------------------------------------------------------------- events
 
-    def receive(self, sender: PeerId, message: MarketMessage, now: float) -> list[Action]:
+    def receive(self, sender: PeerId, message: MarketMessage, now: float) -> list[LeaseAction]:
         """Take one message ``sender`` signed.
 
         Raises:
@@ -913,13 +929,13 @@ class SellerBook:
             raise _reject(RejectReason.NOT_A_MEMBER, f"no lease from {sender} in {message.job!r}")
         if isinstance(message, DebitAck):
             return self._on_ack(lease, message, now)
-        if isinstance(message, RosterChange):
+        if isinstance(message, RosterUpdate):
             return self._on_roster(lease, message, now)
         if isinstance(message, Settle):
             return self._on_settle(lease, message, now)
         raise _reject(RejectReason.WRONG_CONTEXT, f"a seller takes no {message.TYPE}")
 
-    def round_done(self, job: str, unit: int, evidence: bytes, now: float) -> list[Action]:
+    def round_done(self, job: str, unit: int, evidence: bytes, now: float) -> list[LeaseAction]:
         """Unit ``unit`` (1-based) of the lease in ``job`` is done: note the debit to the
         buyer (resent until acknowledged). The same unit again changes nothing.
 
@@ -948,11 +964,11 @@ class SellerBook:
         lease.next_try[unit] = (now + self._retry_s, self._retry_s)
         return [SendRequest(lease.buyer, note), WakeAt(now + self._retry_s)]
 
-    def expire(self, now: float) -> list[Action]:
+    def expire(self, now: float) -> list[LeaseAction]:
         """Send again every note due for a retry; forfeit leases whose buyer left a note
         unacknowledged past its expiry."""
         now_ms = _ms(now)
-        actions: list[Action] = []
+        actions: list[LeaseAction] = []
         wake: list[float] = []
         for job, lease in self._leases.items():
             if lease.ended:
@@ -992,7 +1008,7 @@ class SellerBook:
 
     # -------------------------------------------------------------------------- quotes
 
-    def _on_rfq(self, buyer: PeerId, rfq: Rfq, now: float) -> list[Action]:
+    def _on_rfq(self, buyer: PeerId, rfq: Rfq, now: float) -> list[LeaseAction]:
         key = (buyer, digest(rfq))
         known = self._quotes.get(key)
         if known is not None:
@@ -1033,39 +1049,15 @@ class SellerBook:
 
     def _unfit(self, rfq: Rfq, price: int | None) -> DeclineReason | None:
         """The first requirement of ``rfq`` this node fails (``price``: our ask), or None."""
-        need, caps = rfq.requirements, self.offer.capabilities
-        held = {offer.name: offer.examples for offer in caps.datasets}
-        checks = [
-            (price is None, DeclineReason.KIND),
-            (bool(need.dataset) and need.dataset not in held, DeclineReason.DATASET),
-            (held.get(need.dataset, 0) < need.min_examples, DeclineReason.MIN_EXAMPLES),
-            (bool(need.model) and need.model not in caps.models, DeclineReason.MODEL),
-            (not set(need.roles) <= set(caps.roles), DeclineReason.ROLES),
-            (caps.memory_mb < need.min_memory_mb, DeclineReason.MEMORY),
-            (
-                bool(need.accelerator) and caps.accelerator != need.accelerator,
-                DeclineReason.ACCELERATOR,
-            ),
-            (
-                caps.battery_pct is not None and caps.battery_pct < need.min_battery_pct,
-                DeclineReason.BATTERY,
-            ),
-            (need.unmetered and caps.metered, DeclineReason.METERED),
-            (
-                need.charging and caps.battery_pct is not None and not caps.charging,
-                DeclineReason.CHARGING,
-            ),
-            (
-                price is not None and price * rfq.units * rfq.max_peers > rfq.budget,
-                DeclineReason.PRICE,
-            ),
-        ]
-        return next((reason for failed, reason in checks if failed), None)
+        kind, tier = WorkKind(rfq.kind), Tier(rfq.tier)
+        unfit = unmet(rfq.requirements, self.offer.capabilities, kind=kind, tier=tier)
+        if unfit is None and price is not None and price * rfq.units * rfq.max_peers > rfq.budget:
+            return DeclineReason.PRICE
+        return unfit
 
     def _ask(self, rfq: Rfq) -> int | None:
         """Our price per unit for the RFQ's kind and tier (None: we do not sell it)."""
-        asks = self.offer.capabilities.prices
-        return next((a.price for a in asks if (a.kind, a.tier) == (rfq.kind, rfq.tier)), None)
+        return ask_for(self.offer.capabilities, WorkKind(rfq.kind), Tier(rfq.tier))
 
     def _snapshot(self, rfq: Rfq) -> BidCapabilities:
         caps = self.offer.capabilities
@@ -1079,7 +1071,7 @@ class SellerBook:
             locality=self.offer.locality,
         )
 
-    def _on_release(self, buyer: PeerId, release: Release) -> list[Action]:
+    def _on_release(self, buyer: PeerId, release: Release) -> list[LeaseAction]:
         quote = self._quotes.get((buyer, release.rfq_digest))
         if quote is None or quote.rfq.job != release.job:
             raise _reject(RejectReason.WRONG_CONTEXT, f"no quote of ours for {buyer} to release")
@@ -1088,7 +1080,7 @@ class SellerBook:
 
     # -------------------------------------------------------------------------- leases
 
-    def _on_award(self, buyer: PeerId, award: Award, now: float) -> list[Action]:
+    def _on_award(self, buyer: PeerId, award: Award, now: float) -> list[LeaseAction]:
         if award.winner != self.me:
             raise _reject(RejectReason.WRONG_CONTEXT, "an award to another peer")
         award_digest = digest(award)
@@ -1137,7 +1129,7 @@ class SellerBook:
             return "busy"
         return ""
 
-    def _on_ack(self, lease: _SellerLease, ack: DebitAck, now: float) -> list[Action]:
+    def _on_ack(self, lease: _SellerLease, ack: DebitAck, now: float) -> list[LeaseAction]:
         note = lease.notes.get(ack.unit)
         if ack.seller != self.me or note is None:
             raise _reject(RejectReason.WRONG_CONTEXT, "an acknowledgement of no note of ours")
@@ -1148,7 +1140,7 @@ class SellerBook:
         check_fresh(ack, _ms(now))
         lease.acks[ack.unit] = ack
         del lease.next_try[ack.unit]
-        actions: list[Action] = [
+        actions: list[LeaseAction] = [
             LedgerEarn(ack.job, lease.buyer, ack.unit, ack.amount, digest(ack))
         ]
         settle = lease.settle
@@ -1163,19 +1155,21 @@ class SellerBook:
             ]
         return actions
 
-    def _on_roster(self, lease: _SellerLease, change: RosterChange, now: float) -> list[Action]:
+    def _on_roster(
+        self, lease: _SellerLease, change: RosterUpdate, now: float
+    ) -> list[LeaseAction]:
         if change.roster_version <= lease.roster_version:
             return []  # an older or the same change: we hold a newer roster
         if lease.ended:
             raise _reject(RejectReason.LATE, f"the lease in {change.job!r} is over")
         check_fresh(change, _ms(now))
         lease.roster_version = change.roster_version
-        actions: list[Action] = [
+        actions: list[LeaseAction] = [
             ChangeRoster(change.job, tuple(change.roster), change.roster_version, change.from_round)
         ]
         return actions
 
-    def _on_settle(self, lease: _SellerLease, settle: Settle, now: float) -> list[Action]:
+    def _on_settle(self, lease: _SellerLease, settle: Settle, now: float) -> list[LeaseAction]:
         if lease.settle is not None:
             if lease.settle != settle:
                 raise _reject(RejectReason.INCONSISTENT, f"a second settlement of {settle.job!r}")

@@ -285,10 +285,10 @@ class LeaseBook:
         time ``at`` (keeping the newest ``clearing_history`` of that kind and tier).
 
         Raises:
-            ValueError: a price not in (0, MAX_AMOUNT].
+            ValueError: a price not in (0, MAX_AMOUNT], or ``at`` not a finite time.
         """
         check.amount(price_per_unit, "a price")
-        fields = (WorkKind(kind).value, Tier(tier).value, price_per_unit, float(at))
+        fields = (WorkKind(kind).value, Tier(tier).value, price_per_unit, check.instant(at))
         with self._store.transaction() as connection:
             connection.execute(
                 f"INSERT INTO {_CLEARINGS} (kind, tier, price, at, mac) VALUES (?, ?, ?, ?, ?)",

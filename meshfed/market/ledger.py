@@ -50,7 +50,7 @@ from __future__ import annotations
 import enum
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,7 @@ from .terms import MAX_AMOUNT, credits
 __all__ = [
     "AVAILABLE",
     "MINT",
+    "Debit",
     "Entry",
     "EntryKind",
     "Ledger",
@@ -174,6 +175,18 @@ class Entry:
     memo: str
     evidence: bytes
     at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Debit:
+    """One acknowledged debit: ``amount`` for ``unit`` of ``job`` with ``peer`` (the seller on
+    the buyer's side), resting on ``evidence`` (the counterpart's signed envelope, raw)."""
+
+    job: str
+    peer: PeerId
+    unit: int
+    amount: int
+    evidence: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,7 +405,30 @@ class Ledger:
             BudgetExceeded: the job's escrow holds less than ``amount`` (nothing is written).
             LocalProtocolError: this unit was paid before with another amount.
         """
+        return self.pay_many([Debit(job, seller, unit, amount, evidence)])[0]
+
+    def pay_many(self, debits: Iterable[Debit]) -> list[bool]:
+        """:meth:`pay` each debit (``peer`` the seller), all in one transaction: one fsync for
+        a round's worth of debit notes instead of one each. All or nothing.
+
+        Returns:
+            For each debit, True if applied now, False if paid before.
+
+        Raises:
+            ValueError, BudgetExceeded, LocalProtocolError: as :meth:`pay`, for any of them;
+                then none is applied.
+        """
+        plans = [self._pay_plan(debit) for debit in debits]
+        with self._store.transaction() as connection:
+            return [
+                self._apply_in(connection, request, plan, "", evidence)[1]
+                for request, plan, evidence in plans
+            ]
+
+    def _pay_plan(self, debit: Debit) -> tuple[_Request, _Plan, bytes]:
+        job, seller, unit, amount = debit.job, debit.peer, debit.unit, debit.amount
         check.amount(amount)
+        check.envelope(debit.evidence)
         request = _Request(
             f"pay:{check.job_id(job)}:{seller.raw.hex()}:{check.unit(unit)}",
             EntryKind.PAY,
@@ -414,7 +450,7 @@ class Ledger:
                 Posting(paid_account(job, seller), amount),
             ]
 
-        return self._apply(request, postings, evidence=evidence)[1]
+        return request, postings, debit.evidence
 
     def release(self, job: str, *, key: str) -> int:
         """Move what is left in ``job``'s escrow back to ``available`` (on settle or cancel).
@@ -500,27 +536,37 @@ class Ledger:
     def _apply(
         self,
         request: _Request,
-        plan: Callable[[_Read], list[Posting] | None],
+        plan: _Plan,
         *,
         memo: str = "",
         evidence: bytes = b"",
     ) -> tuple[Entry | None, bool]:
-        """Apply ``request`` once: the stored entry and True if written now; the first entry
-        and False if its key was applied before; (None, False) if ``plan`` declined."""
+        """Apply ``request`` once, in its own transaction (see :meth:`_apply_in`)."""
         if len(memo) > MAX_KEY_LEN:
             raise ValueError(f"a memo has at most {MAX_KEY_LEN} characters")
         check.envelope(evidence, required=request.kind in _NEEDS_EVIDENCE)
         with self._store.transaction() as connection:
-            found = self._entry_by_key(connection, request.key)
-            if found is not None:
-                request.check_repeat(found)
-                return found, False
-            read = _Read(self, connection)
-            postings = plan(read)
-            if postings is None:
-                return None, False
-            entry = self._append(connection, request, postings, memo, evidence)
-            return entry, True
+            return self._apply_in(connection, request, plan, memo, evidence)
+
+    def _apply_in(
+        self,
+        connection: sqlite3.Connection,
+        request: _Request,
+        plan: _Plan,
+        memo: str,
+        evidence: bytes,
+    ) -> tuple[Entry | None, bool]:
+        """Apply ``request`` once in the caller's transaction: the stored entry and True if
+        written now; the first entry and False if its key was applied before; (None, False)
+        if ``plan`` declined."""
+        found = self._entry_by_key(connection, request.key)
+        if found is not None:
+            request.check_repeat(found)
+            return found, False
+        postings = plan(_Read(self, connection))
+        if postings is None:
+            return None, False
+        return self._append(connection, request, postings, memo, evidence), True
 
     def _append(
         self,
@@ -631,6 +677,9 @@ class _Request:
                 f"ledger key {self.key!r} was applied to another transaction: {found.kind} of "
                 f"{found.amount} in job {found.job!r}, not {self.kind} of {self.amount}"
             )
+
+
+_Plan = Callable[["_Read"], list[Posting] | None]
 
 
 class _Read:

@@ -56,7 +56,7 @@ __all__ = [
     "Receipt",
     "Release",
     "Rfq",
-    "RosterChange",
+    "RosterUpdate",
     "ScoringWeight",
     "Settle",
     "SettleReason",
@@ -313,9 +313,9 @@ class Release(MarketMessage):
     rfq_digest: bytes = _digest()
 
 
-@message("meshfed.market.roster_change")
+@message("meshfed.market.roster_update")
 @dataclass(frozen=True, slots=True)
-class RosterChange(MarketMessage):
+class RosterUpdate(MarketMessage):
     """The buyer's new roster from round ``from_round`` on: ``replaced`` left it.
 
     Only the buyer's signature (the envelope's) makes it count; versions only go up.

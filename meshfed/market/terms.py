@@ -32,8 +32,9 @@ MAX_AMOUNT = 2**53
 
 def credits(amount: int) -> str:
     """``amount`` micro-credits as credits for people: ``12.5`` for 12_500_000."""
-    whole, micro = divmod(amount, MICRO)
-    return f"{whole}.{micro:06d}".rstrip("0").rstrip(".")
+    whole, micro = divmod(abs(amount), MICRO)
+    sign = "-" if amount < 0 else ""
+    return f"{sign}{whole}.{micro:06d}".rstrip("0").rstrip(".")
 
 
 class WorkKind(enum.StrEnum):

@@ -54,12 +54,28 @@ class Role(enum.StrEnum):
     CLIENT_ONLY = "client-only"
 
 
+#: the most feature axes a data set offer describes (an image's channels x height x width: 3)
+MAX_FEATURE_AXES = 4
+#: the longest a feature axis may be in an offer
+MAX_FEATURE_LEN = 2**31 - 1
+
+
 @dataclass(frozen=True, slots=True)
 class DatasetOffer:
-    """A data set a peer trains on, by name, with its example count."""
+    """A data set a peer trains on: its name, example count, the shape of one example's
+    features, how many label values it declares, and a digest of the set of labels it holds
+    (:func:`meshfed.data.validation.label_digest`). Never the content. A zero ``classes`` and
+    an all-zero ``label_digest`` mean "not said"."""
 
     name: str = bounded(max_len=128)
     examples: int = bounded(ge=0)
+    feature_shape: list[int] = bounded(max_len=MAX_FEATURE_AXES, default_factory=list)
+    classes: int = bounded(ge=0, le=2**31 - 1, default=0)
+    label_digest: bytes = bounded(min_len=32, max_len=32, default=bytes(32))
+
+    def __post_init__(self) -> None:
+        if not all(type(n) is int and 1 <= n <= MAX_FEATURE_LEN for n in self.feature_shape):
+            raise ValueError(f"feature axes are 1..{MAX_FEATURE_LEN} long: {self.feature_shape}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,9 @@
 - ``synthetic``: a generated 10-class task with 64 features (``make_classification``), as
   large as asked, for scale tests.
 
+Any other name is a data set each peer registered itself (:mod:`meshfed.data`): every peer of
+the job trains on its own copy and evaluates on the part it holds out, as :class:`OwnData` says.
+
 Partitions (:func:`partition`) are pure functions of (labels, peers, scheme, alpha, seed), so
 every peer of a job computes the same split and takes its own shard: ``iid`` (a shuffled deal),
 ``dirichlet`` (label skew: each class is divided among peers in Dirichlet(alpha) proportions;
@@ -19,7 +22,21 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Dataset", "load_dataset", "min_shard_size", "most_peers", "partition"]
+from ..errors import ConfigError
+
+__all__ = [
+    "BUNDLED",
+    "Dataset",
+    "OwnData",
+    "load_dataset",
+    "min_shard_size",
+    "most_peers",
+    "own_weight",
+    "partition",
+]
+
+#: the data sets every peer can load without a download (a job partitions them)
+BUNDLED = ("digits", "synthetic")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +52,41 @@ class Dataset:
     def take(self, indices: npt.NDArray[np.int64]) -> Dataset:
         """The examples at ``indices``."""
         return Dataset(self.x[indices], self.y[indices])
+
+
+@dataclass(frozen=True, kw_only=True)
+class OwnData:
+    """How the peers of a job use their own registered copies of its data set (not for the
+    bundled ones, which the job partitions).
+
+    Attributes:
+        validation: the share of its examples each peer holds out to evaluate on (the split is
+            fixed by the data set's name and file digest).
+        max_examples: the most training examples a peer's weight in averages counts: a peer
+            with ``n`` examples to train on (its data set less the part held out) weighs
+            ``min(n, max_examples) / max_examples``, so no peer weighs more than 1 whatever it
+            claims; best the largest example count among the roster's offers. 0: every peer
+            weighs the same.
+    """
+
+    validation: float = 0.2
+    max_examples: int = 0
+
+    def __post_init__(self) -> None:
+        if type(self.validation) is int:
+            object.__setattr__(self, "validation", float(self.validation))
+        if type(self.validation) is not float or not 0 < self.validation < 1:
+            raise ConfigError(f"own_data.validation must be in (0, 1), not {self.validation!r}")
+        if type(self.max_examples) is not int or self.max_examples < 0:
+            raise ConfigError(f"own_data.max_examples must be >= 0, not {self.max_examples!r}")
+
+
+def own_weight(examples: int, own: OwnData) -> float:
+    """A peer's weight in averages when it trains on ``examples`` of its own (see
+    :attr:`OwnData.max_examples`)."""
+    if not own.max_examples:
+        return 1.0
+    return min(examples, own.max_examples) / own.max_examples
 
 
 def load_dataset(name: str, *, seed: int = 0, size: int = 20_000) -> tuple[Dataset, Dataset]:

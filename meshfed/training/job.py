@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -43,7 +44,14 @@ from ..averaging.compression import ErrorFeedback, TopK, codec_named
 from ..averaging.groups import Placement, check_secure_grid, secure_group
 from ..averaging.pushsum import PushSumState, push_target
 from ..averaging.robust import AGGREGATORS
-from ..errors import ConfigError, MeshfedError, PeerUnreachable, RemoteProtocolError, StoreError
+from ..errors import (
+    ConfigError,
+    DataError,
+    MeshfedError,
+    PeerUnreachable,
+    RemoteProtocolError,
+    StoreError,
+)
 from ..identity import PeerId
 from ..node import Node
 from ..privacy import policy as dp_policy
@@ -58,7 +66,9 @@ from ..stats import RejectReason
 from ..store import Checkpoint, JobState, Store
 from ..wire import Envelope
 from .checkpoints import Converged, ProgressPolicy, Rollback
+from .data import BUNDLED, Dataset, OwnData, own_weight
 from .jobfile import check_types, from_mapping, read_document
+from .pooled import Counts, pool_counts
 from .preflight import prepare
 from .sync import StateAnswer, StateQuery, TrainingState, decode_state, encode_state, serve
 from .torch_adapter import LocalTrainer, evaluate, flatten, load_flat
@@ -72,6 +82,7 @@ CATCH_UP_ASKED = 3
 CATCH_UP_QUERY_S = 2.0
 _STEPS_PER_ROUND = 64  # GroupSpec.round = round * 64 + step: a fresh context for every step
 _WEIGHT_COPIES = 32  # secure int8: the weight rides as this many quantized copies
+_POOL_STEPS = 32  # the validation counts' group rounds: round * 64 + 32 + step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +93,12 @@ class JobSpec:
         job_id: unique name (binds every message and mask of the job).
         roster: the peers, as peer id strings; shard ``i`` of the data goes to peer ``i``.
         model, model_options: the architecture (:func:`..models.build`).
-        dataset, partition, alpha: the data (:mod:`..data`).
+        dataset, partition, alpha: the data (:mod:`..data`): a bundled data set (``digits``,
+            ``synthetic``), partitioned among the roster, or the name of a data set each
+            roster peer registered itself (:mod:`meshfed.data`), which it trains on where it
+            is (``partition`` and ``alpha`` do not apply).
+        own_data: how peers use their own data sets (:class:`~.data.OwnData`: the validation
+            share each holds out, the weight cap); only with a registered data set.
         rounds, epochs, batch_size, lr, optimizer: the training.
         local_steps: if > 0, each round trains this many minibatch steps instead of ``epochs``
             passes (push-sum: one or a few steps per tick, as SGP does).
@@ -138,6 +154,7 @@ class JobSpec:
     dataset: str = "digits"
     partition: str = "dirichlet"
     alpha: float = 0.5
+    own_data: OwnData = field(default_factory=OwnData)
     rounds: int = 10
     epochs: int = 1
     local_steps: int = 0
@@ -176,6 +193,7 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         check_types(self)  # first: the rules below compare values of the declared types
+        self._check_own_data()
         if len(self.roster) < 2 or len(set(self.roster)) != len(self.roster):
             raise ConfigError("a job's roster lists at least 2 distinct peers")
         if self.schedule not in ("exact", "moshpit", "pushsum"):
@@ -225,6 +243,28 @@ class JobSpec:
             check_capacity(self.max_group, self.levels_bits, 32)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    @property
+    def own(self) -> bool:
+        """Whether each peer trains on its own registered copy of :attr:`dataset`."""
+        return self.dataset not in BUNDLED
+
+    def _check_own_data(self) -> None:
+        """``own_data`` as a table (a job file's) becomes :class:`OwnData`; it is only for
+        registered data sets."""
+        given: object = self.own_data
+        if isinstance(given, dict):
+            try:
+                given = from_mapping(OwnData, given)
+            except ConfigError as exc:
+                raise ConfigError(f"own_data.{exc}") from None
+            object.__setattr__(self, "own_data", given)
+        if not isinstance(given, OwnData):
+            raise ConfigError(f"own_data: expected a table, got {given!r}")
+        if not self.own and self.own_data != OwnData():
+            raise ConfigError(
+                f"own_data is for data sets the peers registered, not the bundled {self.dataset}"
+            )
 
     @property
     def averages_updates(self) -> bool:
@@ -325,6 +365,20 @@ class RoundReport:
     #: when this peer began averaging (Unix seconds): on one machine, a group's averaging
     #: phase proper begins when the last of its members began (the rest waited for it)
     averaging_at: float = 0.0
+    #: with the peers' own data sets (else None, 0, 0): the example-weighted accuracy over
+    #: the roster's validation parts (:mod:`.pooled`), how many examples and peers it covers
+    pooled_accuracy: float | None = None
+    pooled_examples: int = 0
+    pooled_peers: int = 0
+    #: the first 8 bytes of SHA-256 of the model after the round (float32 bytes), hex: peers
+    #: that hold the same model show the same (with own data their accuracies differ)
+    model_digest: str = ""
+
+    @property
+    def score(self) -> float:
+        """What the job's progress policy and checkpoints go by: the pooled accuracy when
+        there is one (the same on every peer), else this peer's accuracy."""
+        return self.accuracy if self.pooled_accuracy is None else self.pooled_accuracy
 
 
 class TrainingPeer:
@@ -367,17 +421,21 @@ class TrainingPeer:
         self.aggregator = aggregator or Aggregator(node, job=spec.job_id.encode(), replace=True)
         self._roster = tuple(PeerId.from_string(peer) for peer in spec.roster)
         self._job = spec.job_id.encode()
-        try:
-            parts = prepare(spec)  # before any training: data, shards, model (it fits), strategy
-        except ConfigError as exc:
-            raise ConfigError(f"job {spec.job_id!r}: {exc}") from None
+        try:  # before any training: data, shards, model (it fits), strategy
+            parts = prepare(spec, _own_data(node, spec))
+        except ConfigError as exc:  # DataError stays one
+            raise type(exc)(f"job {spec.job_id!r}: {exc}") from None
         self.test, self.model, self.strategy = parts.test, parts.model, parts.strategy
         shards = parts.shards
         self._index = spec.roster.index(me)
-        self.shard = parts.train.take(shards[self._index])
-        #: this peer's weight in averages: its share of the largest shard (<= 1, so that
-        #: weighted parameters stay inside the quantization range)
-        self.weight = len(self.shard) / max(len(s) for s in shards)
+        #: this peer's weight in averages, <= 1 so that weighted parameters stay inside the
+        #: quantization range: its share of the largest shard, or of own_data.max_examples
+        if spec.own:
+            self.shard = parts.train
+            self.weight = own_weight(len(self.shard), spec.own_data)
+        else:
+            self.shard = parts.train.take(shards[self._index])
+            self.weight = len(self.shard) / max(len(s) for s in shards)
         self.accountant = (
             PrivacyAccountant(budget_epsilon=spec.dp_epsilon, delta=spec.dp_delta)
             if spec.dp_clip
@@ -654,7 +712,7 @@ class TrainingPeer:
                 f"job {job_id!r} has a round this meshfed cannot read: {exc}"
             ) from None
         for report in reports:  # the policy's state is a function of the accuracies
-            self.policy.observe(report.round, report.accuracy)
+            self.policy.observe(report.round, report.score)
         self.state, self.note = job.state, job.note
         if job.state is JobState.FAILED:  # try again from the last checkpoint
             await self._set_state(JobState.RUNNING, f"resumed after: {job.note}")
@@ -677,8 +735,8 @@ class TrainingPeer:
 
     async def _decide(self, report: RoundReport) -> RoundReport:
         """Ask the policy what next, carry it out, and commit the round to the store."""
-        decision = self.policy.observe(report.round, report.accuracy)
-        score = report.accuracy
+        decision = self.policy.observe(report.round, report.score)
+        score = report.score
         if isinstance(decision, Rollback):
             assert self.store is not None  # rollback_drop needs a store (checked at start)
             best = await trio.to_thread.run_sync(
@@ -848,10 +906,19 @@ class TrainingPeer:
         groups: tuple[int, ...],
         contributed: bool,
     ) -> RoundReport:
-        """Evaluate the model on the test split and say how the round went."""
+        """Evaluate the model on the test split (the validation part of this peer's own data)
+        and say how the round went; with own data, pool the counts over the roster."""
         loss, accuracy = await trio.to_thread.run_sync(
             lambda: evaluate(self.model, self.test.x, self.test.y)
         )
+        pooled = None
+        if self.spec.own and self.spec.schedule != "pushsum":
+            mine = Counts(round(accuracy * len(self.test)), len(self.test))
+            pooled = await pool_counts(
+                self.aggregator, self._placement(number), self.node.peer_id, mine,
+                job=self._job, round=number * _STEPS_PER_ROUND + _POOL_STEPS,
+                secure=self.spec.secure, collusion=self.spec.collusion,
+            )  # fmt: skip
         now = time.monotonic()
         return RoundReport(
             round=number,
@@ -865,6 +932,10 @@ class TrainingPeer:
             groups=groups,
             epsilon=0.0 if self.accountant is None else self.accountant.epsilon(),
             contributed=contributed,
+            pooled_accuracy=None if pooled is None else pooled.accuracy,
+            pooled_examples=0 if pooled is None else pooled.examples,
+            pooled_peers=0 if pooled is None else pooled.peers,
+            model_digest=hashlib.sha256(self.parameters.tobytes()).hexdigest()[:16],
         )
 
     async def _on_push(self, envelope: Envelope, header: ArrayHeader, array: Any) -> None:
@@ -1092,6 +1163,28 @@ class TrainingPeer:
             result.value[:-_WEIGHT_COPIES], np.float32(weight if weight > noise else 0)
         )
         return GroupResult(value, result.survivors, result.attempts)
+
+
+def _own_data(node: Node, spec: JobSpec) -> tuple[Dataset, Dataset, int] | None:
+    """This peer's registered copy of the job's data set: ``(train, validation, classes)``
+    (None for a bundled data set, which the job partitions).
+
+    Raises:
+        ConfigError: the node has no store; DataError: no such data set, or its file changed
+            or cannot be read.
+    """
+    if not spec.own:
+        return None
+    if node.datasets is None:
+        raise ConfigError(
+            f"dataset: {spec.dataset!r} is a registered data set: it needs the node's store "
+            "(config store_file)"
+        )
+    try:
+        train, validation = node.datasets.load(spec.dataset, validation=spec.own_data.validation)
+    except DataError as exc:
+        raise DataError(f"dataset: {exc}") from None
+    return train, validation, node.datasets.get(spec.dataset).classes
 
 
 def local_seed(spec: JobSpec, number: int) -> int:

@@ -1,6 +1,7 @@
 """What a job needs before its first round, built and checked: data, shards, model, strategy.
 
-:func:`prepare` loads the data set, splits it among the roster (:func:`job_shards`), builds the
+:func:`prepare` loads the data set, splits it among the roster (:func:`job_shards`) (or takes
+the peer's own registered data, for a data set the peers registered themselves), builds the
 model and runs it on a batch of the data (:func:`..models.check_fits`), and builds the
 strategy. Whatever does not fit is a :class:`~meshfed.errors.ConfigError` naming the job field
 to change, raised before any training, so that a job that cannot run is refused at its start
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .data import Dataset, load_dataset, min_shard_size, most_peers, partition
+from .data import BUNDLED, Dataset, load_dataset, min_shard_size, most_peers, partition
 from .models import build, check_fits
 from .strategies import Strategy, named
 
@@ -33,30 +34,47 @@ __all__ = ["JobParts", "job_shards", "prepare"]
 class JobParts:
     """A job's ingredients on one peer (the same on every peer: all are seeded by the job)."""
 
+    #: the bundled data set's training part, or this peer's own (all of it its shard)
     train: Dataset
+    #: the bundled test split, or the validation part this peer holds out of its own data
     test: Dataset
-    #: every roster peer's shard of ``train`` (indices), in roster order
+    #: every roster peer's shard of ``train`` (indices), in roster order; empty when each
+    #: peer trains on its own data
     shards: list[npt.NDArray[np.int64]]
     #: the model every peer starts from
     model: nn.Module
     strategy: Strategy
 
 
-def prepare(spec: JobSpec) -> JobParts:
+def prepare(spec: JobSpec, own: tuple[Dataset, Dataset, int] | None = None) -> JobParts:
     """Build and check what ``spec`` needs (no training).
+
+    Args:
+        own: for a data set the peers registered themselves, this peer's ``(train,
+            validation, classes)`` (:meth:`meshfed.data.registry.DataRegistry.load`).
 
     Raises:
         ConfigError: ``dataset``, ``partition``, ``model``, ``model_options`` or ``algorithm``
             cannot work, with what to change.
     """
-    try:
-        train, test = load_dataset(spec.dataset, seed=spec.seed)
-    except KeyError as exc:
-        raise ConfigError(f"dataset: {exc.args[0]}") from None
-    try:
-        shards = job_shards(spec, train)
-    except ValueError as exc:
-        raise ConfigError(f"partition: {exc}{_capacity(spec, train)}") from None
+    if own is not None:
+        train, test, classes = own
+        shards: list[npt.NDArray[np.int64]] = []
+    elif spec.own:
+        raise ConfigError(
+            f"dataset: {spec.dataset!r} is not bundled ({', '.join(BUNDLED)}): each peer "
+            "trains on its own copy, registered with `meshfed-node data add`"
+        )
+    else:
+        try:
+            train, test = load_dataset(spec.dataset, seed=spec.seed)
+        except KeyError as exc:
+            raise ConfigError(f"dataset: {exc.args[0]}") from None
+        try:
+            shards = job_shards(spec, train)
+        except ValueError as exc:
+            raise ConfigError(f"partition: {exc}{_capacity(spec, train)}") from None
+        classes = int(max(train.y.max(), test.y.max())) + 1
     torch.manual_seed(spec.seed)  # every peer starts from the same model
     try:
         model = build(spec.model, **spec.model_options)
@@ -64,7 +82,6 @@ def prepare(spec: JobSpec) -> JobParts:
         raise ConfigError(f"model: {exc.args[0]}") from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model_options: {exc}") from None
-    classes = int(max(train.y.max(), test.y.max())) + 1
     try:
         check_fits(model, train.x[: min(len(train), spec.batch_size)], classes)
     except ValueError as exc:

@@ -18,11 +18,11 @@ from typing import Any
 from meshfed.errors import RemoteProtocolError
 from meshfed.identity import Identity, PeerId
 from meshfed.market.lease import (
-    Action,
     BuyerJob,
     ChangeRoster,
     Forfeit,
     JobEnded,
+    LeaseAction,
     LedgerEarn,
     LedgerEscrow,
     LedgerPay,
@@ -104,9 +104,9 @@ def make_rfq(
 class Trace:
     """What happened: ledger actions by actor, every other action, rejections."""
 
-    ledger: list[tuple[PeerId, Action]] = field(default_factory=list)
+    ledger: list[tuple[PeerId, LeaseAction]] = field(default_factory=list)
     #: every action any machine returned, with the machine's peer, in order
-    actions: list[tuple[PeerId, Action]] = field(default_factory=list)
+    actions: list[tuple[PeerId, LeaseAction]] = field(default_factory=list)
     rejected: list[tuple[PeerId, PeerId, str, str]] = field(default_factory=list)
     delivered: list[tuple[PeerId, PeerId, MarketMessage]] = field(default_factory=list)
 
@@ -194,7 +194,9 @@ class Market:
 
     # -------------------------------------------------------------------- plumbing
 
-    def apply(self, me: PeerId, actions: list[Action], answering: PeerId | None = None) -> None:
+    def apply(
+        self, me: PeerId, actions: list[LeaseAction], answering: PeerId | None = None
+    ) -> None:
         for action in actions:
             self.trace.actions.append((me, action))
             if isinstance(action, SendRequest):

@@ -3,6 +3,7 @@ the winners train with secure averaging and are paid unit by unit, both ledgers 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ import trio
 from meshfed.errors import BudgetExceeded, NoMatchingPeers
 from meshfed.market.ledger import AVAILABLE, earned_account, paid_account
 from meshfed.market.terms import MICRO, Requirements
-from meshfed.node import Node
-from meshfed.testing import open_memory_mesh
+from meshfed.node import Node, open_node
+from meshfed.testing import open_memory_mesh, quiet_config
+from meshfed.transports.memory import MemoryNetwork
 
 JOB = {"job_id": "market-digits", "rounds": 3, "dataset": "digits", "partition": "iid"}
 
@@ -81,3 +83,49 @@ async def test_a_budget_beyond_the_available_credits_is_refused(tmp_path: Path) 
                 {**JOB, "secure": False}, budget=5, min_peers=2,
                 requirements=Requirements(dataset=""),
             )  # fmt: skip
+
+
+async def test_the_buyer_away_for_rounds_comes_back_and_settles(tmp_path: Path) -> None:
+    """The roster trains on while the buyer is down; its debit notes wait (resent) and are
+    acknowledged once it is back; the journal brings its job back as it was."""
+    network = MemoryNetwork(seed=1)
+    config = functools.partial(
+        quiet_config, membership=True, gossip_interval_s=0.1, request_timeout_s=2.0
+    )
+    job = {**JOB, "job_id": "away", "rounds": 8, "epochs": 1}
+    async with trio.open_nursery() as nursery:
+        stop = trio.Event()
+
+        async def serve(index: int, *, task_status: trio.TaskStatus[Node]) -> None:
+            async with open_node(config(tmp_path / f"n{index}"), network=network) as node:
+                task_status.started(node)
+                await stop.wait()
+
+        sellers = [await nursery.start(serve, i) for i in range(1, 6)]
+        async with open_node(config(tmp_path / "buyer"), network=network) as buyer:
+            await _meshed([buyer, *sellers])
+            handle = await buyer.submit_training(job, budget=5, min_peers=4, max_peers=4)
+            with trio.fail_after(60):
+                async for event in handle.watch():
+                    if event["event"] == "round" and event["unit"] == 2:
+                        break
+        # the buyer is down: the winners go on training and note their debits
+        working = [s for s in sellers if s.market is not None and "away" in s.market.work]
+        with trio.fail_after(60):
+            while min(s.market.work["away"].round for s in working if s.market) < 4:
+                await trio.sleep(0.1)
+        async with open_node(config(tmp_path / "buyer"), network=network) as buyer:
+            assert buyer.market is not None
+            back = buyer.market.jobs["away"]  # replayed from the journal
+            for seller in sellers:
+                await buyer.connect(seller.listen_addrs[0])
+            with trio.fail_after(90):
+                final = await back.wait()
+            assert final["state"] == "ended" and final["error"] is None
+            assert final["rounds_done"] == 8
+            for seller in working:
+                assert seller.market is not None
+                earned = seller.market.ledger.balance(earned_account("away", buyer.peer_id))
+                paid = buyer.market.ledger.balance(paid_account("away", seller.peer_id))
+                assert earned == paid > 0
+        stop.set()

@@ -140,6 +140,8 @@ def test_clearing_history_keeps_the_newest_prices_per_kind_and_tier(tmp_path: Pa
         assert book.recent_clearing(WorkKind.TRAINING, Tier.LARGE, 10) == []
         with pytest.raises(ValueError):
             book.record_clearing(WorkKind.TRAINING, Tier.SMALL, 0, at=0.0)
+        with pytest.raises(ValueError, match="finite"):
+            book.record_clearing(WorkKind.TRAINING, Tier.SMALL, 1, at=float("inf"))
 
 
 def test_tampered_leases_notes_and_prices_are_detected_and_never_loaded(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from meshfed.market.messages import (
     Receipt,
     Release,
     Rfq,
-    RosterChange,
+    RosterUpdate,
     ScoringWeight,
     Settle,
     SettleReason,
@@ -113,10 +113,10 @@ def awards(draw: st.DrawFn) -> Award:
 
 
 @st.composite
-def roster_changes(draw: st.DrawFn) -> RosterChange:
+def roster_updates(draw: st.DrawFn) -> RosterUpdate:
     everyone = draw(st.lists(peers, min_size=1, unique=True))
     cut = draw(st.integers(1, len(everyone)))
-    return RosterChange(
+    return RosterUpdate(
         job=draw(jobs),
         expires_ms=draw(expiries),
         roster_version=draw(st.integers(1, MAX_UNITS)),
@@ -159,7 +159,7 @@ market_messages: st.SearchStrategy[MarketMessage] = st.one_of(
     st.builds(Lease, job=jobs, expires_ms=expiries, award_digest=digests),
     st.builds(LeaseDecline, job=jobs, expires_ms=expiries, award_digest=digests, detail=short),
     st.builds(Release, job=jobs, expires_ms=expiries, rfq_digest=digests),
-    roster_changes(),
+    roster_updates(),
     st.builds(
         DebitNote,
         job=jobs,
@@ -221,7 +221,7 @@ def test_every_market_message_is_registered() -> None:
         Lease,
         LeaseDecline,
         Release,
-        RosterChange,
+        RosterUpdate,
         DebitNote,
         DebitAck,
         Settle,
@@ -302,13 +302,13 @@ def test_inconsistent_messages_are_refused_as_bad_fields() -> None:
     )
     decline[3] = "because"
     cases.append((Decline, decline))
-    change = schema_of(RosterChange).encode(
-        RosterChange(
+    change = schema_of(RosterUpdate).encode(
+        RosterUpdate(
             job="j", expires_ms=NOW, roster_version=2, roster=PEERS[:2], from_round=3, replaced=[]
         )
     )
     change[5] = [PEERS[0].raw]  # replaced and still in the roster
-    cases.append((RosterChange, change))
+    cases.append((RosterUpdate, change))
     for cls, fields in cases:
         with pytest.raises(RemoteProtocolError) as caught:
             _decode(cls, fields)
@@ -351,11 +351,11 @@ def test_expired_messages_are_refused() -> None:
 
 
 def test_peer_ids_in_rosters_are_checked() -> None:
-    encoded = schema_of(RosterChange).encode(
-        RosterChange(
+    encoded = schema_of(RosterUpdate).encode(
+        RosterUpdate(
             job="j", expires_ms=NOW, roster_version=1, roster=PEERS[:1], from_round=0, replaced=[]
         )
     )
     encoded[3] = [b"\x00" * 38]
     with pytest.raises(RemoteProtocolError):
-        _decode(RosterChange, encoded)
+        _decode(RosterUpdate, encoded)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from meshfed.errors import CorruptRecord
 from meshfed.identity import PeerId
-from meshfed.market.reputation import PeerEvent, PeerRecord, Reputation
+from meshfed.market.reputation import PeerEvent, Reputation, WorkRecord
 from meshfed.store import Store
 
 GOOD, BAD, STRANGER = (PeerId.from_public_key(bytes([i]) * 32) for i in range(3))
@@ -51,9 +51,9 @@ def test_an_event_counts_once_per_job_across_restarts(tmp_path: Path) -> None:
     with Store.open(path, key=KEY) as store:
         reputation = Reputation(store)
         assert not reputation.record("job", BAD, PeerEvent.FAILED)  # replayed after a restart
-        assert reputation.counters(BAD) == PeerRecord(BAD, failed=2, wrong=1)
+        assert reputation.counters(BAD) == WorkRecord(BAD, failed=2, wrong=1)
         assert reputation.score(BAD, now=1e9) == before
-        assert reputation.counters(GOOD) == PeerRecord(GOOD)
+        assert reputation.counters(GOOD) == WorkRecord(GOOD)
 
 
 def test_old_events_weigh_less_and_the_score_drifts_back_to_the_prior(tmp_path: Path) -> None:
@@ -63,8 +63,21 @@ def test_old_events_weigh_less_and_the_score_drifts_back_to_the_prior(tmp_path: 
         assert reputation.score(BAD, now=0.0) == pytest.approx(2 / 5)
         assert reputation.score(BAD, now=10 * DAY) == pytest.approx(2 / 4.5)
         assert reputation.score(BAD, now=1000 * DAY) == pytest.approx(0.5)
-        reputation.record("later", BAD, PeerEvent.FAILED, at=20 * DAY)  # from the clock's future
-        assert reputation.score(BAD, now=10 * DAY) == pytest.approx(2 / 5.5)
+        reputation.record("later", BAD, PeerEvent.FAILED, at=20 * DAY)
+        assert reputation.score(BAD, now=30 * DAY) == pytest.approx(2 / (4 + 0.125 + 0.5))
+        # another half-life: the score is summed from the events themselves
+        faster = Reputation(store, half_life=5 * DAY)
+        assert faster.score(BAD, now=30 * DAY) == pytest.approx(2 / (4 + 2**-6 + 2**-2))
+        assert faster.counters(BAD) == WorkRecord(BAD, failed=2)
+
+
+#: (good, bad) per event, as SPEC states them
+EVIDENCE = {
+    PeerEvent.DELIVERED: (1.0, 0.0),
+    PeerEvent.FAILED: (0.0, 1.0),
+    PeerEvent.LATE: (0.0, 0.5),
+    PeerEvent.WRONG: (0.0, 2.0),
+}
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -72,35 +85,56 @@ def test_old_events_weigh_less_and_the_score_drifts_back_to_the_prior(tmp_path: 
     st.lists(
         st.tuples(st.integers(0, 5), st.sampled_from(PeerEvent), st.floats(0, 1e7)), max_size=25
     ),
-    st.floats(0, 2e7),
+    st.floats(1e7, 2e7),
     st.one_of(st.none(), st.floats(1.0, 1e7)),
 )
-def test_the_score_stays_in_the_unit_interval_and_only_failures_lower_it(
+def test_the_score_is_the_decayed_beta_mean_of_the_events_in_any_order(
     events: list[tuple[int, PeerEvent, float]], now: float, half_life: float | None
 ) -> None:
     with tempfile.TemporaryDirectory() as directory, Store.open(Path(directory) / "s") as store:
         reputation = Reputation(store, half_life=half_life)
+        first: dict[tuple[int, PeerEvent], float] = {}
         for job, event, at in events:
             reputation.record(f"job{job}", BAD, event, at=at)
+            first.setdefault((job, event), at)  # a repeat counts once, at its first time
+        good, bad = 2.0, 2.0
+        for (_, event), at in first.items():
+            weight = 1.0 if half_life is None else 0.5 ** ((now - at) / half_life)
+            good += EVIDENCE[event][0] * weight
+            bad += EVIDENCE[event][1] * weight
         score = reputation.score(BAD, now=now)
+        assert score == pytest.approx(good / (good + bad), rel=1e-9)
         assert 0.0 < score < 1.0
-        recorded = {(job, event) for job, event, _ in events}
-        if all(event is PeerEvent.DELIVERED for _, event in recorded):
+        if all(event is PeerEvent.DELIVERED for _, event in first):
             assert score >= 0.5
-        if all(event is not PeerEvent.DELIVERED for _, event in recorded):
+        if all(event is not PeerEvent.DELIVERED for _, event in first):
             assert score <= 0.5
+        assert reputation.verify() == []
 
 
 def test_a_tampered_record_is_detected_and_never_scored(tmp_path: Path) -> None:
     path = tmp_path / "node.sqlite3"
     with Store.open(path, key=KEY) as store:
         Reputation(store).record("job", BAD, PeerEvent.WRONG)
+        Reputation(store).record("job", GOOD, PeerEvent.WRONG)
     connection = sqlite3.connect(path)
-    connection.execute("UPDATE market_reputation SET event = 'delivered'")  # whitewashed
+    whitewash = "UPDATE market_reputation_peers SET bad = 0, wrong = 0 WHERE peer = ?"
+    connection.execute(whitewash, (BAD.raw,))
+    connection.execute(
+        "UPDATE market_reputation SET event = 'delivered' WHERE peer = ?", (GOOD.raw,)
+    )
     connection.commit()
     connection.close()
-    with Store.open(path, key=KEY) as store, pytest.raises(CorruptRecord, match="reputation"):
-        Reputation(store).score(BAD)
+    with Store.open(path, key=KEY) as store:
+        with pytest.raises(CorruptRecord, match="reputation tally of"):
+            Reputation(store).score(BAD)
+        with pytest.raises(CorruptRecord, match="reputation tally of"):
+            Reputation(store).record("other", BAD, PeerEvent.DELIVERED)
+        with pytest.raises(CorruptRecord, match=r"reputation of .* in job 'job' \(delivered\)"):
+            Reputation(store, half_life=None).score(GOOD)  # summed from its events
+        problems = Reputation(store).verify()
+    # BAD's tally, GOOD's event, and both tallies no longer counting their (sound) events
+    assert len(problems) == 4 and sum("does not count" in p for p in problems) == 2
 
 
 def test_a_prior_or_half_life_that_means_nothing_is_refused(tmp_path: Path) -> None:
@@ -110,3 +144,5 @@ def test_a_prior_or_half_life_that_means_nothing_is_refused(tmp_path: Path) -> N
                 Reputation(store, prior=prior)
         with pytest.raises(ValueError, match="half-life"):
             Reputation(store, half_life=0.0)
+        with pytest.raises(ValueError, match="finite"):
+            Reputation(store).record("job", BAD, PeerEvent.FAILED, at=float("nan"))

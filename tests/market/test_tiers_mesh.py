@@ -65,7 +65,7 @@ def sellers(seed: int = 7) -> list[Seller]:
     ]
 
 
-def _publish(node: Node, seller: Seller) -> None:
+async def _publish(node: Node, seller: Seller) -> None:
     assert node.membership is not None and node.market is not None
     own = node.membership.table.get(node.peer_id)
     assert own is not None
@@ -74,7 +74,7 @@ def _publish(node: Node, seller: Seller) -> None:
     market = node.market
     policy = AskPolicy(base={WorkKind.TRAINING: seller.base})
     market.config = replace(market.config, asks=policy, throughput=seller.throughput)
-    market.publish_asks()
+    await market.publish_asks()
 
 
 async def _learned(buyer: Node, nodes: list[Node], offers: list[Seller]) -> None:
@@ -186,7 +186,7 @@ async def test_each_tier_is_awarded_as_its_scoring_says(tmp_path: Path) -> None:
             await node.connect(buyer.listen_addrs[0])
         published = {}
         for node, seller in zip(seller_nodes, offers, strict=True):
-            _publish(node, seller)
+            await _publish(node, seller)
             published[node.peer_id] = seller
             if seller.failed_before:
                 buyer.market.reputation.record("before", node.peer_id, PeerEvent.FAILED)

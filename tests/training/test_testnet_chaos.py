@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 from rich.console import Console
 
 from meshfed.testnet import run_testnet
+from meshfed.training import models
 
 JOB = {"rounds": 5, "epochs": 2, "partition": "iid", "dataset": "digits"}
 
@@ -37,20 +37,19 @@ def test_six_survivors_finish_as_accurate_as_eight(tmp_path: Path) -> None:
     assert abs(chaos["final_accuracy"] - clean["final_accuracy"]) <= 0.02
 
 
-def test_the_testnet_prints_why_nodes_failed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # the nodes run without a store (their environment says so), the job needs one
-    monkeypatch.setenv("MESHFED_STORE_FILE", "")
+def test_the_testnet_prints_why_nodes_failed(tmp_path: Path) -> None:
+    # a model this process knows (so the testnet's checks pass) and the nodes do not
+    models.register("test_only_in_the_testnet_process")(models.mlp)
     screen = io.StringIO()
     code = trio.run(
         lambda: run_testnet(
             3, tmp_path / "run.json", limit_s=120, console=Console(file=screen, width=200),
-            secure=False, rounds=1, rollback_drop=0.5,
+            secure=False, rounds=1, model="test_only_in_the_testnet_process",
         )
     )  # fmt: skip
     assert code == 1
     printed = screen.getvalue()
     assert "NOT every node finished" in printed
     for index in range(3):
-        assert f"node {index} failed: rollback_drop needs the node's store" in printed
+        assert f"node {index} failed: job 'testnet-" in printed
+    assert printed.count("model: no model 'test_only_in_the_testnet_process'") == 3

@@ -1,0 +1,97 @@
+"""Taking part in a job, start to end, as one event stream: what ``meshfed-node run --job``
+does for a job file and the market does for a job it won.
+
+:func:`take_part` reaches the roster (saying every few seconds whom it waits for), runs every
+round (resuming from the node's store), and reports ``job_started``, ``waiting``, ``round``,
+``job_done`` or ``job_failed`` to its caller. A job this node's store holds as ended is
+reported at once. A job that cannot run, or fails in any way while it runs, ends as
+``job_failed`` with the reason; the node keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from ..errors import MeshfedError, leaves
+from ..identity import PeerId
+
+if TYPE_CHECKING:
+    from ..node import Node
+    from .job import JobSpec, RoundReport, TrainingPeer
+
+__all__ = ["JobEvents", "failure_reason", "take_part"]
+
+log = logging.getLogger(__name__)
+
+#: ``events(name, document)``: the job's events, as the CLI prints them in JSON
+JobEvents = Callable[[str, dict[str, Any]], None]
+_WAIT_REPORT_S = 5.0
+
+
+async def take_part(
+    node: Node,
+    spec: JobSpec,
+    events: JobEvents,
+    *,
+    roster_wait: float,
+    on_peer: Callable[[TrainingPeer], None] | None = None,
+    on_round: Callable[[RoundReport], None] | None = None,
+) -> TrainingPeer | None:
+    """Take part in ``spec``; returns the peer (None if it could not be made).
+
+    Args:
+        events: gets every event with its JSON document.
+        roster_wait: seconds to wait for every roster peer to connect.
+        on_peer: gets the training peer once it exists (to change its roster, read its state).
+        on_round: gets each round's report (after its ``round`` event).
+    """
+    from .job import TrainingPeer
+
+    def waiting(missing: list[PeerId], waited: float) -> None:
+        missing_ids = [str(peer) for peer in missing]
+        document = {"job_id": spec.job_id, "missing": missing_ids, "waited_s": round(waited, 1)}
+        events("waiting", document)
+
+    def reported(report: RoundReport) -> None:
+        events("round", {"job_id": spec.job_id, **asdict(report)})
+        if on_round is not None:
+            on_round(report)
+
+    peer = None
+    try:
+        peer = TrainingPeer(node, spec, store=node.store)
+        if on_peer is not None:
+            on_peer(peer)
+        if not await peer.ended_before():
+            await peer.connect_roster(
+                within=roster_wait, report_every=_WAIT_REPORT_S, on_wait=waiting
+            )
+        events("job_started", {"job_id": spec.job_id, "examples": len(peer.shard)})
+        reports = await peer.run(reported)
+    except Exception as exc:  # the job's end, never the node's
+        if not all(isinstance(leaf, MeshfedError) for leaf in leaves(exc)):  # a bug to see
+            log.exception("training job failed", extra={"job": spec.job_id})
+        events("job_failed", {"job_id": spec.job_id, "error": failure_reason(exc)})
+        return peer
+    events(
+        "job_done",
+        {
+            "job_id": spec.job_id,
+            "accuracy": reports[-1].accuracy,
+            "rounds": len(reports),
+            "state": peer.state.value,
+            "note": peer.note,
+        },
+    )
+    return peer
+
+
+def failure_reason(error: BaseException) -> str:
+    """What went wrong, in one line per leaf of an exception group."""
+    return "; ".join(
+        str(leaf) if isinstance(leaf, MeshfedError) else f"{type(leaf).__name__}: {leaf}"
+        for leaf in leaves(error)
+    )
