@@ -18,6 +18,9 @@ Prints one JSON line:
   its RFQs sent, the last answer in, its awards sent (from the submit); ``buyer_cpu_ms_*``:
   CPU time of the buyer's process from the submit until every winner accepted (on the memory
   transport that process runs every node);
+- ``fsync_ms_disk``: the median write + fsync of a small file on the disk the libp2p nodes
+  keep their stores on (each market event a node takes is journaled, one fsync per batch,
+  before it acts on it);
 - ``goal_*``: the issue's goals (award within 1 s with the most bidders on memory, within 20
   round trips over libp2p, every reservation released within 1 s), met or not.
 
@@ -30,11 +33,14 @@ stops the winners' training; the next auction waits until it stopped. Every bidd
 own price (seeded) and states its own throughput. Before the clock starts the buyer holds
 every bidder's signed record: on the memory transport it is handed them (what membership
 gossip converges to, without gossiping 500 full views in one process), over libp2p it learns
-them by gossip and the run waits for its full view. Meshfed's training module (and torch) is
-imported before any clock starts, as on a node that trained before.
+them by gossip and the run waits for its full view. The memory-transport nodes keep their
+stores in ``--memory-dir`` (``/dev/shm``): 501 nodes journaling on one disk would measure that
+disk, where each real node has its own; the libp2p nodes keep theirs on disk. Meshfed's
+training module (and torch) is imported before any clock starts, as on a node that trained
+before.
 
 Usage: python benchmarks/market.py [--bidders 50,500] [--procs 8] [--winners 4]
-       [--repeats 3] [--seed 0]
+       [--repeats 3] [--seed 0] [--memory-dir /dev/shm]
 """
 
 from __future__ import annotations
@@ -224,6 +230,9 @@ class Outcomes:
 async def memory_case(
     bidders: int, winners: int, repeats: int, root: Path, seed: int
 ) -> dict[str, float]:
+    # every node writes its store from worker threads: one process's default of 40 for all of
+    # them would queue each node's writes behind the others', which nodes of their own do not
+    trio.to_thread.current_default_thread_limiter().total_tokens = bidders + 40
     async with open_memory_mesh(
         bidders + 1, root, membership=True, gossip_interval_s=3600.0, market_capacity=1
     ) as nodes:
@@ -383,6 +392,20 @@ def libp2p_case(count: int, winners: int, repeats: int, tmp: Path, seed: int) ->
     return fastest(suffix, attempts, rtts)
 
 
+def fsync_ms(directory: Path, n: int = 30) -> float:
+    """The median time to write and fsync a small file in ``directory`` (the disk the libp2p
+    nodes keep their stores on: every journaled market event waits for one)."""
+    samples = []
+    with open(directory / "fsync-probe", "wb") as probe:
+        for _ in range(n):
+            started = time.perf_counter()
+            probe.write(b"x" * 256)
+            probe.flush()
+            os.fsync(probe.fileno())
+            samples.append((time.perf_counter() - started) * 1000)
+    return statistics.median(samples)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bidders", default="50,500", help="memory-transport auctions")
@@ -390,6 +413,12 @@ def main() -> None:
     parser.add_argument("--winners", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="auctions per case; the fastest")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--memory-dir",
+        type=Path,
+        default=Path("/dev/shm"),
+        help="where the memory-transport nodes keep their stores (the default tmp if absent)",
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     configure_logging("error")
@@ -401,11 +430,14 @@ def main() -> None:
     bidders = [int(n) for n in args.bidders.split(",") if n]
     result: dict[str, Any] = {"benchmark": "market", "cores": os.cpu_count()}
     result.update(winners=args.winners, repeats=args.repeats)
-    with tempfile.TemporaryDirectory() as tmp:
+    memory_dir = args.memory_dir if args.memory_dir.is_dir() else None
+    with tempfile.TemporaryDirectory(dir=memory_dir) as tmp:
         for n in bidders:
             result.update(
                 trio.run(memory_case, n, args.winners, args.repeats, Path(tmp) / f"m{n}", args.seed)
             )
+    with tempfile.TemporaryDirectory() as tmp:
+        result["fsync_ms_disk"] = round(fsync_ms(Path(tmp)), 2)
         if args.procs:
             result.update(libp2p_case(args.procs, args.winners, args.repeats, Path(tmp), args.seed))
     top, procs = max(bidders, default=0), args.procs
