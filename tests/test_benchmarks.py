@@ -120,3 +120,22 @@ def test_flood_benchmark_reports_honest_rates_and_the_targets_memory() -> None:
     assert isinstance(rejected, dict)
     for reason in ("handshake_failed", "oversized", "malformed"):
         assert rejected.get(reason, 0) > 0, rejected
+
+
+def test_market_benchmark_reports_award_and_release_against_round_trips() -> None:
+    figures = run(
+        "market.py", "--bidders", "5,12", "--procs", "4", "--winners", "2", "--repeats", "1"
+    )
+    for suffix in ("5", "12", "libp2p_4"):
+        for key in ("award_ms", "award_first_ms", "award_rtts", "rtt_ms", "bids_in_ms"):
+            value = figures[f"{key}_{suffix}"]
+            assert isinstance(value, int | float) and value > 0, (key, suffix)
+        # the award reaches the winners after the bids came in, the releases are timed
+        assert figures[f"award_ms_{suffix}"] >= figures[f"bids_in_ms_{suffix}"]  # type: ignore[operator]
+        assert isinstance(figures[f"release_ms_{suffix}"], int | float)
+    for key in ("rtt_ms_memory", "rtt_ms_libp2p"):
+        rtt = figures[key]
+        assert isinstance(rtt, float) and rtt > 0, key
+    for goal in ("goal_award_12_within_1s", "goal_libp2p_4_within_20_rtts"):
+        assert isinstance(figures[goal], bool), goal
+    assert isinstance(figures["goal_release_within_1s"], bool)

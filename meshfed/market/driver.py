@@ -124,6 +124,8 @@ class MarketConfig:
         capacity: leases (and reservations) it holds at once as a seller (0: it does not sell).
         grant: credits (micro) a new node starts with, granted once.
         asks: how it prices its work (:class:`~.pricing.AskPolicy`).
+        throughput: examples per second it expects to sustain (its bids say so; buyers
+            score speed by it, relative to the fastest bid).
         accept_window_s: how long a winner has to accept an award.
         settle_window_s: how long the buyer waits for receipts.
         request_within_s: the deadline of each market request.
@@ -138,6 +140,7 @@ class MarketConfig:
     capacity: int = 1
     grant: int = 1_000 * MICRO
     asks: AskPolicy = field(default_factory=AskPolicy)
+    throughput: float = 0.0
     accept_window_s: float = 10.0
     settle_window_s: float = 30.0
     request_within_s: float = 10.0
@@ -256,6 +259,10 @@ class Market:
         self.reputation = Reputation(node.store)
         self.journal = Journal(node.store)
         self.seller = SellerBook(node.peer_id, self._offer())
+        #: called with every request a buyer sent the seller's book (RFQ, award, release,
+        #: roster change, settlement) and the actions the book produced, once the journal
+        #: holds it and before the actions are carried out: live views, benchmarks
+        self.seller_observers: list[Callable[[PeerId, MarketMessage, list[LeaseAction]], None]] = []
         self.jobs: dict[str, JobHandle] = {}
         self.work: dict[str, _Work] = {}
         #: get the events of the work this node leased (``job_started``, ``round``, ...)
@@ -323,7 +330,11 @@ class Market:
             book = self.seller
             if event == "offer":
                 caps = schema_of(Capabilities).decode(body["capabilities"], "capabilities")
-                book.offer = SellerOffer(capabilities=caps, capacity=body["capacity"])
+                book.offer = SellerOffer(
+                    capabilities=caps,
+                    capacity=body["capacity"],
+                    throughput=body.get("throughput", 0.0),
+                )
                 return []
             if event == "receive":
                 message = decode_message(body["message"])
@@ -413,13 +424,18 @@ class Market:
         offer = self._offer()
         if offer != self.seller.offer:
             caps = schema_of(Capabilities).encode(offer.capabilities)
-            await self._event(_SELLER, "offer", capabilities=caps, capacity=offer.capacity)
+            await self._event(
+                _SELLER, "offer", capabilities=caps, capacity=offer.capacity,
+                throughput=offer.throughput,
+            )  # fmt: skip
 
     def _offer(self) -> SellerOffer:
         membership = self.node.membership
         own = None if membership is None else membership.table.get(self.node.peer_id)
         caps = Capabilities() if own is None else own.capabilities
-        return SellerOffer(capabilities=caps, capacity=self.config.capacity)
+        return SellerOffer(
+            capabilities=caps, capacity=self.config.capacity, throughput=self.config.throughput
+        )
 
     # -- seller --------------------------------------------------------------------------------
 
@@ -427,6 +443,8 @@ class Market:
         if isinstance(message, Rfq):
             await self._offer_changed()
         actions = await self._received(_SELLER, envelope, message)
+        for observe in self.seller_observers:
+            observe(envelope.sender, message, actions)
         return await self._apply(actions, envelope.frame, seller=True)
 
     async def _seller_timer(self) -> None:
