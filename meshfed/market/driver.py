@@ -111,6 +111,8 @@ _SELLER_MESSAGES: tuple[type[MarketMessage], ...] = (Rfq, Award, Release, Roster
 _GRANT_KEY = "initial"
 #: the journal's machine names: the seller book, and one buyer job per posted job
 _SELLER = "seller"
+#: the quote messages whose events need not wait for the disk (see ``Market._event``)
+_QUOTES = (Rfq, Release, Bid, Decline)
 #: the states of a winner's training that end its work (:class:`~meshfed.store.JobState`)
 _ENDED_WORK = frozenset({"finished", "converged"})
 _BUYER = "buyer:"
@@ -371,17 +373,25 @@ class Market:
                 return buyer.finish(now, SettleReason(body["reason"]))
         raise LocalProtocolError(f"market journal: no event {event!r} for {machine}")
 
-    async def _event(self, machine: str, event: str, **body: Any) -> list[LeaseAction]:
+    async def _event(
+        self, machine: str, event: str, *, light: bool = False, **body: Any
+    ) -> list[LeaseAction]:
         """Feed one event, then wait until the journal holds it (a refused one raises and is
         not journaled). Taken and queued with no checkpoint between: the journal's order is
-        the machines' order."""
+        the machines' order, so a later event durable means every earlier one is.
+
+        ``light``: a quote's event (an RFQ or a release at the seller, a bid or a decline at
+        the buyer) does not wait for the disk when all it produced is its answer or a
+        deadline: lost in a crash, the seller forgets a bid (and declines its award, which
+        is replaced) or the buyer a bid (it is not awarded). Anything else waits."""
         actions = self._call(machine, event, body)
         written = trio.Event()
         self._unwritten.append((machine, event, body, written))
         self._write_journal.set()
-        await written.wait()
-        if self._journal_error is not None:
-            raise self._journal_error
+        if not (light and all(_answers_a_quote(action) for action in actions)):
+            await written.wait()
+            if self._journal_error is not None:
+                raise self._journal_error
         return actions
 
     async def _journal_writer(self) -> None:
@@ -402,8 +412,9 @@ class Market:
         self, machine: str, envelope: Envelope, message: MarketMessage
     ) -> list[LeaseAction]:
         return await self._event(
-            machine, "receive", sender=envelope.sender.raw, message=encode_message(message),
-            frame=envelope.frame, now=time.time(),
+            machine, "receive", light=isinstance(message, _QUOTES),
+            sender=envelope.sender.raw, message=encode_message(message), frame=envelope.frame,
+            now=time.time(),
         )  # fmt: skip
 
     async def publish_asks(self, conditions: Conditions | None = None) -> None:
@@ -809,7 +820,11 @@ class Market:
                         evidence=evidence,
                     )  # fmt: skip
             elif isinstance(action, StartTraining):
-                await self._put_lease(action.job, LeaseRole.SELLER, action.buyer, evidence)
+                # the journal holds the award: the lease book may follow after the answer
+                assert self._nursery is not None
+                self._nursery.start_soon(
+                    self._put_lease, action.job, LeaseRole.SELLER, action.buyer, evidence
+                )
                 work = self.work[action.job] = _Work(action)
                 if not replaying:
                     assert self._nursery is not None
@@ -858,8 +873,15 @@ class Market:
             )
             return
         if isinstance(answer, Lease) and handle is not None:  # accepted: its signature kept
-            await self._put_lease(handle.job_id, LeaseRole.BUYER, envelope.sender, envelope.frame)
-        await self._apply(actions, envelope.frame, seller, handle)
+            assert self._nursery is not None
+            self._nursery.start_soon(
+                self._put_lease, handle.job_id, LeaseRole.BUYER, envelope.sender, envelope.frame
+            )
+        reply = await self._apply(actions, envelope.frame, seller, handle)
+        if reply is not None:  # an answer that calls for one of ours (a late acceptance: settle)
+            follow = SendRequest(envelope.sender, reply)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._request, follow, seller, handle)
 
     async def _put_lease(self, job: str, role: LeaseRole, peer: PeerId, signed: bytes) -> None:
         """Keep the lease with the counterpart's signature on it (its award, or its
@@ -928,6 +950,12 @@ class Market:
             paid=sum(buyer.paid.values()),
             error=None if ended.error is None else str(ended.error),
         )
+
+
+def _answers_a_quote(action: LeaseAction) -> bool:
+    return isinstance(action, WakeAt) or (
+        isinstance(action, Reply) and isinstance(action.message, Bid | Decline)
+    )
 
 
 def _note_send(handle: JobHandle, action: SendRequest) -> None:
