@@ -101,7 +101,11 @@ def decentralized(nodes: int, *, agree: bool = True, **options: Any) -> dict[str
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "run.json")
         quiet = Console(file=io.StringIO())
-        code = trio.run(lambda: run_testnet(nodes, out, limit_s=900, console=quiet, **options))
+        # the bundled data set, cut by the job at each node: the centralized reference trains
+        # on the same shards and tests on the same test set
+        code = trio.run(
+            lambda: run_testnet(nodes, out, limit_s=900, console=quiet, own_data=False, **options)
+        )
         run: dict[str, Any] = json.loads(out.read_text())
     if code != 0 if agree else not run["finished"]:
         raise RuntimeError(f"the testnet failed: {json.dumps(run)[:2000]}")
@@ -160,7 +164,8 @@ def main() -> None:
         return
     secure = decentralized(nodes, **options)
     # The reference replays the very job the testnet ran (same roster size, seed, shards).
-    job = JobSpec(**{**secure["job"], "roster": tuple(secure["job"]["roster"])})
+    ran = {key: value for key, value in secure["job"].items() if key != "own_data"}
+    job = JobSpec(**{**ran, "roster": tuple(ran["roster"])})
     train, _ = load_dataset(job.dataset, seed=job.seed)
     mean_shard = statistics.mean(len(s) for s in job_shards(job, train))
     ticks = rounds * args.epochs * math.ceil(mean_shard / job.batch_size)  # the same local work

@@ -250,9 +250,13 @@ def _failures(children: list[_Child]) -> list[str]:
     return lines
 
 
-def _make_job(workdir: Path, nodes: int, options: dict[str, Any]) -> JobSpec:
+def _make_job(
+    workdir: Path, nodes: int, options: dict[str, Any], *, own_data: bool = True
+) -> JobSpec:
     """Create each node's identity in its data directory (the roster follows from them), and
-    give each node its shard of the bundled data set as a registered data set of its own.
+    give each node its shard of the bundled data set as a registered data set of its own
+    (``own_data``; else the job cuts the bundled data set at every node, as a private
+    federation's may).
 
     Raises:
         ConfigError: the job cannot run (checked on the bundled data set before any file is
@@ -268,6 +272,8 @@ def _make_job(workdir: Path, nodes: int, options: dict[str, Any]) -> JobSpec:
     job_id = f"testnet-{os.urandom(4).hex()}"
     bundled = JobSpec(job_id=job_id, roster=tuple(roster), **options)
     parts = prepare(bundled)  # a job that cannot run is refused before any node starts
+    if not own_data:
+        return bundled
     name = f"{bundled.dataset}-shard"
     for index, shard in enumerate(parts.shards):
         data_dir = workdir / f"node-{index}"
@@ -316,6 +322,7 @@ async def run_testnet(
     kill: int = 0,
     kill_at_round: int = 1,
     budget: float = 5.0,
+    own_data: bool = True,
     **job_options: Any,
 ) -> int:
     """Run the testnet (showing it on ``console``, stdout by default); returns 0 if every node
@@ -323,7 +330,9 @@ async def run_testnet(
 
     ``kill`` nodes (the last ones) are killed with SIGKILL once every node has reported round
     ``kill_at_round - 1``: the others go on without them (the chaos test of the training
-    issue). ``budget``: the buyer's, in credits."""
+    issue). ``budget``: the buyer's, in credits. ``own_data``: each node trains on a shard
+    registered as its own (else on the job's cut of the bundled data set: what the training
+    benchmark compares with centralized FedAvg, evaluated on the same test set)."""
     console = console or Console(stderr=False)
     # The nodes bootstrap off each other; mDNS stays off so that two testnets (or a testnet and
     # other meshfed nodes on this host) never merge. One torch thread per node: N processes
@@ -338,7 +347,7 @@ async def run_testnet(
     children: list[_Child] = []
     with tempfile.TemporaryDirectory(prefix="meshfed-testnet-") as tmp:
         workdir = Path(tmp)
-        spec = _make_job(workdir, nodes, job_options)
+        spec = _make_job(workdir, nodes, job_options, own_data=own_data)
         job_file = workdir / "job.json"
         fields = json.loads(spec.to_json())
         del fields["roster"]  # the auction picks it
