@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from .data.registry import DataRegistry
     from .market.driver import JobHandle, Market
     from .market.messages import JobStatusReport
+    from .market.pricing import Estimate
     from .market.terms import Requirements
     from .membership.records import DatasetOffer, PeerRecord, Role
     from .membership.service import Membership
@@ -777,6 +778,24 @@ class Node:
             bid_window_s=bid_window_s,
         )
         return await self._market().submit_training(order)
+
+    async def pricing_estimate(
+        self, kind: str, tier: str, participants: int, rounds: int
+    ) -> Estimate:
+        """What a job of ``kind`` (``training`` or ``inference``) in ``tier`` with
+        ``participants`` peers doing ``rounds`` units each is estimated to cost (micro-credits,
+        ``.total``), with its breakdown (``.breakdown``: where the per-unit price came from,
+        the tier's discount, units, participants). A budget below it is refused at submit
+        (:class:`~meshfed.errors.BudgetTooLow` carries the estimate).
+
+        Raises:
+            LocalProtocolError: no market here.
+            ValueError: an unknown kind or tier, or counts below 1.
+        """
+        from .market.terms import Tier, WorkKind
+
+        market = self._market()
+        return await market.pricing_estimate(WorkKind(kind), Tier(tier), participants, rounds)
 
     async def job_status(self, job_id: str) -> JobStatusReport:
         """How ``job_id`` is doing: this node's view if it takes part, else the first roster

@@ -94,7 +94,7 @@ from .messages import (
     SettleReason,
 )
 from .order import TrainingOrder, spec_from
-from .pricing import AskPolicy, Conditions, asks, check_budget, estimate
+from .pricing import AskPolicy, Conditions, Estimate, asks, check_budget, estimate
 from .reputation import PeerEvent, Reputation
 from .terms import MICRO, Tier, WorkKind, credits
 
@@ -545,15 +545,7 @@ class Market:
                 f"the requirements, {order.min_peers} needed",
                 excluded=dict(found.excluded),
             )
-        history = await trio.to_thread.run_sync(self.book.recent_clearing, kind, tier)
-        cost = estimate(
-            kind,
-            tier,
-            order.min_peers,
-            order.rounds,
-            history=[record.price for record in history],
-            asks=[ask for record in records for ask in record.capabilities.prices],
-        )
+        cost = await self.pricing_estimate(kind, tier, order.min_peers, order.rounds, records)
         check_budget(order.budget, cost)
         available = self.ledger.balance(AVAILABLE)
         if order.budget > available:
@@ -593,6 +585,29 @@ class Market:
         self._nursery.start_soon(self._buyer_loop, handle)
         await self._apply(actions, b"", seller=False, handle=handle)
         return handle
+
+    async def pricing_estimate(
+        self,
+        kind: WorkKind,
+        tier: Tier,
+        participants: int,
+        units: int,
+        records: list[PeerRecord] | None = None,
+    ) -> Estimate:
+        """What ``participants`` peers doing ``units`` units each of ``kind`` in ``tier``
+        cost, with its breakdown: the median of this node's recent clearing prices for the
+        kind and tier, else of the asks in the records it holds, else the default price, less
+        the tier's discount (:func:`~.pricing.estimate`)."""
+        history = await trio.to_thread.run_sync(self.book.recent_clearing, kind, tier)
+        known = self._records() if records is None else records
+        return estimate(
+            kind,
+            tier,
+            participants,
+            units,
+            history=[record.price for record in history],
+            asks=[ask for record in known for ask in record.capabilities.prices],
+        )
 
     def matching(self, order: TrainingOrder, records: list[PeerRecord] | None = None) -> Match:
         """The known peers whose records meet ``order``'s requirements (this node excluded)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from meshfed.errors import BudgetExceeded, NoMatchingPeers
+from meshfed.errors import BudgetExceeded, BudgetTooLow, NoMatchingPeers
 from meshfed.market.ledger import AVAILABLE, earned_account, paid_account
 from meshfed.market.terms import MICRO, Requirements
 from meshfed.node import Node, open_node
@@ -129,3 +129,25 @@ async def test_the_buyer_away_for_rounds_comes_back_and_settles(tmp_path: Path) 
                 paid = buyer.market.ledger.balance(paid_account("away", seller.peer_id))
                 assert earned == paid > 0
         stop.set()
+
+
+async def test_the_estimate_follows_what_jobs_cleared_at_and_a_budget_below_it_is_refused(
+    tmp_path: Path,
+) -> None:
+    async with open_memory_mesh(6, tmp_path, membership=True, gossip_interval_s=0.1) as nodes:
+        await _meshed(nodes)
+        buyer = nodes[0]
+        before = await buyer.pricing_estimate("training", "small", 4, 3)
+        assert before.breakdown["source"] != "recent clearing prices"
+        assert before.total == 4 * 3 * before.per_unit
+        with pytest.raises(BudgetTooLow) as low:
+            await buyer.submit_training(JOB, budget=before.total / MICRO / 2, min_peers=4)
+        assert low.value.estimate == before.total
+        handle = await buyer.submit_training(JOB, budget=5, min_peers=4, max_peers=4)
+        with trio.fail_after(120):
+            await handle.wait()
+        after = await buyer.pricing_estimate("training", "small", 4, 3)
+        assert after.breakdown["source"] == "recent clearing prices"
+        clearing = handle.buyer.clearing
+        assert clearing is not None
+        assert after.per_unit <= max(winner.price for winner in clearing.winners)
