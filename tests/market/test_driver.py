@@ -112,7 +112,8 @@ async def test_the_buyer_away_for_rounds_comes_back_and_settles(tmp_path: Path) 
         # the buyer is down: the winners go on training and note their debits
         working = [s for s in sellers if s.market is not None and "away" in s.market.work]
         with trio.fail_after(60):
-            while min(s.market.work["away"].round for s in working if s.market) < 4:
+            # the work's rounds move with no event to wait on: poll them
+            while min(s.market.work["away"].round for s in working if s.market) < 4:  # noqa: ASYNC110
                 await trio.sleep(0.1)
         async with open_node(config(tmp_path / "buyer"), network=network) as buyer:
             assert buyer.market is not None
