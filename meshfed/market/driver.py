@@ -285,8 +285,6 @@ class Market:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._journal_writer)
-            if self.config.capacity:
-                nursery.start_soon(self._load_training)
             await self._replay()
             await self.publish_asks()
             for message_type in _SELLER_MESSAGES:
@@ -296,12 +294,6 @@ class Market:
             nursery.start_soon(self._seller_timer)
             task_status.started()
             await trio.sleep_forever()
-
-    async def _load_training(self) -> None:
-        """Import the training code (torch) in a worker thread now, not on the loop when the
-        first award comes: an import of seconds there would hold the answer past its deadline."""
-        await trio.to_thread.run_sync(importlib.import_module, "meshfed.training.participation")
-        await trio.to_thread.run_sync(importlib.import_module, "meshfed.training.job")
 
     async def _replay(self) -> None:
         """Rebuild the machines from the journal; resume the work and jobs still open."""
@@ -475,6 +467,9 @@ class Market:
 
     async def _train(self, work: _Work) -> None:
         """Run the training a lease won; note a debit for every round done."""
+        # torch's import takes seconds: in a worker thread, so that the loop answers the award
+        # meanwhile (on the loop it held the answer past its deadline: a winner lost)
+        await trio.to_thread.run_sync(importlib.import_module, "meshfed.training.job")
         from ..training.participation import failure_reason, take_part
 
         start = work.start
