@@ -17,8 +17,8 @@ What the driver adds to the sans-IO machines:
 - the requests a machine asks for go out at once, each in its own task with a deadline; the
   answer goes back into the machine; a peer that does not answer is dealt with by the
   machine's own deadlines (:class:`~.lease.WakeAt`);
-- failure detection for a running job: a winner whose debit notes fall ``lag_rounds`` behind
-  the others', or that membership declares dead, is reported to the machine, which replaces it;
+- failure detection for a running job: a winner that stops answering status polls is
+  reported to the machine, which replaces it;
 - progress: every event a buyer's job goes through is kept in its :class:`JobHandle` (bids,
   award and clearing price, rounds, roster changes, the end) for the CLI's live view.
 """
@@ -131,8 +131,6 @@ class MarketConfig:
         accept_window_s: how long a winner has to accept an award.
         settle_window_s: how long the buyer waits for receipts.
         request_within_s: the deadline of each market request.
-        lag_rounds: a winner whose status report is this many rounds behind the others' is
-            replaced.
         silent_polls: a winner that answers this many status polls in a row with silence is
             replaced.
         roster_wait_s: how long a winner waits for the rest of its roster to connect.
@@ -146,7 +144,6 @@ class MarketConfig:
     accept_window_s: float = 10.0
     settle_window_s: float = 30.0
     request_within_s: float = 10.0
-    lag_rounds: int = 3
     silent_polls: int = 5
     roster_wait_s: float = 60.0
     status_every_s: float = 2.0
@@ -645,7 +642,7 @@ class Market:
     async def _watch_roster(self, handle: JobHandle, now: float) -> None:
         """Ask the roster how the job goes; end it once every winner is paid for every unit
         or reports it stopped (converged); replace a winner that is dead, silent for
-        ``silent_polls`` polls in a row, or ``lag_rounds`` behind the others' reports.
+        ``silent_polls`` polls in a row (rounds behind is no signal: push-sum peers run apart).
 
         Debit notes are no failure signal: a buyer that was away gets them late, by backoff."""
         buyer = handle.buyer
@@ -662,15 +659,13 @@ class Market:
             if all(paid[peer] >= reports[peer].round for peer in paid):  # every note is in
                 await self._finish(handle, SettleReason.DONE)
             return
-        ahead = max((r.round for r in reports.values()), default=0)
         membership = self.node.membership
         for peer in buyer.active:
             report = reports.get(peer)
             silence = handle.silence.get(peer, 0)
             dead = membership is not None and membership.swim.state(peer) is MemberState.DEAD
             silent = silence >= self.config.silent_polls or (dead and silence > 0)
-            behind = report is not None and ahead - report.round >= self.config.lag_rounds
-            if silent or behind:  # membership's verdict alone is not enough: it asks too
+            if silent:  # membership's verdict alone is not enough: it asks too
                 at_round = min(buyer.rfq.units, max(1, (0 if report is None else report.round) + 1))
                 handle._add("failed", peer=str(peer), round=at_round, dead=dead, silent=silent)
                 self.reputation.record(buyer.job, peer, PeerEvent.FAILED)
