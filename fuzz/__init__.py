@@ -15,4 +15,5 @@ HARNESSES = (
     "cyclon",
     "secagg",
     "mdns_txt",
+    "market",
 )
