@@ -379,10 +379,20 @@ def testnet(
             "peers mean small shards, one SGD step a round: add --epochs or --local-steps."
         ),
     ] = 0,
-    kill: Annotated[
-        int, typer.Option(help="Chaos: SIGKILL this many nodes mid-job (the rest go on).")
+    hire: Annotated[
+        int, typer.Option(help="The buyer hires this many of the nodes (0: all).", min=0)
     ] = 0,
-    kill_at_round: Annotated[int, typer.Option(help="...once every node reached it.")] = 1,
+    kill: Annotated[
+        int,
+        typer.Option(
+            help="Chaos: SIGKILL this many winners mid-job (replaced, or the rest go on)."
+        ),
+    ] = 0,
+    kill_at_round: Annotated[int, typer.Option(help="...once every winner reached it.")] = 1,
+    pause_buyer: Annotated[
+        int,
+        typer.Option(help="Chaos: SIGKILL the buyer after this round, restart it 2 rounds later."),
+    ] = 0,
     budget: Annotated[
         float, typer.Option(help="What the buyer may pay for the job, in credits.")
     ] = 5.0,
@@ -424,11 +434,13 @@ def testnet(
             from .simulation import run_simulation
 
             sys.exit(trio.run(functools.partial(run_simulation, simulate, out, **options)))
-        if not 0 <= kill <= nodes - 2:
-            raise typer.BadParameter("--kill must leave at least 2 nodes")
+        if not 0 <= kill <= (hire or nodes) - 2:
+            raise typer.BadParameter("--kill must leave at least 2 winners")
+        if hire > nodes:
+            raise typer.BadParameter(f"--hire {hire}: there are {nodes} nodes")
         run = functools.partial(
             run_testnet, nodes, out, limit_s=limit, kill=kill, kill_at_round=kill_at_round,
-            budget=budget,
+            hire=hire, pause_buyer_at=pause_buyer, budget=budget,
         )  # fmt: skip
         code = trio.run(functools.partial(run, **options))
     except* MeshfedError as group:  # also from inside the simulation's nurseries

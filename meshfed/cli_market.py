@@ -4,7 +4,9 @@ the books.
 ``submit training JOB_FILE --budget 50`` runs this node (its data dir, listen and bootstrap
 options as ``run`` takes them) as a buyer: it waits until enough peers whose records match
 the job are known, posts the job, shows the bids, the award and its clearing price, every
-round paid and the end, then prints the job's statement. ``jobs``, ``job`` and ``ledger`` read
+round paid and the end, then prints the job's statement. Run again after the buyer stopped
+(the same job file, the same data dir), it follows the job it posted (the market's journal
+brought it back) instead of posting it twice. ``jobs``, ``job`` and ``ledger`` read
 the node's store (also while the node runs: read-only, verified under the node's key).
 """
 
@@ -96,11 +98,15 @@ async def _buy(cfg: NodeConfig, order: TrainingOrder, wait_peers: float, as_json
         if market is None:
             raise MeshfedError("this node runs without the market (config market=false)")
         _say(as_json, "started", peer_id=str(node.peer_id), listen=node.listen_addrs)
-        with trio.move_on_after(wait_peers):
-            # records come by gossip, with no event to wait on: poll them
-            while len(market.matching(order).peers) < order.max_peers:  # noqa: ASYNC110
-                await trio.sleep(0.2)
-        handle = await market.submit_training(order)
+        handle = market.jobs.get(order.job_id)  # posted before this node restarted: follow it
+        if handle is not None:
+            _say(as_json, "resumed", job_id=order.job_id, state=handle.buyer.state.value)
+        else:
+            with trio.move_on_after(wait_peers):
+                # records come by gossip, with no event to wait on: poll them
+                while len(market.matching(order).peers) < order.max_peers:  # noqa: ASYNC110
+                    await trio.sleep(0.2)
+            handle = await market.submit_training(order)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
 

@@ -98,6 +98,11 @@ class _Buyer:
     events: list[dict[str, Any]] = field(default_factory=list)
     statement: dict[str, Any] = field(default_factory=dict)
     ended: trio.Event = field(default_factory=trio.Event)
+    #: the roster's peer ids as the job started (the first roster the buyer announced)
+    roster: list[str] = field(default_factory=list)
+    #: the rounds at which the buyer was stopped and started again (``pause_buyer_at``)
+    stopped_at: int | None = None
+    restarted_at: int | None = None
 
     def market_line(self) -> str:
         """Bids, the award and its clearing price, what was paid: one line."""
@@ -118,10 +123,11 @@ class _Buyer:
         return line
 
 
-async def _read_buyer(buyer: _Buyer) -> None:
-    assert buyer.process is not None and buyer.process.stdout is not None
+async def _read_buyer(buyer: _Buyer, process: trio.Process) -> None:
+    """Read one buyer process's lines; the buyer ended when its last process's output did."""
+    assert process.stdout is not None
     buffer = b""
-    async for chunk in buyer.process.stdout:
+    async for chunk in process.stdout:
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
@@ -131,9 +137,12 @@ async def _read_buyer(buyer: _Buyer) -> None:
                 continue
             if document.get("event") == "statement":
                 buyer.statement = document
-            elif document.get("event") != "started":
+            elif "job_id" in document:  # the job's events (not the process's own lines)
                 buyer.events.append(document)
-    buyer.ended.set()
+                if document.get("event") == "started" and not buyer.roster:
+                    buyer.roster = list(document["roster"])
+    if process is buyer.process and (buyer.stopped_at is None or buyer.restarted_at is not None):
+        buyer.ended.set()  # not the process the chaos test killed, to start it again
 
 
 def _live_table(
@@ -188,8 +197,8 @@ def _summary(children: list[_Child], spec: JobSpec) -> tuple[Table, list[dict[st
     for column in ("round", "accuracy", "spread", "models", "round s", "avg s", "kB out / node"):
         table.add_column(column, justify="right")
     rows = []
-    for number in range(spec.rounds):
-        reports = [c.rounds[number] for c in children if len(c.rounds) > number]
+    for number in range(spec.rounds):  # a node that joined the job late has its later rounds
+        reports = [r for c in children for r in c.rounds if r["round"] == number]
         if not reports:
             break
         accuracies = [r["accuracy"] for r in reports]
@@ -235,6 +244,12 @@ class TestnetError(MeshfedError):
 async def _first(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
+
+
+def _unfinished(children: list[_Child]) -> trio.Event | None:
+    """The end still awaited of a node that worked on the job (None: all of them ended)."""
+    working = [c.finished for c in children if c.rounds or c.outcome]
+    return next((finished for finished in working if not finished.is_set()), None)
 
 
 def _failures(children: list[_Child]) -> list[str]:
@@ -321,18 +336,25 @@ async def run_testnet(
     console: Console | None = None,
     kill: int = 0,
     kill_at_round: int = 1,
+    hire: int = 0,
+    pause_buyer_at: int = 0,
+    pause_rounds: int = 2,
     budget: float = 5.0,
     own_data: bool = True,
     **job_options: Any,
 ) -> int:
     """Run the testnet (showing it on ``console``, stdout by default); returns 0 if every node
-    (every survivor, with ``kill``) finished the job with the same model.
+    that worked on the job to its end finished it with the same model.
 
-    ``kill`` nodes (the last ones) are killed with SIGKILL once every node has reported round
-    ``kill_at_round - 1``: the others go on without them (the chaos test of the training
-    issue). ``budget``: the buyer's, in credits. ``own_data``: each node trains on a shard
-    registered as its own (else on the job's cut of the bundled data set: what the training
-    benchmark compares with centralized FedAvg, evaluated on the same test set)."""
+    ``hire``: the buyer hires this many nodes (0: every node; the rest are standby bids).
+    ``kill`` winners (the last ones of the roster) are killed with SIGKILL once every winner
+    has reported round ``kill_at_round - 1``: the buyer replaces them from the other bids, or
+    the others go on without them (the chaos test). ``pause_buyer_at``: once every winner
+    reported that round, the buyer's process is killed (SIGKILL), and started again (the same
+    command: it follows the job it posted) once they reported ``pause_rounds`` more.
+    ``budget``: the buyer's, in credits. ``own_data``: each node trains on a shard registered
+    as its own (else on the job's cut of the bundled data set: what the training benchmark
+    compares with centralized FedAvg, evaluated on the same test set)."""
     console = console or Console(stderr=False)
     # The nodes bootstrap off each other; mDNS stays off so that two testnets (or a testnet and
     # other meshfed nodes on this host) never merge. One torch thread per node: N processes
@@ -355,18 +377,41 @@ async def run_testnet(
         buyer = _Buyer()
         began = trio.current_time()
 
+        def hired() -> list[_Child]:
+            by_peer = {c.started.get("peer_id"): c for c in children}
+            return [by_peer[peer] for peer in buyer.roster if peer in by_peer]
+
+        def reached(number: int) -> bool:
+            winners = [c for c in hired() if c.outcome.get("event") != "killed"]
+            return bool(winners) and all(len(c.rounds) >= number for c in winners)
+
         def chaos() -> None:
-            """SIGKILL the last ``kill`` nodes the moment every node reported the round before
-            ``kill_at_round`` (so they die in that round, and the rounds after it show the
-            survivors carrying on)."""
-            victims = children[nodes - kill :] if kill and len(children) == nodes else []
-            if any(v.outcome for v in victims) or not all(
-                len(c.rounds) >= kill_at_round for c in children
+            """SIGKILL the last ``kill`` winners the moment every winner reported the round
+            before ``kill_at_round`` (so they die in that round, and the rounds after it show
+            the others carrying on); stop and start the buyer (``pause_buyer_at``)."""
+            victims = hired()[-kill:] if kill else []
+            if victims and not any(v.outcome for v in victims) and reached(kill_at_round - 1):
+                for victim in victims:
+                    victim.process.kill()
+                    victim.outcome = {"event": "killed"}
+            if pause_buyer_at and buyer.stopped_at is None and reached(pause_buyer_at):
+                assert buyer.process is not None
+                buyer.stopped_at = pause_buyer_at
+                buyer.process.kill()
+            elif (
+                buyer.restarted_at is None
+                and buyer.stopped_at is not None
+                and reached(buyer.stopped_at + pause_rounds)
             ):
-                return
-            for victim in victims:
-                victim.process.kill()
-                victim.outcome = {"event": "killed"}
+                buyer.restarted_at = buyer.stopped_at + pause_rounds
+                nursery.start_soon(start_buyer)
+
+        async def start_buyer() -> None:
+            launch = functools.partial(
+                trio.run_process, buyer_command, stdout=subprocess.PIPE, env=env, check=False
+            )
+            buyer.process = await nursery.start(launch)
+            nursery.start_soon(_read_buyer, buyer, buyer.process)
 
         async with trio.open_nursery() as nursery:
             for index in range(nodes):
@@ -396,27 +441,29 @@ async def run_testnet(
                     raise TestnetError(
                         f"node {index} {ended} before it started (its error is printed above)"
                     )
-            command = [sys.executable, "-m", "meshfed.cli", "submit", "training", str(job_file)]
-            command += ["--budget", str(budget), "--json", "--data-dir", str(workdir / "buyer")]
-            command += ["--min-peers", str(max(4 if spec.secure else 2, nodes - kill))]
-            command += ["--max-peers", str(nodes), "--bid-window", "5", "--wait-peers", "60"]
+            hiring = hire or nodes
+            buyer_command = [
+                sys.executable, "-m", "meshfed.cli", "submit", "training", str(job_file),
+                "--budget", str(budget), "--json", "--data-dir", str(workdir / "buyer"),
+                "--min-peers", str(max(4 if spec.secure else 2, hiring - kill)),
+                "--max-peers", str(hiring), "--bid-window", "5", "--wait-peers", "60",
+            ]  # fmt: skip
             for child in children:
-                command += ["--bootstrap", child.started["listen"][0]]
-            launch = functools.partial(
-                trio.run_process, command, stdout=subprocess.PIPE, env=env, check=False
-            )
-            buyer.process = await nursery.start(launch)
-            nursery.start_soon(_read_buyer, buyer)
+                buyer_command += ["--bootstrap", child.started["listen"][0]]
+            await start_buyer()
             with Live(
                 _live_table(children, spec, 0, buyer), console=console, refresh_per_second=4
             ) as live:
                 with trio.move_on_after(limit_s):
-                    for waited in [*(child.finished for child in children), buyer.ended]:
-                        while not waited.is_set():
-                            elapsed = trio.current_time() - began
-                            live.update(_live_table(children, spec, elapsed, buyer))
-                            with trio.move_on_after(0.25):
-                                await waited.wait()
+                    # the buyer settles, then every node that worked on the job ends it (the
+                    # others only bid: they serve until stopped)
+                    waited = buyer.ended
+                    while not waited.is_set() or (waited := _unfinished(children)) is not None:
+                        elapsed = trio.current_time() - began
+                        live.update(_live_table(children, spec, elapsed, buyer))
+                        with trio.move_on_after(0.25):
+                            await waited.wait()
+                assert buyer.process is not None
                 for process in [buyer.process, *(child.process for child in children)]:
                     if process.returncode is None:
                         process.send_signal(signal.SIGTERM)
@@ -430,7 +477,10 @@ async def run_testnet(
                     process.kill()
         names = [*(f"node-{c.index}" for c in children), "buyer"]
         ledgers = await trio.to_thread.run_sync(_ledgers, workdir, names)
-    survivors = [c for c in children if c.outcome.get("event") != "killed"]
+    # who worked on the job to its end: not killed, and hired (every node without an auction)
+    survivors = [
+        c for c in children if c.outcome.get("event") != "killed" and (c.rounds or c.outcome)
+    ]
     table, rows = _summary(survivors, spec)
     console.print()
     console.print(table)
@@ -454,7 +504,9 @@ async def run_testnet(
         "job": json.loads(spec.to_json()),
         "seconds": trio.current_time() - began,
         "finished": done,
-        "killed": [c.index for c in children if c not in survivors],
+        "killed": [c.index for c in children if c.outcome.get("event") == "killed"],
+        "buyer_stopped_at": buyer.stopped_at,
+        "buyer_restarted_at": buyer.restarted_at,
         "same_model_everywhere": same,
         "final_accuracy": statistics.mean(finals) if finals else None,
         "rounds": rows,
@@ -472,7 +524,8 @@ async def run_testnet(
         ],
     }
     await trio.Path(out).write_text(json.dumps(summary, indent=2))
-    who = f"every node ({len(children) - len(survivors)} killed)" if kill else "every node"
+    killed = len(summary["killed"])
+    who = f"every hired node ({killed} killed)" if kill or hire else "every node"
     model = "close models (gossip)" if spec.schedule == "pushsum" else "the same model"
     if same:
         verdict = f"{who} finished with {model}"
