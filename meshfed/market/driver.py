@@ -52,6 +52,7 @@ from ..identity import PeerId
 from ..membership.records import Capabilities, PeerRecord
 from ..membership.swim import MemberState
 from ..stats import RejectReason
+from ..training.roster import RosterChange
 from ..wire import Envelope
 from .journal import Journal, decode_message, encode_message
 from .lease import (
@@ -236,6 +237,7 @@ class _Work:
     round: int = 0
     report: RoundReport | None = None
     state: str = "starting"
+    #: roster changes signed by the buyer before the training peer exists (handed to it then)
     changes: list[ChangeRoster] = field(default_factory=list)
     #: the training's scope: cancelled when the lease ends (settled, cancelled, forfeited)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -476,16 +478,28 @@ class Market:
         except ConfigError as exc:  # the buyer's job is bad: the lease's end
             events("job_failed", {"job_id": start.job, "error": failure_reason(exc)})
             return
+        joining = None
+        if start.units < spec.rounds:  # a replacement: it joins the running job
+            joining = RosterChange(
+                roster=tuple(spec.roster), from_round=spec.rounds - start.units,
+                version=start.roster_version,
+            )  # fmt: skip
         work.state = "connecting"
         with work.scope:
             await take_part(
                 self.node, spec, events, roster_wait=self.config.roster_wait_s,
-                on_peer=functools.partial(setattr, work, "peer"),
+                joining=joining, on_peer=functools.partial(self._peer_made, work),
                 on_round=functools.partial(self._round_done, work),
             )  # fmt: skip
         if work.scope.cancelled_caught:
             work.state = "ended"
             events("job_failed", {"job_id": start.job, "error": "the lease ended"})
+
+    def _peer_made(self, work: _Work, peer: TrainingPeer) -> None:
+        work.peer = peer
+        for change in work.changes:
+            _change_roster(peer, change)
+        work.changes.clear()
 
     def _work_event(self, work: _Work, event: str, document: dict[str, Any]) -> None:
         if event == "job_started":
@@ -836,7 +850,9 @@ class Market:
                     self._nursery.start_soon(self._train, work)
             elif isinstance(action, ChangeRoster):
                 work_for = self.work.get(action.job)
-                if work_for is not None:
+                if work_for is not None and work_for.peer is not None:
+                    _change_roster(work_for.peer, action)
+                elif work_for is not None:
                     work_for.changes.append(action)
             elif isinstance(action, StartJob):
                 assert handle is not None
@@ -955,6 +971,21 @@ class Market:
             paid=sum(buyer.paid.values()),
             error=None if ended.error is None else str(ended.error),
         )
+
+
+def _change_roster(peer: TrainingPeer, change: ChangeRoster) -> None:
+    """Hand the buyer's signed roster change to the running training (rounds are 1-based in
+    the market, 0-based in training: a change from the market's round r plans round r - 1)."""
+    roster = tuple(str(member) for member in change.roster)
+    try:
+        peer.change_roster(
+            RosterChange(
+                roster=roster, from_round=max(0, change.from_round - 1),
+                version=change.roster_version,
+            )
+        )  # fmt: skip
+    except ConfigError as exc:  # the buyer signed a roster training cannot plan
+        log.warning("roster change refused", extra={"job": change.job, "error": str(exc)})
 
 
 def _answers_a_quote(action: LeaseAction) -> bool:

@@ -21,6 +21,7 @@ from ..identity import PeerId
 if TYPE_CHECKING:
     from ..node import Node
     from .job import JobSpec, RoundReport, TrainingPeer
+    from .roster import RosterChange
 
 __all__ = ["JobEvents", "failure_reason", "take_part"]
 
@@ -37,6 +38,7 @@ async def take_part(
     events: JobEvents,
     *,
     roster_wait: float,
+    joining: RosterChange | None = None,
     on_peer: Callable[[TrainingPeer], None] | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
 ) -> TrainingPeer | None:
@@ -45,6 +47,8 @@ async def take_part(
     Args:
         events: gets every event with its JSON document.
         roster_wait: seconds to wait for every roster peer to connect.
+        joining: the roster change that brings this node into a running job (it takes the
+            roster's state by quorum at the change's round instead of starting from round 0).
         on_peer: gets the training peer once it exists (to change its roster, read its state).
         on_round: gets each round's report (after its ``round`` event).
     """
@@ -62,7 +66,7 @@ async def take_part(
 
     peer = None
     try:
-        peer = TrainingPeer(node, spec, store=node.store)
+        peer = TrainingPeer(node, spec, store=node.store, joining=joining)
         if on_peer is not None:
             on_peer(peer)
         if not await peer.ended_before():
