@@ -164,8 +164,9 @@ class JobHandle:
         self.buyer = buyer
         self.events: list[dict[str, Any]] = []
         self.report: JobStatusReport | None = None
-        #: the highest unit paid per seller
-        self.units_paid: dict[PeerId, int] = {}
+        #: the units paid per seller (units are paid in any order: a buyer that was away gets
+        #: the notes of the rounds it missed by backoff, after later ones)
+        self.paid_units: dict[PeerId, set[int]] = {}
         #: when the job's machine next needs :meth:`~.lease.BuyerJob.expire`
         self.wake_at = float("inf")
         #: status polls in a row each winner did not answer
@@ -198,7 +199,11 @@ class JobHandle:
 
     def rounds_done(self) -> int:
         """The round every active winner has been paid for (0 before the first)."""
-        return min((self.units_paid.get(p, 0) for p in self.buyer.active), default=0)
+        return min((self.units_paid(p) for p in self.buyer.active), default=0)
+
+    def units_paid(self, seller: PeerId) -> int:
+        """How many units ``seller`` was paid for."""
+        return len(self.paid_units.get(seller, ()))
 
     async def wait(self) -> dict[str, Any]:
         """Wait until the job ended (settled, cancelled, or failed); its final status."""
@@ -660,7 +665,7 @@ class Market:
 
         Debit notes are no failure signal: a buyer that was away gets them late, by backoff."""
         buyer = handle.buyer
-        paid = {peer: handle.units_paid.get(peer, 0) for peer in buyer.active}
+        paid = {peer: handle.units_paid(peer) for peer in buyer.active}
         if paid and min(paid.values()) >= buyer.rfq.units:
             await self._finish(handle, SettleReason.DONE)
             return
@@ -1006,8 +1011,7 @@ def _note_send(handle: JobHandle, action: SendRequest) -> None:
 
 
 def _note_paid(handle: JobHandle, pay: LedgerPay) -> None:
-    done = handle.units_paid.get(pay.seller, 0)
-    handle.units_paid[pay.seller] = max(done, pay.unit)
+    handle.paid_units.setdefault(pay.seller, set()).add(pay.unit)
     handle._add("round", seller=str(pay.seller), unit=pay.unit, amount=pay.amount)
 
 

@@ -128,7 +128,9 @@ async def test_the_buyer_away_for_rounds_comes_back_and_settles(tmp_path: Path) 
                 assert seller.market is not None
                 earned = seller.market.ledger.balance(earned_account("away", buyer.peer_id))
                 paid = buyer.market.ledger.balance(paid_account("away", seller.peer_id))
-                assert earned == paid > 0
+                award = back.buyer.award_to(seller.peer_id)
+                assert award is not None
+                assert earned == paid == 8 * award.price  # every round, also those it missed
         stop.set()
 
 

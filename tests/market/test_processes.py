@@ -17,6 +17,7 @@ from rich.console import Console
 from meshfed.identity import PeerId
 from meshfed.testnet import run_testnet
 
+ROUNDS = 30
 KILL_AT = 4  # the winner dies in round 4 (1-based): after the roster reported 3 rounds
 PAUSE_AT = 12  # the buyer is killed once the roster reported 12 rounds, back after 14
 
@@ -58,7 +59,7 @@ def test_eight_processes_hire_by_auction_replace_a_killed_winner_and_settle_afte
     run = functools.partial(
         run_testnet, 7, out, limit_s=420, console=Console(file=screen, width=160),
         hire=4, kill=1, kill_at_round=KILL_AT, pause_buyer_at=PAUSE_AT, budget=20.0,
-        rounds=30, secure=True, local_steps=8,
+        rounds=ROUNDS, secure=True, local_steps=8,
     )  # fmt: skip
     code = trio.run(run)
     summary = json.loads(out.read_text())
@@ -92,5 +93,8 @@ def test_eight_processes_hire_by_auction_replace_a_killed_winner_and_settle_afte
     paid, earned = _paid_and_earned(summary)
     assert paid == earned
     assert set(paid) >= {_hex(peer) for peer in first_roster} | {_hex(p) for p in newcomers}
+    prices = {e["peer"]: e["price"] for e in events if e["event"] == "award"}
+    for peer in set(first_roster) - set(killed):  # paid for every round, also while away
+        assert paid[_hex(peer)] == ROUNDS * prices[peer], (peer, paid)
     assert sum(paid.values()) <= 20_000_000
     assert sum(statement["paid"].values()) == sum(paid.values())
