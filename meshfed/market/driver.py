@@ -198,7 +198,7 @@ class JobHandle:
         }
 
     def rounds_done(self) -> int:
-        """The round every active winner has been paid for (0 before the first)."""
+        """How many rounds every active winner has been paid for (0 before the first)."""
         return min((self.units_paid(p) for p in self.buyer.active), default=0)
 
     def units_paid(self, seller: PeerId) -> int:
