@@ -16,7 +16,27 @@ from meshfed.arrays import ArrayHeader, ArrayPart, ArrayParts, InlineArray
 from meshfed.codec import schema_of
 from meshfed.control import Ack, Ping, Pong, Text
 from meshfed.errors import RemoteProtocolError
-from meshfed.identity import Identity
+from meshfed.identity import Identity, PeerId
+from meshfed.market.messages import (
+    Award,
+    Bid,
+    BidCapabilities,
+    DebitAck,
+    DebitNote,
+    Decline,
+    JobStatusQuery,
+    JobStatusReport,
+    Lease,
+    LeaseDecline,
+    MarketMessage,
+    PrivacyLevel,
+    Receipt,
+    Release,
+    Rfq,
+    RosterUpdate,
+    Settle,
+)
+from meshfed.market.terms import Requirements
 from meshfed.membership.cyclon import Shuffle, ShuffleReply
 from meshfed.membership.gossip import Delta, Digest, DigestEntry
 from meshfed.membership.records import (
@@ -49,6 +69,7 @@ __all__ = [
     "Reader",
     "Writer",
     "loose_unpack",
+    "market_samples",
     "pack",
     "sample_messages",
     "sample_record",
@@ -168,6 +189,37 @@ def sample_record(identity: Identity, *, seq: int = 1, ttl_ms: int = 600_000) ->
     )  # fmt: skip
 
 
+def market_samples(
+    buyer: PeerId, seller: PeerId, *, job: str, expires_ms: int, budget: int
+) -> list[MarketMessage]:
+    """One valid market message of every type about ``job`` between ``buyer`` and
+    ``seller``."""
+    roster = [seller, buyer]
+    blank = bytes(32)
+    rfq = Rfq(
+        job=job, expires_ms=expires_ms, kind="training", tier="small",
+        requirements=Requirements(dataset="digits", min_examples=100), units=3, min_peers=1,
+        max_peers=2, budget=budget, bid_deadline_ms=expires_ms, privacy=PrivacyLevel.SECAGG.value,
+        forfeit_after_s=600, spec=b"{}", scoring=[],
+    )  # fmt: skip
+    return [
+        rfq,
+        Bid(job, expires_ms, blank, 100_000, 3, BidCapabilities(500, 100.0, "", 4096, None, "")),
+        Decline(job, expires_ms, blank, "busy", ""),
+        Award(job, expires_ms, blank, seller, 200_000, 3, roster, 1, 600),
+        Lease(job, expires_ms, blank),
+        LeaseDecline(job, expires_ms, blank, "no"),
+        Release(job, expires_ms, blank),
+        RosterUpdate(job, expires_ms, 2, roster, 1, []),
+        DebitNote(job, expires_ms, blank, 1, 200_000, blank),
+        DebitAck(job, expires_ms, seller, 1, 200_000, blank),
+        Settle(job, expires_ms, 1, 200_000, "done"),
+        Receipt(job, expires_ms, blank, 1, 200_000),
+        JobStatusQuery(job, expires_ms),
+        JobStatusReport(job, expires_ms, "running", 1, 3, 0.5, 100, roster),
+    ]
+
+
 def sample_messages() -> list[Message]:
     """One valid message of every registered type (seeds for the decoders)."""
     a, b, c = (identity.peer_id for identity in IDENTITIES[:3])
@@ -195,6 +247,7 @@ def sample_messages() -> list[Message]:
         Survivors(context=context, survivors=[a, b, c]),
         Unmask(context=context, self_masks=[share], mask_keys=[]),
         StateQuery(job="j", send=True), StateAnswer(job="j", next_round=3),
+        *market_samples(a, b, job="j", expires_ms=NOW_MS + 60_000, budget=10**6),
     ]  # fmt: skip
 
 

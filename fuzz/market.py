@@ -29,25 +29,10 @@ from typing import Any
 
 from meshfed.codec import schema_of
 from meshfed.errors import LocalProtocolError, RemoteProtocolError
-from meshfed.identity import Identity, PeerId
-from meshfed.market.messages import (
-    Award,
-    Bid,
-    BidCapabilities,
-    DebitAck,
-    DebitNote,
-    Decline,
-    Lease,
-    LeaseDecline,
-    MarketMessage,
-    Receipt,
-    Release,
-    RosterUpdate,
-    Settle,
-)
+from meshfed.identity import Identity
 from tests.market.simulation import JOB, T0, Market, make_rfq, seller_offer
 
-from ._common import IDENTITIES, Reader, Writer, loose_unpack, through_wire
+from ._common import IDENTITIES, Reader, Writer, loose_unpack, market_samples, through_wire
 
 SELLERS = 3
 BUDGET = 2_000_000
@@ -57,34 +42,14 @@ POST, WORK, FAIL, FINISH, TICK, INJECT, REPLAY = range(7)
 STEPS = 7
 
 
-def _samples(buyer: PeerId, seller: PeerId) -> list[MarketMessage]:
-    """One message of every type a buyer or a seller takes, about the job (fields to fuzz)."""
-    expires = int((T0 + 60) * 1000)
-    roster = [seller, buyer]
-    blank = bytes(32)
-    caps = BidCapabilities(500, 100.0, "", 4096, None, "")
-    return [
-        make_rfq(units=3, budget=BUDGET),
-        Bid(JOB, expires, blank, 100_000, 3, caps),
-        Decline(JOB, expires, blank, "busy", ""),
-        Award(JOB, expires, blank, seller, 200_000, 3, roster, 1, 600),
-        Lease(JOB, expires, blank),
-        LeaseDecline(JOB, expires, blank, "no"),
-        Release(JOB, expires, blank),
-        RosterUpdate(JOB, expires, 2, roster, 1, []),
-        DebitNote(JOB, expires, blank, 1, 200_000, blank),
-        DebitAck(JOB, expires, seller, 1, 200_000, blank),
-        Settle(JOB, expires, 1, 200_000, "done"),
-        Receipt(JOB, expires, blank, 1, 200_000),
-    ]
-
-
 def _inject(reader: Reader, market: Market) -> bool:
     """Send one fuzzed market message; returns whether it was sent as the buyer."""
     peers = [market.buyer, *market.sellers, STRANGER]
     sender = peers[reader.below(len(peers))]
     receiver = peers[reader.below(len(peers) - 1)]  # never the stranger: it runs no machine
-    samples = _samples(market.buyer, market.sellers[reader.below(SELLERS)])
+    seller = market.sellers[reader.below(SELLERS)]
+    expires = int((T0 + 60) * 1000)
+    samples = market_samples(market.buyer, seller, job=JOB, expires_ms=expires, budget=BUDGET)
     sample = samples[reader.below(len(samples))]
     schema = schema_of(type(sample))
     fields: list[Any] = schema.encode(sample)
