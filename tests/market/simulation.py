@@ -46,6 +46,7 @@ from meshfed.market.messages import (
     PrivacyLevel,
     Rfq,
     SettleReason,
+    Verification,
     digest,
 )
 from meshfed.market.terms import Requirements
@@ -85,6 +86,7 @@ def make_rfq(
     budget: int = 1_000_000,
     forfeit_after_s: int = 600,
     now: float = T0,
+    verification: Verification | None = None,
 ) -> Rfq:
     return Rfq(
         job=JOB,
@@ -101,6 +103,7 @@ def make_rfq(
         forfeit_after_s=forfeit_after_s,
         spec=b"the job spec",
         scoring=[],
+        verification=verification or Verification(),
     )
 
 
