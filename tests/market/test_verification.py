@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshfed.errors import LocalProtocolError, RemoteProtocolError
+from meshfed.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from meshfed.identity import Identity, PeerId
 from meshfed.market.lease import (
     BuyerJob,
@@ -33,6 +33,7 @@ from meshfed.market.messages import (
     Verification,
     digest,
 )
+from meshfed.market.order import TrainingOrder
 from meshfed.market.reputation import PeerEvent
 from meshfed.market.verification import (
     AskProof,
@@ -472,3 +473,16 @@ def test_a_buyer_job_asking_for_spot_checks_needs_its_secret() -> None:
 
 def _raw(peer: PeerId) -> bytes:
     return peer.raw
+
+
+def test_an_order_asks_for_replicas_only_where_peers_agree_on_a_round() -> None:
+    job = {"rounds": 3, "secure": False}
+    order = TrainingOrder(job=job, budget=10**6, min_peers=3, max_peers=4,
+                          verification=Verification(replicas=3))  # fmt: skip
+    assert order.verification.replicas == 3
+    with pytest.raises(ConfigError, match="min_peers"):
+        TrainingOrder(job=job, budget=10**6, min_peers=2, max_peers=4,
+                      verification=Verification(replicas=3))  # fmt: skip
+    with pytest.raises(ConfigError, match="exact"):
+        TrainingOrder(job={**job, "schedule": "moshpit"}, budget=10**6, min_peers=3,
+                      verification=Verification(replicas=2))  # fmt: skip
