@@ -42,10 +42,11 @@ case on the wire); an expired message with ``STALE``.
 
 The driver applies every ledger action before it sends the message after it (write-ahead):
 ``LedgerEscrow`` before the awards, ``LedgerPay`` before the acknowledgement. For the ledger's
-evidence it attaches the signed frame of the message being received (the seller's note to a
-``LedgerPay``, the buyer's acknowledgement to a ``LedgerEarn``). Both machines are
-deterministic functions of their events, so a driver that writes each event ahead rebuilds
-them after a crash by feeding the events again.
+evidence it attaches the signed frame of the seller's note ``note_digest`` to a ``LedgerPay``
+(with verification a note held for its verdict is paid in a later event: the frame of that
+note, received before) and the buyer's acknowledgement being received to a ``LedgerEarn``.
+Both machines are deterministic functions of their events, so a driver that writes each
+event ahead rebuilds them after a crash by feeding the events again.
 """
 
 from __future__ import annotations
