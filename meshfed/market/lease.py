@@ -13,6 +13,9 @@ The buyer::
              --a Lease after the award's expiry--> Reply(Settle(0, "cancelled")), replace()
     RUNNING  --peer_failed--> RosterUpdate without it; replace(); its Lease--> RosterUpdate
              --DebitNote--> LedgerPay, then Reply(DebitAck)   (the same unit again: the same ack)
+                  with verification (replicas, spot checks: verification.py) the note is
+                  held until its verdict: LedgerPay then DebitAck, or a DebitRefusal
+                  (RequestProof for a spot check, answered by proof_ok)
     finish() / cancel() / no replacement affordable--> LedgerRelease, Settle to every seller
     SETTLING --a Receipt from every seller, or the settle deadline--> ENDED
 
@@ -24,6 +27,8 @@ The seller (per RFQ, then per lease)::
     Award for its own bid --> Reply(Lease), StartTraining     (else Reply(LeaseDecline))
     round_done --> DebitNote to the buyer, resent (WakeAt) until acknowledged
     DebitAck --> LedgerEarn                       (once per unit, whatever arrives again)
+    DebitRefusal --> NoteRefused: the note leaves the outbox (never resent nor forfeited)
+    ProofQuery for a note of ours --> ServeProof (the driver serves that unit's state)
     a note unacknowledged until it expires (the lease's forfeit term) --> Forfeit, lease ends
     Settle --> Reply(Receipt): the seller's own acknowledged totals (once the acks the
                settlement counts are in, or when it expires)
@@ -37,10 +42,11 @@ case on the wire); an expired message with ``STALE``.
 
 The driver applies every ledger action before it sends the message after it (write-ahead):
 ``LedgerEscrow`` before the awards, ``LedgerPay`` before the acknowledgement. For the ledger's
-evidence it attaches the signed frame of the message being received (the seller's note to a
-``LedgerPay``, the buyer's acknowledgement to a ``LedgerEarn``). Both machines are
-deterministic functions of their events, so a driver that writes each event ahead rebuilds
-them after a crash by feeding the events again.
+evidence it attaches the signed frame of the seller's note ``note_digest`` to a ``LedgerPay``
+(with verification a note held for its verdict is paid in a later event: the frame of that
+note, received before) and the buyer's acknowledgement being received to a ``LedgerEarn``.
+Both machines are deterministic functions of their events, so a driver that writes each
+event ahead rebuilds them after a crash by feeding the events again.
 """
 
 from __future__ import annotations
@@ -70,12 +76,15 @@ from .messages import (
     BidCapabilities,
     DebitAck,
     DebitNote,
+    DebitRefusal,
     Decline,
     DeclineReason,
     Lease,
     LeaseDecline,
     MarketMessage,
+    ProofQuery,
     Receipt,
+    RefusalReason,
     Release,
     Rfq,
     RosterUpdate,
@@ -84,8 +93,10 @@ from .messages import (
     check_fresh,
     digest,
 )
+from .reputation import PeerEvent
 from .terms import Tier, WorkKind
 from .tiers import scoring_for
+from .verification import AskProof, Decision, Late, Pay, Verifier
 
 __all__ = [
     "LeaseAction",
@@ -98,10 +109,14 @@ __all__ = [
     "LedgerEscrow",
     "LedgerPay",
     "LedgerRelease",
+    "NoteRefused",
+    "RecordWork",
     "Reply",
+    "RequestProof",
     "SellerBook",
     "SellerOffer",
     "SendRequest",
+    "ServeProof",
     "StartJob",
     "StartTraining",
     "WakeAt",
@@ -224,6 +239,47 @@ class JobEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestProof:
+    """Buyer, spot check: send ``query`` to ``to``, fetch the state it names (the unit's
+    bytes, outside the message) and report ``verification.proves(state, query.evidence)``
+    with :meth:`BuyerJob.proof_ok` (nothing by ``query.expires_ms`` counts as a failure)."""
+
+    to: PeerId
+    query: ProofQuery
+
+
+@dataclass(frozen=True, slots=True)
+class RecordWork:
+    """Buyer: record ``event`` (a late or wrong result) for ``peer`` in the reputation book."""
+
+    job: str
+    peer: PeerId
+    event: PeerEvent
+
+
+@dataclass(frozen=True, slots=True)
+class ServeProof:
+    """Seller: ``buyer`` spot-checks ``unit`` (the lease's): let it fetch the state that unit
+    produced, whose digest is ``evidence``."""
+
+    job: str
+    buyer: PeerId
+    unit: int
+    evidence: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NoteRefused:
+    """Seller: the buyer refused to pay ``unit`` (the lease's) for ``reason``
+    (:class:`~meshfed.market.messages.RefusalReason`); the note is dropped."""
+
+    job: str
+    buyer: PeerId
+    unit: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class WakeAt:
     """Call ``expire(now)`` at ``at`` seconds (a deadline passes then)."""
 
@@ -242,6 +298,10 @@ LeaseAction = (
     | ChangeRoster
     | Forfeit
     | JobEnded
+    | RequestProof
+    | RecordWork
+    | ServeProof
+    | NoteRefused
     | WakeAt
 )
 
@@ -283,6 +343,10 @@ class _Contract:
     payable: int = 0
     #: unit -> the acknowledgement sent for it
     acks: dict[int, DebitAck] = field(default_factory=dict)
+    #: unit -> its note while it waits for its verdict (verification)
+    held: dict[int, DebitNote] = field(default_factory=dict)
+    #: unit -> the refusal sent for it
+    refusals: dict[int, DebitRefusal] = field(default_factory=dict)
     #: set once it is out of the job (declined, timed out, failed)
     gone: bool = False
 
@@ -305,9 +369,12 @@ class BuyerJob:
         settle_window_s: how long the buyer waits for receipts.
         reliability: the buyer's reputation score per peer in [0, 1] (0.5 for strangers).
         locality: how close each locality hint is, in [0, 1] (0.5 for hints not listed).
+        spot_key: the buyer's secret that draws the spot checks (at least 16 bytes when the
+            RFQ asks for them; the same on every replay of the job).
 
     Raises:
         ConfigError: the RFQ's scoring overrides are not the tier's weights.
+        LocalProtocolError: spot checks asked without a key.
     """
 
     def __init__(
@@ -318,6 +385,7 @@ class BuyerJob:
         settle_window_s: float = 60.0,
         reliability: Mapping[PeerId, float] | None = None,
         locality: Mapping[str, float] | None = None,
+        spot_key: bytes = b"",
     ) -> None:
         self.rfq = rfq
         self.rfq_digest = digest(rfq)
@@ -357,6 +425,7 @@ class BuyerJob:
         self._settle_reason = SettleReason.DONE
         self._settle_deadline = 0.0
         self.error: MarketError | None = None
+        self._verifier = Verifier(rfq.verification, rfq.job, spot_key)
 
     # ------------------------------------------------------------------ what a user reads
 
@@ -368,6 +437,11 @@ class BuyerJob:
     def paid(self) -> dict[PeerId, int]:
         """Micro-credits paid per seller so far."""
         return {peer: c.paid for peer, c in self._contracts.items() if c.acks}
+
+    @property
+    def refused(self) -> dict[PeerId, int]:
+        """Units refused per seller so far (verification's verdicts: never paid)."""
+        return {peer: len(c.refusals) for peer, c in self._contracts.items() if c.refusals}
 
     def award_to(self, peer: PeerId) -> Award | None:
         """The current award to ``peer``, if any."""
@@ -425,14 +499,15 @@ class BuyerJob:
         if self.state is BuyerState.BIDDING and now_ms >= self.rfq.bid_deadline_ms:
             return self._close(now)
         if self.state in (BuyerState.AWARDING, BuyerState.RUNNING):
+            verdicts = self._decided(self._verifier.expire(now, self._expected), None)
             late = [
                 peer
                 for peer, c in self._contracts.items()
                 if not c.accepted and not c.gone and c.award.expires_ms < now_ms
             ]
             if late:
-                return self._replace(late, now, at_round=self._round)
-            return self._next_wake()
+                return verdicts + self._replace(late, now, at_round=self._round)
+            return verdicts + self._next_wake()
         if self.state is BuyerState.SETTLING and now >= self._settle_deadline:
             self.state = BuyerState.ENDED
             return [JobEnded(self.job, self._settle_reason.value, self.error)]
@@ -451,6 +526,20 @@ class BuyerJob:
             raise LocalProtocolError(f"round {at_round} is outside 1..{self.rfq.units}")
         self._round = max(self._round, at_round)
         return self._replace([peer], now, at_round=at_round)
+
+    def proof_ok(self, seller: PeerId, unit: int, ok: bool, now: float) -> list[LeaseAction]:
+        """The spot check of ``seller``'s note for ``unit`` (its lease's unit, as in the
+        :class:`RequestProof`) passed (``ok``) or failed. An outcome after the note's verdict
+        changes nothing.
+
+        Raises:
+            LocalProtocolError: no spot check of that note was asked.
+        """
+        contract = self._contracts.get(seller)
+        if contract is None:
+            raise LocalProtocolError(f"{seller} holds no award in job {self.job!r}")
+        decisions = self._verifier.proof(seller, unit + self._skipped(contract), ok, now)
+        return self._decided(decisions, None) + self._next_wake()
 
     def finish(self, now: float, reason: SettleReason = SettleReason.DONE) -> list[LeaseAction]:
         """End the job (done, or cancelled by the user): release the escrow's rest and settle
@@ -644,7 +733,8 @@ class BuyerJob:
             contract = self._contracts[peer]
             contract.gone = True
             if contract.accepted:  # paid for the rounds before ``at_round`` it did
-                contract.payable = max(len(contract.acks), min(contract.payable, at_round - 1))
+                before = at_round - 1 - self._skipped(contract)
+                contract.payable = max(len(contract.acks), min(contract.payable, before))
             else:
                 contract.payable = 0
         self._removed += gone
@@ -686,9 +776,14 @@ class BuyerJob:
 
     def _next_wake(self) -> list[LeaseAction]:
         pending = [
-            c.award.expires_ms for c in self._contracts.values() if not c.accepted and not c.gone
+            (c.award.expires_ms + 1) / 1000
+            for c in self._contracts.values()
+            if not c.accepted and not c.gone
         ]
-        return [WakeAt((min(pending) + 1) / 1000)] if pending else []
+        verdict = self._verifier.next_deadline()
+        if verdict is not None:
+            pending.append(verdict)
+        return [WakeAt(min(pending))] if pending else []
 
     # ------------------------------------------------------------------------- debits
 
@@ -708,6 +803,16 @@ class BuyerJob:
         done = contract.acks.get(note.unit)
         if done is not None:
             return [Reply(done)]  # the same unit again: the same acknowledgement, no payment
+        refused = contract.refusals.get(note.unit)
+        if refused is not None:
+            return [Reply(refused)]  # the same unit again: the same refusal
+        held = contract.held.get(note.unit)
+        if held is not None:
+            if held.evidence != note.evidence:
+                raise _reject(
+                    RejectReason.INCONSISTENT, f"unit {note.unit} noted again with other evidence"
+                )
+            return []  # the same unit again, still waiting for its verdict
         if not 1 <= note.unit <= contract.payable:
             raise _reject(
                 RejectReason.INCONSISTENT, f"unit {note.unit} outside 1..{contract.payable}"
@@ -715,25 +820,85 @@ class BuyerJob:
         if self.state not in (BuyerState.AWARDING, BuyerState.RUNNING):
             raise _reject(RejectReason.LATE, f"job {self.job!r} is settled")
         check_fresh(note, _ms(now))
-        note_digest = digest(note)
-        ack = DebitAck(
-            job=self.job,
-            expires_ms=note.expires_ms,
-            seller=sender,
-            unit=note.unit,
-            amount=note.amount,
-            note_digest=note_digest,
+        contract.held[note.unit] = note
+        decisions = self._verifier.note(
+            sender,
+            note.unit + self._skipped(contract),
+            note.evidence,
+            expires_at=note.expires_ms / 1000,
+            now=now,
+            expected=self._expected,
         )
-        contract.acks[note.unit] = ack
-        return [LedgerPay(self.job, sender, note.unit, note.amount, note_digest), Reply(ack)]
+        return self._decided(decisions, (sender, note.unit)) + self._next_wake()
+
+    # ------------------------------------------------------------------- verification
+
+    def _skipped(self, contract: _Contract) -> int:
+        """The job's units before ``contract``'s first: a lease's unit k is the job's unit
+        k + skipped (a replacement's units are the job's last)."""
+        return self.rfq.units - contract.award.units
+
+    def _expected(self, unit: int) -> int:
+        """How many sellers are expected to note the job's ``unit``: the awards still live
+        or accepted whose payable units cover it."""
+        return sum(
+            1
+            for c in self._contracts.values()
+            if (c.accepted or not c.gone)
+            and self._skipped(c) < unit <= self._skipped(c) + c.payable
+        )
+
+    def _decided(
+        self, decisions: list[Decision], answering: tuple[PeerId, int] | None
+    ) -> list[LeaseAction]:
+        """The actions the verifier's ``decisions`` call for; the answer to the note being
+        received (``answering``: its seller and unit) is a reply, any other a request."""
+        actions: list[LeaseAction] = []
+        for decision in decisions:
+            contract = self._contracts[decision.seller]
+            unit = decision.unit - self._skipped(contract)
+            if isinstance(decision, Late):
+                actions.append(RecordWork(self.job, decision.seller, PeerEvent.LATE))
+                continue
+            if isinstance(decision, AskProof):
+                query = ProofQuery(
+                    self.job, _ms(decision.by), contract.digest, unit, decision.evidence
+                )
+                actions.append(RequestProof(decision.seller, query))
+                continue
+            note = contract.held.pop(unit)
+            answer: DebitAck | DebitRefusal
+            if isinstance(decision, Pay) and unit <= contract.payable:
+                answer = DebitAck(
+                    self.job, note.expires_ms, decision.seller, unit, note.amount, digest(note)
+                )
+                contract.acks[unit] = answer
+                actions.append(
+                    LedgerPay(self.job, decision.seller, unit, note.amount, answer.note_digest)
+                )
+            else:  # refused, or verified for a unit no longer the seller's (it failed before)
+                reason, agreed = RefusalReason.LEASE, b""
+                if not isinstance(decision, Pay):
+                    reason, agreed = decision.reason, decision.agreed
+                answer = DebitRefusal(
+                    self.job, note.expires_ms, decision.seller, unit, digest(note), reason, agreed
+                )
+                contract.refusals[unit] = answer
+                if reason in (RefusalReason.WRONG, RefusalReason.PROOF):
+                    actions.append(RecordWork(self.job, decision.seller, PeerEvent.WRONG))
+            here = answering == (decision.seller, unit)
+            actions.append(Reply(answer) if here else SendRequest(decision.seller, answer))
+        return actions
 
     # ---------------------------------------------------------------------- settlement
 
     def _settle(self, now: float, reason: SettleReason) -> list[LeaseAction]:
+        # the notes still held get their verdicts first: the settlement counts them
+        actions = self._decided(self._verifier.close(now), None)
         self.state = BuyerState.SETTLING
         self._settle_reason = reason
         self._settle_deadline = now + self._settle_window_s
-        actions: list[LeaseAction] = [LedgerRelease(self.job, key=f"{self.job}:release")]
+        actions.append(LedgerRelease(self.job, key=f"{self.job}:release"))
         for peer, contract in sorted(self._contracts.items(), key=_kraw):
             if not contract.accepted:
                 continue
@@ -832,8 +997,11 @@ class _SellerLease:
     award_digest: bytes
     accepted: Lease
     roster_version: int
+    #: the job's units before the lease's first (a replacement's units are the job's last)
+    skipped: int = 0
     notes: dict[int, DebitNote] = field(default_factory=dict)
     acks: dict[int, DebitAck] = field(default_factory=dict)
+    refusals: dict[int, DebitRefusal] = field(default_factory=dict)
     next_try: dict[int, tuple[float, float]] = field(default_factory=dict)  # unit: at, delay
     #: the buyer's settlement, once it came, and our receipt, once we gave it
     settle: Settle | None = None
@@ -842,7 +1010,11 @@ class _SellerLease:
 
     @property
     def outbox(self) -> list[DebitNote]:
-        return [note for unit, note in sorted(self.notes.items()) if unit not in self.acks]
+        return [
+            note
+            for unit, note in sorted(self.notes.items())
+            if unit not in self.acks and unit not in self.refusals
+        ]
 
     def totals(self) -> tuple[int, int]:
         """Units acknowledged and what they earned."""
@@ -933,11 +1105,16 @@ class SellerBook:
             return self._on_roster(lease, message, now)
         if isinstance(message, Settle):
             return self._on_settle(lease, message, now)
+        if isinstance(message, DebitRefusal):
+            return self._on_refusal(lease, message, now)
+        if isinstance(message, ProofQuery):
+            return self._on_proof_query(lease, message, now)
         raise _reject(RejectReason.WRONG_CONTEXT, f"a seller takes no {message.TYPE}")
 
-    def round_done(self, job: str, unit: int, evidence: bytes, now: float) -> list[LeaseAction]:
-        """Unit ``unit`` (1-based) of the lease in ``job`` is done: note the debit to the
-        buyer (resent until acknowledged). The same unit again changes nothing.
+    def round_done(self, job: str, round: int, evidence: bytes, now: float) -> list[LeaseAction]:
+        """The job's unit ``round`` (1-based: the job's round, whatever unit of the lease it
+        is) is done: note the debit to the buyer (resent until acknowledged). The same unit
+        again changes nothing.
 
         Raises:
             LocalProtocolError: no lease in ``job``, a unit outside the lease, or evidence
@@ -946,8 +1123,10 @@ class SellerBook:
         lease = self._leases.get(job)
         if lease is None or lease.ended:
             raise LocalProtocolError(f"no running lease in job {job!r}")
+        unit = round - lease.skipped
         if not 1 <= unit <= lease.award.units:
-            raise LocalProtocolError(f"unit {unit} outside the lease's 1..{lease.award.units}")
+            first, last = lease.skipped + 1, lease.skipped + lease.award.units
+            raise LocalProtocolError(f"round {round} outside the lease's {first}..{last}")
         if len(evidence) != 32:
             raise LocalProtocolError("evidence is a 32-byte digest")
         if unit in lease.notes:
@@ -1098,7 +1277,12 @@ class SellerBook:
         # the acceptance is good for the lease's term (the buyer refuses it past the award's)
         accepted = Lease(award.job, now_ms + award.forfeit_after_s * 1000, award_digest)
         self._leases[award.job] = _SellerLease(
-            buyer, award, award_digest, accepted, award.roster_version
+            buyer,
+            award,
+            award_digest,
+            accepted,
+            award.roster_version,
+            skipped=max(0, quote.rfq.units - award.units),
         )
         return [
             Reply(accepted),
@@ -1135,6 +1319,8 @@ class SellerBook:
             raise _reject(RejectReason.WRONG_CONTEXT, "an acknowledgement of no note of ours")
         if ack.note_digest != digest(note) or ack.amount != note.amount:
             raise _reject(RejectReason.INCONSISTENT, "an acknowledgement that is not our note's")
+        if ack.unit in lease.refusals:
+            raise _reject(RejectReason.INCONSISTENT, "an acknowledgement of a refused note")
         if ack.unit in lease.acks:
             return []
         check_fresh(ack, _ms(now))
@@ -1154,6 +1340,37 @@ class SellerBook:
                 JobEnded(ack.job, settle.reason),
             ]
         return actions
+
+    def _on_refusal(
+        self, lease: _SellerLease, refusal: DebitRefusal, now: float
+    ) -> list[LeaseAction]:
+        note = lease.notes.get(refusal.unit)
+        if refusal.seller != self.me or note is None:
+            raise _reject(RejectReason.WRONG_CONTEXT, "a refusal of no note of ours")
+        if refusal.note_digest != digest(note):
+            raise _reject(RejectReason.INCONSISTENT, "a refusal that is not of our note")
+        if refusal.unit in lease.acks:
+            raise _reject(RejectReason.INCONSISTENT, "a refusal of an acknowledged note")
+        known = lease.refusals.get(refusal.unit)
+        if known is not None:
+            if known != refusal:
+                raise _reject(RejectReason.INCONSISTENT, "a second, different refusal")
+            return []
+        check_fresh(refusal, _ms(now))
+        lease.refusals[refusal.unit] = refusal
+        del lease.next_try[refusal.unit]
+        return [NoteRefused(refusal.job, lease.buyer, refusal.unit, refusal.reason)]
+
+    def _on_proof_query(
+        self, lease: _SellerLease, query: ProofQuery, now: float
+    ) -> list[LeaseAction]:
+        if query.award_digest != lease.award_digest:
+            raise _reject(RejectReason.WRONG_CONTEXT, "a spot check of another lease")
+        note = lease.notes.get(query.unit)
+        if note is None or note.evidence != query.evidence:
+            raise _reject(RejectReason.INCONSISTENT, "a spot check of no note of ours")
+        check_fresh(query, _ms(now))
+        return [ServeProof(query.job, lease.buyer, query.unit, query.evidence)]
 
     def _on_roster(
         self, lease: _SellerLease, change: RosterUpdate, now: float

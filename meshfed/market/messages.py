@@ -45,6 +45,7 @@ __all__ = [
     "BidCapabilities",
     "DebitAck",
     "DebitNote",
+    "DebitRefusal",
     "Decline",
     "DeclineReason",
     "JobStatusQuery",
@@ -53,13 +54,16 @@ __all__ = [
     "LeaseDecline",
     "MarketMessage",
     "PrivacyLevel",
+    "ProofQuery",
     "Receipt",
+    "RefusalReason",
     "Release",
     "Rfq",
     "RosterUpdate",
     "ScoringWeight",
     "Settle",
     "SettleReason",
+    "Verification",
     "check_fresh",
     "digest",
 ]
@@ -125,6 +129,19 @@ class SettleReason(enum.StrEnum):
     FORFEIT = "forfeit"
 
 
+class RefusalReason(enum.StrEnum):
+    """Why the buyer refuses to pay a debit note (:class:`DebitRefusal`)."""
+
+    #: its evidence is not the one the unit's replicas agreed on
+    WRONG = "wrong"
+    #: it was spot-checked and its proof failed or did not come in time
+    PROOF = "proof"
+    #: the unit got no agreement before its deadline: nobody is paid for it, nobody blamed
+    UNVERIFIED = "unverified"
+    #: the unit is no longer the seller's (reported failed before it) or the job settled
+    LEASE = "lease"
+
+
 def _job() -> Any:
     return bounded(min_len=1, max_len=MAX_JOB)
 
@@ -170,6 +187,23 @@ class ScoringWeight:
     value: float = bounded(ge=0.0, le=1e6)
 
 
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """How a job checks its units' results (``verification.py``): ``replicas`` notes must
+    agree on one evidence before a unit is paid (1: each note stands alone); each (seller,
+    unit) is spot-checked with probability ``spot_rate``; a unit waits at most ``window_s``
+    for its replicas, a spot-checked note as long for its proof."""
+
+    replicas: int = bounded(ge=1, le=MAX_ROSTER, default=1)
+    spot_rate: float = bounded(ge=0.0, le=1.0, default=0.0)
+    window_s: int = bounded(ge=1, le=MAX_FORFEIT_S, default=120)
+
+    @property
+    def active(self) -> bool:
+        """Whether any note waits for a verdict (replication or spot checks asked)."""
+        return self.replicas > 1 or self.spot_rate > 0
+
+
 @message("meshfed.market.rfq")
 @dataclass(frozen=True, slots=True)
 class Rfq(MarketMessage):
@@ -180,6 +214,7 @@ class Rfq(MarketMessage):
     ``spec`` is the job spec the winners will run, as bytes (the driver's encoding), so that a
     bid and the award are for that exact work. ``forfeit_after_s`` is the lease term: a buyer
     that leaves a debit note unacknowledged that long forfeits to the work done.
+    ``verification``: how the units' results are checked (at most ``min_peers`` replicas).
     """
 
     job: str = _job()
@@ -196,6 +231,7 @@ class Rfq(MarketMessage):
     forfeit_after_s: int = bounded(ge=1, le=MAX_FORFEIT_S)
     spec: bytes = bounded(max_len=MAX_SPEC_BYTES)
     scoring: list[ScoringWeight] = bounded(max_len=16)
+    verification: Verification = bounded(default=Verification())
 
     def __post_init__(self) -> None:
         _enum_value(self.kind, WorkKind, "kind")
@@ -207,6 +243,10 @@ class Rfq(MarketMessage):
             raise ValueError("the bid deadline is after the RFQ expires")
         if len({weight.name for weight in self.scoring}) != len(self.scoring):
             raise ValueError("a scoring weight is named twice")
+        if self.verification.replicas > self.min_peers:
+            raise ValueError(
+                f"{self.verification.replicas} replicas asked of at least {self.min_peers} peers"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +401,41 @@ class DebitAck(MarketMessage):
     unit: int = _units()
     amount: int = _amount()
     note_digest: bytes = _digest()
+
+
+@message("meshfed.market.debit_refusal")
+@dataclass(frozen=True, slots=True)
+class DebitRefusal(MarketMessage):
+    """The buyer will not pay ``seller``'s note ``note_digest`` for ``unit``, and why
+    (:class:`RefusalReason`); ``agreed`` is the evidence the unit's replicas agreed on (empty
+    when none did). Final: the note leaves the seller's outbox and is never forfeited."""
+
+    job: str = _job()
+    expires_ms: int = _expires()
+    seller: PeerId = bounded()
+    unit: int = _units()
+    note_digest: bytes = _digest()
+    reason: str = bounded(max_len=16)
+    agreed: bytes = bounded(max_len=DIGEST_BYTES)
+
+    def __post_init__(self) -> None:
+        _enum_value(self.reason, RefusalReason, "reason")
+        if len(self.agreed) not in (0, DIGEST_BYTES):
+            raise ValueError("agreed is a digest or empty")
+
+
+@message("meshfed.market.proof_query")
+@dataclass(frozen=True, slots=True)
+class ProofQuery(MarketMessage):
+    """A spot check: the buyer asks the seller of lease ``award_digest`` for what unit
+    ``unit`` produced (the state whose digest is ``evidence``, its note's); the bytes travel
+    outside the message, by ``expires_ms``."""
+
+    job: str = _job()
+    expires_ms: int = _expires()
+    award_digest: bytes = _digest()
+    unit: int = _units()
+    evidence: bytes = _digest()
 
 
 @message("meshfed.market.settle")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..identity import Identity
+from .messages import Verification
 from .terms import MAX_AMOUNT, MICRO, Requirements, Tier, WorkKind, tier_range
 
 if TYPE_CHECKING:
@@ -50,6 +51,10 @@ class TrainingOrder:
             peer answered).
         forfeit_after_s: how long sellers hold unacknowledged debit notes for an absent
             buyer before the escrowed work is forfeited to them.
+        verification: how each round's results are checked before they are paid
+            (:mod:`.verification`): ``replicas`` roster peers must report the same model
+            (at most ``min_peers``; more than one needs the ``exact`` schedule, where every
+            peer ends a round with the same model), ``spot_rate`` of the notes are proved.
     """
 
     job: Mapping[str, Any]
@@ -60,6 +65,7 @@ class TrainingOrder:
     requirements: Requirements = field(default_factory=Requirements)
     bid_window_s: float = 10.0
     forfeit_after_s: float = 3600.0
+    verification: Verification = field(default_factory=Verification)
 
     def __post_init__(self) -> None:
         job = dict(self.job)
@@ -117,6 +123,14 @@ class TrainingOrder:
             raise ConfigError("bid_window_s in (0, 600], forfeit_after_s in (0, 30 days]")
         if len(self.job_bytes()) > MAX_JOB_BYTES:
             raise ConfigError(f"job: its fields take more than {MAX_JOB_BYTES} bytes")
+        replicas = self.verification.replicas
+        if replicas > self.min_peers:
+            raise ConfigError(f"verification.replicas: {replicas} > min_peers {self.min_peers}")
+        if replicas > 1 and self.job.get("schedule", "exact") != "exact":
+            raise ConfigError(
+                "verification.replicas: peers agree on a round's model only on the exact "
+                "schedule (moshpit and pushsum peers hold different models)"
+            )
         for size in {self.min_peers, min(self.max_peers, 128)}:
             self.spec_for(_placeholder_roster(size))
 

@@ -27,10 +27,14 @@ from meshfed.market.lease import (
     LedgerEscrow,
     LedgerPay,
     LedgerRelease,
+    NoteRefused,
+    RecordWork,
     Reply,
+    RequestProof,
     SellerBook,
     SellerOffer,
     SendRequest,
+    ServeProof,
     StartJob,
     StartTraining,
     WakeAt,
@@ -42,6 +46,7 @@ from meshfed.market.messages import (
     PrivacyLevel,
     Rfq,
     SettleReason,
+    Verification,
     digest,
 )
 from meshfed.market.terms import Requirements
@@ -81,6 +86,7 @@ def make_rfq(
     budget: int = 1_000_000,
     forfeit_after_s: int = 600,
     now: float = T0,
+    verification: Verification | None = None,
 ) -> Rfq:
     return Rfq(
         job=JOB,
@@ -97,6 +103,7 @@ def make_rfq(
         forfeit_after_s=forfeit_after_s,
         spec=b"the job spec",
         scoring=[],
+        verification=verification or Verification(),
     )
 
 
@@ -141,10 +148,14 @@ class Market:
         on_award: Mapping[int, str] | None = None,
         accept_window_s: float = 10.0,
         peers: list[PeerId] | None = None,
+        liars: Collection[int] = (),
+        lazy: Collection[int] = (),
+        spot_key: bytes = b"",
     ) -> None:
         ids = peers or [Identity.generate().peer_id for _ in range(len(offers) + 1)]
         self.buyer, self.sellers = ids[0], ids[1 : len(offers) + 1]
         self.rfq, self.offers, self.accept_window_s = rfq, offers, accept_window_s
+        self.spot_key = spot_key
         self.job, self.books = self.machines()
         #: every event each machine took (and did not refuse), in order: (method, *args)
         self.inputs: dict[PeerId, list[tuple[Any, ...]]] = {
@@ -165,10 +176,14 @@ class Market:
         self.done: Counter[PeerId] = Counter()
         #: peers whose job or lease ended
         self.ended: set[PeerId] = set()
+        #: sellers that report a wrong result for every unit
+        self.liars: set[PeerId] = {self.sellers[i] for i in liars}
+        #: sellers that report the right evidence but hold no state to prove it
+        self.lazy: set[PeerId] = {self.sellers[i] for i in lazy}
 
     def machines(self) -> tuple[BuyerJob, dict[PeerId, SellerBook]]:
         """Fresh machines for this market's buyer and sellers."""
-        job = BuyerJob(self.rfq, accept_window_s=self.accept_window_s)
+        job = BuyerJob(self.rfq, accept_window_s=self.accept_window_s, spot_key=self.spot_key)
         books = {
             peer: SellerBook(peer, offer)
             for peer, offer in zip(self.sellers, self.offers, strict=True)
@@ -212,7 +227,13 @@ class Market:
                 self.training[me] = action
             elif isinstance(action, JobEnded):
                 self.ended.add(me)
-            elif isinstance(action, StartJob | ChangeRoster | Forfeit):
+            elif isinstance(action, RequestProof):
+                self.queue.append((me, action.to, action.query))
+            elif isinstance(action, ServeProof):  # the buyer fetches the state and checks it
+                if action.buyer not in self.silent:
+                    honest = me not in self.liars | self.lazy
+                    self.call(action.buyer, "proof_ok", me, action.unit, honest, self.now)
+            elif isinstance(action, StartJob | ChangeRoster | Forfeit | RecordWork | NoteRefused):
                 pass
             else:  # pragma: no cover - a new action the simulation must learn
                 raise AssertionError(action)
@@ -271,10 +292,14 @@ class Market:
                 if peer in self.silent | self.ended or self.done[peer] >= start.units:
                     continue
                 self.done[peer] += 1
-                unit = self.done[peer]
-                evidence = bytes([unit % 256]) * 32
-                self.call(peer, "round_done", JOB, unit, evidence, self.now)
+                round_ = self.done[peer] + self.rfq.units - start.units  # the job's round
+                self.call(peer, "round_done", JOB, round_, self.evidence(peer, round_), self.now)
             self.tick(self.now + 1)
+
+    def evidence(self, peer: PeerId, round_: int) -> bytes:
+        """What ``peer`` reports for ``round_``: the round's state, the same on every honest
+        peer (``liars`` report their own)."""
+        return bytes([round_ % 256, peer in self.liars]) * 16
 
     def fail(self, peer: PeerId, at_round: int) -> None:
         """``peer`` dies; the buyer learns it failed from round ``at_round`` on."""

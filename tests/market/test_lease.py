@@ -44,6 +44,7 @@ from meshfed.market.messages import (
     RosterUpdate,
     Settle,
     SettleReason,
+    Verification,
     digest,
 )
 from meshfed.membership.records import Capabilities, PriceAsk
@@ -629,7 +630,17 @@ def _phases() -> dict[str, Market]:
     bidding.settle()
     settling = running()
     settling.call(settling.buyer, "finish", settling.now, SettleReason.DONE)
-    return {"bidding": bidding, "running": running(), "settling": settling}
+    # replicas: 2 of 3 winners, one of which lies; round 2 noted by one winner only (held)
+    rfq = make_rfq(min_peers=3, max_peers=3, verification=Verification(2, 0.5, 60))
+    offers = [seller_offer(p) for p in PRICES]
+    verifying = Market(rfq, offers, peers=PEERS, liars=[2], spot_key=b"s" * 16)
+    verifying.post()
+    verifying.work(1)
+    verifying.silent = set(verifying.job.roster[1:])
+    verifying.work(1)
+    verifying.silent = set()
+    phases = {"bidding": bidding, "running": running(), "settling": settling}
+    return {**phases, "verifying": verifying}
 
 
 PHASES = _phases()
@@ -664,11 +675,17 @@ def test_anything_a_peer_sends_is_actions_or_a_counted_refusal(
         message = _bound(m, message, target)
     machine: BuyerJob | SellerBook = m.job if target == 0 else m.books[m.sellers[target - 1]]
     before = copy.deepcopy(vars(machine))
+    held = {  # notes waiting for their verdict: another's note may get them paid
+        (peer, unit) for peer, c in m.job._contracts.items() for unit in c.held
+    }
     try:
         actions = machine.receive(sender, message, m.now)
     except RemoteProtocolError as exc:
         assert isinstance(exc.reason, RejectReason)
         assert vars(machine) == before
     else:
-        assert all(not isinstance(a, LedgerPay) or a.seller == sender for a in actions)
+        assert all(
+            not isinstance(a, LedgerPay) or a.seller == sender or (a.seller, a.unit) in held
+            for a in actions
+        )
         assert all(not isinstance(a, LedgerEarn) or a.buyer == sender for a in actions)

@@ -24,6 +24,7 @@ from meshfed.market.messages import (
     BidCapabilities,
     DebitAck,
     DebitNote,
+    DebitRefusal,
     Decline,
     DeclineReason,
     JobStatusQuery,
@@ -32,13 +33,16 @@ from meshfed.market.messages import (
     LeaseDecline,
     MarketMessage,
     PrivacyLevel,
+    ProofQuery,
     Receipt,
+    RefusalReason,
     Release,
     Rfq,
     RosterUpdate,
     ScoringWeight,
     Settle,
     SettleReason,
+    Verification,
     check_fresh,
     digest,
 )
@@ -93,6 +97,11 @@ def rfqs(draw: st.DrawFn) -> Rfq:
                 st.dictionaries(st.text(min_size=1, max_size=32), st.floats(0.0, 1e6), max_size=4)
             ).items()
         ],
+        verification=Verification(
+            replicas=draw(st.integers(1, least)),
+            spot_rate=draw(st.floats(0.0, 1.0)),
+            window_s=draw(st.integers(1, 3600)),
+        ),
     )
 
 
@@ -179,6 +188,24 @@ market_messages: st.SearchStrategy[MarketMessage] = st.one_of(
         note_digest=digests,
     ),
     st.builds(
+        DebitRefusal,
+        job=jobs,
+        expires_ms=expiries,
+        seller=peers,
+        unit=units,
+        note_digest=digests,
+        reason=st.sampled_from(list(RefusalReason)).map(str),
+        agreed=st.just(b"") | digests,
+    ),
+    st.builds(
+        ProofQuery,
+        job=jobs,
+        expires_ms=expiries,
+        award_digest=digests,
+        unit=units,
+        evidence=digests,
+    ),
+    st.builds(
         Settle,
         job=jobs,
         expires_ms=expiries,
@@ -224,6 +251,8 @@ def test_every_market_message_is_registered() -> None:
         RosterUpdate,
         DebitNote,
         DebitAck,
+        DebitRefusal,
+        ProofQuery,
         Settle,
         Receipt,
         JobStatusQuery,
@@ -309,6 +338,21 @@ def test_inconsistent_messages_are_refused_as_bad_fields() -> None:
     )
     change[5] = [PEERS[0].raw]  # replaced and still in the roster
     cases.append((RosterUpdate, change))
+    refusal = schema_of(DebitRefusal).encode(
+        DebitRefusal("j", NOW, PEERS[0], 1, bytes(32), RefusalReason.WRONG.value, bytes(32))
+    )
+    cases += [
+        (DebitRefusal, [*refusal[:5], "because", refusal[6]]),  # no such reason
+        (DebitRefusal, [*refusal[:6], bytes(31)]),  # agreed is a digest or empty
+    ]
+    rfq = schema_of(Rfq).encode(
+        Rfq("j", NOW, "training", "small", Requirements(), 3, 2, 4, 10, NOW, "none", 60, b"", [])
+    )
+    cases += [
+        (Rfq, [*rfq[:14], [3, 0.0, 120]]),  # 3 replicas asked of at least 2 peers
+        (Rfq, [*rfq[:14], [1, 1.5, 120]]),  # a spot rate above 1
+        (Rfq, [*rfq[:14], [0, 0.0, 120]]),  # no replica
+    ]
     for cls, fields in cases:
         with pytest.raises(RemoteProtocolError) as caught:
             _decode(cls, fields)
