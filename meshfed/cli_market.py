@@ -56,6 +56,12 @@ def submit_training(
     min_peers: Annotated[int, typer.Option(help="Fewest winners (0: the tier's).")] = 0,
     max_peers: Annotated[int, typer.Option(help="Most winners (0: the tier's).")] = 0,
     bid_window: Annotated[float, typer.Option(help="Seconds to wait for bids at most.")] = 10.0,
+    replicas: Annotated[
+        int, typer.Option(help="Pay a round once this many winners report the same model.")
+    ] = 1,
+    spot_rate: Annotated[
+        float, typer.Option(help="Share of rounds whose model a winner must show to be paid.")
+    ] = 0.0,
     wait_peers: Annotated[
         float, typer.Option(help="Seconds to wait for enough matching peers to be known.")
     ] = 60.0,
@@ -67,6 +73,7 @@ def submit_training(
     json_output: JsonOpt = False,
 ) -> None:
     """Post a training job, follow its auction and rounds, and print what it cost."""
+    from .market.messages import Verification
     from .market.order import read_order
     from .market.terms import Tier
 
@@ -77,6 +84,7 @@ def submit_training(
         order = read_order(
             job, budget=round(budget * MICRO), tier=Tier(tier), min_peers=min_peers,
             max_peers=max_peers, bid_window_s=bid_window,
+            verification=Verification(replicas=replicas, spot_rate=spot_rate),
         )  # fmt: skip
     except (MeshfedError, ValueError) as bad:
         typer.echo(f"error: {bad}", err=True)
@@ -166,6 +174,7 @@ def _show(as_json: bool, handle: JobHandle, event: dict[str, Any]) -> None:
             f"/{e['rounds']}" + ("" if e["accuracy"] is None else f", accuracy {e['accuracy']:.3f}")
         ),
         "failed": lambda e: f"{e['peer'][-8:]} failed at round {e['round']}: replacing it",
+        "refused": lambda e: f"round {e['unit']} of {e['peer'][-8:]} not paid: {e['reason']}",
         "roster": lambda e: (
             f"roster v{e['version']} from round {e['from_round']} sent to {e['to'][-8:]}"
         ),

@@ -58,7 +58,7 @@ from .wire import NO_SCOPE, Envelope, Message, ReplayGuard, Scope, open_envelope
 if TYPE_CHECKING:
     from .data.registry import DataRegistry
     from .market.driver import JobHandle, Market
-    from .market.messages import JobStatusReport
+    from .market.messages import JobStatusReport, Verification
     from .market.pricing import Estimate
     from .market.terms import Requirements
     from .membership.records import DatasetOffer, PeerRecord, Role
@@ -748,6 +748,7 @@ class Node:
         max_peers: int = 0,
         requirements: Requirements | None = None,
         bid_window_s: float = 10.0,
+        verification: Verification | None = None,
     ) -> JobHandle:
         """Buy a training job: post it to the peers whose records match, award it by auction,
         and let the winners train it on their own data; returns the job's handle once the
@@ -760,11 +761,14 @@ class Node:
             min_peers, max_peers: how many winners (0: the tier's range).
             requirements: what a winner must offer (default: the job's data set).
             bid_window_s: how long bids are awaited at most.
+            verification: how each round is checked before it is paid (replicas that must
+                report the same model, spot checks); default: none.
 
         Raises:
             ConfigError: a job field or a term is wrong (named).
             NoMatchingPeers, BudgetTooLow, BudgetExceeded: see :mod:`meshfed.errors`.
         """
+        from .market.messages import Verification
         from .market.order import TrainingOrder
         from .market.terms import MICRO, Requirements, Tier
 
@@ -776,6 +780,7 @@ class Node:
             max_peers=max_peers,
             requirements=requirements or Requirements(),
             bid_window_s=bid_window_s,
+            verification=verification or Verification(),
         )
         return await self._market().submit_training(order)
 

@@ -27,17 +27,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib
-import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import trio
 
+from ..arrays import ArrayHeader
 from ..codec import schema_of
 from ..errors import (
     BudgetExceeded,
@@ -66,10 +67,14 @@ from .lease import (
     LedgerEscrow,
     LedgerPay,
     LedgerRelease,
+    NoteRefused,
+    RecordWork,
     Reply,
+    RequestProof,
     SellerBook,
     SellerOffer,
     SendRequest,
+    ServeProof,
     StartJob,
     StartTraining,
     WakeAt,
@@ -80,24 +85,29 @@ from .matching import Match, match
 from .messages import (
     Award,
     Bid,
+    DebitAck,
     DebitNote,
+    DebitRefusal,
     Decline,
     JobStatusQuery,
     JobStatusReport,
     Lease,
     MarketMessage,
     PrivacyLevel,
+    ProofQuery,
     Receipt,
     Release,
     Rfq,
     RosterUpdate,
     Settle,
     SettleReason,
+    digest,
 )
 from .order import TrainingOrder, spec_from
 from .pricing import AskPolicy, Conditions, Estimate, asks, check_budget, estimate
 from .reputation import PeerEvent, Reputation
 from .terms import MICRO, Tier, WorkKind, credits
+from .verification import evidence_of, proves
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -108,7 +118,17 @@ __all__ = ["JobHandle", "Market", "MarketConfig"]
 
 log = logging.getLogger(__name__)
 
-_SELLER_MESSAGES: tuple[type[MarketMessage], ...] = (Rfq, Award, Release, RosterUpdate, Settle)
+#: what a buyer sends a seller as a request (acknowledgements and refusals of notes held for
+#: verification come later, as requests of their own)
+_SELLER_MESSAGES: tuple[type[MarketMessage], ...] = (
+    Rfq, Award, Release, RosterUpdate, Settle, DebitAck, DebitRefusal, ProofQuery,
+)  # fmt: skip
+#: what replaying the journal does not do again (sends, starts)
+_NOT_ON_REPLAY = (SendRequest, StartJob, RequestProof, ServeProof)
+#: spot-check proofs travel as arrays named ``<prefix><job hex>:<lease unit>``
+_PROOF_PREFIX = "marketproof."
+#: the round states a seller keeps for spot checks, per lease (the oldest unpaid go first)
+_KEEP_STATES = 64
 _GRANT_KEY = "initial"
 #: the journal's machine names: the seller book, and one buyer job per posted job
 _SELLER = "seller"
@@ -167,6 +187,11 @@ class JobHandle:
         #: the units paid per seller (units are paid in any order: a buyer that was away gets
         #: the notes of the rounds it missed by backoff, after later ones)
         self.paid_units: dict[PeerId, set[int]] = {}
+        #: the signed frame of every debit note taken, by its digest (a held note's payment
+        #: comes in a later event; its evidence is still the note)
+        self.note_frames: dict[bytes, bytes] = {}
+        #: spot checks asked and not answered yet: (seller, its lease unit) -> the query
+        self.proofs: dict[tuple[PeerId, int], ProofQuery] = {}
         #: when the job's machine next needs :meth:`~.lease.BuyerJob.expire`
         self.wake_at = float("inf")
         #: status polls in a row each winner did not answer
@@ -244,6 +269,8 @@ class _Work:
     state: str = "starting"
     #: roster changes signed by the buyer before the training peer exists (handed to it then)
     changes: list[ChangeRoster] = field(default_factory=list)
+    #: the model's bytes after each job round (1-based) not paid yet: a spot check's proof
+    states: dict[int, bytes] = field(default_factory=dict)
     #: the training's scope: cancelled when the lease ends (settled, cancelled, forfeited)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -294,6 +321,7 @@ class Market:
             for message_type in _SELLER_MESSAGES:
                 self.node.handle(message_type, self._as_seller)
             self.node.handle(DebitNote, self._as_buyer)
+            self.node.on_array(self._on_proof, prefix=_PROOF_PREFIX)
             self.node.handle(JobStatusQuery, self._status_query)
             nursery.start_soon(self._seller_timer)
             task_status.started()
@@ -350,6 +378,7 @@ class Market:
                 accept_window_s=body["accept_s"],
                 settle_window_s=body["settle_s"],
                 reliability={PeerId.of(raw): score for raw, score in body["reliability"]},
+                spot_key=body.get("spot_key", b""),
             )
             self.jobs[rfq.job] = JobHandle(self, buyer)
             return []
@@ -360,7 +389,12 @@ class Market:
             if event == "receive":
                 message = decode_message(body["message"])
                 assert isinstance(message, MarketMessage)
-                return buyer.receive(PeerId.of(body["sender"]), message, now)
+                actions = buyer.receive(PeerId.of(body["sender"]), message, now)
+                if isinstance(message, DebitNote):  # its payment's evidence, now or later
+                    self.jobs[buyer.job].note_frames[digest(message)] = body["frame"]
+                return actions
+            if event == "proof_ok":
+                return buyer.proof_ok(PeerId.of(body["seller"]), body["unit"], body["ok"], now)
             if event == "expire":
                 return buyer.expire(now)
             if event == "peer_failed":
@@ -518,13 +552,64 @@ class Market:
             observer(event, document)
 
     def _round_done(self, work: _Work, report: RoundReport) -> None:
+        """A round is done: its evidence is the digest of the model it ended with (the same
+        bytes on every roster peer of an exact round: what replication compares), kept
+        until the round is paid (what a spot check asks for)."""
         work.round, work.report = report.round + 1, report
-        assert self._nursery is not None
-        self._nursery.start_soon(self._bill, work.start.job, work.round, report)
+        assert work.peer is not None and self._nursery is not None
+        state = work.peer.parameters.tobytes()
+        work.states[work.round] = state
+        while len(work.states) > _KEEP_STATES:
+            del work.states[min(work.states)]
+        self._nursery.start_soon(self._bill, work.start.job, work.round, evidence_of(state))
 
-    async def _bill(self, job: str, unit: int, report: RoundReport) -> None:
-        """Note the debit for one round done (its evidence: the digest of its report)."""
-        evidence = hashlib.sha256(json.dumps(asdict(report), sort_keys=True).encode()).digest()
+    def _forget_state(self, job: str, unit: int) -> None:
+        """The lease's ``unit`` was paid or refused: its state is no longer asked for."""
+        work, lease = self.work.get(job), self.seller.lease(job)
+        if work is not None and lease is not None:
+            work.states.pop(unit + lease.skipped, None)
+
+    async def _serve_proof(self, serve: ServeProof) -> None:
+        """Send the buyer the state of the unit it spot-checks (nothing if we lack it: the
+        buyer's deadline fails the check)."""
+        work, lease = self.work.get(serve.job), self.seller.lease(serve.job)
+        state = None
+        if work is not None and lease is not None:
+            state = work.states.get(serve.unit + lease.skipped)
+        if state is None or not proves(state, serve.evidence):
+            log.warning("spot check of a round we no longer hold", extra={"job": serve.job})
+            return
+        name = f"{_PROOF_PREFIX}{serve.job.encode().hex()}:{serve.unit}"
+        try:
+            await self.node.send_array(
+                serve.buyer, np.frombuffer(state, np.uint8), name=name,
+                within=self.config.request_within_s,
+            )  # fmt: skip
+        except (TransportError, RemoteProtocolError) as exc:
+            log.warning("spot-check proof not delivered", extra={"error": str(exc)})
+
+    async def _on_proof(self, envelope: Envelope, header: ArrayHeader, array: Any) -> None:
+        """A seller's proof for a spot check we asked for: judge it."""
+        job_hex, _, unit_text = header.name.removeprefix(_PROOF_PREFIX).partition(":")
+        try:
+            job, unit = bytes.fromhex(job_hex).decode(), int(unit_text)
+        except ValueError:
+            job, unit = "", 0
+        handle = self.jobs.get(job)
+        query = None if handle is None else handle.proofs.pop((envelope.sender, unit), None)
+        if handle is None or query is None:
+            raise RemoteProtocolError(
+                "a spot-check proof nobody asked for", reason=RejectReason.WRONG_CONTEXT
+            )
+        ok = array.dtype == np.uint8 and proves(array.tobytes(), query.evidence)
+        actions = await self._event(
+            _BUYER + job, "proof_ok", seller=envelope.sender.raw, unit=unit, ok=bool(ok),
+            now=time.time(),
+        )  # fmt: skip
+        await self._apply(actions, b"", seller=False, handle=handle)
+
+    async def _bill(self, job: str, unit: int, evidence: bytes) -> None:
+        """Note the debit for one round done."""
         try:
             actions = await self._event(
                 _SELLER, "round_done", job=job, unit=unit, evidence=evidence, now=time.time()
@@ -580,6 +665,7 @@ class Market:
             forfeit_after_s=int(order.forfeit_after_s),
             spec=order.job_bytes(),
             scoring=[],
+            verification=order.verification,
         )
         machine = _BUYER + order.job_id
         scores = self.reputation.scores(found.peers)
@@ -587,6 +673,7 @@ class Market:
             machine, "new", rfq=encode_message(rfq), accept_s=self.config.accept_window_s,
             settle_s=self.config.settle_window_s,
             reliability=[[peer.raw, score] for peer, score in scores.items()],
+            spot_key=os.urandom(32),  # the journal is sealed in the store: it stays ours
         )  # fmt: skip
         handle = self.jobs[order.job_id]
         handle._add("rfq", asked=[str(peer) for peer in found.peers], estimate=cost.total)
@@ -665,8 +752,12 @@ class Market:
 
         Debit notes are no failure signal: a buyer that was away gets them late, by backoff."""
         buyer = handle.buyer
-        paid = {peer: handle.units_paid(peer) for peer in buyer.active}
-        if paid and min(paid.values()) >= buyer.rfq.units:
+        # the units of each winner's lease that were judged (paid, or refused by verification)
+        judged = {
+            peer: handle.units_paid(peer) + buyer.refused.get(peer, 0) for peer in buyer.active
+        }
+        units = {peer: _lease_units(buyer, peer) for peer in buyer.active}
+        if judged and all(judged[peer] >= units[peer] for peer in judged):
             await self._finish(handle, SettleReason.DONE)
             return
         if now - handle.asked_at < self.config.status_every_s:
@@ -674,8 +765,9 @@ class Market:
         handle.asked_at = now
         reports = await self._poll(handle)
         ended = [r for r in reports.values() if r.state in _ENDED_WORK]
-        if ended and len(ended) == len(paid):  # stopped early (converged), or all rounds ran
-            if all(paid[peer] >= reports[peer].round for peer in paid):  # every note is in
+        if ended and len(ended) == len(judged):  # stopped early (converged), or all rounds ran
+            skipped = {peer: buyer.rfq.units - units[peer] for peer in judged}  # replacements'
+            if all(judged[p] >= reports[p].round - skipped[p] for p in judged):  # notes all in
                 await self._finish(handle, SettleReason.DONE)
             return
         membership = self.node.membership
@@ -806,7 +898,9 @@ class Market:
         for action in actions:
             if isinstance(action, Reply):
                 reply = action.message
-            elif replaying and isinstance(action, SendRequest | StartJob):
+                if handle is not None and isinstance(reply, DebitRefusal):
+                    _note_refused(handle, reply)
+            elif replaying and isinstance(action, _NOT_ON_REPLAY):
                 continue
             elif isinstance(action, SendRequest):
                 assert self._nursery is not None
@@ -823,9 +917,11 @@ class Market:
                     self.ledger.escrow, action.job, action.amount, key=action.key
                 )
             elif isinstance(action, LedgerPay):
+                # evidence: the seller's signed note (paid when it came, or on its verdict)
+                frame = evidence if handle is None else handle.note_frames.get(action.note_digest)
                 await self._store_call(
                     self.ledger.pay, action.job, action.seller, action.unit, action.amount,
-                    evidence=evidence,
+                    evidence=evidence if frame is None else frame,
                 )  # fmt: skip
                 if handle is not None:
                     _note_paid(handle, action)
@@ -836,6 +932,7 @@ class Market:
                     self.ledger.earn, action.job, action.buyer, action.unit, action.amount,
                     evidence=evidence,
                 )  # fmt: skip
+                self._forget_state(action.job, action.unit)
             elif isinstance(action, Forfeit):
                 for unit in action.units:
                     share = action.amount // len(action.units)
@@ -865,6 +962,22 @@ class Market:
                 await self._record_clearing(handle)
             elif isinstance(action, JobEnded):
                 await self._lease_ended(action, handle)
+            elif isinstance(action, RecordWork):
+                self.reputation.record(action.job, action.peer, action.event)
+            elif isinstance(action, RequestProof):
+                assert handle is not None and self._nursery is not None
+                handle.proofs[action.to, action.query.unit] = action.query
+                self._nursery.start_soon(self._request, SendRequest(action.to, action.query),
+                                         False, handle)  # fmt: skip
+            elif isinstance(action, ServeProof):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._serve_proof, action)
+            elif isinstance(action, NoteRefused):
+                log.warning(
+                    "a round was not paid",
+                    extra={"job": action.job, "unit": action.unit, "reason": action.reason},
+                )
+                self._forget_state(action.job, action.unit)
         return reply
 
     async def _request(self, action: SendRequest, seller: bool, handle: JobHandle | None) -> None:
@@ -1008,6 +1121,18 @@ def _note_send(handle: JobHandle, action: SendRequest) -> None:
         roster = [str(p) for p in message.roster]
         handle._add("roster", to=str(action.to), version=message.roster_version, roster=roster,
                     from_round=message.from_round)  # fmt: skip
+    elif isinstance(message, DebitRefusal):
+        _note_refused(handle, message)
+
+
+def _note_refused(handle: JobHandle, refusal: DebitRefusal) -> None:
+    handle._add("refused", peer=str(refusal.seller), unit=refusal.unit, reason=refusal.reason)
+
+
+def _lease_units(buyer: BuyerJob, peer: PeerId) -> int:
+    """The units of ``peer``'s lease (a replacement's are the job's last rounds)."""
+    award = buyer.award_to(peer)
+    return buyer.rfq.units if award is None else award.units
 
 
 def _note_paid(handle: JobHandle, pay: LedgerPay) -> None:

@@ -11,6 +11,7 @@ import trio
 
 from meshfed.errors import BudgetExceeded, BudgetTooLow, NoMatchingPeers
 from meshfed.market.ledger import AVAILABLE, earned_account, paid_account
+from meshfed.market.messages import Verification
 from meshfed.market.terms import MICRO, Requirements
 from meshfed.node import Node, open_node
 from meshfed.testing import open_memory_mesh, quiet_config
@@ -154,3 +155,72 @@ async def test_the_estimate_follows_what_jobs_cleared_at_and_a_budget_below_it_i
         clearing = handle.buyer.clearing
         assert clearing is not None
         assert after.per_unit <= max(winner.price for winner in clearing.winners)
+
+
+async def test_rounds_are_paid_once_the_replicas_agree_and_their_models_are_shown(
+    tmp_path: Path,
+) -> None:
+    """Replication (every winner of an exact round ends with the same model: four agree) and
+    spot checks of every round (each winner sends the buyer the model its note names, over
+    the transport): honest winners are paid for every round."""
+    async with open_memory_mesh(
+        5, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
+    ) as nodes:
+        await _meshed(nodes)
+        buyer = nodes[0]
+        checks = Verification(replicas=3, spot_rate=1.0)
+        handle = await buyer.submit_training(
+            JOB, budget=5, min_peers=4, max_peers=4, verification=checks
+        )
+        with trio.fail_after(120):
+            final = await handle.wait()
+        assert final["error"] is None, final
+        assert [e for e in handle.events if e["event"] == "refused"] == []
+        assert handle.rounds_done() == 3
+        assert handle.buyer.refused == {}
+
+
+async def test_a_winner_that_cannot_show_the_model_it_billed_for_is_not_paid_for_it(
+    tmp_path: Path,
+) -> None:
+    """A lazy winner: its notes name the roster's model, but it forgets each round's model
+    (as one that copied the digest and never trained would lack it). Every spot check fails:
+    it is refused every round, its reputation records wrong results; the others are paid."""
+    async with open_memory_mesh(
+        5, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
+    ) as nodes:
+        await _meshed(nodes)
+        buyer, sellers = nodes[0], nodes[1:]
+        lazy = sellers[0]
+        assert lazy.market is not None and buyer.market is not None
+
+        class Forgetful(dict[int, bytes]):
+            def __setitem__(self, key: int, value: bytes) -> None:
+                pass  # keeps nothing
+
+        def forget(event: str, document: dict[str, object]) -> None:
+            assert lazy.market is not None
+            for work in lazy.market.work.values():
+                work.states = Forgetful()
+
+        lazy.market.observers.append(forget)
+        handle = await buyer.submit_training(
+            JOB, budget=5, min_peers=4, max_peers=4,
+            verification=Verification(replicas=1, spot_rate=1.0),
+        )  # fmt: skip
+        with trio.fail_after(120):
+            final = await handle.wait()
+        assert final["state"] == "ended", final
+        roster = handle.buyer.roster
+        assert lazy.peer_id in roster  # four of four: everyone was hired
+        refused = [e for e in handle.events if e["event"] == "refused"]
+        assert {e["peer"] for e in refused} == {str(lazy.peer_id)}
+        assert all(e["reason"] == "proof" for e in refused)
+        assert handle.buyer.refused == {lazy.peer_id: 3}
+        assert buyer.market.ledger.balance(paid_account(JOB["job_id"], lazy.peer_id)) == 0
+        assert lazy.market.ledger.balance(earned_account(JOB["job_id"], buyer.peer_id)) == 0
+        for seller in sellers[1:]:
+            assert handle.units_paid(seller.peer_id) == 3
+        assert buyer.market.reputation.scores([lazy.peer_id])[lazy.peer_id] < min(
+            buyer.market.reputation.scores([s.peer_id for s in sellers[1:]]).values()
+        )
