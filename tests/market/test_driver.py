@@ -206,7 +206,7 @@ async def test_a_winner_that_cannot_show_the_model_it_billed_for_is_not_paid_for
         lazy.market.observers.append(forget)
         handle = await buyer.submit_training(
             JOB, budget=5, min_peers=4, max_peers=4,
-            verification=Verification(replicas=1, spot_rate=1.0),
+            verification=Verification(replicas=1, spot_rate=1.0, window_s=5),
         )  # fmt: skip
         with trio.fail_after(120):
             final = await handle.wait()
