@@ -38,7 +38,7 @@ __all__ = [
 
 #: a battery pause clears at ``min_battery_pct`` plus this (or on a charger)
 BATTERY_MARGIN_PCT = 5
-#: a temperature pause clears below ``max_temperature_c`` less this
+#: a temperature pause clears at ``max_temperature_c`` less this
 TEMPERATURE_MARGIN_C = 5.0
 #: a CPU pause clears at ``max_cpu_share`` less this
 CPU_MARGIN = 0.1
