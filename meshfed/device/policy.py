@@ -98,6 +98,12 @@ class DeviceDecision:
         """The share (0..1] of its configured batch size local training uses now."""
         return _BATCH_SCALE[self.thermal]
 
+    def describe(self) -> str:
+        """One line for a log, a decline's detail or a status: ``device paused: battery``."""
+        if self.allowed:
+            return "device allowed"
+        return "device paused: " + ", ".join(reason.value for reason in self.reasons)
+
     def to_json(self) -> dict[str, object]:
         """A JSON-ready form, for logs and status."""
         return {

@@ -75,6 +75,7 @@ class DeviceService:
         self._governor = Governor(config)
         self._local_minute = local_minute
         self._changed = trio.Event()
+        self._version = 0  # decisions changed so far
 
     # -- what the node asks ----------------------------------------------------------------
 
@@ -93,11 +94,13 @@ class DeviceService:
         return self._governor.decision.batch_scale
 
     async def changes(self) -> AsyncIterator[DeviceDecision]:
-        """Each new decision, as it is made (a consumer that falls behind sees the latest).
-        Runs until the caller stops iterating or is cancelled; bound it with a cancel scope."""
+        """Each new decision from now on, as it is made (a consumer that falls behind gets the
+        latest, once). Runs until the caller stops iterating or is cancelled."""
+        seen = self._version
         while True:
-            changed = self._changed
-            await changed.wait()
+            while self._version == seen:
+                await self._changed.wait()
+            seen = self._version
             yield self._governor.decision
 
     def set_load(self, load: float) -> None:
@@ -124,6 +127,7 @@ class DeviceService:
         if decision != before:
             log.info("device decision", extra={"peer": self.node.peer_id.short(),
                                                **decision.to_json()})  # fmt: skip
+            self._version += 1
             self._changed.set()
             self._changed = trio.Event()
         self._publish(force=decision.allowed != before.allowed)

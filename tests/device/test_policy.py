@@ -136,6 +136,8 @@ def test_every_reason_is_given_at_once() -> None:
     worst = Readings(battery_pct=1, charging=False, temperature_c=99.0, metered=True, cpu_share=1.0)
     decision = Governor(config).observe(worst, minute=23 * 60)
     assert decision.reasons == tuple(PauseReason)
+    assert decision.describe() == "device paused: battery, temperature, metered, cpu, quiet_hours"
+    assert DeviceDecision().describe() == "device allowed"
     assert decision.to_json() == {
         "allowed": False,
         "reasons": [reason.value for reason in PauseReason],

@@ -254,3 +254,33 @@ async def test_the_pause_and_the_charger_reach_a_peer_over_libp2p(tmp_path: Path
             within=20, what="the charger over libp2p",
         )  # fmt: skip
         assert phone.device.allows_work()
+
+
+async def test_a_follower_that_falls_behind_gets_the_latest_decision(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = ManualReadings(Readings(battery_pct=50, charging=False))
+    async with open_memory_mesh(1, tmp_path, devices=[source]) as (node,):
+        device = node.device
+        assert device is not None
+        got: list[DeviceDecision] = []
+
+        async def slow_follower() -> None:
+            assert device is not None
+            async for decision in device.changes():
+                got.append(decision)
+                await trio.sleep(10)  # busy withdrawing bids, say
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_follower)
+            await trio.sleep(1)
+            source.set(battery_pct=10)
+            await device.refresh()  # paused
+            await trio.sleep(1)
+            source.set(metered=True)
+            await device.refresh()  # paused for two reasons, while the follower is busy
+            source.set(battery_pct=10, charging=True, metered=False)
+            await device.refresh()  # allowed again, still busy
+            await trio.sleep(20)
+            assert [d.allowed for d in got] == [False, True]
+            nursery.cancel_scope.cancel()
