@@ -125,8 +125,8 @@ class DeviceService:
         before = self._governor.decision
         decision = self._governor.observe(self.readings, minute=self._local_minute())
         if decision != before:
-            log.info("device decision", extra={"peer": self.node.peer_id.short(),
-                                               **decision.to_json()})  # fmt: skip
+            peer = self.node.peer_id.short()
+            log.info("device decision", extra={"peer": peer, **decision.to_json()})
             self._version += 1
             self._changed.set()
             self._changed = trio.Event()
