@@ -63,8 +63,14 @@ async def two_memory_nodes(
     """``phone`` (reading ``source``) and a plain ``peer`` that knows it, with membership."""
     other = ManualReadings()
     async with open_memory_mesh(
-        2, tmp_path, devices=[source, other], membership=True, market=False, device=device
-    ) as (phone, peer):  # type: ignore[list-item]
+        2,
+        tmp_path,
+        devices=[source, other],  # type: ignore[list-item]
+        membership=True,
+        market=False,
+        store_file="",  # no worker threads: virtual time runs only when the nodes wait
+        device=device,
+    ) as (phone, peer):
         await peer.connect(phone.listen_addrs[0])
         yield phone, peer
 
@@ -73,7 +79,6 @@ async def test_a_draining_battery_pauses_the_node_and_its_peers_see_it_until_it_
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     phone_device = SimulatedDevice(QUIET_PHONE, seed=1, start=trio.current_time())
-    phone_device.set_load(1.0)  # training: 25 %/h more than idle
     config = DeviceConfig(refresh_s=10.0, min_battery_pct=20)
     async with two_memory_nodes(tmp_path, phone_device, config) as (phone, peer):
         assert phone.device is not None and phone.device.allows_work()
@@ -81,6 +86,7 @@ async def test_a_draining_battery_pauses_the_node_and_its_peers_see_it_until_it_
             lambda: (seen_by(peer, phone) or Readings()).battery_pct == 23,
             within=10, what="the first record",
         )  # fmt: skip
+        phone.device.set_load(1.0)  # training: 25 %/h more than idle
         decisions: list[DeviceDecision] = []
 
         async def follow() -> None:
@@ -153,7 +159,9 @@ async def test_thermal_pressure_reaches_the_batch_scale(
 ) -> None:
     source = ManualReadings(Readings(temperature_c=40.0))
     config = DeviceConfig(refresh_s=1.0, warm_temperature_c=60.0, max_temperature_c=80.0)
-    async with open_memory_mesh(1, tmp_path, devices=[source], device=config) as (node,):
+    async with open_memory_mesh(1, tmp_path, devices=[source], device=config, store_file="") as (
+        node,
+    ):
         assert node.device is not None and node.device.batch_scale() == 1.0
         source.set(temperature_c=72.0)
         await trio.sleep(1.5)
@@ -183,7 +191,7 @@ async def test_a_failing_or_hanging_source_leaves_the_last_readings_standing(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     stuck = Stuck()
-    async with open_memory_mesh(1, tmp_path, devices=[stuck]) as (node,):  # type: ignore[list-item]
+    async with open_memory_mesh(1, tmp_path, devices=[stuck], store_file="") as (node,):  # type: ignore[list-item]
         assert node.device is not None
         started = trio.current_time()
         for _ in range(2):
@@ -196,7 +204,7 @@ async def test_quiet_hours_follow_the_local_clock(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     minute = [22 * 60 + 59]
-    async with open_memory_mesh(1, tmp_path, devices=[ManualReadings()]) as (node,):
+    async with open_memory_mesh(1, tmp_path, devices=[ManualReadings()], store_file="") as (node,):
         service = DeviceService(
             node,
             DeviceConfig(quiet_hours=["23:00-07:00"]),
@@ -260,7 +268,7 @@ async def test_a_follower_that_falls_behind_gets_the_latest_decision(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     source = ManualReadings(Readings(battery_pct=50, charging=False))
-    async with open_memory_mesh(1, tmp_path, devices=[source]) as (node,):
+    async with open_memory_mesh(1, tmp_path, devices=[source], store_file="") as (node,):
         device = node.device
         assert device is not None
         got: list[DeviceDecision] = []
