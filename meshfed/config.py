@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .device.config import DeviceConfig
 from .errors import ConfigError
 from .transport import TransportLimits
 
@@ -68,6 +69,8 @@ class NodeConfig:
         market: buy and sell work (needs the store and membership).
         market_capacity: leases this node holds at once as a seller (0: it only buys).
         market_grant: credits a new node's ledger starts with (granted once).
+        device: when the device lends itself to work (the ``[device]`` table:
+            :class:`~meshfed.device.config.DeviceConfig`); set in the file or as an object.
     """
 
     data_dir: Path = field(default_factory=default_data_dir)
@@ -96,6 +99,7 @@ class NodeConfig:
     market: bool = True
     market_capacity: int = 1
     market_grant: float = 1000.0
+    device: DeviceConfig = field(default_factory=DeviceConfig)
 
     def __post_init__(self) -> None:
         positive = (
@@ -166,7 +170,12 @@ class NodeConfig:
 
     def to_toml(self) -> str:
         """Every key with its value, as a TOML file that :meth:`load` reads back."""
-        return "".join(f"{f.name} = {_toml_value(getattr(self, f.name))}\n" for f in _FIELDS)
+        flat = "".join(
+            f"{f.name} = {_toml_value(getattr(self, f.name))}\n"
+            for f in _FIELDS
+            if f.name != "device"
+        )
+        return f"{flat}\n{self.device.to_toml()}"  # a table comes after the top-level keys
 
     @classmethod
     def load(
@@ -282,6 +291,12 @@ def _check_type(key: str, value: Any, source: str) -> Any:
     hint = _HINTS[key]
     origin = typing.get_origin(hint)
     where = f"{key} (from {source})"
+    if hint is DeviceConfig:
+        if isinstance(value, DeviceConfig):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a [device] table, got {value!r}")
+        return DeviceConfig.from_mapping(value, source)
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:

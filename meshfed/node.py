@@ -57,6 +57,8 @@ from .wire import NO_SCOPE, Envelope, Message, ReplayGuard, Scope, open_envelope
 
 if TYPE_CHECKING:
     from .data.registry import DataRegistry
+    from .device.readings import ReadingsSource
+    from .device.service import DeviceService
     from .market.driver import JobHandle, Market
     from .market.messages import JobStatusReport, Verification
     from .market.pricing import Estimate
@@ -144,6 +146,8 @@ class Node:
         self.datasets: DataRegistry | None = None
         #: buying and selling work (``config.market``, with a store and membership)
         self.market: Market | None = None
+        #: the device's readings and whether it takes work now (``config.device``)
+        self.device: DeviceService | None = None
         self._started = trio.current_time()
         self._replay = ReplayGuard(
             window_ms=int(config.replay_window_s * 1000),
@@ -839,6 +843,7 @@ async def open_node(
     *,
     identity: Identity | None = None,
     network: MemoryNetwork | None = None,
+    device: ReadingsSource | None = None,
 ) -> AsyncIterator[Node]:
     """Start a node, yield it while it serves, and stop it on exit.
 
@@ -846,6 +851,8 @@ async def open_node(
         config: the node's configuration (``NodeConfig.load`` merges file, env and flags).
         identity: use this identity instead of the one in ``config.data_dir``.
         network: the simulated network to join when ``config.transport == "memory"``.
+        device: where the device's readings come from (default: this machine, by psutil;
+            a :class:`~meshfed.device.simulator.SimulatedDevice` in simulations).
 
     Raises:
         ConfigError: the configuration cannot work (memory transport without a network), or
@@ -892,14 +899,19 @@ async def open_node(
             from .data.registry import DATASETS_DIR, DataRegistry
 
             node.datasets = DataRegistry(node.store, config.data_dir / DATASETS_DIR)
+        from .device.service import DeviceService
+
+        node.device = DeviceService(node, config.device, device)
+        await nursery.start(node.device.run)
         if config.membership:
-            from .membership.device import probe_capabilities
+            from .device.probe import probe_capabilities
             from .membership.service import Membership, MembershipConfig
 
             offers = None if node.datasets is None else node.datasets.offers()
+            readings = node.device.readings
             node.membership = Membership(
                 node,
-                probe_capabilities(roles=config.roles, datasets=offers),
+                probe_capabilities(roles=config.roles, readings=readings, datasets=offers),
                 config=MembershipConfig(
                     gossip_interval_s=config.gossip_interval_s, max_view=config.max_view or None
                 ),

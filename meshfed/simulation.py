@@ -18,7 +18,7 @@ import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from .device.simulator import PROFILES, SimulatedDevice
+from .errors import ConfigError
 from .identity import Identity
+from .node import Node
 from .secagg.driver import Aggregator, DeadlinePolicy
 from .testing import open_memory_mesh
 from .training.job import JobSpec, RoundReport, TrainingPeer
@@ -81,9 +84,20 @@ def _long_lived_heap() -> Iterator[None]:
 
 
 async def run_simulation(
-    peers: int, out: Path, *, console: Console | None = None, **job_options: Any
+    peers: int,
+    out: Path,
+    *,
+    console: Console | None = None,
+    devices: Sequence[str] = (),
+    **job_options: Any,
 ) -> int:
-    """Run the job on ``peers`` simulated nodes; returns 0 if every peer finished."""
+    """Run the job on ``peers`` simulated nodes; returns 0 if every peer finished.
+
+    ``devices``: profile names (:data:`~meshfed.device.simulator.PROFILES`) given to the peers
+    in turn, each a :class:`~meshfed.device.simulator.SimulatedDevice` seeded by its index and
+    loaded while it trains; each round's row says how many of them their device policy would
+    pause (``device_paused``: this simulation still runs every peer every round) and their mean
+    battery (default: every peer reads this machine)."""
     console = console or Console()
     # Hundreds of tiny models train in worker threads: torch's intra-op threads only spin
     # against each other there (6x the CPU of one thread per call, measured), and worker
@@ -95,13 +109,18 @@ async def run_simulation(
     tokens = workers.total_tokens
     workers.total_tokens = max(2, os.cpu_count() or 2)
     try:
-        return await _simulate(peers, out, console, job_options)
+        return await _simulate(peers, out, console, devices, job_options)
     finally:
         torch.set_num_threads(threads)
         workers.total_tokens = tokens
 
 
-async def _simulate(peers: int, out: Path, console: Console, job_options: dict[str, Any]) -> int:
+async def _simulate(
+    peers: int, out: Path, console: Console, profiles: Sequence[str], job_options: dict[str, Any]
+) -> int:
+    unknown = sorted(set(profiles) - set(PROFILES))
+    if unknown:
+        raise ConfigError(f"devices: unknown profiles {unknown}; known: {sorted(PROFILES)}")
     began = time.monotonic()
     rows: list[dict[str, Any]] = []
     # The job is checked whole (fields, data for this many peers, model against data) before
@@ -113,8 +132,14 @@ async def _simulate(peers: int, out: Path, console: Console, job_options: dict[s
     advice = _few_steps(spec, parts)
     if advice:
         console.print(advice)
+    devices = [
+        SimulatedDevice(PROFILES[profiles[i % len(profiles)]], seed=i, start=trio.current_time())
+        for i in range(peers if profiles else 0)
+    ]
     with tempfile.TemporaryDirectory(prefix="meshfed-sim-") as tmp:
-        async with open_memory_mesh(peers, Path(tmp), identities=identities) as nodes:
+        async with open_memory_mesh(
+            peers, Path(tmp), identities=identities, devices=devices or None
+        ) as nodes:
             # One process carries every peer: a phase waits for stragglers that only this
             # process's own load delays, so the deadlines are generous (nobody dies here).
             patient = DeadlinePolicy(join_s=30.0, grace_s=10.0, slack=10.0, phase_max_s=600.0)
@@ -134,6 +159,7 @@ async def _simulate(peers: int, out: Path, console: Console, job_options: dict[s
             ):
                 for number in range(spec.rounds):
                     round_began, cpu_began = time.monotonic(), time.process_time()
+                    paused, batteries = await _devices_at_round_start(nodes, devices)
 
                     async def one(i: int, number: int = number) -> None:
                         reports.setdefault(i, []).append(await trainers[i].run_round(number))
@@ -141,6 +167,8 @@ async def _simulate(peers: int, out: Path, console: Console, job_options: dict[s
                     async with trio.open_nursery() as nursery:
                         for i in range(peers):
                             nursery.start_soon(one, i)
+                    for device in devices:
+                        device.set_load(0.0)
                     latest = [reports[i][-1] for i in range(peers)]
                     accuracies = [r.accuracy for r in latest]
                     rows.append(
@@ -153,6 +181,8 @@ async def _simulate(peers: int, out: Path, console: Console, job_options: dict[s
                             "group_sizes": sorted({s for r in latest for s in r.groups}),
                             "bytes_out": statistics.mean(r.bytes_out for r in latest),
                             "peak_rss_mb": _peak_rss_mb(),
+                            "device_paused": paused,
+                            "battery_pct": statistics.mean(batteries) if batteries else None,
                         }
                     )
                     live.update(_table(spec, peers, rows, time.monotonic() - began))
@@ -177,6 +207,22 @@ async def _simulate(peers: int, out: Path, console: Console, job_options: dict[s
     if advice and summary["final_accuracy"] < 2 / _classes(parts):
         console.print(f"accuracy near chance: {advice.removeprefix('note: ')}")
     return 0
+
+
+async def _devices_at_round_start(
+    nodes: Sequence[Node], devices: Sequence[SimulatedDevice]
+) -> tuple[int, list[int]]:
+    """With simulated devices: read each one (its node decides), then load it for the round;
+    returns how many nodes their device policy would pause, and the batteries read."""
+    if not devices:
+        return 0, []
+    services = [node.device for node in nodes if node.device is not None]
+    for service in services:
+        await service.refresh()
+        service.set_load(1.0)
+    paused = sum(1 for service in services if not service.allows_work())
+    readings = [service.readings.battery_pct for service in services]
+    return paused, [battery for battery in readings if battery is not None]
 
 
 def _classes(parts: JobParts) -> int:

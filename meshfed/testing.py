@@ -18,6 +18,8 @@ from typing import Any
 import trio
 
 from .config import NodeConfig
+from .device.config import DeviceConfig
+from .device.readings import ReadingsSource
 from .identity import Identity
 from .node import Node, open_node
 from .transports.memory import MemoryNetwork
@@ -26,10 +28,15 @@ __all__ = ["open_memory_mesh", "quiet_config"]
 
 
 def quiet_config(data_dir: Path, **overrides: Any) -> NodeConfig:
-    """A memory-transport node that runs nothing on its own (no pings, membership or mDNS)
-    unless ``overrides`` say so."""
+    """A memory-transport node that runs nothing on its own (no pings, membership, mDNS or
+    device refreshes) unless ``overrides`` say so."""
     base = NodeConfig(
-        data_dir=data_dir, transport="memory", ping_interval_s=0, membership=False, mdns=False
+        data_dir=data_dir,
+        transport="memory",
+        ping_interval_s=0,
+        membership=False,
+        mdns=False,
+        device=DeviceConfig(refresh_s=0),
     )
     return dataclasses.replace(base, **overrides)
 
@@ -42,6 +49,7 @@ async def open_memory_mesh(
     seed: int = 0,
     latency: float = 0.0,
     identities: Sequence[Identity] | None = None,
+    devices: Sequence[ReadingsSource] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[list[Node]]:
     """``n`` nodes on one new simulated network, node ``i`` keeping its state in
@@ -51,10 +59,14 @@ async def open_memory_mesh(
         seed, latency: the network's (:class:`~meshfed.transports.memory.MemoryNetwork`).
         identities: the nodes' identities (known before they start, e.g. for a job's roster);
             by default each node's identity is loaded or created in its directory.
+        devices: each node's readings source (a
+            :class:`~meshfed.device.simulator.SimulatedDevice`, say); by default this machine's.
         overrides: :class:`~meshfed.config.NodeConfig` fields for every node.
     """
     if identities is not None and len(identities) != n:
         raise ValueError(f"{len(identities)} identities for {n} nodes")
+    if devices is not None and len(devices) != n:
+        raise ValueError(f"{len(devices)} devices for {n} nodes")
     network = MemoryNetwork(seed=seed, latency=latency)
     nodes: list[Node] = []
     stop = trio.Event()
@@ -62,7 +74,8 @@ async def open_memory_mesh(
     async def serve(index: int, *, task_status: trio.TaskStatus[Node]) -> None:
         config = quiet_config(root / f"n{index}", **overrides)
         identity = None if identities is None else identities[index]
-        async with open_node(config, identity=identity, network=network) as node:
+        device = None if devices is None else devices[index]
+        async with open_node(config, identity=identity, network=network, device=device) as node:
             task_status.started(node)
             await stop.wait()
 
