@@ -110,6 +110,7 @@ from .terms import MICRO, Tier, WorkKind, credits
 from .verification import evidence_of, proves
 
 if TYPE_CHECKING:
+    from ..device.service import DeviceService
     from ..node import Node
     from ..training.job import RoundReport, TrainingPeer
     from ..training.participation import JobEvents
@@ -136,6 +137,8 @@ _SELLER = "seller"
 _QUOTES = (Rfq, Release, Bid, Decline)
 #: the states of a winner's training that end its work (:class:`~meshfed.store.JobState`)
 _ENDED_WORK = frozenset({"finished", "converged"})
+#: a winner that says so stopped working on the job (its training failed, its device paused)
+_GAVE_UP_WORK = frozenset({"failed", "paused"})
 _BUYER = "buyer:"
 
 
@@ -271,6 +274,8 @@ class _Work:
     changes: list[ChangeRoster] = field(default_factory=list)
     #: the model's bytes after each job round (1-based) not paid yet: a spot check's proof
     states: dict[int, bytes] = field(default_factory=dict)
+    #: the device paused: stop after the round under way (billed), status ``paused``
+    leaving: bool = False
     #: the training's scope: cancelled when the lease ends (settled, cancelled, forfeited)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -324,6 +329,8 @@ class Market:
             self.node.on_array(self._on_proof, prefix=_PROOF_PREFIX)
             self.node.handle(JobStatusQuery, self._status_query)
             nursery.start_soon(self._seller_timer)
+            if self.node.device is not None:
+                nursery.start_soon(self._follow_device, self.node.device)
             task_status.started()
             await trio.sleep_forever()
 
@@ -360,8 +367,11 @@ class Market:
                     capabilities=caps,
                     capacity=body["capacity"],
                     throughput=body.get("throughput", 0.0),
+                    paused=tuple(body.get("paused", ())),
                 )
                 return []
+            if event == "withdraw":
+                return book.withdraw(now)
             if event == "receive":
                 message = decode_message(body["message"])
                 assert isinstance(message, MarketMessage)
@@ -448,10 +458,16 @@ class Market:
         )  # fmt: skip
 
     async def publish_asks(self, conditions: Conditions | None = None) -> None:
-        """Put this node's asks (from its policy and ``conditions``, default: its load now)
-        in its signed record, so buyers can estimate and match."""
+        """Put this node's asks (from its policy and ``conditions``, default: its load and
+        its device's readings now) in its signed record, so buyers can estimate and match."""
         load = self.seller.reserved(time.time()) / max(1, self.config.capacity)
-        now = conditions or Conditions(load=min(load, 1.0))
+        device = None if self.node.device is None else self.node.device.readings
+        now = conditions or Conditions(
+            load=min(load, 1.0),
+            battery_pct=None if device is None else device.battery_pct,
+            charging=None if device is None else device.charging,
+            temperature_c=None if device is None else device.temperature_c,
+        )
         prices = asks(self.config.asks, now) if self.config.capacity else []
         membership = self.node.membership
         if membership is not None:
@@ -467,21 +483,39 @@ class Market:
             caps = schema_of(Capabilities).encode(offer.capabilities)
             await self._event(
                 _SELLER, "offer", capabilities=caps, capacity=offer.capacity,
-                throughput=offer.throughput,
+                throughput=offer.throughput, paused=list(offer.paused),
             )  # fmt: skip
 
     def _offer(self) -> SellerOffer:
         membership = self.node.membership
         own = None if membership is None else membership.table.get(self.node.peer_id)
         caps = Capabilities() if own is None else own.capabilities
+        device = self.node.device
+        paused = () if device is None else tuple(r.value for r in device.decision.reasons)
         return SellerOffer(
-            capabilities=caps, capacity=self.config.capacity, throughput=self.config.throughput
-        )
+            capabilities=caps, capacity=self.config.capacity, throughput=self.config.throughput,
+            paused=paused,
+        )  # fmt: skip
+
+    async def _follow_device(self, device: DeviceService) -> None:
+        """The device's policy paused it: open bids stop holding their reservations, awards
+        and RFQs are declined, and each running lease stops after the round it is in (billed)
+        and says so in its status (``paused``: its buyer replaces it). Cleared: it bids
+        again."""
+        async for decision in device.changes():
+            await self._offer_changed()
+            if decision.allowed:
+                await self.publish_asks()
+                continue
+            log.warning("device paused: no new work", extra={"reasons": decision.describe()})
+            await self._event(_SELLER, "withdraw", now=time.time())
+            for work in self.work.values():
+                work.leaving = True
 
     # -- seller --------------------------------------------------------------------------------
 
     async def _as_seller(self, envelope: Envelope, message: MarketMessage) -> MarketMessage | None:
-        if isinstance(message, Rfq):
+        if isinstance(message, Rfq | Award):  # answered with the offer as it is now
             await self._offer_changed()
         actions = await self._received(_SELLER, envelope, message)
         for observe in self.seller_observers:
@@ -524,13 +558,19 @@ class Market:
                 version=start.roster_version,
             )  # fmt: skip
         work.state = "connecting"
+        if self.node.device is not None:
+            self.node.device.set_load(1.0)
         with work.scope:
             await take_part(
                 self.node, spec, events, roster_wait=self.config.roster_wait_s,
                 joining=joining, on_peer=functools.partial(self._peer_made, work),
                 on_round=functools.partial(self._round_done, work),
             )  # fmt: skip
-        if work.scope.cancelled_caught:
+        if self.node.device is not None:
+            self.node.device.set_load(0.0)
+        if work.scope.cancelled_caught and work.state == "paused":
+            events("job_failed", {"job_id": start.job, "error": "the device paused: handed back"})
+        elif work.scope.cancelled_caught:
             work.state = "ended"
             events("job_failed", {"job_id": start.job, "error": "the lease ended"})
 
@@ -545,7 +585,7 @@ class Market:
             work.state = "running"
         elif event == "job_done":
             work.state = document["state"]
-        elif event == "job_failed":
+        elif event == "job_failed" and work.state != "paused":  # a pause is no failure
             work.state = "failed"
             log.warning("leased job failed", extra={"job": work.start.job, **document})
         for observer in self.observers:
@@ -562,6 +602,9 @@ class Market:
         while len(work.states) > _KEEP_STATES:
             del work.states[min(work.states)]
         self._nursery.start_soon(self._bill, work.start.job, work.round, evidence_of(state))
+        if work.leaving:  # handed back: the buyer sees ``paused`` and replaces us
+            work.state = "paused"
+            work.scope.cancel()
 
     def _forget_state(self, job: str, unit: int) -> None:
         """The lease's ``unit`` was paid or refused: its state is no longer asked for."""
@@ -776,10 +819,14 @@ class Market:
             silence = handle.silence.get(peer, 0)
             dead = membership is not None and membership.swim.state(peer) is MemberState.DEAD
             silent = silence >= self.config.silent_polls or (dead and silence > 0)
-            if silent:  # membership's verdict alone is not enough: it asks too
+            gave_up = report is not None and report.state in _GAVE_UP_WORK
+            if silent or gave_up:  # membership's verdict alone is not enough: it asks too
                 at_round = min(buyer.rfq.units, max(1, (0 if report is None else report.round) + 1))
-                handle._add("failed", peer=str(peer), round=at_round, dead=dead, silent=silent)
-                self.reputation.record(buyer.job, peer, PeerEvent.FAILED)
+                state = None if report is None else report.state
+                handle._add("failed", peer=str(peer), round=at_round, dead=dead, silent=silent,
+                            state=state)  # fmt: skip
+                if state != "paused":  # a device's pause hands the lease back: no failure
+                    self.reputation.record(buyer.job, peer, PeerEvent.FAILED)
                 actions = await self._event(
                     _BUYER + buyer.job, "peer_failed", peer=peer.raw, at_round=at_round, now=now
                 )

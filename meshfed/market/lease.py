@@ -970,6 +970,8 @@ class SellerOffer:
         hold_s: how long past the bid deadline a bid holds its reservation.
         max_wait_s: the furthest bid deadline it bids for (so that no RFQ holds a
             reservation for longer than ``max_wait_s + hold_s``).
+        paused: why the device takes no work now (its policy's reasons: battery,
+            temperature, ...); while any, it declines RFQs and awards.
     """
 
     capabilities: Capabilities
@@ -978,6 +980,7 @@ class SellerOffer:
     locality: str = ""
     hold_s: float = 30.0
     max_wait_s: float = 600.0
+    paused: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -1111,6 +1114,13 @@ class SellerBook:
             return self._on_proof_query(lease, message, now)
         raise _reject(RejectReason.WRONG_CONTEXT, f"a seller takes no {message.TYPE}")
 
+    def withdraw(self, now: float) -> list[LeaseAction]:
+        """The device paused: every open bid stops holding its reservation (an award for one
+        is declined while paused: the buyer replaces it from its standby bids)."""
+        for quote in self._quotes.values():
+            quote.reserved = False
+        return []
+
     def round_done(self, job: str, round: int, evidence: bytes, now: float) -> list[LeaseAction]:
         """The job's unit ``round`` (1-based: the job's round, whatever unit of the lease it
         is) is done: note the debit to the buyer (resent until acknowledged). The same unit
@@ -1197,7 +1207,7 @@ class SellerBook:
         if rfq.bid_deadline_ms < now_ms:
             raise _reject(RejectReason.LATE, f"the bid window of {rfq.job!r} closed")
         price = self._ask(rfq)
-        reason = self._unfit(rfq, price)
+        reason = DeclineReason.PAUSED if self.offer.paused else self._unfit(rfq, price)
         if reason is None and rfq.bid_deadline_ms > _ms(now + self.offer.max_wait_s):
             reason = DeclineReason.DEADLINE
         if reason is None and self.reserved(now) >= self.offer.capacity:
@@ -1214,7 +1224,8 @@ class SellerBook:
             )
         else:
             why = (reason or DeclineReason.KIND).value
-            answer = Decline(rfq.job, rfq.bid_deadline_ms, key[1], why, "")
+            detail = ", ".join(self.offer.paused) if reason is DeclineReason.PAUSED else ""
+            answer = Decline(rfq.job, rfq.bid_deadline_ms, key[1], why, detail)
         self._remember(key, _Quote(buyer, rfq, answer, reserved=isinstance(answer, Bid)))
         return [Reply(answer)]
 
@@ -1300,6 +1311,8 @@ class SellerBook:
         """Why this node will not take ``award`` ("" if it will)."""
         if quote is None or not isinstance(quote.answer, Bid) or quote.rfq.job != award.job:
             return "no bid of ours"
+        if self.offer.paused:
+            return f"device paused: {', '.join(self.offer.paused)}"
         if award.job in self._leases:
             return "already leased in this job"
         if award.price < quote.answer.price:

@@ -118,6 +118,9 @@ class DeclineReason(enum.StrEnum):
     PRICE = "price"
     #: the bid deadline is further ahead than this seller holds a reservation open
     DEADLINE = "deadline"
+    #: the device's policy stops it taking work now (low battery, heat, a metered link, quiet
+    #: hours: the detail says which)
+    PAUSED = "paused"
 
 
 class SettleReason(enum.StrEnum):

@@ -16,30 +16,16 @@ from meshfed.market.terms import MICRO, Requirements
 from meshfed.node import Node, open_node
 from meshfed.testing import open_memory_mesh, quiet_config
 from meshfed.transports.memory import MemoryNetwork
+from tests.market.mesh import meshed
 
 JOB = {"job_id": "market-digits", "rounds": 3, "dataset": "digits", "partition": "iid"}
-
-
-async def _meshed(nodes: list[Node], within: float = 20.0) -> None:
-    """Every node knows every other's record, asks included."""
-    for node in nodes[1:]:
-        await node.connect(nodes[0].listen_addrs[0])
-    with trio.fail_after(within):
-        while True:
-            complete = all(
-                sum(1 for r in node.peers() if r.capabilities.prices) == len(nodes) - 1
-                for node in nodes
-            )
-            if complete:
-                return
-            await trio.sleep(0.1)
 
 
 async def test_a_job_is_bought_trained_and_paid_and_both_ledgers_agree(tmp_path: Path) -> None:
     async with open_memory_mesh(
         6, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
     ) as nodes:
-        await _meshed(nodes)
+        await meshed(nodes)
         buyer, sellers = nodes[0], nodes[1:]
         handle = await buyer.submit_training(JOB, budget=5, min_peers=4, max_peers=4)
         with trio.fail_after(120):
@@ -65,7 +51,7 @@ async def test_a_job_is_bought_trained_and_paid_and_both_ledgers_agree(tmp_path:
 
 async def test_no_matching_peer_names_the_requirement(tmp_path: Path) -> None:
     async with open_memory_mesh(3, tmp_path, membership=True, gossip_interval_s=0.1) as nodes:
-        await _meshed(nodes)
+        await meshed(nodes)
         with pytest.raises(NoMatchingPeers) as caught:
             await nodes[0].submit_training(
                 {**JOB, "secure": False}, budget=5, min_peers=2,
@@ -78,7 +64,7 @@ async def test_a_budget_beyond_the_available_credits_is_refused(tmp_path: Path) 
     async with open_memory_mesh(
         3, tmp_path, membership=True, gossip_interval_s=0.1, market_grant=1.0
     ) as nodes:
-        await _meshed(nodes)
+        await meshed(nodes)
         with pytest.raises(BudgetExceeded, match="available"):
             await nodes[0].submit_training(
                 {**JOB, "secure": False}, budget=5, min_peers=2,
@@ -104,7 +90,7 @@ async def test_the_buyer_away_for_rounds_comes_back_and_settles(tmp_path: Path) 
 
         sellers = [await nursery.start(serve, i) for i in range(1, 6)]
         async with open_node(config(tmp_path / "buyer"), network=network) as buyer:
-            await _meshed([buyer, *sellers])
+            await meshed([buyer, *sellers])
             handle = await buyer.submit_training(job, budget=5, min_peers=4, max_peers=4)
             with trio.fail_after(60):
                 async for event in handle.watch():
@@ -139,7 +125,7 @@ async def test_the_estimate_follows_what_jobs_cleared_at_and_a_budget_below_it_i
     tmp_path: Path,
 ) -> None:
     async with open_memory_mesh(6, tmp_path, membership=True, gossip_interval_s=0.1) as nodes:
-        await _meshed(nodes)
+        await meshed(nodes)
         buyer = nodes[0]
         before = await buyer.pricing_estimate("training", "small", 4, 3)
         assert before.breakdown["source"] != "recent clearing prices"
@@ -166,7 +152,7 @@ async def test_rounds_are_paid_once_the_replicas_agree_and_their_models_are_show
     async with open_memory_mesh(
         5, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
     ) as nodes:
-        await _meshed(nodes)
+        await meshed(nodes)
         buyer = nodes[0]
         checks = Verification(replicas=3, spot_rate=1.0)
         handle = await buyer.submit_training(
@@ -189,7 +175,7 @@ async def test_a_winner_that_cannot_show_the_model_it_billed_for_is_not_paid_for
     async with open_memory_mesh(
         5, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
     ) as nodes:
-        await _meshed(nodes)
+        await meshed(nodes)
         buyer, sellers = nodes[0], nodes[1:]
         lazy = sellers[0]
         assert lazy.market is not None and buyer.market is not None

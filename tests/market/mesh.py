@@ -1,0 +1,23 @@
+"""Market test set-up shared by the driver tests: nodes that know each other's asks."""
+
+from __future__ import annotations
+
+import trio
+
+from meshfed.node import Node
+
+
+async def meshed(nodes: list[Node], within: float = 20.0) -> None:
+    """Connect every node to the first and wait until each knows every other's record, asks
+    included."""
+    for node in nodes[1:]:
+        await node.connect(nodes[0].listen_addrs[0])
+    with trio.fail_after(within):
+        while True:
+            complete = all(
+                sum(1 for r in node.peers() if r.capabilities.prices) == len(nodes) - 1
+                for node in nodes
+            )
+            if complete:
+                return
+            await trio.sleep(0.1)
