@@ -808,9 +808,13 @@ class Market:
         handle.asked_at = now
         reports = await self._poll(handle)
         ended = [r for r in reports.values() if r.state in _ENDED_WORK]
-        if ended and len(ended) == len(judged):  # stopped early (converged), or all rounds ran
+        # every winner stopped (converged early, or all rounds ran), or the job's last round
+        # is done (a replacement that never caught up has nothing left to do)
+        last = any(r.round >= buyer.rfq.units for r in ended)
+        if ended and (len(ended) == len(judged) or last):
             skipped = {peer: buyer.rfq.units - units[peer] for peer in judged}  # replacements'
-            if all(judged[p] >= reports[p].round - skipped[p] for p in judged):  # notes all in
+            rounds = {p: 0 if p not in reports else reports[p].round for p in judged}
+            if all(judged[p] >= rounds[p] - skipped[p] for p in judged):  # notes all in
                 await self._finish(handle, SettleReason.DONE)
             return
         membership = self.node.membership

@@ -37,7 +37,7 @@ async def _events_until(handle: Any, wanted: str, **fields: Any) -> dict[str, An
 async def _answers(buyer: Node, job_id: str) -> dict[str, dict[str, Any]]:
     """Post a one-round job to every seller; each seller's answer (bid or decline)."""
     handle = await buyer.submit_training(
-        {**JOB, "job_id": job_id, "rounds": 1}, budget=5, min_peers=3, max_peers=3
+        {**JOB, "job_id": job_id, "rounds": 1}, budget=5, min_peers=4, max_peers=4
     )
     with trio.fail_after(120):
         await handle.wait()
