@@ -199,6 +199,8 @@ class JobHandle:
         self.wake_at = float("inf")
         #: status polls in a row each winner did not answer
         self.silence: dict[PeerId, int] = {}
+        #: each winner's last status report (the round it did last, once it is silent)
+        self.last_reports: dict[PeerId, JobStatusReport] = {}
         #: when the roster was last asked for a status report
         self.asked_at = 0.0
         self._changed = trio.Event()
@@ -825,7 +827,9 @@ class Market:
             silent = silence >= self.config.silent_polls or (dead and silence > 0)
             gave_up = report is not None and report.state in _GAVE_UP_WORK
             if silent or gave_up:  # membership's verdict alone is not enough: it asks too
-                at_round = min(buyer.rfq.units, max(1, (0 if report is None else report.round) + 1))
+                # from the round after the last it said it did (a dead peer says nothing now)
+                last = handle.last_reports.get(peer)
+                at_round = min(buyer.rfq.units, max(1, (0 if last is None else last.round) + 1))
                 state = None if report is None else report.state
                 handle._add("failed", peer=str(peer), round=at_round, dead=dead, silent=silent,
                             state=state)  # fmt: skip
@@ -849,7 +853,7 @@ class Market:
                 handle.silence[peer] = handle.silence.get(peer, 0) + 1
                 return
             if isinstance(envelope.body, JobStatusReport) and envelope.body.job == handle.job_id:
-                reports[peer] = envelope.body
+                reports[peer] = handle.last_reports[peer] = envelope.body
                 handle.silence[peer] = 0
 
         async with trio.open_nursery() as nursery:
