@@ -1,0 +1,9 @@
+"""The node's REST API, its Prometheus metrics and the operator's client.
+
+``serve_api`` (in :mod:`.service`) runs a FastAPI app on hypercorn's trio worker inside the
+node's nursery (no second loop, no thread); :mod:`.app` holds the routes, :mod:`.models` the
+request and response bodies, :mod:`.token` the bearer token, :mod:`.metrics` the ``/metrics``
+collector, :mod:`.docs` the offline ``/docs`` page and :mod:`.client` what the CLI uses.
+"""
+
+__all__: list[str] = []
