@@ -31,8 +31,8 @@ def read_token(data_dir: Path) -> str:
         mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
         if mode & 0o077:
             raise ConfigError(
-                f"{path} has mode {mode:o}: other users can read the API token; "
-                f"run `chmod 600 {path}` and delete it to have a new one made"
+                f"{path} has mode {mode:o}: other users may have read the API token; "
+                "delete the file (a new token is made at the node's next start)"
             )
         token = f.read(128).decode("ascii", "replace").strip()
     if len(token) != 43 or not all(c.isalnum() or c in "-_" for c in token):
