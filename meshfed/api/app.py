@@ -145,6 +145,24 @@ def create_app(node: Node, token: str, *, reads_need_token: bool) -> FastAPI:
         responses=_ERRORS,
     )
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with every 422 answer as it is sent: a :class:`Problem`."""
+        if app.openapi_schema is None:
+            document = FastAPI.openapi(app)
+            problem = {"$ref": "#/components/schemas/Problem"}
+            for operations in document["paths"].values():
+                for operation in operations.values():
+                    answer = operation.get("responses", {}).get("422")
+                    if answer is not None:
+                        answer["content"] = {"application/json": {"schema": problem}}
+            schemas = document["components"]["schemas"]
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         where = "; ".join(
