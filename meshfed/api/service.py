@@ -19,6 +19,7 @@ import trio
 from ..audit import AuditKind
 from ..config import api_address, api_on_loopback
 from ..errors import ConfigError
+from .limits import BodyLimit
 from .token import TOKEN_FILE, load_or_create_token
 
 if TYPE_CHECKING:
@@ -66,12 +67,13 @@ async def serve_api(
     token, created = load_or_create_token(config.data_dir)
     if created:
         node.audit(AuditKind.API_TOKEN_CREATED, file=str(config.data_dir / TOKEN_FILE))
-    app = create_app(node, token, reads_need_token=not loopback)
+    app = BodyLimit(create_app(node, token, reads_need_token=not loopback))
     server = Config()
     server.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     server.accesslog = None
     server.errorlog = logging.getLogger("meshfed.api.server")
     server.graceful_timeout = 1.0
+    server.read_timeout = 30  # a client that stops sending is dropped
     server.h2_max_concurrent_streams = 32
     server.include_server_header = False
     stop = stop or trio.Event()

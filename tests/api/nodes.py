@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -75,9 +74,3 @@ def node_process(data_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def wait_gone(path: Path, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while path.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshfed.api.limits import MAX_BODY_BYTES
 from meshfed.config import NodeConfig
 from meshfed.control import Ping
 from meshfed.errors import ConfigError, RequestFailed
@@ -101,6 +103,18 @@ async def test_bad_input_is_a_clear_4xx(tmp_path: Path) -> None:
         assert answer.status_code == 422, answer.text
         answer = await client.get("/jobs/nothing-here")
         assert answer.status_code == 404 and "nothing-here" in answer.json()["detail"]
+
+
+async def test_a_large_body_is_refused_before_the_token_is_checked(tmp_path: Path) -> None:
+    async with api_node(tmp_path) as (_, client):
+        huge = await client.post("/jobs", content=b"x" * (MAX_BODY_BYTES + 1))
+        assert huge.status_code == 413 and "at most" in huge.json()["detail"]
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"{}"
+
+        unsized = await client.post("/jobs", content=chunks())  # chunked: no length
+        assert unsized.status_code == 411
 
 
 async def test_docs_are_served_offline(tmp_path: Path) -> None:
