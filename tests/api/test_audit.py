@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 import meshfed.store as store_module
+from meshfed.api.metrics import NodeMetrics
 from meshfed.audit import AuditKind, AuditLog, AuditTrail
 from meshfed.errors import CorruptRecord
 from meshfed.identity import Identity
@@ -47,12 +49,13 @@ async def _entries(node: Node) -> list[tuple[str, dict[str, object]]]:
     return [(entry.kind, entry.fields) for entry in found]
 
 
-async def test_a_market_job_leaves_its_awards_settlements_and_privacy_spends(
+async def test_a_market_job_leaves_its_awards_settlements_privacy_spends_and_round_metrics(
     tmp_path: Path,
 ) -> None:
     async with open_memory_mesh(4, tmp_path, membership=True, gossip_interval_s=0.1) as nodes:
         await _meshed(nodes)
         buyer, sellers = nodes[0], nodes[1:]
+        metrics = {seller.peer_id: NodeMetrics(seller) for seller in sellers}
         handle = await buyer.submit_training(JOB, budget=5, min_peers=3, max_peers=3)
         with trio.fail_after(120):
             final = await handle.wait()
@@ -74,6 +77,20 @@ async def test_a_market_job_leaves_its_awards_settlements_and_privacy_spends(
             assert kinds.count(AuditKind.AWARD) == 1
             spent = [f["round"] for kind, f in entries if kind == AuditKind.PRIVACY_SPENT]
             assert spent == [0, 1]  # each round's charge, written with the charge
+        for seller in sellers:
+            text = (await metrics[seller.peer_id].scrape()).decode()
+            samples = {
+                (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+            }
+            assert samples["meshfed_rounds_total", (("job", "audited"),)] == 2
+            assert samples["meshfed_round_seconds_count", ()] == 2
+            averaging = samples["meshfed_round_phase_seconds_count", (("phase", "averaging"),)]
+            assert averaging == 2
+            assert samples["meshfed_privacy_epsilon_spent", (("job", "audited"),)] > 0
+            budget = samples["meshfed_privacy_epsilon_budget", (("job", "audited"),)]
+            assert budget == 8.0  # the job's default
 
 
 def _filled(tmp_path: Path, rows: int = 5) -> Store:
