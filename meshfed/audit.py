@@ -264,22 +264,23 @@ class AuditTrail:
         return rows
 
     async def flush(self) -> None:
-        """Write every waiting note now (in a worker thread); durable when this returns."""
+        """Write every waiting note now (in a worker thread); durable when this returns. A
+        store that fails is logged (the notes are lost), never raised: the node serves on."""
         async with self._lock:
             if self._log is None or (not self._pending() and not self._dropped):
                 return
             rows = self._take()
-            await trio.to_thread.run_sync(functools.partial(self._log.append, rows))
+            try:
+                await trio.to_thread.run_sync(functools.partial(self._log.append, rows))
+            except MeshfedError as exc:
+                log.error("audit entries not written", extra={"error": str(exc), "lost": len(rows)})
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write waiting notes every ``flush_every_s`` until cancelled."""
         task_status.started()
         while True:
             await trio.sleep(self.flush_every_s)
-            try:
-                await self.flush()
-            except MeshfedError as exc:  # the store failed: the node serves on, loudly
-                log.error("audit entries not written", extra={"error": str(exc)})
+            await self.flush()
 
 
 def seller_auditor(trail: AuditTrail) -> Any:

@@ -1,5 +1,5 @@
 """The node's persistent state: one SQLite file (jobs, their rounds, checkpoints, privacy,
-the market's books).
+the market's books, the audit log).
 
 Theory of operation. One :class:`Store` is one connection to one file, shared by the node's
 tasks through worker threads (``await trio.to_thread.run_sync(store.save_round, ...)``): every

@@ -2,8 +2,10 @@
 
 ``serve_api`` (in :mod:`.service`) runs a FastAPI app on hypercorn's trio worker inside the
 node's nursery (no second loop, no thread); :mod:`.app` holds the routes, :mod:`.models` the
-request and response bodies, :mod:`.token` the bearer token, :mod:`.metrics` the ``/metrics``
-collector, :mod:`.docs` the offline ``/docs`` page and :mod:`.client` what the CLI uses.
+request and response bodies, :mod:`.token` the bearer token, :mod:`.limits` the cap on request
+bodies, :mod:`.metrics` the ``/metrics`` collector (``alerts.yml``: Prometheus alert rules),
+:mod:`.docs` the offline ``/docs`` page, :mod:`.client` and :mod:`.cli` the operator's
+commands.
 """
 
 __all__: list[str] = []
