@@ -51,6 +51,7 @@ from .models import (
 )
 
 if TYPE_CHECKING:
+    from ..market.driver import Market
     from ..market.ledger import Statement
     from ..node import Node
     from ..store import Store
@@ -176,7 +177,7 @@ def create_app(node: Node, token: str, *, reads_need_token: bool) -> FastAPI:
             raise HTTPException(409, "this node runs without a store (config store_file)")
         return node.store
 
-    def market() -> Any:
+    def market() -> Market:
         if node.market is None:
             raise HTTPException(409, "this node runs without the market (config market)")
         return node.market
@@ -195,7 +196,7 @@ def create_app(node: Node, token: str, *, reads_need_token: bool) -> FastAPI:
             0
             if node.market is None
             else len(node.market.work)
-            + sum(1 for handle in node.market.jobs.values() if not handle._ended.is_set())
+            + sum(1 for handle in node.market.jobs.values() if handle.buyer.state != "ended")
         )
         return StatusOut(
             peer_id=snapshot["peer_id"],
@@ -402,7 +403,7 @@ def create_app(node: Node, token: str, *, reads_need_token: bool) -> FastAPI:
         handle = market().jobs.get(job_id)
         if handle is None:
             raise HTTPException(404, f"this node bought no job {job_id!r}")
-        if handle._ended.is_set():
+        if handle.buyer.state == "ended":
             raise HTTPException(409, f"job {job_id!r} has ended already")
         try:
             await handle.cancel()
