@@ -204,6 +204,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path: Pa
             timeout=300,
             check=False,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=tmp_path,  # its cache of failures goes there, not into the repository
         )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
