@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import trio
 import typer
 
+from .api.cli import add_api_commands
 from .cli_common import ConfigOpt, DataDirOpt, _load
 from .cli_market import add_market_commands
 from .config import NodeConfig
@@ -68,6 +69,14 @@ def run(
             show_default=False,
         ),
     ] = None,
+    api: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve the REST API on <host>:<port> (port 0: any free one, written to "
+            "<data-dir>/api.json), or off. Default: 127.0.0.1:0.",
+            show_default=False,
+        ),
+    ] = None,
     job: Annotated[
         Path | None,
         typer.Option(
@@ -86,6 +95,7 @@ def run(
         log_level=log_level,
         log_format=log_format,
         mdns=mdns,
+        api=api,
     )
     configure_logging(cfg.log_level, cfg.log_format)
     spec = None if job is None else _load_job(job)
@@ -115,6 +125,8 @@ def _emit(json_output: bool, event: str, document: dict[str, Any]) -> None:
         print(f"peer id: {document['peer_id']}", flush=True)
         for addr in document["listen"]:
             print(f"listening on: {addr}", flush=True)
+        if document.get("api"):
+            print(f"api: {document['api']} (docs at /docs)", flush=True)
     elif event == "stopped":
         print("stopped", flush=True)
     elif event == "round":
@@ -161,9 +173,8 @@ async def _run(
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(cfg) as node:
-            _emit(
-                json_output, "started", {"peer_id": str(node.peer_id), "listen": node.listen_addrs}
-            )
+            started = {"peer_id": str(node.peer_id), "listen": node.listen_addrs}
+            _emit(json_output, "started", {**started, "api": node.api_url})
             async with trio.open_nursery() as nursery:
 
                 async def report() -> None:
@@ -455,7 +466,8 @@ def main() -> None:
     app()
 
 
-add_market_commands(app)  # submit training, jobs, job, ledger
+add_market_commands(app)  # submit training, ledger
+add_api_commands(app)  # status, peers, jobs, job, cancel, budget, audit
 
 if __name__ == "__main__":
     main()

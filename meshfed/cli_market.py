@@ -1,13 +1,13 @@
-"""``meshfed-node submit training``, ``jobs``, ``job`` and ``ledger``: buying work and reading
-the books.
+"""``meshfed-node submit training`` and ``ledger``: buying work and reading the books (``jobs``
+and ``job`` ask the running node's API: :mod:`meshfed.api.cli`).
 
 ``submit training JOB_FILE --budget 50`` runs this node (its data dir, listen and bootstrap
 options as ``run`` takes them) as a buyer: it waits until enough peers whose records match
 the job are known, posts the job, shows the bids, the award and its clearing price, every
 round paid and the end, then prints the job's statement. Run again after the buyer stopped
 (the same job file, the same data dir), it follows the job it posted (the market's journal
-brought it back) instead of posting it twice. ``jobs``, ``job`` and ``ledger`` read
-the node's store (also while the node runs: read-only, verified under the node's key).
+brought it back) instead of posting it twice. ``ledger`` reads the node's store (also while
+the node runs, or after it stopped: read-only, verified under the node's key).
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ def add_market_commands(app: typer.Typer) -> None:
     submit = typer.Typer(help="Buy work from the mesh.", no_args_is_help=True)
     submit.command("training")(submit_training)
     app.add_typer(submit, name="submit")
-    app.command("jobs")(list_jobs)
-    app.command("job")(show_job)
     app.command("ledger")(show_ledger)
 
 
@@ -207,86 +205,6 @@ def _open_store(config: Path | None, data_dir: Path | None) -> Store:
     except MeshfedError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-
-
-def list_jobs(
-    config: ConfigOpt = None, data_dir: DataDirOpt = None, json_output: JsonOpt = False
-) -> None:
-    """The jobs this node bought or worked on, with their leases."""
-    from .market.leasebook import LeaseBook
-
-    with _open_store(config, data_dir) as store:
-        leases = LeaseBook(store).leases()
-        trained = {record.job_id: record for record in store.jobs()}
-    jobs: dict[str, dict[str, Any]] = {}
-    for lease in leases:
-        entry = jobs.setdefault(lease.job, {"job_id": lease.job, "role": lease.role.value,
-                                            "leases": 0, "states": set()})  # fmt: skip
-        entry["leases"] += 1
-        entry["states"].add(lease.state.value)
-    for job_id, record in trained.items():
-        jobs.setdefault(job_id, {"job_id": job_id, "role": "peer", "leases": 0, "states": set()})
-        jobs[job_id]["training"] = record.state.value
-    for entry in jobs.values():
-        entry["states"] = sorted(entry["states"])
-        if json_output:
-            print(json.dumps(entry))
-        else:
-            training = f", training {entry['training']}" if "training" in entry else ""
-            print(f"{entry['job_id']}: {entry['role']}, {entry['leases']} lease(s) "
-                  f"{'/'.join(entry['states']) or '-'}{training}")  # fmt: skip
-
-
-def show_job(
-    job_id: Annotated[str, typer.Argument(help="The job's id.")],
-    config: ConfigOpt = None,
-    data_dir: DataDirOpt = None,
-    json_output: JsonOpt = False,
-) -> None:
-    """One job: its leases, what was paid or earned, and the rounds this node trained."""
-    from .market.leasebook import LeaseBook
-    from .market.ledger import Ledger
-
-    with _open_store(config, data_dir) as store:
-        leases = LeaseBook(store).leases(job=job_id)
-        statement = Ledger(store).statement(job_id)
-        rounds = store.rounds(job_id) if store.job(job_id) is not None else []
-    if not leases and not rounds and not statement.entries:
-        typer.echo(f"error: no job {job_id!r} in this node's store", err=True)
-        raise typer.Exit(1)
-    document: dict[str, Any] = {
-        "job_id": job_id,
-        "leases": [
-            {
-                "role": lease.role.value,
-                "peer": str(lease.counterpart),
-                "price": lease.price,
-                "units": lease.units,
-                "state": lease.state.value,
-            }
-            for lease in leases
-        ],
-        "escrowed": statement.escrowed,
-        "released": statement.released,
-        "paid": {str(p): a for p, a in statement.paid.items()},
-        "earned": {str(p): a for p, a in statement.earned.items()},
-        "forfeited": {str(p): a for p, a in statement.forfeited.items()},
-        "rounds": [{"round": r.round, **r.metrics} for r in rounds],
-    }
-    if json_output:
-        print(json.dumps(document))
-        return
-    print(f"job {job_id}")
-    for lease in document["leases"]:
-        print(f"  {lease['role']} lease with {lease['peer']}: {lease['units']} units at "
-              f"{credits(lease['price'])}, {lease['state']}")  # fmt: skip
-    for side in ("paid", "earned", "forfeited"):
-        for peer, amount in document[side].items():
-            print(f"  {side} {credits(amount)} ({peer})")
-    for entry in document["rounds"]:
-        accuracy = entry.get("accuracy")
-        shown = "" if accuracy is None else f": accuracy {accuracy:.3f}"
-        print(f"  round {entry['round'] + 1}{shown}")
 
 
 def show_ledger(

@@ -69,6 +69,10 @@ class NodeConfig:
         market: buy and sell work (needs the store and membership).
         market_capacity: leases this node holds at once as a seller (0: it only buys).
         market_grant: credits a new node's ledger starts with (granted once).
+        api: where the REST API listens, ``<host>:<port>`` (``[<ipv6>]:<port>``; port 0: any
+            free one, written to ``<data_dir>/api.json``), or ``off``. Beyond loopback it
+            needs the bearer token (always created in ``data_dir``). libp2p nodes only: a
+            memory-transport node is a simulation and serves no API.
         device: when the device lends itself to work (the ``[device]`` table:
             :class:`~meshfed.device.config.DeviceConfig`); set in the file or as an object.
     """
@@ -99,6 +103,7 @@ class NodeConfig:
     market: bool = True
     market_capacity: int = 1
     market_grant: float = 1000.0
+    api: str = "127.0.0.1:0"
     device: DeviceConfig = field(default_factory=DeviceConfig)
 
     def __post_init__(self) -> None:
@@ -133,6 +138,8 @@ class NodeConfig:
             )
         for addr in self.listen:
             _check_listen_addr(addr)
+        if self.api != "off":
+            api_address(self.api)
         for addr in self.bootstrap:
             if not addr.startswith("/"):
                 raise ConfigError(f"bootstrap: {addr!r} is not a multiaddr (starts with '/')")
@@ -224,6 +231,31 @@ class NodeConfig:
             key = str(exc).split(":", 1)[0]
             where = f" (from {sources[key]})" if key in sources else ""
             raise ConfigError(f"{key}{where}:{str(exc).split(':', 1)[1]}") from None
+
+
+def api_address(text: str) -> tuple[str, int]:
+    """``(host, port)`` of an ``api`` value: ``<ipv4>:<port>``, ``[<ipv6>]:<port>`` or
+    ``localhost:<port>``.
+
+    Raises:
+        ConfigError: anything else (a host name other than localhost is refused: the API binds
+            an address, and a name could resolve beyond loopback).
+    """
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"api: {text!r} is not <host>:<port> (or off)")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"api: {host!r} is not an IP address (or localhost)") from None
+    return host, int(port)
+
+
+def api_on_loopback(host: str) -> bool:
+    """Whether ``host`` (from :func:`api_address`) is a loopback address."""
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
 def _check_listen_addr(addr: str) -> None:

@@ -38,6 +38,7 @@ from .arrays import (
     parts_frame,
     split_parts_frame,
 )
+from .audit import AUDITED_REJECTIONS, AuditKind, AuditTrail, seller_auditor, work_auditor
 from .config import NodeConfig
 from .control import Ack, Ping, Pong
 from .datadir import hold_data_dir
@@ -49,7 +50,7 @@ from .errors import (
     RequestTimeout,
     StreamClosed,
 )
-from .identity import Identity, PeerId, load_or_create_identity
+from .identity import _KEY_FILE, Identity, PeerId, load_or_create_identity
 from .stats import NodeStats, RejectReason
 from .store import Store
 from .transport import Stream, Transport
@@ -148,6 +149,10 @@ class Node:
         self.market: Market | None = None
         #: the device's readings and whether it takes work now (``config.device``)
         self.device: DeviceService | None = None
+        #: where security-relevant events are noted for the store's audit log (:meth:`audit`)
+        self.audit_trail = AuditTrail(keeps=config.store_path is not None)
+        #: the REST API's base URL while it serves (``config.api``), else None
+        self.api_url: str | None = None
         self._started = trio.current_time()
         self._replay = ReplayGuard(
             window_ms=int(config.replay_window_s * 1000),
@@ -381,6 +386,8 @@ class Node:
     def count_rejection(self, peer: PeerId, exc: RemoteProtocolError) -> None:
         """Count one rejection. Each path that receives from a peer calls this exactly once."""
         self.stats.reject(exc.reason)
+        if exc.reason in AUDITED_REJECTIONS:
+            self.audit_trail.rejected(peer, exc.reason, str(exc))
         log.info(
             "rejected", extra={"peer": peer.short(), "reason": str(exc.reason), "why": str(exc)}
         )
@@ -676,6 +683,11 @@ class Node:
         except MeshfedError as exc:
             log.debug("ping failed", extra={"peer": peer.short(), "error": repr(exc)})
 
+    def audit(self, kind: AuditKind | str, **fields: Any) -> None:
+        """Note a security-relevant event for the audit log (:mod:`meshfed.audit`): written
+        within ``audit_trail.flush_every_s``; never blocks, never raises."""
+        self.audit_trail.note(kind, **fields)
+
     async def _wait_idle(self) -> None:
         while self._in_flight:
             if self._idle is None:
@@ -862,6 +874,7 @@ async def open_node(
         StoreError: the store (``config.store_path``) cannot be opened.
     """
     owns_data_dir = identity is None  # one node per data directory (meshfed/datadir.py)
+    created = identity is None and not (config.data_dir / _KEY_FILE).exists()
     identity = identity or load_or_create_identity(config.data_dir)
     stats = NodeStats()
     transport: Transport
@@ -884,6 +897,8 @@ async def open_node(
         if owns_data_dir:
             await nursery.start(hold_data_dir, config.data_dir)
         node = Node(config, identity, transport, stats)  # handlers exist before we listen
+        if created:
+            node.audit(AuditKind.IDENTITY_CREATED, peer=str(identity.peer_id))
         await nursery.start(transport.run)
         if config.ping_interval_s > 0:
             nursery.start_soon(node._ping_loop)
@@ -899,6 +914,8 @@ async def open_node(
             from .data.registry import DATASETS_DIR, DataRegistry
 
             node.datasets = DataRegistry(node.store, config.data_dir / DATASETS_DIR)
+            node.audit_trail.attach(node.store)
+            await nursery.start(node.audit_trail.run)
         from .device.service import DeviceService
 
         node.device = DeviceService(node, config.device, device)
@@ -931,7 +948,13 @@ async def open_node(
                 capacity=config.market_capacity, grant=round(config.market_grant * MICRO)
             )
             node.market = Market(node, market)
+            node.market.seller_observers.append(seller_auditor(node.audit_trail))
+            node.market.observers.append(work_auditor(node.audit_trail))
             await nursery.start(node.market.run)
+        if config.api != "off" and config.transport == "libp2p":
+            from .api.service import serve_api
+
+            node.api_url = await nursery.start(serve_api, node)
         log.info("node started", extra={"peer": str(node.peer_id), "listen": node.listen_addrs})
         try:
             yield node
@@ -942,5 +965,6 @@ async def open_node(
             nursery.cancel_scope.cancel(reason="node stopping")
             if node.store is not None:
                 with trio.CancelScope(shield=True):
+                    await node.audit_trail.flush()
                     await trio.to_thread.run_sync(node.store.close)
             log.info("node stopped", extra={"peer": str(node.peer_id)})

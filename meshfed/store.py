@@ -1,5 +1,5 @@
 """The node's persistent state: one SQLite file (jobs, their rounds, checkpoints, privacy,
-the market's books).
+the market's books, the audit log).
 
 Theory of operation. One :class:`Store` is one connection to one file, shared by the node's
 tasks through worker threads (``await trio.to_thread.run_sync(store.save_round, ...)``): every
@@ -56,6 +56,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
+from .audit import AuditKind, append_rows
 from .codec import ContainerBudget
 from .errors import CorruptRecord, StoreError
 
@@ -226,6 +227,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             at REAL NOT NULL,
             mac BLOB NOT NULL
         ) STRICT""",
+    ),
+    (
+        # v6: the audit log (meshfed/audit.py): append-only, each row sealed and chained to the
+        # one before by its MAC; SQLite itself refuses to change or delete a row
+        """CREATE TABLE audit_log (
+            seq INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,
+            fields TEXT NOT NULL,
+            prev BLOB NOT NULL,
+            mac BLOB NOT NULL
+        ) STRICT""",
+        "CREATE INDEX audit_log_by_kind ON audit_log (kind, seq)",
+        """CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+            BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+        """CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+            BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
     ),
 )
 
@@ -732,7 +750,11 @@ class Store:
             found = row.fetchone()
             if found is not None and len(json.loads(found[0])["events"]) > len(state["events"]):
                 raise StoreError(f"job {job_id!r}: spent privacy is never rolled back")
-            self._put_privacy(connection, job_id, state, time.time())
+            now = time.time()
+            self._put_privacy(connection, job_id, state, now)
+            rounds = state.get("rounds") or [None]
+            spent = {"job": job_id, "round": rounds[-1], "events": len(state["events"])}
+            append_rows(self, connection, [(now, AuditKind.PRIVACY_SPENT, spent)])
 
     # -- data sets ---------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ import numpy as np
 import trio
 
 from ..arrays import ArrayHeader
+from ..audit import AuditKind
 from ..codec import schema_of
 from ..errors import (
     BudgetExceeded,
@@ -962,6 +963,12 @@ class Market:
                 self._nursery.start_soon(self._request, action, seller, handle)
                 if handle is not None:
                     _note_send(handle, action)
+                if isinstance(action.message, Award):  # the audit log (meshfed/audit.py)
+                    award = action.message
+                    self.node.audit(
+                        AuditKind.AWARD, role="buyer", job=award.job, peer=str(action.to),
+                        price=award.price, units=award.units,
+                    )  # fmt: skip
             elif isinstance(action, WakeAt):
                 if seller:
                     self._wake_seller(action.at)
@@ -1017,6 +1024,12 @@ class Market:
                 await self._record_clearing(handle)
             elif isinstance(action, JobEnded):
                 await self._lease_ended(action, handle)
+                if handle is not None and not replaying:  # the audit log (meshfed/audit.py)
+                    paid = sum(handle.buyer.paid.values())
+                    self.node.audit(
+                        AuditKind.SETTLEMENT, role="buyer", job=action.job, reason=action.reason,
+                        paid=paid,
+                    )  # fmt: skip
             elif isinstance(action, RecordWork):
                 self.reputation.record(action.job, action.peer, action.event)
             elif isinstance(action, RequestProof):
