@@ -457,8 +457,11 @@ async def run_testnet(
                 with trio.move_on_after(limit_s):
                     # the buyer settles, then every node that worked on the job ends it (the
                     # others only bid: they serve until stopped)
-                    waited = buyer.ended
-                    while not waited.is_set() or (waited := _unfinished(children)) is not None:
+                    waited: trio.Event | None = buyer.ended
+                    while waited is not None:
+                        if waited.is_set():
+                            waited = _unfinished(children)
+                            continue
                         elapsed = trio.current_time() - began
                         live.update(_live_table(children, spec, elapsed, buyer))
                         with trio.move_on_after(0.25):

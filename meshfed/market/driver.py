@@ -829,8 +829,8 @@ class Market:
             gave_up = report is not None and report.state in _GAVE_UP_WORK
             if silent or gave_up:  # membership's verdict alone is not enough: it asks too
                 # from the round after the last it said it did (a dead peer says nothing now)
-                last = handle.last_reports.get(peer)
-                at_round = min(buyer.rfq.units, max(1, (0 if last is None else last.round) + 1))
+                said = handle.last_reports.get(peer)
+                at_round = min(buyer.rfq.units, max(1, (0 if said is None else said.round) + 1))
                 state = None if report is None else report.state
                 handle._add("failed", peer=str(peer), round=at_round, dead=dead, silent=silent,
                             state=state)  # fmt: skip
