@@ -36,7 +36,7 @@ from .packet import OutgoingPacket as OutgoingPacket
 from .packet import build_packet as build_packet
 from .relay import Relay as Relay
 from .replay import ReplayCache as ReplayCache
-from .surb import Reply as Reply
+from .surb import OpenedReply as OpenedReply
 from .surb import Surb as Surb
 from .surb import SurbBook as SurbBook
 from .surb import SurbSecrets as SurbSecrets
@@ -60,7 +60,7 @@ __all__ = [
     "Reassembler",
     "Relay",
     "ReplayCache",
-    "Reply",
+    "OpenedReply",
     "Surb",
     "SurbBook",
     "SurbSecrets",

@@ -58,7 +58,7 @@ __all__ = [
     "ROUTING_SIZE",
     "SLOT_SIZE",
     "SURB_ID_SIZE",
-    "VERSION",
+    "PACKET_VERSION",
     "Hop",
     "OutgoingPacket",
     "Peeled",
@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 #: the packet format version, first byte of every packet
-VERSION = 1
+PACKET_VERSION = 1
 #: hop slots in every header: up to 4 relays and the destination (``high`` uses 4 of them)
 MAX_HOPS = 5
 #: a libp2p Ed25519 peer id, the next-hop address
@@ -147,7 +147,7 @@ class Peeled:
 
 
 def _prefix(epoch: int) -> bytes:
-    return bytes([VERSION]) + epoch.to_bytes(4, "big")
+    return bytes([PACKET_VERSION]) + epoch.to_bytes(4, "big")
 
 
 def _check_path(path: Sequence[Hop], epoch: int) -> None:
@@ -260,7 +260,7 @@ def packet_epoch(packet: bytes) -> int | Drop:
     """The key epoch ``packet`` was built for, or why it is not a packet at all."""
     if len(packet) != PACKET_SIZE:
         return Drop(DropReason.WRONG_SIZE, f"{len(packet)} bytes")
-    if packet[0] != VERSION:
+    if packet[0] != PACKET_VERSION:
         return Drop(DropReason.BAD_VERSION, f"version {packet[0]}")
     return int.from_bytes(packet[1:_PREFIX_SIZE], "big")
 

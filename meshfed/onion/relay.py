@@ -39,6 +39,7 @@ class Relay:
             this node), :class:`DeliverReply` (a reply on a SURB this node made), or
             :class:`Drop` with the reason to count. Never raises for any input bytes.
         """
+        packet = bytes(packet)  # a bytearray or memoryview from the transport, frozen
         epoch = packet_epoch(packet)
         if isinstance(epoch, Drop):
             return epoch

@@ -44,7 +44,7 @@ from .primitives import KEY_SIZE
 
 __all__ = [
     "SURB_SIZE",
-    "Reply",
+    "OpenedReply",
     "Surb",
     "SurbBook",
     "SurbSecrets",
@@ -106,7 +106,7 @@ class SurbSecrets:
 
 
 @dataclass(frozen=True, slots=True)
-class Reply:
+class OpenedReply:
     """A reply opened by its SURB's maker."""
 
     surb_id: bytes
@@ -175,7 +175,7 @@ class SurbBook:
             raise LocalProtocolError(f"{self.max_open} SURBs await replies; no room for more")
         self._open[secrets.surb_id] = (secrets, expires_at)
 
-    def open(self, surb_id: bytes, payload: bytes, now: float) -> Reply | Drop:
+    def open(self, surb_id: bytes, payload: bytes, now: float) -> OpenedReply | Drop:
         """Read the reply delivered as :class:`~.events.DeliverReply`; the SURB is used up
         whatever the outcome."""
         entry = self._open.pop(surb_id, None)
@@ -187,7 +187,7 @@ class SurbBook:
         plain = lioness_decrypt(_reply_lioness_key(secrets.reply_key), payload)
         if plain[:AUTHENTICATOR_SIZE] != bytes(AUTHENTICATOR_SIZE):
             return Drop(DropReason.BAD_PAYLOAD, "reply authenticator is not zero")
-        return Reply(surb_id, plain[AUTHENTICATOR_SIZE:])
+        return OpenedReply(surb_id, plain[AUTHENTICATOR_SIZE:])
 
     def expire(self, now: float) -> int:
         """Forget SURBs whose time is over; returns how many."""

@@ -17,9 +17,9 @@ from meshfed.onion import (
     Drop,
     DropReason,
     Forward,
+    OpenedReply,
     Relay,
     ReplayCache,
-    Reply,
     Surb,
     SurbBook,
     build_surb,
@@ -63,7 +63,7 @@ def test_a_reply_on_a_surb_reaches_its_maker_with_its_body(
     assert trace.seen[-1][0] == mesh.nodes[SENDER].peer
     assert [len(packet) for _, packet in trace.seen] == [PACKET_SIZE] * (relays + 1)
     reply = book.open(trace.action.surb_id, trace.action.payload, NOW)
-    assert reply == Reply(trace.action.surb_id, body + bytes(BODY_SIZE - len(body)))
+    assert reply == OpenedReply(trace.action.surb_id, body + bytes(BODY_SIZE - len(body)))
 
 
 def test_a_reply_opens_only_at_its_maker() -> None:
@@ -85,7 +85,7 @@ def test_a_reply_opens_only_at_its_maker() -> None:
     assert SurbBook().open(trace.action.surb_id, trace.action.payload, NOW) == Drop(
         DropReason.UNKNOWN_SURB
     )
-    assert isinstance(book.open(trace.action.surb_id, trace.action.payload, NOW), Reply)
+    assert isinstance(book.open(trace.action.surb_id, trace.action.payload, NOW), OpenedReply)
 
 
 def test_a_surb_used_twice_is_dropped_at_the_first_relay() -> None:
@@ -102,7 +102,7 @@ def test_a_surb_used_twice_is_dropped_by_its_maker_even_if_every_relay_forgot() 
     surb, book = _surb(mesh, [1, 2])
     first = _reply(mesh, surb, b"first")
     assert isinstance(first.action, DeliverReply)
-    assert isinstance(book.open(first.action.surb_id, first.action.payload, NOW), Reply)
+    assert isinstance(book.open(first.action.surb_id, first.action.payload, NOW), OpenedReply)
 
     _forget_replays(mesh, [1, 2, 3])  # relays restarted without their caches
     assert _reply(mesh, surb, b"second").action == Drop(DropReason.REPLAYED)
