@@ -195,9 +195,12 @@ def build_header(
 
     Raises:
         LocalProtocolError: the path is empty or too long, the epoch is out of range, a delay
-            is out of range, or an onion key is malformed or of low order.
+            is out of range, an onion key is malformed or of low order, or ``last_slot`` is
+            not :data:`SLOT_SIZE` bytes.
     """
     _check_path(path, epoch)
+    if len(last_slot) != SLOT_SIZE:
+        raise LocalProtocolError(f"a slot has {SLOT_SIZE} bytes, not {len(last_slot)}")
     alphas, keys = _hop_secrets(path, random_bytes(GROUP_ELEMENT_SIZE))
     n = len(path)
     streams = [stream_xor(k.header_stream, bytes(ROUTING_SIZE + SLOT_SIZE)) for k in keys]

@@ -30,7 +30,9 @@ class ReplayCache:
 
     Args:
         max_tags_per_epoch: beyond this, :meth:`add` refuses (the packet is dropped rather than
-            a tag forgotten, which would let a replay through). 16 bytes per tag.
+            a tag forgotten, which would let a replay through). A tag costs about 90 bytes of
+            memory here and 16 in a dump; size it as the relay's packet rate cap times
+            ``period + 2 * grace``.
     """
 
     def __init__(self, *, max_tags_per_epoch: int = 1_000_000) -> None:
