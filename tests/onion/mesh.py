@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from meshfed.identity import Identity, PeerId
 from meshfed.onion import (
@@ -48,8 +48,8 @@ class Trace:
     """What happened to one packet: the final action, and each hop's received packet."""
 
     action: RelayAction
-    seen: list[tuple[PeerId, bytes]] = field(default_factory=list)
-    forwards: list[Forward] = field(default_factory=list)
+    seen: list[tuple[PeerId, bytes]]
+    forwards: list[Forward]
 
 
 class Mesh:
@@ -74,16 +74,16 @@ class Mesh:
     ) -> Trace:
         """Carry ``out`` until a hop does anything but forward; ``tamper(hop_number, packet)``
         may rewrite the packet on its way into each hop (hop numbers from 0)."""
-        trace = Trace(action=Forward(out.first_hop, out.packet, 0.0, 0, b""))
+        seen: list[tuple[PeerId, bytes]] = []
+        forwards: list[Forward] = []
         to, packet = out.first_hop, out.packet
         for hop_number in range(16):
             if tamper is not None:
                 packet = tamper(hop_number, packet)
-            trace.seen.append((to, packet))
+            seen.append((to, packet))
             action = self.by_peer[to].relay.process(packet, now)
-            trace.action = action
             if not isinstance(action, Forward):
-                return trace
-            trace.forwards.append(action)
+                return Trace(action, seen, forwards)
+            forwards.append(action)
             to, packet = action.next_hop, action.packet
         raise AssertionError("the packet looped")
