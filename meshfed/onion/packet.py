@@ -136,11 +136,6 @@ class Peeled:
     payload: bytes
 
     @property
-    def is_forward(self) -> bool:
-        """The packet goes on to ``next_hop``."""
-        return self.command == _FORWARD
-
-    @property
     def is_reply(self) -> bool:
         """The packet ends here as a reply on the SURB ``surb_id``."""
         return self.command == _DELIVER_REPLY
