@@ -1,0 +1,168 @@
+"""What Sphinx packets cost, next to a plain one-shot X25519 + ChaCha20-Poly1305 seal of the
+same body measured in the same run (no network: the cores alone, on one core).
+
+Prints one JSON line:
+
+- ``packet_size``, ``body_size``, ``overhead_bytes`` (packet minus body) and
+  ``seal_overhead_bytes`` (ephemeral key + tag), ``size_ratio`` (packet / sealed body);
+- ``build_per_s`` and ``build_ms``: packets built for a path of ``--hops`` (4: three relays
+  and the destination, the ``high`` level); ``seal_per_s``: plain seals of one body;
+  ``build_ratio``: seal rate / build rate;
+- ``relay_packets_per_s`` and ``relay_overhead_ms``: packets one relay core peels and
+  forwards (an intermediate hop: MAC, replay check, routing, Lioness, blinding);
+  ``deliver_per_s``: peels at the destination; ``open_per_s``: plain opens of one body;
+  ``relay_ratio``: open rate / relay rate;
+- ``surb_reply_per_s``: replies built on a SURB and opened by its maker (the relays' work not
+  included).
+
+Usage: python benchmarks/onion.py [--packets 2000] [--hops 4] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from meshfed.identity import Identity
+from meshfed.onion import (
+    BODY_SIZE,
+    PACKET_SIZE,
+    Deliver,
+    DeliverReply,
+    EpochSchedule,
+    Forward,
+    Hop,
+    KeyRing,
+    OpenedReply,
+    Relay,
+    ReplayCache,
+    SurbBook,
+    build_packet,
+    build_surb,
+    packet_from_surb,
+)
+
+NOW = 1_765_000_000.0
+SCHEDULE = EpochSchedule()
+EPOCH = SCHEDULE.epoch_at(NOW)
+_RAW = (Encoding.Raw, PublicFormat.Raw)
+T = TypeVar("T")
+
+
+def _rate(count: int, action: Callable[[int], T]) -> tuple[float, list[T]]:
+    """Calls per second of ``action(0) ... action(count - 1)``, and what they returned."""
+    results = []
+    start = time.perf_counter()
+    for i in range(count):
+        results.append(action(i))
+    return count / (time.perf_counter() - start), results
+
+
+def _node() -> tuple[Identity, KeyRing]:
+    ring = KeyRing(SCHEDULE)
+    ring.install(EPOCH, os.urandom(32))
+    return Identity.generate(), ring
+
+
+def _seal(recipient: bytes, body: bytes) -> bytes:
+    ephemeral = X25519PrivateKey.generate()
+    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient))
+    key = HKDF(algorithm=SHA256(), length=32, salt=None, info=b"bench").derive(shared)
+    public = ephemeral.public_key().public_bytes(*_RAW)
+    return public + ChaCha20Poly1305(key).encrypt(bytes(12), body, None)
+
+
+def _open(secret: X25519PrivateKey, sealed: bytes) -> bytes:
+    shared = secret.exchange(X25519PublicKey.from_public_bytes(sealed[:32]))
+    key = HKDF(algorithm=SHA256(), length=32, salt=None, info=b"bench").derive(shared)
+    return ChaCha20Poly1305(key).decrypt(bytes(12), sealed[32:], None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--packets", type=int, default=2000)
+    parser.add_argument("--hops", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="200 packets")
+    args = parser.parse_args()
+    count = 200 if args.quick else args.packets
+
+    nodes = [_node() for _ in range(max(args.hops, 2))]
+    path = [Hop(ident.peer_id, ring.public_key(EPOCH)) for ident, ring in nodes[: args.hops]]
+    body = os.urandom(BODY_SIZE)
+
+    build_rate, built = _rate(
+        count, lambda _: build_packet(path, body, epoch=EPOCH, random_bytes=os.urandom).packet
+    )
+    relay = Relay(nodes[0][1], ReplayCache())
+    relay_rate, forwards = _rate(count, lambda i: relay.process(built[i], NOW))
+    assert all(isinstance(action, Forward) for action in forwards)
+
+    one_hop = [Hop(nodes[1][0].peer_id, nodes[1][1].public_key(EPOCH))]
+    final = [
+        build_packet(one_hop, body, epoch=EPOCH, random_bytes=os.urandom).packet
+        for _ in range(count)
+    ]
+    destination = Relay(nodes[1][1], ReplayCache())
+    deliver_rate, delivered = _rate(count, lambda i: destination.process(final[i], NOW))
+    assert all(isinstance(action, Deliver) for action in delivered)
+
+    secret = X25519PrivateKey.generate()
+    recipient = secret.public_key().public_bytes(*_RAW)
+    seal_rate, sealed = _rate(count, lambda _: _seal(recipient, body))
+    open_rate, opened = _rate(count, lambda i: _open(secret, sealed[i]))
+    assert opened == [body] * count
+
+    maker = Relay(nodes[0][1], ReplayCache())
+    back = [Hop(nodes[0][0].peer_id, nodes[0][1].public_key(EPOCH))]
+    book = SurbBook(max_open=count)
+    surbs = []
+    for _ in range(count):
+        surb, secrets = build_surb(back, epoch=EPOCH, random_bytes=os.urandom)
+        book.add(secrets, expires_at=SCHEDULE.retires_at(EPOCH))
+        surbs.append(surb)
+
+    def reply(i: int) -> None:
+        action = maker.process(packet_from_surb(surbs[i], body).packet, NOW)
+        assert isinstance(action, DeliverReply)
+        assert isinstance(book.open(action.surb_id, action.payload, NOW), OpenedReply)
+
+    surb_rate, _ = _rate(count, reply)
+
+    sealed_size = len(sealed[0])
+    print(
+        json.dumps(
+            {
+                "packets": count,
+                "hops": args.hops,
+                "packet_size": PACKET_SIZE,
+                "body_size": BODY_SIZE,
+                "overhead_bytes": PACKET_SIZE - BODY_SIZE,
+                "seal_overhead_bytes": sealed_size - BODY_SIZE,
+                "size_ratio": round(PACKET_SIZE / sealed_size, 3),
+                "build_per_s": round(build_rate),
+                "build_ms": round(1000 / build_rate, 3),
+                "seal_per_s": round(seal_rate),
+                "build_ratio": round(seal_rate / build_rate, 2),
+                "relay_packets_per_s": round(relay_rate),
+                "relay_overhead_ms": round(1000 / relay_rate, 3),
+                "deliver_per_s": round(deliver_rate),
+                "open_per_s": round(open_rate),
+                "relay_ratio": round(open_rate / relay_rate, 2),
+                "surb_reply_per_s": round(surb_rate),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
