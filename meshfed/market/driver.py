@@ -54,7 +54,6 @@ from ..identity import PeerId
 from ..membership.records import Capabilities, PeerRecord
 from ..membership.swim import MemberState
 from ..stats import RejectReason
-from ..training.roster import RosterChange
 from ..wire import Envelope
 from .journal import Journal, decode_message, encode_message
 from .lease import (
@@ -554,6 +553,8 @@ class Market:
         except ConfigError as exc:  # the buyer's job is bad: the lease's end
             events("job_failed", {"job_id": start.job, "error": failure_reason(exc)})
             return
+        from ..training.roster import RosterChange
+
         joining = None
         if start.units < spec.rounds:  # a replacement: it joins the running job
             joining = RosterChange(
@@ -1162,6 +1163,8 @@ class Market:
 def _change_roster(peer: TrainingPeer, change: ChangeRoster) -> None:
     """Hand the buyer's signed roster change to the running training (rounds are 1-based in
     the market, 0-based in training: a change from the market's round r plans round r - 1)."""
+    from ..training.roster import RosterChange
+
     roster = tuple(str(member) for member in change.roster)
     try:
         peer.change_roster(

@@ -96,7 +96,7 @@ from .messages import (
 from .reputation import PeerEvent
 from .terms import Tier, WorkKind
 from .tiers import scoring_for
-from .verification import AskProof, Decision, Late, Pay, Verifier
+from .verification import AskProof, Late, Pay, Verdict, Verifier
 
 __all__ = [
     "LeaseAction",
@@ -849,7 +849,7 @@ class BuyerJob:
         )
 
     def _decided(
-        self, decisions: list[Decision], answering: tuple[PeerId, int] | None
+        self, decisions: list[Verdict], answering: tuple[PeerId, int] | None
     ) -> list[LeaseAction]:
         """The actions the verifier's ``decisions`` call for; the answer to the note being
         received (``answering``: its seller and unit) is a reply, any other a request."""

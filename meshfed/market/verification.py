@@ -46,7 +46,7 @@ from .messages import DIGEST_BYTES, RefusalReason, Verification
 
 __all__ = [
     "AskProof",
-    "Decision",
+    "Verdict",
     "Late",
     "Pay",
     "Refuse",
@@ -120,7 +120,7 @@ class Late:
     unit: int
 
 
-Decision = Pay | Refuse | AskProof | Late
+Verdict = Pay | Refuse | AskProof | Late
 
 
 @dataclass(slots=True)
@@ -181,7 +181,7 @@ class Verifier:
         expires_at: float,
         now: float,
         expected: Callable[[int], int],
-    ) -> list[Decision]:
+    ) -> list[Verdict]:
         """``seller`` notes ``unit`` with ``evidence`` (its note valid until ``expires_at``);
         ``expected(unit)`` is how many sellers are expected to note it.
 
@@ -192,7 +192,7 @@ class Verifier:
             raise LocalProtocolError(f"{seller} noted unit {unit} before (or not a digest)")
         deadline = min(now + self.terms.window_s, (now + expires_at) / 2)
         group = self._units.setdefault(self._group(seller, unit), _Unit(deadline))
-        decisions: list[Decision] = []
+        decisions: list[Verdict] = []
         if now > group.deadline:
             decisions.append(Late(seller, unit))
         if not group.closed:
@@ -203,7 +203,7 @@ class Verifier:
             decisions.append(AskProof(seller, unit, evidence, deadline))
         return decisions + self._judge(group, unit, now, expected)
 
-    def proof(self, seller: PeerId, unit: int, ok: bool, now: float) -> list[Decision]:
+    def proof(self, seller: PeerId, unit: int, ok: bool, now: float) -> list[Verdict]:
         """The spot check of ``seller``'s note for ``unit`` passed (``ok``) or failed. An
         outcome after the verdict changes nothing.
 
@@ -219,10 +219,10 @@ class Verifier:
         group = self._units[self._group(seller, unit)]
         return self._judge(group, unit, now, _none)
 
-    def expire(self, now: float, expected: Callable[[int], int]) -> list[Decision]:
+    def expire(self, now: float, expected: Callable[[int], int]) -> list[Verdict]:
         """Deadlines up to ``now`` passed: units without a verdict are judged by the deadline
         rule, proofs not in are failed."""
-        decisions: list[Decision] = []
+        decisions: list[Verdict] = []
         for (unit, _), group in sorted(self._units.items()):
             due = not group.closed and group.deadline <= now
             for claim in group.claims.values():
@@ -232,10 +232,10 @@ class Verifier:
                 decisions += self._judge(group, unit, now, expected)
         return decisions
 
-    def close(self, now: float) -> list[Decision]:
+    def close(self, now: float) -> list[Verdict]:
         """The job settles: every unit without a verdict is judged by the deadline rule now,
         and a note still waiting for its proof is judged without it."""
-        decisions: list[Decision] = []
+        decisions: list[Verdict] = []
         for (unit, _), group in sorted(self._units.items()):
             decisions += self._judge(group, unit, now, _none, final=True)
         return decisions
@@ -268,17 +268,17 @@ class Verifier:
         expected: Callable[[int], int],
         *,
         final: bool = False,
-    ) -> list[Decision]:
+    ) -> list[Verdict]:
         """Decide ``group``'s verdict if it can be decided now, then every claim it settles."""
         if not group.closed:
             self._verdict(group, unit, expected, final=final or group.deadline <= now)
         waits_proof = not final  # settling: a proof still out is not waited for
-        decisions: list[Decision] = []
+        decisions: list[Verdict] = []
         agreed = group.agreed or b""
         for seller, claim in sorted(group.claims.items(), key=lambda kv: kv[0].raw):
             if claim.done:
                 continue
-            decision: Decision
+            decision: Verdict
             if claim.proof is False:
                 decision = Refuse(seller, unit, RefusalReason.PROOF, agreed)
             elif not group.closed or (claim.spot and claim.proof is None and waits_proof):
