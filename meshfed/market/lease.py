@@ -1163,22 +1163,13 @@ class SellerBook:
             if lease.ended:
                 continue
             if lease.settle is not None and lease.settle.expires_ms < now_ms:
-                receipt = lease.close(lease.settle)  # the acks it promised never came
+                actions += self._unpaid(job, lease)  # the acks it promised never came
+                receipt = lease.close(lease.settle)
                 actions += [SendRequest(lease.buyer, receipt), JobEnded(job, lease.settle.reason)]
                 continue
             if any(note.expires_ms < now_ms for note in lease.outbox):
-                claimed = lease.outbox
-                for note in claimed:  # the claim stands for them: no late ack is taken
-                    del lease.notes[note.unit]
-                lease.ended = True
-                actions.append(
-                    Forfeit(
-                        job,
-                        lease.buyer,
-                        tuple(note.unit for note in claimed),
-                        sum(note.amount for note in claimed),
-                    )
-                )
+                lease.ended = True  # the claim stands for its notes: no late ack is taken
+                actions += self._unpaid(job, lease)
                 actions.append(JobEnded(job, SettleReason.FORFEIT.value))
                 continue
             if lease.settle is not None:
@@ -1194,6 +1185,18 @@ class SellerBook:
         if wake:
             actions.append(WakeAt(min(wake)))
         return actions
+
+    @staticmethod
+    def _unpaid(job: str, lease: _SellerLease) -> list[LeaseAction]:
+        """The lease ends with notes neither paid nor refused: claim them (a buyer that settles
+        owes them still; they are not sent again)."""
+        claimed = lease.outbox
+        if not claimed:
+            return []
+        for note in claimed:
+            del lease.notes[note.unit]
+        units = tuple(note.unit for note in claimed)
+        return [Forfeit(job, lease.buyer, units, sum(note.amount for note in claimed))]
 
     # -------------------------------------------------------------------------- quotes
 
@@ -1407,8 +1410,13 @@ class SellerBook:
         check_fresh(settle, _ms(now))
         lease.settle = settle
         if lease.ended or lease.totals() >= (settle.units, settle.amount):
-            # over already (forfeited), or every unit the buyer says it paid is acknowledged
-            done = [] if lease.ended else [JobEnded(settle.job, settle.reason)]
+            # over already (forfeited), or every unit the buyer says it paid is acknowledged;
+            # notes it settled without paying are claimed
+            done = (
+                []
+                if lease.ended
+                else [*self._unpaid(settle.job, lease), JobEnded(settle.job, settle.reason)]
+            )
             return [Reply(lease.close(settle)), *done]
         # acknowledgements the buyer sent are still on their way: receipt once they are in
         return [WakeAt(settle.expires_ms / 1000 + 0.001)]

@@ -417,6 +417,24 @@ def test_a_buyer_away_beyond_the_forfeit_term_forfeits() -> None:
     assert not m.trace.earns()
 
 
+def test_notes_a_buyer_settles_without_paying_are_claimed_not_dropped() -> None:
+    """The buyer cancels while a round's note is on its way (lost): the seller's receipt
+    says what it was paid, and the note it was not paid for is claimed (forfeited), never
+    silently forgotten."""
+    m = market()
+    m.post()
+    m.work(1)  # unit 1 noted and paid
+    seller = sorted(m.training, key=lambda p: p.raw)[0]
+    m.call(seller, "round_done", JOB, 2, bytes([2]) * 32, m.now)
+    m.queue.clear()  # unit 2's note is lost
+    m.finish(SettleReason.CANCELLED)
+    award = m.job.award_to(seller)
+    assert award is not None
+    claims = [a for who, a in m.trace.actions if who == seller and isinstance(a, Forfeit)]
+    assert claims == [Forfeit(JOB, m.buyer, (2,), award.price)]
+    assert seller in m.ended and m.books[seller].outbox() == []  # not resent
+
+
 # ----------------------------------------------------------------------- attacks
 
 
