@@ -997,8 +997,11 @@ class Market:
                 )  # fmt: skip
                 self._forget_state(action.job, action.unit)
             elif isinstance(action, Forfeit):
+                # every note of a lease is for the same price: the claim splits evenly (any
+                # remainder on the last unit, so the books hold the claim to the micro-credit)
+                each, rest = divmod(action.amount, len(action.units))
                 for unit in action.units:
-                    share = action.amount // len(action.units)
+                    share = each + (rest if unit == action.units[-1] else 0)
                     await self._store_call(
                         self.ledger.forfeit, action.job, action.buyer, unit, share,
                         evidence=evidence,
