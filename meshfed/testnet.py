@@ -40,8 +40,11 @@ from rich.table import Table
 from .config import NodeConfig
 from .data.registry import open_registry
 from .errors import MeshfedError
-from .identity import Identity
+from .identity import Identity, load_or_create_identity
+from .market.ledger import Ledger
 from .market.terms import credits
+from .node import STORE_KEY_PURPOSE
+from .store import Store
 from .training.data import OwnData
 from .training.job import JobSpec
 from .training.preflight import prepare
@@ -304,13 +307,18 @@ def _make_job(
 
 
 def _ledgers(workdir: Path, names: list[str]) -> dict[str, dict[str, int]]:
-    """Each node's accounts, read from its store by ``meshfed-node ledger --json``."""
+    """Each node's accounts, read from its store (read-only, under its key) after it stopped
+    (empty for a node without a store)."""
     ledgers = {}
     for name in names:
-        command = [sys.executable, "-m", "meshfed.cli", "ledger", "--json"]
-        command += ["--data-dir", str(workdir / name)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        ledgers[name] = json.loads(done.stdout) if done.returncode == 0 else {}
+        data_dir = workdir / name
+        path = NodeConfig.load(overrides={"data_dir": data_dir}).store_path
+        if path is None or not path.exists():
+            ledgers[name] = {}
+            continue
+        key = load_or_create_identity(data_dir).derive_key(STORE_KEY_PURPOSE)
+        with Store.open(path, key=key, readonly=True) as store:
+            ledgers[name] = Ledger(store).accounts()
     return ledgers
 
 
