@@ -313,23 +313,27 @@ class Market:
         self._journal_error: MeshfedError | None = None
         self._seller_wake = trio.Event()
         self._seller_at = float("inf")
+        #: set once the journal is replayed: requests that came before wait for it
+        self._replayed = trio.Event()
 
     # -- the service ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Sell and buy until cancelled: first the journal is replayed (the leases and jobs of
-        before a restart come back and go on), then the market's messages are answered."""
+        before a restart come back and go on), then the market's messages are answered (those
+        that come meanwhile wait for the replay, within their senders' deadlines)."""
         await self._store_call(self.ledger.grant, self.config.grant, key=_GRANT_KEY, memo="start")
+        for message_type in _SELLER_MESSAGES:
+            self.node.handle(message_type, self._as_seller)
+        self.node.handle(DebitNote, self._as_buyer)
+        self.node.on_array(self._on_proof, prefix=_PROOF_PREFIX)
+        self.node.handle(JobStatusQuery, self._status_query)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._journal_writer)
             await self._replay()
             await self.publish_asks()
-            for message_type in _SELLER_MESSAGES:
-                self.node.handle(message_type, self._as_seller)
-            self.node.handle(DebitNote, self._as_buyer)
-            self.node.on_array(self._on_proof, prefix=_PROOF_PREFIX)
-            self.node.handle(JobStatusQuery, self._status_query)
+            self._replayed.set()
             nursery.start_soon(self._seller_timer)
             if self.node.device is not None:
                 nursery.start_soon(self._follow_device, self.node.device)
@@ -517,6 +521,7 @@ class Market:
     # -- seller --------------------------------------------------------------------------------
 
     async def _as_seller(self, envelope: Envelope, message: MarketMessage) -> MarketMessage | None:
+        await self._replayed.wait()
         if isinstance(message, Rfq | Award):  # answered with the offer as it is now
             await self._offer_changed()
         actions = await self._received(_SELLER, envelope, message)
@@ -637,6 +642,7 @@ class Market:
 
     async def _on_proof(self, envelope: Envelope, header: ArrayHeader, array: Any) -> None:
         """A seller's proof for a spot check we asked for: judge it."""
+        await self._replayed.wait()
         job_hex, _, unit_text = header.name.removeprefix(_PROOF_PREFIX).partition(":")
         try:
             job, unit = bytes.fromhex(job_hex).decode(), int(unit_text)
@@ -771,6 +777,7 @@ class Market:
         return membership.peers()
 
     async def _as_buyer(self, envelope: Envelope, message: MarketMessage) -> MarketMessage | None:
+        await self._replayed.wait()
         handle = self.jobs.get(message.job)
         if handle is None:
             raise RemoteProtocolError(
@@ -876,6 +883,7 @@ class Market:
     # -- status --------------------------------------------------------------------------------
 
     async def _status_query(self, envelope: Envelope, query: JobStatusQuery) -> JobStatusReport:
+        await self._replayed.wait()
         report = self.local_status(query.job)
         if report is None:
             raise RemoteProtocolError(
