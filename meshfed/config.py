@@ -76,6 +76,8 @@ class NodeConfig:
         relay_packets_per_s: onion packets this node relays per second at most, as a relay
             (those beyond are dropped and counted as ``relay_cap``).
         relay_bytes_per_day: onion packet bytes this node relays per UTC day at most (0: none).
+        onion_distinct_prefixes: never put two relays of one /24 (IPv4) or /48 (IPv6) on a
+            path; turn off only where every relay shares one (a LAN, one host).
         onion_mean_delay_ms: the mean per-hop delay of ``ultra`` requests (exponential, drawn
             by the sender for every hop; at most 60,000 ms a hop).
         onion_cover_per_s: loop cover packets per second once this node made an ``ultra``
@@ -113,6 +115,7 @@ class NodeConfig:
     api: str = "127.0.0.1:0"
     relay_packets_per_s: float = 200.0
     relay_bytes_per_day: int = 10 * 1024**3
+    onion_distinct_prefixes: bool = True
     onion_mean_delay_ms: float = 50.0
     onion_cover_per_s: float = 0.5
     device: DeviceConfig = field(default_factory=DeviceConfig)

@@ -85,6 +85,7 @@ OnionHandler = Callable[[Any], Awaitable[Message]]
 """``handler(body) -> answer``: serves a request whose sender is unknown."""
 
 _DAY_S = 86_400
+_RESEND_AFTER_S = 0.1
 
 
 class Privacy(enum.StrEnum):
@@ -114,6 +115,8 @@ class OnionSettings:
     relay: bool = False
     relay_packets_per_s: float = 200.0
     relay_bytes_per_day: int = 10 * 1024**3
+    #: at most one relay per /24 (/48) on a path
+    distinct_prefixes: bool = True
     mean_delay_ms: float = 50.0
     cover_per_s: float = 0.5
     #: packets waiting out their delay or being sent on, at once
@@ -131,6 +134,7 @@ class OnionSettings:
             relay=Role.RELAY.value in config.roles,
             relay_packets_per_s=config.relay_packets_per_s,
             relay_bytes_per_day=config.relay_bytes_per_day,
+            distinct_prefixes=config.onion_distinct_prefixes,
             mean_delay_ms=config.onion_mean_delay_ms,
             cover_per_s=config.onion_cover_per_s,
         )
@@ -362,13 +366,17 @@ class OnionService:
             self._forwarding -= 1
 
     async def _send(self, peer: PeerId, packet: bytes, failure: str) -> bool:
-        try:
-            await self.node.send(peer, OnionPacket(packet))
-        except MeshfedError as exc:
-            self.node.stats.onion[failure] += 1
-            log.debug("onion packet not sent", extra={"why": str(exc)})
-            return False
-        return True
+        """Hand ``packet`` to ``peer``, trying twice (a second copy that arrives is dropped
+        there as a replay, so a retry never duplicates)."""
+        for retry in (False, True):
+            try:
+                await self.node.send(peer, OnionPacket(packet))
+                return True
+            except MeshfedError as exc:
+                log.debug("onion packet not sent", extra={"why": str(exc), "retry": retry})
+                await trio.sleep(_RESEND_AFTER_S)
+        self.node.stats.onion[failure] += 1
+        return False
 
     def _delivered(self, action: Deliver, now: float) -> None:
         self.node.stats.onion["delivered"] += 1
@@ -596,7 +604,12 @@ class OnionService:
         for record in membership.peers(PeerQuery(role=Role.RELAY)):
             key = self._record_key(record, epoch)
             if key is not None:
-                found.append(RelayCandidate(record.peer, key, address_prefixes(record.addrs)))
+                prefixes = (
+                    address_prefixes(record.addrs)
+                    if self.settings.distinct_prefixes
+                    else frozenset()
+                )
+                found.append(RelayCandidate(record.peer, key, prefixes))
         return found
 
     def _onion_key(self, peer: PeerId, epoch: int) -> bytes | None:
