@@ -170,6 +170,8 @@ class OnionService:
     def __init__(self, node: Node, settings: OnionSettings) -> None:
         self.node = node
         self.settings = settings
+        #: the wall clock epochs and expiries are read from (a test may move it)
+        self.clock: Callable[[], float] = time.time
         self.schedule = settings.schedule
         self.ring = KeyRing(self.schedule)
         self.replay = ReplayCache()
@@ -204,7 +206,7 @@ class OnionService:
         """Restore keys and replay tags from the store, make the keys still missing, publish
         them, and serve until cancelled."""
         await self._restore()
-        await self._maintain()
+        await self.maintain()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._maintain_loop)
@@ -213,7 +215,7 @@ class OnionService:
     async def _restore(self) -> None:
         if self._keystore is None:
             return
-        now = time.time()
+        now = self.clock()
         secrets = await trio.to_thread.run_sync(self._keystore.secrets)
         retired = [e for e in secrets if now >= self.schedule.retires_at(e)]
         for epoch, secret in secrets.items():
@@ -230,11 +232,12 @@ class OnionService:
     async def _maintain_loop(self) -> None:
         while True:
             await trio.sleep(self.settings.maintain_every_s)
-            await self._maintain()
+            await self.maintain()
 
-    async def _maintain(self) -> None:
-        """Make the keys wanted now, retire old epochs, publish, expire old state."""
-        now = time.time()
+    async def maintain(self) -> None:
+        """Make the keys wanted now, retire old epochs (their keys and tags erased from the
+        store), publish the keys, expire old state. Runs every ``maintain_every_s``."""
+        now = self.clock()
         wanted = self.ring.wanted(now)
         for epoch in wanted:
             secret = os.urandom(32)
@@ -261,7 +264,7 @@ class OnionService:
 
     def own_keys(self) -> list[OnionKey]:
         """This node's signed onion keys of the current and later epochs (for its record)."""
-        current = self.schedule.epoch_at(time.time())
+        current = self.schedule.epoch_at(self.clock())
         identity = self.node.identity
         keys = []
         for epoch in self.ring.epochs:
@@ -303,7 +306,7 @@ class OnionService:
         await self._accept(body.packet)
 
     async def _accept(self, packet: bytes) -> None:
-        now = time.time()
+        now = self.clock()
         action = self.relay.process(packet, now)
         if isinstance(action, Drop):
             self._drop(action.reason.value, action.reason.counted_as)
@@ -370,6 +373,7 @@ class OnionService:
         there as a replay, so a retry never duplicates)."""
         for retry in (False, True):
             try:
+                await self._reach(peer)
                 await self.node.send(peer, OnionPacket(packet))
                 return True
             except MeshfedError as exc:
@@ -377,6 +381,19 @@ class OnionService:
                 await trio.sleep(_RESEND_AFTER_S)
         self.node.stats.onion[failure] += 1
         return False
+
+    async def _reach(self, peer: PeerId) -> None:
+        """Dial ``peer`` at the addresses of its record unless connected already."""
+        membership = self.node.membership
+        if membership is None or peer in self.node.transport.connected_peers():
+            return
+        record = membership.table.get(peer)
+        for addr in [] if record is None else record.addrs:
+            try:
+                await self.node.connect(addr)
+                return
+            except MeshfedError:
+                continue
 
     def _delivered(self, action: Deliver, now: float) -> None:
         self.node.stats.onion["delivered"] += 1
@@ -434,7 +451,7 @@ class OnionService:
             else:
                 await self._answer(served.reply, surbs)
             return
-        served = self._served[request.request_id] = _Served(time.time())
+        served = self._served[request.request_id] = _Served(self.clock())
         while len(self._served) > self.settings.remember:
             self._served.popitem(last=False)
         self.node.stats.onion["requests_served"] += 1
@@ -507,6 +524,7 @@ class OnionService:
             raise ConfigError(f"reply_packets: 1..{MAX_REPLY_PACKETS}, got {reply_packets}")
         timeout = self.node.config.request_timeout_s if within is None else within
         if level is Privacy.LOW:
+            await self._reach(peer)
             return (await self.node.request(peer, message, within=timeout)).body
         if level is Privacy.ULTRA:
             self._start_cover()
@@ -540,7 +558,7 @@ class OnionService:
         avoid: set[PeerId] | None = None,
     ) -> list[PeerId]:
         """Build fresh paths and send the request once; returns the relays used."""
-        now = time.time()
+        now = self.clock()
         epoch = self.schedule.epoch_at(now)
         destination = self._onion_key(peer, epoch)
         if destination is None:
@@ -642,7 +660,7 @@ class OnionService:
         one that returns also tells path selection its relays work."""
         while True:
             await trio.sleep(self._rng.expovariate(self.settings.cover_per_s))
-            now = time.time()
+            now = self.clock()
             epoch = self.schedule.epoch_at(now)
             try:
                 relays = self._pick(
