@@ -48,6 +48,7 @@ from ..errors import (
 )
 from ..identity import PeerId
 from ..membership.records import OnionKey, PeerQuery, PeerRecord, Role
+from ..membership.swim import MemberState
 from ..ratelimit import TokenBuckets
 from ..stats import RejectReason
 from ..wire import Envelope, Message
@@ -620,6 +621,8 @@ class OnionService:
             return []
         found = []
         for record in membership.peers(PeerQuery(role=Role.RELAY)):
+            if membership.swim.state(record.peer) is not MemberState.ALIVE:
+                continue  # a suspect relay may be down: a path through it would be lost
             key = self._record_key(record, epoch)
             if key is not None:
                 prefixes = (
