@@ -78,7 +78,8 @@ def test_eight_processes_route_privately_and_survive_a_killed_relay(tmp_path: Pa
         assert stats["onion"]["requests_repeated"] >= 1
         dest.stop()
 
-        # nothing the destination keeps names the sender
+        # nothing the destination keeps names the sender (logging at info: at debug the
+        # transport logs every connection, and gossip connects every pair of peers)
         sender = ids["alice"]
         address = alice_addr.split("/p2p/")[0]
         store_bytes = b"".join(p.read_bytes() for p in (tmp_path / "dest").glob("store.sqlite3*"))
