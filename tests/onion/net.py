@@ -104,7 +104,11 @@ def knows_keys(node: Node, others: list[Node]) -> bool:
 
 @asynccontextmanager
 async def onion_mesh(
-    tmp_path: Path, relays: int, *, relay_overrides: dict[str, Any] | None = None
+    tmp_path: Path,
+    relays: int,
+    *,
+    relay_overrides: dict[str, Any] | None = None,
+    sender_overrides: dict[str, Any] | None = None,
 ) -> AsyncIterator[Mesh]:
     """``relays`` relays (``r0`` ...), a sender ``alice`` and a destination ``dest`` that
     answers :class:`Text` requests (noting them in ``mesh.served``), with full views."""
@@ -114,10 +118,11 @@ async def onion_mesh(
             extra = {"bootstrap": mesh.bootstrap()} if i else {}
             config = config_for(tmp_path, f"r{i}", relay=True, **extra, **(relay_overrides or {}))
             await mesh.start(config, f"r{i}")
-        for name in ("dest", "alice"):
-            await mesh.start(
-                config_for(tmp_path, name, relay=False, bootstrap=mesh.bootstrap()), name
+        for name, overrides in (("dest", {}), ("alice", sender_overrides or {})):
+            config = config_for(
+                tmp_path, name, relay=False, bootstrap=mesh.bootstrap(), **overrides
             )
+            await mesh.start(config, name)
         dest = mesh.node("dest")
 
         async def echo(text: Text) -> Text:

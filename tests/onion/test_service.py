@@ -20,7 +20,7 @@ from meshfed.onion.packet import PACKET_SIZE
 from meshfed.onion.service import Privacy
 from meshfed.stats import RejectReason
 
-from .net import onion_mesh
+from .net import eventually, onion_mesh
 
 pytestmark = pytest.mark.trio
 
@@ -45,13 +45,19 @@ async def test_a_request_and_its_reply_travel_over_three_relays_each_way(tmp_pat
 
 
 async def test_each_level_answers_and_a_wrong_level_is_refused(tmp_path: Path) -> None:
-    async with onion_mesh(tmp_path, relays=3) as mesh:
+    ultra = {"onion_cover_per_s": 20.0, "onion_mean_delay_ms": 20.0}
+    async with onion_mesh(tmp_path, relays=3, sender_overrides=ultra) as mesh:
         alice, dest = mesh.node("alice"), mesh.node("dest")
         for level in Privacy:
             answer = await alice.onion_request(dest.peer_id, Text(text=level), privacy=level)
             assert answer == Text(text=f"echo:{level}")
         assert mesh.served == [str(level) for level in Privacy]
-        assert alice.stats.onion["cover_packets"] >= 0  # ultra started the cover loop
+        assert alice.stats.onion["replies"] == 3  # low is a plain request
+        await eventually(  # ultra started loop cover traffic: packets back to alice
+            lambda: alice.stats.onion["cover_returned"] >= 3, within=10, what="loops"
+        )
+        loops = alice.stats.onion["cover_packets"]
+        assert alice.stats.onion["cover_bytes"] == loops * 4 * PACKET_SIZE  # 3 relays + alice
         with pytest.raises(ConfigError):
             await alice.onion_request(dest.peer_id, Text(text="x"), privacy="secret")
 
