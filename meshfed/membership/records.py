@@ -133,9 +133,9 @@ class Capabilities:
     models: list[str] = bounded(max_len=64, default_factory=list)
     datasets: list[DatasetOffer] = bounded(max_len=64, default_factory=list)
     roles: list[str] = bounded(max_len=8, default_factory=list)
-    prices: list[PriceAsk] = bounded(max_len=8, default_factory=list)
     #: the peer's onion keys (SPEC 12): packets for it and through it are built with these
     onion_keys: list[OnionKey] = bounded(max_len=MAX_ONION_KEYS, default_factory=list)
+    prices: list[PriceAsk] = bounded(max_len=8, default_factory=list)
 
     def __post_init__(self) -> None:
         known = {role.value for role in Role}
