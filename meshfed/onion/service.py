@@ -534,9 +534,12 @@ class OnionService:
         avoid: set[PeerId] = set()
         try:
             for _ in range(attempts):
-                relays = await self._attempt(peer, message, level, request_id, reply_packets, avoid)
-                with trio.move_on_after(timeout):
-                    await waiting.done.wait()
+                relays, sent = await self._attempt(
+                    peer, message, level, request_id, reply_packets, avoid
+                )
+                if sent:
+                    with trio.move_on_after(timeout):
+                        await waiting.done.wait()
                 self.reliability.record(relays, answered=waiting.reply is not None)
                 if waiting.reply is not None:
                     return _answer_of(waiting.reply)
@@ -557,8 +560,9 @@ class OnionService:
         request_id: bytes,
         reply_packets: int,
         avoid: set[PeerId] | None = None,
-    ) -> list[PeerId]:
-        """Build fresh paths and send the request once; returns the relays used."""
+    ) -> tuple[list[PeerId], bool]:
+        """Build fresh paths and send the request once; returns the relays used and whether
+        the first hop took every packet."""
         now = self.clock()
         epoch = self.schedule.epoch_at(now)
         destination = self._onion_key(peer, epoch)
@@ -587,8 +591,8 @@ class OnionService:
         for body in fragment(encode(request), os.urandom(16)):
             out = build_packet(path, body, epoch=epoch, random_bytes=os.urandom)
             if not await self._send(out.first_hop, out.packet, "send_failed"):
-                break
-        return used
+                return used, False
+        return used, True
 
     def _pick(
         self,
