@@ -92,6 +92,19 @@ async def test_a_relay_stopped_mid_flight_makes_the_sender_retry_and_the_destina
         assert dest.stats.onion["requests_repeated"] == len(paths) - 1
 
 
+async def _hand(sender: Node, to: Node, packet: OnionPacket) -> None:
+    """Send ``packet`` to ``to`` as its previous hop would."""
+    await sender.connect(to.listen_addrs[0])
+    await sender.send(to.peer_id, packet)
+
+
+async def _relayed(relay: Node, count: int) -> None:
+    """Wait for the relay's forwarding tasks (they run after the packet was taken)."""
+    await eventually(lambda: relay.stats.onion["relayed"] == count, within=5, what="relaying")
+    await trio.sleep(0.2)
+    assert relay.stats.onion["relayed"] == count
+
+
 def _packet(path: list[Node], body: bytes = b"x") -> bytes:
     epoch = EpochSchedule().epoch_at(time.time())
     hops = []
@@ -109,15 +122,14 @@ async def test_a_replayed_packet_is_dropped_also_after_the_relay_restarts(tmp_pa
         relay = mesh.members["r1"]
         packet = _packet([relay.node, dest])
         for _ in range(2):
-            await alice.send(relay.node.peer_id, OnionPacket(packet))
-        assert relay.node.stats.onion["relayed"] == 1
+            await _hand(alice, relay.node, OnionPacket(packet))
+        await _relayed(relay.node, 1)
         assert relay.node.stats.onion["drop.replayed"] == 1
         assert relay.node.stats.rejected[RejectReason.REPLAYED] >= 1
         relay.stop()
         await relay.stopped.wait()
         restarted = await mesh.start(relay.config, "r1")
-        await alice.connect(restarted.node.listen_addrs[0])
-        await alice.send(restarted.node.peer_id, OnionPacket(packet))
+        await _hand(alice, restarted.node, OnionPacket(packet))
         assert restarted.node.stats.onion["drop.replayed"] == 1
         assert restarted.node.stats.onion["relayed"] == 0
 
@@ -131,17 +143,17 @@ async def test_a_replay_is_dropped_across_a_key_rotation_until_the_old_key_retir
         schedule = relay.onion.schedule
         packet = _packet([relay, dest])
         epoch = schedule.epoch_at(time.time())
-        await alice.send(relay.peer_id, OnionPacket(packet))
+        await _hand(alice, relay, OnionPacket(packet))
         in_grace = schedule.starts_at(epoch + 1) + schedule.grace / 2
         relay.onion.clock = lambda: in_grace
         await relay.onion.maintain()
         assert {k.epoch for k in relay.onion.own_keys()} == {epoch + 1, epoch + 2}
-        await alice.send(relay.peer_id, OnionPacket(packet))
+        await _hand(alice, relay, OnionPacket(packet))
         assert relay.stats.onion["drop.replayed"] == 1
         retired = schedule.retires_at(epoch)
         relay.onion.clock = lambda: retired
         await relay.onion.maintain()
-        await alice.send(relay.peer_id, OnionPacket(packet))
+        await _hand(alice, relay, OnionPacket(packet))
         assert relay.stats.onion["drop.unknown_epoch"] == 1
         stored = OnionKeyStore(relay.store)
         assert epoch not in stored.secrets() and epoch not in stored.tags()
@@ -152,13 +164,13 @@ async def test_relay_caps_are_enforced_and_counted(tmp_path: Path) -> None:
     async with onion_mesh(tmp_path, relays=1, relay_overrides=caps) as mesh:
         alice, dest, relay = mesh.node("alice"), mesh.node("dest"), mesh.node("r0")
         for _ in range(3):  # the burst of one packet, then the rate
-            await alice.send(relay.peer_id, OnionPacket(_packet([relay, dest])))
-        assert relay.stats.onion["relayed"] == 1
+            await _hand(alice, relay, OnionPacket(_packet([relay, dest])))
+        await _relayed(relay, 1)
         assert relay.stats.onion["drop.relay_cap"] == 2
         for _ in range(3):  # the rate allows one a second; the day allows three in all
             await trio.sleep(1.05)
-            await alice.send(relay.peer_id, OnionPacket(_packet([relay, dest])))
-        assert relay.stats.onion["relayed"] == 3
+            await _hand(alice, relay, OnionPacket(_packet([relay, dest])))
+        await _relayed(relay, 3)
         assert relay.stats.onion["drop.relay_cap"] == 3
         assert relay.stats.rejected[RejectReason.OVERLOADED] >= 3
 
@@ -166,6 +178,6 @@ async def test_relay_caps_are_enforced_and_counted(tmp_path: Path) -> None:
 async def test_a_node_without_the_relay_role_forwards_nothing(tmp_path: Path) -> None:
     async with onion_mesh(tmp_path, relays=1) as mesh:
         alice, dest, relay = mesh.node("alice"), mesh.node("dest"), mesh.node("r0")
-        await alice.send(dest.peer_id, OnionPacket(_packet([dest, relay])))
+        await _hand(alice, dest, OnionPacket(_packet([dest, relay])))
         assert dest.stats.onion["drop.not_a_relay"] == 1
         assert relay.stats.onion["delivered"] == 0
