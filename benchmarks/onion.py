@@ -15,7 +15,16 @@ Prints one JSON line:
 - ``surb_reply_per_s``: replies built on a SURB and opened by its maker (the relays' work not
   included).
 
-Usage: python benchmarks/onion.py [--packets 2000] [--hops 4] [--quick]
+Then, over the network (libp2p on 127.0.0.1, real nodes with their stores, mixing delays
+off), the median round trip of a one-packet request and its answer from a sender to a
+destination through ``--relays`` relays: ``direct_ms`` (``privacy="low"``: a signed request
+straight to the destination), ``hop1_ms`` (``medium``: one relay each way), ``hop3_ms``
+(``high``: three relays each way), and the ratios ``hop1_ratio`` and ``hop3_ratio`` to the
+direct request; ``hop3_extra_ms`` is ``hop3_ms - direct_ms``. Every hop writes the packet's
+replay tag to its store (an fsync) before it acts: ``--no-store`` measures without stores.
+
+Usage: python benchmarks/onion.py [--packets 2000] [--hops 4] [--quick] [--rounds 30]
+       [--no-network] [--no-store]
 """
 
 from __future__ import annotations
@@ -23,16 +32,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import tempfile
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
+import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from meshfed import Node, NodeConfig, open_node
+from meshfed.control import Text
 from meshfed.identity import Identity
 from meshfed.onion import (
     BODY_SIZE,
@@ -88,13 +103,77 @@ def _open(secret: X25519PrivateKey, sealed: bytes) -> bytes:
     return ChaCha20Poly1305(key).decrypt(bytes(12), sealed[32:], None)
 
 
+async def _network(rounds: int, relays: int, store: bool) -> dict[str, Any]:
+    """Median request round trips per privacy level among real nodes (see the docstring)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        async with trio.open_nursery() as nursery:
+            nodes: list[Node] = []
+
+            async def run(config: NodeConfig, task_status: Any) -> None:
+                async with open_node(config) as node:
+                    task_status.started(node)
+                    await trio.sleep_forever()
+
+            for i in range(relays + 2):
+                config = NodeConfig(
+                    data_dir=Path(tmp) / str(i),
+                    store_file="store.sqlite3" if store else "",
+                    roles=["relay"] if i < relays else ["trainer"],
+                    bootstrap=nodes[0].listen_addrs[:1] if nodes else [],
+                    mdns=False,
+                    market=False,
+                    api="off",
+                    ping_interval_s=0,
+                    gossip_interval_s=0.5,
+                    onion_distinct_prefixes=False,  # one host: one /24
+                )
+                nodes.append(await nursery.start(run, config))
+            dest, sender = nodes[-2], nodes[-1]
+            assert dest.onion is not None and sender.onion is not None and sender.membership
+
+            async def echo(text: Text) -> Text:
+                return text
+
+            dest.onion.handle(Text, echo, direct=True)
+            while not all(  # noqa: ASYNC110 - gossip has no event to wait on
+                (record := sender.membership.table.get(node.peer_id)) is not None
+                and record.capabilities.onion_keys
+                for node in nodes[:-1]
+            ):
+                await trio.sleep(0.1)
+            figures = {}
+            for key, level in (("direct_ms", "low"), ("hop1_ms", "medium"), ("hop3_ms", "high")):
+                times = []
+                for i in range(rounds + 3):  # the first three open connections: not counted
+                    started = time.perf_counter()
+                    await sender.onion.request(dest.peer_id, Text(text=str(i)), privacy=level)
+                    if i >= 3:
+                        times.append((time.perf_counter() - started) * 1000)
+                figures[key] = round(statistics.median(times), 3)
+            nursery.cancel_scope.cancel()
+    direct = figures["direct_ms"]
+    return {
+        **figures,
+        "hop1_ratio": round(figures["hop1_ms"] / direct, 2),
+        "hop3_ratio": round(figures["hop3_ms"] / direct, 2),
+        "hop3_extra_ms": round(figures["hop3_ms"] - direct, 3),
+        "network_rounds": rounds,
+        "stores": store,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--packets", type=int, default=2000)
     parser.add_argument("--hops", type=int, default=4)
-    parser.add_argument("--quick", action="store_true", help="200 packets")
+    parser.add_argument("--quick", action="store_true", help="200 packets, 10 rounds")
+    parser.add_argument("--rounds", type=int, default=30, help="requests per privacy level")
+    parser.add_argument("--relays", type=int, default=3)
+    parser.add_argument("--no-network", action="store_true", help="the cores only")
+    parser.add_argument("--no-store", action="store_true", help="nodes without stores")
     args = parser.parse_args()
     count = 200 if args.quick else args.packets
+    rounds = 10 if args.quick else args.rounds
 
     nodes = [_node() for _ in range(max(args.hops, 2))]
     path = [Hop(ident.peer_id, ring.public_key(EPOCH)) for ident, ring in nodes[: args.hops]]
@@ -139,6 +218,11 @@ def main() -> None:
     surb_rate, _ = _rate(count, reply)
 
     sealed_size = len(sealed[0])
+    network = (
+        {}
+        if args.no_network
+        else trio.run(_network, rounds, max(args.relays, 3), not args.no_store)
+    )
     print(
         json.dumps(
             {
@@ -159,6 +243,7 @@ def main() -> None:
                 "open_per_s": round(open_rate),
                 "relay_ratio": round(open_rate / relay_rate, 2),
                 "surb_reply_per_s": round(surb_rate),
+                **network,
             }
         )
     )

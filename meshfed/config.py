@@ -73,6 +73,15 @@ class NodeConfig:
             free one, written to ``<data_dir>/api.json``), or ``off``. Beyond loopback it
             needs the bearer token (always created in ``data_dir``). libp2p nodes only: a
             memory-transport node is a simulation and serves no API.
+        relay_packets_per_s: onion packets this node relays per second at most, as a relay
+            (those beyond are dropped and counted as ``relay_cap``).
+        relay_bytes_per_day: onion packet bytes this node relays per UTC day at most (0: none).
+        onion_distinct_prefixes: never put two relays of one /24 (IPv4) or /48 (IPv6) on a
+            path; turn off only where every relay shares one (a LAN, one host).
+        onion_mean_delay_ms: the mean per-hop delay of ``ultra`` requests (exponential, drawn
+            by the sender for every hop; at most 60,000 ms a hop).
+        onion_cover_per_s: loop cover packets per second once this node made an ``ultra``
+            request (a Poisson process; each costs one 2,421-byte packet per hop).
         device: when the device lends itself to work (the ``[device]`` table:
             :class:`~meshfed.device.config.DeviceConfig`); set in the file or as an object.
     """
@@ -104,6 +113,11 @@ class NodeConfig:
     market_capacity: int = 1
     market_grant: float = 1000.0
     api: str = "127.0.0.1:0"
+    relay_packets_per_s: float = 200.0
+    relay_bytes_per_day: int = 10 * 1024**3
+    onion_distinct_prefixes: bool = True
+    onion_mean_delay_ms: float = 50.0
+    onion_cover_per_s: float = 0.5
     device: DeviceConfig = field(default_factory=DeviceConfig)
 
     def __post_init__(self) -> None:
@@ -118,16 +132,28 @@ class NodeConfig:
             "requests_per_second",
             "request_burst",
             "gossip_interval_s",
+            "relay_packets_per_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        for name in ("max_clock_skew_s", "ping_interval_s", "max_view", "market_capacity"):
+        for name in (
+            "max_clock_skew_s",
+            "ping_interval_s",
+            "max_view",
+            "market_capacity",
+            "relay_bytes_per_day",
+            "onion_cover_per_s",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.market_grant <= 9e9:
             raise ConfigError(
                 f"market_grant: must be in [0, 2^53 / 1e6] credits, got {self.market_grant!r}"
+            )
+        if not 0 <= self.onion_mean_delay_ms <= 60_000:
+            raise ConfigError(
+                f"onion_mean_delay_ms: must be in [0, 60000], got {self.onion_mean_delay_ms!r}"
             )
         if self.max_message_bytes < 1024:
             raise ConfigError("max_message_bytes: must be at least 1024")

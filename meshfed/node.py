@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from .market.terms import Requirements
     from .membership.records import DatasetOffer, PeerRecord, Role
     from .membership.service import Membership
+    from .onion.service import OnionService
     from .transports.memory import MemoryNetwork
 
 __all__ = ["ArrayHandler", "Node", "PeerState", "MessageHandler", "open_node"]
@@ -151,6 +152,8 @@ class Node:
         self.device: DeviceService | None = None
         #: where security-relevant events are noted for the store's audit log (:meth:`audit`)
         self.audit_trail = AuditTrail(keeps=config.store_path is not None)
+        #: onion routing: relaying, anonymous requests and privacy levels (SPEC 12)
+        self.onion: OnionService | None = None
         #: the REST API's base URL while it serves (``config.api``), else None
         self.api_url: str | None = None
         self._started = trio.current_time()
@@ -724,6 +727,16 @@ class Node:
             "stats": self.stats.snapshot(),
         }
 
+    async def onion_request(
+        self, peer: PeerId, body: Message, *, privacy: str = "high", within: float | None = None
+    ) -> Message:
+        """Ask ``peer`` without telling it who asks: ``body`` travels at ``privacy`` (``low``,
+        ``medium``, ``high``, ``ultra``) and the answer comes back on single-use reply blocks
+        (:meth:`meshfed.onion.service.OnionService.request` says more, and what it raises)."""
+        if self.onion is None:
+            raise ConfigError("onion routing starts with the node (open_node)")
+        return await self.onion.request(peer, body, privacy=privacy, within=within)
+
     def peers(
         self,
         *,
@@ -936,6 +949,10 @@ async def open_node(
             await nursery.start(node.membership.run)
             if node.datasets is not None:
                 node.datasets.on_change(_republisher(node.membership, node.peer_id))
+        from .onion.service import OnionService, OnionSettings
+
+        node.onion = OnionService(node, OnionSettings.from_config(config))
+        await nursery.start(node.onion.run)
         if config.mdns and config.transport == "libp2p":
             from .membership.mdns import MdnsDiscovery
 

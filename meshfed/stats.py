@@ -71,6 +71,9 @@ class NodeStats:
         self.accepted: collections.Counter[str] = collections.Counter()
         self.bytes_in = 0
         self.bytes_out = 0
+        #: the onion driver's counts: packets relayed, delivered, dropped (``drop.<reason>``,
+        #: each also counted in ``rejected``), cover traffic and its bytes (SPEC 12)
+        self.onion: collections.Counter[str] = collections.Counter()
 
     def reject(self, reason: RejectReason) -> None:
         """Count one rejected frame or message."""
@@ -87,4 +90,5 @@ class NodeStats:
             "accepted": dict(sorted(self.accepted.items())),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "onion": dict(sorted(self.onion.items())),
         }

@@ -245,6 +245,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
             BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
     ),
+    (
+        # v7: onion routing (meshfed/onion/keystore.py): each key epoch's random secret, sealed,
+        # deleted at the epoch's retirement; the replay tags of the packets processed per epoch,
+        # written before the packet is acted on
+        """CREATE TABLE onion_keys (
+            epoch INTEGER PRIMARY KEY,
+            secret BLOB NOT NULL,
+            created REAL NOT NULL,
+            mac BLOB NOT NULL
+        ) STRICT""",
+        """CREATE TABLE onion_replay (
+            epoch INTEGER NOT NULL,
+            tag BLOB NOT NULL,
+            PRIMARY KEY (epoch, tag)
+        ) STRICT, WITHOUT ROWID""",
+    ),
 )
 
 _MODEL_DTYPE = "<f4"

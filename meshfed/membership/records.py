@@ -27,6 +27,7 @@ from ..wire import Message, message
 __all__ = [
     "Capabilities",
     "DatasetOffer",
+    "OnionKey",
     "PeerQuery",
     "PeerRecord",
     "PeerTable",
@@ -100,6 +101,21 @@ class PriceAsk:
             raise ValueError(f"unknown tier {self.tier!r}; known: {[t.value for t in Tier]}")
 
 
+#: onion keys a record carries: the current epoch's and the next one's (one more in a handover)
+MAX_ONION_KEYS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class OnionKey:
+    """A peer's X25519 onion key for one key epoch, signed by the peer over
+    :func:`meshfed.onion.onion_key_statement` (check it with
+    :func:`meshfed.onion.verify_onion_key` before building a packet with it)."""
+
+    epoch: int = bounded(ge=0, le=2**32 - 1)
+    public_key: bytes = bounded(min_len=32, max_len=32)
+    signature: bytes = bounded(min_len=64, max_len=64)
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a peer can do now. Optional readings are ``None`` when the device has no sensor."""
@@ -117,6 +133,8 @@ class Capabilities:
     models: list[str] = bounded(max_len=64, default_factory=list)
     datasets: list[DatasetOffer] = bounded(max_len=64, default_factory=list)
     roles: list[str] = bounded(max_len=8, default_factory=list)
+    #: the peer's onion keys (SPEC 12): packets for it and through it are built with these
+    onion_keys: list[OnionKey] = bounded(max_len=MAX_ONION_KEYS, default_factory=list)
     prices: list[PriceAsk] = bounded(max_len=8, default_factory=list)
 
     def __post_init__(self) -> None:

@@ -1,4 +1,5 @@
-"""The onion benchmark runs and reports the keys the issue names, against a plain seal."""
+"""The onion benchmark runs and reports the keys the issue names, against a plain seal and a
+direct request over the same transport."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_benchmark_prints_one_json_line_with_packet_and_relay_rates() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "onion.py"), "--packets", "20"],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "onion.py"),
+            "--packets",
+            "20",
+            "--rounds",
+            "3",
+            "--no-store",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -31,3 +40,5 @@ def test_the_benchmark_prints_one_json_line_with_packet_and_relay_rates() -> Non
     assert figures["relay_overhead_ms"] > 0
     ratio = figures["open_per_s"] / figures["relay_packets_per_s"]
     assert abs(figures["relay_ratio"] - ratio) <= 0.01 * ratio + 0.01
+    assert 0 < figures["direct_ms"] < figures["hop1_ms"] and figures["hop3_ms"] > 0
+    assert figures["hop3_ratio"] == round(figures["hop3_ms"] / figures["direct_ms"], 2)
