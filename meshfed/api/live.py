@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..errors import StoreError
 from .alerting import AlertChange, Alerting, Sample
 from .stream import Feed, frame
 from .views import budgets, peer_out, peer_records
@@ -131,7 +132,10 @@ class LiveView:
             assert node.store is not None
             return budgets(node.store), {} if market is None else market.ledger.accounts()
 
-        self._budgets, self._accounts = await trio.to_thread.run_sync(read)
+        try:
+            self._budgets, self._accounts = await trio.to_thread.run_sync(read)
+        except StoreError:  # closed: the node is stopping; shown as last read
+            return
 
     # -- alerts ---------------------------------------------------------------------------------
 
@@ -205,7 +209,7 @@ class LiveView:
             "charging": readings.charging,
             "temperature_c": _number(readings.temperature_c),
             "metered": readings.metered,
-            "allows_work": device.allows_work,
+            "allows_work": device.allows_work(),
         }
 
     def _jobs(self) -> list[dict[str, Any]]:

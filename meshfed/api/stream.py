@@ -10,6 +10,7 @@ no memory of its own. Idle clients get a comment line every ``keepalive_s``.
 from __future__ import annotations
 
 import json
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -19,10 +20,21 @@ import trio
 __all__ = ["Feed", "frame"]
 
 
+def _finite(data: Any) -> Any:
+    """``data`` with every NaN or infinity (a peer's reading, say) as None: not JSON."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(value) for value in data]
+    return data
+
+
 def frame(event: str, data: Any, seq: int | None = None) -> bytes:
-    """One server-sent event: ``data`` as one line of compact JSON."""
+    """One server-sent event: ``data`` as one line of compact JSON (not-a-numbers as null)."""
     head = "" if seq is None else f"id: {seq}\n"
-    body = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    body = json.dumps(_finite(data), separators=(",", ":"), allow_nan=False)
     return f"{head}event: {event}\ndata: {body}\n\n".encode()
 
 

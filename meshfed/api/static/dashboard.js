@@ -145,7 +145,10 @@ function drawSnapshot(s) {
   fill("jobs", s.jobs.map((j) => [j.job_id, j.role, j.state,
     j.rounds ? j.round + "/" + j.rounds : j.round, fixed(j.accuracy, 3)]));
   drawBudgets(s.budgets);
-  fill("asks", s.market.asks.map((a) => [short(a.peer_id), a.kind, a.tier, a.price]));
+  const asks = {};
+  for (const a of s.market.asks) (asks[a.kind + " " + a.tier] ||= []).push(a.price);
+  fill("asks", Object.entries(asks).map(([what, prices]) => [what, prices.length,
+    Math.min(...prices), Math.max(...prices)]));
   fill("awards", s.market.awards.map((a) => [a.job_id, short(a.peer_id), a.price]));
   fill("accounts", Object.entries(s.market.accounts));
   fill("accepted", Object.entries(s.stats.accepted));
