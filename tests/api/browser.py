@@ -22,7 +22,7 @@ def need_chromium() -> None:
     """Skip the test, saying why, unless Playwright and Chromium are here."""
     pytest.importorskip("playwright.sync_api", reason="the python package playwright is absent")
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set MESHFED_CHROMIUM)")
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium; or MESHFED_CHROMIUM)")
 
 
 @contextmanager

@@ -62,4 +62,3 @@ async def test_the_dashboard_shows_a_libp2p_testnet_and_a_growing_accuracy_curve
     assert 2 <= first < second
     assert sorted(states) == ["alive"] * 4
     assert screenshot.stat().st_size > 10_000
-
