@@ -125,7 +125,7 @@ def add_dashboard(
         for 30 s."""
         return tickets.issue(trio.current_time())
 
-    def stream_access(
+    async def stream_access(  # async: on the loop (FastAPI runs a sync one in a thread)
         request: Request,
         credentials: Annotated[
             HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))
