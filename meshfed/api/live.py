@@ -105,17 +105,21 @@ class LiveView:
         task_status.started()
         tick = 0
         while True:
-            self._bought_rounds()
-            sample = tick % self.alert_every == 0
-            if sample or self.feed.clients:
-                await self._read_store()
-            if sample:
-                self._alert(self._sample())
-            if self.feed.clients:
-                self._snapshot = self.snapshot()
-                self.feed.publish("snapshot", self._snapshot)
+            await self.refresh(trio.current_time(), sample=tick % self.alert_every == 0)
             tick += 1
             await trio.sleep(self.interval_s)
+
+    async def refresh(self, now: float, *, sample: bool) -> None:
+        """One tick at ``now``: the bought jobs' new rounds; with ``sample``, the alerts; a
+        snapshot if a client watches."""
+        self._bought_rounds()
+        if sample or self.feed.clients:
+            await self._read_store()
+        if sample:
+            self._alert(self._sample(now))
+        if self.feed.clients:
+            self._snapshot = self.snapshot()
+            self.feed.publish("snapshot", self._snapshot)
 
     def start(self) -> Iterator[bytes]:
         """What a new client gets first: every curve, then the last snapshot."""
@@ -144,7 +148,7 @@ class LiveView:
         own = None if membership is None else membership.table.get(self.node.peer_id)
         return None if own is None else own.capabilities.temperature_c
 
-    def _sample(self) -> Sample:
+    def _sample(self, now: float) -> Sample:
         records = peer_records(self.node)
         alive = sum(1 for r in records if peer_out(self.node, r).state == "alive")
         stats = self.node.stats
@@ -154,7 +158,7 @@ class LiveView:
             if curve and curve[-1]["accuracy"] is not None
         }
         return Sample(
-            at=trio.current_time(),
+            at=now,
             alive_peers=alive,
             accepted=sum(stats.accepted.values()),
             rejected=sum(stats.rejected.values()),
