@@ -5,8 +5,9 @@
 (accuracy per round paid), and every ``interval_s`` a snapshot of the rest (peers, device,
 jobs, privacy budgets, asks and awards, the ledger, messages accepted and rejected, alerts)
 published on its :class:`~.stream.Feed` while a client watches. Every ``alert_every`` ticks it
+reads the store (budgets, the ledger: in a worker thread; snapshots show the last read) and
 samples the node for :class:`~.alerting.Alerting`, watched or not: alerts are logged and
-streamed. Store reads run in a worker thread.
+streamed.
 """
 
 from __future__ import annotations
@@ -113,9 +114,8 @@ class LiveView:
         """One tick at ``now``: the bought jobs' new rounds; with ``sample``, the alerts; a
         snapshot if a client watches."""
         self._bought_rounds()
-        if sample or self.feed.clients:
-            await self._read_store()
         if sample:
+            await self._read_store()
             self._alert(self._sample(now))
         if self.feed.clients:
             self._snapshot = self.snapshot()
