@@ -95,15 +95,15 @@ async def _round_times(phases: int, phase_s: float, root: Path) -> dict[str, lis
     from meshfed.testing import open_memory_mesh
 
     times: dict[str, list[float]] = {"idle": [], "watched": [], "warm-up": []}
-    phase = {"kind": "idle", "since": 0.0}
+    phase: dict[str, Any] = {"kind": "idle", "since": 0.0}
     trained = trio.Event()
 
     def observe(event: str, document: dict[str, Any]) -> None:
         if event != "round":
             return
         trained.set()
-        if trio.current_time() - float(phase["since"]) > SETTLE_S:
-            times[str(phase["kind"])].append(float(document["seconds"]))
+        if trio.current_time() - phase["since"] > SETTLE_S:
+            times[phase["kind"]].append(float(document["seconds"]))
 
     async with open_memory_mesh(
         5, root, transport="libp2p", listen=["/ip4/127.0.0.1/tcp/0"], membership=True,
