@@ -1,7 +1,8 @@
 """The live dashboard in a real headless Chromium over a 4-node testnet on libp2p (127.0.0.1;
 four nodes train, a fifth buys the job, as ``meshfed.testnet`` runs it): it loads without a
 console error, shows a training node's four peers, and its accuracy curve grows while the job
-trains; a screenshot is kept."""
+trains; a screenshot is kept. Beyond loopback the page asks for the token and streams with a
+ticket."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from meshfed.testing import open_memory_mesh
 from tests.market.mesh import meshed
 
 from .browser import chromium_page, keep_artifact, need_chromium, wait_until
+from .nodes import api_node
 
 JOB = {"dataset": "digits", "partition": "iid", "local_steps": 2}
 POINTS = "document.querySelectorAll('#accuracy circle.point').length"
@@ -62,3 +64,32 @@ async def test_the_dashboard_shows_a_libp2p_testnet_and_a_growing_accuracy_curve
     assert 2 <= first < second
     assert sorted(states) == ["alive"] * 4
     assert screenshot.stat().st_size > 10_000
+
+
+def _log_in(url: str, token: str) -> tuple[str, str]:
+    """In a worker thread: open the page, wait for the token form, give it a wrong then the
+    right token; what the wrong token got said, the peer id then shown."""
+    with chromium_page() as (page, _):
+        page.goto(url)
+        wait_until(page, "!document.getElementById('login').hidden", 30)
+        page.fill("#token", "A" * 43)
+        page.click("button[type=submit]")
+        wrong = wait_until(page, "document.getElementById('login-error').textContent", 30)
+        page.fill("#token", token)
+        page.click("button[type=submit]")
+        wait_until(page, "document.getElementById('connection').textContent === 'live'", 30)
+        shown = wait_until(page, "document.getElementById('peer-id').title", 30)
+        return wrong, shown
+
+
+async def test_beyond_loopback_the_page_asks_for_the_token_and_streams_with_a_ticket(
+    tmp_path: Path,
+) -> None:
+    need_chromium()
+    async with api_node(tmp_path, api="0.0.0.0:0") as (node, _):
+        assert node.api_url is not None
+        token = (tmp_path / "api.token").read_text().strip()
+        with trio.fail_after(120):
+            wrong, shown = await trio.to_thread.run_sync(_log_in, node.api_url + "/", token)
+    assert "wrong" in wrong
+    assert shown == str(node.peer_id)
