@@ -44,7 +44,7 @@ function drawMesh(self, peers) {
     dot.append(el("svg:title", {}, peer.peer_id + " (" + peer.state + ")"));
     items.push(dot, el("svg:text", { x: x + 9, y: y + 3 }, short(peer.peer_id)));
   }
-  items.push(el("svg:text", { x: 11, y: 3 }, "this node"));
+  items.push(el("svg:text", { x: -20, y: 22 }, "this node"));
   svg.replaceChildren(...items);
 }
 
