@@ -30,6 +30,7 @@ from ..errors import (
     MarketError,
     MeshfedError,
 )
+from .dashboard import add_dashboard
 from .docs import docs_page
 from .metrics import CONTENT_TYPE, NodeMetrics
 from .models import (
@@ -49,6 +50,7 @@ from .models import (
     StatusOut,
     SubmitTraining,
 )
+from .views import budgets, peer_out, peer_records
 
 if TYPE_CHECKING:
     from ..market.driver import Market
@@ -132,7 +134,8 @@ def _statement(statement: Statement) -> StatementOut:
 
 
 def create_app(node: Node, token: str, *, reads_need_token: bool) -> FastAPI:
-    """The API of ``node`` (see the module for access and errors)."""
+    """The API of ``node`` (see the module for access and errors), with the live dashboard
+    (:mod:`.dashboard`; the caller runs ``app.state.live.run``)."""
     access = _Access(node, token, reads_need_token=reads_need_token)
     read = [Depends(access.read)]
     write = [Depends(access.write)]
@@ -163,6 +166,7 @@ def create_app(node: Node, token: str, *, reads_need_token: bool) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    app.state.live = add_dashboard(app, node, read=access.read, write=access.write)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -227,41 +231,22 @@ def create_app(node: Node, token: str, *, reads_need_token: bool) -> FastAPI:
 
     # -- peers and data ------------------------------------------------------------------------
 
-    def peer_out(record: Any) -> PeerOut:
-        caps = record.capabilities
-        link = node.links.get(record.peer)
-        state = None if node.membership is None else node.membership.swim.state(record.peer)
-        return PeerOut(
-            peer_id=str(record.peer),
-            state="unknown" if state is None else state.name.lower(),
-            addrs=list(record.addrs),
-            roles=list(caps.roles),
-            battery_pct=caps.battery_pct,
-            charging=caps.charging,
-            temperature_c=caps.temperature_c,
-            metered=caps.metered,
-            datasets=[offer.name for offer in caps.datasets],
-            prices=[{"kind": a.kind, "tier": a.tier, "price": a.price} for a in caps.prices],
-            rtt_ms=None if link is None or link.rtt_s is None else round(link.rtt_s * 1000, 3),
-            failures=0 if link is None else link.failures,
-        )
-
     def records() -> list[Any]:
         if node.membership is None:
             raise HTTPException(409, "this node runs without membership (config membership)")
-        return [r for r in node.membership.table.peers(None) if r.peer != node.peer_id]
+        return peer_records(node)
 
     @app.get("/peers", dependencies=read)
     async def peers() -> list[PeerOut]:
         """Every peer whose signed record this node holds, with membership's verdict."""
-        return [peer_out(record) for record in records()]
+        return [peer_out(node, record) for record in records()]
 
     @app.get("/peers/{peer_id}", dependencies=read, responses=_NOT_FOUND | _CONFLICT)
     async def peer(peer_id: str) -> PeerOut:
         """One peer's record."""
         for record in records():
             if str(record.peer) == peer_id:
-                return peer_out(record)
+                return peer_out(node, record)
         raise HTTPException(404, f"no record of peer {peer_id!r}")
 
     @app.get("/datasets", dependencies=read, responses=_CONFLICT)
@@ -445,27 +430,6 @@ def create_app(node: Node, token: str, *, reads_need_token: bool) -> FastAPI:
     async def statement(job_id: str) -> StatementOut:
         """One job's statement."""
         return _statement(await _in_thread(market().ledger.statement, job_id))
-
-    def budgets(db: Store) -> list[BudgetOut]:
-        from ..privacy.accountant import PrivacyAccountant
-
-        found = []
-        for record in db.jobs():
-            state = db.privacy(record.job_id)
-            if state is None:
-                continue
-            accountant = PrivacyAccountant(budget_epsilon=1.0, delta=0.5)
-            accountant.load_state_dict(state)
-            found.append(
-                BudgetOut(
-                    job_id=record.job_id,
-                    budget_epsilon=accountant.budget_epsilon,
-                    delta=accountant.delta,
-                    spent_epsilon=accountant.epsilon(),
-                    rounds_charged=len(state.get("rounds", [])),
-                )
-            )
-        return found
 
     @app.get("/budget", dependencies=read, responses=_CONFLICT)
     async def budget() -> list[BudgetOut]:

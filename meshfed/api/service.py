@@ -67,7 +67,8 @@ async def serve_api(
     token, created = load_or_create_token(config.data_dir)
     if created:
         node.audit(AuditKind.API_TOKEN_CREATED, file=str(config.data_dir / TOKEN_FILE))
-    app = BodyLimit(create_app(node, token, reads_need_token=not loopback))
+    api = create_app(node, token, reads_need_token=not loopback)
+    app = BodyLimit(api)
     server = Config()
     server.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     server.accesslog = None
@@ -78,6 +79,7 @@ async def serve_api(
     server.include_server_header = False
     stop = stop or trio.Event()
     async with trio.open_nursery() as nursery:
+        await nursery.start(api.state.live.run)  # the dashboard's state and the alerts
         try:
             binds = await nursery.start(
                 lambda task_status: serve(
@@ -99,3 +101,4 @@ async def serve_api(
         finally:
             with contextlib.suppress(OSError):
                 address_file.unlink()
+            nursery.cancel_scope.cancel()
