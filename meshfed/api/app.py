@@ -99,7 +99,9 @@ class _Access:
             self._clients.add(address)
             self._node.audit(AuditKind.API_NEW_CLIENT, address=address)
 
-    def read(
+    # async: FastAPI runs a plain function dependency in a worker thread, and these touch the
+    # node (its audit trail, the clients seen) that the event loop owns
+    async def read(
         self,
         request: Request,
         credentials: Annotated[
@@ -109,7 +111,7 @@ class _Access:
         if self._reads_need_token:
             self._check(request, credentials)
 
-    def write(
+    async def write(
         self,
         request: Request,
         credentials: Annotated[
