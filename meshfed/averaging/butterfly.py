@@ -138,9 +138,12 @@ class ButterflySession(PlainGroupSession):
 
     def _progress(self) -> list[Action]:
         if self._phase is _Phase.INPUT and len(self._inbox[_Phase.INPUT]) == len(self._others):
-            total = self._own.copy()
-            for array in self._inbox[_Phase.INPUT].values():
-                total += array
+            # in roster order, not arrival order: members of other groups holding the same
+            # inputs at the same positions (later steps of an exact round) get the same sum
+            inputs = self._inbox[_Phase.INPUT]
+            total = np.zeros_like(self._own)
+            for peer in self._roster:
+                total += self._own if peer == self.me else inputs[peer]
             payload, self._own_sum = self._encode(total)
             self._phase = _Phase.SUM
             return [

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import secrets
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -772,21 +773,35 @@ class TrainingPeer:
         await self._set_state(self.state, f"joined at round {found.state.next_round}")
         return found.state.next_round
 
-    async def _settle(self, number: int) -> None:
-        """After a round that went wrong here (a step failed or was sat out), take the state
-        a quorum of the roster ended it with; none within the aggregator's ``join_s``:
-        go back to the round's starting model (every peer that failed does the same, so that
-        with ``exact`` all peers still hold one model)."""
+    def _short(self, number: int, groups: list[int]) -> bool:
+        """Whether a step after the first of ``exact`` round ``number`` went on without some
+        member: its sum lacks the aggregate that member held (unless every group of the step
+        lacks the same one), so this peer may hold another model than the others."""
+        placement, me = self._placement(number), self.node.peer_id
+        return any(
+            0 < size < len(placement.group(me, step)[1]) for step, size in enumerate(groups) if step
+        )
+
+    async def _settle(self, number: int, *, failed: bool) -> None:
+        """After a round that went wrong here (a step ``failed`` or was sat out, or a later
+        group was short), take the state a quorum of the roster ended it with. The others may
+        still be at it (each of their steps may wait ``join_s`` for a member that sat out).
+        With none after ``join_s + grace_s`` per step and one more, a peer that failed goes
+        back to the round's starting model (every peer that failed does the same, so that
+        with ``exact`` all peers still hold one model); a short one keeps its result."""
         ended = TrainingState(number + 1, flatten(self.model), self.strategy.state_dict())
         _, own = await self._sync.digest(ended)
+        deadlines = self.aggregator.deadlines
+        steps = self._placement(number).steps + 1
         found = await self._sync.find(
             self._askable(number), quorum=self._quorum, least=number + 1,
             most=max(self._most(), number + 1), own=own,
-            wait_s=self.aggregator.deadlines.join_s,
+            wait_s=steps * (deadlines.join_s + deadlines.grace_s),
         )  # fmt: skip
         if found is None:
-            self._load(self._round_start)
-            self.note = f"round {number}: no quorum on its result, back to its starting model"
+            if failed:
+                self._load(self._round_start)
+                self.note = f"round {number}: no quorum on its result, back to its start"
         elif found.state is not None and self._load(found.state):
             ahead = found.state.next_round
             if ahead > number + 1:
@@ -894,8 +909,11 @@ class TrainingPeer:
             trained, number, weight=self.weight * contributes, base=base
         )
         load_flat(self.model, self.strategy.apply(base, average))
-        if self._settles and 0 in groups:
-            await self._settle(number)
+        if self._settles and (0 in groups or self._short(number, groups)):
+            failed = 0 in groups
+            if not failed:  # a result all the same: others may hold it too
+                await self._offer_round(number + 1)
+            await self._settle(number, failed=failed)
         await self._offer_round(self._jump or number + 1)
         return await self._report(
             number,
@@ -1155,8 +1173,9 @@ class TrainingPeer:
         own = self.spec.secure  # params are still this peer's own, which masks must hide
         # peer-level DP: the noise of this peer's own vector, until it is an aggregate
         noise, data = self._own_noise(len(params)), weight > 0
+        me = self.node.peer_id
         for step in steps:
-            index, members = placement.group(self.node.peer_id, step)
+            index, members = placement.group(me, step)
             if len(members) < 2:
                 sizes.append(1)
                 continue
@@ -1182,9 +1201,12 @@ class TrainingPeer:
             np.multiply(params, weight, out=vector[:-1])
             vector[:-1] = self._release(vector[:-1], noise, len(members), first=first, data=data)
             vector[-1] = weight
+            rng = self._rng
+            if self._settles and step:  # what this peer holds, others of other groups hold
+                rng = _public_rng(self._job, number, step, placement.group(me, step - 1)[0])
             try:
                 result = await self._group_mean(
-                    vector, number * _STEPS_PER_ROUND + step, index, members, step, absent
+                    vector, number * _STEPS_PER_ROUND + step, index, members, step, absent, rng
                 )
             except (AggregationFailed, MeshfedError, trio.TooSlowError):
                 sizes.append(0)
@@ -1239,7 +1261,8 @@ class TrainingPeer:
         index: int,
         members: tuple[PeerId, ...],
         step: int,
-        absent: int = 0,
+        absent: int,
+        rng: np.random.Generator,
     ) -> GroupResult:
         """The group's mean of ``[w v, w]`` (``v``: the model, or the update when the job
         :attr:`~JobSpec.averages_updates`), the way the job's ``secure`` and ``compression``
@@ -1250,7 +1273,7 @@ class TrainingPeer:
             before = feedback.residual
             try:
                 return await self.aggregator.gather_mean(
-                    vector, **where, roster=members, compression=feedback, rng=self._rng,
+                    vector, **where, roster=members, compression=feedback, rng=rng,
                     absent=absent,
                 )  # fmt: skip
             except BaseException:
@@ -1258,7 +1281,7 @@ class TrainingPeer:
                 raise
         if not self.spec.secure:
             return await self.aggregator.plain_mean(
-                vector, **where, roster=members, compression=self.codec, rng=self._rng,
+                vector, **where, roster=members, compression=self.codec, rng=rng,
                 absent=absent,
             )  # fmt: skip
         spec = GroupSpec(
@@ -1269,7 +1292,7 @@ class TrainingPeer:
         )
         if self.quantizer.ring_bits == 32:
             return await self.aggregator.secure_mean(
-                spec, vector, self.quantizer, rng=self._rng, absent=absent
+                spec, vector, self.quantizer, rng=rng, absent=absent
             )
         # 8 bits: the update is clipped to [-clip, clip] like any value, and the weight w <= 1
         # travels as copies of w clip, each off by at most one level (2 clip / 255), unbiased:
@@ -1278,7 +1301,7 @@ class TrainingPeer:
         clip = self.quantizer.clip
         wide = np.concatenate([vector[:-1], np.full(_WEIGHT_COPIES, vector[-1] * clip, np.float32)])
         result = await self.aggregator.secure_mean(
-            spec, wide, self.quantizer, rng=self._rng, absent=absent
+            spec, wide, self.quantizer, rng=rng, absent=absent
         )
         weight = float(result.value[-_WEIGHT_COPIES:].mean()) / clip
         noise = 4 / (255 * math.sqrt(_WEIGHT_COPIES * len(result.survivors)))
@@ -1308,6 +1331,17 @@ def _own_data(node: Node, spec: JobSpec) -> tuple[Dataset, Dataset, int] | None:
     except DataError as exc:
         raise DataError(f"dataset: {exc}") from None
     return train, validation, node.datasets.get(spec.dataset).classes
+
+
+def _public_rng(job: bytes, number: int, step: int, held: int) -> np.random.Generator:
+    """The stochastic rounding of what a peer brings to step ``step`` of an ``exact`` round:
+    the aggregate of its group ``held`` at the step before, which the other members of that
+    group bring to other groups at the same position. Drawn from public values, the same
+    aggregate is rounded the same way everywhere, so the groups of the step get identical sums
+    and every peer ends the round with the same bytes (what catch-up's digests compare). It
+    hides nothing: the value is an aggregate, and DP noise has its own secret source."""
+    seed = hashlib.sha256(b"meshfed.rounding.v1" + job + struct.pack(">QQQ", number, step, held))
+    return np.random.default_rng(int.from_bytes(seed.digest()[:16], "big"))
 
 
 def local_seed(spec: JobSpec, number: int) -> int:
