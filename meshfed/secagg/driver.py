@@ -106,7 +106,7 @@ class DeadlinePolicy:
     grace_s: float = 0.5
     slack: float = 2.0
     phase_max_s: float = 60.0
-    probe_s: float = 0.1
+    probe_s: float = 0.05
 
     def deadline(
         self,

@@ -86,6 +86,8 @@ class StateSync:
         self._offer: tuple[TrainingState, npt.NDArray[np.uint8], bytes] | None = None
         self._expected: tuple[PeerId, Claim] | None = None
         self._received: TrainingState | None = None
+        #: this peer's round failed and it waits for the others' result (said in answers)
+        self.settling = False
         serve(node, job_id, self._answer)
         node.on_array(self._on_state, prefix=self._prefix, replace=True)
 
@@ -131,7 +133,7 @@ class StateSync:
                 return
             body = answer.body
             if isinstance(body, StateAnswer) and body.job == self._job:
-                claims.append((peer, Claim(body.next_round, body.digest)))
+                claims.append((peer, Claim(body.next_round, body.digest, body.settling)))
 
         async with trio.open_nursery() as nursery:
             for peer in peers:
@@ -156,18 +158,24 @@ class StateSync:
         it with the claimed digest.
 
         Returns:
-            None if no state has a quorum (or none of its claimants sent it) in time.
+            None if no state has a quorum (or none of its claimants sent it) in time, or, while
+            :attr:`settling`, as soon as every asked peer answers that it is settling round
+            ``least - 1`` too (none of them will end it with a result).
         """
         deadline = trio.current_time() + wait_s
         while True:
-            agreed = agreed_state(await self.claims(peers), quorum=quorum, least=least, most=most)
+            claims = await self.claims(peers)
+            agreed = agreed_state(claims, quorum=quorum, least=least, most=most)
             if agreed is not None:
                 if agreed.claim == Claim(least, own):
                     return Found(agreed.claim, None)
                 state = await self._fetch(agreed.claim, agreed.peers)
                 if state is not None:
                     return Found(agreed.claim, state)
-            if trio.current_time() + poll_s > deadline:
+            stuck = [c for _, c in claims if c.settling and c.next_round == least - 1]
+            if trio.current_time() + poll_s > deadline or (
+                self.settling and len(stuck) == len(peers)
+            ):
                 return None
             await trio.sleep(poll_s)
 
@@ -208,7 +216,9 @@ class StateSync:
                 await self._node.send_array(
                     envelope.sender, encoded, name=f"{self._prefix}{state.next_round}"
                 )
-        return StateAnswer(job=self._job, next_round=state.next_round, digest=digest)
+        return StateAnswer(
+            job=self._job, next_round=state.next_round, digest=digest, settling=self.settling
+        )
 
     async def _on_state(self, envelope: Envelope, header: ArrayHeader, array: Any) -> None:
         """Keep the state we asked for, if it is the one claimed."""

@@ -530,14 +530,16 @@ class TrainingPeer:
         self._joining = joining
         if joining is not None:
             self.rosters.version = joining.version
-        #: peers presumed gone: they missed a step of ours (until they show up again)
+        #: peers presumed gone: they missed a step of ours (until they show up again), and
+        #: those that asked for our state this round (they are catching up: not gone)
         self._absent: set[PeerId] = set()
+        self._returning: set[PeerId] = set()
         self._sync = StateSync(
             node,
             job_id=spec.job_id,
             parameters=len(self._push_state.x),
             members=self.rosters.everyone,
-            on_query=self._absent.discard,
+            on_query=self._returned,
             query_s=CATCH_UP_QUERY_S,
             send_s=self.aggregator.deadlines.phase_max_s,
         )
@@ -793,11 +795,15 @@ class TrainingPeer:
         _, own = await self._sync.digest(ended)
         deadlines = self.aggregator.deadlines
         steps = self._placement(number).steps + 1
-        found = await self._sync.find(
-            self._askable(number), quorum=self._quorum, least=number + 1,
-            most=max(self._most(), number + 1), own=own,
-            wait_s=steps * (deadlines.join_s + deadlines.grace_s),
-        )  # fmt: skip
+        self._sync.settling = failed
+        try:
+            found = await self._sync.find(
+                self._askable(number), quorum=self._quorum, least=number + 1,
+                most=max(self._most(), number + 1), own=own,
+                wait_s=steps * (deadlines.join_s + deadlines.grace_s), poll_s=0.05,
+            )  # fmt: skip
+        finally:
+            self._sync.settling = False
         if found is None:
             if failed:
                 self._load(self._round_start)
@@ -897,6 +903,7 @@ class TrainingPeer:
     async def run_round(self, number: int) -> RoundReport:
         """Train locally, average in this round's groups, apply the strategy, evaluate."""
         began, sent_before = time.monotonic(), self.node.stats.bytes_out
+        self._returning.clear()
         base = flatten(self.model)
         contributes = await self._charge(number)
         train_loss = await self._train_locally(number) if contributes else float("nan")
@@ -1146,6 +1153,17 @@ class TrainingPeer:
             values = np.clip(values, -bound, bound)
         return noise.release(values)
 
+    def _returned(self, peer: PeerId) -> None:
+        """``peer`` asked for our state: it is back (or catching up to be), not gone."""
+        self._absent.discard(peer)
+        self._returning.add(peer)
+
+    def _note_absent(self, members: tuple[PeerId, ...], survivors: tuple[PeerId, ...]) -> None:
+        """Presume gone the members that missed a step of ours, unless they asked for our
+        state this round (they come back at the next); those present are not."""
+        self._absent.difference_update(survivors)
+        self._absent.update(set(members) - set(survivors) - self._returning)
+
     def _placement(self, number: int) -> Placement:
         return Placement.of(
             self.rosters.at(number), job=self._job, round=number, max_group=self.spec.max_group
@@ -1211,8 +1229,7 @@ class TrainingPeer:
             except (AggregationFailed, MeshfedError, trio.TooSlowError):
                 sizes.append(0)
                 continue
-            self._absent.difference_update(result.survivors)
-            self._absent.update(set(members) - set(result.survivors))
+            self._note_absent(members, result.survivors)
             total = float(result.value[-1])
             if total <= 0:  # nobody in the group contributed: nothing to learn from it
                 sizes.append(len(result.survivors))
@@ -1241,8 +1258,7 @@ class TrainingPeer:
             params, job=self._job, round=number * _STEPS_PER_ROUND + step, group=index,
             roster=members, absent=absent,
         )  # fmt: skip
-        self._absent.difference_update(gathered.survivors)
-        self._absent.update(set(members) - set(gathered.survivors))
+        self._note_absent(members, gathered.survivors)
         aggregate = AGGREGATORS[self.spec.robust]
         options = dict(self.spec.robust_options)
         if self.spec.robust == "centered_clip":

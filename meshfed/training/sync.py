@@ -23,7 +23,7 @@ import hashlib
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -73,11 +73,13 @@ class StateQuery(Message):
 @dataclass(frozen=True, slots=True)
 class StateAnswer(Message):
     """``job`` starts round ``next_round`` next here (``rounds`` when it is done), from the
-    state whose :func:`state_digest` is ``digest``."""
+    state whose :func:`state_digest` is ``digest``; ``settling``: its round ``next_round``
+    failed here, and it waits for the state the others end it with."""
 
     job: str = bounded(max_len=256)
     next_round: int = bounded(ge=0, le=MAX_ROUND)
     digest: bytes = bounded(min_len=DIGEST_BYTES, max_len=DIGEST_BYTES)
+    settling: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +112,12 @@ def state_digest(job: str, encoded: bytes | npt.NDArray[np.uint8]) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """What one peer says it holds: the round it starts next and that state's digest."""
+    """What one peer says it holds: the round it starts next and that state's digest (and
+    whether it waits for the others' result of that round: not part of the claim's value)."""
 
     next_round: int
     digest: bytes
+    settling: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
