@@ -4,8 +4,11 @@ Peer m of the roster owns slice m of the vector: every peer sends slice m to its
 owner sums the slices and sends the slice sum back to everyone, so each peer sends and receives
 about ``2 (g - 1) / g`` of a vector (hivemind's all-reduce, without its load balancing). It is
 what secure aggregation costs are measured against, and the averaging used when secure
-aggregation is off. An owner that misses its deadline ends the run (:class:`Aborted`); the
-caller leaves the group out of that step.
+aggregation is off. An owner that misses its deadline ends the run (:class:`Aborted`). When
+that happens in the input phase nobody can have a sum (every member waits for this peer's
+slice sum), so the driver may re-run the group with the members whose slices came
+(:meth:`ButterflySession.present`): a dead member costs one deadline, not the step. Members
+that saw different sets derive different contexts, and their re-runs fail instead of mixing.
 
 With a codec (:mod:`.compression`; fp16 or int8, not top-k: a slice sum is dense) both the
 slices and the slice sums travel compressed; an owner adds the decoded slices to its own in
@@ -132,6 +135,14 @@ class ButterflySession(PlainGroupSession):
         reason = AbortReason.OWNER_LOST if self._phase is _Phase.INPUT else AbortReason.SLICE_LOST
         self._phase = _Phase.DONE
         return [Aborted(reason, f"{missing} peers missed the deadline", released=False)]
+
+    def present(self) -> tuple[PeerId, ...] | None:
+        """After the run aborted in its input phase: this peer and the members whose slices
+        came, in roster order (whom a re-run can go on with); None otherwise."""
+        if self._phase is not _Phase.DONE or self._own_sum is not None:
+            return None
+        came = self._inbox[_Phase.INPUT]
+        return tuple(peer for peer in self._roster if peer == self.me or peer in came)
 
     def _bounds(self, owner: PeerId) -> tuple[int, int]:
         return slice_bounds(len(self._values), len(self._owners), self._owners.index(owner))

@@ -402,19 +402,35 @@ class Aggregator:
         """The mean of the group's float vectors by a plain (unmasked) butterfly all-reduce,
         its slices sent with ``compression`` (fp16, int8; default: float32 as they are).
 
+        A member missing in the input phase (dead, or elsewhere) makes the run end without
+        a sum; the group is then re-run with the members whose slices came, up to
+        ``max_attempts`` runs in all (:meth:`.ButterflySession.present`): ``survivors`` says
+        who the mean is over. ``absent`` members are presumed gone (a probe, as in
+        :meth:`secure_sum`).
+
         Raises:
             ValueError: a top-k codec (use :meth:`gather_mean`).
-            AggregationFailed: a peer missed its deadline.
+            AggregationFailed: the last run ended without a sum, or one ended in its sum phase.
         """
-        session = ButterflySession(
-            job=job, round=round, group=group, roster=roster, me=self._node.peer_id,
-            values=values, codec=compression, rng=_rng(compression, rng),
-        )  # fmt: skip
-        outcome = await self._drive(session, Scope(job[:64], round), len(values), absent)
+        members, rng = roster, _rng(compression, rng)
+        for attempt in range(1, self._max_attempts + 1):
+            session = ButterflySession(
+                job=job, round=round, group=group, roster=members, me=self._node.peer_id,
+                values=values, codec=compression, rng=rng,
+            )  # fmt: skip
+            try:
+                outcome = await self._drive(session, Scope(job[:64], round), len(values), absent)
+                break
+            except AggregationFailed:
+                present = session.present()
+                if attempt == self._max_attempts or present is None or len(present) < 2:
+                    raise
+                log.info("butterfly re-run", extra={"members": len(present), "of": len(members)})
+                members, absent = present, 0
         mean = np.empty(len(values), np.float32)
         for part, bounds in _placed(outcome.parts):
-            np.multiply(part, np.float32(1 / len(roster)), out=mean[bounds])
-        return GroupResult(mean, outcome.survivors, 1)
+            np.multiply(part, np.float32(1 / len(members)), out=mean[bounds])
+        return GroupResult(mean, outcome.survivors, attempt)
 
     async def gather(
         self,
