@@ -76,11 +76,16 @@ _MESSAGES: tuple[type[Message], ...] = (
 
 
 class AggregationFailed(MeshfedError):
-    """A group run ended without a sum; ``reason`` says why (an :class:`AbortReason`)."""
+    """A group run ended without a sum; ``reason`` says why (an :class:`AbortReason`), and
+    ``silent`` names the members whose arrays never came when it knows them (a plain
+    butterfly's last run), else it is empty."""
 
-    def __init__(self, message: str, *, reason: AbortReason) -> None:
+    def __init__(
+        self, message: str, *, reason: AbortReason, silent: tuple[PeerId, ...] = ()
+    ) -> None:
         super().__init__(message)
         self.reason = reason
+        self.silent = silent
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -402,15 +407,14 @@ class Aggregator:
         """The mean of the group's float vectors by a plain (unmasked) butterfly all-reduce,
         its slices sent with ``compression`` (fp16, int8; default: float32 as they are).
 
-        A member missing in the input phase (dead, or elsewhere) makes the run end without
-        a sum; the group is then re-run with the members whose slices came, up to
-        ``max_attempts`` runs in all (:meth:`.ButterflySession.present`): ``survivors`` says
-        who the mean is over. ``absent`` members are presumed gone (a probe, as in
-        :meth:`secure_sum`).
+        A member missing (dead, or elsewhere) makes the run end without a sum; the group is
+        then re-run with the members whose arrays came, up to ``max_attempts`` runs in all
+        (:meth:`.ButterflySession.present`): ``survivors`` says who the mean is over.
+        ``absent`` members are presumed gone (a probe, as in :meth:`secure_sum`).
 
         Raises:
             ValueError: a top-k codec (use :meth:`gather_mean`).
-            AggregationFailed: the last run ended without a sum, or one ended in its sum phase.
+            AggregationFailed: the last run ended without a sum (``silent``: whom it missed).
         """
         members, rng = roster, _rng(compression, rng)
         for attempt in range(1, self._max_attempts + 1):
@@ -421,8 +425,10 @@ class Aggregator:
             try:
                 outcome = await self._drive(session, Scope(job[:64], round), len(values), absent)
                 break
-            except AggregationFailed:
+            except AggregationFailed as exc:
                 present = session.present()
+                if present is not None:
+                    exc.silent = tuple(peer for peer in members if peer not in present)
                 if attempt == self._max_attempts or present is None or len(present) < 2:
                     raise
                 log.info("butterfly re-run", extra={"members": len(present), "of": len(members)})
@@ -491,24 +497,22 @@ class Aggregator:
         contexts = tuple(session.contexts)
         if any(context in self._runs for context in contexts):
             raise ValueError("this run is already in progress on this node")
-        try:
-            async with trio.open_nursery() as nursery:
-                run = _Run(
-                    session, scope, nursery, in_thread=size > _INLINE_ELEMENTS, absent=absent
-                )
-                for context in contexts:
-                    self._runs[context] = run
+        async with trio.open_nursery() as nursery:
+            run = _Run(session, scope, nursery, in_thread=size > _INLINE_ELEMENTS, absent=absent)
+            for context in contexts:
+                self._runs[context] = run
+            try:
                 await self._feed(run, session.start)
                 for context in contexts:
                     for sender, item in self._pending.take(context):
                         await self._feed_quietly(run, sender, context, item)
                 while run.outcome is None:
                     await self._wait_or_expire(run)
-        finally:
-            now = trio.current_time()
-            for context in contexts:
-                self._runs.pop(context, None)
-                self._ended[context] = now
+            finally:  # before the nursery closes: nothing may be fed to the run after it
+                now = trio.current_time()
+                for context in contexts:
+                    self._runs.pop(context, None)
+                    self._ended[context] = now
         if isinstance(run.outcome, Aborted):
             raise AggregationFailed(run.outcome.detail, reason=run.outcome.reason)
         return run.outcome

@@ -26,6 +26,7 @@ from ..node import Node
 from ..stats import RejectReason
 from ..wire import Envelope
 from .sync import (
+    Agreed,
     Claim,
     StateAnswer,
     StateQuery,
@@ -119,12 +120,18 @@ class StateSync:
             return await trio.to_thread.run_sync(work)
         return work()
 
-    async def claims(self, peers: Sequence[PeerId]) -> list[tuple[PeerId, Claim]]:
+    async def claims(
+        self,
+        peers: Sequence[PeerId],
+        *,
+        enough: Callable[[list[tuple[PeerId, Claim]]], bool] = lambda claims: False,
+    ) -> list[tuple[PeerId, Claim]]:
         """Ask ``peers`` at once what they hold; returns the claims in the order they came (a
-        peer that does not answer in time, or answers for another job, makes none)."""
+        peer that does not answer in time, or answers for another job, makes none), as soon
+        as they are ``enough`` (a dead peer's silence is not waited for then)."""
         claims: list[tuple[PeerId, Claim]] = []
 
-        async def ask(peer: PeerId) -> None:
+        async def ask(peer: PeerId, scope: trio.CancelScope) -> None:
             try:
                 answer = await self._node.request(
                     peer, StateQuery(job=self._job), within=self._query_s
@@ -134,10 +141,12 @@ class StateSync:
             body = answer.body
             if isinstance(body, StateAnswer) and body.job == self._job:
                 claims.append((peer, Claim(body.next_round, body.digest, body.settling)))
+                if enough(claims):
+                    scope.cancel()
 
         async with trio.open_nursery() as nursery:
             for peer in peers:
-                nursery.start_soon(ask, peer)
+                nursery.start_soon(ask, peer, nursery.cancel_scope)
         return claims
 
     async def find(
@@ -163,9 +172,13 @@ class StateSync:
             ``least - 1`` too (none of them will end it with a result).
         """
         deadline = trio.current_time() + wait_s
+
+        def agreed_on(claims: list[tuple[PeerId, Claim]]) -> Agreed | None:
+            return agreed_state(claims, quorum=quorum, least=least, most=most)
+
         while True:
-            claims = await self.claims(peers)
-            agreed = agreed_state(claims, quorum=quorum, least=least, most=most)
+            claims = await self.claims(peers, enough=lambda claims: agreed_on(claims) is not None)
+            agreed = agreed_on(claims)
             if agreed is not None:
                 if agreed.claim == Claim(least, own):
                     return Found(agreed.claim, None)

@@ -699,10 +699,19 @@ class TrainingPeer:
         return self.spec.collusion + 1
 
     def _askable(self, number: int) -> list[PeerId]:
-        """A random sample of round ``number``'s other roster peers to ask where the job is."""
+        """A random sample of round ``number``'s other roster peers to ask where the job is,
+        those presumed gone only if fewer than ``2 collusion + 1`` others are left (enough
+        for an honest quorum beside ``collusion`` liars; a dead peer's silence costs a
+        query's wait)."""
         others = [p for p in self.rosters.at(number) if p != self.node.peer_id]
-        asked = max(CATCH_UP_ASKED, 2 * self.spec.collusion + 1)
-        return secrets.SystemRandom().sample(others, min(asked, len(others)))
+        asked = min(max(CATCH_UP_ASKED, 2 * self.spec.collusion + 1), len(others))
+        here = [p for p in others if p not in self._absent]
+        random = secrets.SystemRandom()
+        sample = random.sample(here, min(asked, len(here)))
+        if len(sample) >= min(asked, 2 * self.spec.collusion + 1):
+            return sample
+        gone = [p for p in others if p in self._absent]
+        return sample + random.sample(gone, asked - len(sample))
 
     def _most(self) -> int:
         """The furthest round a claim may name: the job's rounds, and its clock."""
@@ -776,12 +785,16 @@ class TrainingPeer:
         return found.state.next_round
 
     def _short(self, number: int, groups: list[int]) -> bool:
-        """Whether a step after the first of ``exact`` round ``number`` went on without some
-        member: its sum lacks the aggregate that member held (unless every group of the step
-        lacks the same one), so this peer may hold another model than the others."""
+        """Whether a step of ``exact`` round ``number`` went on without some member, so that
+        this peer may hold another model than the others: a step after the first (its sum
+        lacks the aggregate that member held, unless every group of the step lacks the same
+        one), or a plain first step (a butterfly re-run goes on with the members this peer
+        heard from, which others may have heard differently; secure groups agree on theirs)."""
         placement, me = self._placement(number), self.node.peer_id
         return any(
-            0 < size < len(placement.group(me, step)[1]) for step, size in enumerate(groups) if step
+            0 < size < len(placement.group(me, step)[1])
+            for step, size in enumerate(groups)
+            if step or not self.spec.secure
         )
 
     async def _settle(self, number: int, *, failed: bool) -> None:
@@ -912,9 +925,10 @@ class TrainingPeer:
         if self._index in self.spec.attackers:
             factor = self.spec.attack_scale * (-1 if self.spec.attack == "sign_flip" else 1)
             trained = (base + factor * (trained - base)).astype(np.float32)
-        average, groups = await self.average(
+        averaged = await self._average_unless_left_behind(
             trained, number, weight=self.weight * contributes, base=base
         )
+        average, groups = averaged or (trained, [0] * len(self._steps(number)))
         load_flat(self.model, self.strategy.apply(base, average))
         if self._settles and (0 in groups or self._short(number, groups)):
             failed = 0 in groups
@@ -932,6 +946,39 @@ class TrainingPeer:
             groups=tuple(groups),
             contributed=contributes,
         )
+
+    async def _average_unless_left_behind(
+        self,
+        trained: npt.NDArray[np.float32],
+        number: int,
+        *,
+        weight: float,
+        base: npt.NDArray[np.float32],
+    ) -> tuple[npt.NDArray[np.float32], list[int]] | None:
+        """:meth:`average`, given up (None) once a quorum of the roster claims to have ended
+        the round after this one: its groups went on without this peer (it came late, or
+        was presumed gone), which a phase would otherwise learn only at ``phase_max_s``,
+        each re-run again, while the others finish the job and leave. Asked after ``join_s``,
+        then every ``join_s``: a healthy round never asks."""
+        outcome: list[tuple[npt.NDArray[np.float32], list[int]]] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stop_when_left_behind, number, nursery.cancel_scope)
+            outcome.append(await self.average(trained, number, weight=weight, base=base))
+            nursery.cancel_scope.cancel()
+        if not outcome:
+            self.note = f"round {number}: the others ended it without this peer"
+            return None
+        return outcome[0]
+
+    async def _stop_when_left_behind(self, number: int, scope: trio.CancelScope) -> None:
+        every = self.aggregator.deadlines.join_s
+        while True:
+            await trio.sleep(every)
+            claims = await self._sync.claims(self._askable(number))
+            ahead = agreed_round(claims, quorum=self._quorum, least=number + 2, most=self._most())
+            if ahead is not None:
+                scope.cancel()
+                return
 
     async def push_round(self, number: int) -> RoundReport:
         """One tick of push-sum: absorb the pushes that came, train from the estimate, push
@@ -1185,8 +1232,7 @@ class TrainingPeer:
         if origin is not None:
             params = params - origin
         placement = self._placement(number)
-        exact = self.spec.schedule == "exact"
-        steps = range(placement.steps) if exact else [number % placement.steps]
+        steps = self._steps(number)
         weight, sizes = self.weight if weight is None else weight, []
         own = self.spec.secure  # params are still this peer's own, which masks must hide
         # peer-level DP: the noise of this peer's own vector, until it is an aggregate
@@ -1226,7 +1272,9 @@ class TrainingPeer:
                 result = await self._group_mean(
                     vector, number * _STEPS_PER_ROUND + step, index, members, step, absent, rng
                 )
-            except (AggregationFailed, MeshfedError, trio.TooSlowError):
+            except (AggregationFailed, MeshfedError, trio.TooSlowError) as exc:
+                if isinstance(exc, AggregationFailed) and exc.silent:  # it knows who is gone
+                    self._note_absent(members, tuple(set(members) - set(exc.silent)))
                 sizes.append(0)
                 continue
             self._note_absent(members, result.survivors)
@@ -1242,6 +1290,11 @@ class TrainingPeer:
         if noise is not None and data:  # never aggregated: the model kept may leave later
             params = self._release(params, noise, 1, first=False, data=True)
         return (params if origin is None else origin + params), sizes
+
+    def _steps(self, number: int) -> list[int]:
+        """The grid axes round ``number`` averages over: all of them with ``exact``."""
+        axes = self._placement(number).steps
+        return list(range(axes)) if self.spec.schedule == "exact" else [number % axes]
 
     async def _robust_step(
         self,

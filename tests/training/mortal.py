@@ -15,6 +15,7 @@ from meshfed.identity import Identity
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
 from meshfed.training.job import RoundReport, TrainingPeer
 from meshfed.transports.memory import MemoryNetwork
+from meshfed.wire import Scope
 
 #: the join floor as deployed (3 s), so that waiting for a dead peer shows
 DEPLOYED = DeadlinePolicy(join_s=3.0, grace_s=0.3, phase_max_s=20.0)
@@ -27,20 +28,20 @@ def quiet_config(data_dir: Path) -> NodeConfig:
 
 
 class Dying(Aggregator):
-    """An aggregator whose node dies ``after_s`` into the secure sum of round ``at_round``
-    (mid-protocol): it sets ``killed`` and never returns."""
+    """An aggregator whose node dies ``after_s`` into its first group run of round
+    ``at_round`` (mid-protocol, secure or plain): it sets ``killed`` and never returns."""
 
     def __init__(self, node: Node, *, at_round: int, after_s: float, killed: trio.Event) -> None:
         super().__init__(node, deadlines=DEPLOYED)
         self.at_round, self.after_s, self.killed = at_round, after_s, killed
 
-    async def secure_mean(self, spec: Any, *args: Any, **options: Any) -> Any:
-        if spec.round // 64 == self.at_round:
+    async def _drive(self, session: Any, scope: Scope, *args: Any, **options: Any) -> Any:
+        if scope.round // 64 == self.at_round:
             with trio.move_on_after(self.after_s):
-                await super().secure_mean(spec, *args, **options)
+                await super()._drive(session, scope, *args, **options)
             self.killed.set()
             await trio.sleep_forever()
-        return await super().secure_mean(spec, *args, **options)
+        return await super()._drive(session, scope, *args, **options)
 
 
 class Life:
@@ -67,12 +68,21 @@ class Life:
     def id(self) -> str:
         return str(self.identity.peer_id)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self,
+        go: trio.Event | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Start the node and its peer, then train once ``go`` is set (when every node of
+        the job is up: arrays for a job a node does not run yet are refused)."""
         config = quiet_config(self.data_dir)
         async with open_node(config, identity=self.identity, network=self.network) as node:
             self.node = node
             self.peer = peer = self.make_peer(node)
             task_status.started()
+            if go is not None:
+                await go.wait()
 
             def seen(report: RoundReport) -> None:
                 self.reports.append(report)
