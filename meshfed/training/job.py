@@ -785,17 +785,22 @@ class TrainingPeer:
         return found.state.next_round
 
     def _short(self, number: int, groups: list[int]) -> bool:
-        """Whether a step of ``exact`` round ``number`` went on without some member, so that
-        this peer may hold another model than the others: a step after the first (its sum
-        lacks the aggregate that member held, unless every group of the step lacks the same
-        one), or a plain first step (a butterfly re-run goes on with the members this peer
-        heard from, which others may have heard differently; secure groups agree on theirs)."""
+        """Whether a step of ``exact`` round ``number`` went on without members, so that this
+        peer may hold another model than the others: a step after the first without one (its
+        sum lacks the aggregate that member held, unless every group of the step lacks the
+        same one), or a plain first step with half of its group or fewer (a butterfly re-run
+        goes on with the members this peer heard from; sets that complete are disjoint, as
+        each member runs one at a time, so one with more than half is the one the settling
+        peers take; secure groups agree on their survivors)."""
         placement, me = self._placement(number), self.node.peer_id
-        return any(
-            0 < size < len(placement.group(me, step)[1])
-            for step, size in enumerate(groups)
-            if step or not self.spec.secure
-        )
+
+        def short(step: int, size: int) -> bool:
+            members = len(placement.group(me, step)[1])
+            if step or self.spec.secure:
+                return 0 < size < members
+            return size > 0 and 2 * size <= members
+
+        return any(short(step, size) for step, size in enumerate(groups))
 
     async def _settle(self, number: int, *, failed: bool) -> None:
         """After a round that went wrong here (a step ``failed`` or was sat out, or a later
@@ -961,10 +966,15 @@ class TrainingPeer:
         each re-run again, while the others finish the job and leave. Asked after ``join_s``,
         then every ``join_s``: a healthy round never asks."""
         outcome: list[tuple[npt.NDArray[np.float32], list[int]]] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._stop_when_left_behind, number, nursery.cancel_scope)
-            outcome.append(await self.average(trained, number, weight=weight, base=base))
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_when_left_behind, number, nursery.cancel_scope)
+                outcome.append(await self.average(trained, number, weight=weight, base=base))
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # what average() raised, as it would alone
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         if not outcome:
             self.note = f"round {number}: the others ended it without this peer"
             return None

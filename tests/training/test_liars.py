@@ -6,6 +6,7 @@ while the job is young."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy.typing as npt
 import pytest
 import trio
 
+from meshfed.errors import MeshfedError
 from meshfed.node import Node
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
 from meshfed.stats import RejectReason
@@ -56,19 +58,22 @@ def lie_with(liar: TrainingPeer, victim: Node, lie: Callable[[], Lie]) -> None:
         claimed, array, digest = lie()
         if query.send:
             name = f"trainstate.{job.encode().hex()}:{claimed}"
-            await node.send_array(envelope.sender, array, name=name)
+            with contextlib.suppress(MeshfedError):  # refused, if it does not match the claim
+                await node.send_array(envelope.sender, array, name=name)
         return StateAnswer(job=job, next_round=claimed, digest=digest)
 
     serve(node, job, answer)
 
 
 def answer_slowly(node: Node, peer: TrainingPeer) -> None:
-    """``peer`` answers state queries honestly, 50 ms late (so that liars answer first)."""
+    """``peer`` answers state queries honestly, with what it holds when asked, 50 ms late
+    (so that liars answer first)."""
     honest = peer._sync._answer
 
     async def answer(envelope: Envelope, query: StateQuery) -> StateAnswer:
+        answered = await honest(envelope, query)
         await trio.sleep(0.05)
-        return await honest(envelope, query)
+        return answered
 
     serve(node, peer.spec.job_id, answer)
 
@@ -137,7 +142,7 @@ def assert_caught_up_with_the_honest(
     late_rounds = [r.round for r in reports[-1]]
     assert not any(reports[-1][0].groups)  # alone in round 0: the others were ahead
     assert 2 <= late_rounds[1] < ROUNDS  # it took a round the job had reached, not the end
-    assert late_rounds[-1] == ROUNDS - 1 and reports[-1][-1].groups == (len(peers),)
+    assert any(r.groups[0] > 1 for r in reports[-1][1:])  # then trained with the others
     for peer in honest:
         np.testing.assert_array_equal(victim.parameters, peer.parameters)
 
