@@ -4,8 +4,12 @@ Peer m of the roster owns slice m of the vector: every peer sends slice m to its
 owner sums the slices and sends the slice sum back to everyone, so each peer sends and receives
 about ``2 (g - 1) / g`` of a vector (hivemind's all-reduce, without its load balancing). It is
 what secure aggregation costs are measured against, and the averaging used when secure
-aggregation is off. An owner that misses its deadline ends the run (:class:`Aborted`); the
-caller leaves the group out of that step.
+aggregation is off. An owner that misses its deadline ends the run (:class:`Aborted`), and
+the driver may re-run the group with the members whose arrays of that phase came
+(:meth:`ButterflySession.present`): a dead member costs one deadline, not the step. Members
+that saw different sets derive different contexts, and their re-runs fail instead of mixing;
+a member that finished the first run does not re-run, so (rarely: a sum that reached some
+members only) members can end with different means, which the caller must allow for.
 
 With a codec (:mod:`.compression`; fp16 or int8, not top-k: a slice sum is dense) both the
 slices and the slice sums travel compressed; an owner adds the decoded slices to its own in
@@ -83,6 +87,7 @@ class ButterflySession(PlainGroupSession):
         self._inbox: dict[_Phase, dict[PeerId, npt.NDArray[Any]]] = {p: {} for p in _Phase}
         self._own = values[slice(*self._bounds(me))]
         self._own_sum: npt.NDArray[np.float32] | None = None
+        self._aborted_in: _Phase | None = None
 
     def progress(self) -> Progress:
         """The step and how many of its answers are in."""
@@ -130,17 +135,29 @@ class ButterflySession(PlainGroupSession):
             return []
         missing = len(self._others) - len(self._inbox[self._phase])
         reason = AbortReason.OWNER_LOST if self._phase is _Phase.INPUT else AbortReason.SLICE_LOST
-        self._phase = _Phase.DONE
+        self._phase, self._aborted_in = _Phase.DONE, self._phase
         return [Aborted(reason, f"{missing} peers missed the deadline", released=False)]
+
+    def present(self) -> tuple[PeerId, ...] | None:
+        """After the run aborted: this peer and the members whose arrays of the phase it
+        ended in came (input slices, or slice sums), in roster order, whom a re-run can go
+        on with; None if the run has not aborted."""
+        if self._aborted_in is None:
+            return None
+        came = self._inbox[self._aborted_in]
+        return tuple(peer for peer in self._roster if peer == self.me or peer in came)
 
     def _bounds(self, owner: PeerId) -> tuple[int, int]:
         return slice_bounds(len(self._values), len(self._owners), self._owners.index(owner))
 
     def _progress(self) -> list[Action]:
         if self._phase is _Phase.INPUT and len(self._inbox[_Phase.INPUT]) == len(self._others):
-            total = self._own.copy()
-            for array in self._inbox[_Phase.INPUT].values():
-                total += array
+            # in roster order, not arrival order: members of other groups holding the same
+            # inputs at the same positions (later steps of an exact round) get the same sum
+            inputs = self._inbox[_Phase.INPUT]
+            total = np.zeros_like(self._own)
+            for peer in self._roster:
+                total += self._own if peer == self.me else inputs[peer]
             payload, self._own_sum = self._encode(total)
             self._phase = _Phase.SUM
             return [

@@ -76,11 +76,16 @@ _MESSAGES: tuple[type[Message], ...] = (
 
 
 class AggregationFailed(MeshfedError):
-    """A group run ended without a sum; ``reason`` says why (an :class:`AbortReason`)."""
+    """A group run ended without a sum; ``reason`` says why (an :class:`AbortReason`), and
+    ``silent`` names the members whose arrays never came when it knows them (a plain
+    butterfly's last run), else it is empty."""
 
-    def __init__(self, message: str, *, reason: AbortReason) -> None:
+    def __init__(
+        self, message: str, *, reason: AbortReason, silent: tuple[PeerId, ...] = ()
+    ) -> None:
         super().__init__(message)
         self.reason = reason
+        self.silent = silent
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,6 +98,9 @@ class DeadlinePolicy:
         grace_s: least wait of any other phase once most answers are in.
         slack: once most answers are in, the rest get ``slack`` times as long as those took.
         phase_max_s: no phase waits longer; also the deadline of each send.
+        probe_s: least wait of a run's first phase, once every member but those the caller
+            presumes absent has answered (``absent=`` of the runs; a peer that missed a
+            round, SPEC 7c): the absent get a short probe, not ``join_s``.
 
     Without a majority, a phase still ends ``max(join_s, slack x elapsed)`` after its last
     answer: when most of a group is dead or elsewhere (another attempt, another round), waiting
@@ -103,6 +111,7 @@ class DeadlinePolicy:
     grace_s: float = 0.5
     slack: float = 2.0
     phase_max_s: float = 60.0
+    probe_s: float = 0.05
 
     def deadline(
         self,
@@ -111,10 +120,16 @@ class DeadlinePolicy:
         majority_at: float | None,
         last_at: float | None = None,
         first: bool,
+        present_at: float | None = None,
     ) -> float:
         """When a phase that began at ``started`` gives up on the answers still missing (most
-        of them came at ``majority_at``; the latest one at ``last_at``)."""
+        of them came at ``majority_at``; the latest one at ``last_at``; all but the presumed
+        absent at ``present_at``, first phase only)."""
         latest = started + self.phase_max_s
+        if present_at is not None and first:
+            latest = min(
+                latest, present_at + max(self.probe_s, self.slack * (present_at - started))
+            )
         if majority_at is not None:
             floor = self.join_s if first else self.grace_s
             return min(latest, majority_at + max(floor, self.slack * (majority_at - started)))
@@ -155,9 +170,18 @@ class _Run:
     """One session being driven: its lock, its nursery, and what the deadlines need."""
 
     def __init__(
-        self, session: _Session, scope: Scope, nursery: trio.Nursery, *, in_thread: bool
+        self,
+        session: _Session,
+        scope: Scope,
+        nursery: trio.Nursery,
+        *,
+        in_thread: bool,
+        absent: int = 0,
     ) -> None:
         self.session = session
+        #: members the caller presumes absent, and when all the others were in (first phase)
+        self.absent = absent
+        self.present_at: float | None = None
         self.in_thread = in_thread
         self.scope = scope
         self.nursery = nursery
@@ -189,11 +213,18 @@ class _Run:
         if new_step:
             self.step, self.started, self.majority_at = progress.step, call_started, None
             self.last_at = now if progress.arrived else None  # answers that came early
+            self.present_at = None
         elif progress.arrived > previous:
             sooner = sooner or self.last_at is None
             self.last_at = now
         if self.majority_at is None and progress.arrived >= math.ceil(progress.expected / 2):
             self.majority_at, sooner = now, True
+        if (
+            self.absent
+            and self.present_at is None
+            and progress.arrived >= progress.expected - self.absent
+        ):
+            self.present_at, sooner = now, True
         if sooner:
             self.changed.set()
         return new_step
@@ -285,14 +316,16 @@ class Aggregator:
 
     # -- public API ------------------------------------------------------------------------------
 
-    async def secure_sum(self, spec: GroupSpec, levels: Levels) -> GroupResult:
-        """The ring sum of the group's levels, by secure aggregation.
+    async def secure_sum(self, spec: GroupSpec, levels: Levels, *, absent: int = 0) -> GroupResult:
+        """The ring sum of the group's levels, by secure aggregation; ``absent`` members are
+        presumed gone (the first phase waits only :attr:`DeadlinePolicy.probe_s` for them once
+        the others are in; the same in every run below).
 
         Raises:
             AggregationFailed: the run (and every allowed re-run) ended without a sum.
         """
         with self._buffers.lend() as take:
-            outcome, attempts = await self._secure(spec, levels, take)
+            outcome, attempts = await self._secure(spec, levels, take, absent)
             return GroupResult(outcome.total, outcome.survivors, attempts)
 
     async def secure_mean(
@@ -302,6 +335,7 @@ class Aggregator:
         quantizer: Quantizer,
         *,
         rng: np.random.Generator,
+        absent: int = 0,
     ) -> GroupResult:
         """The mean of the survivors' float vectors, quantized, summed securely, rescaled.
 
@@ -328,7 +362,7 @@ class Aggregator:
                     "%d of %d values beyond the quantizer's clip %g were clipped to it",
                     clipped, values.size, quantizer.clip,
                 )  # fmt: skip
-            outcome, attempts = await self._secure(spec, levels, take)
+            outcome, attempts = await self._secure(spec, levels, take, absent)
             count = len(outcome.survivors)
 
             def rescale() -> npt.NDArray[np.float32]:
@@ -341,7 +375,11 @@ class Aggregator:
             return GroupResult(mean, outcome.survivors, attempts, clipped)
 
     async def _secure(
-        self, spec: GroupSpec, levels: Levels, take: Callable[[int, np.dtype[Any]], Levels]
+        self,
+        spec: GroupSpec,
+        levels: Levels,
+        take: Callable[[int, np.dtype[Any]], Levels],
+        absent: int,
     ) -> tuple[Finished, int]:
         session = SecAggSession(
             spec,
@@ -350,7 +388,8 @@ class Aggregator:
             max_attempts=self._max_attempts,
             new_buffer=lambda: take(len(levels), spec.dtype),
         )
-        outcome = await self._drive(session, Scope(spec.job[:64], spec.round), len(levels))
+        scope = Scope(spec.job[:64], spec.round)
+        outcome = await self._drive(session, scope, len(levels), absent)
         return outcome, session.attempt + 1
 
     async def plain_mean(
@@ -363,23 +402,41 @@ class Aggregator:
         roster: tuple[PeerId, ...],
         compression: Codec | None = None,
         rng: np.random.Generator | None = None,
+        absent: int = 0,
     ) -> GroupResult:
         """The mean of the group's float vectors by a plain (unmasked) butterfly all-reduce,
         its slices sent with ``compression`` (fp16, int8; default: float32 as they are).
 
+        A member missing (dead, or elsewhere) makes the run end without a sum; the group is
+        then re-run with the members whose arrays came, up to ``max_attempts`` runs in all
+        (:meth:`.ButterflySession.present`): ``survivors`` says who the mean is over.
+        ``absent`` members are presumed gone (a probe, as in :meth:`secure_sum`).
+
         Raises:
             ValueError: a top-k codec (use :meth:`gather_mean`).
-            AggregationFailed: a peer missed its deadline.
+            AggregationFailed: the last run ended without a sum (``silent``: whom it missed).
         """
-        session = ButterflySession(
-            job=job, round=round, group=group, roster=roster, me=self._node.peer_id,
-            values=values, codec=compression, rng=_rng(compression, rng),
-        )  # fmt: skip
-        outcome = await self._drive(session, Scope(job[:64], round), len(values))
+        members, rng = roster, _rng(compression, rng)
+        for attempt in range(1, self._max_attempts + 1):
+            session = ButterflySession(
+                job=job, round=round, group=group, roster=members, me=self._node.peer_id,
+                values=values, codec=compression, rng=rng,
+            )  # fmt: skip
+            try:
+                outcome = await self._drive(session, Scope(job[:64], round), len(values), absent)
+                break
+            except AggregationFailed as exc:
+                present = session.present()
+                if present is not None:
+                    exc.silent = tuple(peer for peer in members if peer not in present)
+                if attempt == self._max_attempts or present is None or len(present) < 2:
+                    raise
+                log.info("butterfly re-run", extra={"members": len(present), "of": len(members)})
+                members, absent = present, 0
         mean = np.empty(len(values), np.float32)
         for part, bounds in _placed(outcome.parts):
-            np.multiply(part, np.float32(1 / len(roster)), out=mean[bounds])
-        return GroupResult(mean, outcome.survivors, 1)
+            np.multiply(part, np.float32(1 / len(members)), out=mean[bounds])
+        return GroupResult(mean, outcome.survivors, attempt)
 
     async def gather(
         self,
@@ -389,6 +446,7 @@ class Aggregator:
         round: int,
         group: int,
         roster: tuple[PeerId, ...],
+        absent: int = 0,
     ) -> GroupResult:
         """Every member's vector (an all-gather, for robust aggregation): ``value`` is the
         stacked vectors of ``survivors``, in roster order.
@@ -399,7 +457,7 @@ class Aggregator:
         session = GatherSession(
             job=job, round=round, group=group, roster=roster, me=self._node.peer_id, values=values
         )
-        outcome = await self._drive(session, Scope(job[:64], round), len(values))
+        outcome = await self._drive(session, Scope(job[:64], round), len(values), absent)
         return GroupResult(np.stack(outcome.parts), outcome.survivors, 1)
 
     async def gather_mean(
@@ -412,6 +470,7 @@ class Aggregator:
         roster: tuple[PeerId, ...],
         compression: Codec,
         rng: np.random.Generator | None = None,
+        absent: int = 0,
     ) -> GroupResult:
         """The mean of the group's vectors by an all-gather of their ``compression`` payloads
         (for top-k, whose payloads cannot be summed slice by slice): every member sums the same
@@ -424,7 +483,7 @@ class Aggregator:
             job=job, round=round, group=group, roster=roster, me=self._node.peer_id,
             values=values, codec=compression, rng=_rng(compression, rng), everyone=True,
         )  # fmt: skip
-        outcome = await self._drive(session, Scope(job[:64], round), len(values))
+        outcome = await self._drive(session, Scope(job[:64], round), len(values), absent)
         total = np.zeros(len(values), np.float32)
         for part in outcome.parts:
             total += part
@@ -433,27 +492,27 @@ class Aggregator:
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    async def _drive(self, session: _Session, scope: Scope, size: int) -> Finished:
+    async def _drive(self, session: _Session, scope: Scope, size: int, absent: int = 0) -> Finished:
         self._forget_old()
         contexts = tuple(session.contexts)
         if any(context in self._runs for context in contexts):
             raise ValueError("this run is already in progress on this node")
-        try:
-            async with trio.open_nursery() as nursery:
-                run = _Run(session, scope, nursery, in_thread=size > _INLINE_ELEMENTS)
-                for context in contexts:
-                    self._runs[context] = run
+        async with trio.open_nursery() as nursery:
+            run = _Run(session, scope, nursery, in_thread=size > _INLINE_ELEMENTS, absent=absent)
+            for context in contexts:
+                self._runs[context] = run
+            try:
                 await self._feed(run, session.start)
                 for context in contexts:
                     for sender, item in self._pending.take(context):
                         await self._feed_quietly(run, sender, context, item)
                 while run.outcome is None:
                     await self._wait_or_expire(run)
-        finally:
-            now = trio.current_time()
-            for context in contexts:
-                self._runs.pop(context, None)
-                self._ended[context] = now
+            finally:  # before the nursery closes: nothing may be fed to the run after it
+                now = trio.current_time()
+                for context in contexts:
+                    self._runs.pop(context, None)
+                    self._ended[context] = now
         if isinstance(run.outcome, Aborted):
             raise AggregationFailed(run.outcome.detail, reason=run.outcome.reason)
         return run.outcome
@@ -464,6 +523,7 @@ class Aggregator:
             majority_at=run.majority_at,
             last_at=run.last_at,
             first=run.step[1] == 1,
+            present_at=run.present_at,
         )
 
     async def _wait_or_expire(self, run: _Run) -> None:

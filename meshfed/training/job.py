@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import secrets
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -65,21 +66,28 @@ from ..secagg.ring import Quantizer, check_capacity
 from ..stats import RejectReason
 from ..store import Checkpoint, JobState, Store
 from ..wire import Envelope
+from .catchup import StateSync
 from .checkpoints import Converged, ProgressPolicy, Rollback
 from .data import BUNDLED, Dataset, OwnData, own_weight
 from .jobfile import check_types, from_mapping, read_document
 from .pooled import Counts, pool_counts
 from .preflight import prepare
-from .sync import StateAnswer, StateQuery, TrainingState, decode_state, encode_state, serve
+from .roster import RosterChange, RosterSchedule
+from .sync import TrainingState, agreed_round, plausible_round
 from .torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 
 __all__ = ["JobSpec", "RoundReport", "TrainingPeer", "local_seed"]
 
 log = logging.getLogger(__name__)
 
-#: a peer (re)starting asks this many random roster peers where the job is, for this long
-CATCH_UP_ASKED = 3
+#: a peer catching up asks this many random roster peers (at least 2 collusion + 1) where the
+#: job is, each for this long; a newcomer waits this long for the others to reach its round
+CATCH_UP_ASKED = 8
 CATCH_UP_QUERY_S = 2.0
+JOIN_WAIT_S = 600.0
+#: the fastest plausible round: no peer may claim a round the job could not have reached at
+#: this rate since this peer first saw it
+MIN_ROUND_S = 0.02
 _STEPS_PER_ROUND = 64  # GroupSpec.round = round * 64 + step: a fresh context for every step
 _WEIGHT_COPIES = 32  # secure int8: the weight rides as this many quantized copies
 _POOL_STEPS = 32  # the validation counts' group rounds: round * 64 + 32 + step
@@ -387,6 +395,11 @@ class TrainingPeer:
     Args:
         store: where to commit every round and resume from (the CLI passes ``node.store``);
             without one nothing persists and rollback is impossible.
+        joining: this peer joins a running job (it replaces a failed one): the change that
+            put it in the roster, whose roster ``spec.roster`` must be. It takes the state
+            of round ``joining.from_round`` by quorum before its first round (:meth:`run`).
+        min_round_s: the fastest plausible round (:data:`MIN_ROUND_S`): a catch-up never
+            takes a round the job could not have reached at that rate.
 
     Raises:
         ConfigError: this node is not in the roster, the job names an unknown model or data,
@@ -400,8 +413,12 @@ class TrainingPeer:
         aggregator: Aggregator | None = None,
         *,
         store: Store | None = None,
+        joining: RosterChange | None = None,
+        min_round_s: float = MIN_ROUND_S,
     ) -> None:
         me = str(node.peer_id)
+        if joining is not None and joining.roster != spec.roster:
+            raise ConfigError("a joining peer's spec lists the roster of the change it joins by")
         if me not in spec.roster:
             raise ConfigError("this node is not in the job's roster")
         if spec.rollback_drop and store is None:
@@ -508,13 +525,31 @@ class TrainingPeer:
         self._lag = spec.gossip_staleness + math.ceil(hops / self._pushes_per_tick) - 1
         if spec.schedule == "pushsum":
             node.on_array(self._on_push, prefix=self._push_prefix, replace=True)
-        #: what a peer catching up gets from us: the state our current round started from
-        self._offer = TrainingState(0, flatten(self.model), self.strategy.state_dict())
-        self._state_prefix = f"trainstate.{self._job.hex()}:"
-        self._state_from: PeerId | None = None  # whose state we asked for
-        self._received: list[TrainingState] = []  # what came from it
-        serve(node, spec.job_id, self._answer_state_query)
-        node.on_array(self._on_state, prefix=self._state_prefix, replace=True)
+        #: the roster of each round: the spec's, then the changes handed in
+        self.rosters = RosterSchedule(self._roster)
+        self._joining = joining
+        if joining is not None:
+            self.rosters.version = joining.version
+        #: peers presumed gone: they missed a step of ours (until they show up again), and
+        #: those that asked for our state this round (they are catching up: not gone)
+        self._absent: set[PeerId] = set()
+        self._returning: set[PeerId] = set()
+        self._sync = StateSync(
+            node,
+            job_id=spec.job_id,
+            parameters=len(self._push_state.x),
+            members=self.rosters.everyone,
+            on_query=self._returned,
+            query_s=CATCH_UP_QUERY_S,
+            send_s=self.aggregator.deadlines.phase_max_s,
+        )
+        #: the state the next round starts from: offered to the roster, and kept to go back to
+        self._round_start = TrainingState(0, flatten(self.model), self.strategy.state_dict())
+        self._sync.offer_now(self._round_start)
+        #: the job's clock: a round and when it was known to be reached (Unix seconds)
+        self._clock = (joining.from_round if joining else 0, time.time())
+        self._min_round_s = min_round_s
+        self._jump: int | None = None  # a round a settled state starts, past the next one
 
     @property
     def parameters(self) -> npt.NDArray[np.float32]:
@@ -597,12 +632,18 @@ class TrainingPeer:
         reports = await self._resume()
         try:
             number = reports[-1].round + 1 if reports else 0
-            if reports and self.state is JobState.RUNNING:  # the others may have gone on
+            if reports:
+                await self._offer_round(number)
+            if self._joining is not None and not reports:
+                number = await self._join(self._joining.from_round)
+            elif reports and self.state is JobState.RUNNING:  # the others may have gone on
                 number = await self._catch_up(number)
             while number < self.spec.rounds and self.state is JobState.RUNNING:
-                self._offer = TrainingState(
-                    number, flatten(self.model), copy.deepcopy(self.strategy.state_dict())
-                )
+                if self.node.peer_id not in self.rosters.at(number):
+                    self.note = (
+                        f"left the roster at round {number} (version {self.rosters.version})"
+                    )
+                    break
                 if self.spec.schedule == "pushsum":
                     report = await self.push_round(number)
                 else:
@@ -611,88 +652,187 @@ class TrainingPeer:
                 reports.append(report)
                 if on_round is not None:
                     on_round(report)
-                number += 1
-                if not any(report.groups):  # left out of every step: maybe the others are ahead
+                number, self._jump = self._jump or number + 1, None
+                if report.decision == "rollback":
+                    await self._offer_round(number)
+                if not self._settles and not any(report.groups):  # maybe the others are ahead
                     number = await self._catch_up(number)
         except Exception as exc:
             await self._set_state(JobState.FAILED, repr(exc))
             raise
-        self._offer = TrainingState(
-            self.spec.rounds, flatten(self.model), self.strategy.state_dict()
-        )
+        await self._offer_round(self.spec.rounds)
         if self.state is JobState.RUNNING:
             last_event = f"; {self.note}" if self.note else ""
             await self._set_state(JobState.FINISHED, f"all {len(reports)} rounds{last_event}")
         return reports
 
-    async def _catch_up(self, start: int) -> int:
-        """Ask a few roster peers where the job is; if some are past ``start``, take the state
-        of the one furthest ahead (:mod:`.sync`). Returns the round to go on with."""
+    def change_roster(self, change: RosterChange) -> bool:
+        """Plan the groups of round ``change.from_round`` on over ``change.roster`` (the
+        market replacing a failed winner; the caller checked its signatures). A change whose
+        version is not above the last one taken is ignored; returns whether it was taken. A
+        peer not in the roster of a round stops before it; a newcomer joins by catch-up
+        (``joining``). Give every peer of the job the same changes: they plan the same groups.
+
+        Raises:
+            ConfigError: a bad roster (:meth:`.RosterChange.peers`), one too small for the
+                job's secure groups, or a ``pushsum`` job (no rounds to change it at).
+        """
         if self.spec.schedule == "pushsum":
-            return start  # no rounds to be behind in
-        me, answers = self.node.peer_id, {}
+            raise ConfigError("a pushsum job has no round boundaries to change its roster at")
+        peers = change.peers()
+        if self.spec.secure:
+            check_secure_grid(len(peers), self.spec.max_group, self.spec.collusion)
+        taken = self.rosters.take(change)
+        if taken:
+            log.info("roster changed", extra={"from_round": change.from_round, "peers": len(peers)})
+        return taken
 
-        async def ask(peer: PeerId) -> None:
-            with contextlib.suppress(MeshfedError):
-                query = StateQuery(job=self.spec.job_id)
-                answer = await self.node.request(peer, query, within=CATCH_UP_QUERY_S)
-                if isinstance(answer.body, StateAnswer) and answer.body.job == self.spec.job_id:
-                    answers[peer] = answer.body.next_round
+    @property
+    def _settles(self) -> bool:
+        """Whether a round that went wrong here is settled by quorum (:meth:`_settle`): only
+        ``exact`` without ``robust`` gives every peer that completes a round the same state."""
+        return self.spec.schedule == "exact" and self.spec.robust == "none"
 
-        others = [peer for peer in self._roster if peer != me]
-        async with trio.open_nursery() as nursery:
-            for peer in secrets.SystemRandom().sample(others, min(CATCH_UP_ASKED, len(others))):
-                nursery.start_soon(ask, peer)
-        ahead = max(answers, key=answers.__getitem__, default=None)
-        if ahead is None or answers[ahead] <= start:
-            return start
-        self._state_from = ahead
-        self._received.clear()
-        with contextlib.suppress(MeshfedError):
-            await self.node.request(
-                ahead,
-                StateQuery(job=self.spec.job_id, send=True),
-                within=self.aggregator.deadlines.phase_max_s,
-            )
-        self._state_from = None
-        state = self._received.pop() if self._received else None
-        if state is None or state.next_round <= start:
-            return start
+    @property
+    def _quorum(self) -> int:
+        """How many asked peers must agree on a state: one more than may collude."""
+        return self.spec.collusion + 1
+
+    def _askable(self, number: int) -> list[PeerId]:
+        """A random sample of round ``number``'s other roster peers to ask where the job is,
+        those presumed gone only if fewer than ``2 collusion + 1`` others are left (enough
+        for an honest quorum beside ``collusion`` liars; a dead peer's silence costs a
+        query's wait)."""
+        others = [p for p in self.rosters.at(number) if p != self.node.peer_id]
+        asked = min(max(CATCH_UP_ASKED, 2 * self.spec.collusion + 1), len(others))
+        here = [p for p in others if p not in self._absent]
+        random = secrets.SystemRandom()
+        sample = random.sample(here, min(asked, len(here)))
+        if len(sample) >= min(asked, 2 * self.spec.collusion + 1):
+            return sample
+        gone = [p for p in others if p in self._absent]
+        return sample + random.sample(gone, asked - len(sample))
+
+    def _most(self) -> int:
+        """The furthest round a claim may name: the job's rounds, and its clock."""
+        known_round, known_at = self._clock
+        return plausible_round(
+            known_round=known_round, known_at=known_at, now=time.time(),
+            min_round_s=self._min_round_s, rounds=self.spec.rounds,
+        )  # fmt: skip
+
+    async def _offer_round(self, number: int) -> None:
+        """Round ``number`` starts from the current model: offer it, and keep it to go back to."""
+        self._round_start = TrainingState(
+            number, flatten(self.model), copy.deepcopy(self.strategy.state_dict())
+        )
+        await self._sync.offer(self._round_start)
+
+    def _load(self, state: TrainingState) -> bool:
+        """Go on from ``state`` (not its privacy); False if its strategy state does not fit."""
         try:
-            self.strategy.load_state_dict(state.strategy)
+            self.strategy.load_state_dict(copy.deepcopy(state.strategy))
         except (KeyError, ValueError, TypeError) as exc:
             log.warning("a peer's strategy state does not fit", extra={"error": repr(exc)})
-            return start
+            return False
         load_flat(self.model, state.model)
         self._push_state.move_to(state.model)
-        await self._set_state(
-            self.state, f"caught up at round {state.next_round} from {ahead.short()}"
-        )
-        return state.next_round
+        return True
 
-    async def _answer_state_query(self, envelope: Envelope, query: StateQuery) -> StateAnswer:
-        """Where we are; with ``send``, our current round's starting state goes first."""
-        if envelope.sender not in self._roster:
-            raise RemoteProtocolError(
-                "a state query from outside the roster", reason=RejectReason.NOT_A_MEMBER
-            )
-        offer = self._offer
-        if query.send:
-            with trio.fail_after(self.aggregator.deadlines.phase_max_s):
-                await self.node.send_array(
-                    envelope.sender,
-                    encode_state(offer),
-                    name=f"{self._state_prefix}{offer.next_round}",
-                )
-        return StateAnswer(job=self.spec.job_id, next_round=offer.next_round)
+    async def _catch_up(self, start: int) -> int:
+        """Take the furthest state a quorum of the roster agrees on, if past round ``start``
+        (or at it, but not ours) (:mod:`.sync`); with ``moshpit``, whose peers hold different
+        models, only the round a quorum has reached. Returns the round to go on with."""
+        if self.spec.schedule == "pushsum":
+            return start  # no rounds to be behind in
+        peers = self._askable(max(start - 1, 0))
+        if self.spec.schedule == "moshpit":
+            claims = await self._sync.claims(peers)
+            ahead = agreed_round(claims, quorum=self._quorum, least=start + 1, most=self._most())
+            if ahead is None:
+                return start
+            await self._set_state(self.state, f"caught up at round {ahead} (own model kept)")
+            return ahead
+        own = self._sync.offered
+        found = await self._sync.find(
+            peers, quorum=self._quorum, least=start, most=self._most(),
+            own=own.digest if own.next_round == start else b"",
+        )  # fmt: skip
+        if found is None or found.state is None or not self._load(found.state):
+            return start
+        await self._offer_round(found.state.next_round)
+        await self._set_state(self.state, f"caught up at round {found.state.next_round}")
+        return found.state.next_round
 
-    async def _on_state(self, envelope: Envelope, header: ArrayHeader, array: Any) -> None:
-        """Keep the state we asked for."""
-        if envelope.sender != self._state_from:
-            raise RemoteProtocolError(
-                "a training state nobody asked for", reason=RejectReason.NOT_A_MEMBER
+    async def _join(self, number: int) -> int:
+        """A newcomer's start: wait until a quorum of the roster agrees on a state at round
+        ``number`` or later, and take it.
+
+        Raises:
+            PeerUnreachable: no quorum within :data:`JOIN_WAIT_S`.
+        """
+        found = await self._sync.find(
+            self._askable(number), quorum=self._quorum, least=number, most=self._most(),
+            own=b"", wait_s=JOIN_WAIT_S, poll_s=0.25,
+        )  # fmt: skip
+        if found is None or found.state is None or not self._load(found.state):
+            raise PeerUnreachable(
+                f"no {self._quorum} roster peers agreed on the job's state at round {number} or "
+                f"later within {JOIN_WAIT_S:.0f} s"
             )
-        self._received.append(decode_state(array, parameters=len(self._offer.model)))
+        await self._offer_round(found.state.next_round)
+        await self._set_state(self.state, f"joined at round {found.state.next_round}")
+        return found.state.next_round
+
+    def _short(self, number: int, groups: list[int]) -> bool:
+        """Whether a step of ``exact`` round ``number`` went on without members, so that this
+        peer may hold another model than the others: a step after the first without one (its
+        sum lacks the aggregate that member held, unless every group of the step lacks the
+        same one), or a plain first step with half of its group or fewer (a butterfly re-run
+        goes on with the members this peer heard from; sets that complete are disjoint, as
+        each member runs one at a time, so one with more than half is the one the settling
+        peers take; secure groups agree on their survivors)."""
+        placement, me = self._placement(number), self.node.peer_id
+
+        def short(step: int, size: int) -> bool:
+            members = len(placement.group(me, step)[1])
+            if step or self.spec.secure:
+                return 0 < size < members
+            return size > 0 and 2 * size <= members
+
+        return any(short(step, size) for step, size in enumerate(groups))
+
+    async def _settle(self, number: int, *, failed: bool) -> None:
+        """After a round that went wrong here (a step ``failed`` or was sat out, or a later
+        group was short), take the state a quorum of the roster ended it with. The others may
+        still be at it (each of their steps may wait ``join_s`` for a member that sat out).
+        With none after ``join_s + grace_s`` per step and one more, a peer that failed goes
+        back to the round's starting model (every peer that failed does the same, so that
+        with ``exact`` all peers still hold one model); a short one keeps its result."""
+        ended = TrainingState(number + 1, flatten(self.model), self.strategy.state_dict())
+        _, own = await self._sync.digest(ended)
+        deadlines = self.aggregator.deadlines
+        steps = self._placement(number).steps + 1
+        self._sync.settling = failed
+        try:
+            found = await self._sync.find(
+                self._askable(number), quorum=self._quorum, least=number + 1,
+                most=max(self._most(), number + 1), own=own,
+                wait_s=steps * (deadlines.join_s + deadlines.grace_s), poll_s=0.05,
+            )  # fmt: skip
+        finally:
+            self._sync.settling = False
+        if found is None:
+            if failed:
+                self._load(self._round_start)
+                self.note = f"round {number}: no quorum on its result, back to its start"
+        elif found.state is not None and self._load(found.state):
+            ahead = found.state.next_round
+            if ahead > number + 1:
+                self._jump = ahead
+                self.note = f"caught up at round {ahead} after round {number}"
+            else:
+                self.note = f"round {number}: settled on the state of {self._quorum}+ peers"
 
     async def _resume(self) -> list[RoundReport]:
         """Register the job in the store, or pick it up where the store left it."""
@@ -702,6 +842,8 @@ class TrainingPeer:
         job = await trio.to_thread.run_sync(self.store.put_job, job_id, spec)
         if job.spec != spec:
             raise StoreError(f"the store holds another job called {job_id!r}: use a new job_id")
+        if self._joining is None:
+            self._clock = (0, min(job.created, time.time()))  # when this node first saw it
         records = await trio.to_thread.run_sync(self.store.rounds, job_id)
         try:
             reports = [
@@ -779,6 +921,7 @@ class TrainingPeer:
     async def run_round(self, number: int) -> RoundReport:
         """Train locally, average in this round's groups, apply the strategy, evaluate."""
         began, sent_before = time.monotonic(), self.node.stats.bytes_out
+        self._returning.clear()
         base = flatten(self.model)
         contributes = await self._charge(number)
         train_loss = await self._train_locally(number) if contributes else float("nan")
@@ -787,10 +930,17 @@ class TrainingPeer:
         if self._index in self.spec.attackers:
             factor = self.spec.attack_scale * (-1 if self.spec.attack == "sign_flip" else 1)
             trained = (base + factor * (trained - base)).astype(np.float32)
-        average, groups = await self.average(
+        averaged = await self._average_unless_left_behind(
             trained, number, weight=self.weight * contributes, base=base
         )
+        average, groups = averaged or (trained, [0] * len(self._steps(number)))
         load_flat(self.model, self.strategy.apply(base, average))
+        if self._settles and (0 in groups or self._short(number, groups)):
+            failed = 0 in groups
+            if not failed:  # a result all the same: others may hold it too
+                await self._offer_round(number + 1)
+            await self._settle(number, failed=failed)
+        await self._offer_round(self._jump or number + 1)
         return await self._report(
             number,
             began=began,
@@ -801,6 +951,44 @@ class TrainingPeer:
             groups=tuple(groups),
             contributed=contributes,
         )
+
+    async def _average_unless_left_behind(
+        self,
+        trained: npt.NDArray[np.float32],
+        number: int,
+        *,
+        weight: float,
+        base: npt.NDArray[np.float32],
+    ) -> tuple[npt.NDArray[np.float32], list[int]] | None:
+        """:meth:`average`, given up (None) once a quorum of the roster claims to have ended
+        the round after this one: its groups went on without this peer (it came late, or
+        was presumed gone), which a phase would otherwise learn only at ``phase_max_s``,
+        each re-run again, while the others finish the job and leave. Asked after ``join_s``,
+        then every ``join_s``: a healthy round never asks."""
+        outcome: list[tuple[npt.NDArray[np.float32], list[int]]] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_when_left_behind, number, nursery.cancel_scope)
+                outcome.append(await self.average(trained, number, weight=weight, base=base))
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # what average() raised, as it would alone
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        if not outcome:
+            self.note = f"round {number}: the others ended it without this peer"
+            return None
+        return outcome[0]
+
+    async def _stop_when_left_behind(self, number: int, scope: trio.CancelScope) -> None:
+        every = self.aggregator.deadlines.join_s
+        while True:
+            await trio.sleep(every)
+            claims = await self._sync.claims(self._askable(number))
+            ahead = agreed_round(claims, quorum=self._quorum, least=number + 2, most=self._most())
+            if ahead is not None:
+                scope.cancel()
+                return
 
     async def push_round(self, number: int) -> RoundReport:
         """One tick of push-sum: absorb the pushes that came, train from the estimate, push
@@ -1022,9 +1210,20 @@ class TrainingPeer:
             values = np.clip(values, -bound, bound)
         return noise.release(values)
 
+    def _returned(self, peer: PeerId) -> None:
+        """``peer`` asked for our state: it is back (or catching up to be), not gone."""
+        self._absent.discard(peer)
+        self._returning.add(peer)
+
+    def _note_absent(self, members: tuple[PeerId, ...], survivors: tuple[PeerId, ...]) -> None:
+        """Presume gone the members that missed a step of ours, unless they asked for our
+        state this round (they come back at the next); those present are not."""
+        self._absent.difference_update(survivors)
+        self._absent.update(set(members) - set(survivors) - self._returning)
+
     def _placement(self, number: int) -> Placement:
         return Placement.of(
-            self._roster, job=self._job, round=number, max_group=self.spec.max_group
+            self.rosters.at(number), job=self._job, round=number, max_group=self.spec.max_group
         )
 
     async def average(
@@ -1043,25 +1242,30 @@ class TrainingPeer:
         if origin is not None:
             params = params - origin
         placement = self._placement(number)
-        exact = self.spec.schedule == "exact"
-        steps = range(placement.steps) if exact else [number % placement.steps]
+        steps = self._steps(number)
         weight, sizes = self.weight if weight is None else weight, []
         own = self.spec.secure  # params are still this peer's own, which masks must hide
         # peer-level DP: the noise of this peer's own vector, until it is an aggregate
         noise, data = self._own_noise(len(params)), weight > 0
+        me = self.node.peer_id
         for step in steps:
-            index, members = placement.group(self.node.peer_id, step)
+            index, members = placement.group(me, step)
             if len(members) < 2:
                 sizes.append(1)
                 continue
-            if own and len(members) < 3:
-                sizes.append(0)  # a sum of two would show the other member this peer's model
+            if (own and len(members) < 3) or (self._settles and 0 in sizes):
+                # a sum of two would show the other member this peer's model; after a failed
+                # step, what this peer holds is not what its group holds: it would spread
+                sizes.append(0)
                 continue
             first = step == steps[0]
+            absent = len(self._absent.intersection(members))
             if self.spec.robust != "none":
                 mine = self._release(params, noise, len(members), first=first, data=data)
                 try:
-                    params, count = await self._robust_step(mine, number, step, index, members)
+                    params, count = await self._robust_step(
+                        mine, number, step, index, members, absent
+                    )
                     noise = None
                 except (AggregationFailed, MeshfedError, trio.TooSlowError):
                     count = 0
@@ -1071,13 +1275,19 @@ class TrainingPeer:
             np.multiply(params, weight, out=vector[:-1])
             vector[:-1] = self._release(vector[:-1], noise, len(members), first=first, data=data)
             vector[-1] = weight
+            rng = self._rng
+            if self._settles and step:  # what this peer holds, others of other groups hold
+                rng = _public_rng(self._job, number, step, placement.group(me, step - 1)[0])
             try:
                 result = await self._group_mean(
-                    vector, number * _STEPS_PER_ROUND + step, index, members, step
+                    vector, number * _STEPS_PER_ROUND + step, index, members, step, absent, rng
                 )
-            except (AggregationFailed, MeshfedError, trio.TooSlowError):
+            except (AggregationFailed, MeshfedError, trio.TooSlowError) as exc:
+                if isinstance(exc, AggregationFailed) and exc.silent:  # it knows who is gone
+                    self._note_absent(members, tuple(set(members) - set(exc.silent)))
                 sizes.append(0)
                 continue
+            self._note_absent(members, result.survivors)
             total = float(result.value[-1])
             if total <= 0:  # nobody in the group contributed: nothing to learn from it
                 sizes.append(len(result.survivors))
@@ -1091,6 +1301,11 @@ class TrainingPeer:
             params = self._release(params, noise, 1, first=False, data=True)
         return (params if origin is None else origin + params), sizes
 
+    def _steps(self, number: int) -> list[int]:
+        """The grid axes round ``number`` averages over: all of them with ``exact``."""
+        axes = self._placement(number).steps
+        return list(range(axes)) if self.spec.schedule == "exact" else [number % axes]
+
     async def _robust_step(
         self,
         params: npt.NDArray[np.float32],
@@ -1098,13 +1313,15 @@ class TrainingPeer:
         step: int,
         index: int,
         members: tuple[PeerId, ...],
+        absent: int,
     ) -> tuple[npt.NDArray[np.float32], int]:
         """Gather the group's models and aggregate them robustly (uniform weights); returns
         the aggregate and how many models it came from."""
         gathered = await self.aggregator.gather(
             params, job=self._job, round=number * _STEPS_PER_ROUND + step, group=index,
-            roster=members,
+            roster=members, absent=absent,
         )  # fmt: skip
+        self._note_absent(members, gathered.survivors)
         aggregate = AGGREGATORS[self.spec.robust]
         options = dict(self.spec.robust_options)
         if self.spec.robust == "centered_clip":
@@ -1123,25 +1340,29 @@ class TrainingPeer:
         index: int,
         members: tuple[PeerId, ...],
         step: int,
+        absent: int,
+        rng: np.random.Generator,
     ) -> GroupResult:
         """The group's mean of ``[w v, w]`` (``v``: the model, or the update when the job
         :attr:`~JobSpec.averages_updates`), the way the job's ``secure`` and ``compression``
-        say."""
+        say; ``absent`` members are presumed gone (a short probe, not the join floor)."""
         where: dict[str, Any] = {"job": self._job, "round": round, "group": index}
         if isinstance(self.codec, TopK):
             feedback = self._feedback.setdefault(step, ErrorFeedback(self.codec, len(vector)))
             before = feedback.residual
             try:
                 return await self.aggregator.gather_mean(
-                    vector, **where, roster=members, compression=feedback, rng=self._rng
-                )
+                    vector, **where, roster=members, compression=feedback, rng=rng,
+                    absent=absent,
+                )  # fmt: skip
             except BaseException:
                 feedback.rewind(before, vector)  # nothing was sent: all of it is carried
                 raise
         if not self.spec.secure:
             return await self.aggregator.plain_mean(
-                vector, **where, roster=members, compression=self.codec, rng=self._rng
-            )
+                vector, **where, roster=members, compression=self.codec, rng=rng,
+                absent=absent,
+            )  # fmt: skip
         spec = GroupSpec(
             **where,
             roster=members,
@@ -1149,14 +1370,18 @@ class TrainingPeer:
             ring_bits=self.quantizer.ring_bits,
         )
         if self.quantizer.ring_bits == 32:
-            return await self.aggregator.secure_mean(spec, vector, self.quantizer, rng=self._rng)
+            return await self.aggregator.secure_mean(
+                spec, vector, self.quantizer, rng=rng, absent=absent
+            )
         # 8 bits: the update is clipped to [-clip, clip] like any value, and the weight w <= 1
         # travels as copies of w clip, each off by at most one level (2 clip / 255), unbiased:
         # their mean over copies and peers is within ~1 / (255 sqrt(copies x peers)) of the
         # mean weight, far below what the update itself loses to 8 bits
         clip = self.quantizer.clip
         wide = np.concatenate([vector[:-1], np.full(_WEIGHT_COPIES, vector[-1] * clip, np.float32)])
-        result = await self.aggregator.secure_mean(spec, wide, self.quantizer, rng=self._rng)
+        result = await self.aggregator.secure_mean(
+            spec, wide, self.quantizer, rng=rng, absent=absent
+        )
         weight = float(result.value[-_WEIGHT_COPIES:].mean()) / clip
         noise = 4 / (255 * math.sqrt(_WEIGHT_COPIES * len(result.survivors)))
         value = np.append(
@@ -1185,6 +1410,17 @@ def _own_data(node: Node, spec: JobSpec) -> tuple[Dataset, Dataset, int] | None:
     except DataError as exc:
         raise DataError(f"dataset: {exc}") from None
     return train, validation, node.datasets.get(spec.dataset).classes
+
+
+def _public_rng(job: bytes, number: int, step: int, held: int) -> np.random.Generator:
+    """The stochastic rounding of what a peer brings to step ``step`` of an ``exact`` round:
+    the aggregate of its group ``held`` at the step before, which the other members of that
+    group bring to other groups at the same position. Drawn from public values, the same
+    aggregate is rounded the same way everywhere, so the groups of the step get identical sums
+    and every peer ends the round with the same bytes (what catch-up's digests compare). It
+    hides nothing: the value is an aggregate, and DP noise has its own secret source."""
+    seed = hashlib.sha256(b"meshfed.rounding.v1" + job + struct.pack(">QQQ", number, step, held))
+    return np.random.default_rng(int.from_bytes(seed.digest()[:16], "big"))
 
 
 def local_seed(spec: JobSpec, number: int) -> int:

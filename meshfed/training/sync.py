@@ -1,23 +1,29 @@
-"""Catching up with a job: a peer that (re)starts behind its roster takes the state the others
-are at and goes on from there.
+"""Catching up with a job by quorum: a peer that is behind (or whose round went wrong) takes
+the state its roster agrees on, never one peer's word.
 
 Without it a restarted peer re-runs the round it died in while the others are rounds ahead,
-and its groups never meet again (every averaging step's context names its round). When it
-resumes, and after a round in which it was left out of every group, a
-:class:`~.job.TrainingPeer` asks a few roster peers where they are (:class:`StateQuery`, answered
-by :class:`StateAnswer` with the round that peer starts next); if some are ahead, it asks the
-one furthest ahead to send its state, which arrives, before the answer, as one uint8 array
-``trainstate.<job hex>:<round>`` (:func:`pack_state`: the round, the model, the strategy's
-state). The peer loads it and joins at that round.
+and its groups never meet again (every averaging step's context names its round). A
+:class:`~.job.TrainingPeer` asks several roster peers where they are (:class:`StateQuery`,
+answered by :class:`StateAnswer`: the round that peer starts next and the :func:`state_digest`
+of the state it starts it from). Rosters may hold strangers (auction winners), so the answers
+are claims, and :func:`agreed_state` takes a state only when at least ``quorum`` of the asked
+peers claim the same round *and* digest (``quorum = collusion + 1``: ``collusion`` liars alone
+never make one), and only a round the job's clock allows (:func:`plausible_round`). The state
+itself comes from one of the peers that claimed it, as one uint8 array
+``trainstate.<job hex>:<round>`` (:func:`encode_state`: the round, the model, the strategy's
+state), and is used only if its digest is the agreed one (else the next of them is asked).
 
-The state is taken on trust from one roster peer: until the market issue, a job's roster is a
-private federation (and with the ``exact`` schedule every honest peer holds the same model).
+What it does not resist: ``quorum`` or more colluding peers among those asked (beyond the
+job's collusion bound) can make a victim take their state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import hashlib
+import math
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -27,12 +33,31 @@ import numpy.typing as npt
 
 from ..codec import bounded, bounded_unpack
 from ..errors import RemoteProtocolError
+from ..identity import PeerId
 from ..node import Node
 from ..stats import RejectReason
 from ..store import pack_state, unpack_state
 from ..wire import Envelope, Message, message
 
-__all__ = ["StateAnswer", "StateQuery", "TrainingState", "decode_state", "encode_state", "serve"]
+__all__ = [
+    "Agreed",
+    "Claim",
+    "StateAnswer",
+    "StateQuery",
+    "TrainingState",
+    "agreed_round",
+    "agreed_state",
+    "decode_state",
+    "encode_state",
+    "plausible_round",
+    "serve",
+    "state_digest",
+]
+
+#: the length of a state digest (SHA-256)
+DIGEST_BYTES = 32
+#: no round is claimed past this (a job's rounds fit far below it)
+MAX_ROUND = 1 << 32
 
 
 @message("meshfed.train.state_query")
@@ -47,10 +72,14 @@ class StateQuery(Message):
 @message("meshfed.train.state_answer")
 @dataclass(frozen=True, slots=True)
 class StateAnswer(Message):
-    """``job`` starts round ``next_round`` next here (``rounds`` when it is done)."""
+    """``job`` starts round ``next_round`` next here (``rounds`` when it is done), from the
+    state whose :func:`state_digest` is ``digest``; ``settling``: its round ``next_round``
+    failed here, and it waits for the state the others end it with."""
 
     job: str = bounded(max_len=256)
-    next_round: int = bounded(ge=0)
+    next_round: int = bounded(ge=0, le=MAX_ROUND)
+    digest: bytes = bounded(min_len=DIGEST_BYTES, max_len=DIGEST_BYTES)
+    settling: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +97,94 @@ def encode_state(state: TrainingState) -> npt.NDArray[np.uint8]:
         [state.next_round, state.model.astype("<f4").tobytes(), pack_state(state.strategy)]
     )
     return np.frombuffer(packed, np.uint8)
+
+
+def state_digest(job: str, encoded: bytes | npt.NDArray[np.uint8]) -> bytes:
+    """SHA-256 of a state of ``job`` as it travels (:func:`encode_state`): the round, the
+    model's bytes and the strategy state. Peers holding the same state compute the same
+    digest (the same code packs the same values in the same order)."""
+    data = encoded.tobytes() if isinstance(encoded, np.ndarray) else encoded
+    name = job.encode()
+    return hashlib.sha256(
+        b"meshfed.trainstate.v1" + len(name).to_bytes(2, "big") + name + data
+    ).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What one peer says it holds: the round it starts next and that state's digest (and
+    whether it waits for the others' result of that round: not part of the claim's value)."""
+
+    next_round: int
+    digest: bytes
+    settling: bool = field(default=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Agreed:
+    """A state enough peers claim: the claim and who claims it (in the order they answered)."""
+
+    claim: Claim
+    peers: tuple[PeerId, ...]
+
+
+def agreed_state(
+    claims: Sequence[tuple[PeerId, Claim]], *, quorum: int, least: int, most: int
+) -> Agreed | None:
+    """The furthest state that at least ``quorum`` of the answering peers claim, at round
+    ``least`` to ``most`` (a claim beyond ``most`` counts for nothing: the job's clock or its
+    rounds rule it out). Each peer counts once, with its last claim. Two states with a quorum
+    at one round: the one more peers claim; a tie: none (honest peers of an ``exact`` job hold
+    one state per round, so a tie means liars or a split nobody should follow).
+
+    Raises:
+        ValueError: ``quorum < 1``.
+    """
+    if quorum < 1:
+        raise ValueError(f"quorum must be >= 1, not {quorum}")
+    last = dict(claims)
+    votes = Counter(c for c in last.values() if least <= c.next_round <= most)
+    best: tuple[int, int, Claim] | None = None
+    tied = False
+    for claim, count in votes.items():
+        if count < quorum:
+            continue
+        key = (claim.next_round, count)
+        if best is None or key > best[:2]:
+            best, tied = (*key, claim), False
+        elif key == best[:2]:
+            tied = True
+    if best is None or tied:
+        return None
+    chosen = best[2]
+    return Agreed(chosen, tuple(peer for peer, claim in last.items() if claim == chosen))
+
+
+def agreed_round(
+    claims: Sequence[tuple[PeerId, Claim]], *, quorum: int, least: int, most: int
+) -> int | None:
+    """The furthest round that at least ``quorum`` of the answering peers claim to have
+    reached (whatever their digests), in ``least..most``: the ``quorum``-th highest claim, so
+    that ``quorum - 1`` liars cannot move it past every honest peer. For schedules whose peers
+    hold different models (``moshpit``), where no state has a quorum."""
+    if quorum < 1:
+        raise ValueError(f"quorum must be >= 1, not {quorum}")
+    rounds = sorted(
+        (c.next_round for c in dict(claims).values() if c.next_round <= most), reverse=True
+    )
+    if len(rounds) < quorum or rounds[quorum - 1] < least:
+        return None
+    return rounds[quorum - 1]
+
+
+def plausible_round(
+    *, known_round: int, known_at: float, now: float, min_round_s: float, rounds: int
+) -> int:
+    """The furthest round a job known to be at ``known_round`` at time ``known_at`` can have
+    reached by ``now`` at one round per ``min_round_s`` (the fastest plausible rate), one more
+    for the round under way, and never past its ``rounds``."""
+    elapsed = max(0.0, now - known_at)
+    return min(rounds, known_round + math.floor(elapsed / min_round_s) + 1)
 
 
 def decode_state(array: npt.NDArray[Any], *, parameters: int) -> TrainingState:

@@ -64,10 +64,10 @@ class Recording(Aggregator):
         return record.result
 
     async def secure_mean(
-        self, spec: GroupSpec, values: Any, quantizer: Quantizer, *, rng: Any
+        self, spec: GroupSpec, values: Any, quantizer: Quantizer, **options: Any
     ) -> GroupResult:
         async def run() -> GroupResult:
-            return await super(Recording, self).secure_mean(spec, values, quantizer, rng=rng)
+            return await super(Recording, self).secure_mean(spec, values, quantizer, **options)
 
         return await self._record(spec.round, values, spec.roster, run)
 

@@ -135,6 +135,33 @@ async def test_plain_butterfly_mean_is_exact(tmp_path: Path) -> None:
             np.testing.assert_allclose(result.value, np.mean(values, axis=0), atol=1e-6)
 
 
+async def test_a_plain_butterfly_goes_on_without_a_member_that_never_came(tmp_path: Path) -> None:
+    """A dead member costs the butterfly one input-phase deadline: the others re-run the group
+    among themselves and all get the exact mean of their vectors; one presumed absent costs
+    only the probe."""
+    async with nodes(tmp_path, 5) as group:
+        values = vectors(4, 1_003)
+        roster = tuple(n.peer_id for n in group)  # the fifth never takes part
+        results: dict[int, GroupResult] = {}
+
+        async def one(i: int, aggregator: Aggregator, absent: int) -> None:
+            results[i] = await aggregator.plain_mean(
+                values[i], job=b"j", round=absent, group=1, roster=roster, absent=absent
+            )
+
+        for absent, longest in ((0, QUICK.join_s + 5.0), (1, QUICK.join_s)):
+            results.clear()
+            began = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for i, node in enumerate(group[:4]):
+                    aggregator = Aggregator(node, deadlines=QUICK, job=b"j", replace=True)
+                    nursery.start_soon(one, i, aggregator, absent)
+            assert trio.current_time() - began < longest
+            for result in results.values():
+                assert result.survivors == roster[:4] and result.attempts == 2
+                np.testing.assert_allclose(result.value, np.mean(values, axis=0), atol=1e-6)
+
+
 async def test_arrays_early_for_a_run_are_kept_within_limits_and_bad_ones_rejected(
     tmp_path: Path,
 ) -> None:
