@@ -309,7 +309,7 @@ def _make_job(
 def _ledgers(workdir: Path, names: list[str]) -> dict[str, dict[str, int]]:
     """Each node's accounts, read from its store (read-only, under its key) after it stopped
     (empty for a node without a store)."""
-    ledgers = {}
+    ledgers: dict[str, dict[str, int]] = {}
     for name in names:
         data_dir = workdir / name
         path = NodeConfig.load(overrides={"data_dir": data_dir}).store_path

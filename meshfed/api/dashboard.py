@@ -30,7 +30,7 @@ from ..audit import AuditKind
 from .live import LiveView
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from ..node import Node
 
@@ -99,8 +99,8 @@ def add_dashboard(
     app: FastAPI,
     node: Node,
     *,
-    read: Callable[..., None],
-    write: Callable[..., None],
+    read: Callable[..., Awaitable[None]],
+    write: Callable[..., Awaitable[None]],
 ) -> LiveView:
     """Add the dashboard's routes to ``app`` (``read``/``write``: the API's token checks);
     the :class:`LiveView` they show, whose ``run`` the caller starts."""
