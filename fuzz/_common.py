@@ -216,7 +216,7 @@ def market_samples(
         Settle(job, expires_ms, 1, 200_000, "done"),
         Receipt(job, expires_ms, blank, 1, 200_000),
         JobStatusQuery(job, expires_ms),
-        JobStatusReport(job, expires_ms, "running", 1, 3, 0.5, 100, roster),
+        JobStatusReport(job, expires_ms, "running", 1, 3, 0.5, 100, roster, 1),
     ]
 
 

@@ -278,6 +278,8 @@ class _Work:
     states: dict[int, bytes] = field(default_factory=dict)
     #: the device paused: stop after the round under way (billed), status ``paused``
     leaving: bool = False
+    #: rounds billed (noted, or about to be): fewer than the rounds done after a catch-up
+    billed: int = 0
     #: the training's scope: cancelled when the lease ends (settled, cancelled, forfeited)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -610,7 +612,8 @@ class Market:
         work.states[work.round] = state
         while len(work.states) > _KEEP_STATES:
             del work.states[min(work.states)]
-        self._nursery.start_soon(self._bill, work.start.job, work.round, evidence_of(state))
+        work.billed += 1
+        self._nursery.start_soon(self._bill, work, work.round, evidence_of(state))
         if work.leaving:  # handed back: the buyer sees ``paused`` and replaces us
             work.state = "paused"
             work.scope.cancel()
@@ -661,13 +664,15 @@ class Market:
         )  # fmt: skip
         await self._apply(actions, b"", seller=False, handle=handle)
 
-    async def _bill(self, job: str, unit: int, evidence: bytes) -> None:
+    async def _bill(self, work: _Work, unit: int, evidence: bytes) -> None:
         """Note the debit for one round done."""
+        job = work.start.job
         try:
             actions = await self._event(
                 _SELLER, "round_done", job=job, unit=unit, evidence=evidence, now=time.time()
             )
         except LocalProtocolError as exc:  # the lease ended (forfeit) or the job ran longer
+            work.billed -= 1
             log.info("round not billed", extra={"job": job, "error": str(exc)})
             return
         await self._apply(actions, b"", seller=True)
@@ -823,9 +828,8 @@ class Market:
         # is done (a replacement that never caught up has nothing left to do)
         last = any(r.round >= buyer.rfq.units for r in ended)
         if ended and (len(ended) == len(judged) or last):
-            skipped = {peer: buyer.rfq.units - units[peer] for peer in judged}  # replacements'
-            rounds = {p: 0 if p not in reports else reports[p].round for p in judged}
-            if all(judged[p] >= rounds[p] - skipped[p] for p in judged):  # notes all in
+            noted = {p: 0 if p not in reports else reports[p].noted for p in judged}
+            if all(judged[p] >= noted[p] for p in judged):  # every note they billed is in
                 await self._finish(handle, SettleReason.DONE)
             return
         membership = self.node.membership
@@ -907,6 +911,7 @@ class Market:
                 accuracy=accuracy,
                 examples=0 if work.peer is None else len(work.peer.shard),
                 roster=list(work.start.roster),
+                noted=work.billed,
             )
         handle = self.jobs.get(job_id)
         if handle is None:
@@ -921,6 +926,7 @@ class Market:
             accuracy=None if last is None else last.accuracy,
             examples=0 if last is None else last.examples,
             roster=list(handle.buyer.roster),
+            noted=handle.rounds_done(),
         )
 
     async def job_status(self, job_id: str, *, within: float = 5.0) -> JobStatusReport:

@@ -484,7 +484,9 @@ class JobStatusQuery(MarketMessage):
 class JobStatusReport(MarketMessage):
     """A roster peer's view of ``job``: state, round ``round`` of ``rounds``, the
     example-weighted accuracy over ``examples`` held-out examples (None before the first
-    report) and the roster it trains with."""
+    report), the roster it trains with, and ``noted``: the units it billed (a seller that
+    caught up over rounds did not do them: it bills fewer than its rounds; a buyer: the
+    units every winner was paid for)."""
 
     job: str = _job()
     expires_ms: int = _expires()
@@ -494,6 +496,7 @@ class JobStatusReport(MarketMessage):
     accuracy: float | None = bounded(ge=0.0, le=1.0)
     examples: int = bounded(ge=0, le=2**48)
     roster: list[PeerId] = bounded(max_len=MAX_ROSTER)
+    noted: int = bounded(ge=0, le=MAX_UNITS)
 
 
 def digest(message: MarketMessage) -> bytes:
