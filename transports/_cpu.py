@@ -20,7 +20,11 @@ import trio
 from meshfed.identity import PeerId
 from meshfed.ratelimit import CpuShares
 
-__all__ = ["CpuAccounting"]
+__all__ = ["UNAUTHENTICATED", "CpuAccounting"]
+
+#: the key unauthenticated work is charged to (accepting sealed connections, their handshakes):
+#: together it takes one peer's share
+UNAUTHENTICATED = None
 
 #: longest single pause of a peer in debt before it looks again whether others are busy
 MAX_PAUSE_S = 0.05
@@ -30,17 +34,21 @@ class CpuAccounting(trio.abc.Instrument):
     """Charges the CPU time of peer-owned tasks to their peers (add it with
     ``trio.lowlevel.add_instrument``)."""
 
-    def __init__(self, shares: CpuShares[PeerId] | None = None) -> None:
-        self.shares: CpuShares[PeerId] = CpuShares() if shares is None else shares
-        self._owners: dict[trio.lowlevel.Task, PeerId] = {}
+    def __init__(self, shares: CpuShares[PeerId | None] | None = None) -> None:
+        self.shares: CpuShares[PeerId | None] = CpuShares() if shares is None else shares
+        self._owners: dict[trio.lowlevel.Task, PeerId | None] = {}
         self._began = 0.0
 
-    def own(self, peer: PeerId) -> None:
-        """Charge the calling task's CPU time, from now until it ends, to ``peer``."""
-        self._owners[trio.lowlevel.current_task()] = peer
-        self._began = time.thread_time()  # this step is under way: charge it from here
+    def own(self, peer: PeerId | None) -> None:
+        """Charge the calling task's CPU time, from now until it ends (or it is owned anew),
+        to ``peer`` (:data:`UNAUTHENTICATED`: to the work of unauthenticated connections)."""
+        task, now = trio.lowlevel.current_task(), time.thread_time()
+        if task in self._owners:  # its step so far was its previous owner's
+            self.shares.charge(self._owners[task], now - self._began, now)
+        self._owners[task] = peer
+        self._began = now  # this step is under way: charge the rest of it to ``peer``
 
-    async def turn(self, peer: PeerId) -> None:
+    async def turn(self, peer: PeerId | None) -> None:
         """Wait while ``peer`` owes CPU time and other peers' work runs (at once if it owes
         none, or as soon as nobody else was charged during a pause)."""
         while (owed := self.shares.wait_s(peer, time.thread_time())) > 0:
@@ -54,10 +62,9 @@ class CpuAccounting(trio.abc.Instrument):
             self._began = time.thread_time()
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        peer = self._owners.get(task)
-        if peer is not None:
+        if task in self._owners:
             now = time.thread_time()
-            self.shares.charge(peer, now - self._began, now)
+            self.shares.charge(self._owners[task], now - self._began, now)
 
     def task_exited(self, task: trio.lowlevel.Task) -> None:
         self._owners.pop(task, None)

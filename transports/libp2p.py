@@ -72,7 +72,7 @@ from meshfed.transport import (
     TransportLimits,
 )
 
-from ._cpu import CpuAccounting
+from ._cpu import UNAUTHENTICATED, CpuAccounting
 from ._limits import PeerAdmission
 from ._sealed import (
     NONCE_BYTES,
@@ -741,7 +741,9 @@ class Libp2pTransport(Transport):
         sheds the oldest unauthenticated connection, backs off and goes on (as trio's
         ``serve_listeners`` backs off)."""
         pause = ACCEPT_BACKOFF_S[0]
+        self.cpu.own(UNAUTHENTICATED)
         while True:
+            await self.cpu.turn(UNAUTHENTICATED)  # all unauthenticated work: one fair share
             try:
                 sock, _ = await listener.accept()
             except OSError as exc:
@@ -805,6 +807,7 @@ class Libp2pTransport(Transport):
 
     async def _serve_sealed(self, sock: trio.socket.SocketType) -> None:
         self._sockets.add(sock)
+        self.cpu.own(UNAUTHENTICATED)
         try:
             accepted = await self._authenticate(sock)
             if accepted is None:
