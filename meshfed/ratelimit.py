@@ -115,6 +115,13 @@ class CpuShares(Generic[K]):
         share = self._shares.get(key)
         return 0.0 if share is None else share.spent
 
+    def forgive(self, key: K) -> None:
+        """Fill ``key``'s bucket: it waited while nobody else wanted the CPU, so its debt
+        held back no one (and would only grow while it is alone)."""
+        share = self._shares.get(key)
+        if share is not None:
+            share.level = self.burst_s
+
     def spent_by_others_s(self, key: K) -> float:
         """CPU seconds charged so far to every key but ``key`` (it grows while others work)."""
         return self._total - self.spent_s(key)

@@ -67,3 +67,13 @@ def test_busy_keys_each_get_an_equal_share_whatever_their_work_costs(
     # and none starves: each got at least half its share (the CPU idles while every busy key
     # repays a debt, and a bucket full at ``burst`` earns nothing more: not work-conserving)
     assert min(shares.spent_s(k) for k in keys) >= now / len(costs) / 2
+
+
+def test_a_key_that_waited_for_no_one_is_forgiven() -> None:
+    shares: CpuShares[str] = CpuShares(burst_s=0.05)
+    shares.charge("idle", 0.001, now=0.0)  # another key, active but idle
+    shares.charge("alone", 0.5, now=0.5)
+    assert shares.wait_s("alone", 0.5) > 0
+    assert shares.spent_by_others_s("alone") == pytest.approx(0.001)
+    shares.forgive("alone")  # the driver saw no one else charged while it paused
+    assert shares.wait_s("alone", 0.5) == 0.0

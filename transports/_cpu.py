@@ -26,8 +26,9 @@ __all__ = ["UNAUTHENTICATED", "CpuAccounting"]
 #: together it takes one peer's share
 UNAUTHENTICATED = None
 
-#: longest single pause of a peer in debt before it looks again whether others are busy
-MAX_PAUSE_S = 0.05
+#: shortest and longest pause of a peer in debt before it looks again whether others were
+#: busy meanwhile (the shortest is long enough to see a busy peer's next request arrive)
+MIN_PAUSE_S, MAX_PAUSE_S = 0.002, 0.05
 
 
 class CpuAccounting(trio.abc.Instrument):
@@ -49,13 +50,15 @@ class CpuAccounting(trio.abc.Instrument):
         self._began = now  # this step is under way: charge the rest of it to ``peer``
 
     async def turn(self, peer: PeerId | None) -> None:
-        """Wait while ``peer`` owes CPU time and other peers' work runs (at once if it owes
-        none, or as soon as nobody else was charged during a pause)."""
+        """Wait while ``peer`` owes CPU time and other peers' work runs: at once if it owes
+        none; if nobody else was charged during a pause, its debt is forgiven (it waited
+        for no one: the CPU is not kept idle)."""
         while (owed := self.shares.wait_s(peer, time.thread_time())) > 0:
             others = self.shares.spent_by_others_s(peer)
-            await trio.sleep(min(owed, MAX_PAUSE_S))
+            await trio.sleep(min(max(owed, MIN_PAUSE_S), MAX_PAUSE_S))
             if self.shares.spent_by_others_s(peer) == others:
-                return  # nobody else wanted the CPU meanwhile
+                self.shares.forgive(peer)
+                return
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         if task in self._owners:
