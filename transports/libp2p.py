@@ -883,7 +883,6 @@ class Libp2pTransport(Transport):
         async with trio.open_nursery() as nursery:
             try:
                 while True:
-                    await self.cpu.turn(peer)  # a peer in CPU debt is read later
                     length, frame_type, frame_id = await channel.receive_header()
                     if (
                         frame_type == REQUEST
@@ -938,6 +937,7 @@ class Libp2pTransport(Transport):
             return
         assert handler is not None
         try:
+            await self.cpu.turn(peer)  # a peer in CPU debt is served later (in its slot)
             answer = await handler(peer, payload)
         except RemoteProtocolError as exc:
             await _send_quietly(channel, ERROR, request_id, str(exc.reason).encode())
