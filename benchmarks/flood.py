@@ -12,7 +12,13 @@ Prints one JSON line:
   stale, replayed, oversized), SWIM pings of 64 updates and Cyclon shuffles of fresh signed
   records; ``flood_ratio = flooded / calm``;
 - ``flood_rss_mb``: the target's peak RSS over the whole run; ``flood``: what the flooder's
-  requests met, by kind; ``target_rejected``: the target's reject counters afterwards.
+  requests met, by kind; ``target_rejected``: the target's reject counters afterwards;
+- ``cpu_s``: CPU seconds (user + system) each process used in each phase (``calm``,
+  ``flooded``: ``target``, ``honest``, ``flooder``), to tell the target's own work from the
+  CPU the flooder takes from the two nodes on a small machine.
+
+With ``FLOOD_PROFILE=FILE`` the target runs cProfile during the flooded phase and
+writes its ``pstats`` to FILE (read it with ``python -m pstats FILE``).
 
 Goal (security review): ``honest_rps_flooded >= 0.5 x honest_rps_calm``, ``flood_rss_mb <
 500``.
@@ -23,6 +29,7 @@ Usage: python benchmarks/flood.py [--seconds 20] [--workers 8]
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import resource
@@ -56,8 +63,18 @@ def _config(data_dir: Path) -> NodeConfig:
 # -- the target process --------------------------------------------------------------------------
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def serve(data_dir: Path) -> None:
-    """Serve echo requests; answer each stdin line with the peak RSS and reject counters."""
+    """Serve echo requests. Each stdin line is a command answered with one JSON line:
+    ``status`` (peak RSS and reject counters), ``profile`` (start cProfile if
+    ``FLOOD_PROFILE`` names a file), ``unprofile`` (stop it, write the file)."""
+    profile_to = os.environ.get("FLOOD_PROFILE")
+    profiler = cProfile.Profile()
     async with open_node(_config(data_dir)) as node:
 
         async def echo(envelope: Envelope, text: Text) -> Text:
@@ -66,10 +83,19 @@ async def serve(data_dir: Path) -> None:
         node.handle(Text, echo)
         print(json.dumps({"addr": node.listen_addrs[0]}), flush=True)
         stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-        while await stdin.receive_some():
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            rejected = {str(k): v for k, v in node.stats.rejected.items()}
-            print(json.dumps({"rss_mb": peak, "rejected": rejected}), flush=True)
+        lines = b""
+        while data := await stdin.receive_some():
+            lines += data
+            while b"\n" in lines:
+                command, lines = lines.split(b"\n", 1)
+                if command == b"profile" and profile_to:
+                    profiler.enable()
+                elif command == b"unprofile" and profile_to:
+                    profiler.disable()
+                    profiler.dump_stats(profile_to)
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                rejected = {str(k): v for k, v in node.stats.rejected.items()}
+                print(json.dumps({"rss_mb": peak, "rejected": rejected}), flush=True)
 
 
 # -- the measuring process -----------------------------------------------------------------------
@@ -121,19 +147,55 @@ def _start_flooder(addr: str, seconds: float, only: list[str]) -> subprocess.Pop
     )
 
 
+def _command(server: subprocess.Popen[str], command: str) -> dict[str, Any]:
+    assert server.stdin is not None
+    server.stdin.write(command + "\n")
+    server.stdin.flush()
+    return _line(server)
+
+
+class _Clocks:
+    """CPU seconds of a phase, per process (``None`` for this one)."""
+
+    def __init__(self, processes: dict[str, int | None]) -> None:
+        self.processes = processes
+        self.started = {name: self._now(pid) for name, pid in processes.items()}
+
+    @staticmethod
+    def _now(pid: int | None) -> float:
+        return _cpu_s(os.getpid() if pid is None else pid)
+
+    def spent(self) -> dict[str, float]:
+        return {
+            name: round(self._now(pid) - self.started[name], 2)
+            for name, pid in self.processes.items()
+        }
+
+
 async def measure(
-    addr: str, root: Path, seconds: float, workers: int, only: list[str]
+    server: subprocess.Popen[str],
+    addr: str,
+    root: Path,
+    seconds: float,
+    workers: int,
+    only: list[str],
 ) -> dict[str, Any]:
     result: dict[str, Any] = {}
     async with open_node(_config(root / "honest")) as node:
         target = await node.connect(addr)
         await honest_rps(node, target, 2, workers)  # warm-up
+        clocks = _Clocks({"target": server.pid, "honest": None})
         result["honest_rps_calm"] = round(await honest_rps(node, target, seconds, workers), 1)
+        result["cpu_s"] = {"calm": clocks.spent()}
         flooder = _start_flooder(addr, seconds + 4, only)
         try:
             assert (await trio.to_thread.run_sync(_line, flooder))["event"] == "flooding"
             await trio.sleep(2)  # let it build up
+            await trio.to_thread.run_sync(_command, server, "profile")
+            clocks = _Clocks({"target": server.pid, "honest": None, "flooder": flooder.pid})
             flooded = await honest_rps(node, target, seconds, workers)
+            result["cpu_s"]["flooded"] = clocks.spent()
+            await trio.to_thread.run_sync(_command, server, "unprofile")
             result["honest_rps_flooded"] = round(flooded, 1)
             result["flood"] = (await trio.to_thread.run_sync(_line, flooder))["flood"]
         finally:
@@ -162,11 +224,10 @@ def main() -> None:
         )
         try:
             addr = _line(server)["addr"]
-            result = trio.run(measure, addr, Path(tmp), args.seconds, args.workers, args.only)
-            assert server.stdin is not None
-            server.stdin.write("status\n")
-            server.stdin.flush()
-            status = _line(server)
+            result = trio.run(
+                measure, server, addr, Path(tmp), args.seconds, args.workers, args.only
+            )
+            status = _command(server, "status")
             result["flood_rss_mb"] = round(status["rss_mb"], 1)
             result["target_rejected"] = status["rejected"]
             result["target_alive"] = server.poll() is None

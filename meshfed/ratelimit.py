@@ -1,4 +1,5 @@
-"""Token buckets per key (peer), the one rate limiter meshfed uses. Sans-IO: pass ``now``."""
+"""Token buckets per key (peer), the one rate limiter meshfed uses, and fair shares of the CPU
+between keys. Sans-IO: pass ``now``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-__all__ = ["TokenBuckets"]
+__all__ = ["CpuShares", "TokenBuckets"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -50,3 +51,97 @@ class TokenBuckets(Generic[K]):
         ]
         for key in full:
             del self._buckets[key]
+
+
+@dataclass(slots=True)
+class _Share:
+    level: float  # CPU seconds this key may still spend now (negative: its debt)
+    updated: float
+    charged: float  # when it last spent
+    spent: float = 0.0  # CPU seconds charged since it became active
+
+
+@dataclass(slots=True)
+class CpuShares(Generic[K]):
+    """Fair shares of one CPU between the keys (peers) that use it.
+
+    ``now`` is any clock in seconds; the libp2p transport passes the thread's CPU clock, so
+    shares divide the CPU the node actually got. A key charged within the last ``window_s``
+    is *active*. Each active key's bucket refills at ``1 / active`` seconds per second up to
+    ``burst_s``; :meth:`charge` spends from it, into debt if the work cost more. :meth:`wait_s`
+    says how long a key in debt must wait before more of its work starts, so busy keys each
+    get an equal share whatever their work costs, and a key alone gets all of it. A key's wait
+    depends on its own debt and on how many keys are active, never on how much the others
+    spend. Memory is bounded by the keys active within the window.
+    """
+
+    burst_s: float = 0.05
+    window_s: float = 1.0
+    _shares: dict[K, _Share] = field(default_factory=dict)
+    _pruned: float = float("-inf")
+    _total: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.burst_s <= 0 or self.window_s <= 0:
+            raise ValueError(
+                f"burst_s and window_s must be > 0, got {self.burst_s}, {self.window_s}"
+            )
+
+    @property
+    def rate(self) -> float:
+        """CPU seconds per second each active key earns."""
+        return 1.0 / max(1, len(self._shares))
+
+    def charge(self, key: K, seconds: float, now: float) -> None:
+        """``key`` spent ``seconds`` of CPU (at ``now``)."""
+        share = self._refilled(key, now)
+        share.level -= seconds
+        share.spent += seconds
+        share.charged = now
+        self._total += seconds
+        if now - self._pruned >= self.window_s:
+            self._prune(now)
+
+    def wait_s(self, key: K, now: float) -> float:
+        """Seconds ``key`` must wait before its next work starts (0: it may go on)."""
+        share = self._shares.get(key)
+        if share is None:
+            return 0.0
+        share = self._refilled(key, now)
+        return max(0.0, -share.level) / self.rate
+
+    def spent_s(self, key: K) -> float:
+        """CPU seconds charged to ``key`` since it last became active."""
+        share = self._shares.get(key)
+        return 0.0 if share is None else share.spent
+
+    def forgive(self, key: K) -> None:
+        """Fill ``key``'s bucket: it waited while nobody else wanted the CPU, so its debt
+        held back no one (and would only grow while it is alone)."""
+        share = self._shares.get(key)
+        if share is not None:
+            share.level = self.burst_s
+
+    def spent_by_others_s(self, key: K) -> float:
+        """CPU seconds charged so far to every key but ``key`` (it grows while others work)."""
+        return self._total - self.spent_s(key)
+
+    def _refilled(self, key: K, now: float) -> _Share:
+        share = self._shares.get(key)
+        if share is None:
+            share = self._shares[key] = _Share(self.burst_s, now, now)
+        else:
+            earned = max(0.0, now - share.updated) * self.rate
+            share.level = min(self.burst_s, share.level + earned)
+            share.updated = now
+        return share
+
+    def _prune(self, now: float) -> None:
+        """Forget keys idle for ``window_s`` whose debt is paid."""
+        self._pruned = now
+        for key in [
+            key
+            for key, share in self._shares.items()
+            if now - share.charged >= self.window_s and self._refilled(key, now).level >= 0
+        ]:
+            del self._shares[key]

@@ -72,6 +72,7 @@ from meshfed.transport import (
     TransportLimits,
 )
 
+from ._cpu import UNAUTHENTICATED, CpuAccounting
 from ._limits import PeerAdmission
 from ._sealed import (
     NONCE_BYTES,
@@ -478,6 +479,8 @@ class Libp2pTransport(Transport):
             raise AssertionError("libp2p derived another peer id from our key")
         self._ping = PingService(self.host)
         self._admission = PeerAdmission(limits)
+        #: CPU time each peer's tasks used, and the fair turns it gives them
+        self.cpu = CpuAccounting()
         self._request_handlers: dict[str, RequestHandler] = {}
         self._stream_handlers: dict[str, StreamHandler] = {}
         self._sessions: dict[PeerId, _Session] = {}
@@ -519,6 +522,7 @@ class Libp2pTransport(Transport):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener = await self._open_sealed_listener()
+        trio.lowlevel.add_instrument(self.cpu)
         try:
             async with self.host.run(self._listen):
                 failure = self._listen_failure()
@@ -531,6 +535,7 @@ class Libp2pTransport(Transport):
                         await trio.sleep_forever()
             raise failure  # outside libp2p's nurseries: one plain exception
         finally:
+            trio.lowlevel.remove_instrument(self.cpu)
             self._nursery = None
             if listener is not None:
                 listener.close()
@@ -736,7 +741,9 @@ class Libp2pTransport(Transport):
         sheds the oldest unauthenticated connection, backs off and goes on (as trio's
         ``serve_listeners`` backs off)."""
         pause = ACCEPT_BACKOFF_S[0]
+        self.cpu.own(UNAUTHENTICATED)
         while True:
+            await self.cpu.turn(UNAUTHENTICATED)  # all unauthenticated work: one fair share
             try:
                 sock, _ = await listener.accept()
             except OSError as exc:
@@ -800,11 +807,13 @@ class Libp2pTransport(Transport):
 
     async def _serve_sealed(self, sock: trio.socket.SocketType) -> None:
         self._sockets.add(sock)
+        self.cpu.own(UNAUTHENTICATED)
         try:
             accepted = await self._authenticate(sock)
             if accepted is None:
                 return
             peer, kind, channel = accepted
+            self.cpu.own(peer)
             if self._sealed_per_peer[peer] >= self.limits.max_streams_per_peer + _CONTROL_SLACK:
                 self.stats.reject(RejectReason.TOO_MANY_STREAMS)
                 return
@@ -817,6 +826,7 @@ class Libp2pTransport(Transport):
                         self._controls[peer] = control  # our requests may ride it back
                     await self._run_control(peer, control)
                 else:
+                    await self.cpu.turn(peer)
                     await self._serve_stream(peer, channel)
             finally:
                 self._sealed_per_peer[peer] -= 1
@@ -869,6 +879,7 @@ class Libp2pTransport(Transport):
         answered, answers to ours go to their waiters. So a peer that cannot accept connections
         (client mode) is still reached over the connection it dialed."""
         channel = control.channel
+        self.cpu.own(peer)
         async with trio.open_nursery() as nursery:
             try:
                 while True:
@@ -906,6 +917,7 @@ class Libp2pTransport(Transport):
     async def _serve_request(
         self, peer: PeerId, channel: SealedSocket, request_id: int, body: bytes
     ) -> None:
+        self.cpu.own(peer)
         name_len = body[0] if body else 0
         protocol = body[1 : 1 + name_len].decode("utf-8", "replace")
         payload = body[1 + name_len :]
@@ -925,6 +937,7 @@ class Libp2pTransport(Transport):
             return
         assert handler is not None
         try:
+            await self.cpu.turn(peer)  # a peer in CPU debt is served later (in its slot)
             answer = await handler(peer, payload)
         except RemoteProtocolError as exc:
             await _send_quietly(channel, ERROR, request_id, str(exc.reason).encode())

@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 MAX_PING_REQ_ADDRS = 4
 #: updates one SWIM message carries at most
 MAX_UPDATES = 64
+#: dead members one source's records may make us recheck at once (then one per SWIM period)
+RECHECK_BURST = 4
 
 
 @message("meshfed.swim.ping")
@@ -181,6 +183,11 @@ class Membership:
         checks = 2 * (2 * per_exchange / self.config.gossip_interval_s)
         checks += 2 * MAX_UPDATES / self.config.swim.period_s
         self._checks: TokenBuckets[PeerId] = TokenBuckets(checks, 2 * checks)
+        # Dead members one source's records may make us ping again (each a dial, perhaps to
+        # an address the source chose): one per SWIM period, a few at once.
+        self._rechecks: TokenBuckets[PeerId] = TokenBuckets(
+            1 / self.config.swim.period_s, RECHECK_BURST
+        )
         started = _wall_ms()
         self._seq = started
         self.swim = Swim(node.identity, self.config.swim, self._rng, incarnation=started)
@@ -328,7 +335,10 @@ class Membership:
                 self.swim.forget(record.peer)  # cannot be probed; its record's expiry decides
                 continue
             if self.swim.state(record.peer) == MemberState.DEAD:
-                self._act_all(self.swim.recheck(record.peer, trio.current_time()))
+                if self._rechecks.take(source, trio.current_time()):
+                    self._act_all(self.swim.recheck(record.peer, trio.current_time()))
+                else:
+                    self.node.stats.reject(RejectReason.RATE_LIMITED)
             else:
                 self.swim.add(record.peer)
         if changed:

@@ -346,3 +346,64 @@ async def test_a_flood_of_signed_swim_news_costs_a_bounded_number_of_checks(
         checked = (2 + trio.current_time() - began) * per_second  # the burst, then the rate
         assert dropped >= 400 - checked // MAX_UPDATES - 1
         nursery.cancel_scope.cancel()
+
+
+async def test_records_of_dead_members_make_a_bounded_number_of_dials(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A source re-signing the records of members we hold dead (it holds their keys) makes us
+    ping them again, each a dial to an address it chose: at most one per SWIM period after a
+    burst, the rest counted [rate_limited]. It used to be one dial per record (a reflector)."""
+    from meshfed.membership.gossip import Delta
+    from meshfed.membership.records import sign_record
+    from meshfed.membership.service import RECHECK_BURST
+    from meshfed.membership.swim import MemberState
+    from meshfed.stats import RejectReason
+
+    network = MemoryNetwork(seed=10, latency=0.005)
+    async with trio.open_nursery() as nursery:
+        [mallory, target] = await start_mesh(nursery, network, 2, seed=10)
+        strangers = [Identity.generate() for _ in range(8)]
+
+        def delta(seq: int) -> Delta:
+            records = [
+                sign_record(
+                    s,
+                    seq=seq,
+                    expires_ms=2**62,
+                    addrs=[f"/memory/{900 + n}/p2p/{s.peer_id}"],  # nobody listens there
+                    capabilities=Capabilities(roles=["trainer"]),
+                )
+                for n, s in enumerate(strangers)
+            ]
+            return Delta(records=records, wants=[])
+
+        await mallory.node.request(target.node.peer_id, delta(1))
+        swim = target.membership.swim
+        await eventually(
+            lambda: all(swim.state(s.peer_id) == MemberState.DEAD for s in strangers),
+            within=60,
+            what="strangers dead",
+        )
+        dials: list[str] = []
+        connect = target.node.connect
+
+        async def counted(addr: str) -> object:
+            dials.append(addr)
+            return await connect(addr)
+
+        target.node.connect = counted  # type: ignore[method-assign]
+        before = target.node.stats.rejected[RejectReason.RATE_LIMITED]
+        began = trio.current_time()
+        for seq in range(2, 42):  # 40 deltas of 8 re-signed dead records: 320 rechecks asked
+            await mallory.node.request(target.node.peer_id, delta(seq))
+            await trio.sleep(0.01)
+        await trio.sleep(1)  # the probes started finish
+        elapsed = trio.current_time() - began
+        rechecks = [a for a in dials if a.startswith("/memory/9")]
+        allowed = RECHECK_BURST + elapsed / CONFIG.swim.period_s + 1
+        # the regular SWIM round may probe (dial) one of them per period besides
+        assert len(rechecks) <= allowed + elapsed / CONFIG.swim.period_s + 1
+        assert len(rechecks) < 320 // 4
+        assert target.node.stats.rejected[RejectReason.RATE_LIMITED] - before >= 320 - allowed
+        nursery.cancel_scope.cancel()
