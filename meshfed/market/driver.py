@@ -840,9 +840,10 @@ class Market:
             silent = silence >= self.config.silent_polls or (dead and silence > 0)
             gave_up = report is not None and report.state in _GAVE_UP_WORK
             if silent or gave_up:  # membership's verdict alone is not enough: it asks too
-                # from the round after the last it said it did (a dead peer says nothing now)
-                said = handle.last_reports.get(peer)
-                at_round = min(buyer.rfq.units, max(1, (0 if said is None else said.round) + 1))
+                # from the round after the furthest any winner said it did: the replacement
+                # joins the running job there (a peer that died early may never have said)
+                said = max((r.round for r in handle.last_reports.values()), default=0)
+                at_round = min(buyer.rfq.units, max(1, said + 1))
                 state = None if report is None else report.state
                 handle._add("failed", peer=str(peer), round=at_round, dead=dead, silent=silent,
                             state=state)  # fmt: skip
