@@ -513,6 +513,8 @@ class Market:
         async for decision in device.changes():
             await self._offer_changed()
             if decision.allowed:
+                for work in self.work.values():  # cleared before the round under way ended
+                    work.leaving = False
                 await self.publish_asks()
                 continue
             log.warning("device paused: no new work", extra={"reasons": decision.describe()})
