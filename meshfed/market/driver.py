@@ -128,7 +128,7 @@ _SELLER_MESSAGES: tuple[type[MarketMessage], ...] = (
 _NOT_ON_REPLAY = (SendRequest, StartJob, RequestProof, ServeProof)
 #: spot-check proofs travel as arrays named ``<prefix><job hex>:<lease unit>``
 _PROOF_PREFIX = "marketproof."
-#: the round states a seller keeps for spot checks, per lease (the oldest unpaid go first)
+#: the round states a seller keeps for a spot-checked lease (the oldest unpaid go first)
 _KEEP_STATES = 64
 _GRANT_KEY = "initial"
 #: the journal's machine names: the seller book, and one buyer job per posted job
@@ -611,9 +611,11 @@ class Market:
         work.round, work.report = report.round + 1, report
         assert work.peer is not None and self._nursery is not None
         state = work.peer.parameters.tobytes()
-        work.states[work.round] = state
-        while len(work.states) > _KEEP_STATES:
-            del work.states[min(work.states)]
+        lease = self.seller.lease(work.start.job)
+        if lease is not None and lease.verification.spot_rate > 0:  # it may be asked for
+            work.states[work.round] = state
+            while len(work.states) > _KEEP_STATES:
+                del work.states[min(work.states)]
         work.billed += 1
         self._nursery.start_soon(self._bill, work, work.round, evidence_of(state))
         if work.leaving:  # handed back: the buyer sees ``paused`` and replaces us

@@ -90,6 +90,7 @@ from .messages import (
     RosterUpdate,
     Settle,
     SettleReason,
+    Verification,
     check_fresh,
     digest,
 )
@@ -1002,6 +1003,8 @@ class _SellerLease:
     roster_version: int
     #: the job's units before the lease's first (a replacement's units are the job's last)
     skipped: int = 0
+    #: how the buyer checks the units (the RFQ's terms): spot checks ask for their states
+    verification: Verification = field(default_factory=Verification)
     notes: dict[int, DebitNote] = field(default_factory=dict)
     acks: dict[int, DebitAck] = field(default_factory=dict)
     refusals: dict[int, DebitRefusal] = field(default_factory=dict)
@@ -1297,6 +1300,7 @@ class SellerBook:
             accepted,
             award.roster_version,
             skipped=max(0, quote.rfq.units - award.units),
+            verification=quote.rfq.verification,
         )
         return [
             Reply(accepted),
