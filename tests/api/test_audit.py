@@ -132,7 +132,7 @@ def test_a_store_of_v5_gets_the_audit_log(tmp_path: Path, monkeypatch: pytest.Mo
         patch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:5])
         Store.open(path).close()
     with Store.open(path) as store:
-        assert store.schema_version == len(MIGRATIONS) == 6
+        assert store.schema_version == len(MIGRATIONS) >= 6
         AuditLog(store).append([(1.0, "identity_created", {"peer": "p"})])
         assert [e.kind for e in AuditLog(store).entries()] == ["identity_created"]
 
