@@ -133,7 +133,7 @@ def add_dashboard(
         ticket: Annotated[str | None, Query(max_length=64)] = None,
     ) -> None:
         if ticket is None:
-            read(request, credentials)
+            await read(request, credentials)
         elif not tickets.redeem(ticket, trio.current_time()):
             address = request.client.host if request.client is not None else "unknown"
             node.audit_trail.coalesced(AuditKind.API_REFUSED, address, "403", "wrong ticket")

@@ -232,6 +232,7 @@ market_messages: st.SearchStrategy[MarketMessage] = st.one_of(
         accuracy=st.none() | st.floats(0.0, 1.0),
         examples=st.integers(0, 2**48),
         roster=st.lists(peers, max_size=len(PEERS)),
+        noted=st.integers(0, MAX_UNITS),
     ),
 )
 
