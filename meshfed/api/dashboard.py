@@ -30,7 +30,7 @@ from ..audit import AuditKind
 from .live import LiveView
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Callable, Coroutine
 
     from ..node import Node
 
@@ -99,8 +99,8 @@ def add_dashboard(
     app: FastAPI,
     node: Node,
     *,
-    read: Callable[..., Awaitable[None]],
-    write: Callable[..., Awaitable[None]],
+    read: Callable[..., Coroutine[Any, Any, None]],
+    write: Callable[..., Coroutine[Any, Any, None]],
 ) -> LiveView:
     """Add the dashboard's routes to ``app`` (``read``/``write``: the API's token checks);
     the :class:`LiveView` they show, whose ``run`` the caller starts."""
