@@ -140,6 +140,8 @@ class LiveView:
             self._budgets, self._accounts = await trio.to_thread.run_sync(read)
         except StoreError:  # closed: the node is stopping; shown as last read
             return
+        except OSError as exc:  # out of descriptors (a flood), say: shown as last read
+            log.warning("the live view could not read the store", extra={"error": str(exc)})
 
     # -- alerts ---------------------------------------------------------------------------------
 
