@@ -199,8 +199,8 @@ class JobHandle:
         self.wake_at = float("inf")
         #: status polls in a row each winner did not answer
         self.silence: dict[PeerId, int] = {}
-        #: each winner's last status report (the round it did last, once it is silent)
-        self.last_reports: dict[PeerId, JobStatusReport] = {}
+        #: the furthest round any winner reported doing (a replacement joins after it)
+        self.furthest = 0
         #: when the roster was last asked for a status report
         self.asked_at = 0.0
         self._changed = trio.Event()
@@ -846,8 +846,7 @@ class Market:
             if silent or gave_up:  # membership's verdict alone is not enough: it asks too
                 # from the round after the furthest any winner said it did: the replacement
                 # joins the running job there (a peer that died early may never have said)
-                said = max((r.round for r in handle.last_reports.values()), default=0)
-                at_round = min(buyer.rfq.units, max(1, said + 1))
+                at_round = min(buyer.rfq.units, max(1, handle.furthest + 1))
                 state = None if report is None else report.state
                 handle._add("failed", peer=str(peer), round=at_round, dead=dead, silent=silent,
                             state=state)  # fmt: skip
@@ -871,7 +870,8 @@ class Market:
                 handle.silence[peer] = handle.silence.get(peer, 0) + 1
                 return
             if isinstance(envelope.body, JobStatusReport) and envelope.body.job == handle.job_id:
-                reports[peer] = handle.last_reports[peer] = envelope.body
+                reports[peer] = envelope.body
+                handle.furthest = max(handle.furthest, envelope.body.round)
                 handle.silence[peer] = 0
 
         async with trio.open_nursery() as nursery:
