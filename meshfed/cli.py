@@ -400,6 +400,10 @@ def testnet(
         ),
     ] = 0,
     kill_at_round: Annotated[int, typer.Option(help="...once every winner reached it.")] = 1,
+    revive: Annotated[
+        bool,
+        typer.Option(help="Start the killed winners again after the job, to settle."),
+    ] = False,
     pause_buyer: Annotated[
         int,
         typer.Option(help="Chaos: SIGKILL the buyer after this round, restart it 2 rounds later."),
@@ -451,7 +455,7 @@ def testnet(
             raise typer.BadParameter(f"--hire {hire}: there are {nodes} nodes")
         run = functools.partial(
             run_testnet, nodes, out, limit_s=limit, kill=kill, kill_at_round=kill_at_round,
-            hire=hire, pause_buyer_at=pause_buyer, budget=budget,
+            hire=hire, pause_buyer_at=pause_buyer, revive=revive, budget=budget,
         )  # fmt: skip
         code = trio.run(functools.partial(run, **options))
     except* MeshfedError as group:  # also from inside the simulation's nurseries

@@ -40,7 +40,7 @@ from rich.table import Table
 from .config import NodeConfig
 from .data.registry import open_registry
 from .errors import MeshfedError
-from .identity import Identity, load_or_create_identity
+from .identity import Identity, PeerId, load_or_create_identity
 from .market.ledger import Ledger
 from .market.terms import credits
 from .node import STORE_KEY_PURPOSE
@@ -53,6 +53,8 @@ __all__ = ["TestnetError", "run_testnet"]
 
 _STARTUP_S = 60.0
 _STOP_S = 15.0
+#: how long killed nodes, started again, have to settle with the buyer
+_REVIVE_S = 60.0
 
 
 @dataclass
@@ -306,6 +308,50 @@ def _make_job(
     return JobSpec(job_id=job_id, roster=tuple(roster), dataset=name, own_data=own, **rest)
 
 
+async def _revive(
+    nursery: trio.Nursery, workdir: Path, children: list[_Child], env: dict[str, str]
+) -> list[trio.Process]:
+    """Start the killed nodes again, and the buyer's as a plain node, until each killed node's
+    ledger holds what the buyer's paid it (or ``_REVIVE_S`` passed).
+
+    A node killed between the buyer's payment and its acknowledgement's arrival has not
+    learnt of it: the restarted node replays its journal, sends its unacknowledged debit notes
+    again, and the buyer's node answers them from its own journal with the same
+    acknowledgements (the operator restarting a crashed node, as a supervisor would)."""
+    alive = [c.started["listen"][0] for c in children if c.outcome.get("event") != "killed"]
+    killed = [c for c in children if c.outcome.get("event") == "killed"]
+    processes = []
+    for name in ["buyer", *(f"node-{c.index}" for c in killed)]:
+        command = [sys.executable, "-m", "meshfed.cli", "run", "--data-dir", str(workdir / name)]
+        for addr in alive:
+            command += ["--bootstrap", addr]
+        launch = functools.partial(
+            trio.run_process, command, stdout=subprocess.DEVNULL, env=env, check=False
+        )
+        processes.append(await nursery.start(launch))
+    names = [f"node-{c.index}" for c in killed]
+    with trio.move_on_after(_REVIVE_S):
+        while True:
+            ledgers = await trio.to_thread.run_sync(_ledgers, workdir, ["buyer", *names])
+            paid = _by_counterpart(ledgers["buyer"], "paid:")
+            owed = [paid.get(PeerId.from_string(c.started["peer_id"]).raw.hex(), 0) for c in killed]
+            earned = [sum(_by_counterpart(ledgers[name], "earned:").values()) for name in names]
+            if owed == earned:
+                break
+            await trio.sleep(0.5)
+    return processes
+
+
+def _by_counterpart(accounts: dict[str, int], prefix: str) -> dict[str, int]:
+    """The balances of ``prefix<job>:<peer>`` accounts by peer (hex), over every job."""
+    totals: dict[str, int] = {}
+    for account, balance in accounts.items():
+        if account.startswith(prefix):
+            peer = account.rsplit(":", 1)[-1]
+            totals[peer] = totals.get(peer, 0) + balance
+    return totals
+
+
 def _ledgers(workdir: Path, names: list[str]) -> dict[str, dict[str, int]]:
     """Each node's accounts, read from its store (read-only, under its key) after it stopped
     (empty for a node without a store)."""
@@ -347,6 +393,7 @@ async def run_testnet(
     hire: int = 0,
     pause_buyer_at: int = 0,
     pause_rounds: int = 2,
+    revive: bool = False,
     budget: float = 5.0,
     own_data: bool = True,
     **job_options: Any,
@@ -360,6 +407,8 @@ async def run_testnet(
     the others go on without them (the chaos test). ``pause_buyer_at``: once every winner
     reported that round, the buyer's process is killed (SIGKILL), and started again (the same
     command: it follows the job it posted) once they reported ``pause_rounds`` more.
+    ``revive``: once the buyer settled, the killed nodes are started again, and the buyer's as a
+    plain node, until their ledgers agree (:func:`_revive`).
     ``budget``: the buyer's, in credits. ``own_data``: each node trains on a shard registered
     as its own (else on the job's cut of the bundled data set: what the training benchmark
     compares with centralized FedAvg, evaluated on the same test set)."""
@@ -475,15 +524,20 @@ async def run_testnet(
                         with trio.move_on_after(0.25):
                             await waited.wait()
                 assert buyer.process is not None
-                for process in [buyer.process, *(child.process for child in children)]:
+                revived: list[trio.Process] = []
+                if revive and any(c.outcome.get("event") == "killed" for c in children):
+                    with trio.move_on_after(_STOP_S):
+                        await buyer.process.wait()  # it settled: its store is free again
+                    revived = await _revive(nursery, workdir, children, env)
+                for process in [buyer.process, *revived, *(c.process for c in children)]:
                     if process.returncode is None:
                         process.send_signal(signal.SIGTERM)
                 with trio.move_on_after(_STOP_S):
-                    for child in children:
-                        await child.process.wait()
+                    for process in [*revived, *(child.process for child in children)]:
+                        await process.wait()
                     await buyer.process.wait()
                 live.update(_live_table(children, spec, trio.current_time() - began, buyer))
-            for process in [buyer.process, *(child.process for child in children)]:
+            for process in [buyer.process, *revived, *(child.process for child in children)]:
                 if process.returncode is None:
                     process.kill()
         names = [*(f"node-{c.index}" for c in children), "buyer"]

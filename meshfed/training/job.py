@@ -941,8 +941,9 @@ class TrainingPeer:
                 await self._offer_round(number + 1)
             await self._settle(number, failed=failed)
         await self._offer_round(self._jump or number + 1)
+        # settled on a state past this round: the report is of the round that state ended
         return await self._report(
-            number,
+            number if self._jump is None else self._jump - 1,
             began=began,
             averaging_s=time.monotonic() - averaging_began,
             averaging_at=averaging_at,
@@ -1095,12 +1096,13 @@ class TrainingPeer:
         contributed: bool,
     ) -> RoundReport:
         """Evaluate the model on the test split (the validation part of this peer's own data)
-        and say how the round went; with own data, pool the counts over the roster."""
+        and say how round ``number`` went; with own data, pool the counts over the roster
+        (not after a jump: the others pooled that round's counts as they ended it)."""
         loss, accuracy = await trio.to_thread.run_sync(
             lambda: evaluate(self.model, self.test.x, self.test.y)
         )
         pooled = None
-        if self.spec.own and self.spec.schedule != "pushsum":
+        if self.spec.own and self.spec.schedule != "pushsum" and self._jump is None:
             mine = Counts(round(accuracy * len(self.test)), len(self.test))
             pooled = await pool_counts(
                 self.aggregator, self._placement(number), self.node.peer_id, mine,

@@ -59,7 +59,7 @@ def test_eight_processes_hire_by_auction_replace_a_killed_winner_and_settle_afte
     run = functools.partial(
         run_testnet, 7, out, limit_s=420, console=Console(file=screen, width=160),
         hire=4, kill=1, kill_at_round=KILL_AT, pause_buyer_at=PAUSE_AT, budget=20.0,
-        rounds=ROUNDS, secure=True, local_steps=8,
+        rounds=ROUNDS, secure=True, local_steps=8, revive=True,
     )  # fmt: skip
     code = trio.run(run)
     summary = json.loads(out.read_text())
@@ -87,6 +87,8 @@ def test_eight_processes_hire_by_auction_replace_a_killed_winner_and_settle_afte
     assert after <= 1.5 * before + 0.05, (before, after, seconds)
 
     # the buyer was away for two rounds; back, it settled: the ledgers agree to the micro-credit
+    # (the killed winner's too: started again after the job, it asked again for the
+    # acknowledgements its death cut off, and the buyer's node answered from its journal)
     assert summary["buyer_stopped_at"] == PAUSE_AT and summary["buyer_restarted_at"] == PAUSE_AT + 2
     statement = summary["market"]["statement"]
     assert statement, "the restarted buyer printed no statement"
