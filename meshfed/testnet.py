@@ -5,9 +5,9 @@ Each node is its own OS process talking libp2p over loopback. The testnet cuts t
 data set (``--dataset``) into one shard per node (``--partition``), writes each shard as a
 ``.npz`` file in that node's data directory and registers it there the way ``meshfed-node data
 add`` does, and writes the job (:class:`~meshfed.training.job.JobSpec` fields without a roster,
-naming the registered data set) to a file. It starts the nodes (the first alone; each next one
-given the addresses of those before it as bootstrap peers, membership gossip connects the
-rest), then a buyer node that posts the job with a budget: the nodes bid, the auction awards
+naming the registered data set) to a file. It starts the nodes (the first alone, then the others
+at once with its address as their bootstrap peer: membership gossip connects them all), then a
+buyer node that posts the job with a budget: the nodes bid, the auction awards
 them, and each winner trains on its own non-IID shard, evaluates on the part of it it holds
 out and averages with the others by secure aggregation, printing a JSON line per round (with
 the roster's pooled accuracy and a digest of its model), and is paid round by round. This
@@ -470,34 +470,43 @@ async def run_testnet(
             buyer.process = await nursery.start(launch)
             nursery.start_soon(_read_buyer, buyer, buyer.process)
 
-        async with trio.open_nursery() as nursery:
-            for index in range(nodes):
-                bootstrap = [c.started["listen"][0] for c in children]
-                command = [sys.executable, "-m", "meshfed.cli", "run", "--json"]
-                command += ["--data-dir", str(workdir / f"node-{index}")]
-                for addr in bootstrap:
-                    command += ["--bootstrap", addr]
-                launch = functools.partial(
-                    trio.run_process, command, stdout=subprocess.PIPE, env=env, check=False
+        def start_node(index: int, bootstrap: list[str]) -> Callable[..., Any]:
+            command = [sys.executable, "-m", "meshfed.cli", "run", "--json"]
+            command += ["--data-dir", str(workdir / f"node-{index}")]
+            for addr in bootstrap:
+                command += ["--bootstrap", addr]
+            return functools.partial(
+                trio.run_process, command, stdout=subprocess.PIPE, env=env, check=False
+            )
+
+        async def until_started(child: _Child) -> None:
+            with trio.move_on_after(_STARTUP_S):
+                async with trio.open_nursery() as starting:  # started, or ended, or late
+                    starting.start_soon(_first, child.ready, starting.cancel_scope)
+                    starting.start_soon(_first, child.finished, starting.cancel_scope)
+            if not child.ready.is_set():
+                with trio.move_on_after(_STOP_S if child.finished.is_set() else 0):
+                    await child.process.wait()  # its output ended: so does it, soon
+                for started in children:
+                    started.process.kill()
+                code = child.process.returncode
+                ended = f"ended with code {code}" if code is not None else "gave no sign"
+                raise TestnetError(
+                    f"node {child.index} {ended} before it started (its error is printed above)"
                 )
-                process: trio.Process = await nursery.start(launch)
-                child = _Child(index, process)
+
+        async with trio.open_nursery() as nursery:
+            # the first node alone; then the others all at once (their start-up is mostly
+            # imports: side by side they take the machine's cores), bootstrapping off it
+            for index in range(nodes):
+                bootstrap = [children[0].started["listen"][0]] if children else []
+                child = _Child(index, await nursery.start(start_node(index, bootstrap)))
                 children.append(child)
                 nursery.start_soon(_read_lines, child, chaos)
-                with trio.move_on_after(_STARTUP_S):
-                    async with trio.open_nursery() as starting:  # started, or ended, or late
-                        starting.start_soon(_first, child.ready, starting.cancel_scope)
-                        starting.start_soon(_first, child.finished, starting.cancel_scope)
-                if not child.ready.is_set():
-                    with trio.move_on_after(_STOP_S if child.finished.is_set() else 0):
-                        await process.wait()  # its output ended: so does it, soon
-                    for started in children:
-                        started.process.kill()
-                    code = process.returncode
-                    ended = f"ended with code {code}" if code is not None else "gave no sign"
-                    raise TestnetError(
-                        f"node {index} {ended} before it started (its error is printed above)"
-                    )
+                if index == 0:
+                    await until_started(child)
+            for child in children[1:]:
+                await until_started(child)
             hiring = hire or nodes
             buyer_command = [
                 sys.executable, "-m", "meshfed.cli", "submit", "training", str(job_file),

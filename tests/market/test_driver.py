@@ -210,3 +210,58 @@ async def test_a_winner_that_cannot_show_the_model_it_billed_for_is_not_paid_for
         assert buyer.market.reputation.scores([lazy.peer_id])[lazy.peer_id] < min(
             buyer.market.reputation.scores([s.peer_id for s in sellers[1:]]).values()
         )
+
+
+async def test_a_winner_killed_before_its_acknowledgement_came_is_paid_it_when_back(
+    tmp_path: Path,
+) -> None:
+    """The buyer paid a unit and its acknowledgement was on the wire when the winner died:
+    the winner never learnt of it. Started again, it replays its journal, sends that debit
+    note again and the buyer answers with the same acknowledgement (no second payment): the
+    ledgers agree to the micro-credit."""
+    network = MemoryNetwork(seed=3, latency=0.02)  # an acknowledgement takes 20 ms to arrive
+    config = functools.partial(
+        quiet_config, membership=True, gossip_interval_s=0.1, request_timeout_s=2.0
+    )
+    job = {**JOB, "job_id": "cut-off", "rounds": 4}
+    stops = {index: trio.Event() for index in range(1, 6)}
+
+    async def serve(index: int, *, task_status: trio.TaskStatus[Node]) -> None:
+        async with open_node(config(tmp_path / f"n{index}"), network=network) as node:
+            task_status.started(node)
+            await stops[index].wait()
+
+    async with trio.open_nursery() as nursery:
+        sellers = [await nursery.start(serve, i) for i in range(1, 6)]
+        async with open_node(config(tmp_path / "buyer"), network=network) as buyer:
+            await meshed([buyer, *sellers])
+            handle = await buyer.submit_training(job, budget=5, min_peers=4, max_peers=4)
+            with trio.fail_after(60):
+                async for event in handle.watch():
+                    if event["event"] == "round" and event["unit"] == 2:
+                        break  # paid (write-ahead): its acknowledgement is on its way
+            victim = next(s for s in sellers if str(s.peer_id) == event["seller"])
+            index = sellers.index(victim) + 1
+            network.crash(victim.peer_id)  # the acknowledgement never arrives
+            stops[index].set()
+            assert victim.market is not None and buyer.market is not None
+            earned = victim.market.ledger.balance(earned_account("cut-off", buyer.peer_id))
+            assert earned < buyer.market.ledger.balance(paid_account("cut-off", victim.peer_id))
+            stops[index] = trio.Event()
+            back = await nursery.start(serve, index)  # the same data directory
+            await back.connect(buyer.listen_addrs[0])
+            with trio.fail_after(120):
+                final = await handle.wait()
+            assert final["state"] == "ended", final
+            assert back.market is not None and buyer.market is not None
+            with trio.fail_after(30):  # the note is resent on its retry timer
+                while back.market.ledger.balance(  # noqa: ASYNC110 - a ledger has no event
+                    earned_account("cut-off", buyer.peer_id)
+                ) != buyer.market.ledger.balance(paid_account("cut-off", back.peer_id)):
+                    await trio.sleep(0.1)
+            paid = buyer.market.ledger.balance(paid_account("cut-off", back.peer_id))
+            award = handle.buyer.award_to(back.peer_id)
+            assert award is not None and paid % award.price == 0  # whole units, none twice
+            assert 2 * award.price <= paid <= 4 * award.price  # of the 4 rounds
+        for stop in stops.values():
+            stop.set()

@@ -1,10 +1,15 @@
-"""Kill 2 of 8 testnet nodes mid-job: the others finish with one model, as accurate as without
-the kills (IID shards, so losing two shards late costs little data)."""
+"""Kill 2 of 8 testnet nodes mid-job (SIGKILL, OS processes over libp2p on 127.0.0.1, no
+replacement): the others hold one model after every round, the round of the kills included,
+from the second round after it their rounds cost what they did before (the issue: 0.14 s
+rounds became 3.1 s, each waiting the join floor for the dead peer, and the survivors'
+accuracies spread by 0.09-0.25 in the round after the kill), and they finish as accurate as
+without the kills (IID shards, so losing two shards late costs little data)."""
 
 from __future__ import annotations
 
 import io
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,7 @@ from meshfed.testnet import run_testnet
 from meshfed.training import models
 
 JOB = {"rounds": 5, "epochs": 2, "partition": "iid", "dataset": "digits"}
+KILL_AT = 2  # the round (0-based) the kills fall in
 
 
 def run_quietly(out: Path, **options: Any) -> dict[str, Any]:
@@ -27,11 +33,19 @@ def run_quietly(out: Path, **options: Any) -> dict[str, Any]:
 
 def test_six_survivors_finish_as_accurate_as_eight(tmp_path: Path) -> None:
     clean = run_quietly(tmp_path / "clean.json")
-    chaos = run_quietly(tmp_path / "chaos.json", kill=2, kill_at_round=2)
+    chaos = run_quietly(tmp_path / "chaos.json", kill=2, kill_at_round=KILL_AT + 1)
     assert len(chaos["killed"]) == 2  # the last two of the roster the auction hired
     assert chaos["finished"] and chaos["same_model_everywhere"]
     survivors = [n for n in chaos["nodes"] if n["index"] not in chaos["killed"]]
     assert all(len(n["rounds"]) == JOB["rounds"] for n in survivors)
+    for number in range(JOB["rounds"]):
+        held = {n["rounds"][number]["model_digest"] for n in survivors}
+        assert len(held) == 1, (number, held)
+    for node in survivors:
+        seconds = [r["seconds"] for r in node["rounds"]]
+        # a probe of the dead peers, not the 3 s join floor (ratios, within this run)
+        before = statistics.median(seconds[1:KILL_AT])  # round 0 also connects
+        assert max(seconds[KILL_AT + 2 :]) <= 2 * before + 0.1, seconds
     # after the kills, the groups shrink to the six survivors
     assert any(6 in r["groups"] for r in survivors[0]["rounds"])
     assert abs(chaos["final_accuracy"] - clean["final_accuracy"]) <= 0.02
