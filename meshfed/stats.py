@@ -71,6 +71,9 @@ class NodeStats:
         self.accepted: collections.Counter[str] = collections.Counter()
         self.bytes_in = 0
         self.bytes_out = 0
+        #: sealed connections the dialer closed before its handshake was done: no input was
+        #: refused (an honest dialer whose deadline passed does it; so does a port scan)
+        self.abandoned = 0
         #: the onion driver's counts: packets relayed, delivered, dropped (``drop.<reason>``,
         #: each also counted in ``rejected``), cover traffic and its bytes (SPEC 12)
         self.onion: collections.Counter[str] = collections.Counter()
@@ -90,5 +93,6 @@ class NodeStats:
             "accepted": dict(sorted(self.accepted.items())),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "abandoned": self.abandoned,
             "onion": dict(sorted(self.onion.items())),
         }

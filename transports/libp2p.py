@@ -787,7 +787,7 @@ class Libp2pTransport(Transport):
         pending = self._unauthenticated[sock] = _Unauthenticated(
             sock, trio.CancelScope(deadline=deadline)
         )
-        reason = RejectReason.HANDSHAKE_TIMEOUT
+        reason: RejectReason | None = RejectReason.HANDSHAKE_TIMEOUT
         try:
             with pending.scope:
                 sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
@@ -798,11 +798,18 @@ class Libp2pTransport(Transport):
                     max_frame_bytes=self.limits.max_frame_bytes + _REQUEST_OVERHEAD,
                     stats=self.stats,
                 )
-        except (OSError, StreamClosed, trio.ClosedResourceError, RemoteProtocolError):
+        except (OSError, StreamClosed):  # the dialer hung up (or reset) before it was done
+            reason = None
+        except (trio.ClosedResourceError, RemoteProtocolError):
             reason = RejectReason.HANDSHAKE_FAILED
         finally:
             self._unauthenticated.pop(sock, None)
-        self.stats.reject(RejectReason.OVERLOADED if pending.shed else reason)
+        if pending.shed:
+            self.stats.reject(RejectReason.OVERLOADED)
+        elif reason is None:
+            self.stats.abandoned += 1
+        else:
+            self.stats.reject(reason)
         return None
 
     async def _serve_sealed(self, sock: trio.socket.SocketType) -> None:

@@ -48,6 +48,11 @@ class _NodeCollector(Collector):
         yield rejected
         yield CounterMetricFamily("meshfed_bytes_in", "Bytes received.", value=stats.bytes_in)
         yield CounterMetricFamily("meshfed_bytes_out", "Bytes sent.", value=stats.bytes_out)
+        yield CounterMetricFamily(
+            "meshfed_handshakes_abandoned",
+            "Sealed connections the dialer closed before its handshake was done.",
+            value=stats.abandoned,
+        )
         yield GaugeMetricFamily(
             "meshfed_connected_peers",
             "Peers with an open connection.",

@@ -47,6 +47,7 @@ class StatsOut(BaseModel):
     rejected: dict[str, int]
     bytes_in: int
     bytes_out: int
+    abandoned: int
 
 
 class StatusOut(BaseModel):
