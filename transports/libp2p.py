@@ -636,6 +636,8 @@ class Libp2pTransport(Transport):
                 remote = _remote_host(stream)
             finally:
                 await stream.close()
+        if not answer:  # it hung up (its deadline, or it stopped): it refused nothing of ours
+            raise PeerUnreachable(f"key exchange with {peer}: no answer")
         try:
             theirs, their_nonce, port = _parse_exchange(answer)
             shared = _agree(ephemeral, theirs)
@@ -657,7 +659,10 @@ class Libp2pTransport(Transport):
         peer = _from_libp2p(stream.muxed_conn.peer_id)  # type: ignore[attr-defined]
         try:
             with _mapped(f"key exchange from {peer}"), trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                theirs, their_nonce, _port = _parse_exchange(await stream.read(256))  # type: ignore[attr-defined]
+                hello = await stream.read(256)  # type: ignore[attr-defined]
+                if not hello:
+                    raise StreamClosed("the dialer hung up")
+                theirs, their_nonce, _port = _parse_exchange(hello)
                 ephemeral = X25519PrivateKey.generate()
                 ours = ephemeral.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
                 nonce = fresh_nonce()
@@ -678,8 +683,11 @@ class Libp2pTransport(Transport):
             with _quietly("resetting the key exchange"):
                 await stream.reset()  # type: ignore[attr-defined]
             return
-        except TransportError:  # a broken stream or a silent dialer
-            self.stats.reject(RejectReason.HANDSHAKE_FAILED)
+        except RequestTimeout:  # a silent dialer
+            self.stats.reject(RejectReason.HANDSHAKE_TIMEOUT)
+            return
+        except TransportError:  # the dialer hung up or reset: it sent nothing to refuse
+            self.stats.abandoned += 1
             return
         finally:
             with _quietly("closing the key exchange"):
