@@ -538,15 +538,18 @@ async def run_testnet(
                     with trio.move_on_after(_STOP_S):
                         await buyer.process.wait()  # it settled: its store is free again
                     revived = await _revive(nursery, workdir, children, env)
-                for process in [buyer.process, *revived, *(c.process for c in children)]:
+                    for process in revived:  # their ledgers are durable: no graceful stop
+                        process.kill()
+                        await process.wait()
+                for process in [buyer.process, *(c.process for c in children)]:
                     if process.returncode is None:
                         process.send_signal(signal.SIGTERM)
                 with trio.move_on_after(_STOP_S):
-                    for process in [*revived, *(child.process for child in children)]:
-                        await process.wait()
+                    for child in children:
+                        await child.process.wait()
                     await buyer.process.wait()
                 live.update(_live_table(children, spec, trio.current_time() - began, buyer))
-            for process in [buyer.process, *revived, *(child.process for child in children)]:
+            for process in [buyer.process, *(child.process for child in children)]:
                 if process.returncode is None:
                     process.kill()
         names = [*(f"node-{c.index}" for c in children), "buyer"]
