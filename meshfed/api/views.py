@@ -43,13 +43,13 @@ def peer_records(node: Node) -> list[Any]:
 
 def budgets(db: Store) -> list[BudgetOut]:
     """The privacy budget of each job trained with differential privacy (a store read)."""
-    from ..privacy.accountant import PrivacyAccountant
-
     found = []
     for record in db.jobs():
         state = db.privacy(record.job_id)
         if state is None:
             continue
+        from ..privacy.accountant import PrivacyAccountant  # dp-accounting: only where trained
+
         accountant = PrivacyAccountant(budget_epsilon=1.0, delta=0.5)
         accountant.load_state_dict(state)
         found.append(
