@@ -422,8 +422,8 @@ def testnet(
 
     try:
         require_training("a testnet")
-    except MeshfedError as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except MeshfedError as missing:
+        typer.echo(f"error: {missing}", err=True)
         raise typer.Exit(2) from None
     from .testnet import run_testnet
 
