@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from meshfed.api.views import budgets
 from meshfed.errors import ConfigError, NoMatchingPeers
 from meshfed.identity import _KEY_FILE
 from meshfed.market.matching import unmet
@@ -25,6 +26,7 @@ from meshfed.market.messages import DeclineReason
 from meshfed.market.order import spec_from
 from meshfed.market.terms import Requirements, Tier, WorkKind
 from meshfed.node import Node, open_node
+from meshfed.store import Store
 from meshfed.testing import quiet_config
 from meshfed.training import extra
 from meshfed.transports.memory import MemoryNetwork
@@ -43,6 +45,16 @@ CORE_CLI = (
     "main()\n"
 )
 JOB = 'job_id = "edge"\nrounds = 2\ndataset = "digits"\n'
+#: ``POST /jobs`` to the node of a data directory: prints the refusal's status and detail
+POST_JOB = (
+    "import json, sys\n"
+    "from pathlib import Path\n"
+    "from meshfed.api.client import ApiClient, ApiError\n"
+    "try:\n"
+    "    ApiClient(Path(sys.argv[1])).post('/jobs', json.loads(sys.argv[2]))\n"
+    "except ApiError as refused:\n"
+    "    print(refused.status, refused)\n"
+)
 
 
 def core_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -112,6 +124,23 @@ def test_a_training_order_without_training_names_the_extra(
         spec_from(b'{"job_id": "edge", "dataset": "digits"}', ["a", "b"])
 
 
+def test_a_budget_this_install_cannot_read_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meshfed.privacy.accountant import GaussianEvent, PrivacyAccountant
+
+    accountant = PrivacyAccountant(budget_epsilon=4.0, delta=1e-5)
+    accountant.charge(0, GaussianEvent(noise_multiplier=1.0))
+    with Store.open(tmp_path / "store.db", key=bytes(32)) as store:
+        store.put_job("dp", "{}")
+        store.commit_privacy("dp", accountant.state_dict())
+        [shown] = budgets(store)  # with the train extra
+        assert shown.job_id == "dp" and shown.spent_epsilon > 0
+        monkeypatch.setitem(sys.modules, "dp_accounting", None)  # a core install's
+        monkeypatch.delitem(sys.modules, "meshfed.privacy.accountant")
+        assert budgets(store) == []  # not an ImportError: the live view reads it on every node
+
+
 def test_a_core_node_refuses_a_job_file_a_testnet_and_an_order(tmp_path: Path) -> None:
     (tmp_path / "job.toml").write_text(JOB)
     data_dir = str(tmp_path / "node")
@@ -153,6 +182,7 @@ def _build_wheel(into: Path) -> Path:
     return wheel
 
 
+@pytest.mark.slow  # ~25-30 s here: the install is most of it (compiling fastecdsa the first time)
 def test_the_wheel_installs_and_serves_without_training(tmp_path: Path) -> None:
     wheel = _build_wheel(tmp_path)
     venv = tmp_path / "venv"
@@ -190,6 +220,14 @@ def test_the_wheel_installs_and_serves_without_training(tmp_path: Path) -> None:
         assert status.returncode == 0, status.stderr
         answer = json.loads(status.stdout)
         assert answer["peer_id"] == started["peer_id"] and answer["market"] is True
+        order = {"job": {"job_id": "edge", "dataset": "digits"}, "budget": 5}
+        posted = subprocess.run(  # training work over the REST API: a 422 that names the extra
+            [str(python), "-c", POST_JOB, str(data_dir), json.dumps(order)],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert posted.returncode == 0, posted.stderr
+        assert posted.stdout.startswith("422 a training job needs training"), posted.stdout
+        assert "pip install 'meshfed[train]'" in posted.stdout
         (tmp_path / "job.toml").write_text(JOB)
         refused = subprocess.run(
             [cli, "run", "--job", "job.toml", "--data-dir", str(tmp_path / "other")],
