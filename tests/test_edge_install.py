@@ -182,11 +182,17 @@ def _build_wheel(into: Path) -> Path:
     return wheel
 
 
+#: the interpreters the wheel is tried with: this one, and any in EDGE_PYTHONS
+#: (paths, space-separated: another Python version, say)
+PYTHONS = [sys.executable, *os.environ.get("EDGE_PYTHONS", "").split()]
+
+
 @pytest.mark.slow  # ~25-30 s here: the install is most of it (compiling fastecdsa the first time)
-def test_the_wheel_installs_and_serves_without_training(tmp_path: Path) -> None:
+@pytest.mark.parametrize("interpreter", PYTHONS)
+def test_the_wheel_installs_and_serves_without_training(tmp_path: Path, interpreter: str) -> None:
     wheel = _build_wheel(tmp_path)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run([interpreter, "-m", "venv", "--without-pip", str(venv)], check=True)
     python, cli = venv / "bin" / "python", str(venv / "bin" / "meshfed-node")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv's own meshfed
     install = subprocess.run(
@@ -210,7 +216,11 @@ def test_the_wheel_installs_and_serves_without_training(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         assert node.stdout is not None
-        started = json.loads(node.stdout.readline())
+        line = node.stdout.readline()
+        if not line.startswith("{"):
+            node.kill()
+            pytest.fail(f"no started line: {line!r}; {node.communicate()[1]}")
+        started = json.loads(line)
         assert started["event"] == "started" and started["api"], started
         socket.create_connection(("127.0.0.1", port), timeout=5).close()  # it listens
         status = subprocess.run(
