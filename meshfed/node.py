@@ -794,7 +794,8 @@ class Node:
                 report the same model, spot checks); default: none.
 
         Raises:
-            ConfigError: a job field or a term is wrong (named).
+            ConfigError: a job field or a term is wrong (named), or this install cannot
+                train (checking the job builds its model: ``pip install 'meshfed[train]'``).
             NoMatchingPeers, BudgetTooLow, BudgetExceeded: see :mod:`meshfed.errors`.
         """
         from .market.messages import Verification
