@@ -2,11 +2,12 @@
 
 Training, its bundled data sets and differential privacy's accountant need the ``train``
 extra (``pip install 'meshfed[train]'``: torch, scikit-learn, dp-accounting). The core node
-(identity, transports, membership, the market as a buyer, relaying, secure aggregation, the
-REST API) runs without it; such a node neither advertises the ``trainer`` role nor asks a
+(identity, transports, membership, the market and its ledger, relaying, secure aggregation,
+the REST API) runs without it; such a node neither advertises the ``trainer`` role nor asks a
 price for training, so it is never asked to bid, and declines an RFQ for training as a kind it
-does not sell. Asking it to train (a job file, a testnet, a training order to check) raises a
-:class:`~meshfed.errors.ConfigError` that names the extra. Finding a module costs no import:
+does not sell. Asking it for training (a job file, a testnet, a training order to check:
+checking one builds its model) raises a :class:`~meshfed.errors.ConfigError` that names the
+extra. Finding a module costs no import:
 torch stays unloaded until training runs.
 """
 
