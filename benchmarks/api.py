@@ -13,9 +13,22 @@
    reported in each kind of phase (rounds that ended in a phase's first 0.3 s, while streams
    open or close, are left out); goal: watched within 5 % of idle.
 
-Prints one JSON line. The idle core node's memory and start-up belong to the edge work.
+3. An idle core node: ``meshfed-node run`` (defaults: the API on, on loopback) in a process
+   where torch, scikit-learn and dp-accounting cannot be imported (as in an install without
+   the ``train`` extra: the node would fail, not load them). ``startup_s_core``: process start
+   to its libp2p port accepting a TCP connection; ``ready_s_core``: to its ``started`` line
+   (every service up, the API's URL known); ``idle_rss_mb_core``: its resident memory once idle
+   (medians of ``--runs`` starts). Next to it, in the same run: the same node with ``--api
+   off`` (``idle_rss_mb_core_api_off``), the same node with torch imported at its start
+   (``idle_rss_mb_torch``: what an eager import of training cost every node), and the floor
+   py-libp2p sets: a bare interpreter (``rss_mb_python``) and one that imports ``libp2p``
+   and nothing else (``rss_mb_libp2p``, ``import_s_libp2p``). Goals: ``idle_rss_mb_core``
+   < 80, ``startup_s_core`` < 1.5.
+
+Prints one JSON line. ``--core-only`` runs part 3 alone.
 
 Usage: python benchmarks/api.py [--requests N] [--clients C] [--phases P] [--phase-s S]
+       [--runs R] [--core-only]
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,11 +48,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import trio
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = {"dataset": "digits", "partition": "iid", "local_steps": 2, "rounds": 5000}
 SETTLE_S = 0.3  # the start of a phase left out: streams open or close meanwhile
+IDLE_S = 2.0  # how long a started node idles before its memory is read
 
 #: a dashboard client in its own process (as a browser is): on "on" it opens a stream to each
 #: URL and reads it to nowhere; on anything else every stream closes within 50 ms
@@ -144,13 +160,131 @@ async def _round_times(phases: int, phase_s: float, root: Path) -> dict[str, lis
     return times
 
 
+#: a node without the train extra: these modules cannot be imported (nor found) in it
+CORE_NODE = """
+import sys
+for name in ("torch", "sklearn", "dp_accounting"):
+    sys.modules[name] = None
+if sys.argv[1] == "torch":
+    del sys.modules["torch"]
+    import torch
+from meshfed.cli import main
+sys.argv[0:2] = ["meshfed-node"]
+main()
+"""
+
+#: a bare interpreter, or one that imports libp2p: prints its import time, then waits
+FLOOR = """
+import sys, time
+started = time.perf_counter()
+for name in sys.argv[1:]:
+    __import__(name)
+print(time.perf_counter() - started, flush=True)
+sys.stdin.read()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _rss_mb(pid: int) -> float:
+    rss: int = psutil.Process(pid).memory_info().rss
+    return round(rss / 2**20, 1)
+
+
+def _core_node(data_dir: str, *args: str, torch: bool = False) -> dict[str, float]:
+    """Start a node without the train extra (``torch``: with torch imported first); the
+    seconds to its libp2p port accepting and to its ``started`` line, and its idle RSS."""
+    port = _free_port()
+    command = [
+        sys.executable, "-c", CORE_NODE, "torch" if torch else "core", "run", "--json",
+        "--no-mdns", "--data-dir", data_dir, "--log-level", "error",
+        "--listen", f"/ip4/127.0.0.1/tcp/{port}", *args,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
+    node = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if node.poll() is not None or time.perf_counter() - started > 60:
+                    raise RuntimeError("the node did not listen") from None
+                time.sleep(0.002)
+        listening = time.perf_counter() - started
+        assert node.stdout is not None
+        json.loads(node.stdout.readline())  # started
+        ready = time.perf_counter() - started
+        time.sleep(IDLE_S)
+        return {"startup_s": listening, "ready_s": ready, "rss_mb": _rss_mb(node.pid)}
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(timeout=30)
+
+
+def _floor(*modules: str) -> tuple[float, float]:
+    """A bare interpreter importing ``modules``: seconds taken, and its RSS then."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", FLOOR, *modules], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        seconds = float(process.stdout.readline())
+        return seconds, _rss_mb(process.pid)
+    finally:
+        process.communicate("")
+
+
+def core_figures(runs: int) -> dict[str, Any]:
+    """Part 3: the idle core node beside its references (medians of ``runs``)."""
+    samples: dict[str, list[dict[str, float]]] = {"core": [], "api_off": [], "torch": []}
+    for _ in range(runs):  # interleaved: a slow spell of the machine hits every kind
+        for kind in samples:
+            with tempfile.TemporaryDirectory() as data_dir:
+                args = ("--api", "off") if kind == "api_off" else ()
+                samples[kind].append(_core_node(data_dir, *args, torch=kind == "torch"))
+    floors = [(_floor(), _floor("libp2p")) for _ in range(runs)]
+
+    def median(kind: str, key: str) -> float:
+        return round(statistics.median(s[key] for s in samples[kind]), 3)
+
+    rss, startup = median("core", "rss_mb"), median("core", "startup_s")
+    return {
+        "idle_rss_mb_core": rss,
+        "startup_s_core": startup,
+        "ready_s_core": median("core", "ready_s"),
+        "idle_rss_mb_core_api_off": median("api_off", "rss_mb"),
+        "ready_s_core_api_off": median("api_off", "ready_s"),
+        "idle_rss_mb_torch": median("torch", "rss_mb"),
+        "rss_mb_python": statistics.median(bare[1] for bare, _ in floors),
+        "rss_mb_libp2p": statistics.median(libp2p[1] for _, libp2p in floors),
+        "import_s_libp2p": round(statistics.median(libp2p[0] for _, libp2p in floors), 3),
+        "core_runs": runs,
+        "goal_idle_rss_core_below_80mb": rss < 80,
+        "goal_startup_core_below_1_5s": startup < 1.5,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--phases", type=int, default=32)
     parser.add_argument("--phase-s", type=float, default=2.0)
+    parser.add_argument("--runs", type=int, default=3, help="Starts of each core node kind.")
+    parser.add_argument("--core-only", action="store_true", help="Part 3 alone.")
     args = parser.parse_args()
+    core = core_figures(args.runs)
+    if args.core_only:
+        print(json.dumps(core))
+        return
     with tempfile.TemporaryDirectory() as data_dir:
         command = [
             sys.executable,
@@ -196,6 +330,7 @@ def main() -> None:
                 "rounds_watched": len(times["watched"]),
                 "round_watched_over_idle": round(watched / idle, 3),
                 "goal_round_watched_within_5pct": watched <= idle * 1.05,
+                **core,
             }
         )
     )

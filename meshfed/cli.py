@@ -108,10 +108,14 @@ def run(
 
 
 def _load_job(path: Path) -> JobSpec:
-    """The job file's job; a bad field exits (2) before the node starts, naming the field."""
-    from .training.job import JobSpec  # torch loads only for nodes that train
+    """The job file's job; a bad field, or no training here, exits (2) before the node
+    starts, saying which."""
+    from .training.extra import require_training
 
     try:
+        require_training(f"the job in {path}")
+        from .training.job import JobSpec  # torch loads only for nodes that train
+
         return JobSpec.from_file(path)
     except MeshfedError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -418,6 +422,13 @@ def testnet(
 ) -> None:
     """Start N node processes on 127.0.0.1 and a buyer that hires them, by auction, to train
     one model together; live."""
+    from .training.extra import require_training
+
+    try:
+        require_training("a testnet")
+    except MeshfedError as missing:
+        typer.echo(f"error: {missing}", err=True)
+        raise typer.Exit(2) from None
     from .testnet import run_testnet
 
     configure_logging("warning")

@@ -794,7 +794,8 @@ class Node:
                 report the same model, spot checks); default: none.
 
         Raises:
-            ConfigError: a job field or a term is wrong (named).
+            ConfigError: a job field or a term is wrong (named), or this install cannot
+                train (checking the job builds its model: ``pip install 'meshfed[train]'``).
             NoMatchingPeers, BudgetTooLow, BudgetExceeded: see :mod:`meshfed.errors`.
         """
         from .market.messages import Verification
@@ -860,6 +861,21 @@ def _republisher(membership: Membership, me: PeerId) -> Callable[[list[DatasetOf
             publish(offers)
 
     return listener
+
+
+def _offered_roles(configured: Sequence[str]) -> list[str]:
+    """The roles a node advertises: ``configured`` without ``trainer`` where training is not
+    installed (:mod:`meshfed.training.extra`; said once in the log, as a warning)."""
+    from .training.extra import TRAIN_EXTRA, training_missing
+
+    missing = training_missing() if "trainer" in configured else []
+    if not missing:
+        return list(configured)
+    log.warning(
+        "training is not installed: not offering the trainer role",
+        extra={"missing": missing, "install": TRAIN_EXTRA},
+    )
+    return [role for role in configured if role != "trainer"]
 
 
 @asynccontextmanager
@@ -931,6 +947,7 @@ async def open_node(
             await nursery.start(node.audit_trail.run)
         from .device.service import DeviceService
 
+        roles = _offered_roles(config.roles)
         node.device = DeviceService(node, config.device, device)
         await nursery.start(node.device.run)
         if config.membership:
@@ -941,7 +958,7 @@ async def open_node(
             readings = node.device.readings
             node.membership = Membership(
                 node,
-                probe_capabilities(roles=config.roles, readings=readings, datasets=offers),
+                probe_capabilities(roles=roles, readings=readings, datasets=offers),
                 config=MembershipConfig(
                     gossip_interval_s=config.gossip_interval_s, max_view=config.max_view or None
                 ),
@@ -959,10 +976,18 @@ async def open_node(
             await nursery.start(MdnsDiscovery(node).run)
         if config.market and node.store is not None and node.membership is not None:
             from .market.driver import Market, MarketConfig
-            from .market.terms import MICRO
+            from .market.pricing import DEFAULT_PRICES, AskPolicy
+            from .market.terms import MICRO, WorkKind
 
+            sells = {  # training only by a trainer: no ask, no RFQ (and a KIND decline)
+                kind: price
+                for kind, price in DEFAULT_PRICES.items()
+                if kind != WorkKind.TRAINING or "trainer" in roles
+            }
             market = MarketConfig(
-                capacity=config.market_capacity, grant=round(config.market_grant * MICRO)
+                capacity=config.market_capacity,
+                grant=round(config.market_grant * MICRO),
+                asks=AskPolicy(base=sells),
             )
             node.market = Market(node, market)
             node.market.seller_observers.append(seller_auditor(node.audit_trail))

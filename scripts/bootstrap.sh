@@ -18,7 +18,7 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q --upgrade "pip>=24"
 .venv/bin/python -m pip install -q -c constraints.txt torch
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[train,test]'  # the dev venv trains
 # trio-typing (pulled in by libp2p) ships stale stubs for trio that shadow trio's own inline
 # types (for example, trio.TaskStatus vanishes for mypy). trio itself is typed: drop them.
 rm -rf .venv/lib/python3.11/site-packages/trio-stubs

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from ..cli_common import ConfigOpt, DataDirOpt, _load
 from ..errors import MeshfedError
@@ -55,6 +53,9 @@ def _call(config: Path | None, data_dir: Path | None, how: Callable[[ApiClient],
 
 
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.console import Console  # only to print a table: not for `run`
+    from rich.table import Table
+
     table = Table(title=title)
     for column in columns:
         table.add_column(column)

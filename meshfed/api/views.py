@@ -42,13 +42,16 @@ def peer_records(node: Node) -> list[Any]:
 
 
 def budgets(db: Store) -> list[BudgetOut]:
-    """The privacy budget of each job trained with differential privacy (a store read)."""
-    from ..privacy.accountant import PrivacyAccountant
-
+    """The privacy budget of each job trained with differential privacy (a store read); none
+    where the train extra (dp-accounting) is not installed."""
     found = []
     for record in db.jobs():
         state = db.privacy(record.job_id)
         if state is None:
+            continue
+        try:  # dp-accounting: only where a job trained with a privacy budget
+            from ..privacy.accountant import PrivacyAccountant
+        except ImportError:  # trained before the train extra went: not readable here
             continue
         accountant = PrivacyAccountant(budget_epsilon=1.0, delta=0.5)
         accountant.load_state_dict(state)

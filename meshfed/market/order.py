@@ -153,6 +153,9 @@ def spec_from(job: bytes, roster: list[str] | tuple[str, ...]) -> JobSpec:
     Raises:
         ConfigError: not a table of job fields, or a field is wrong.
     """
+    from ..training.extra import require_training
+
+    require_training("a training job")
     from ..training.job import JobSpec
     from ..training.jobfile import from_mapping
 
