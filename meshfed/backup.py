@@ -242,11 +242,14 @@ def _unpack(source: Path, staging: Path) -> dict[str, Any]:
             (staging / name).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             shutil.copy2(path, staging / name)
     elif tarfile.is_tarfile(source):
-        with tarfile.open(source) as archive:
-            for member in archive.getmembers():
-                if not member.isfile():
-                    raise StoreError(f"backup {source}: {member.name!r} is not a regular file")
-            archive.extractall(staging, filter="data")  # no absolute paths, no '..', no links
+        try:
+            with tarfile.open(source) as archive:
+                for member in archive.getmembers():
+                    if not member.isfile():
+                        raise StoreError(f"backup {source}: {member.name!r} is not a file")
+                archive.extractall(staging, filter="data")  # no absolute paths, no '..'
+        except (tarfile.TarError, OSError) as exc:
+            raise StoreError(f"backup {source} cannot be unpacked: {exc}") from None
     else:
         raise ConfigError(f"{source} is neither a backup directory nor a tar file")
     try:
@@ -256,6 +259,8 @@ def _unpack(source: Path, staging: Path) -> dict[str, Any]:
             raise ValueError(f"format {manifest['format']!r} version {manifest['version']!r}")
         if not isinstance(listed, dict) or _KEY_FILE not in listed:
             raise ValueError("no identity listed")
+        if not isinstance(manifest["peer_id"], str) or not isinstance(manifest["data_dir"], str):
+            raise ValueError("no peer id or data directory")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{source} is not a meshfed backup: {exc}") from None
     found = {name: path for name, path in _files(staging) if name != MANIFEST}

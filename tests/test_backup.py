@@ -159,6 +159,23 @@ def test_a_backup_file_unlike_its_manifest_is_refused(tmp_path: Path) -> None:
         restore(copy, quiet_config(tmp_path / "new"))
 
 
+def test_a_tar_that_escapes_its_directory_is_refused(tmp_path: Path) -> None:
+    config = _stopped_node(tmp_path)
+    backup(config, tmp_path / "b.tar")
+    (tmp_path / "payload").write_text("planted")
+    with tarfile.open(tmp_path / "b.tar", "a") as archive:
+        archive.add(tmp_path / "payload", arcname="../../escaped")
+    with pytest.raises(StoreError, match="cannot be unpacked"):
+        restore(tmp_path / "b.tar", quiet_config(tmp_path / "new"))
+    assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "new").exists()
+    link = tarfile.TarInfo("identity.key")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    with tarfile.open(tmp_path / "linked.tar", "w") as archive:
+        archive.addfile(link)
+    with pytest.raises(StoreError, match=r"'identity\.key' is not a file"):
+        restore(tmp_path / "linked.tar", quiet_config(tmp_path / "new"))
+
+
 def test_a_backup_with_another_identity_is_refused(tmp_path: Path) -> None:
     config = _stopped_node(tmp_path)
     copy = tmp_path / "copy"
