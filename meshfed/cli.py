@@ -14,6 +14,7 @@ import trio
 import typer
 
 from .api.cli import add_api_commands
+from .cli_backup import add_backup_commands
 from .cli_common import ConfigOpt, DataDirOpt, _load
 from .cli_market import add_market_commands
 from .config import NodeConfig
@@ -483,6 +484,7 @@ def main() -> None:
 
 add_market_commands(app)  # submit training, ledger
 add_api_commands(app)  # status, peers, jobs, job, cancel, budget, audit
+add_backup_commands(app)  # backup, restore
 
 if __name__ == "__main__":
     main()
