@@ -27,7 +27,9 @@ __all__ = ["NodeConfig", "default_data_dir"]
 
 ENV_PREFIX = "MESHFED_"
 #: MESHFED_* variables that are not node configuration (MESHFED_SOAK sizes the slow tests).
-_RESERVED_ENV = frozenset({"MESHFED_SOAK"})
+#: MESHFED_* variables that are not settings: the test suite's soak switch, the log level of
+#: third-party libraries (read by :func:`meshfed.logs.configure_logging`)
+_RESERVED_ENV = frozenset({"MESHFED_SOAK", "MESHFED_LOG_LIBS"})
 
 
 def default_data_dir() -> Path:

@@ -80,3 +80,9 @@ def test_a_listen_address_the_node_cannot_serve_is_refused(addr: str) -> None:
 def test_tcp_listen_addresses_are_accepted() -> None:
     addrs = ["/ip4/0.0.0.0/tcp/4001", "/ip6/::1/tcp/0", "/ip4/127.0.0.1/tcp/65535"]
     assert NodeConfig(listen=addrs).listen == addrs
+
+
+def test_the_log_level_of_libraries_is_no_setting_and_no_error() -> None:
+    """``MESHFED_LOG_LIBS`` is read by the logging set-up; the configuration leaves it alone."""
+    config = NodeConfig.load(env={"MESHFED_LOG_LIBS": "debug", "MESHFED_SOAK": "1"})
+    assert config == NodeConfig.load(env={})
