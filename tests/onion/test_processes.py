@@ -12,6 +12,7 @@ import sqlite3
 import time
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 from meshfed import PeerId
 from meshfed.onion import Hop, build_packet, fragment
@@ -102,7 +103,7 @@ def test_eight_processes_route_privately_and_survive_a_killed_relay(tmp_path: Pa
             process.stop()
 
 
-def _packet(hops: list[tuple[str, dict]]) -> str:
+def _packet(hops: list[tuple[str, dict[str, Any]]]) -> str:
     """A packet along ``(peer id, onion_key answer)`` hops, hex."""
     path = [Hop(PeerId.from_string(peer), bytes.fromhex(key["key"])) for peer, key in hops]
     body = fragment(b"replay me", os.urandom(16))[0]
