@@ -886,6 +886,7 @@ class ProcessDurableWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._blocking = False  # the connection's busy timeout: 0 (False) or 10 s (True)
         try:
             self._connection: sqlite3.Connection | None = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=0.0
@@ -911,7 +912,9 @@ class ProcessDurableWriter:
             if connection is None:
                 raise StoreError(f"store {self.path}: writer is closed")
             try:
-                connection.execute(f"PRAGMA busy_timeout = {10_000 if block else 0}")
+                if self._blocking != block:
+                    connection.execute(f"PRAGMA busy_timeout = {10_000 if block else 0}")
+                    self._blocking = block
                 connection.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
                 if not block and exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:

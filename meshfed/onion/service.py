@@ -392,7 +392,8 @@ class OnionService:
 
     async def _forward_later(self, action: Forward) -> None:
         try:
-            await trio.sleep(action.delay)
+            if action.delay > 0:  # a zero sleep would only cost the loop a turn
+                await trio.sleep(action.delay)
             if action.next_hop == self.node.peer_id:  # a path may pass through us twice
                 await self._accept(action.packet)
                 return
