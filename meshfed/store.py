@@ -47,7 +47,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ __all__ = [
     "DatasetRecord",
     "JobRecord",
     "JobState",
+    "ProcessDurableWriter",
     "RoundRecord",
     "Store",
     "pack_state",
@@ -554,6 +555,18 @@ class Store:
                 self._connection.close()
                 self._connection = None
 
+    def process_durable_writer(self) -> ProcessDurableWriter:
+        """A second connection to this store's file for small, frequent writes that must
+        survive the process's death but may be lost to a power cut (see
+        :class:`ProcessDurableWriter`). Close it before the store.
+
+        Raises:
+            StoreError: the store is read-only, or the file cannot be opened.
+        """
+        if self.readonly:
+            raise StoreError(f"store {self.path} was opened read-only")
+        return ProcessDurableWriter(self.path)
+
     def __enter__(self) -> Store:
         return self
 
@@ -853,6 +866,86 @@ class Store:
 _AFTER_MIGRATION: dict[int, Callable[[Store, sqlite3.Connection], None]] = {
     2: Store._seal_rows,
 }
+
+
+class ProcessDurableWriter:
+    """Writes that survive ``kill -9`` but not a power cut: its own connection to the store's
+    file with ``PRAGMA synchronous = NORMAL``.
+
+    In WAL mode a ``NORMAL`` commit appends its pages to the WAL and returns without an fsync:
+    once :meth:`write` returned, the rows are in the operating system's page cache, which any
+    later reader (a restarted process) sees, and which the kernel writes out on its own; only
+    losing the machine (power, kernel crash) before that may drop the last moments' commits.
+    This connection never checkpoints on its own (``wal_autocheckpoint = 0``, a checkpoint
+    fsyncs): call :meth:`checkpoint` from a worker thread every so many writes.
+
+    Thread safety: one lock per writer; ``write(block=False)`` never waits, neither for the
+    lock nor for another connection's write transaction, so it may run on an event loop.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._blocking = False  # the connection's busy timeout: 0 (False) or 10 s (True)
+        try:
+            self._connection: sqlite3.Connection | None = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=0.0
+            )
+            self._connection.execute("PRAGMA synchronous = NORMAL")
+            self._connection.execute("PRAGMA wal_autocheckpoint = 0")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from None
+
+    def write(self, statement: str, rows: list[tuple[Any, ...]], *, block: bool) -> bool:
+        """Run ``statement`` for each of ``rows`` in one transaction, committed when this
+        returns True. With ``block=False``, returns False at once (nothing written) when this
+        writer or another connection is in the middle of a write; with ``block=True`` it
+        waits for them (up to 10 s, then :class:`StoreError`): call that from a worker thread.
+
+        Raises:
+            StoreError: the writer is closed, or SQLite failed.
+        """
+        if not self._lock.acquire(blocking=block):
+            return False
+        try:
+            connection = self._connection
+            if connection is None:
+                raise StoreError(f"store {self.path}: writer is closed")
+            try:
+                if self._blocking != block:
+                    connection.execute(f"PRAGMA busy_timeout = {10_000 if block else 0}")
+                    self._blocking = block
+                connection.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if not block and exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                    return False
+                raise StoreError(f"store {self.path}: {exc}") from None
+            try:
+                connection.executemany(statement, rows)
+                connection.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise StoreError(f"store {self.path}: {exc}") from None
+            return True
+        finally:
+            self._lock.release()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL's committed pages into the file (``PASSIVE``: writers go on), on a
+        connection of its own so that :meth:`write` is not held up. Blocking I/O (fsyncs)."""
+        try:
+            with closing(sqlite3.connect(self.path, timeout=10.0)) as connection:
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {self.path}: checkpoint failed: {exc}") from None
+
+    def close(self) -> None:
+        """Close the connection (waiting for a write in progress). Later writes raise."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
 
 
 def _job_record(row: tuple[Any, ...]) -> JobRecord:

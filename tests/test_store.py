@@ -389,3 +389,55 @@ def test_a_transaction_commits_whole_or_not_at_all_and_a_snapshot_sees_one_commi
         with pytest.raises(StoreError, match="read-only"), reader.transaction():
             pass
         reader.close()
+
+
+_TAG_WRITER = """
+import sys
+from meshfed.store import Store
+store = Store.open(sys.argv[1])
+writer = store.process_durable_writer()
+statement = "INSERT INTO onion_replay (epoch, tag) VALUES (?, ?)"
+for i in range(1_000_000):
+    writer.write(statement, [(1, i.to_bytes(16, "big"))], block=True)
+    print(i, flush=True)
+"""
+
+
+def test_a_process_durable_write_survives_kill_9_without_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    Store.open(path).close()
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _TAG_WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert process.stdout is not None
+    acknowledged = -1
+    for line in process.stdout:
+        acknowledged = int(line)
+        if acknowledged >= 200:
+            break
+    os.kill(process.pid, signal.SIGKILL)  # the rows are in the WAL only (no checkpoint ran)
+    process.wait()
+    with Store.open(path) as store, store.snapshot() as connection:
+        rows = connection.execute("SELECT tag FROM onion_replay WHERE epoch = 1").fetchall()
+    assert {int.from_bytes(tag, "big") for (tag,) in rows} >= set(range(acknowledged + 1))
+
+
+def test_a_process_durable_writer_that_must_not_wait_gives_way_to_a_write_in_progress(
+    tmp_path: Path,
+) -> None:
+    statement = "INSERT INTO onion_replay (epoch, tag) VALUES (?, ?)"
+    with Store.open(tmp_path / "s.sqlite3") as store:
+        writer = store.process_durable_writer()
+        with store.transaction():
+            assert writer.write(statement, [(1, bytes(16))], block=False) is False
+        assert writer.write(statement, [(1, bytes(16))], block=False) is True
+        writer.checkpoint()
+        writer.close()
+        with pytest.raises(StoreError):
+            writer.write(statement, [(1, bytes(16))], block=True)
+        with store.snapshot() as connection:
+            assert connection.execute("SELECT count(*) FROM onion_replay").fetchone() == (1,)
+    Store.open(tmp_path / "r.sqlite3").close()
+    with pytest.raises(StoreError):
+        Store.open(tmp_path / "r.sqlite3", readonly=True).process_durable_writer()

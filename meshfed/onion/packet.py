@@ -35,8 +35,11 @@ from .events import Drop, DropReason
 from .lioness import lioness_decrypt, lioness_encrypt
 from .primitives import (
     GROUP_ELEMENT_SIZE,
+    GROUP_ORDER,
     MAC_SIZE,
     HopKeys,
+    clamped,
+    combined_scalar,
     derive_hop_keys,
     mac,
     mac_ok,
@@ -158,23 +161,32 @@ def _check_path(path: Sequence[Hop], epoch: int) -> None:
             raise LocalProtocolError(f"hop {i}: delay {hop.delay_ms} ms not in 0..{MAX_DELAY_MS}")
 
 
-def _hop_secrets(path: Sequence[Hop], x: bytes) -> tuple[list[bytes], list[HopKeys]]:
-    """Each hop's alpha and keys: s_i = b_(i-1) * ... * b_0 * x * pk_i, alpha_i likewise."""
-    alphas = [x25519_base(x)]
-    keys: list[HopKeys] = []
-    for i, hop in enumerate(path):
-        shared = x25519(x, hop.onion_key)
-        for earlier in keys:
-            shared = None if shared is None else x25519(earlier.blinding, shared)
-        if shared is None:
-            raise LocalProtocolError(f"hop {i} ({hop.peer.short()}): low-order onion key")
-        keys.append(derive_hop_keys(shared))
-        if i + 1 < len(path):
-            alpha = x25519(keys[-1].blinding, alphas[-1])
-            if alpha is None:  # unreachable: a clamped scalar is never 0 mod the group order
-                raise LocalProtocolError("blinding produced the identity")
-            alphas.append(alpha)
-    return alphas, keys
+def _hop_secrets(
+    path: Sequence[Hop], random_bytes: Callable[[int], bytes]
+) -> tuple[list[bytes], list[HopKeys]]:
+    """Each hop's alpha and keys: s_i = b_(i-1) * ... * b_0 * x * pk_i, alpha_i likewise.
+
+    The relays apply the blinding factors one at a time; the sender multiplies the clamped
+    scalars mod the group order and makes one multiplication per hop and value
+    (:func:`~.primitives.combined_scalar`): the same points, two X25519 operations a hop
+    instead of up to ``hops + 1``."""
+    while True:
+        x = random_bytes(GROUP_ELEMENT_SIZE)
+        product = clamped(x)
+        alphas: list[bytes] = []
+        keys: list[HopKeys] = []
+        for i, hop in enumerate(path):
+            scalar = combined_scalar(product)
+            if scalar is None:  # about 2^-127 per hop: start again with another x
+                break
+            alphas.append(x25519_base(scalar))
+            shared = x25519(scalar, hop.onion_key)
+            if shared is None:
+                raise LocalProtocolError(f"hop {i} ({hop.peer.short()}): low-order onion key")
+            keys.append(derive_hop_keys(shared))
+            product = product * clamped(keys[-1].blinding) % GROUP_ORDER
+        else:
+            return alphas, keys
 
 
 def build_header(
@@ -196,7 +208,7 @@ def build_header(
     _check_path(path, epoch)
     if len(last_slot) != SLOT_SIZE:
         raise LocalProtocolError(f"a slot has {SLOT_SIZE} bytes, not {len(last_slot)}")
-    alphas, keys = _hop_secrets(path, random_bytes(GROUP_ELEMENT_SIZE))
+    alphas, keys = _hop_secrets(path, random_bytes)
     n = len(path)
     streams = [stream_xor(k.header_stream, bytes(ROUTING_SIZE + SLOT_SIZE)) for k in keys]
     filler = b""

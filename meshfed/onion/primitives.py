@@ -28,10 +28,13 @@ from nacl.exceptions import CryptoError
 
 __all__ = [
     "GROUP_ELEMENT_SIZE",
+    "GROUP_ORDER",
     "KEY_SIZE",
     "MAC_SIZE",
     "REPLAY_TAG_SIZE",
     "HopKeys",
+    "clamped",
+    "combined_scalar",
     "derive_hop_keys",
     "mac",
     "mac_ok",
@@ -65,6 +68,36 @@ def x25519(scalar: bytes, point: bytes) -> bytes | None:
 def x25519_base(scalar: bytes) -> bytes:
     """``scalar * G``: the public key of ``scalar``."""
     return bytes(crypto_scalarmult_base(scalar))
+
+
+#: the order ``l`` of Curve25519's prime-order subgroup (where honest keys and alphas live)
+GROUP_ORDER = 2**252 + 27742317777372353535851937790883648493
+_INVERSE_OF_8 = pow(8, -1, GROUP_ORDER)
+
+
+def clamped(scalar: bytes) -> int:
+    """``scalar`` as X25519 uses it: little-endian, the low 3 bits and bit 255 cleared, bit
+    254 set."""
+    value = int.from_bytes(scalar, "little")
+    return (value & ~7 & ((1 << 255) - 1)) | (1 << 254)
+
+
+def combined_scalar(product: int) -> bytes | None:
+    """A 32-byte scalar ``c`` that X25519 leaves as it is (``clamped(c) == c``) and with
+    ``x25519(c, P) == x25519(s_k, ... x25519(s_1, P))`` for every ``P`` on the curve (not the
+    twist), ``product`` being ``clamped(s_1) * ... * clamped(s_k)``: one scalar
+    multiplication instead of ``k``.
+
+    Both sides are the same multiple of ``P``'s prime-order part (a multiple of 8 kills the
+    rest), up to sign, which an x-coordinate does not show: ``c = 8m`` with ``m = +-product / 8
+    mod l`` in ``[2^251, 2^252)``. ``None`` when neither sign lands there (probability about
+    2^-127): then draw another sender scalar.
+    """
+    m = product * _INVERSE_OF_8 % GROUP_ORDER
+    for candidate in (m, GROUP_ORDER - m):
+        if 1 << 251 <= candidate < 1 << 252:
+            return (8 * candidate).to_bytes(32, "little")
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,9 @@ onion requests for :class:`Text` with ``echo:<text>`` (after 2 s when the text s
 
 - ``{"cmd": "keys"}`` -> ``{"peers": n}``: peers whose record holds onion keys
 - ``{"cmd": "request", "peer", "text", "privacy", "within"}`` -> ``{"answer": text}``
+- ``{"cmd": "onion_key"}`` -> ``{"epoch", "key": hex}``: this node's onion key of the epoch now
+- ``{"cmd": "packet", "addr", "packet": hex}`` -> ``{"sent": peer id}``: dials ``addr`` and hands
+  it the packet as the previous hop would (returns once that node took it)
 - ``{"cmd": "stats"}`` -> ``node.stats.snapshot()``
 - ``{"cmd": "stop"}`` -> graceful stop and exit
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ import trio
 from meshfed import NodeConfig, PeerId, open_node
 from meshfed.control import Text
 from meshfed.logs import configure_logging
+from meshfed.onion.messages import OnionPacket
 
 
 def reply(document: dict[str, Any]) -> None:
@@ -94,6 +99,13 @@ async def run(node: Any, command: dict[str, Any]) -> None:
                 attempts=command.get("attempts", 3),
             )
             reply({"answer": answer.text})
+        elif cmd == "onion_key":
+            epoch = node.onion.schedule.epoch_at(time.time())
+            reply({"epoch": epoch, "key": node.onion.ring.public_key(epoch).hex()})
+        elif cmd == "packet":
+            peer = await node.connect(command["addr"])
+            await node.send(peer, OnionPacket(bytes.fromhex(command["packet"])))
+            reply({"sent": str(peer)})
         elif cmd == "stats":
             reply(node.stats.snapshot())
         else:

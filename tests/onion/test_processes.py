@@ -1,15 +1,21 @@
 """Eight OS processes over libp2p: six relays, a sender and a destination. A request and its
 reply over three relays each way; nothing at the destination names the sender; a relay
-SIGKILLed mid-flight makes the sender retry on new paths, and the destination acts once."""
+SIGKILLed mid-flight makes the sender retry on new paths, and the destination acts once.
+A relay SIGKILLed right after it took a packet, and started again, drops that packet's
+replay."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import time
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 from meshfed import PeerId
+from meshfed.onion import Hop, build_packet, fragment
 from tests.procs.harness import ROOT, Process
 
 PEER = str(ROOT / "tests" / "onion" / "onion_peer.py")
@@ -95,3 +101,42 @@ def test_eight_processes_route_privately_and_survive_a_killed_relay(tmp_path: Pa
     finally:
         for process in processes:
             process.stop()
+
+
+def _packet(hops: list[tuple[str, dict[str, Any]]]) -> str:
+    """A packet along ``(peer id, onion_key answer)`` hops, hex."""
+    path = [Hop(PeerId.from_string(peer), bytes.fromhex(key["key"])) for peer, key in hops]
+    body = fragment(b"replay me", os.urandom(16))[0]
+    built = build_packet(path, body, epoch=hops[0][1]["epoch"], random_bytes=os.urandom)
+    return built.packet.hex()
+
+
+def test_a_relay_killed_right_after_taking_a_packet_drops_its_replay_when_restarted(
+    tmp_path: Path,
+) -> None:
+    relay, started = _start(tmp_path / "relay", "relay", "info", [])
+    relay_id, relay_addr = started["peer_id"], started["listen"][0]
+    sender, started = _start(tmp_path / "sender", "trainer", "info", [relay_addr])
+    sender_id = started["peer_id"]
+    try:
+        hops = [(relay_id, relay.call(cmd="onion_key")), (sender_id, sender.call(cmd="onion_key"))]
+        packet = _packet(hops)
+        assert sender.call(cmd="packet", addr=relay_addr, packet=packet) == {"sent": relay_id}
+        relay.popen.send_signal(signal.SIGKILL)  # at once: the tag was written before the ack
+        assert relay.popen.wait(timeout=10) == -signal.SIGKILL
+
+        relay, started = _start(tmp_path / "relay", "relay", "info", [])
+        assert started["peer_id"] == relay_id
+        relay_addr = started["listen"][0]
+        assert sender.call(cmd="packet", addr=relay_addr, packet=packet) == {"sent": relay_id}
+        assert relay.call(cmd="stats")["onion"].get("drop.replayed") == 1
+        fresh = _packet(hops)  # the restarted relay still relays what it has not seen
+        assert sender.call(cmd="packet", addr=relay_addr, packet=fresh) == {"sent": relay_id}
+        begun = time.monotonic()
+        while relay.call(cmd="stats")["onion"].get("relayed") != 1:
+            assert time.monotonic() - begun < 10, "the fresh packet was not relayed"
+            time.sleep(0.1)
+        assert relay.call(cmd="stats")["onion"].get("drop.replayed") == 1
+    finally:
+        sender.stop()
+        relay.stop()

@@ -3,8 +3,12 @@ what the destination keeps, relays that die mid-flight, replays, caps."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -132,6 +136,27 @@ async def test_a_replayed_packet_is_dropped_also_after_the_relay_restarts(tmp_pa
         await _hand(alice, restarted.node, OnionPacket(packet))
         assert restarted.node.stats.onion["drop.replayed"] == 1
         assert restarted.node.stats.onion["relayed"] == 0
+
+
+async def test_a_relay_checkpoints_its_replay_tags_into_the_store_file(tmp_path: Path) -> None:
+    async with onion_mesh(tmp_path, relays=1) as mesh:
+        alice, dest, relay = mesh.node("alice"), mesh.node("dest"), mesh.node("r0")
+        assert relay.onion is not None and relay.store is not None
+        relay.onion.settings = dataclasses.replace(relay.onion.settings, checkpoint_every_tags=1)
+        await _hand(alice, relay, OnionPacket(_packet([relay, dest])))
+        copy = tmp_path / "file-alone.sqlite3"
+
+        def tags_in_the_file_alone() -> int:
+            shutil.copyfile(relay.store.path, copy)  # without its WAL: checkpointed rows only
+            try:
+                with closing(sqlite3.connect(copy)) as db:
+                    count: int = db.execute("SELECT count(*) FROM onion_replay").fetchone()[0]
+            except sqlite3.OperationalError:  # not even the schema was checkpointed yet
+                count = 0
+            copy.unlink()
+            return count
+
+        await eventually(lambda: tags_in_the_file_alone() == 1, within=5, what="a checkpoint")
 
 
 async def test_a_replay_is_dropped_across_a_key_rotation_until_the_old_key_retires(
