@@ -218,20 +218,28 @@ while True:
 """
 
 
-def test_kill_9_loses_no_acknowledged_checkpoint(tmp_path: Path) -> None:
-    path = tmp_path / "s.sqlite3"
+def kill_9_after(script: str, path: Path, acknowledgements: int) -> int:
+    """Run ``script`` (it prints a number per write it made durable) on ``path``; SIGKILL it
+    once it printed ``acknowledgements``, most likely in the middle of the next write. The
+    last number it printed."""
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     process = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True, env=env
     )
     assert process.stdout is not None
     acknowledged = -1
     for line in process.stdout:
         acknowledged = int(line)
-        if acknowledged >= 30:
+        if acknowledged >= acknowledgements:
             break
-    os.kill(process.pid, signal.SIGKILL)  # most likely in the middle of the next round
+    os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    return acknowledged
+
+
+def test_kill_9_loses_no_acknowledged_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    acknowledged = kill_9_after(_WRITER, path, 30)
     with Store.open(path) as store:
         assert store.verify() == []
         latest = store.load_checkpoint("job")
@@ -406,18 +414,8 @@ for i in range(1_000_000):
 def test_a_process_durable_write_survives_kill_9_without_a_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
     Store.open(path).close()
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    process = subprocess.Popen(
-        [sys.executable, "-c", _TAG_WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env
-    )
-    assert process.stdout is not None
-    acknowledged = -1
-    for line in process.stdout:
-        acknowledged = int(line)
-        if acknowledged >= 200:
-            break
-    os.kill(process.pid, signal.SIGKILL)  # the rows are in the WAL only (no checkpoint ran)
-    process.wait()
+    # the rows are in the WAL only (no checkpoint ran)
+    acknowledged = kill_9_after(_TAG_WRITER, path, 200)
     with Store.open(path) as store, store.snapshot() as connection:
         rows = connection.execute("SELECT tag FROM onion_replay WHERE epoch = 1").fetchall()
     assert {int.from_bytes(tag, "big") for (tag,) in rows} >= set(range(acknowledged + 1))
