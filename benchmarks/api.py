@@ -184,13 +184,6 @@ sys.stdin.read()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _rss_mb(pid: int) -> float:
     rss: int = psutil.Process(pid).memory_info().rss
     return round(rss / 2**20, 1)
@@ -199,7 +192,9 @@ def _rss_mb(pid: int) -> float:
 def _core_node(data_dir: str, *args: str, torch: bool = False) -> dict[str, float]:
     """Start a node without the train extra (``torch``: with torch imported first); the
     seconds to its libp2p port accepting and to its ``started`` line, and its idle RSS."""
-    port = _free_port()
+    from meshfed.testing import free_port
+
+    port = free_port()
     command = [
         sys.executable, "-c", CORE_NODE, "torch" if torch else "core", "run", "--json",
         "--no-mdns", "--data-dir", data_dir, "--log-level", "error",

@@ -10,6 +10,7 @@ made a clear error into a ``RecursionError`` at 400 nodes).
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +25,14 @@ from .identity import Identity
 from .node import Node, open_node
 from .transports.memory import MemoryNetwork
 
-__all__ = ["open_memory_mesh", "quiet_config"]
+__all__ = ["free_port", "open_memory_mesh", "quiet_config"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process told where to listen)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def quiet_config(data_dir: Path, **overrides: Any) -> NodeConfig:

@@ -27,7 +27,7 @@ from meshfed.market.order import spec_from
 from meshfed.market.terms import Requirements, Tier, WorkKind
 from meshfed.node import Node, open_node
 from meshfed.store import Store
-from meshfed.testing import quiet_config
+from meshfed.testing import free_port, quiet_config
 from meshfed.training import extra
 from meshfed.transports.memory import MemoryNetwork
 from tests.market.mesh import meshed
@@ -157,13 +157,6 @@ def test_a_core_node_refuses_a_job_file_a_testnet_and_an_order(tmp_path: Path) -
     assert not (tmp_path / "node" / _KEY_FILE).exists()  # refused before the node started
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _build_wheel(into: Path) -> Path:
     """meshfed's wheel, built from a copy of the tree (the build writes beside its sources)."""
     source = into / "source"
@@ -208,7 +201,7 @@ def test_the_wheel_installs_and_serves_without_training(tmp_path: Path, interpre
     )  # fmt: skip
     assert found.stdout.startswith(f"[] {venv}"), found.stdout  # no training; our wheel
 
-    data_dir, port = tmp_path / "node", _free_port()
+    data_dir, port = tmp_path / "node", free_port()
     node = subprocess.Popen(
         [cli, "run", "--json", "--no-mdns", "--data-dir", str(data_dir),
          "--listen", f"/ip4/127.0.0.1/tcp/{port}"],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,13 +12,7 @@ import trio
 
 from meshfed import Identity, NodeConfig, open_node
 from meshfed.membership.bootstrap import Backoff
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+from meshfed.testing import free_port
 
 
 def config(data_dir: Path, **overrides: object) -> NodeConfig:

@@ -23,6 +23,7 @@ from meshfed.errors import PeerUnreachable, RequestTimeout, StreamClosed, Transp
 from meshfed.identity import Identity, PeerId
 from meshfed.node import RPC_PROTOCOL
 from meshfed.stats import NodeStats, RejectReason
+from meshfed.testing import free_port
 from meshfed.transport import Stream, TransportLimits
 from meshfed.transports import libp2p as libp2p_module
 from meshfed.transports._sealed import HEADER, HELLO_BYTES, NONCE_BYTES, TAG_BYTES
@@ -435,7 +436,7 @@ async def test_network_failures_arrive_as_our_errors(monkeypatch: pytest.MonkeyP
     silent.listen(8)  # accepts TCP, never speaks libp2p
     async with pair() as [(a, _), _]:
         stranger = Identity.generate().peer_id
-        closed_port = _free_port()
+        closed_port = free_port()
         with pytest.raises(PeerUnreachable):
             await a.connect(f"/ip4/127.0.0.1/tcp/{closed_port}/p2p/{stranger}")
         with pytest.raises(RequestTimeout):
@@ -453,14 +454,8 @@ async def test_network_failures_arrive_as_our_errors(monkeypatch: pytest.MonkeyP
 # -- issue 13, item 1: a taken port is an error --------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def test_a_second_transport_on_a_taken_port_fails_naming_it() -> None:
-    addr = f"/ip4/127.0.0.1/tcp/{_free_port()}"
+    addr = f"/ip4/127.0.0.1/tcp/{free_port()}"
     first = Libp2pTransport(Identity.generate(), stats=NodeStats(), listen_addrs=(addr,))
     second = Libp2pTransport(Identity.generate(), stats=NodeStats(), listen_addrs=(addr,))
     async with trio.open_nursery() as nursery:
@@ -473,7 +468,7 @@ async def test_a_second_transport_on_a_taken_port_fails_naming_it() -> None:
 
 
 def test_a_second_node_process_on_a_taken_port_exits_non_zero(tmp_path: Path) -> None:
-    addr = f"/ip4/127.0.0.1/tcp/{_free_port()}"
+    addr = f"/ip4/127.0.0.1/tcp/{free_port()}"
     config = tmp_path / "node.toml"
     config.write_text("mdns = false\n")
     command = ["-m", "meshfed.cli", "run", "--listen", addr, "--config", str(config)]
