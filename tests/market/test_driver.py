@@ -233,11 +233,14 @@ async def test_a_winner_killed_before_its_acknowledgement_came_is_paid_it_when_b
     )
     job = {**JOB, "job_id": "cut-off", "rounds": 4}
     stops = {index: trio.Event() for index in range(1, 6)}
+    closed = {index: trio.Event() for index in range(1, 6)}
 
     async def serve(index: int, *, task_status: trio.TaskStatus[Node]) -> None:
+        stop, done = stops[index], closed[index]
         async with open_node(config(tmp_path / f"n{index}"), network=network) as node:
             task_status.started(node)
-            await stops[index].wait()
+            await stop.wait()
+        done.set()
 
     async with trio.open_nursery() as nursery:
         sellers = [await nursery.start(serve, i) for i in range(1, 6)]
@@ -252,7 +255,8 @@ async def test_a_winner_killed_before_its_acknowledgement_came_is_paid_it_when_b
             assert victim.market is not None and buyer.market is not None
             earned = victim.market.ledger.balance(earned_account("cut-off", buyer.peer_id))
             assert earned < buyer.market.ledger.balance(paid_account("cut-off", victim.peer_id))
-            stops[index] = trio.Event()
+            await closed[index].wait()  # its data directory is free again
+            stops[index], closed[index] = trio.Event(), trio.Event()
             back = await nursery.start(serve, index)  # the same data directory
             await back.connect(buyer.listen_addrs[0])
             with trio.fail_after(120):
