@@ -23,7 +23,7 @@ from .logs import configure_logging
 from .node import Node, open_node
 
 if TYPE_CHECKING:
-    from .training.job import JobSpec
+    from .training.spec import JobSpec
 
 __all__ = ["app", "main"]
 
@@ -109,7 +109,7 @@ def run(
 
 def _load_job(path: Path) -> JobSpec:
     """The job file's job; a bad field exits (2) before the node starts, naming the field."""
-    from .training.job import JobSpec  # torch loads only for nodes that train
+    from .training.spec import JobSpec  # torch loads only for nodes that train
 
     try:
         return JobSpec.from_file(path)
