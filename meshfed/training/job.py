@@ -1101,8 +1101,9 @@ class TrainingPeer:
         rng: np.random.Generator,
     ) -> GroupResult:
         """The group's mean of ``[w v, w]`` (``v``: the model, or the update when the job
-        :attr:`~JobSpec.averages_updates`), the way the job's ``secure`` and ``compression``
-        say; ``absent`` members are presumed gone (a short probe, not the join floor)."""
+        :attr:`~.spec.AveragingSpec.averages_updates`), the way the job's ``secure`` and
+        ``compression`` say; ``absent`` members are presumed gone (a short probe, not the join
+        floor)."""
         where: dict[str, Any] = {"job": self._job, "round": round, "group": index}
         if isinstance(self.codec, TopK):
             feedback = self._feedback.setdefault(step, ErrorFeedback(self.codec, len(vector)))

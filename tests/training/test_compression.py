@@ -324,7 +324,7 @@ def test_a_job_refuses_compression_it_cannot_run() -> None:
         ({"compression": "topk", "secure": False, "topk_ratio": 0.0}, "topk_ratio"),
     ]:
         with pytest.raises(ConfigError, match=match):
-            JobSpec.from_document({"job_id": "j", "roster": roster, **options})
+            JobSpec.from_document({"job_id": "j", "roster": roster, **options})  # type: ignore[dict-item]
     plain_int8 = JobSpec(
         job_id="j", roster=roster, averaging=AveragingSpec(compression="int8", secure=False)
     )
