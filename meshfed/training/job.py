@@ -363,7 +363,15 @@ class TrainingPeer:
             return False
         job = await trio.to_thread.run_sync(self.store.job, self.spec.job_id)
         ended = (JobState.FINISHED, JobState.CONVERGED)
-        return job is not None and job.state in ended and job.spec == self.spec.to_json()
+        return job is not None and job.state in ended and self._is_this_job(job.spec)
+
+    def _is_this_job(self, stored: str) -> bool:
+        """Whether ``stored`` (a job's JSON in the store: grouped, or flat as a node before the
+        groups wrote it) is this job."""
+        try:
+            return JobSpec.from_json(stored) == self.spec
+        except ConfigError:
+            return False
 
     async def run(self, on_round: Callable[[RoundReport], None] | None = None) -> list[RoundReport]:
         """Every round of the job, until the last or until the policy stops it early; returns
@@ -587,7 +595,7 @@ class TrainingPeer:
             return []
         job_id, spec = self.spec.job_id, self.spec.to_json()
         job = await trio.to_thread.run_sync(self.store.put_job, job_id, spec)
-        if job.spec != spec:
+        if not self._is_this_job(job.spec):
             raise StoreError(f"the store holds another job called {job_id!r}: use a new job_id")
         if self._joining is None:
             self._clock = (0, min(job.created, time.time()))  # when this node first saw it

@@ -438,7 +438,7 @@ def grouped(document: Mapping[str, Any]) -> dict[str, Any]:
     for key, flat in moved.items():
         table = result.get(key, {})
         if not isinstance(table, Mapping):
-            raise ConfigError(f"{key}: expected a table of {key} fields, got {table!r}")
+            raise ConfigError(f"{key}: expected a table, got {table!r}")
         both = sorted(set(flat) & set(table))
         if both:
             raise ConfigError(f"{both[0]}: given both flat and in {key}; give it once")
@@ -457,7 +457,7 @@ def flattened(document: Mapping[str, Any]) -> dict[str, Any]:
     for key, group in GROUPS.items():
         table = result.pop(key, {})
         if not isinstance(table, Mapping):
-            raise ConfigError(f"{key}: expected a table of {key} fields, got {table!r}")
+            raise ConfigError(f"{key}: expected a table, got {table!r}")
         names = [f.name for f in dataclasses.fields(group)]
         for name in table:
             if name not in names:

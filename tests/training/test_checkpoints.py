@@ -3,6 +3,7 @@ nodes with real stores."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshfed import Node
-from meshfed.errors import ConfigError
+from meshfed.errors import ConfigError, StoreError
 from meshfed.identity import Identity
 from meshfed.secagg.driver import Aggregator
 from meshfed.store import JobState
@@ -27,6 +28,7 @@ from meshfed.training.spec import (
     ProgressSpec,
     RobustnessSpec,
     TrainingSpec,
+    flattened,
 )
 from tests.training.nodes import QUICK, memory_nodes
 
@@ -296,3 +298,21 @@ def test_rollback_needs_a_store() -> None:
         JobSpec(job_id="j", roster=roster, progress=ProgressSpec(rollback_drop=2.0))
     with pytest.raises(ConfigError, match="keep_checkpoints"):
         JobSpec(job_id="j", roster=roster, progress=ProgressSpec(keep_checkpoints=0))
+
+
+async def test_a_job_stored_flat_by_an_older_node_resumes_and_another_job_does_not(
+    tmp_path: Path,
+) -> None:
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = JobSpec(job_id="upgraded", roster=roster_of(nodes), rounds=2)
+        flat = json.dumps(flattened(json.loads(spec.to_json())))  # before the groups
+        other = json.dumps({**json.loads(flat), "rounds": 3})
+        for node in nodes:
+            assert node.store is not None
+            node.store.put_job("upgraded", flat)
+            node.store.put_job("taken", other.replace("upgraded", "taken"))
+        _, returned, _ = await run_job(nodes, spec)
+        assert [len(reports) for reports in returned] == [2, 2, 2, 2]
+        taken = TrainingPeer(nodes[0], replace(spec, job_id="taken"), store=nodes[0].store)
+        with pytest.raises(StoreError, match="the store holds another job called 'taken'"):
+            await taken.run()

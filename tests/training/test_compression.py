@@ -341,7 +341,8 @@ def test_testnet_passes_the_compression_on(tmp_path: Path) -> None:
     result = cli("testnet", *args, "--topk-ratio", "0.1", "--out", str(out), timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     run = json.loads(out.read_text())
-    assert (run["job"]["compression"], run["job"]["topk_ratio"]) == ("topk", 0.1)
+    averaging = run["job"]["averaging"]
+    assert (averaging["compression"], averaging["topk_ratio"]) == ("topk", 0.1)
     assert run["rounds"][-1]["accuracy_spread"] < 1e-6
 
 

@@ -118,7 +118,7 @@ def test_grouped_flat_and_mixed_documents_of_a_job_read_as_the_same_spec(
         ({"data": {"own_data": {"validaton": 0.1}}}, "data.own_data.validaton: unknown"),
         ({"zzz": 1}, "zzz: unknown job field; known: job_id, roster, rounds, data, training"),
         ({"secure": False, "averaging": {"secure": True}}, "secure: given both flat and in"),
-        ({"secure": False, "averaging": [1]}, "averaging: expected a table of averaging"),
+        ({"secure": False, "averaging": [1]}, "averaging: expected a table, got [1]"),
         ({"averaging": 3}, "averaging: expected a table, got 3"),
         ({"averaging": {"secure": "no"}}, "averaging.secure: expected true or false, got 'no'"),
         ({"lr": "0.1"}, "training.lr: expected a number, got '0.1'"),
