@@ -389,7 +389,7 @@ class JobSpec:
     @classmethod
     def from_file(cls, path: Path) -> JobSpec:
         """Read a job file: JSON, or TOML if its name ends in ``.toml``
-        (``examples/job.json`` shows every field with its default).
+        (``examples/job.toml`` shows every field with its default, grouped).
 
         Raises:
             ConfigError: as :meth:`from_document`, the message starting with the file name.
