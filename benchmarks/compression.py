@@ -35,7 +35,8 @@ import trio
 from meshfed import NodeConfig, open_node
 from meshfed.averaging.compression import Codec, Float16, Int8, TopK
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
-from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
+from meshfed.training.job import RoundReport, TrainingPeer
+from meshfed.training.spec import AveragingSpec, JobSpec
 from meshfed.transports.memory import MemoryNetwork
 
 CODECS: dict[str, Codec] = {
@@ -89,10 +90,12 @@ async def train(
                 job_id=f"compression-{secure}-{compression}",
                 roster=tuple(str(n.peer_id) for n in nodes),
                 rounds=rounds,
-                secure=secure,
-                compression=compression,
-                clip=0.25 if secure and compression == "int8" else 8.0,
-                topk_ratio=topk_ratio,
+                averaging=AveragingSpec(
+                    secure=secure,
+                    compression=compression,
+                    clip=0.25 if secure and compression == "int8" else 8.0,
+                    topk_ratio=topk_ratio,
+                ),
             )
             reports: list[list[RoundReport]] = [[] for _ in nodes]
             trainers = [

@@ -59,9 +59,10 @@ from rich.console import Console
 from meshfed.logs import configure_logging
 from meshfed.testnet import run_testnet
 from meshfed.training.data import load_dataset
-from meshfed.training.job import JobSpec, local_seed
+from meshfed.training.job import local_seed
 from meshfed.training.models import build
 from meshfed.training.preflight import job_shards
+from meshfed.training.spec import JobSpec
 from meshfed.training.torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 
 DP = {"dp_mode": "sample", "dp_clip": 1.0, "dp_noise_multiplier": 0.0, "lr": 0.5, "dp_epsilon": 8.0}
@@ -72,12 +73,15 @@ NEIGHBOUR = "add/remove one example of a peer's shard (q = batch / public shard 
 
 def centralized_fedavg(spec: JobSpec) -> list[float]:
     """Accuracy after each round of FedAvg over the job's shards, in this process."""
-    train, test = load_dataset(spec.dataset, seed=spec.seed)
+    train, test = load_dataset(spec.data.dataset, seed=spec.training.seed)
     shards = job_shards(spec, train)
-    torch.manual_seed(spec.seed)
-    model = build(spec.model, **spec.model_options)
+    torch.manual_seed(spec.training.seed)
+    model = build(spec.training.model, **spec.training.model_options)
     trainer = LocalTrainer(
-        epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, optimizer=spec.optimizer
+        epochs=spec.training.epochs,
+        batch_size=spec.training.batch_size,
+        lr=spec.training.lr,
+        optimizer=spec.training.optimizer,
     )
     sizes = np.array([len(s) for s in shards], dtype=np.float64)
     accuracies = []
@@ -164,11 +168,12 @@ def main() -> None:
         return
     secure = decentralized(nodes, **options)
     # The reference replays the very job the testnet ran (same roster size, seed, shards).
-    ran = {key: value for key, value in secure["job"].items() if key != "own_data"}
-    job = JobSpec(**{**ran, "roster": tuple(ran["roster"])})
-    train, _ = load_dataset(job.dataset, seed=job.seed)
+    ran = secure["job"]
+    data = {key: value for key, value in ran["data"].items() if key != "own_data"}
+    job = JobSpec.from_document({**ran, "data": data})
+    train, _ = load_dataset(job.data.dataset, seed=job.training.seed)
     mean_shard = statistics.mean(len(s) for s in job_shards(job, train))
-    ticks = rounds * args.epochs * math.ceil(mean_shard / job.batch_size)  # the same local work
+    ticks = rounds * args.epochs * math.ceil(mean_shard / job.training.batch_size)  # same work
     gossip = decentralized(
         nodes,
         agree=False,

@@ -20,7 +20,8 @@ import trio
 from meshfed import Node, NodeConfig, open_node
 from meshfed.identity import load_or_create_identity
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
-from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
+from meshfed.training.job import RoundReport, TrainingPeer
+from meshfed.training.spec import JobSpec, TrainingSpec
 
 PEERS = 4
 QUICK = DeadlinePolicy(join_s=1.0)
@@ -65,7 +66,9 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dirs = [Path(tmp, f"node{i}") for i in range(PEERS)]
         roster = tuple(str(load_or_create_identity(d).peer_id) for d in data_dirs)
-        spec = JobSpec(job_id="digits-resume", roster=roster, rounds=6, epochs=2)
+        spec = JobSpec(
+            job_id="digits-resume", roster=roster, rounds=6, training=TrainingSpec(epochs=2)
+        )
         print("first run, stopped after round 2:")
         await train(data_dirs, spec, stop_after=2)
         print("restarted from the stores:")

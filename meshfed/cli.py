@@ -24,7 +24,7 @@ from .logs import configure_logging
 from .node import Node, open_node
 
 if TYPE_CHECKING:
-    from .training.job import JobSpec
+    from .training.spec import JobSpec
 
 __all__ = ["app", "main"]
 
@@ -112,11 +112,10 @@ def _load_job(path: Path) -> JobSpec:
     """The job file's job; a bad field, or no training here, exits (2) before the node
     starts, saying which."""
     from .training.extra import require_training
+    from .training.spec import JobSpec
 
     try:
         require_training(f"the job in {path}")
-        from .training.job import JobSpec  # torch loads only for nodes that train
-
         return JobSpec.from_file(path)
     except MeshfedError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -1,6 +1,6 @@
 """The testnet's job for hundreds of peers in one process, on the memory transport.
 
-``meshfed-node testnet --simulate N`` runs the same :class:`~meshfed.training.job.JobSpec` as
+``meshfed-node testnet --simulate N`` runs the same :class:`~meshfed.training.spec.JobSpec` as
 the multi-process testnet, with N nodes on one simulated network (:mod:`meshfed.transports.
 memory`): the same nodes, envelopes, secure aggregation and Moshpit groups, without sockets.
 It shows the round reports live (means over the peers), and writes the run as JSON with the
@@ -35,8 +35,9 @@ from .identity import Identity
 from .node import Node
 from .secagg.driver import Aggregator, DeadlinePolicy
 from .testing import open_memory_mesh
-from .training.job import JobSpec, RoundReport, TrainingPeer
+from .training.job import RoundReport, TrainingPeer
 from .training.preflight import JobParts, prepare
+from .training.spec import JobSpec
 
 __all__ = ["run_simulation"]
 
@@ -46,10 +47,10 @@ def _peak_rss_mb() -> float:
 
 
 def _table(spec: JobSpec, peers: int, rows: list[dict[str, Any]], elapsed: float) -> Table:
-    mode = "secure" if spec.secure else "plain"
+    mode = "secure" if spec.averaging.secure else "plain"
     table = Table(
-        title=f"meshfed simulation: {peers} peers in one process, {spec.model} on "
-        f"{spec.dataset} ({spec.partition}), {mode} averaging, {elapsed:.0f} s"
+        title=f"meshfed simulation: {peers} peers in one process, {spec.training.model} on "
+        f"{spec.data.dataset} ({spec.data.partition}), {mode} averaging, {elapsed:.0f} s"
     )
     for column in ("round", "accuracy", "spread", "round s", "CPU s", "groups", "peak MB"):
         table.add_column(column, justify="right")
@@ -127,7 +128,9 @@ async def _simulate(
     # any node opens: its roster comes from identities made first.
     identities = [Identity.generate() for _ in range(peers)]
     roster = tuple(str(identity.peer_id) for identity in identities)
-    spec = JobSpec(job_id=f"sim-{os.urandom(4).hex()}", roster=roster, **job_options)
+    spec = JobSpec.from_document(
+        {"job_id": f"sim-{os.urandom(4).hex()}", "roster": roster, **job_options}
+    )
     parts = prepare(spec)
     advice = _few_steps(spec, parts)
     if advice:
@@ -148,7 +151,7 @@ async def _simulate(
                     node,
                     spec,
                     Aggregator(node, deadlines=patient),
-                    store=node.store if spec.dp_clip else None,  # DP commits each charge
+                    store=node.store if spec.privacy.dp_clip else None,  # DP commits each charge
                 )
                 for node in nodes
             ]
@@ -234,7 +237,9 @@ def _few_steps(spec: JobSpec, parts: JobParts) -> str:
     per peer (then many rounds stay near chance accuracy), else ''."""
     sizes = [len(shard) for shard in parts.shards]
     typical = statistics.median(sizes)
-    steps = spec.local_steps or spec.epochs * math.ceil(typical / spec.batch_size)
+    steps = spec.training.local_steps or spec.training.epochs * math.ceil(
+        typical / spec.training.batch_size
+    )
     if steps > 2:
         return ""
     return (

@@ -4,7 +4,7 @@
 Each node is its own OS process talking libp2p over loopback. The testnet cuts the bundled
 data set (``--dataset``) into one shard per node (``--partition``), writes each shard as a
 ``.npz`` file in that node's data directory and registers it there the way ``meshfed-node data
-add`` does, and writes the job (:class:`~meshfed.training.job.JobSpec` fields without a roster,
+add`` does, and writes the job (:class:`~meshfed.training.spec.JobSpec` fields without a roster,
 naming the registered data set) to a file. It starts the nodes (the first alone, then the others
 at once with its address as their bootstrap peer: membership gossip connects them all), then a
 buyer node that posts the job with a budget: the nodes bid, the auction awards
@@ -46,8 +46,8 @@ from .market.terms import credits
 from .node import STORE_KEY_PURPOSE
 from .store import Store
 from .training.data import OwnData
-from .training.job import JobSpec
 from .training.preflight import prepare
+from .training.spec import JobSpec, flattened
 
 __all__ = ["TestnetError", "run_testnet"]
 
@@ -153,26 +153,26 @@ async def _read_buyer(buyer: _Buyer, process: trio.Process) -> None:
 def _live_table(
     children: list[_Child], spec: JobSpec, elapsed: float, buyer: _Buyer | None = None
 ) -> Table:
-    mode = "secure" if spec.secure else "plain"
+    mode = "secure" if spec.averaging.secure else "plain"
     table = Table(
-        title=f"meshfed testnet: {len(children)} nodes, {spec.model} on each node's own "
-        f"{spec.dataset}, {mode} averaging, {elapsed:.0f} s"
+        title=f"meshfed testnet: {len(children)} nodes, {spec.training.model} on each node's own "
+        f"{spec.data.dataset}, {mode} averaging, {elapsed:.0f} s"
     )
     table.caption = "accuracy: on the node's held-out part; pooled: over every node's part"
     if buyer is not None:
         table.caption += "\n" + buyer.market_line()
     columns = ["node", "peer id", "round", "accuracy", "pooled", "loss", "round s", "avg s"]
     columns.append("MB out")
-    for column in columns + (["epsilon"] if spec.dp_clip else []):
+    for column in columns + (["epsilon"] if spec.privacy.dp_clip else []):
         table.add_column(column, justify="right")
-    if spec.dp_clip:
+    if spec.privacy.dp_clip:
         table.caption += (
-            f"\n* privacy budget (epsilon {spec.dp_epsilon}) spent: data no longer used"
+            f"\n* privacy budget (epsilon {spec.privacy.dp_epsilon}) spent: data no longer used"
         )
     for child in children:
         last = child.rounds[-1] if child.rounds else {}
         state = child.outcome.get("event", "")
-        privacy = [f"{last['epsilon']:.2f}" if last else "-"] if spec.dp_clip else []
+        privacy = [f"{last['epsilon']:.2f}" if last else "-"] if spec.privacy.dp_clip else []
         stopped = "*" if last and not last.get("contributed", True) else ""
         table.add_row(
             str(child.index),
@@ -290,11 +290,11 @@ def _make_job(
         identity.save(data_dir / "identity.key")
         roster.append(str(identity.peer_id))
     job_id = f"testnet-{os.urandom(4).hex()}"
-    bundled = JobSpec(job_id=job_id, roster=tuple(roster), **options)
+    bundled = JobSpec.from_document({"job_id": job_id, "roster": roster, **options})
     parts = prepare(bundled)  # a job that cannot run is refused before any node starts
     if not own_data:
         return bundled
-    name = f"{bundled.dataset}-shard"
+    name = f"{bundled.data.dataset}-shard"
     for index, shard in enumerate(parts.shards):
         data_dir = workdir / f"node-{index}"
         path = data_dir / f"{name}.npz"
@@ -304,8 +304,10 @@ def _make_job(
             registry.register(name, path, classes=int(parts.train.y.max()) + 1)
     own = OwnData(max_examples=max(len(shard) for shard in parts.shards))
     cut = ("dataset", "partition", "alpha")  # how the testnet cut the shards, not the job's
-    rest = {key: value for key, value in options.items() if key not in cut}
-    return JobSpec(job_id=job_id, roster=tuple(roster), dataset=name, own_data=own, **rest)
+    rest = {key: value for key, value in flattened(options).items() if key not in cut}
+    return JobSpec.from_document(
+        {"job_id": job_id, "roster": roster, "dataset": name, "own_data": own, **rest}
+    )
 
 
 async def _revive(
@@ -511,7 +513,7 @@ async def run_testnet(
             buyer_command = [
                 sys.executable, "-m", "meshfed.cli", "submit", "training", str(job_file),
                 "--budget", str(budget), "--json", "--data-dir", str(workdir / "buyer"),
-                "--min-peers", str(max(4 if spec.secure else 2, hiring - kill)),
+                "--min-peers", str(max(4 if spec.averaging.secure else 2, hiring - kill)),
                 "--max-peers", str(hiring), "--bid-window", "5", "--wait-peers", "60",
             ]  # fmt: skip
             for child in children:
@@ -575,7 +577,7 @@ async def run_testnet(
     # gossip only brings models close (each node evaluates on its own part: not compared);
     # every other schedule makes them identical
     digests = {r["model_digest"] for r in lasts}
-    same = done and (spec.schedule == "pushsum" or len(digests) == 1)
+    same = done and (spec.averaging.schedule == "pushsum" or len(digests) == 1)
     clean = all(c.process.returncode == 0 for c in survivors)
     summary = {
         "job": json.loads(spec.to_json()),
@@ -603,7 +605,7 @@ async def run_testnet(
     await trio.Path(out).write_text(json.dumps(summary, indent=2))
     killed = len(summary["killed"])
     who = f"every hired node ({killed} killed)" if kill or hire else "every node"
-    model = "close models (gossip)" if spec.schedule == "pushsum" else "the same model"
+    model = "close models (gossip)" if spec.averaging.schedule == "pushsum" else "the same model"
     if same:
         verdict = f"{who} finished with {model}"
     elif done:

@@ -20,7 +20,8 @@ from meshfed.secagg.driver import Aggregator
 from meshfed.store import JobState
 from meshfed.testing import open_memory_mesh
 from meshfed.training import models
-from meshfed.training.job import JobSpec, TrainingPeer
+from meshfed.training.job import TrainingPeer
+from meshfed.training.spec import JobSpec, TrainingSpec
 from tests.procs.harness import ROOT, Process
 from tests.training.nodes import QUICK, run_together
 
@@ -93,7 +94,7 @@ def test_testnet_trains_one_model_on_every_node_and_stops_cleanly(tmp_path: Path
 
 def test_a_job_file_for_another_node_is_reported_not_fatal(tmp_path: Path) -> None:
     from meshfed.identity import Identity
-    from meshfed.training.job import JobSpec
+    from meshfed.training.spec import JobSpec
 
     roster = tuple(str(Identity.generate().peer_id) for _ in range(4))
     job = tmp_path / "job.json"
@@ -229,7 +230,9 @@ async def test_an_error_inside_training_fails_the_job_and_the_node_serves_on(
     async with open_memory_mesh(4, tmp_path) as nodes:
         await _connect_all(nodes)
         roster = tuple(str(node.peer_id) for node in nodes)
-        spec = JobSpec(job_id="breaks", roster=roster, model="test_breaks_in_training")
+        spec = JobSpec(
+            job_id="breaks", roster=roster, training=TrainingSpec(model="test_breaks_in_training")
+        )
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 for node in nodes:

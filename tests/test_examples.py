@@ -52,7 +52,7 @@ def test_the_sample_job_lists_every_field_with_its_default() -> None:
     import dataclasses
     import tomllib
 
-    from meshfed.training.job import JobSpec
+    from meshfed.training.spec import JobSpec
 
     path = ROOT / "examples" / "job.toml"
     document = tomllib.loads(path.read_text())
@@ -63,7 +63,10 @@ def test_the_sample_job_lists_every_field_with_its_default() -> None:
         if f.default is not dataclasses.MISSING:
             assert getattr(spec, name) == f.default, name
         elif f.default_factory is not dataclasses.MISSING:
-            assert getattr(spec, name) == f.default_factory(), name
+            group = f.default_factory()
+            assert getattr(spec, name) == group, name  # every group at its defaults ...
+            listed = {g.name for g in dataclasses.fields(group)}
+            assert set(document[name]) == listed, name  # ... each field listed
         else:
             assert name in ("job_id", "roster")  # the required ones
 
@@ -71,7 +74,7 @@ def test_the_sample_job_lists_every_field_with_its_default() -> None:
 async def test_the_sample_job_runs(tmp_path: Path) -> None:
     import dataclasses
 
-    from meshfed.training.job import JobSpec
+    from meshfed.training.spec import JobSpec
     from tests.training.nodes import memory_nodes, peers_for, run_together
 
     sample = JobSpec.from_file(ROOT / "examples" / "job.toml")

@@ -23,7 +23,7 @@ from .messages import Verification
 from .terms import MAX_AMOUNT, MICRO, Requirements, Tier, WorkKind, tier_range
 
 if TYPE_CHECKING:
-    from ..training.job import JobSpec
+    from ..training.spec import JobSpec
 
 __all__ = ["TrainingOrder", "read_order", "spec_from"]
 
@@ -39,8 +39,9 @@ class TrainingOrder:
     """A training job to buy.
 
     Attributes:
-        job: the job's fields as a job file holds them (``meshfed.training.job.JobSpec``),
-            without ``roster``; ``job_id`` is made up if missing.
+        job: the job's fields as a job file holds them (``meshfed.training.spec.JobSpec``),
+            without ``roster``; ``job_id`` is made up if missing. Kept in the flat form
+            (:func:`~meshfed.training.spec.flattened`), the one RFQs carry.
         budget: the most the buyer pays, all winners and rounds together (micro-credits).
         tier: picks the auction's scoring and defaults (:class:`~.terms.Tier`).
         min_peers, max_peers: how many winners; 0 takes the tier's range (at least 4 for a
@@ -68,7 +69,9 @@ class TrainingOrder:
     verification: Verification = field(default_factory=Verification)
 
     def __post_init__(self) -> None:
-        job = dict(self.job)
+        from ..training.spec import flattened
+
+        job = flattened(self.job)  # what every version reads (grouped in the file or not)
         if "roster" in job:
             raise ConfigError("roster: an order's roster is chosen by the auction; leave it out")
         job.setdefault("job_id", f"job-{secrets.token_hex(6)}")
@@ -148,16 +151,16 @@ class TrainingOrder:
 
 
 def spec_from(job: bytes, roster: list[str] | tuple[str, ...]) -> JobSpec:
-    """The job whose fields (``TrainingOrder.job_bytes``) came in an RFQ, run by ``roster``.
+    """The job whose fields (``TrainingOrder.job_bytes``, flat; grouped ones are read too)
+    came in an RFQ, run by ``roster``.
 
     Raises:
         ConfigError: not a table of job fields, or a field is wrong.
     """
     from ..training.extra import require_training
+    from ..training.spec import JobSpec
 
     require_training("a training job")
-    from ..training.job import JobSpec
-    from ..training.jobfile import from_mapping
 
     try:
         document = json.loads(job)
@@ -165,7 +168,7 @@ def spec_from(job: bytes, roster: list[str] | tuple[str, ...]) -> JobSpec:
         raise ConfigError(f"job: not a table of job fields: {exc}") from None
     if not isinstance(document, dict) or "roster" in document:
         raise ConfigError("job: expected a table of job fields without roster")
-    return from_mapping(JobSpec, {**document, "roster": list(roster)})
+    return JobSpec.from_document({**document, "roster": list(roster)})
 
 
 def read_order(path: Path, **terms: Any) -> TrainingOrder:

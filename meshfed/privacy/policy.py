@@ -29,7 +29,7 @@ from ..secagg.bounds import DEFAULT_COLLUSION, honest_survivors
 from .noise import MAX_DEVIATIONS, grid_for
 
 if TYPE_CHECKING:
-    from ..training.job import JobSpec
+    from ..training.spec import JobSpec
 
 __all__ = ["check", "clamp_bound", "honest_floor", "share_std"]
 
@@ -46,36 +46,35 @@ def honest_floor(size: int, collusion: int = DEFAULT_COLLUSION) -> int:
 def share_std(spec: JobSpec, size: int, *, first: bool) -> float:
     """The noise std a peer's own vector needs to enter a sum in a group of ``size``:
     a share when the job is secure and the sum is the round's first, else all of it."""
-    full = spec.dp_noise_multiplier * spec.dp_clip
-    if not (spec.secure and first):
+    full = spec.privacy.dp_noise_multiplier * spec.privacy.dp_clip
+    if not (spec.averaging.secure and first):
         return full
-    return full / math.sqrt(honest_floor(size, spec.collusion))
+    return full / math.sqrt(honest_floor(size, spec.averaging.collusion))
 
 
 def clamp_bound(spec: JobSpec, std: float) -> float:
     """How far from 0 a coordinate may be before a share of ``std`` is added, so that the
     quantizer never clips the noisy value (the sum stays exact)."""
-    return spec.clip - MAX_DEVIATIONS * std - grid_for(std)
+    return spec.averaging.clip - MAX_DEVIATIONS * std - grid_for(std)
 
 
 def check(spec: JobSpec) -> None:
-    """Refuse a differentially private job whose guarantee would not hold.
+    """Refuse a differentially private job whose guarantee would not hold (its budget is
+    checked by :class:`~meshfed.training.spec.PrivacySpec`).
 
     Raises:
-        ConfigError: the budget is not a budget, or secure peer-level DP leaves the
-            quantizer no room for the noise share of the smallest secure group.
+        ConfigError: secure peer-level DP leaves the quantizer no room for the noise share
+            of the smallest secure group.
     """
-    if not spec.dp_clip:
+    if not spec.privacy.dp_clip:
         return
-    if not spec.dp_epsilon > 0 or not 0 < spec.dp_delta < 1:
-        raise ConfigError("differential privacy needs dp_epsilon > 0 and 0 < dp_delta < 1")
-    if spec.secure and spec.dp_mode == "update":
+    if spec.averaging.secure and spec.privacy.dp_mode == "update":
         # shares are used only where h >= 2, so none exceeds sigma C / sqrt(2)
-        largest = spec.dp_noise_multiplier * spec.dp_clip / math.sqrt(2)
+        largest = spec.privacy.dp_noise_multiplier * spec.privacy.dp_clip / math.sqrt(2)
         if clamp_bound(spec, largest) <= 0:
             raise ConfigError(
                 f"secure peer-level DP adds noise shares of std up to {largest:.3g}, which the "
-                f"quantizer's clip {spec.clip} would cut (the sum must be exact for the shares "
-                f"to add up): set clip above {MAX_DEVIATIONS * largest:.3g}, or lower "
+                f"quantizer's clip {spec.averaging.clip} would cut (the sum must be exact for the "
+                f"shares to add up): set clip above {MAX_DEVIATIONS * largest:.3g}, or lower "
                 "dp_noise_multiplier x dp_clip"
             )

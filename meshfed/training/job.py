@@ -24,7 +24,6 @@ import contextlib
 import copy
 import functools
 import hashlib
-import json
 import logging
 import math
 import os
@@ -32,8 +31,7 @@ import secrets
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -62,21 +60,21 @@ from ..privacy.dpsgd import DPSGDTrainer
 from ..privacy.noise import SecureRandom
 from ..secagg.driver import AggregationFailed, Aggregator, GroupResult
 from ..secagg.protocol import GroupSpec
-from ..secagg.ring import Quantizer, check_capacity
+from ..secagg.ring import Quantizer
 from ..stats import RejectReason
 from ..store import Checkpoint, JobState, Store
 from ..wire import Envelope
 from .catchup import StateSync
-from .checkpoints import Converged, ProgressPolicy, Rollback
-from .data import BUNDLED, Dataset, OwnData, own_weight
-from .jobfile import check_types, from_mapping, read_document
+from .checkpoints import Converged, Rollback
+from .data import Dataset, own_weight
 from .pooled import Counts, pool_counts
 from .preflight import prepare
 from .roster import RosterChange, RosterSchedule
+from .spec import JobSpec
 from .sync import TrainingState, agreed_round, plausible_round
 from .torch_adapter import LocalTrainer, evaluate, flatten, load_flat
 
-__all__ = ["JobSpec", "RoundReport", "TrainingPeer", "local_seed"]
+__all__ = ["RoundReport", "TrainingPeer", "local_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -91,261 +89,6 @@ MIN_ROUND_S = 0.02
 _STEPS_PER_ROUND = 64  # GroupSpec.round = round * 64 + step: a fresh context for every step
 _WEIGHT_COPIES = 32  # secure int8: the weight rides as this many quantized copies
 _POOL_STEPS = 32  # the validation counts' group rounds: round * 64 + 32 + step
-
-
-@dataclass(frozen=True, kw_only=True)
-class JobSpec:
-    """A training job, as every peer of its roster sees it.
-
-    Attributes:
-        job_id: unique name (binds every message and mask of the job).
-        roster: the peers, as peer id strings; shard ``i`` of the data goes to peer ``i``.
-        model, model_options: the architecture (:func:`..models.build`).
-        dataset, partition, alpha: the data (:mod:`..data`): a bundled data set (``digits``,
-            ``synthetic``), partitioned among the roster, or the name of a data set each
-            roster peer registered itself (:mod:`meshfed.data`), which it trains on where it
-            is (``partition`` and ``alpha`` do not apply).
-        own_data: how peers use their own data sets (:class:`~.data.OwnData`: the validation
-            share each holds out, the weight cap); only with a registered data set.
-        rounds, epochs, batch_size, lr, optimizer: the training.
-        local_steps: if > 0, each round trains this many minibatch steps instead of ``epochs``
-            passes (push-sum: one or a few steps per tick, as SGP does).
-        algorithm, algorithm_options: the strategy (:func:`..strategies.named`).
-        secure: average with secure aggregation (else a plain butterfly).
-        collusion: how many members of a secure group may collude (SPEC 7b.7); thresholds
-            resist it, and grids whose groups are too small for it are refused.
-        schedule: ``exact`` (all grid axes every round: identical models), ``moshpit`` (one
-            axis per round) or ``pushsum`` (asynchronous push-sum gossip, no groups: each
-            "round" is one local step and one push; plain, for meshes with heavy churn).
-        max_group: the largest averaging group.
-        clip, levels_bits: quantization for secure averaging: parameters are clipped to
-            ``[-clip, clip]`` and quantized to ``2^levels_bits`` levels.
-        seed: model initialization and data split.
-        dp_clip: differential privacy (0: off): the L2 bound of what ``dp_mode`` clips.
-        dp_mode: ``update`` (peer-level DP-FedAvg: each round's update is clipped and noised,
-            then every peer weighs the same) or ``sample`` (example-level DP-SGD in local
-            training: each example's gradient is clipped, each step's sum noised).
-        dp_noise_multiplier: noise std on a group sum (``update``) or on a step's gradient sum
-            (``sample``), in units of ``dp_clip``. With ``sample``, 0 lets each peer take the
-            least noise with which all ``rounds`` of its DP-SGD fit ``dp_epsilon``.
-        dp_epsilon, dp_delta: each peer's budget for the whole job; a peer whose next round
-            would exceed it stops contributing its data.
-        robust, robust_options: Byzantine-robust aggregation instead of the mean (``median``,
-            ``trimmed_mean``, ``krum``, ``centered_clip``: :mod:`..averaging.robust`), over an
-            all-gather of the group; it needs the individual models, so not with ``secure``.
-        gossip_pushes: pushes per local step in ``pushsum`` (0: ``ceil(log2 n)``, one sweep
-            of the exponential graph).
-        gossip_staleness: in ``pushsum``, how many ticks a peer may run ahead of the peers
-            that push to it (it waits for them, at most the aggregator's ``join_s``; one still
-            silent is presumed gone until it pushes again): without a bound, fast peers finish
-            early and slow ones spend their last ticks training alone on their own shard.
-        attackers, attack, attack_scale: chaos for robustness tests: the peers at these roster
-            positions send ``base + f (x - base)`` with ``f = -attack_scale`` (``sign_flip``)
-            or ``attack_scale`` (``scale``) instead of their trained model ``x``.
-        compression: how group means travel (:mod:`..averaging.compression`): ``none``,
-            ``fp16`` or ``int8`` (plain: the butterfly's slices), ``topk`` (plain: the round's
-            update with error feedback, by an all-gather); with ``secure``, ``int8`` averages
-            the round's update, clipped to ``[-clip, clip]``, in 8 bits in Z_2^16. ``topk``
-            and secure ``int8`` average updates, so they need the ``exact`` schedule.
-        topk_ratio: the share of the update's entries ``topk`` sends each step.
-        target_accuracy, patience, min_delta: stop once the test accuracy reaches the target
-            (0: off), or after ``patience`` rounds without beating it by ``min_delta`` (0: off).
-        rollback_drop, rollback_rounds: reload the best checkpoint after ``rollback_rounds``
-            rounds below the best accuracy minus ``rollback_drop`` (0: off; needs a store).
-        keep_checkpoints: the last checkpoints a store keeps (besides the best one).
-    """
-
-    job_id: str
-    roster: tuple[str, ...]
-    model: str = "mlp"
-    model_options: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "digits"
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    own_data: OwnData = field(default_factory=OwnData)
-    rounds: int = 10
-    epochs: int = 1
-    local_steps: int = 0
-    batch_size: int = 32
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    algorithm: str = "fedavg"
-    algorithm_options: dict[str, Any] = field(default_factory=dict)
-    secure: bool = True
-    collusion: int = 1
-    schedule: str = "exact"
-    max_group: int = 32
-    clip: float = 8.0
-    levels_bits: int = 20
-    seed: int = 0
-    dp_clip: float = 0.0
-    dp_mode: str = "update"
-    dp_noise_multiplier: float = 1.0
-    dp_epsilon: float = 8.0
-    dp_delta: float = 1e-5
-    gossip_pushes: int = 0
-    gossip_staleness: int = 2
-    robust: str = "none"
-    robust_options: dict[str, Any] = field(default_factory=dict)
-    attackers: tuple[int, ...] = ()
-    attack: str = "sign_flip"
-    attack_scale: float = 10.0
-    compression: str = "none"
-    topk_ratio: float = 0.01
-    target_accuracy: float = 0.0
-    patience: int = 0
-    min_delta: float = 0.0
-    rollback_drop: float = 0.0
-    rollback_rounds: int = 3
-    keep_checkpoints: int = 3
-
-    def __post_init__(self) -> None:
-        check_types(self)  # first: the rules below compare values of the declared types
-        self._check_own_data()
-        if len(self.roster) < 2 or len(set(self.roster)) != len(self.roster):
-            raise ConfigError("a job's roster lists at least 2 distinct peers")
-        if self.schedule not in ("exact", "moshpit", "pushsum"):
-            raise ConfigError(f"schedule must be exact, moshpit or pushsum, not {self.schedule!r}")
-        if self.schedule == "pushsum" and (self.secure or self.robust != "none"):
-            raise ConfigError("pushsum gossip is plain averaging: set secure=false, robust=none")
-        if self.gossip_staleness < 1:
-            raise ConfigError("gossip_staleness must be >= 1 (0 would make every peer wait)")
-        if not 2 <= self.max_group <= 128:
-            raise ConfigError("max_group must be in 2..128")
-        if self.secure:
-            check_secure_grid(len(self.roster), self.max_group, self.collusion)
-        auto_noise = self.dp_mode == "sample" and self.dp_noise_multiplier == 0
-        if self.dp_clip < 0 or (self.dp_clip and not (self.dp_noise_multiplier > 0 or auto_noise)):
-            raise ConfigError("dp_clip must be >= 0, and dp_noise_multiplier > 0 with it")
-        if self.dp_mode not in ("update", "sample"):
-            raise ConfigError(f"dp_mode must be update or sample, not {self.dp_mode!r}")
-        if self.dp_clip and self.dp_mode == "sample" and self.optimizer != "sgd":
-            raise ConfigError("DP-SGD (dp_mode sample) trains with optimizer sgd")
-        if self.robust != "none" and self.robust not in AGGREGATORS:
-            raise ConfigError(f"robust must be none or one of {', '.join(AGGREGATORS)}")
-        if self.robust != "none" and self.secure:
-            raise ConfigError(
-                "robust aggregation needs the individual models, which secure aggregation "
-                "hides: set secure=false (inside secure groups, bound updates with dp_clip)"
-            )
-        if self.attack not in ("sign_flip", "scale") or not all(
-            0 <= i < len(self.roster) for i in self.attackers
-        ):
-            raise ConfigError("attack is sign_flip or scale, attackers are roster positions")
-        if self.rounds < 1 or self.epochs < 1 or self.keep_checkpoints < 1 or self.local_steps < 0:
-            raise ConfigError(
-                "rounds, epochs and keep_checkpoints must be at least 1, local_steps at least 0"
-            )
-        if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"optimizer: must be sgd or adam, not {self.optimizer!r}")
-        if not (self.batch_size >= 1 and self.lr > 0):
-            raise ConfigError("batch_size must be at least 1 and lr > 0")
-        if self.local_steps and self.dp_clip and self.dp_mode == "sample":
-            raise ConfigError("DP-SGD's steps follow from epochs (its sampling): no local_steps")
-        self._check_compression()
-        dp_policy.check(self)  # differential privacy that holds (privacy/policy.py)
-        self.policy()  # its own checks
-        try:
-            for peer in self.roster:
-                PeerId.from_string(peer)
-            check_capacity(self.max_group, self.levels_bits, 32)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-
-    @property
-    def own(self) -> bool:
-        """Whether each peer trains on its own registered copy of :attr:`dataset`."""
-        return self.dataset not in BUNDLED
-
-    def _check_own_data(self) -> None:
-        """``own_data`` as a table (a job file's) becomes :class:`OwnData`; it is only for
-        registered data sets."""
-        given: object = self.own_data
-        if isinstance(given, dict):
-            try:
-                given = from_mapping(OwnData, given)
-            except ConfigError as exc:
-                raise ConfigError(f"own_data.{exc}") from None
-            object.__setattr__(self, "own_data", given)
-        if not isinstance(given, OwnData):
-            raise ConfigError(f"own_data: expected a table, got {given!r}")
-        if not self.own and self.own_data != OwnData():
-            raise ConfigError(
-                f"own_data is for data sets the peers registered, not the bundled {self.dataset}"
-            )
-
-    @property
-    def averages_updates(self) -> bool:
-        """Whether groups average the round's update ``x - base`` (``topk``, secure ``int8``)
-        rather than the models."""
-        return self.compression == "topk" or (self.secure and self.compression == "int8")
-
-    def _check_compression(self) -> None:
-        if self.compression not in ("none", "fp16", "int8", "topk"):
-            raise ConfigError(
-                f"compression must be none, fp16, int8 or topk, not {self.compression!r}"
-            )
-        if self.secure and self.compression not in ("none", "int8"):
-            raise ConfigError(
-                f"{self.compression} cannot be summed inside secure aggregation's masks (top-k "
-                "would also leak which coordinates a peer sends): use int8, or secure=false"
-            )
-        if self.compression != "none" and (self.schedule == "pushsum" or self.robust != "none"):
-            raise ConfigError("compression is for group means: not with pushsum or robust")
-        if self.averages_updates and self.schedule != "exact":
-            raise ConfigError(
-                f"compression={self.compression} averages updates, which keeps the models "
-                "together only if every group starts from the same model: use schedule=exact"
-            )
-        if not 0 < self.topk_ratio <= 1:
-            raise ConfigError(f"topk_ratio must be in (0, 1], not {self.topk_ratio}")
-        if self.secure and self.compression == "int8":
-            try:
-                check_capacity(self.max_group, 8, 16)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-
-    def policy(self) -> ProgressPolicy:
-        """A fresh policy with this job's convergence and rollback settings."""
-        return ProgressPolicy(
-            target_accuracy=self.target_accuracy,
-            patience=self.patience,
-            min_delta=self.min_delta,
-            rollback_drop=self.rollback_drop,
-            rollback_rounds=self.rollback_rounds,
-        )
-
-    def to_json(self) -> str:
-        """The job as JSON (what :meth:`from_json` reads)."""
-        return json.dumps({**asdict(self), "roster": list(self.roster)}, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> JobSpec:
-        """Read a job written by :meth:`to_json` (or by hand: :mod:`.jobfile`'s checks).
-
-        Raises:
-            ConfigError: not JSON, unknown keys (with the closest known one), a missing
-                required field (``job_id``, ``roster``), wrong types or invalid values.
-        """
-        try:
-            document = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"not a job description: {exc}") from None
-        return from_mapping(cls, document)
-
-    @classmethod
-    def from_file(cls, path: Path) -> JobSpec:
-        """Read a job file: JSON, or TOML if its name ends in ``.toml``
-        (``examples/job.json`` shows every field with its default).
-
-        Raises:
-            ConfigError: as :meth:`from_json`, the message starting with the file name.
-        """
-        document = read_document(path)
-        try:
-            return from_mapping(cls, document)
-        except ConfigError as exc:
-            raise ConfigError(f"job file {path}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,15 +164,15 @@ class TrainingPeer:
             raise ConfigError("a joining peer's spec lists the roster of the change it joins by")
         if me not in spec.roster:
             raise ConfigError("this node is not in the job's roster")
-        if spec.rollback_drop and store is None:
+        if spec.progress.rollback_drop and store is None:
             raise ConfigError("rollback_drop needs the node's store (config store_file)")
-        if spec.dp_clip and store is None:
+        if spec.privacy.dp_clip and store is None:
             raise ConfigError(
                 "differential privacy needs the node's store (config store_file): each round's "
                 "charge is committed before the data is used, and must survive a restart"
             )
         self.store = store
-        self.policy = spec.policy()
+        self.policy = spec.progress.policy()
         #: the job's state on this node, and a note on its last event (also in the store)
         self.state, self.note = JobState.RUNNING, ""
         self.node = node
@@ -447,34 +190,34 @@ class TrainingPeer:
         self._index = spec.roster.index(me)
         #: this peer's weight in averages, <= 1 so that weighted parameters stay inside the
         #: quantization range: its share of the largest shard, or of own_data.max_examples
-        if spec.own:
+        if spec.data.own:
             self.shard = parts.train
-            self.weight = own_weight(len(self.shard), spec.own_data)
+            self.weight = own_weight(len(self.shard), spec.data.own_data)
         else:
             self.shard = parts.train.take(shards[self._index])
             self.weight = len(self.shard) / max(len(s) for s in shards)
         self.accountant = (
-            PrivacyAccountant(budget_epsilon=spec.dp_epsilon, delta=spec.dp_delta)
-            if spec.dp_clip
+            PrivacyAccountant(budget_epsilon=spec.privacy.dp_epsilon, delta=spec.privacy.dp_delta)
+            if spec.privacy.dp_clip
             else None
         )
         self.trainer: LocalTrainer | DPSGDTrainer
-        if spec.dp_clip and spec.dp_mode == "sample":
+        if spec.privacy.dp_clip and spec.privacy.dp_mode == "sample":
             if self.strategy.prox_mu:
                 raise ConfigError("DP-SGD (dp_mode sample) has no FedProx term")
             self.trainer = DPSGDTrainer(
-                clip=spec.dp_clip,
-                noise_multiplier=spec.dp_noise_multiplier or 1.0,
-                epochs=spec.epochs,
-                batch_size=spec.batch_size,
-                lr=spec.lr,
+                clip=spec.privacy.dp_clip,
+                noise_multiplier=spec.privacy.dp_noise_multiplier or 1.0,
+                epochs=spec.training.epochs,
+                batch_size=spec.training.batch_size,
+                lr=spec.training.lr,
             )
-            if not spec.dp_noise_multiplier:  # the least noise that lasts the whole job
+            if not spec.privacy.dp_noise_multiplier:  # the least noise that lasts the whole job
                 examples = len(self.shard)
                 try:
                     noise = calibrate_noise(
-                        epsilon=spec.dp_epsilon,
-                        delta=spec.dp_delta,
+                        epsilon=spec.privacy.dp_epsilon,
+                        delta=spec.privacy.dp_delta,
                         sampling_rate=self.trainer.sampling_rate(examples),
                         count=spec.rounds * self.trainer.steps(examples),
                     )
@@ -482,21 +225,23 @@ class TrainingPeer:
                     raise ConfigError(f"job {spec.job_id!r}: {exc}") from None
                 self.trainer = replace(self.trainer, noise_multiplier=noise)
         else:
-            if spec.dp_clip:  # peer-level DP: every peer's update has the same sensitivity
+            if spec.privacy.dp_clip:  # peer-level DP: every peer's update has the same sensitivity
                 self.weight = 1.0
             self.trainer = LocalTrainer(
-                epochs=spec.epochs,
-                batch_size=spec.batch_size,
-                lr=spec.lr,
-                optimizer=spec.optimizer,
+                epochs=spec.training.epochs,
+                batch_size=spec.training.batch_size,
+                lr=spec.training.lr,
+                optimizer=spec.training.optimizer,
                 prox_mu=self.strategy.prox_mu,
-                steps=spec.local_steps,
+                steps=spec.training.local_steps,
             )
-        if spec.secure and spec.compression == "int8":
-            self.quantizer = Quantizer(clip=spec.clip, levels_bits=8, ring_bits=16)
+        if spec.averaging.secure and spec.averaging.compression == "int8":
+            self.quantizer = Quantizer(clip=spec.averaging.clip, levels_bits=8, ring_bits=16)
         else:
-            self.quantizer = Quantizer(clip=spec.clip, levels_bits=spec.levels_bits, ring_bits=32)
-        self.codec = codec_named(spec.compression, topk_ratio=spec.topk_ratio)
+            self.quantizer = Quantizer(
+                clip=spec.averaging.clip, levels_bits=spec.averaging.levels_bits, ring_bits=32
+            )
+        self.codec = codec_named(spec.averaging.compression, topk_ratio=spec.averaging.topk_ratio)
         #: top-k's residuals, one per averaging step, kept across rounds
         self._feedback: dict[int, ErrorFeedback] = {}
         self._rng = np.random.default_rng(int.from_bytes(os.urandom(8), "big"))
@@ -506,13 +251,13 @@ class TrainingPeer:
         #: push-sum ticks are short: the local optimizer and its momentum live across them
         self._tick_optimizer = (
             self.trainer.make_optimizer(self.model)
-            if spec.schedule == "pushsum" and isinstance(self.trainer, LocalTrainer)
+            if spec.averaging.schedule == "pushsum" and isinstance(self.trainer, LocalTrainer)
             else None
         )
         self._pushes: list[npt.NDArray[np.float32]] = []
         self._push_prefix = f"pushsum.{self._job.hex()}:"
         hops = self._hops = max(1, math.ceil(math.log2(len(self._roster))))
-        self._pushes_per_tick = spec.gossip_pushes or hops
+        self._pushes_per_tick = spec.averaging.gossip_pushes or hops
         #: who pushes to this peer (over a sweep of the exponential graph), the last tick each
         #: was heard pushing at, and those presumed gone; a peer hears from each of them
         #: every ``hops / pushes`` ticks, which the staleness bound allows for
@@ -522,8 +267,8 @@ class TrainingPeer:
         self._heard: dict[PeerId, int] = {}
         self._gone: set[PeerId] = set()
         self._push_came = trio.Event()
-        self._lag = spec.gossip_staleness + math.ceil(hops / self._pushes_per_tick) - 1
-        if spec.schedule == "pushsum":
+        self._lag = spec.averaging.gossip_staleness + math.ceil(hops / self._pushes_per_tick) - 1
+        if spec.averaging.schedule == "pushsum":
             node.on_array(self._on_push, prefix=self._push_prefix, replace=True)
         #: the roster of each round: the spec's, then the changes handed in
         self.rosters = RosterSchedule(self._roster)
@@ -618,7 +363,15 @@ class TrainingPeer:
             return False
         job = await trio.to_thread.run_sync(self.store.job, self.spec.job_id)
         ended = (JobState.FINISHED, JobState.CONVERGED)
-        return job is not None and job.state in ended and job.spec == self.spec.to_json()
+        return job is not None and job.state in ended and self._is_this_job(job.spec)
+
+    def _is_this_job(self, stored: str) -> bool:
+        """Whether ``stored`` (a job's JSON in the store: grouped, or flat as a node before the
+        groups wrote it) is this job."""
+        try:
+            return JobSpec.from_json(stored) == self.spec
+        except ConfigError:
+            return False
 
     async def run(self, on_round: Callable[[RoundReport], None] | None = None) -> list[RoundReport]:
         """Every round of the job, until the last or until the policy stops it early; returns
@@ -644,7 +397,7 @@ class TrainingPeer:
                         f"left the roster at round {number} (version {self.rosters.version})"
                     )
                     break
-                if self.spec.schedule == "pushsum":
+                if self.spec.averaging.schedule == "pushsum":
                     report = await self.push_round(number)
                 else:
                     report = await self.run_round(number)
@@ -677,11 +430,13 @@ class TrainingPeer:
             ConfigError: a bad roster (:meth:`.RosterChange.peers`), one too small for the
                 job's secure groups, or a ``pushsum`` job (no rounds to change it at).
         """
-        if self.spec.schedule == "pushsum":
+        if self.spec.averaging.schedule == "pushsum":
             raise ConfigError("a pushsum job has no round boundaries to change its roster at")
         peers = change.peers()
-        if self.spec.secure:
-            check_secure_grid(len(peers), self.spec.max_group, self.spec.collusion)
+        if self.spec.averaging.secure:
+            check_secure_grid(
+                len(peers), self.spec.averaging.max_group, self.spec.averaging.collusion
+            )
         taken = self.rosters.take(change)
         if taken:
             log.info("roster changed", extra={"from_round": change.from_round, "peers": len(peers)})
@@ -691,12 +446,12 @@ class TrainingPeer:
     def _settles(self) -> bool:
         """Whether a round that went wrong here is settled by quorum (:meth:`_settle`): only
         ``exact`` without ``robust`` gives every peer that completes a round the same state."""
-        return self.spec.schedule == "exact" and self.spec.robust == "none"
+        return self.spec.averaging.schedule == "exact" and self.spec.robustness.robust == "none"
 
     @property
     def _quorum(self) -> int:
         """How many asked peers must agree on a state: one more than may collude."""
-        return self.spec.collusion + 1
+        return self.spec.averaging.collusion + 1
 
     def _askable(self, number: int) -> list[PeerId]:
         """A random sample of round ``number``'s other roster peers to ask where the job is,
@@ -704,11 +459,11 @@ class TrainingPeer:
         for an honest quorum beside ``collusion`` liars; a dead peer's silence costs a
         query's wait)."""
         others = [p for p in self.rosters.at(number) if p != self.node.peer_id]
-        asked = min(max(CATCH_UP_ASKED, 2 * self.spec.collusion + 1), len(others))
+        asked = min(max(CATCH_UP_ASKED, 2 * self.spec.averaging.collusion + 1), len(others))
         here = [p for p in others if p not in self._absent]
         random = secrets.SystemRandom()
         sample = random.sample(here, min(asked, len(here)))
-        if len(sample) >= min(asked, 2 * self.spec.collusion + 1):
+        if len(sample) >= min(asked, 2 * self.spec.averaging.collusion + 1):
             return sample
         gone = [p for p in others if p in self._absent]
         return sample + random.sample(gone, asked - len(sample))
@@ -743,10 +498,10 @@ class TrainingPeer:
         """Take the furthest state a quorum of the roster agrees on, if past round ``start``
         (or at it, but not ours) (:mod:`.sync`); with ``moshpit``, whose peers hold different
         models, only the round a quorum has reached. Returns the round to go on with."""
-        if self.spec.schedule == "pushsum":
+        if self.spec.averaging.schedule == "pushsum":
             return start  # no rounds to be behind in
         peers = self._askable(max(start - 1, 0))
-        if self.spec.schedule == "moshpit":
+        if self.spec.averaging.schedule == "moshpit":
             claims = await self._sync.claims(peers)
             ahead = agreed_round(claims, quorum=self._quorum, least=start + 1, most=self._most())
             if ahead is None:
@@ -796,7 +551,7 @@ class TrainingPeer:
 
         def short(step: int, size: int) -> bool:
             members = len(placement.group(me, step)[1])
-            if step or self.spec.secure:
+            if step or self.spec.averaging.secure:
                 return 0 < size < members
             return size > 0 and 2 * size <= members
 
@@ -840,7 +595,7 @@ class TrainingPeer:
             return []
         job_id, spec = self.spec.job_id, self.spec.to_json()
         job = await trio.to_thread.run_sync(self.store.put_job, job_id, spec)
-        if job.spec != spec:
+        if not self._is_this_job(job.spec):
             raise StoreError(f"the store holds another job called {job_id!r}: use a new job_id")
         if self._joining is None:
             self._clock = (0, min(job.created, time.time()))  # when this node first saw it
@@ -906,7 +661,10 @@ class TrainingPeer:
                 privacy=privacy,
             )
             save = functools.partial(
-                self.store.save_round, checkpoint, privacy=privacy, keep=self.spec.keep_checkpoints
+                self.store.save_round,
+                checkpoint,
+                privacy=privacy,
+                keep=self.spec.progress.keep_checkpoints,
             )
             await trio.to_thread.run_sync(save)
             if report.decision != "continue":
@@ -927,8 +685,10 @@ class TrainingPeer:
         train_loss = await self._train_locally(number) if contributes else float("nan")
         averaging_began, averaging_at = time.monotonic(), time.time()
         trained = self._clipped(base, flatten(self.model)) if contributes else base
-        if self._index in self.spec.attackers:
-            factor = self.spec.attack_scale * (-1 if self.spec.attack == "sign_flip" else 1)
+        if self._index in self.spec.robustness.attackers:
+            factor = self.spec.robustness.attack_scale * (
+                -1 if self.spec.robustness.attack == "sign_flip" else 1
+            )
             trained = (base + factor * (trained - base)).astype(np.float32)
         averaged = await self._average_unless_left_behind(
             trained, number, weight=self.weight * contributes, base=base
@@ -1102,12 +862,12 @@ class TrainingPeer:
             lambda: evaluate(self.model, self.test.x, self.test.y)
         )
         pooled = None
-        if self.spec.own and self.spec.schedule != "pushsum" and self._jump is None:
+        if self.spec.data.own and self.spec.averaging.schedule != "pushsum" and self._jump is None:
             mine = Counts(round(accuracy * len(self.test)), len(self.test))
             pooled = await pool_counts(
                 self.aggregator, self._placement(number), self.node.peer_id, mine,
                 job=self._job, round=number * _STEPS_PER_ROUND + _POOL_STEPS,
-                secure=self.spec.secure, collusion=self.spec.collusion,
+                secure=self.spec.averaging.secure, collusion=self.spec.averaging.collusion,
             )  # fmt: skip
         now = time.monotonic()
         return RoundReport(
@@ -1154,7 +914,7 @@ class TrainingPeer:
         """The privacy events one round of this peer's data goes through."""
         if isinstance(self.trainer, DPSGDTrainer):
             return self.trainer.event(len(self.shard))
-        return GaussianEvent(self.spec.dp_noise_multiplier), 1
+        return GaussianEvent(self.spec.privacy.dp_noise_multiplier), 1
 
     async def _charge(self, number: int) -> bool:
         """Whether this peer's data goes into round ``number``; if so, the round's charge is
@@ -1180,14 +940,14 @@ class TrainingPeer:
     ) -> npt.NDArray[np.float32]:
         """``trained`` with its update clipped to ``dp_clip`` for peer-level DP (DP-SGD clipped
         in training; without DP, ``trained``)."""
-        if not self.spec.dp_clip or self.spec.dp_mode != "update":
+        if not self.spec.privacy.dp_clip or self.spec.privacy.dp_mode != "update":
             return trained
-        return base + clip_update(trained - base, self.spec.dp_clip)
+        return base + clip_update(trained - base, self.spec.privacy.dp_clip)
 
     def _own_noise(self, size: int) -> OwnNoise | None:
         """Fresh noise for a vector of this peer's own, under peer-level DP (else None: DP-SGD
         noised in training)."""
-        if not self.spec.dp_clip or self.spec.dp_mode != "update":
+        if not self.spec.privacy.dp_clip or self.spec.privacy.dp_mode != "update":
             return None
         return OwnNoise(size, self._random)
 
@@ -1204,10 +964,10 @@ class TrainingPeer:
         a group of ``size``: with the noise it needs (:func:`..privacy.policy.share_std`),
         clamped so that a share survives the quantizer. Without data, a vector still brings
         its share to the round's first secure sum (the honest count includes it)."""
-        if noise is None or not (data or (self.spec.secure and first)):
+        if noise is None or not (data or (self.spec.averaging.secure and first)):
             return values
         noise.top_up(dp_policy.share_std(self.spec, size, first=first))
-        if noise.std < self.spec.dp_noise_multiplier * self.spec.dp_clip:  # a share
+        if noise.std < self.spec.privacy.dp_noise_multiplier * self.spec.privacy.dp_clip:  # a share
             bound = dp_policy.clamp_bound(self.spec, noise.std)
             values = np.clip(values, -bound, bound)
         return noise.release(values)
@@ -1225,7 +985,10 @@ class TrainingPeer:
 
     def _placement(self, number: int) -> Placement:
         return Placement.of(
-            self.rosters.at(number), job=self._job, round=number, max_group=self.spec.max_group
+            self.rosters.at(number),
+            job=self._job,
+            round=number,
+            max_group=self.spec.averaging.max_group,
         )
 
     async def average(
@@ -1240,13 +1003,13 @@ class TrainingPeer:
         with ``weight``, by default :attr:`weight`): returns the weighted average and each
         step's number of survivors (0: left out). When the job averages updates, ``base`` is
         the round's starting model: the groups average ``params - base``."""
-        origin = base if self.spec.averages_updates and base is not None else None
+        origin = base if self.spec.averaging.averages_updates and base is not None else None
         if origin is not None:
             params = params - origin
         placement = self._placement(number)
         steps = self._steps(number)
         weight, sizes = self.weight if weight is None else weight, []
-        own = self.spec.secure  # params are still this peer's own, which masks must hide
+        own = self.spec.averaging.secure  # params are still this peer's own, which masks must hide
         # peer-level DP: the noise of this peer's own vector, until it is an aggregate
         noise, data = self._own_noise(len(params)), weight > 0
         me = self.node.peer_id
@@ -1262,7 +1025,7 @@ class TrainingPeer:
                 continue
             first = step == steps[0]
             absent = len(self._absent.intersection(members))
-            if self.spec.robust != "none":
+            if self.spec.robustness.robust != "none":
                 mine = self._release(params, noise, len(members), first=first, data=data)
                 try:
                     params, count = await self._robust_step(
@@ -1306,7 +1069,7 @@ class TrainingPeer:
     def _steps(self, number: int) -> list[int]:
         """The grid axes round ``number`` averages over: all of them with ``exact``."""
         axes = self._placement(number).steps
-        return list(range(axes)) if self.spec.schedule == "exact" else [number % axes]
+        return list(range(axes)) if self.spec.averaging.schedule == "exact" else [number % axes]
 
     async def _robust_step(
         self,
@@ -1324,9 +1087,9 @@ class TrainingPeer:
             roster=members, absent=absent,
         )  # fmt: skip
         self._note_absent(members, gathered.survivors)
-        aggregate = AGGREGATORS[self.spec.robust]
-        options = dict(self.spec.robust_options)
-        if self.spec.robust == "centered_clip":
+        aggregate = AGGREGATORS[self.spec.robustness.robust]
+        options = dict(self.spec.robustness.robust_options)
+        if self.spec.robustness.robust == "centered_clip":
             options["center"] = params
 
         def run() -> npt.NDArray[np.float32]:
@@ -1346,8 +1109,9 @@ class TrainingPeer:
         rng: np.random.Generator,
     ) -> GroupResult:
         """The group's mean of ``[w v, w]`` (``v``: the model, or the update when the job
-        :attr:`~JobSpec.averages_updates`), the way the job's ``secure`` and ``compression``
-        say; ``absent`` members are presumed gone (a short probe, not the join floor)."""
+        :attr:`~.spec.AveragingSpec.averages_updates`), the way the job's ``secure`` and
+        ``compression`` say; ``absent`` members are presumed gone (a short probe, not the join
+        floor)."""
         where: dict[str, Any] = {"job": self._job, "round": round, "group": index}
         if isinstance(self.codec, TopK):
             feedback = self._feedback.setdefault(step, ErrorFeedback(self.codec, len(vector)))
@@ -1360,7 +1124,7 @@ class TrainingPeer:
             except BaseException:
                 feedback.rewind(before, vector)  # nothing was sent: all of it is carried
                 raise
-        if not self.spec.secure:
+        if not self.spec.averaging.secure:
             return await self.aggregator.plain_mean(
                 vector, **where, roster=members, compression=self.codec, rng=rng,
                 absent=absent,
@@ -1368,7 +1132,7 @@ class TrainingPeer:
         spec = GroupSpec(
             **where,
             roster=members,
-            **secure_group(len(members), self.spec.collusion),
+            **secure_group(len(members), self.spec.averaging.collusion),
             ring_bits=self.quantizer.ring_bits,
         )
         if self.quantizer.ring_bits == 32:
@@ -1400,18 +1164,20 @@ def _own_data(node: Node, spec: JobSpec) -> tuple[Dataset, Dataset, int] | None:
         ConfigError: the node has no store; DataError: no such data set, or its file changed
             or cannot be read.
     """
-    if not spec.own:
+    if not spec.data.own:
         return None
     if node.datasets is None:
         raise ConfigError(
-            f"dataset: {spec.dataset!r} is a registered data set: it needs the node's store "
+            f"dataset: {spec.data.dataset!r} is a registered data set: it needs the node's store "
             "(config store_file)"
         )
     try:
-        train, validation = node.datasets.load(spec.dataset, validation=spec.own_data.validation)
+        train, validation = node.datasets.load(
+            spec.data.dataset, validation=spec.data.own_data.validation
+        )
     except DataError as exc:
         raise DataError(f"dataset: {exc}") from None
-    return train, validation, node.datasets.get(spec.dataset).classes
+    return train, validation, node.datasets.get(spec.data.dataset).classes
 
 
 def _public_rng(job: bytes, number: int, step: int, held: int) -> np.random.Generator:
@@ -1428,4 +1194,4 @@ def _public_rng(job: bytes, number: int, step: int, held: int) -> np.random.Gene
 def local_seed(spec: JobSpec, number: int) -> int:
     """The seed of round ``number``'s local shuffling (the same formula on every peer, so a
     centralized reference can replay a job exactly). Public: DP-SGD's sampling ignores it."""
-    return spec.seed * 1_000_003 + number
+    return spec.training.seed * 1_000_003 + number

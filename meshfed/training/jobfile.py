@@ -1,7 +1,8 @@
 """Job descriptions, checked field by field: keys, required fields and types.
 
 A job file (JSON, or TOML by its ``.toml`` suffix) is one table of
-:class:`~meshfed.training.job.JobSpec` fields. :func:`from_mapping` refuses, before anything
+:class:`~meshfed.training.spec.JobSpec` fields, a nested table for a field that is a
+dataclass (a group of the spec, ``own_data``). :func:`from_mapping` refuses, before anything
 runs, an unknown key (with the closest known one: ``epoch: unknown job field; did you mean
 'epochs'?``), a missing required field (``job_id``, ``roster``) and a value of the wrong type
 (``rounds: expected an integer, got '3'``); :func:`check_types` makes the same type check on a
@@ -97,8 +98,13 @@ def check_types(instance: object) -> None:
 
 
 def _checked(key: str, hint: Any, value: Any) -> Any:
-    """``value`` as of type ``hint`` (ints widened to float, lists to tuples), or a
-    ConfigError naming ``key``."""
+    """``value`` as of type ``hint`` (ints widened to float, lists to tuples, a table to the
+    dataclass ``hint``), or a ConfigError naming ``key`` (``key.field`` inside a table)."""
+    if _is_table(hint) and isinstance(value, Mapping):
+        try:
+            return from_mapping(hint, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}.{exc}") from None
     result = _convert(hint, value)
     if result is _WRONG:
         raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}")
@@ -108,10 +114,17 @@ def _checked(key: str, hint: Any, value: Any) -> Any:
 _WRONG = object()
 
 
+def _is_table(hint: Any) -> bool:
+    """Whether ``hint`` is a dataclass, which a job document gives as a table."""
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
 def _convert(hint: Any, value: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return value
+    if _is_table(hint):
+        return value if isinstance(value, hint) else _WRONG
     if hint is float:
         if type(value) is int:
             return float(value)
@@ -146,6 +159,8 @@ def _describe(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint in _KINDS:
         return _KINDS[hint]
+    if _is_table(hint):
+        return "a table"
     if origin is Literal:
         return "one of " + ", ".join(map(repr, args))
     if origin in (types.UnionType, typing.Union):

@@ -20,8 +20,9 @@ from ..identity import PeerId
 
 if TYPE_CHECKING:
     from ..node import Node
-    from .job import JobSpec, RoundReport, TrainingPeer
+    from .job import RoundReport, TrainingPeer
     from .roster import RosterChange
+    from .spec import JobSpec
 
 __all__ = ["JobEvents", "failure_reason", "take_part"]
 

@@ -25,7 +25,7 @@ from .models import build, check_fits
 from .strategies import Strategy, named
 
 if TYPE_CHECKING:
-    from .job import JobSpec
+    from .spec import JobSpec
 
 __all__ = ["JobParts", "job_shards", "prepare"]
 
@@ -60,14 +60,14 @@ def prepare(spec: JobSpec, own: tuple[Dataset, Dataset, int] | None = None) -> J
     if own is not None:
         train, test, classes = own
         shards: list[npt.NDArray[np.int64]] = []
-    elif spec.own:
+    elif spec.data.own:
         raise ConfigError(
-            f"dataset: {spec.dataset!r} is not bundled ({', '.join(BUNDLED)}): each peer "
+            f"dataset: {spec.data.dataset!r} is not bundled ({', '.join(BUNDLED)}): each peer "
             "trains on its own copy, registered with `meshfed-node data add`"
         )
     else:
         try:
-            train, test = load_dataset(spec.dataset, seed=spec.seed)
+            train, test = load_dataset(spec.data.dataset, seed=spec.training.seed)
         except KeyError as exc:
             raise ConfigError(f"dataset: {exc.args[0]}") from None
         try:
@@ -75,23 +75,24 @@ def prepare(spec: JobSpec, own: tuple[Dataset, Dataset, int] | None = None) -> J
         except ValueError as exc:
             raise ConfigError(f"partition: {exc}{_capacity(spec, train)}") from None
         classes = int(max(train.y.max(), test.y.max())) + 1
-    torch.manual_seed(spec.seed)  # every peer starts from the same model
+    torch.manual_seed(spec.training.seed)  # every peer starts from the same model
     try:
-        model = build(spec.model, **spec.model_options)
+        model = build(spec.training.model, **spec.training.model_options)
     except KeyError as exc:
         raise ConfigError(f"model: {exc.args[0]}") from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model_options: {exc}") from None
     try:
-        check_fits(model, train.x[: min(len(train), spec.batch_size)], classes)
+        check_fits(model, train.x[: min(len(train), spec.training.batch_size)], classes)
     except ValueError as exc:
         raise ConfigError(
-            f"model, model_options: {spec.model} with {spec.model_options or 'no options'} does "
-            f"not fit data set {spec.dataset!r} ({train.x.shape[1]} features per example, "
-            f"{classes} classes): {exc}"
+            f"model, model_options: {spec.training.model} with "
+            f"{spec.training.model_options or 'no options'} does not fit data set "
+            f"{spec.data.dataset!r} ({train.x.shape[1]} features per example, {classes} "
+            f"classes): {exc}"
         ) from None
     try:
-        strategy = named(spec.algorithm, **spec.algorithm_options)
+        strategy = named(spec.training.algorithm, **spec.training.algorithm_options)
     except KeyError as exc:
         raise ConfigError(f"algorithm: {exc.args[0]}") from None
     except (ValueError, TypeError) as exc:
@@ -109,20 +110,22 @@ def job_shards(spec: JobSpec, train: Dataset) -> list[npt.NDArray[np.int64]]:
     return partition(
         train.y,
         peers,
-        scheme=spec.partition,
-        alpha=spec.alpha,
-        seed=spec.seed,
+        scheme=spec.data.partition,
+        alpha=spec.data.alpha,
+        seed=spec.training.seed,
         min_size=min_shard_size(len(train), peers),
     )
 
 
 def _capacity(spec: JobSpec, train: Dataset) -> str:
     """How many peers the data set can feed with this partition, as advice."""
-    if spec.partition not in ("dirichlet", "quantity"):
+    if spec.data.partition not in ("dirichlet", "quantity"):
         return ""
-    most = most_peers(train.y, scheme=spec.partition, alpha=spec.alpha, seed=spec.seed)
+    most = most_peers(
+        train.y, scheme=spec.data.partition, alpha=spec.data.alpha, seed=spec.training.seed
+    )
     return (
-        f"; {spec.dataset} ({len(train)} training examples) feeds about {most} peers with "
-        f"{spec.partition} alpha {spec.alpha}: use fewer peers, a larger alpha, partition "
-        "iid, or dataset synthetic"
+        f"; {spec.data.dataset} ({len(train)} training examples) feeds about {most} peers with "
+        f"{spec.data.partition} alpha {spec.data.alpha}: use fewer peers, a larger alpha, "
+        "partition iid, or dataset synthetic"
     )

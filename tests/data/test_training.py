@@ -12,7 +12,8 @@ from meshfed.errors import ConfigError, DataError
 from meshfed.secagg.driver import Aggregator
 from meshfed.testing import open_memory_mesh
 from meshfed.training.data import OwnData, load_dataset, partition
-from meshfed.training.job import JobSpec, TrainingPeer
+from meshfed.training.job import TrainingPeer
+from meshfed.training.spec import AveragingSpec, DataSpec, JobSpec, TrainingSpec
 from meshfed.training.torch_adapter import evaluate, load_flat
 from tests.training.nodes import QUICK, run_together
 
@@ -36,11 +37,12 @@ async def test_each_peer_trains_on_its_own_data_and_the_pooled_accuracy_is_examp
         spec = JobSpec(
             job_id=f"own-{secure}",
             roster=tuple(str(node.peer_id) for node in nodes),
-            dataset="clinic",
-            own_data=OwnData(max_examples=max(len(y) for _, y in mine)),
+            data=DataSpec(
+                dataset="clinic", own_data=OwnData(max_examples=max(len(y) for _, y in mine))
+            ),
             rounds=3,
-            epochs=2,
-            secure=secure,
+            training=TrainingSpec(epochs=2),
+            averaging=AveragingSpec(secure=secure),
         )
         peers = [
             TrainingPeer(node, spec, Aggregator(node, deadlines=QUICK), store=node.store)
@@ -52,7 +54,7 @@ async def test_each_peer_trains_on_its_own_data_and_the_pooled_accuracy_is_examp
         assert len(peer.shard) + len(peer.test) == len(y)
         assert len(peer.test) == round(0.2 * len(y))
         # weighed by its training examples, against the largest offer (so below 1)
-        assert peer.weight == len(peer.shard) / spec.own_data.max_examples < 1
+        assert peer.weight == len(peer.shard) / spec.data.own_data.max_examples < 1
     for number in range(spec.rounds):
         latest = [mine[number] for mine in reports]
         # the same model everywhere (exact schedule), evaluated on each peer's own part ...
@@ -77,7 +79,9 @@ async def test_a_job_on_a_data_set_a_peer_has_not_registered_is_refused_naming_i
 ) -> None:
     async with open_memory_mesh(4, tmp_path) as nodes:
         spec = JobSpec(
-            job_id="missing", roster=tuple(str(n.peer_id) for n in nodes), dataset="clinic"
+            job_id="missing",
+            roster=tuple(str(n.peer_id) for n in nodes),
+            data=DataSpec(dataset="clinic"),
         )
         with pytest.raises(DataError, match="job 'missing': dataset: no data set 'clinic' on"):
             TrainingPeer(nodes[0], spec, store=nodes[0].store)
@@ -94,7 +98,9 @@ async def test_a_registered_file_changed_since_registration_is_refused_at_job_st
         nodes[0].datasets.register("clinic", path)
         np.savez(path, x=x, y=np.roll(y, 1))  # someone changes the file afterwards
         spec = JobSpec(
-            job_id="changed", roster=tuple(str(n.peer_id) for n in nodes), dataset="clinic"
+            job_id="changed",
+            roster=tuple(str(n.peer_id) for n in nodes),
+            data=DataSpec(dataset="clinic"),
         )
         with pytest.raises(DataError, match=f"dataset: {path}: changed since it was registered"):
             TrainingPeer(nodes[0], spec, store=nodes[0].store)
@@ -105,10 +111,11 @@ def test_own_data_options_are_for_registered_data_sets_only() -> None:
 
     roster = tuple(str(Identity.generate().peer_id) for _ in range(4))
     with pytest.raises(ConfigError, match="own_data is for data sets the peers registered"):
-        JobSpec(job_id="j", roster=roster, own_data=OwnData(validation=0.3))
+        DataSpec(own_data=OwnData(validation=0.3))
     with pytest.raises(ConfigError, match=r"own_data.validation must be in \(0, 1\)"):
-        JobSpec(job_id="j", roster=roster, dataset="clinic", own_data=OwnData(validation=1.0))
-    spec = JobSpec(job_id="j", roster=roster, dataset="clinic", own_data=OwnData(max_examples=400))
+        DataSpec(dataset="clinic", own_data=OwnData(validation=1.0))
+    clinic = DataSpec(dataset="clinic", own_data=OwnData(max_examples=400))
+    spec = JobSpec(job_id="j", roster=roster, data=clinic)
     assert JobSpec.from_json(spec.to_json()) == spec  # a job file carries it as a table
     with pytest.raises(ConfigError, match=r"own_data\.valdation: unknown job field"):
         JobSpec.from_json(spec.to_json().replace('"validation"', '"valdation"'))

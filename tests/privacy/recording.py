@@ -15,7 +15,8 @@ from meshfed.node import Node
 from meshfed.secagg.driver import AggregationFailed, Aggregator, GroupResult
 from meshfed.secagg.protocol import AbortReason, GroupSpec
 from meshfed.secagg.ring import Quantizer
-from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
+from meshfed.training.job import RoundReport, TrainingPeer
+from meshfed.training.spec import JobSpec
 from tests.training.nodes import QUICK
 
 STEPS_PER_ROUND = 64  # GroupSpec.round = round * 64 + step (job.py)

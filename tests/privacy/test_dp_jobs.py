@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from meshfed.identity import PeerId
 from meshfed.node import Node
 from meshfed.privacy.accountant import GaussianEvent, PrivacyAccountant
 from meshfed.secagg.bounds import DEFAULT_COLLUSION, threshold_for
-from meshfed.training.job import JobSpec, TrainingPeer
+from meshfed.training.job import TrainingPeer
+from meshfed.training.spec import JobSpec
 from tests.privacy.recording import Recording, Sent, recorded_peers, run_all
 from tests.training.nodes import job_for, memory_nodes, run_together
 
@@ -33,7 +35,7 @@ def noise_of(sent: Sent, base: npt.NDArray[np.float32], spec: JobSpec) -> npt.ND
     """The noise in a recorded vector (``[w x, w]`` with w = 1, or the bare model for robust
     gathers; updates when the job averages them)."""
     released = sent.vector[: len(base)].astype(np.float64)
-    return released if spec.averages_updates else released - base
+    return released if spec.averaging.averages_updates else released - base
 
 
 def honest_subsets_carry_the_charged_noise(
@@ -69,7 +71,7 @@ async def test_without_secure_aggregation_each_peer_releases_the_whole_noise(
             std = np.std(noise_of(sent, base, spec))
             assert 0.97 * SIGMA * CLIP <= std <= 1.03 * SIGMA * CLIP
             assert peer.accountant is not None
-            reference = PrivacyAccountant(budget_epsilon=100, delta=spec.dp_delta)
+            reference = PrivacyAccountant(budget_epsilon=100, delta=spec.privacy.dp_delta)
             reference.compose(GaussianEvent(SIGMA))
             assert peer.accountant.epsilon() == pytest.approx(reference.epsilon())
 
@@ -129,7 +131,7 @@ async def test_moshpit_shares_are_sized_for_each_rounds_own_group(tmp_path: Path
         # a 6 x 4 grid: round 0 sums in groups of 6 (t = 4, h = 3), round 1 in groups of 4
         # (t = 3, h = 2), where a share sized for round 0's groups would fall short
         spec = job_for(nodes, "moshpit-dp", max_group=6, schedule="moshpit", **QUIET)
-        spec = JobSpec(**{**spec.__dict__, "rounds": 2})
+        spec = replace(spec, rounds=2)
         peers, aggregators = recorded_peers(nodes, spec)
         base = peers[0].parameters
         await run_all(peers)
@@ -210,7 +212,7 @@ async def test_push_sum_with_dp_sgd_charges_every_tick_its_sampled_steps(tmp_pat
     for peer, reports in zip(peers, outcomes, strict=True):
         assert isinstance(reports, list) and all(r.contributed for r in reports)
         event, steps = peer.trainer.event(len(peer.shard))  # type: ignore[union-attr]
-        reference = PrivacyAccountant(budget_epsilon=100, delta=spec.dp_delta)
+        reference = PrivacyAccountant(budget_epsilon=100, delta=spec.privacy.dp_delta)
         reference.compose(event, 3 * steps)
         assert reports[-1].epsilon == pytest.approx(reference.epsilon())
         assert reports[-1].epsilon > 0
@@ -238,7 +240,7 @@ async def test_a_peer_killed_between_release_and_commit_is_charged_for_every_rel
             reports = outcomes[i]
             assert isinstance(reports, list) and [r.round for r in reports] == [0, 1, 2]
             releases[i] += sum(1 for s in aggregator.sent if s.vector[-1] > 0)
-            covered = PrivacyAccountant(budget_epsilon=100, delta=spec.dp_delta)
+            covered = PrivacyAccountant(budget_epsilon=100, delta=spec.privacy.dp_delta)
             covered.compose(GaussianEvent(SIGMA), releases[i])
             assert peer.accountant is not None
             assert peer.accountant.epsilon() >= covered.epsilon() * (1 - 1e-9)
@@ -312,7 +314,7 @@ async def test_with_dp_sgd_each_example_is_protected_and_the_job_still_learns(
         for peer, peer_reports in zip(peers, reports, strict=True):
             assert [r.contributed for r in peer_reports] == [True] * 3 + [False]
             event, steps = peer.trainer.event(len(peer.shard))  # type: ignore[union-attr]
-            reference = PrivacyAccountant(budget_epsilon=100, delta=spec.dp_delta)
+            reference = PrivacyAccountant(budget_epsilon=100, delta=spec.privacy.dp_delta)
             reference.compose(event, 3 * steps)
             assert peer_reports[-1].epsilon == pytest.approx(reference.epsilon())
             assert peer_reports[2].accuracy > 0.6  # chance is 0.1

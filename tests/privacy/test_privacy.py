@@ -19,7 +19,7 @@ from meshfed.privacy.dp import clip_update
 from meshfed.privacy.policy import honest_floor, share_std
 from meshfed.secagg.bounds import threshold_for
 from meshfed.store import Store
-from meshfed.training.job import JobSpec
+from meshfed.training.spec import AveragingSpec, JobSpec, PrivacySpec
 
 
 @settings(max_examples=30, deadline=None)
@@ -124,8 +124,9 @@ def test_a_share_is_sized_so_that_the_fewest_honest_survivors_carry_the_charge(
 
 def test_shares_only_in_a_secure_jobs_first_sum() -> None:
     roster = tuple(str(Identity.generate().peer_id) for _ in range(4))
-    secure = JobSpec(job_id="j", roster=roster, dp_clip=0.5, dp_noise_multiplier=2.0)
-    plain = JobSpec(job_id="j", roster=roster, dp_clip=0.5, dp_noise_multiplier=2.0, secure=False)
+    dp = PrivacySpec(dp_clip=0.5, dp_noise_multiplier=2.0)
+    secure = JobSpec(job_id="j", roster=roster, privacy=dp)
+    plain = JobSpec(job_id="j", roster=roster, privacy=dp, averaging=AveragingSpec(secure=False))
     assert share_std(secure, 4, first=True) == pytest.approx(1.0 / math.sqrt(2))  # t 3, c 1
     assert share_std(secure, 16, first=True) == pytest.approx(1.0 / math.sqrt(8))  # t 9
     assert share_std(secure, 3, first=True) == 1.0  # t = 3 = g: no bound, all of it

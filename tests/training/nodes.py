@@ -11,7 +11,8 @@ import trio
 
 from meshfed import Node, NodeConfig, open_node
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
-from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
+from meshfed.training.job import RoundReport, TrainingPeer
+from meshfed.training.spec import JobSpec
 from meshfed.transports.memory import MemoryNetwork
 
 #: deadlines for peers that share one process and never stall
@@ -40,8 +41,10 @@ async def memory_nodes(
 
 
 def job_for(nodes: Sequence[Node], job_id: str, **options: Any) -> JobSpec:
-    """A job whose roster is ``nodes``, in order."""
-    return JobSpec(job_id=job_id, roster=tuple(str(n.peer_id) for n in nodes), **options)
+    """A job whose roster is ``nodes``, in order; ``options`` are its fields, flat or
+    grouped (:meth:`JobSpec.from_document`)."""
+    roster = [str(n.peer_id) for n in nodes]
+    return JobSpec.from_document({"job_id": job_id, "roster": roster, **options})
 
 
 def peers_for(

@@ -3,6 +3,7 @@ nodes with real stores."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -14,12 +15,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshfed import Node
-from meshfed.errors import ConfigError
+from meshfed.errors import ConfigError, StoreError
 from meshfed.identity import Identity
 from meshfed.secagg.driver import Aggregator
 from meshfed.store import JobState
 from meshfed.training.checkpoints import Continue, Converged, Decision, ProgressPolicy, Rollback
-from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
+from meshfed.training.job import RoundReport, TrainingPeer
+from meshfed.training.spec import (
+    AveragingSpec,
+    JobSpec,
+    PrivacySpec,
+    ProgressSpec,
+    RobustnessSpec,
+    TrainingSpec,
+    flattened,
+)
 from tests.training.nodes import QUICK, memory_nodes
 
 accuracies = st.lists(st.floats(0, 1), min_size=1, max_size=30)
@@ -162,10 +172,11 @@ async def test_a_job_resumed_after_a_restart_ends_as_if_never_stopped(
             job_id="resume",
             roster=roster_of(nodes),
             rounds=6,
-            secure=mode != "plain",
-            dp_clip=1.0 if mode == "dp" else 0.0,
-            dp_noise_multiplier=2.0,
-            clip=16.0 if mode == "dp" else 8.0,  # DP: room for noise shares of std 1.4
+            averaging=AveragingSpec(
+                secure=mode != "plain",
+                clip=16.0 if mode == "dp" else 8.0,  # DP: room for noise shares of std 1.4
+            ),
+            privacy=PrivacySpec(dp_clip=1.0 if mode == "dp" else 0.0, dp_noise_multiplier=2.0),
         )
         # a DP job needs a store (its charges are committed before each release): the
         # uninterrupted reference runs under another job id
@@ -212,13 +223,9 @@ async def test_a_degrading_job_rolls_back_to_its_best_checkpoint(tmp_path: Path)
             job_id="rollback",
             roster=roster_of(nodes),
             rounds=8,
-            secure=False,
-            attackers=(3,),
-            attack="scale",
-            attack_scale=3.0,
-            rollback_drop=0.1,
-            rollback_rounds=1,
-            keep_checkpoints=2,
+            averaging=AveragingSpec(secure=False),
+            robustness=RobustnessSpec(attackers=(3,), attack="scale", attack_scale=3.0),
+            progress=ProgressSpec(rollback_drop=0.1, rollback_rounds=1, keep_checkpoints=2),
         )
         models: list[dict[int, np.ndarray]] = [{} for _ in nodes]
         peers = [
@@ -264,7 +271,11 @@ async def test_a_job_that_reaches_its_target_stops_everywhere_at_the_same_round(
 ) -> None:
     async with memory_nodes(tmp_path, 4) as nodes:
         spec = JobSpec(
-            job_id="target", roster=roster_of(nodes), rounds=20, lr=0.5, target_accuracy=0.85
+            job_id="target",
+            roster=roster_of(nodes),
+            rounds=20,
+            training=TrainingSpec(lr=0.5),
+            progress=ProgressSpec(target_accuracy=0.85),
         )
         peers, returned, _ = await run_job(nodes, spec)
         stops = {len(reports) for reports in returned}
@@ -284,6 +295,24 @@ async def test_a_job_that_reaches_its_target_stops_everywhere_at_the_same_round(
 def test_rollback_needs_a_store() -> None:
     roster = tuple(str(Identity.generate().peer_id) for _ in range(4))
     with pytest.raises(ConfigError, match="rollback_drop must be in"):
-        JobSpec(job_id="j", roster=roster, rollback_drop=2.0)
+        JobSpec(job_id="j", roster=roster, progress=ProgressSpec(rollback_drop=2.0))
     with pytest.raises(ConfigError, match="keep_checkpoints"):
-        JobSpec(job_id="j", roster=roster, keep_checkpoints=0)
+        JobSpec(job_id="j", roster=roster, progress=ProgressSpec(keep_checkpoints=0))
+
+
+async def test_a_job_stored_flat_by_an_older_node_resumes_and_another_job_does_not(
+    tmp_path: Path,
+) -> None:
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = JobSpec(job_id="upgraded", roster=roster_of(nodes), rounds=2)
+        flat = json.dumps(flattened(json.loads(spec.to_json())))  # before the groups
+        other = json.dumps({**json.loads(flat), "rounds": 3})
+        for node in nodes:
+            assert node.store is not None
+            node.store.put_job("upgraded", flat)
+            node.store.put_job("taken", other.replace("upgraded", "taken"))
+        _, returned, _ = await run_job(nodes, spec)
+        assert [len(reports) for reports in returned] == [2, 2, 2, 2]
+        taken = TrainingPeer(nodes[0], replace(spec, job_id="taken"), store=nodes[0].store)
+        with pytest.raises(StoreError, match="the store holds another job called 'taken'"):
+            await taken.run()

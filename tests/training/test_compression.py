@@ -28,7 +28,8 @@ from meshfed.identity import Identity
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy, GroupResult
 from meshfed.secagg.protocol import SliceKind
 from meshfed.stats import RejectReason
-from meshfed.training.job import JobSpec, TrainingPeer
+from meshfed.training.job import TrainingPeer
+from meshfed.training.spec import AveragingSpec, JobSpec
 from tests.training.nodes import job_for, memory_nodes, peers_for, run_together
 
 vectors = hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-1e4, 1e4, width=32))
@@ -323,10 +324,12 @@ def test_a_job_refuses_compression_it_cannot_run() -> None:
         ({"compression": "topk", "secure": False, "topk_ratio": 0.0}, "topk_ratio"),
     ]:
         with pytest.raises(ConfigError, match=match):
-            JobSpec(job_id="j", roster=roster, **options)  # type: ignore[arg-type]
-    plain_int8 = JobSpec(job_id="j", roster=roster, compression="int8", secure=False)
-    assert not plain_int8.averages_updates and plain_int8.schedule == "exact"
-    assert JobSpec(job_id="j", roster=roster, compression="int8", schedule="exact").averages_updates
+            JobSpec.from_document({"job_id": "j", "roster": roster, **options})  # type: ignore[dict-item]
+    plain_int8 = JobSpec(
+        job_id="j", roster=roster, averaging=AveragingSpec(compression="int8", secure=False)
+    )
+    assert not plain_int8.averaging.averages_updates and plain_int8.averaging.schedule == "exact"
+    assert AveragingSpec(compression="int8", schedule="exact").averages_updates
     assert JobSpec.from_json(plain_int8.to_json()) == plain_int8
 
 
@@ -338,7 +341,8 @@ def test_testnet_passes_the_compression_on(tmp_path: Path) -> None:
     result = cli("testnet", *args, "--topk-ratio", "0.1", "--out", str(out), timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     run = json.loads(out.read_text())
-    assert (run["job"]["compression"], run["job"]["topk_ratio"]) == ("topk", 0.1)
+    averaging = run["job"]["averaging"]
+    assert (averaging["compression"], averaging["topk_ratio"]) == ("topk", 0.1)
     assert run["rounds"][-1]["accuracy_spread"] < 1e-6
 
 

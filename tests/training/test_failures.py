@@ -13,8 +13,9 @@ import trio
 
 from meshfed.node import Node
 from meshfed.secagg.driver import Aggregator
-from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
+from meshfed.training.job import RoundReport, TrainingPeer
 from meshfed.training.roster import RosterChange
+from meshfed.training.spec import AveragingSpec, DataSpec, JobSpec
 from meshfed.transports.memory import MemoryNetwork
 from tests.training.mortal import DEPLOYED, Dying, Life
 
@@ -60,8 +61,8 @@ async def test_survivors_hold_one_model_every_round_and_stop_waiting_for_the_dea
         job_id=f"dies-{when}-{secure}",
         roster=tuple(x.id for x in lives),
         rounds=ROUNDS,
-        partition="iid",
-        secure=secure,
+        data=DataSpec(partition="iid"),
+        averaging=AveragingSpec(secure=secure),
     )
     go = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -109,7 +110,10 @@ async def test_a_replacement_joins_from_its_round_and_the_job_ends_with_one_mode
         lives.append(Life(network, tmp_path / f"n{i}", original, after_round_2))
     replacement = Life(network, tmp_path / "n5", newcomer)
     spec = JobSpec(
-        job_id="replaced", roster=tuple(x.id for x in lives), rounds=ROUNDS, partition="iid"
+        job_id="replaced",
+        roster=tuple(x.id for x in lives),
+        rounds=ROUNDS,
+        data=DataSpec(partition="iid"),
     )
     change = RosterChange(roster=(*spec.roster[:4], replacement.id), from_round=4, version=1)
     go = trio.Event()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from meshfed.identity import Identity
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
 from meshfed.secagg.keys import context_digest
 from meshfed.secagg.messages import AdvertiseKeys
-from meshfed.training.job import JobSpec, TrainingPeer
+from meshfed.training.job import TrainingPeer
+from meshfed.training.spec import AveragingSpec, DataSpec, JobSpec
 from meshfed.transports.memory import MemoryNetwork
 from meshfed.wire import Scope
 
@@ -120,13 +122,14 @@ def test_a_secure_job_is_refused_when_its_groups_are_too_small_for_the_collusion
     peers: int, max_group: int, collusion: int, refused: str | None
 ) -> None:
     roster = tuple(str(Identity.generate().peer_id) for _ in range(peers))
+    averaging = AveragingSpec(max_group=max_group, collusion=collusion)
     if refused is None:
         check_secure_grid(peers, max_group, collusion)
-        JobSpec(job_id="j", roster=roster, max_group=max_group, collusion=collusion)
+        JobSpec(job_id="j", roster=roster, averaging=averaging)
         return
     with pytest.raises(ConfigError, match=refused):
-        JobSpec(job_id="j", roster=roster, max_group=max_group, collusion=collusion)
-    JobSpec(job_id="j", roster=roster, max_group=max_group, collusion=collusion, secure=False)
+        JobSpec(job_id="j", roster=roster, averaging=averaging)
+    JobSpec(job_id="j", roster=roster, averaging=replace(averaging, secure=False))
 
 
 def test_groups_change_from_round_to_round() -> None:
@@ -161,9 +164,9 @@ async def test_after_d_steps_every_peer_holds_the_exact_global_weighted_mean(
         spec = JobSpec(
             job_id="grid",
             roster=tuple(str(n.peer_id) for n in nodes),
-            max_group=4,  # a full 4 x 2 grid: groups of 4, then pairs of their means
-            secure=secure,
-            partition="iid",
+            # a full 4 x 2 grid: groups of 4, then pairs of their means
+            averaging=AveragingSpec(max_group=4, secure=secure),
+            data=DataSpec(partition="iid"),
         )
         quick = DeadlinePolicy(join_s=1.0, phase_max_s=20.0)
         peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=quick)) for node in nodes]
@@ -183,7 +186,7 @@ async def test_after_d_steps_every_peer_holds_the_exact_global_weighted_mean(
     expected = np.average(np.stack(params), axis=0, weights=weights)
     # secure: a step's means of w x and of w are each off by at most one quantization level,
     # so x = mean(w x) / mean(w) by at most level (1 + |x|) / mean(w); two steps
-    level = 2 * spec.clip / (2**spec.levels_bits - 1)
+    level = 2 * spec.averaging.clip / (2**spec.averaging.levels_bits - 1)
     tolerance = 2 * level * (1 + 2) / 0.2 if secure else 1e-5
     for average, sizes in results.values():
         assert sizes == [4, 2]
@@ -214,7 +217,9 @@ async def test_a_member_with_a_low_order_key_costs_the_others_nothing_but_its_mo
         ]
         *honest, offender = nodes
         spec = JobSpec(
-            job_id="offended", roster=tuple(str(n.peer_id) for n in nodes), partition="iid"
+            job_id="offended",
+            roster=tuple(str(n.peer_id) for n in nodes),
+            data=DataSpec(partition="iid"),
         )
         quick = DeadlinePolicy(join_s=1.0, phase_max_s=20.0)
         peers = [TrainingPeer(node, spec, Aggregator(node, deadlines=quick)) for node in honest]
@@ -244,7 +249,7 @@ async def test_a_member_with_a_low_order_key_costs_the_others_nothing_but_its_mo
                 nursery.start_soon(one, i)
             nursery.start_soon(attack)
     expected = np.mean(np.stack(params), axis=0)
-    level = 2 * spec.clip / (2**spec.levels_bits - 1)
+    level = 2 * spec.averaging.clip / (2**spec.averaging.levels_bits - 1)
     for average, sizes in results.values():
         assert sizes == [4]
         assert np.max(np.abs(average - expected)) <= 2 * level * (1 + 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,16 @@ from hypothesis import strategies as st
 from meshfed.errors import ConfigError
 from meshfed.identity import Identity
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
-from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
+from meshfed.training.data import OwnData
+from meshfed.training.job import RoundReport, TrainingPeer
+from meshfed.training.spec import (
+    GROUPS,
+    AveragingSpec,
+    DataSpec,
+    JobSpec,
+    RobustnessSpec,
+    TrainingSpec,
+)
 from tests.training.nodes import job_for, memory_nodes, peers_for, run_together
 
 
@@ -48,15 +58,16 @@ async def test_peers_train_digits_together_and_hold_the_same_model(
 def test_a_job_refuses_what_cannot_run() -> None:
     roster = tuple(str(Identity.generate().peer_id) for _ in range(4))
     with pytest.raises(ConfigError, match="schedule"):
-        JobSpec(job_id="j", roster=roster, schedule="sometimes")
+        AveragingSpec(schedule="sometimes")
     with pytest.raises(ConfigError, match="roster"):
         JobSpec(job_id="j", roster=roster[:1])
     with pytest.raises(ConfigError, match="roster: required"):
         JobSpec.from_json('{"job_id": "j"}')
     with pytest.raises(ConfigError, match="groups of 4 or more"):
         JobSpec(job_id="j", roster=roster[:3])  # secure: a colluder could read one model
-    JobSpec(job_id="j", roster=roster[:3], secure=False)
-    spec = JobSpec(job_id="j", roster=roster, model="mlp", model_options={"hidden": [32]})
+    JobSpec(job_id="j", roster=roster[:3], averaging=AveragingSpec(secure=False))
+    mlp = TrainingSpec(model="mlp", model_options={"hidden": [32]})
+    spec = JobSpec(job_id="j", roster=roster, training=mlp)
     assert JobSpec.from_json(spec.to_json()) == spec
 
 
@@ -130,7 +141,7 @@ async def test_under_secure_aggregation_a_peer_sums_its_own_model_with_three_oth
             assert step_1 == 2  # a pair sums two aggregates of 4, never a peer's own model
         assert len({report[-1].accuracy for report in reports}) == 1  # the exact mean
     with pytest.raises(ConfigError, match="groups of 4 or more"):
-        JobSpec(job_id="j", roster=spec.roster[:7], max_group=3)
+        JobSpec(job_id="j", roster=spec.roster[:7], averaging=AveragingSpec(max_group=3))
 
 
 async def test_pushsum_gossip_brings_every_peer_close_to_the_same_model(tmp_path: Path) -> None:
@@ -234,7 +245,7 @@ def test_a_job_file_states_the_required_fields_and_reads_toml(tmp_path: Path) ->
         JobSpec.from_file(job)
     job.write_text(f'job_id = "j"\nroster = {_roster()!r}\nrounds = 3\nalpha = 1\n')
     spec = JobSpec.from_file(job)
-    assert (spec.rounds, spec.alpha, type(spec.alpha)) == (3, 1.0, float)
+    assert (spec.rounds, spec.data.alpha, type(spec.data.alpha)) == (3, 1.0, float)
     job.write_text("rounds = [")
     with pytest.raises(ConfigError, match=f"cannot read job file {job}"):
         JobSpec.from_file(job)
@@ -243,8 +254,9 @@ def test_a_job_file_states_the_required_fields_and_reads_toml(tmp_path: Path) ->
 def test_a_job_built_in_python_is_type_checked_too() -> None:
     with pytest.raises(ConfigError, match="rounds: expected an integer, got '3'"):
         JobSpec(job_id="j", roster=tuple(_roster()), rounds="3")  # type: ignore[arg-type]
-    spec = JobSpec(job_id="j", roster=_roster(), attackers=[0])  # type: ignore[arg-type]
-    assert isinstance(spec.roster, tuple) and spec.attackers == (0,)
+    attacked = RobustnessSpec(attackers=[0])  # type: ignore[arg-type]
+    spec = JobSpec(job_id="j", roster=_roster(), robustness=attacked)  # type: ignore[arg-type]
+    assert isinstance(spec.roster, tuple) and spec.robustness.attackers == (0,)
 
 
 @pytest.mark.parametrize(
@@ -275,7 +287,8 @@ async def test_a_model_that_does_not_fit_the_data_is_refused_before_any_training
 def test_too_many_peers_for_the_data_are_refused_saying_how_many_it_feeds() -> None:
     from meshfed.training.preflight import prepare
 
-    spec = JobSpec(job_id="j", roster=tuple(_roster(400)), partition="dirichlet", alpha=0.5)
+    data = DataSpec(partition="dirichlet", alpha=0.5)
+    spec = JobSpec(job_id="j", roster=tuple(_roster(400)), data=data)
     with pytest.raises(ConfigError, match=r"partition: .* digits .* feeds about \d+ peers"):
         prepare(spec)
 
@@ -288,8 +301,15 @@ _JSON_VALUES = st.recursive(
 _ROSTER = _roster()
 
 
+#: every key of the flat form: (its group or None at the top, its field)
+_FLAT_KEYS = {
+    **{f.name: (None, f) for f in dataclasses.fields(JobSpec) if f.name not in GROUPS},
+    **{f.name: (key, f) for key, group in GROUPS.items() for f in dataclasses.fields(group)},
+}
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(sorted(JobSpec.__dataclass_fields__)), _JSON_VALUES))
+@given(st.dictionaries(st.sampled_from(sorted(_FLAT_KEYS)), _JSON_VALUES))
 def test_any_json_job_is_a_well_typed_job_or_a_config_error(fields: dict[str, object]) -> None:
     import json
 
@@ -300,8 +320,12 @@ def test_any_json_job_is_a_well_typed_job_or_a_config_error(fields: dict[str, ob
         return  # refused (never another exception: a TypeError, an AttributeError ...)
     assert JobSpec.from_json(spec.to_json()) == spec
     for name, value in fields.items():  # what was accepted has its declared type
-        kept = getattr(spec, name)
+        group, declared = _FLAT_KEYS[name]
+        kept = getattr(spec if group is None else getattr(spec, group), name)
+        if isinstance(kept, OwnData):  # own_data: a table
+            assert isinstance(value, dict) and kept == OwnData(**value)
+            continue
         assert kept == value or (isinstance(kept, tuple) and list(kept) == value)
-        assert type(kept) is type(JobSpec.__dataclass_fields__[name].default) or name in (
+        assert type(kept) is type(declared.default) or name in (
             "job_id", "roster", "model_options", "algorithm_options", "robust_options",
         )  # fmt: skip

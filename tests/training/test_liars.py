@@ -20,7 +20,8 @@ from meshfed.errors import MeshfedError
 from meshfed.node import Node
 from meshfed.secagg.driver import Aggregator, DeadlinePolicy
 from meshfed.stats import RejectReason
-from meshfed.training.job import JobSpec, RoundReport, TrainingPeer
+from meshfed.training.job import RoundReport, TrainingPeer
+from meshfed.training.spec import JobSpec
 from meshfed.training.sync import (
     StateAnswer,
     StateQuery,

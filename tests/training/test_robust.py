@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshfed.averaging.robust import centered_clip, krum, median, trimmed_mean
-from meshfed.training.job import JobSpec
+from meshfed.training.spec import JobSpec, RobustnessSpec
 from tests.training.nodes import job_for, memory_nodes, peers_for, run_together
 
 
@@ -28,7 +28,7 @@ async def final_accuracy(tmp_path: Path, name: str, **options: object) -> float:
         )
         peers = peers_for(nodes, spec)
         reports = await run_together(peers)
-    honest = [r[-1].accuracy for i, r in enumerate(reports) if i not in spec.attackers]
+    honest = [r[-1].accuracy for i, r in enumerate(reports) if i not in spec.robustness.attackers]
     return float(np.mean(honest))
 
 
@@ -52,7 +52,7 @@ def test_robust_mode_refuses_secure_aggregation() -> None:
 
     roster = tuple(str(Identity.generate().peer_id) for _ in range(4))
     with pytest.raises(ConfigError, match="secure"):
-        JobSpec(job_id="j", roster=roster, robust="median", secure=True)
+        JobSpec(job_id="j", roster=roster, robustness=RobustnessSpec(robust="median"))
 
 
 @settings(max_examples=40, deadline=None)
