@@ -379,7 +379,8 @@ class Market:
     # -- the machines, journaled ---------------------------------------------------------------
 
     def _call(self, machine: str, event: str, body: dict[str, Any]) -> list[LeaseAction]:
-        """Feed one event to its machine: the same code live and on replay."""
+        """Feed one event to its machine: the same code live and on replay (live, a message
+        in ``body`` is the one the wire decoded; the journal keeps it encoded)."""
         now = body.get("now", 0.0)
         if machine == _SELLER:
             book = self.seller
@@ -395,15 +396,14 @@ class Market:
             if event == "withdraw":
                 return book.withdraw(now)
             if event == "receive":
-                message = decode_message(body["message"])
-                assert isinstance(message, MarketMessage)
+                message = _message(body, "message")
                 return book.receive(PeerId.of(body["sender"]), message, now)
             if event == "expire":
                 return book.expire(now)
             if event == "round_done":
                 return book.round_done(body["job"], body["unit"], body["evidence"], now)
         elif event == "new":
-            rfq = decode_message(body["rfq"])
+            rfq = _message(body, "rfq")
             assert isinstance(rfq, Rfq)
             buyer = BuyerJob(
                 rfq,
@@ -419,8 +419,7 @@ class Market:
             if event == "start":
                 return buyer.start(now, [PeerId.of(raw) for raw in body["peers"]])
             if event == "receive":
-                message = decode_message(body["message"])
-                assert isinstance(message, MarketMessage)
+                message = _message(body, "message")
                 actions = buyer.receive(PeerId.of(body["sender"]), message, now)
                 if isinstance(message, DebitNote):  # its payment's evidence, now or later
                     self.jobs[buyer.job].note_frames[digest(message)] = body["frame"]
@@ -496,7 +495,7 @@ class Market:
         """In a worker thread: journal ``events``, then apply the escrows they asked for (an
         award waits for both: one trip to the thread instead of two); what each escrow came
         to, by key."""
-        self.journal.append(events)
+        self.journal.append([(machine, event, _encoded(body)) for machine, event, body in events])
         outcomes: dict[str, MeshfedError | None] = {}
         for escrow in escrows:
             try:
@@ -511,7 +510,7 @@ class Market:
     ) -> list[LeaseAction]:
         return await self._event(
             machine, "receive", light=isinstance(message, _QUOTES),
-            sender=envelope.sender.raw, message=encode_message(message), frame=envelope.frame,
+            sender=envelope.sender.raw, message=message, frame=envelope.frame,
             now=time.time(),
         )  # fmt: skip
 
@@ -783,7 +782,7 @@ class Market:
         scores = self.reputation.scores(found.peers)
         # the job and its start are written together: the start waits for both (one fsync)
         await self._event(
-            machine, "new", light=True, rfq=encode_message(rfq),
+            machine, "new", light=True, rfq=rfq,
             accept_s=self.config.accept_window_s,
             settle_s=self.config.settle_window_s,
             reliability=[[peer.raw, score] for peer, score in scores.items()],
@@ -1257,6 +1256,24 @@ def _change_roster(peer: TrainingPeer, change: ChangeRoster) -> None:
         )  # fmt: skip
     except ConfigError as exc:  # the buyer signed a roster training cannot plan
         log.warning("roster change refused", extra={"job": change.job, "error": str(exc)})
+
+
+def _message(body: dict[str, Any], key: str) -> MarketMessage:
+    """The message an event's ``body`` holds under ``key``: live, as the wire (or this node)
+    made it; replayed, decoded from the journal (as strictly as from the wire)."""
+    value = body[key]
+    message = value if isinstance(value, MarketMessage) else decode_message(value)
+    assert isinstance(message, MarketMessage)
+    return message
+
+
+def _encoded(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as the journal keeps it: its messages encoded (:func:`.journal.encode_message`;
+    in the writer's thread, off the way of the answer)."""
+    return {
+        key: encode_message(value) if isinstance(value, MarketMessage) else value
+        for key, value in body.items()
+    }
 
 
 def _answers_a_quote(action: LeaseAction) -> bool:
