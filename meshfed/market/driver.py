@@ -476,6 +476,7 @@ class Market:
                 await self._write_queued()
 
     async def _write_queued(self) -> None:
+        """Write every queued event in one batch, then wake whoever waits for them."""
         self._journal_queued, self._journal_wanted = trio.Event(), trio.Event()
         batch, self._unwritten = self._unwritten, []
         if not batch:
