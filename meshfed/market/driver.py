@@ -1043,7 +1043,7 @@ class Market:
                     held.append(action)  # after the awards of the same close
                 elif isinstance(action.message, Award):
                     awarded.append(answered := trio.Event())
-                    self._nursery.start_soon(self._award, action, handle, answered)
+                    self._nursery.start_soon(self._request, action, seller, handle, answered)
                 else:
                     self._nursery.start_soon(self._request, action, seller, handle)
                 if handle is not None:
@@ -1142,22 +1142,15 @@ class Market:
             self._nursery.start_soon(self._release_after, awarded, held, handle)
         return reply
 
-    async def _award(
-        self, action: SendRequest, handle: JobHandle | None, answered: trio.Event
-    ) -> None:
-        try:
-            await self._request(action, False, handle)
-        finally:
-            answered.set()
-
     async def _release_after(
         self, awarded: list[trio.Event], releases: list[SendRequest], handle: JobHandle | None
     ) -> None:
-        """Send the losers' releases once every award of the same close was answered (or
-        gave up), ``_RELEASE_WAIT_S`` at the most: winners first. The losers' handling of
-        their releases competes for the CPU with the winners' handling of their awards
-        where peers share cores (8 processes on 2: the awards were taken between the
-        releases), and a reservation held a few milliseconds longer costs nobody."""
+        """Send the losers' releases once the answer to every award of the same close
+        arrived (or its request gave up), ``_RELEASE_WAIT_S`` at the most: winners first.
+        The losers' handling of their releases competes for the CPU with the winners'
+        handling of their awards where peers share cores (8 processes on 2: the awards were
+        taken between the releases), and a reservation held a few milliseconds longer costs
+        nobody."""
         with trio.move_on_after(_RELEASE_WAIT_S):
             for answered in awarded:
                 await answered.wait()
@@ -1165,8 +1158,15 @@ class Market:
         for release in releases:
             self._nursery.start_soon(self._request, release, False, handle)
 
-    async def _request(self, action: SendRequest, seller: bool, handle: JobHandle | None) -> None:
-        """Send one request; feed its answer back to the machine that asked."""
+    async def _request(
+        self,
+        action: SendRequest,
+        seller: bool,
+        handle: JobHandle | None,
+        answered: trio.Event | None = None,
+    ) -> None:
+        """Send one request; feed its answer back to the machine that asked. ``answered`` is
+        set as the answer arrives (or the request gave up), before it is taken."""
         try:
             envelope = await self.node.request(
                 action.to, action.message, within=self.config.request_within_s
@@ -1179,6 +1179,9 @@ class Market:
             return
         except RemoteProtocolError:
             return  # counted by the node
+        finally:
+            if answered is not None:
+                answered.set()
         answer = envelope.body
         if not isinstance(answer, MarketMessage):
             return  # an Ack (a Release, a Receipt taken)
