@@ -12,8 +12,8 @@ Prints one JSON line:
   answered by a signed Pong) from the buyer to a bidder on the same transport, measured just
   before each auction; ``award_rtts_*`` = award time / round trip;
 - ``release_ms_*``: from the buyer sending its awards (the releases follow once every
-  award was answered, 0.5 s at most) until the last loser's lease book holds no reservation
-  (observed at the loser as it takes the release, not by polling);
+  answer to an award arrived, 0.1 s at most) until the last loser's lease book holds no
+  reservation (observed at the loser as it takes the release, not by polling);
 - ``rfq_out_ms_*``, ``bids_in_ms_*``, ``award_out_ms_*``: where the time goes, at the buyer:
   its RFQs sent, the last answer in, its awards sent (from the submit); ``buyer_cpu_ms_*``:
   CPU time of the buyer's process from the submit until every winner accepted (on the memory

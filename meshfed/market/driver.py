@@ -139,7 +139,7 @@ _QUOTES = (Rfq, Release, Bid, Decline)
 #: written with the next one that waits (the award, the close) or at the latest after this
 _LIGHT_WRITE_S = 0.5
 #: how long the losers' releases wait for the winners' answers to their awards (at most)
-_RELEASE_WAIT_S = 0.5
+_RELEASE_WAIT_S = 0.1
 #: the clearing prices an estimate looks at (``LeaseBook.recent_clearing``'s default)
 _CLEARINGS_KEPT = 32
 #: the states of a winner's training that end its work (:class:`~meshfed.store.JobState`)

@@ -120,11 +120,11 @@ async def test_a_node_that_stops_writes_the_quotes_it_had_not_written_yet(
         assert _taken(loser.journal.entries(), "seller") == [Rfq.TYPE, Release.TYPE]
 
 
-async def test_winners_that_never_answer_their_awards_hold_no_loser_past_half_a_second(
+async def test_winners_that_never_answer_their_awards_hold_no_loser_past_a_tenth_of_a_second(
     tmp_path: Path,
 ) -> None:
     """The losers' releases wait for the winners' answers to their awards (winners first),
-    but a winner that never answers holds them for ``_RELEASE_WAIT_S`` (0.5 s) at most, not
+    but a winner that never answers holds them for ``_RELEASE_WAIT_S`` (0.1 s) at most, not
     for the award's request deadline (10 s)."""
     async with open_memory_mesh(
         5, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
@@ -154,5 +154,5 @@ async def test_winners_that_never_answer_their_awards_hold_no_loser_past_half_a_
             await all_released.wait()
         sent = min(event["at"] for event in handle.events if event["event"] == "award")
         assert set(released) == {s.peer_id for s in sellers} - set(handle.buyer.roster)
-        assert all(0.4 <= at - sent < 3.0 for at in released.values()), (sent, released)
+        assert all(0.08 <= at - sent < 3.0 for at in released.values()), (sent, released)
         await handle.cancel()
