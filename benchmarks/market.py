@@ -11,9 +11,9 @@ Prints one JSON line:
 - ``rtt_ms_memory``, ``rtt_ms_libp2p``: the median round trip of one signed request (Ping,
   answered by a signed Pong) from the buyer to a bidder on the same transport, measured just
   before each auction; ``award_rtts_*`` = award time / round trip;
-- ``release_ms_*``: from the buyer sending its awards (the releases follow once every
-  answer to an award arrived, 0.1 s at most) until the last loser's lease book holds no
-  reservation (observed at the loser as it takes the release, not by polling);
+- ``release_ms_*``: from the buyer sending its awards (and, with them, the releases) until
+  the last loser's lease book holds no reservation (observed at the loser as it takes the
+  release, not by polling);
 - ``rfq_out_ms_*``, ``bids_in_ms_*``, ``award_out_ms_*``: where the time goes, at the buyer:
   its RFQs sent, the last answer in, its awards sent (from the submit); ``buyer_cpu_ms_*``:
   CPU time of the buyer's process from the submit until every winner accepted (on the memory

@@ -138,8 +138,6 @@ _QUOTES = (Rfq, Release, Bid, Decline)
 #: how long an event that need not wait for the disk (a quote's) may stay unwritten: it is
 #: written with the next one that waits (the award, the close) or at the latest after this
 _LIGHT_WRITE_S = 0.5
-#: how long the losers' releases wait for the winners' answers to their awards (at most)
-_RELEASE_WAIT_S = 0.1
 #: the clearing prices an estimate looks at (``LeaseBook.recent_clearing``'s default)
 _CLEARINGS_KEPT = 32
 #: the states of a winner's training that end its work (:class:`~meshfed.store.JobState`)
@@ -1028,8 +1026,6 @@ class Market:
         frame of that message. Replaying the journal, nothing is sent and no work started
         (the ledger's idempotency makes its actions no-ops)."""
         reply: MarketMessage | None = None
-        awarded: list[trio.Event] = []  # one per award sent: set once it was answered
-        held: list[SendRequest] = []  # the releases that wait for them
         for action in actions:
             if isinstance(action, Reply):
                 reply = action.message
@@ -1039,13 +1035,7 @@ class Market:
                 continue
             elif isinstance(action, SendRequest):
                 assert self._nursery is not None
-                if isinstance(action.message, Release) and awarded:
-                    held.append(action)  # after the awards of the same close
-                elif isinstance(action.message, Award):
-                    awarded.append(answered := trio.Event())
-                    self._nursery.start_soon(self._request, action, seller, handle, answered)
-                else:
-                    self._nursery.start_soon(self._request, action, seller, handle)
+                self._nursery.start_soon(self._request, action, seller, handle)
                 if handle is not None:
                     _note_send(handle, action)
                 if isinstance(action.message, Award):  # the audit log (meshfed/audit.py)
@@ -1137,36 +1127,10 @@ class Market:
                     extra={"job": action.job, "unit": action.unit, "reason": action.reason},
                 )
                 self._forget_state(action.job, action.unit)
-        if held:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._release_after, awarded, held, handle)
         return reply
 
-    async def _release_after(
-        self, awarded: list[trio.Event], releases: list[SendRequest], handle: JobHandle | None
-    ) -> None:
-        """Send the losers' releases once the answer to every award of the same close
-        arrived (or its request gave up), ``_RELEASE_WAIT_S`` at the most: winners first.
-        The losers' handling of their releases competes for the CPU with the winners'
-        handling of their awards where peers share cores (8 processes on 2: the awards were
-        taken between the releases), and a reservation held a few milliseconds longer costs
-        nobody."""
-        with trio.move_on_after(_RELEASE_WAIT_S):
-            for answered in awarded:
-                await answered.wait()
-        assert self._nursery is not None
-        for release in releases:
-            self._nursery.start_soon(self._request, release, False, handle)
-
-    async def _request(
-        self,
-        action: SendRequest,
-        seller: bool,
-        handle: JobHandle | None,
-        answered: trio.Event | None = None,
-    ) -> None:
-        """Send one request; feed its answer back to the machine that asked. ``answered`` is
-        set as the answer arrives (or the request gave up), before it is taken."""
+    async def _request(self, action: SendRequest, seller: bool, handle: JobHandle | None) -> None:
+        """Send one request; feed its answer back to the machine that asked."""
         try:
             envelope = await self.node.request(
                 action.to, action.message, within=self.config.request_within_s
@@ -1179,9 +1143,6 @@ class Market:
             return
         except RemoteProtocolError:
             return  # counted by the node
-        finally:
-            if answered is not None:
-                answered.set()
         answer = envelope.body
         if not isinstance(answer, MarketMessage):
             return  # an Ack (a Release, a Receipt taken)

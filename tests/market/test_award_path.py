@@ -4,7 +4,6 @@ award's escrow with the close of the bid window."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import trio
@@ -17,7 +16,6 @@ from meshfed.market.ledger import escrow_account
 from meshfed.market.messages import Award, Bid, Decline, MarketMessage, Release, Rfq
 from meshfed.node import Node
 from meshfed.testing import open_memory_mesh
-from meshfed.wire import Envelope
 from tests.market.mesh import meshed
 
 JOB = {"job_id": "award-path", "rounds": 1, "dataset": "digits", "secure": False}
@@ -91,18 +89,7 @@ async def test_a_node_that_stops_writes_the_quotes_it_had_not_written_yet(
         4, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
     ) as nodes:
         await meshed(nodes)
-        buyer, sellers = nodes[0], nodes[1:]
-        released: dict[PeerId, trio.Event] = {seller.peer_id: trio.Event() for seller in sellers}
-
-        def watch(seller: Node) -> None:
-            def seen(sender: PeerId, message: MarketMessage, actions: list[LeaseAction]) -> None:
-                if isinstance(message, Release):
-                    released[seller.peer_id].set()
-
-            _market(seller).seller_observers.append(seen)
-
-        for seller in sellers:
-            watch(seller)
+        buyer = nodes[0]
         handle = await buyer.submit_training(JOB, budget=5, min_peers=2, max_peers=2)
         with trio.fail_after(60):
             async for event in handle.watch():
@@ -112,47 +99,7 @@ async def test_a_node_that_stops_writes_the_quotes_it_had_not_written_yet(
             i for i, node in enumerate(nodes[1:], 1) if node.peer_id not in handle.buyer.roster
         ]
         assert len(losers) == 1
-        with trio.fail_after(10):
-            await released[nodes[losers[0]].peer_id].wait()
-        # stop at once: well within the delay after which the loser would have written them
+        # stop at once: the loser's release arrived with the awards, well within the delay
     async with open_memory_mesh(4, tmp_path, membership=True, market_capacity=1) as again:
         loser = _market(again[losers[0]])
         assert _taken(loser.journal.entries(), "seller") == [Rfq.TYPE, Release.TYPE]
-
-
-async def test_winners_that_never_answer_their_awards_hold_no_loser_past_a_tenth_of_a_second(
-    tmp_path: Path,
-) -> None:
-    """The losers' releases wait for the winners' answers to their awards (winners first),
-    but a winner that never answers holds them for ``_RELEASE_WAIT_S`` (0.1 s) at most, not
-    for the award's request deadline (10 s)."""
-    async with open_memory_mesh(
-        5, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
-    ) as nodes:
-        await meshed(nodes)
-        buyer, sellers = nodes[0], nodes[1:]
-        released: dict[PeerId, float] = {}
-        all_released = trio.Event()
-
-        async def silent(envelope: Envelope, award: Award) -> None:
-            await trio.sleep_forever()
-
-        def watch(seller: Node) -> None:
-            def seen(sender: PeerId, message: MarketMessage, actions: list[LeaseAction]) -> None:
-                if isinstance(message, Release):
-                    released[seller.peer_id] = time.time()
-                    if len(released) == 2:
-                        all_released.set()
-
-            _market(seller).seller_observers.append(seen)
-
-        for seller in sellers:
-            watch(seller)
-            seller.handle(Award, silent, replace=True)  # whoever wins says nothing
-        handle = await buyer.submit_training(JOB, budget=5, min_peers=2, max_peers=2)
-        with trio.fail_after(8):  # before the awards' own deadline (10 s) could free them
-            await all_released.wait()
-        sent = min(event["at"] for event in handle.events if event["event"] == "award")
-        assert set(released) == {s.peer_id for s in sellers} - set(handle.buyer.roster)
-        assert all(0.08 <= at - sent < 3.0 for at in released.values()), (sent, released)
-        await handle.cancel()
