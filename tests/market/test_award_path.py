@@ -89,7 +89,18 @@ async def test_a_node_that_stops_writes_the_quotes_it_had_not_written_yet(
         4, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
     ) as nodes:
         await meshed(nodes)
-        buyer = nodes[0]
+        buyer, sellers = nodes[0], nodes[1:]
+        released: dict[PeerId, trio.Event] = {seller.peer_id: trio.Event() for seller in sellers}
+
+        def watch(seller: Node) -> None:
+            def seen(sender: PeerId, message: MarketMessage, actions: list[LeaseAction]) -> None:
+                if isinstance(message, Release):
+                    released[seller.peer_id].set()
+
+            _market(seller).seller_observers.append(seen)
+
+        for seller in sellers:
+            watch(seller)
         handle = await buyer.submit_training(JOB, budget=5, min_peers=2, max_peers=2)
         with trio.fail_after(60):
             async for event in handle.watch():
@@ -99,7 +110,9 @@ async def test_a_node_that_stops_writes_the_quotes_it_had_not_written_yet(
             i for i, node in enumerate(nodes[1:], 1) if node.peer_id not in handle.buyer.roster
         ]
         assert len(losers) == 1
-        # stop at once: the loser's release arrived with the awards, well within the delay
+        with trio.fail_after(10):
+            await released[nodes[losers[0]].peer_id].wait()
+        # stop at once: well within the delay after which the loser would have written them
     async with open_memory_mesh(4, tmp_path, membership=True, market_capacity=1) as again:
         loser = _market(again[losers[0]])
         assert _taken(loser.journal.entries(), "seller") == [Rfq.TYPE, Release.TYPE]
