@@ -20,7 +20,7 @@ Prints one JSON line:
   transport that process runs every node);
 - ``fsync_ms_disk``: the median write + fsync of a small file on the disk the libp2p nodes
   keep their stores on (each market event a node takes is journaled, one fsync per batch,
-  before it acts on it);
+  before it acts on it; a quote's is written with the next event that waits for the disk);
 - ``goal_*``: the issue's goals (award within 1 s with the most bidders on memory, within 20
   round trips over libp2p, every reservation released within 1 s), met or not.
 

@@ -135,6 +135,11 @@ _GRANT_KEY = "initial"
 _SELLER = "seller"
 #: the quote messages whose events need not wait for the disk (see ``Market._event``)
 _QUOTES = (Rfq, Release, Bid, Decline)
+#: how long an event that need not wait for the disk (a quote's) may stay unwritten: it is
+#: written with the next one that waits (the award, the close) or at the latest after this
+_LIGHT_WRITE_S = 0.5
+#: the clearing prices an estimate looks at (``LeaseBook.recent_clearing``'s default)
+_CLEARINGS_KEPT = 32
 #: the states of a winner's training that end its work (:class:`~meshfed.store.JobState`)
 _ENDED_WORK = frozenset({"finished", "converged"})
 #: a winner that says so stopped working on the job (its training failed, its device paused)
@@ -310,13 +315,22 @@ class Market:
         #: get the events of the work this node leased (``job_started``, ``round``, ...)
         self.observers: list[JobEvents] = []
         self._nursery: trio.Nursery | None = None
-        self._unwritten: list[tuple[str, str, dict[str, Any], trio.Event]] = []
-        self._write_journal = trio.Event()
+        self._unwritten: list[tuple[str, str, dict[str, Any], list[LedgerEscrow], trio.Event]] = []
+        #: an event is queued; an event waits for the disk
+        self._journal_queued = trio.Event()
+        self._journal_wanted = trio.Event()
         self._journal_error: MeshfedError | None = None
         self._seller_wake = trio.Event()
         self._seller_at = float("inf")
         #: set once the journal is replayed: requests that came before wait for it
         self._replayed = trio.Event()
+        #: the newest clearing prices by kind and tier, newest first (the estimate's history):
+        #: read from the store once, then kept here as auctions clear (no read on the way
+        #: of a posting)
+        self._clearings: dict[tuple[WorkKind, Tier], list[int]] = {}
+        #: escrows applied with the journal write of the event that asked for them, by
+        #: idempotency key: None, or why the ledger refused (``_apply`` raises it)
+        self._escrowed: dict[str, MeshfedError | None] = {}
 
     # -- the service ---------------------------------------------------------------------------
 
@@ -365,7 +379,8 @@ class Market:
     # -- the machines, journaled ---------------------------------------------------------------
 
     def _call(self, machine: str, event: str, body: dict[str, Any]) -> list[LeaseAction]:
-        """Feed one event to its machine: the same code live and on replay."""
+        """Feed one event to its machine: the same code live and on replay (live, a message
+        in ``body`` is the one the wire decoded; the journal keeps it encoded)."""
         now = body.get("now", 0.0)
         if machine == _SELLER:
             book = self.seller
@@ -381,15 +396,14 @@ class Market:
             if event == "withdraw":
                 return book.withdraw(now)
             if event == "receive":
-                message = decode_message(body["message"])
-                assert isinstance(message, MarketMessage)
+                message = _message(body, "message")
                 return book.receive(PeerId.of(body["sender"]), message, now)
             if event == "expire":
                 return book.expire(now)
             if event == "round_done":
                 return book.round_done(body["job"], body["unit"], body["evidence"], now)
         elif event == "new":
-            rfq = decode_message(body["rfq"])
+            rfq = _message(body, "rfq")
             assert isinstance(rfq, Rfq)
             buyer = BuyerJob(
                 rfq,
@@ -405,8 +419,7 @@ class Market:
             if event == "start":
                 return buyer.start(now, [PeerId.of(raw) for raw in body["peers"]])
             if event == "receive":
-                message = decode_message(body["message"])
-                assert isinstance(message, MarketMessage)
+                message = _message(body, "message")
                 actions = buyer.receive(PeerId.of(body["sender"]), message, now)
                 if isinstance(message, DebitNote):  # its payment's evidence, now or later
                     self.jobs[buyer.job].note_frames[digest(message)] = body["frame"]
@@ -431,37 +444,74 @@ class Market:
         ``light``: a quote's event (an RFQ or a release at the seller, a bid or a decline at
         the buyer) does not wait for the disk when all it produced is its answer or a
         deadline: lost in a crash, the seller forgets a bid (and declines its award, which
-        is replaced) or the buyer a bid (it is not awarded). Anything else waits."""
+        is replaced) or the buyer a bid (it is not awarded). It is written with the next
+        event that waits (the award it led to, the close of the bid window), or
+        ``_LIGHT_WRITE_S`` after it at the latest. A job's posting (``new``) is light too:
+        its ``start``, queued right after it, waits for both. Anything else waits."""
         actions = self._call(machine, event, body)
+        durable = not (light and all(_answers_a_quote(action) for action in actions))
         written = trio.Event()
-        self._unwritten.append((machine, event, body, written))
-        self._write_journal.set()
-        if not (light and all(_answers_a_quote(action) for action in actions)):
+        escrows = [action for action in actions if isinstance(action, LedgerEscrow)]
+        self._unwritten.append((machine, event, body, escrows, written))
+        self._journal_queued.set()
+        if durable:
+            self._journal_wanted.set()
             await written.wait()
             if self._journal_error is not None:
                 raise self._journal_error
         return actions
 
     async def _journal_writer(self) -> None:
-        """Write what :meth:`_event` queued, in batches (one fsync each), in order."""
-        while True:
-            await self._write_journal.wait()
-            self._write_journal = trio.Event()
-            batch, self._unwritten = self._unwritten, []
+        """Write what :meth:`_event` queued, in batches (one fsync each), in order: at once
+        when an event waits for it, else (light events only) ``_LIGHT_WRITE_S`` later; on
+        the way out (the node stops), what is queued."""
+        try:
+            while True:
+                await self._journal_queued.wait()
+                with trio.move_on_after(_LIGHT_WRITE_S):
+                    await self._journal_wanted.wait()
+                await self._write_queued()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._write_queued()
+
+    async def _write_queued(self) -> None:
+        """Write every queued event in one batch, then wake whoever waits for them."""
+        self._journal_queued, self._journal_wanted = trio.Event(), trio.Event()
+        batch, self._unwritten = self._unwritten, []
+        if not batch:
+            return
+        events = [(machine, event, body) for machine, event, body, _, _ in batch]
+        escrows = [escrow for *_, escrows, _ in batch for escrow in escrows]
+        try:
+            self._escrowed.update(await self._store_call(self._write, events, escrows))
+        except MeshfedError as exc:  # the store failed: every waiter learns it
+            self._journal_error = exc
+        for *_, written in batch:
+            written.set()
+
+    def _write(
+        self, events: list[tuple[str, str, dict[str, Any]]], escrows: list[LedgerEscrow]
+    ) -> dict[str, MeshfedError | None]:
+        """In a worker thread: journal ``events``, then apply the escrows they asked for (an
+        award waits for both: one trip to the thread instead of two); what each escrow came
+        to, by key."""
+        self.journal.append([(machine, event, _encoded(body)) for machine, event, body in events])
+        outcomes: dict[str, MeshfedError | None] = {}
+        for escrow in escrows:
             try:
-                events = [(machine, event, body) for machine, event, body, _ in batch]
-                await self._store_call(self.journal.append, events)
-            except MeshfedError as exc:  # the store failed: every waiter learns it
-                self._journal_error = exc
-            for *_, written in batch:
-                written.set()
+                self.ledger.escrow(escrow.job, escrow.amount, key=escrow.key)
+                outcomes[escrow.key] = None
+            except MeshfedError as exc:  # the budget is gone: raised where it is applied
+                outcomes[escrow.key] = exc
+        return outcomes
 
     async def _received(
         self, machine: str, envelope: Envelope, message: MarketMessage
     ) -> list[LeaseAction]:
         return await self._event(
             machine, "receive", light=isinstance(message, _QUOTES),
-            sender=envelope.sender.raw, message=encode_message(message), frame=envelope.frame,
+            sender=envelope.sender.raw, message=message, frame=envelope.frame,
             now=time.time(),
         )  # fmt: skip
 
@@ -731,8 +781,10 @@ class Market:
         )
         machine = _BUYER + order.job_id
         scores = self.reputation.scores(found.peers)
+        # the job and its start are written together: the start waits for both (one fsync)
         await self._event(
-            machine, "new", rfq=encode_message(rfq), accept_s=self.config.accept_window_s,
+            machine, "new", light=True, rfq=rfq,
+            accept_s=self.config.accept_window_s,
             settle_s=self.config.settle_window_s,
             reliability=[[peer.raw, score] for peer, score in scores.items()],
             spot_key=os.urandom(32),  # the journal is sealed in the store: it stays ours
@@ -758,14 +810,17 @@ class Market:
         cost, with its breakdown: the median of this node's recent clearing prices for the
         kind and tier, else of the asks in the records it holds, else the default price, less
         the tier's discount (:func:`~.pricing.estimate`)."""
-        history = await trio.to_thread.run_sync(self.book.recent_clearing, kind, tier)
+        history = self._clearings.get((kind, tier))
+        if history is None:  # read once; then every auction this node clears is added
+            kept = await trio.to_thread.run_sync(self.book.recent_clearing, kind, tier)
+            history = self._clearings.setdefault((kind, tier), [r.price for r in kept])
         known = self._records() if records is None else records
         return estimate(
             kind,
             tier,
             participants,
             units,
-            history=[record.price for record in history],
+            history=history,
             asks=[ask for record in known for ask in record.capabilities.prices],
         )
 
@@ -995,9 +1050,12 @@ class Market:
                 elif handle is not None:
                     handle.wake_at = min(handle.wake_at, action.at)
             elif isinstance(action, LedgerEscrow):
-                await self._store_call(
-                    self.ledger.escrow, action.job, action.amount, key=action.key
-                )
+                if action.key not in self._escrowed:  # replayed: applied again (a no-op)
+                    await self._store_call(
+                        self.ledger.escrow, action.job, action.amount, key=action.key
+                    )
+                elif (refused := self._escrowed.pop(action.key)) is not None:
+                    raise refused
             elif isinstance(action, LedgerPay):
                 # evidence: the seller's signed note (paid when it came, or on its verdict)
                 frame = evidence if handle is None else handle.note_frames.get(action.note_digest)
@@ -1162,12 +1220,14 @@ class Market:
         clearing = handle.buyer.clearing
         if clearing is None or not clearing.winners:
             return
-        rfq = handle.buyer.rfq
+        kind, tier = WorkKind(handle.buyer.rfq.kind), Tier(handle.buyer.rfq.tier)
         prices = sorted(winner.price for winner in clearing.winners)
-        await self._store_call(
-            self.book.record_clearing, WorkKind(rfq.kind), Tier(rfq.tier),
-            prices[len(prices) // 2], time.time(),
-        )  # fmt: skip
+        price = prices[len(prices) // 2]
+        await self._store_call(self.book.record_clearing, kind, tier, price, time.time())
+        history = self._clearings.get((kind, tier))
+        if history is not None:  # newest first, as the store gives them
+            history.insert(0, price)
+            del history[_CLEARINGS_KEPT:]
 
     def _ended(self, handle: JobHandle, ended: JobEnded) -> None:
         buyer = handle.buyer
@@ -1197,6 +1257,24 @@ def _change_roster(peer: TrainingPeer, change: ChangeRoster) -> None:
         )  # fmt: skip
     except ConfigError as exc:  # the buyer signed a roster training cannot plan
         log.warning("roster change refused", extra={"job": change.job, "error": str(exc)})
+
+
+def _message(body: dict[str, Any], key: str) -> MarketMessage:
+    """The message an event's ``body`` holds under ``key``: live, as the wire (or this node)
+    made it; replayed, decoded from the journal (as strictly as from the wire)."""
+    value = body[key]
+    message = value if isinstance(value, MarketMessage) else decode_message(value)
+    assert isinstance(message, MarketMessage)
+    return message
+
+
+def _encoded(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as the journal keeps it: its messages encoded (:func:`.journal.encode_message`;
+    in the writer's thread, off the way of the answer)."""
+    return {
+        key: encode_message(value) if isinstance(value, MarketMessage) else value
+        for key, value in body.items()
+    }
 
 
 def _answers_a_quote(action: LeaseAction) -> bool:
