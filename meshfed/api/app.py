@@ -13,6 +13,7 @@ value (named). Store reads run in worker threads, never on the trio loop.
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -43,6 +44,7 @@ from .models import (
     JobStatusOut,
     LeaseOut,
     LedgerOut,
+    ModelOut,
     PeerOut,
     Problem,
     StatementOut,
@@ -123,6 +125,12 @@ class _Access:
 
 async def _in_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await trio.to_thread.run_sync(functools.partial(function, *args, **kwargs))
+
+
+def _file_name(text: str) -> str:
+    """``text`` with every character but ASCII letters, digits, ``.``, ``_`` and ``-`` as
+    ``_`` (a header's file name)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in text)
 
 
 def _statement(statement: Statement) -> StatementOut:
@@ -344,6 +352,56 @@ def create_app(node: Node, token: str, *, reads_need_token: bool) -> FastAPI:
         if found is None:
             raise HTTPException(404, f"no job {job_id!r} at this node")
         return found
+
+    def latest_model(db: Store, job_id: str) -> tuple[ModelOut, bytes] | None:
+        from ..training.spec import JobSpec
+
+        record = next((r for r in db.jobs() if r.job_id == job_id), None)
+        checkpoint = None if record is None else db.load_checkpoint(job_id)
+        if record is None or checkpoint is None:
+            return None
+        training = JobSpec.from_json(record.spec).training
+        weights = checkpoint.model.astype("<f4").tobytes()
+        out = ModelOut(
+            job_id=job_id, round=checkpoint.round, score=checkpoint.score,
+            model=training.model, model_options=training.model_options,
+            parameters=len(checkpoint.model), sha256=hashlib.sha256(weights).hexdigest(),
+        )  # fmt: skip
+        return out, weights
+
+    async def found_model(job_id: str) -> tuple[ModelOut, bytes]:
+        found = await _in_thread(latest_model, store(), job_id)
+        if found is None:
+            raise HTTPException(404, f"this node holds no model of job {job_id!r}")
+        return found
+
+    @app.get("/jobs/{job_id}/model", dependencies=read, responses=_NOT_FOUND | _CONFLICT)
+    async def model(job_id: str) -> ModelOut:
+        """The model this node holds for the job (its latest checkpoint): which round, how
+        good, how large, its digest."""
+        out, _ = await found_model(job_id)
+        return out
+
+    @app.get(
+        "/jobs/{job_id}/model/weights",
+        dependencies=read,
+        responses=_NOT_FOUND | _CONFLICT | {200: {"content": {"application/octet-stream": {}}}},
+        response_class=Response,
+    )
+    async def model_weights(job_id: str) -> Response:
+        """The parameters of that model: the flat float32 vector, little-endian (its SHA-256
+        is ``/jobs/{job_id}/model``'s ``sha256``; ``models.build`` with the job's model and
+        options gives the module they load into)."""
+        out, weights = await found_model(job_id)
+        return Response(
+            weights,
+            media_type="application/octet-stream",
+            headers={
+                "Content-Disposition": f'attachment; filename="{_file_name(job_id)}-round'
+                f'{out.round}.f32"',
+                "X-Meshfed-Sha256": out.sha256,
+            },
+        )
 
     @app.get("/jobs/{job_id}/status", dependencies=read, responses=_NOT_FOUND | _CONFLICT)
     async def job_status(job_id: str) -> JobStatusOut:

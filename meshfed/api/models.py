@@ -144,6 +144,19 @@ class JobDetailOut(BaseModel):
     events: list[dict[str, Any]] = Field(description="the buyer's events, if this node bought it")
 
 
+class ModelOut(BaseModel):
+    """The model this node holds for a job: its latest checkpoint (a round it trained or took
+    by catch-up), the parameters as one flat float32 vector."""
+
+    job_id: str
+    round: int = Field(description="the round (0-based) the model ended")
+    score: float = Field(description="its accuracy on this node's validation part")
+    model: str = Field(description="the architecture (the job's training.model)")
+    model_options: dict[str, Any]
+    parameters: int
+    sha256: str = Field(description="of the parameters' float32 bytes, little-endian")
+
+
 class LedgerOut(BaseModel):
     """The node's accounts (micro-credits)."""
 

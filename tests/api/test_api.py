@@ -226,3 +226,44 @@ def test_after_kill_9_the_api_reports_what_it_acknowledged(tmp_path: Path) -> No
     assert after["/jobs"] == before["/jobs"]
     assert after["/budget"] == before["/budget"]
     assert after["/audit"][: len(before["/audit"])] == before["/audit"]
+
+
+async def test_a_jobs_model_is_described_and_its_weights_load_into_its_architecture(
+    tmp_path: Path,
+) -> None:
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    from meshfed.store import Checkpoint
+    from meshfed.training import models
+    from meshfed.training.spec import JobSpec, TrainingSpec
+
+    async with api_node(tmp_path) as (node, client):
+        assert node.store is not None
+        spec = JobSpec(
+            job_id="digits-1", rounds=3,
+            roster=(str(node.peer_id), *(str(Identity.generate().peer_id) for _ in range(3))),
+            training=TrainingSpec(model="mlp", model_options={"hidden": [16]}),
+        )  # fmt: skip
+        module = models.build("mlp", hidden=[16])
+        weights = torch.nn.utils.parameters_to_vector(module.parameters()).detach().numpy()
+        node.store.put_job(spec.job_id, spec.to_json())
+        for number in range(3):  # what a node that trained the job keeps
+            model = (weights + number).astype(np.float32)
+            node.store.save_round(
+                Checkpoint(job_id="digits-1", round=number, model=model, score=0.5 + number / 10)
+            )
+        assert (await client.get("/jobs/elsewhere/model")).status_code == 404
+        described = (await client.get("/jobs/digits-1/model")).json()
+        assert described["round"] == 2 and described["score"] == pytest.approx(0.7)
+        assert described["model"] == "mlp" and described["model_options"] == {"hidden": [16]}
+        assert described["parameters"] == len(weights)
+        raw = await client.get("/jobs/digits-1/model/weights")
+        assert raw.status_code == 200 and raw.headers["content-type"] == "application/octet-stream"
+        assert hashlib.sha256(raw.content).hexdigest() == described["sha256"]
+        vector = np.frombuffer(raw.content, "<f4")
+        np.testing.assert_array_equal(vector, weights + 2)
+        rebuilt = models.build(described["model"], **described["model_options"])
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(vector.copy()), rebuilt.parameters())
