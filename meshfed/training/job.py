@@ -124,6 +124,9 @@ class RoundReport:
     #: the first 8 bytes of SHA-256 of the model after the round (float32 bytes), hex: peers
     #: that hold the same model show the same (with own data their accuracies differ)
     model_digest: str = ""
+    #: the local batch size this round's training used: the job's, or smaller under the
+    #: device's thermal pressure (SPEC 7g); 0 if this peer did not train this round
+    batch_size: int = 0
 
     @property
     def score(self) -> float:
@@ -295,6 +298,7 @@ class TrainingPeer:
         self._clock = (joining.from_round if joining else 0, time.time())
         self._min_round_s = min_round_s
         self._jump: int | None = None  # a round a settled state starts, past the next one
+        self._batch_size = 0  # the last local training's batch size
 
     @property
     def parameters(self) -> npt.NDArray[np.float32]:
@@ -834,9 +838,18 @@ class TrainingPeer:
         self._pushes.clear()
 
     async def _train_locally(self, number: int) -> float:
+        """One round of local training. Under the device's thermal pressure (SPEC 7g) the
+        batches shrink by its ``batch_scale``, except with DP-SGD, whose privacy accounting
+        rests on the batch size it was calibrated for."""
         x, y = self.shard.x, self.shard.y
         seed = local_seed(self.spec, number)
-        train = functools.partial(self.trainer.train, self.model, x, y, seed=seed)
+        trainer = self.trainer
+        device = self.node.device
+        if isinstance(trainer, LocalTrainer) and device is not None and device.batch_scale() < 1:
+            batch_size = max(1, round(trainer.batch_size * device.batch_scale()))
+            trainer = replace(trainer, batch_size=batch_size)
+        self._batch_size = trainer.batch_size
+        train = functools.partial(trainer.train, self.model, x, y, seed=seed)
         if isinstance(self.trainer, DPSGDTrainer):
             train = functools.partial(train, random=self._random)
         if self._tick_optimizer is not None:
@@ -886,6 +899,7 @@ class TrainingPeer:
             pooled_examples=0 if pooled is None else pooled.examples,
             pooled_peers=0 if pooled is None else pooled.peers,
             model_digest=hashlib.sha256(self.parameters.tobytes()).hexdigest()[:16],
+            batch_size=self._batch_size if contributed else 0,
         )
 
     async def _on_push(self, envelope: Envelope, header: ArrayHeader, array: Any) -> None:
