@@ -310,19 +310,3 @@ def seller_auditor(trail: AuditTrail) -> Any:
             )
 
     return observe
-
-
-def work_auditor(trail: AuditTrail) -> Any:
-    """A ``Market.observers`` callback noting the rounds of leased work that ran without this
-    node's data because its privacy budget would have been exceeded."""
-
-    def observe(event: str, document: dict[str, Any]) -> None:
-        if event == "round" and document.get("contributed") is False:
-            trail.note(
-                AuditKind.PRIVACY_REFUSED,
-                job=document.get("job_id"),
-                round=document.get("round"),
-                epsilon=document.get("epsilon"),
-            )
-
-    return observe

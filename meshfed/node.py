@@ -38,7 +38,7 @@ from .arrays import (
     parts_frame,
     split_parts_frame,
 )
-from .audit import AUDITED_REJECTIONS, AuditKind, AuditTrail, seller_auditor, work_auditor
+from .audit import AUDITED_REJECTIONS, AuditKind, AuditTrail, seller_auditor
 from .config import NodeConfig
 from .control import Ack, Ping, Pong
 from .datadir import hold_data_dir
@@ -991,7 +991,6 @@ async def open_node(
             )
             node.market = Market(node, market)
             node.market.seller_observers.append(seller_auditor(node.audit_trail))
-            node.market.observers.append(work_auditor(node.audit_trail))
             await nursery.start(node.market.run)
         if config.api != "off" and config.transport == "libp2p":
             from .api.service import serve_api

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from ..audit import AuditKind
 from ..errors import MeshfedError, leaves
 from ..identity import PeerId
 
@@ -61,6 +62,11 @@ async def take_part(
         events("waiting", document)
 
     def reported(report: RoundReport) -> None:
+        if not report.contributed:  # the privacy budget would have been exceeded: audited
+            node.audit(
+                AuditKind.PRIVACY_REFUSED, job=spec.job_id, round=report.round,
+                epsilon=report.epsilon,
+            )  # fmt: skip
         events("round", {"job_id": spec.job_id, **asdict(report)})
         if on_round is not None:
             on_round(report)

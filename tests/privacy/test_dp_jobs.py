@@ -342,3 +342,34 @@ async def test_a_peer_left_out_of_every_step_keeps_only_a_fully_noised_model(
     assert isinstance(reports, list) and reports[0].groups == (0,)
     std = np.std(peers[0].parameters.astype(np.float64) - base)
     assert 0.97 * SIGMA * CLIP <= std <= 1.03 * SIGMA * CLIP
+
+
+async def test_a_round_the_budget_refuses_is_in_the_audit_log(tmp_path: Path) -> None:
+    """``meshfed-node run --job`` and leased work take part through ``take_part``: each round
+    that ran without this node's data, its budget spent, is an audit entry."""
+    import trio
+
+    from meshfed.audit import AuditKind, AuditLog
+    from meshfed.training.participation import take_part
+
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = job_for(
+            nodes, "audited", rounds=4, partition="iid", lr=0.5, dp_mode="sample", dp_clip=1.0,
+            dp_noise_multiplier=1.0, dp_epsilon=5.0,  # three rounds fit, the fourth does not
+        )  # fmt: skip
+        events: list[tuple[str, dict[str, Any]]] = []
+        for i, node in enumerate(nodes):  # the roster waits for its peers' connections
+            for other in nodes[i + 1 :]:
+                await node.connect(other.listen_addrs[0])
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                nursery.start_soon(
+                    lambda n: take_part(n, spec, lambda *e: events.append(e), roster_wait=30), node
+                )
+        rounds = [doc for name, doc in events if name == "round"]
+        assert sum(1 for doc in rounds if not doc["contributed"]) == 4  # each node's fourth
+        for node in nodes:
+            assert node.store is not None
+            await node.audit_trail.flush()
+            refused = AuditLog(node.store).entries(kind=AuditKind.PRIVACY_REFUSED)
+            assert [(e.fields["job"], e.fields["round"]) for e in refused] == [("audited", 3)]
