@@ -67,6 +67,7 @@ from meshfed.onion import (
     fragment,
     packet_from_surb,
 )
+from meshfed.onion.events import RelayAction
 from meshfed.onion.fragments import FRAGMENT_CAPACITY, MESSAGE_ID_SIZE
 from meshfed.onion.messages import (
     OnionPacket,
@@ -199,12 +200,11 @@ def _node(index: int) -> _Node:
     ring = KeyRing(SCHEDULE)
     for epoch in HELD:
         ring.install(epoch, SECRETS[(index, epoch)])
-    bounds = {"timeout": TIMEOUT, "max_messages": MAX_PENDING, "max_bytes": MAX_HELD}
     return _Node(
         Relay(ring, ReplayCache(max_tags_per_epoch=MAX_TAGS)),
         SurbBook(max_open=MAX_SURBS),
-        Reassembler(**bounds),
-        Reassembler(**bounds),
+        Reassembler(timeout=TIMEOUT, max_messages=MAX_PENDING, max_bytes=MAX_HELD),
+        Reassembler(timeout=TIMEOUT, max_messages=MAX_PENDING, max_bytes=MAX_HELD),
     )
 
 
@@ -335,10 +335,10 @@ class _Mesh:
             message_id = b"\xff" + reader.take(MESSAGE_ID_SIZE - 1).ljust(15, b"\0")
             bodies = fragment(reader.sized(2 * FRAGMENT_CAPACITY), message_id)
         else:
-            body = bytearray(reader.sized(BODY_SIZE + 8).ljust(BODY_SIZE, b"\0"))
-            if body[:1] == b"\0":  # an honest message's id is the attacker's only by chance
-                body[0] = 0xFF
-            bodies = [bytes(body)]
+            raw = bytearray(reader.sized(BODY_SIZE + 8).ljust(BODY_SIZE, b"\0"))
+            if raw[0] == 0:  # an honest message's id is the attacker's only by chance
+                raw[0] = 0xFF
+            bodies = [bytes(raw)]
         for body in bodies:
             self.reassemble(index, body, replies=replies)
 
@@ -358,7 +358,7 @@ class _Mesh:
         action = node.relay.process(entry.packet, self.now)
         again = (DropReason.REPLAYED, DropReason.UNKNOWN_EPOCH)
         if peeled_before and not (isinstance(action, Drop) and action.reason in again):
-            raise AssertionError(f"node {entry.to} peeled a header again: {action}")
+            raise AssertionError(f"node {entry.to} peeled a header again: {_name(action)}")
         if not isinstance(action, Drop) or action.reason not in _BEFORE_TAG:
             node.peeled.setdefault(header, int.from_bytes(entry.packet[1:5], "big"))
         if isinstance(action, Drop):
@@ -453,6 +453,10 @@ class _Mesh:
             replay = node.relay.replay
             if len(replay) > MAX_TAGS * len(replay.epochs):
                 raise AssertionError("a replay cache holds more than its bound")
+
+
+def _name(action: RelayAction) -> str:
+    return f"Drop({action.reason})" if isinstance(action, Drop) else type(action).__name__
 
 
 def _xor_at(data: bytes, at: int, mask: int) -> bytes:
