@@ -16,4 +16,5 @@ HARNESSES = (
     "secagg",
     "mdns_txt",
     "market",
+    "onion",
 )
