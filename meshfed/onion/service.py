@@ -481,8 +481,8 @@ class OnionService:
         served = self._served.get(request.request_id)
         if served is not None:  # a retry: answer from memory, never act twice
             self.node.stats.onion["requests_repeated"] += 1
-            if served.reply is None:
-                served.waiting.extend(surbs)
+            if served.reply is None:  # the newest SURBs, as many as one request may carry
+                served.waiting = [*served.waiting, *surbs][-MAX_REPLY_PACKETS:]
             else:
                 await self._answer(served.reply, surbs)
             return

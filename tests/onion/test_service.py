@@ -206,3 +206,42 @@ async def test_a_node_without_the_relay_role_forwards_nothing(tmp_path: Path) ->
         await _hand(alice, dest, OnionPacket(_packet([dest, relay])))
         assert dest.stats.onion["drop.not_a_relay"] == 1
         assert relay.stats.onion["delivered"] == 0
+
+
+async def test_repeats_of_a_request_in_progress_hold_at_most_one_requests_surbs(
+    tmp_path: Path,
+) -> None:
+    """While the handler works on a request, repeats of its id (a sender's retries, or anyone
+    who saw them) add their SURBs to those it will answer on: only the newest, as many as one
+    request may carry (the list grew without bound)."""
+    from meshfed.onion.messages import MAX_REPLY_PACKETS, OnionRequest, encode, encode_body
+    from meshfed.onion.surb import build_surb
+
+    async with onion_mesh(tmp_path, relays=1) as mesh:
+        alice, dest = mesh.node("alice"), mesh.node("dest")
+        assert alice.onion is not None and dest.onion is not None
+        release = trio.Event()
+
+        async def slow(text: Text) -> Text:
+            await release.wait()
+            return Text(text=f"late:{text.text}")
+
+        dest.onion.handle(Text, slow, direct=False)
+        epoch = EpochSchedule().epoch_at(time.time())
+        back = [Hop(alice.peer_id, alice.onion.ring.public_key(epoch))]
+        surbs = [
+            build_surb(back, epoch=epoch, random_bytes=os.urandom)[0].to_bytes()
+            for _ in range(MAX_REPLY_PACKETS)
+        ]
+        request = encode(
+            OnionRequest(os.urandom(16), surbs, Text.TYPE, encode_body(Text(text="hi")))
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dest.onion._serve, request)  # the first: its handler waits
+            await eventually(lambda: bool(dest.onion._served), within=5, what="serving")
+            for _ in range(5):
+                await dest.onion._serve(request)  # repeats while the handler works
+            (served,) = dest.onion._served.values()
+            assert len(served.waiting) == MAX_REPLY_PACKETS
+            release.set()
+        assert dest.stats.onion["requests_repeated"] == 5
