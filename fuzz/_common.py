@@ -29,6 +29,8 @@ from meshfed.market.messages import (
     Lease,
     LeaseDecline,
     MarketMessage,
+    ModelOffer,
+    ModelQuery,
     PrivacyLevel,
     Receipt,
     Release,
@@ -216,6 +218,8 @@ def market_samples(
         Settle(job, expires_ms, 1, 200_000, "done"),
         Receipt(job, expires_ms, blank, 1, 200_000),
         JobStatusQuery(job, expires_ms),
+        ModelQuery(job, expires_ms, blank),
+        ModelOffer(job, expires_ms, 3, blank, 1000),
         JobStatusReport(job, expires_ms, "running", 1, 3, 0.5, 100, roster, 1),
     ]
 

@@ -55,6 +55,7 @@ from ..membership.records import Capabilities, PeerRecord
 from ..membership.swim import MemberState
 from ..stats import RejectReason
 from ..wire import Envelope
+from .delivery import ModelDelivery
 from .journal import Journal, decode_message, encode_message
 from .lease import (
     BuyerJob,
@@ -331,6 +332,10 @@ class Market:
         #: escrows applied with the journal write of the event that asked for them, by
         #: idempotency key: None, or why the ledger refused (``_apply`` raises it)
         self._escrowed: dict[str, MeshfedError | None] = {}
+        #: the model, from the winners to the buyer (7f.6)
+        self.delivery = ModelDelivery(
+            node, buyer_of=self._buyer_of, within_s=self.config.request_within_s
+        )
 
     # -- the service ---------------------------------------------------------------------------
 
@@ -346,6 +351,7 @@ class Market:
         self.node.handle(JobStatusQuery, self._status_query)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.delivery.start(nursery)
             nursery.start_soon(self._journal_writer)
             await self._replay()
             await self.publish_asks()
@@ -876,7 +882,7 @@ class Market:
         }
         units = {peer: _lease_units(buyer, peer) for peer in buyer.active}
         if judged and all(judged[peer] >= units[peer] for peer in judged):
-            await self._finish(handle, SettleReason.DONE)
+            await self._done(handle)
             return
         if now - handle.asked_at < self.config.status_every_s:
             return
@@ -889,7 +895,7 @@ class Market:
         if ended and (len(ended) == len(judged) or last):
             noted = {p: 0 if p not in reports else reports[p].noted for p in judged}
             if all(judged[p] >= noted[p] for p in judged):  # every note they billed is in
-                await self._finish(handle, SettleReason.DONE)
+                await self._done(handle)
             return
         membership = self.node.membership
         for peer in buyer.active:
@@ -937,6 +943,15 @@ class Market:
             handle.report = latest
             handle._add("status", **_report_fields(latest))
         return reports
+
+    def _buyer_of(self, job: str) -> PeerId | None:
+        lease = self.seller.lease(job)
+        return None if lease is None else lease.buyer
+
+    async def _done(self, handle: JobHandle) -> None:
+        """Every unit is done: take the model the winners agree on (7f.6), then settle."""
+        await self.delivery.collect(handle)
+        await self._finish(handle, SettleReason.DONE)
 
     async def _finish(self, handle: JobHandle, reason: SettleReason) -> None:
         actions = await self._event(

@@ -53,6 +53,8 @@ __all__ = [
     "Lease",
     "LeaseDecline",
     "MarketMessage",
+    "ModelOffer",
+    "ModelQuery",
     "PrivacyLevel",
     "ProofQuery",
     "Receipt",
@@ -468,6 +470,31 @@ class Receipt(MarketMessage):
     settle_digest: bytes = _digest()
     units: int = _units(least=0)
     amount: int = _amount()
+
+
+@message("meshfed.market.model_query")
+@dataclass(frozen=True, slots=True)
+class ModelQuery(MarketMessage):
+    """The buyer asks a winner for the model it holds for ``job`` (answered by a
+    :class:`ModelOffer`); with ``digest`` (32 bytes, not empty) it also asks for that model's
+    weights, sent outside the message as the array ``marketmodel.<job hex>``."""
+
+    job: str = _job()
+    expires_ms: int = _expires()
+    digest: bytes = bounded(max_len=32)
+
+
+@message("meshfed.market.model_offer")
+@dataclass(frozen=True, slots=True)
+class ModelOffer(MarketMessage):
+    """A winner's model for ``job``: the job round (1-based) it ended, the SHA-256 of its
+    float32 little-endian weights and how many there are."""
+
+    job: str = _job()
+    expires_ms: int = _expires()
+    round: int = _units()
+    digest: bytes = _digest()
+    parameters: int = bounded(ge=1, le=2**31)
 
 
 @message("meshfed.market.status_query")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import trio
 
-from meshfed.errors import BudgetExceeded, BudgetTooLow, NoMatchingPeers
+from meshfed.errors import BudgetExceeded, BudgetTooLow, NoMatchingPeers, RequestFailed
 from meshfed.market.driver import JobHandle
 from meshfed.market.ledger import AVAILABLE, earned_account, paid_account
 from meshfed.market.messages import Verification
@@ -274,3 +274,45 @@ async def test_a_winner_killed_before_its_acknowledgement_came_is_paid_it_when_b
             assert 2 * award.price <= paid <= 4 * award.price  # of the 4 rounds
         for stop in stops.values():
             stop.set()
+
+
+async def test_the_buyer_gets_the_model_the_winners_agree_on(tmp_path: Path) -> None:
+    """Before it settles, the buyer takes the model the winners ended with (``collusion + 1``
+    of them agree on its digest), checked by that digest, into its store: ``/jobs/{id}/model``
+    serves it. Weights nobody asked for are refused and counted."""
+    import hashlib
+
+    import numpy as np
+
+    from meshfed.market.delivery import MODEL_PREFIX
+    from meshfed.stats import RejectReason
+
+    job = {**JOB, "job_id": "delivered"}
+    async with open_memory_mesh(
+        6, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
+    ) as nodes:
+        await meshed(nodes)
+        buyer, sellers = nodes[0], nodes[1:]
+        handle = await buyer.submit_training(job, budget=5, min_peers=4, max_peers=4)
+        with trio.fail_after(120):
+            final = await handle.wait()
+        assert final["state"] == "ended" and final["error"] is None
+        (event,) = [e for e in handle.events if e["event"] == "model"]
+        assert event["delivered"] and event["round"] == 3 and event["agreed"] == 4
+        assert buyer.store is not None
+        kept = buyer.store.load_checkpoint("delivered")
+        assert kept is not None and kept.round == 2
+        assert hashlib.sha256(kept.model.astype("<f4").tobytes()).hexdigest() == event["digest"]
+        winners = [s for s in sellers if s.peer_id in handle.buyer.roster]
+        for winner in winners:  # the same bytes every winner ended with
+            assert winner.store is not None
+            theirs = winner.store.load_checkpoint("delivered")
+            assert theirs is not None
+            np.testing.assert_array_equal(theirs.model, kept.model)
+        # a winner pushing weights the buyer did not ask for
+        before = buyer.stats.rejected[RejectReason.WRONG_CONTEXT]
+        with pytest.raises(RequestFailed):
+            await winners[0].send_array(
+                buyer.peer_id, np.zeros(8, np.uint8), name=MODEL_PREFIX + b"delivered".hex()
+            )
+        assert buyer.stats.rejected[RejectReason.WRONG_CONTEXT] == before + 1

@@ -32,6 +32,8 @@ from meshfed.market.messages import (
     Lease,
     LeaseDecline,
     MarketMessage,
+    ModelOffer,
+    ModelQuery,
     PrivacyLevel,
     ProofQuery,
     Receipt,
@@ -222,6 +224,15 @@ market_messages: st.SearchStrategy[MarketMessage] = st.one_of(
         amount=amounts,
     ),
     st.builds(JobStatusQuery, job=jobs, expires_ms=expiries),
+    st.builds(ModelQuery, job=jobs, expires_ms=expiries, digest=st.just(b"") | digests),
+    st.builds(
+        ModelOffer,
+        job=jobs,
+        expires_ms=expiries,
+        round=units,
+        digest=digests,
+        parameters=st.integers(1, 2**31),
+    ),
     st.builds(
         JobStatusReport,
         job=jobs,
@@ -258,6 +269,8 @@ def test_every_market_message_is_registered() -> None:
         Receipt,
         JobStatusQuery,
         JobStatusReport,
+        ModelQuery,
+        ModelOffer,
     }
 
 
