@@ -99,4 +99,7 @@ def test_eight_processes_hire_by_auction_replace_a_killed_winner_and_settle_afte
     for peer in set(first_roster) - set(killed):  # paid for every round, also while away
         assert paid[_hex(peer)] == ROUNDS * prices[peer], (peer, paid)
     assert sum(paid.values()) <= 20_000_000
+    # the model every winner that stayed ended with is in the buyer's hands
+    (model,) = [e for e in events if e["event"] == "model"]
+    assert model["delivered"] and model["round"] == ROUNDS
     assert sum(statement["paid"].values()) == sum(paid.values())
