@@ -179,6 +179,12 @@ def _show(as_json: bool, handle: JobHandle, event: dict[str, Any]) -> None:
         "receipt": lambda e: (
             f"receipt from {e['peer'][-8:]}: {credits(e['amount'])} for {e['units']} rounds"
         ),
+        "model": lambda e: (
+            f"model of round {e['round']} delivered ({e['agreed']} winners agree, sha256 "
+            f"{e['digest'][:16]}...)"
+            if e["delivered"]
+            else f"no model delivered: {e['offers']} offers, none {e['quorum']} agree on"
+        ),
         "ended": lambda e: (
             f"job ended: {e['reason']}, paid {credits(e['paid'])}"
             + (f" ({e['error']})" if e["error"] else "")
