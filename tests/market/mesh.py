@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
+from meshfed.market.driver import JobHandle
 from meshfed.node import Node
 
 
@@ -21,3 +24,16 @@ async def meshed(nodes: list[Node], within: float = 20.0) -> None:
             if complete:
                 return
             await trio.sleep(0.1)
+
+
+async def until_event(
+    handle: JobHandle, wanted: str, *, within: float = 60.0, **fields: Any
+) -> dict[str, Any]:
+    """The job's first ``wanted`` event whose fields include ``fields``, as it happens."""
+    with trio.fail_after(within):
+        async for event in handle.watch():
+            if event["event"] == wanted and all(event.get(k) == v for k, v in fields.items()):
+                return dict(event)
+            if event["event"] == "ended":
+                raise AssertionError(f"the job ended before {wanted}: {event}")
+    raise AssertionError("a job's events end with its end")

@@ -16,7 +16,7 @@ from meshfed.market.ledger import escrow_account
 from meshfed.market.messages import Award, Bid, Decline, MarketMessage, Release, Rfq
 from meshfed.node import Node
 from meshfed.testing import open_memory_mesh
-from tests.market.mesh import meshed
+from tests.market.mesh import meshed, until_event
 
 JOB = {"job_id": "award-path", "rounds": 1, "dataset": "digits", "secure": False}
 
@@ -64,10 +64,7 @@ async def test_when_a_winner_holds_its_award_the_bids_the_close_and_the_escrow_a
         for seller in sellers:
             watch(seller)
         handle = await buyer.submit_training(JOB, budget=5, min_peers=2, max_peers=2)
-        with trio.fail_after(60):
-            async for event in handle.watch():
-                if event["event"] == "started":
-                    break
+        await until_event(handle, "started")
         clearing = handle.buyer.clearing
         assert clearing is not None
         assert set(seen) == set(handle.buyer.roster) and len(seen) == 2
@@ -102,10 +99,7 @@ async def test_a_node_that_stops_writes_the_quotes_it_had_not_written_yet(
         for seller in sellers:
             watch(seller)
         handle = await buyer.submit_training(JOB, budget=5, min_peers=2, max_peers=2)
-        with trio.fail_after(60):
-            async for event in handle.watch():
-                if event["event"] == "started":
-                    break
+        await until_event(handle, "started")
         losers = [
             i for i, node in enumerate(nodes[1:], 1) if node.peer_id not in handle.buyer.roster
         ]

@@ -16,22 +16,13 @@ from meshfed.device.sources import ManualReadings
 from meshfed.market.ledger import earned_account, paid_account
 from meshfed.node import Node
 from meshfed.testing import open_memory_mesh
-from tests.market.mesh import meshed
+from tests.market.mesh import meshed, until_event
 
 JOB = {"dataset": "digits", "partition": "iid", "local_steps": 4}
 TRANSPORTS = {
     "memory": {},
     "libp2p": {"transport": "libp2p", "listen": ["/ip4/127.0.0.1/tcp/0"]},
 }
-
-
-async def _events_until(handle: Any, wanted: str, **fields: Any) -> dict[str, Any]:
-    async for event in handle.watch():
-        if event["event"] == wanted and all(event.get(k) == v for k, v in fields.items()):
-            return dict(event)
-        if event["event"] == "ended":
-            raise AssertionError(f"the job ended before {wanted}: {event}")
-    raise AssertionError("unreachable")
 
 
 async def _answers(buyer: Node, job_id: str) -> dict[str, dict[str, Any]]:
@@ -60,7 +51,7 @@ async def test_a_winner_whose_battery_runs_low_hands_its_lease_back_and_bids_aga
             {**JOB, "job_id": "drain", "rounds": 12}, budget=5, min_peers=4, max_peers=4
         )
         with trio.fail_after(120):
-            await _events_until(handle, "round", unit=2)
+            await until_event(handle, "round", unit=2)
         phone = next(s for s in sellers if s.peer_id == handle.buyer.roster[0])
         standby = next(s for s in sellers if s.peer_id not in handle.buyer.roster)
         assert phone.device is not None and phone.market is not None
@@ -68,7 +59,7 @@ async def test_a_winner_whose_battery_runs_low_hands_its_lease_back_and_bids_aga
         assert not (await phone.device.refresh()).allowed
 
         with trio.fail_after(120):
-            failed = await _events_until(handle, "failed", peer=str(phone.peer_id))
+            failed = await until_event(handle, "failed", peer=str(phone.peer_id))
             final = await handle.wait()
         assert failed["state"] == "paused"  # it said so: no silence to wait out
         assert final["error"] is None, final

@@ -5,31 +5,20 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
 from meshfed.errors import BudgetExceeded, BudgetTooLow, NoMatchingPeers, RequestFailed
-from meshfed.market.driver import JobHandle
 from meshfed.market.ledger import AVAILABLE, earned_account, paid_account
 from meshfed.market.messages import Verification
 from meshfed.market.terms import MICRO, Requirements
 from meshfed.node import Node, open_node
 from meshfed.testing import open_memory_mesh, quiet_config
 from meshfed.transports.memory import MemoryNetwork
-from tests.market.mesh import meshed
+from tests.market.mesh import meshed, until_event
 
 JOB = {"job_id": "market-digits", "rounds": 3, "dataset": "digits", "partition": "iid"}
-
-
-async def until_paid(handle: JobHandle, unit: int) -> dict[str, Any]:
-    """The buyer's first ``round`` event of ``unit``: some seller's unit paid."""
-    with trio.fail_after(60):
-        async for event in handle.watch():
-            if event["event"] == "round" and event["unit"] == unit:
-                return event
-    raise AssertionError(f"the job ended before a unit {unit} was paid")
 
 
 async def test_a_job_is_bought_trained_and_paid_and_both_ledgers_agree(tmp_path: Path) -> None:
@@ -103,7 +92,7 @@ async def test_the_buyer_away_for_rounds_comes_back_and_settles(tmp_path: Path) 
         async with open_node(config(tmp_path / "buyer"), network=network) as buyer:
             await meshed([buyer, *sellers])
             handle = await buyer.submit_training(job, budget=5, min_peers=4, max_peers=4)
-            await until_paid(handle, 2)
+            await until_event(handle, "round", unit=2)
         # the buyer is down: the winners go on training and note their debits
         working = [s for s in sellers if s.market is not None and "away" in s.market.work]
         with trio.fail_after(60):
@@ -247,7 +236,9 @@ async def test_a_winner_killed_before_its_acknowledgement_came_is_paid_it_when_b
         async with open_node(config(tmp_path / "buyer"), network=network) as buyer:
             await meshed([buyer, *sellers])
             handle = await buyer.submit_training(job, budget=5, min_peers=4, max_peers=4)
-            event = await until_paid(handle, 2)  # written ahead: its acknowledgement is on its way
+            event = await until_event(
+                handle, "round", unit=2
+            )  # written ahead: its acknowledgement is on its way
             victim = next(s for s in sellers if str(s.peer_id) == event["seller"])
             index = sellers.index(victim) + 1
             network.crash(victim.peer_id)  # the acknowledgement never arrives

@@ -27,6 +27,7 @@ from meshfed.market.terms import MICRO, Requirements, Tier, WorkKind
 from meshfed.market.tiers import scoring_for
 from meshfed.node import Node
 from meshfed.testing import open_memory_mesh
+from tests.market.mesh import until_event
 
 SELLERS = 50
 JOB = {"rounds": 1, "dataset": "synthetic", "secure": False, "partition": "iid"}
@@ -117,11 +118,7 @@ async def _auction(
         max_peers=max_peers,
         requirements=requirements,
     )
-    with trio.fail_after(60):
-        async for event in handle.watch():
-            assert event["event"] != "ended", event
-            if event["event"] == "started":
-                break
+    await until_event(handle, "started")
     await handle.cancel()
     with trio.fail_after(60):
         final = await handle.wait()
