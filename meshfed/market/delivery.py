@@ -52,6 +52,9 @@ __all__ = ["MODEL_PREFIX", "ModelDelivery"]
 
 #: the weights travel as arrays named ``<prefix><job hex>``
 MODEL_PREFIX = "marketmodel."
+#: how often a winner sends one job's weights (a buyer that asks again and again for a large
+#: model would make the winner upload it again and again)
+MAX_SENDS = 3
 
 
 @dataclass(slots=True)
@@ -79,6 +82,7 @@ class ModelDelivery:
         self._buyer_of = buyer_of
         self._within_s = within_s
         self._wanted: dict[tuple[PeerId, str], _Wanted] = {}
+        self._sent: Counter[str] = Counter()
 
     def start(self, nursery: trio.Nursery) -> None:
         """Answer model queries and take the weights asked for."""
@@ -112,6 +116,12 @@ class ModelDelivery:
                 raise RemoteProtocolError(
                     "not the model this node holds", reason=RejectReason.INCONSISTENT
                 )
+            if self._sent[query.job] >= MAX_SENDS:
+                raise RemoteProtocolError(
+                    f"the model of {query.job!r} was sent {MAX_SENDS} times",
+                    reason=RejectReason.RATE_LIMITED,
+                )
+            self._sent[query.job] += 1
             self._nursery.start_soon(self._send, envelope.sender, query.job, weights)
         return offer
 

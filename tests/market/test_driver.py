@@ -4,6 +4,7 @@ the winners train with secure averaging and are paid unit by unit, both ledgers 
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 import pytest
@@ -275,7 +276,8 @@ async def test_the_buyer_gets_the_model_the_winners_agree_on(tmp_path: Path) -> 
 
     import numpy as np
 
-    from meshfed.market.delivery import MODEL_PREFIX
+    from meshfed.market.delivery import MAX_SENDS, MODEL_PREFIX
+    from meshfed.market.messages import ModelQuery
     from meshfed.stats import RejectReason
 
     job = {**JOB, "job_id": "delivered"}
@@ -307,3 +309,13 @@ async def test_the_buyer_gets_the_model_the_winners_agree_on(tmp_path: Path) -> 
                 buyer.peer_id, np.zeros(8, np.uint8), name=MODEL_PREFIX + b"delivered".hex()
             )
         assert buyer.stats.rejected[RejectReason.WRONG_CONTEXT] == before + 1
+        # a buyer asking for the weights again and again: a winner sends them MAX_SENDS times
+        source = next(w for w in winners if str(w.peer_id) == event["source"])
+        again = ModelQuery(
+            job="delivered", expires_ms=int(time.time() * 1000) + 30_000,
+            digest=bytes.fromhex(event["digest"]),
+        )  # fmt: skip
+        for _ in range(MAX_SENDS - 1):
+            await buyer.request(source.peer_id, again)
+        with pytest.raises(RequestFailed, match="rate_limited"):
+            await buyer.request(source.peer_id, again)
