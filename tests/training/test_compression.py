@@ -285,7 +285,9 @@ async def train(tmp_path: Path, secure: bool, compression: str, rounds: int) -> 
         await run_together(peers)
         for peer in peers[1:]:
             np.testing.assert_array_equal(peer.parameters, peers[0].parameters)
-        assert all(not node.stats.rejected for node in nodes)
+        assert all(not node.stats.rejected for node in nodes), [
+            dict(n.stats.rejected) for n in nodes
+        ]
         return peers
 
 
