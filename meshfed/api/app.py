@@ -360,11 +360,15 @@ def create_app(node: Node, token: str, *, reads_need_token: bool) -> FastAPI:
         checkpoint = None if record is None else db.load_checkpoint(job_id)
         if record is None or checkpoint is None:
             return None
-        training = JobSpec.from_json(record.spec).training
+        try:
+            training = JobSpec.from_json(record.spec).training
+            model, options = training.model, training.model_options
+        except ConfigError:  # a spec this version cannot read: the weights are still the job's
+            model, options = "", {}
         weights = checkpoint.model.astype("<f4").tobytes()
         out = ModelOut(
             job_id=job_id, round=checkpoint.round, score=checkpoint.score,
-            model=training.model, model_options=training.model_options,
+            model=model, model_options=options,
             parameters=len(checkpoint.model), sha256=hashlib.sha256(weights).hexdigest(),
         )  # fmt: skip
         return out, weights

@@ -151,7 +151,9 @@ class ModelOut(BaseModel):
     job_id: str
     round: int = Field(description="the round (0-based) the model ended")
     score: float = Field(description="its accuracy on this node's validation part")
-    model: str = Field(description="the architecture (the job's training.model)")
+    model: str = Field(
+        description="the architecture (the job's training.model; empty if unreadable)"
+    )
     model_options: dict[str, Any]
     parameters: int
     sha256: str = Field(description="of the parameters' float32 bytes, little-endian")

@@ -32,7 +32,7 @@ import numpy as np
 import trio
 
 from ..arrays import ArrayHeader
-from ..errors import MeshfedError, RemoteProtocolError, TransportError
+from ..errors import ConfigError, MeshfedError, RemoteProtocolError, TransportError
 from ..identity import PeerId
 from ..stats import RejectReason
 from ..store import Checkpoint, JobState
@@ -43,6 +43,7 @@ from .verification import evidence_of
 
 if TYPE_CHECKING:
     from ..node import Node
+    from ..training.spec import JobSpec
     from .driver import JobHandle
     from .lease import BuyerJob
 
@@ -141,7 +142,10 @@ class ModelDelivery:
         docstring); a ``model`` event on ``handle`` says how it went."""
         buyer = handle.buyer
         offers = await self._offers(buyer)
-        spec = spec_from(buyer.rfq.spec, [str(peer) for peer in buyer.roster])
+        spec = _spec(handle)
+        if spec is None:
+            handle._add("model", delivered=False, offers=len(offers), quorum=0)
+            return
         quorum = min(spec.averaging.collusion + 1, len(buyer.active))
         claims = Counter((o.round, o.digest, o.parameters) for o in offers.values())
         agreed = [claim for claim, count in claims.items() if count >= quorum]
@@ -230,3 +234,19 @@ class ModelDelivery:
         store.set_job_state(
             job, JobState.FINISHED, f"the model of round {round} ({digest.hex()[:16]}), delivered"
         )
+
+
+def _spec(handle: JobHandle) -> JobSpec | None:
+    """The job as its winners ran it: with the roster it ended with, or, if a job may not run
+    with that one (fewer winners than secure groups need, after failures), the one it started
+    with; None if neither (logged)."""
+    buyer = handle.buyer
+    started: list[str] = next((e["roster"] for e in handle.events if e["event"] == "started"), [])
+    error: ConfigError | None = None
+    for roster in ([str(peer) for peer in buyer.roster], started):
+        try:
+            return spec_from(buyer.rfq.spec, roster)
+        except ConfigError as exc:
+            error = exc
+    log.warning("no spec for the model", extra={"job": buyer.job, "error": str(error)})
+    return None
