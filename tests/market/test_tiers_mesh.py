@@ -73,7 +73,10 @@ async def _publish(node: Node, seller: Seller) -> None:
     caps = replace(own.capabilities, accelerator=seller.accelerator, memory_mb=seller.memory_mb)
     node.membership.update_capabilities(caps)
     market = node.market
-    policy = AskPolicy(base={WorkKind.TRAINING: seller.base})
+    # asks held at the base: the four auctions follow each other within seconds, and demand
+    # (RFQs a minute) and load would raise some asks past the budget meanwhile, as the market
+    # should; what is tested here is the scoring, with every seller asked (pricing: test_pricing)
+    policy = AskPolicy(base={WorkKind.TRAINING: seller.base}, demand_premium=0.0, load_premium=0.0)
     market.config = replace(market.config, asks=policy, throughput=seller.throughput)
     await market.publish_asks()
 
