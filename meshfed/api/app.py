@@ -356,7 +356,7 @@ def create_app(node: Node, token: str, *, reads_need_token: bool) -> FastAPI:
     def latest_model(db: Store, job_id: str) -> tuple[ModelOut, bytes] | None:
         from ..training.spec import JobSpec
 
-        record = next((r for r in db.jobs() if r.job_id == job_id), None)
+        record = db.job(job_id)
         checkpoint = None if record is None else db.load_checkpoint(job_id)
         if record is None or checkpoint is None:
             return None

@@ -58,6 +58,11 @@ MODEL_PREFIX = "marketmodel."
 MAX_SENDS = 3
 
 
+def _expiry() -> int:
+    """A query's or an offer's expiry: 30 s from now, in ms."""
+    return int((time.time() + 30) * 1000)
+
+
 @dataclass(slots=True)
 class _Wanted:
     """Weights asked of one winner: the digest they must have, and what came."""
@@ -109,7 +114,7 @@ class ModelDelivery:
             )
         weights = checkpoint.model.astype("<f4").tobytes()
         offer = ModelOffer(
-            job=query.job, expires_ms=int((time.time() + 30) * 1000), round=checkpoint.round + 1,
+            job=query.job, expires_ms=_expiry(), round=checkpoint.round + 1,
             digest=evidence_of(weights), parameters=len(checkpoint.model),
         )  # fmt: skip
         if query.digest:
@@ -174,7 +179,7 @@ class ModelDelivery:
         offers: dict[PeerId, ModelOffer] = {}
 
         async def ask(peer: PeerId) -> None:
-            query = ModelQuery(job=buyer.job, expires_ms=int((time.time() + 30) * 1000), digest=b"")
+            query = ModelQuery(job=buyer.job, expires_ms=_expiry(), digest=b"")
             with trio.move_on_after(self._within_s):
                 try:
                     envelope = await self._node.request(peer, query, within=self._within_s)
@@ -193,7 +198,7 @@ class ModelDelivery:
         """The weights ``peer`` holds under ``digest``, or None (refused, late, wrong)."""
         wanted = self._wanted[peer, job] = _Wanted(digest)
         try:
-            query = ModelQuery(job=job, expires_ms=int((time.time() + 30) * 1000), digest=digest)
+            query = ModelQuery(job=job, expires_ms=_expiry(), digest=digest)
             await self._node.request(peer, query, within=self._within_s)
             with trio.move_on_after(self._within_s):
                 await wanted.done.wait()

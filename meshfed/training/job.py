@@ -845,8 +845,9 @@ class TrainingPeer:
         seed = local_seed(self.spec, number)
         trainer = self.trainer
         device = self.node.device
-        if isinstance(trainer, LocalTrainer) and device is not None and device.batch_scale() < 1:
-            batch_size = max(1, round(trainer.batch_size * device.batch_scale()))
+        scale = 1.0 if device is None else device.batch_scale()
+        if isinstance(trainer, LocalTrainer) and scale < 1:
+            batch_size = max(1, round(trainer.batch_size * scale))
             trainer = replace(trainer, batch_size=batch_size)
         self._batch_size = trainer.batch_size
         train = functools.partial(trainer.train, self.model, x, y, seed=seed)
