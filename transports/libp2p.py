@@ -43,7 +43,7 @@ from libp2p.host.ping import PingService
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.exceptions import PeerIDMismatchesPubkey
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -91,6 +91,7 @@ SESSION_PROTOCOL = TProtocol("/meshfed/session/1")
 HANDSHAKE_TIMEOUT_S = 5.0
 DIAL_TIMEOUT_S = 10.0
 STALE_CHECK_S = 2.0  # a connected peer that does not answer a ping in this long is re-dialled
+ADDRESS_TTL_S = 120  # how long the peerstore keeps an address we dialled (py-libp2p's own choice)
 #: unauthenticated sealed connections at once; one more sheds the oldest [overloaded]
 MAX_UNAUTHENTICATED = 64
 #: authenticated sealed connections per peer beyond its streams (its control connections)
@@ -594,24 +595,34 @@ class Libp2pTransport(Transport):
                 control.fail_all(PeerUnreachable(f"the connection to {peer} went stale"))
                 with contextlib.suppress(OSError):  # its reader sees the end and cleans up
                     control.channel.sock.shutdown(trio.socket.SHUT_RDWR)
-        # Dial the address asked for: the peerstore may hold others that no longer work (from
-        # an interface that went, or a wildcard a peer's identify message reported).
-        self.host.get_peerstore().clear_addrs(info.peer_id)
-        # ... and now: py-libp2p refuses for 60 s to dial a peer whose last dial failed (its
-        # negative cache), so a peer that starts after us would stay unreachable.
-        self.host.get_network().unblock_peer(info.peer_id)
+        # The peerstore keeps the address asked for (later dials): it may hold others that no
+        # longer work (from an interface that went, or a wildcard a peer's identify reported).
+        peerstore = self.host.get_peerstore()
+        peerstore.clear_addrs(info.peer_id)
+        peerstore.add_addrs(info.peer_id, info.addrs, ADDRESS_TTL_S)
+        if peer not in self.connected_peers():
+            await self._dial(addr, info)
+        await self._session(peer)
+        return peer
+
+    async def _dial(self, addr: str, info: PeerInfo) -> None:
+        """Dial exactly ``addr``. Not ``host.connect``: that dials from the peerstore, where a
+        concurrent connect to the same peer's older address (a bootstrap entry of a peer that
+        restarted on a new port) may have put that one back, and it picks one TCP address."""
+        network = self.host.get_network()
+        # py-libp2p refuses for 60 s to dial a peer whose last dial failed (its negative
+        # cache), so a peer that starts after us would stay unreachable.
+        network.unblock_peer(info.peer_id)
         try:
             with _mapped(f"cannot reach {addr}"), trio.fail_after(DIAL_TIMEOUT_S):
-                await self.host.connect(info)
+                await network.dial_addr(info.addrs[0], info.peer_id)
         except PeerUnreachable as exc:
             answering = _answering_peer(exc)
             if answering is None:
                 raise
             raise PeerUnreachable(
-                f"{addr} answers as peer {answering}, not {peer}: check the /p2p/ part"
+                f"{addr} answers as peer {answering}, not {info.peer_id}: check the /p2p/ part"
             ) from exc
-        await self._session(peer)
-        return peer
 
     async def _session(self, peer: PeerId) -> _Session:
         session = self._sessions.get(peer)

@@ -3,6 +3,7 @@ behaviour."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import socket
@@ -12,11 +13,13 @@ from contextlib import asynccontextmanager
 import numpy as np
 import pytest
 import trio
+from libp2p.peer.id import ID
 
 from meshfed.errors import PeerUnreachable
 from meshfed.identity import Identity
 from meshfed.interfaces import host_addresses
 from meshfed.stats import NodeStats, RejectReason
+from meshfed.testing import free_port
 from meshfed.transport import Stream, TransportLimits
 from meshfed.transports.libp2p import Libp2pTransport
 from tests.transports.conformance import CHECKS, Check, Member, Mesh, running
@@ -131,3 +134,31 @@ async def test_an_address_that_answers_as_another_peer_is_named() -> None:
         with pytest.raises(PeerUnreachable) as caught:
             await b.connect(listen.replace(answering, str(stranger)))
         assert f"answers as peer {answering}, not {stranger}" in str(caught.value)
+
+
+async def test_a_peer_back_on_a_new_port_is_reached_while_its_old_port_is_dialled() -> None:
+    # A peer that restarted on another port: one task (gossip, with the bootstrap entry) keeps
+    # dialling its old address while another connects to the new one. Each dials what it
+    # asked for: the old address never replaces the new one.
+    async with (
+        libp2p_mesh(1, TransportLimits()) as [(a, _)],
+        libp2p_mesh(1, TransportLimits()) as [(b, _)],
+    ):
+        new = b.listen_addrs[0]
+        old = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{b.local_peer}"  # nobody listens
+
+        async def dial_the_old_address(task_status: trio.TaskStatus[None]) -> None:
+            task_status.started()
+            while True:
+                with contextlib.suppress(PeerUnreachable):
+                    await a.connect(old)
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dial_the_old_address)
+            for _ in range(5):
+                await trio.sleep(0.05)
+                with trio.fail_after(10):
+                    assert await a.connect(new) == b.local_peer
+                await a.host.disconnect(ID(b.local_peer.raw))  # type: ignore[attr-defined]
+            nursery.cancel_scope.cancel()
