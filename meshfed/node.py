@@ -114,6 +114,14 @@ def _register(
     table[key, job] = value
 
 
+def _unregister(
+    table: dict[tuple[K, bytes | None], V], key: K, job: bytes | None, value: object
+) -> None:
+    """Remove ``table[key, job]`` if it is ``value`` (not a later registration's)."""
+    if table.get((key, job)) == value:
+        del table[key, job]
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -240,6 +248,18 @@ class Node:
         key: type[Message] = message_type
         what = f"{key.TYPE} is"
         _register(self._handlers, key, job, handler, replace=replace, what=what)
+
+    def unhandle(
+        self,
+        message_type: type[M],
+        handler: Callable[[Envelope, M], Awaitable[Any]],
+        *,
+        job: bytes | None = None,
+    ) -> None:
+        """Stop answering ``message_type`` (of ``job``) with ``handler``, as :meth:`handle`
+        registered it; a handler registered in its place since stays."""
+        key: type[Message] = message_type
+        _unregister(self._handlers, key, job, handler)
 
     async def request(
         self,
@@ -492,6 +512,13 @@ class Node:
             self._array_handlers, prefix, job, handler, replace=replace,
             what=f"arrays named {prefix!r}... are",
         )  # fmt: skip
+
+    def off_array(
+        self, handler: ArrayHandler, *, prefix: str = "", job: bytes | None = None
+    ) -> None:
+        """Stop delivering arrays named ``prefix...`` (of ``job``) to ``handler``, as
+        :meth:`on_array` registered it; a handler registered in its place since stays."""
+        _unregister(self._array_handlers, prefix, job, handler)
 
     def _array_handler_for(self, name: str, job: bytes) -> ArrayHandler | None:
         for wanted in (job, None):

@@ -274,7 +274,12 @@ class _Work:
     """A lease this node won and the training it runs for it."""
 
     start: StartTraining
+    #: the training peer while the training runs (its model, data and sessions: let go after)
     peer: TrainingPeer | None = None
+    #: the examples it trains on (kept for the job's status after the peer is let go)
+    examples: int = 0
+    #: the training returned (done, failed, paused or cancelled): roster changes are moot
+    finished: bool = False
     round: int = 0
     report: RoundReport | None = None
     state: str = "starting"
@@ -616,6 +621,7 @@ class Market:
         try:
             spec = spec_from(start.spec, [str(peer) for peer in start.roster])
         except ConfigError as exc:  # the buyer's job is bad: the lease's end
+            work.finished = True
             events("job_failed", {"job_id": start.job, "error": failure_reason(exc)})
             return
         from ..training.roster import RosterChange
@@ -629,14 +635,18 @@ class Market:
         work.state = "connecting"
         if self.node.device is not None:
             self.node.device.set_load(1.0)
-        with work.scope:
-            await take_part(
-                self.node, spec, events, roster_wait=self.config.roster_wait_s,
-                joining=joining, on_peer=functools.partial(self._peer_made, work),
-                on_round=functools.partial(self._round_done, work),
-            )  # fmt: skip
-        if self.node.device is not None:
-            self.node.device.set_load(0.0)
+        try:
+            with work.scope:
+                await take_part(
+                    self.node, spec, events, roster_wait=self.config.roster_wait_s,
+                    joining=joining, on_peer=functools.partial(self._peer_made, work),
+                    on_round=functools.partial(self._round_done, work),
+                )  # fmt: skip
+        finally:  # its model, data and sessions: a node works on many leases in its life
+            work.peer, work.finished = None, True
+            work.changes.clear()
+            if self.node.device is not None:
+                self.node.device.set_load(0.0)
         if work.scope.cancelled_caught and work.state == "paused":
             events("job_failed", {"job_id": start.job, "error": "the device paused: handed back"})
         elif work.scope.cancelled_caught:
@@ -644,7 +654,7 @@ class Market:
             events("job_failed", {"job_id": start.job, "error": "the lease ended"})
 
     def _peer_made(self, work: _Work, peer: TrainingPeer) -> None:
-        work.peer = peer
+        work.peer, work.examples = peer, len(peer.shard)
         for change in work.changes:
             _change_roster(peer, change)
         work.changes.clear()
@@ -984,7 +994,7 @@ class Market:
                 round=work.round,
                 rounds=work.start.units,
                 accuracy=accuracy,
-                examples=0 if work.peer is None else len(work.peer.shard),
+                examples=work.examples,
                 roster=list(work.start.roster),
                 noted=work.billed,
             )
@@ -1112,7 +1122,7 @@ class Market:
                 work_for = self.work.get(action.job)
                 if work_for is not None and work_for.peer is not None:
                     _change_roster(work_for.peer, action)
-                elif work_for is not None:
+                elif work_for is not None and not work_for.finished:
                     work_for.changes.append(action)
             elif isinstance(action, StartJob):
                 assert handle is not None

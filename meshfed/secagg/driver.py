@@ -73,6 +73,8 @@ _MESSAGES: tuple[type[Message], ...] = (
     Survivors,
     Unmask,
 )
+#: the names of the arrays an aggregator takes (slices, summed slices, gathered vectors)
+_ARRAY_PREFIXES = ("secagg.", "butterfly.", "gather.")
 
 
 class AggregationFailed(MeshfedError):
@@ -308,11 +310,19 @@ class Aggregator:
             max_bytes=max_pending_bytes,
             per_sender=max_pending_per_peer,
         )
-        scope = None if job is None else job[:64]
+        self._scope = None if job is None else job[:64]
         for message_type in _MESSAGES:
-            node.handle(message_type, self._on_message, job=scope, replace=replace)
-        for prefix in ("secagg.", "butterfly.", "gather."):
-            node.on_array(self._on_array, prefix=prefix, job=scope, replace=replace)
+            node.handle(message_type, self._on_message, job=self._scope, replace=replace)
+        for prefix in _ARRAY_PREFIXES:
+            node.on_array(self._on_array, prefix=prefix, job=self._scope, replace=replace)
+
+    def close(self) -> None:
+        """Stop taking messages and arrays (the node lets go of this aggregator and what it
+        holds); an aggregator that replaced this one keeps its own."""
+        for message_type in _MESSAGES:
+            self._node.unhandle(message_type, self._on_message, job=self._scope)
+        for prefix in _ARRAY_PREFIXES:
+            self._node.off_array(self._on_array, prefix=prefix, job=self._scope)
 
     # -- public API ------------------------------------------------------------------------------
 

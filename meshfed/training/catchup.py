@@ -36,6 +36,7 @@ from .sync import (
     encode_state,
     serve,
     state_digest,
+    stop_serving,
 )
 
 __all__ = ["Found", "StateSync"]
@@ -91,6 +92,11 @@ class StateSync:
         self.settling = False
         serve(node, job_id, self._answer)
         node.on_array(self._on_state, prefix=self._prefix, replace=True)
+
+    def close(self) -> None:
+        """Stop answering and taking states for the job (the node lets go of this one)."""
+        stop_serving(self._node, self._job, self._answer)
+        self._node.off_array(self._on_state, prefix=self._prefix)
 
     @property
     def offered(self) -> Claim:

@@ -181,12 +181,15 @@ class TrainingPeer:
         self.node = node
         self.spec = spec
         # a node runs a job once at a time: a new peer for the job takes over its messages
+        self._own_aggregator = aggregator is None
         self.aggregator = aggregator or Aggregator(node, job=spec.job_id.encode(), replace=True)
         self._roster = tuple(PeerId.from_string(peer) for peer in spec.roster)
         self._job = spec.job_id.encode()
         try:  # before any training: data, shards, model (it fits), strategy
             parts = prepare(spec, _own_data(node, spec))
         except ConfigError as exc:  # DataError stays one
+            if self._own_aggregator:
+                self.aggregator.close()
             raise type(exc)(f"job {spec.job_id!r}: {exc}") from None
         self.test, self.model, self.strategy = parts.test, parts.model, parts.strategy
         shards = parts.shards
@@ -376,6 +379,14 @@ class TrainingPeer:
             return JobSpec.from_json(stored) == self.spec
         except ConfigError:
             return False
+
+    def close(self) -> None:
+        """Let go of the node: this job's messages, arrays and state queries are no longer
+        taken here (the node's handlers held this peer, its model and its data)."""
+        if self._own_aggregator:
+            self.aggregator.close()
+        self._sync.close()
+        self.node.off_array(self._on_push, prefix=self._push_prefix)
 
     async def run(self, on_round: Callable[[RoundReport], None] | None = None) -> list[RoundReport]:
         """Every round of the job, until the last or until the policy stops it early; returns

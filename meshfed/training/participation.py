@@ -6,14 +6,20 @@ round (resuming from the node's store), and reports ``job_started``, ``waiting``
 ``job_done`` or ``job_failed`` to its caller. A job this node's store holds as ended is
 reported at once. A job that cannot run, or fails in any way while it runs, ends as
 ``job_failed`` with the reason; the node keeps serving.
+
+A peer whose job ended keeps answering the job's state queries and late messages (a slower
+roster peer may still settle on its final state) until :data:`KEEP_FINISHED` jobs have ended
+on the node after it; then it lets go of the node, and with it of its model and data.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
 
 from ..audit import AuditKind
 from ..errors import MeshfedError, leaves
@@ -25,13 +31,16 @@ if TYPE_CHECKING:
     from .roster import RosterChange
     from .spec import JobSpec
 
-__all__ = ["JobEvents", "failure_reason", "take_part"]
+__all__ = ["KEEP_FINISHED", "JobEvents", "failure_reason", "take_part"]
 
 log = logging.getLogger(__name__)
 
 #: ``events(name, document)``: the job's events, as the CLI prints them in JSON
 JobEvents = Callable[[str, dict[str, Any]], None]
 _WAIT_REPORT_S = 5.0
+#: ended jobs whose peers a node keeps serving (the newest); older ones let go of it
+KEEP_FINISHED = 4
+_finished: WeakKeyDictionary[Node, deque[TrainingPeer]] = WeakKeyDictionary()
 
 
 async def take_part(
@@ -71,9 +80,17 @@ async def take_part(
         if on_round is not None:
             on_round(report)
 
-    peer = None
+    def failed(exc: Exception) -> None:  # the job's end, never the node's
+        if not all(isinstance(leaf, MeshfedError) for leaf in leaves(exc)):  # a bug to see
+            log.exception("training job failed", extra={"job": spec.job_id})
+        events("job_failed", {"job_id": spec.job_id, "error": failure_reason(exc)})
+
     try:
         peer = TrainingPeer(node, spec, store=node.store, joining=joining)
+    except Exception as exc:  # it cannot run here (nothing of it stays registered)
+        failed(exc)
+        return None
+    try:
         if on_peer is not None:
             on_peer(peer)
         if not await peer.ended_before():
@@ -82,11 +99,11 @@ async def take_part(
             )
         events("job_started", {"job_id": spec.job_id, "examples": len(peer.shard)})
         reports = await peer.run(reported)
-    except Exception as exc:  # the job's end, never the node's
-        if not all(isinstance(leaf, MeshfedError) for leaf in leaves(exc)):  # a bug to see
-            log.exception("training job failed", extra={"job": spec.job_id})
-        events("job_failed", {"job_id": spec.job_id, "error": failure_reason(exc)})
+    except Exception as exc:
+        failed(exc)
         return peer
+    finally:
+        _retire(node, peer)
     events(
         "job_done",
         {
@@ -106,3 +123,12 @@ def failure_reason(error: BaseException) -> str:
         str(leaf) if isinstance(leaf, MeshfedError) else f"{type(leaf).__name__}: {leaf}"
         for leaf in leaves(error)
     )
+
+
+def _retire(node: Node, peer: TrainingPeer) -> None:
+    """``peer``'s job ended: it joins the node's newest ended jobs; the oldest beyond
+    :data:`KEEP_FINISHED` lets go of the node."""
+    finished = _finished.setdefault(node, deque())
+    finished.append(peer)
+    while len(finished) > KEEP_FINISHED:
+        finished.popleft().close()

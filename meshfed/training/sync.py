@@ -52,6 +52,7 @@ __all__ = [
     "plausible_round",
     "serve",
     "state_digest",
+    "stop_serving",
 ]
 
 #: the length of a state digest (SHA-256)
@@ -235,3 +236,10 @@ def serve(node: Node, job: str, provider: Provider) -> None:
 
         node.handle(StateQuery, dispatch)
     _providers[node][job] = provider
+
+
+def stop_serving(node: Node, job: str, provider: Provider) -> None:
+    """Stop answering for ``job`` with ``provider`` (a provider serving it since stays)."""
+    jobs = _providers.get(node, {})
+    if jobs.get(job) == provider:
+        del jobs[job]

@@ -1,0 +1,66 @@
+"""A node that takes part in job after job: the newest ended jobs keep answering, older ones
+let go of the node (their model, data and sessions are freed)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from meshfed.errors import RequestFailed
+from meshfed.stats import RejectReason
+from meshfed.training.job import TrainingPeer
+from meshfed.training.participation import KEEP_FINISHED, take_part
+from meshfed.training.sync import StateQuery
+from tests.training.nodes import job_for, memory_nodes
+
+
+async def test_a_node_keeps_only_its_newest_ended_jobs(tmp_path: Path) -> None:
+    async with memory_nodes(tmp_path, 4) as nodes:
+        for i, node in enumerate(nodes):
+            for other in nodes[i + 1 :]:
+                await node.connect(other.listen_addrs[0])
+        made: dict[str, list[weakref.ref[TrainingPeer]]] = {}
+        done: list[str] = []
+
+        def events(name: str, document: dict[str, Any]) -> None:
+            if name == "job_done":
+                done.append(document["job_id"])
+
+        async def run(job: str) -> None:
+            spec = job_for(nodes, job, rounds=1, partition="iid", lr=0.5)
+            peers = made[job] = []
+            async with trio.open_nursery() as nursery:
+                for node in nodes:
+                    nursery.start_soon(
+                        lambda n: take_part(
+                            n, spec, events, roster_wait=30,
+                            on_peer=lambda p: peers.append(weakref.ref(p)),
+                        ),
+                        node,
+                    )  # fmt: skip
+
+        jobs = [f"job{j}" for j in range(KEEP_FINISHED + 2)]
+        for job in jobs:
+            await run(job)
+        assert done == [job for job in jobs for _ in nodes]
+        gc.collect()
+        for job in jobs[:2]:  # let go: nothing holds their peers
+            assert all(ref() is None for ref in made[job]), job
+        for job in jobs[2:]:
+            assert all(ref() is not None for ref in made[job]), job
+
+        async def ask(job: str) -> Any:
+            return (await nodes[0].request(nodes[1].peer_id, StateQuery(job=job))).body
+
+        answer = await ask(jobs[-1])  # an ended job still answers (a late peer settles on it)
+        assert answer.next_round == 1
+        try:
+            await ask(jobs[0])
+        except RequestFailed as failed:
+            assert failed.reason == RejectReason.WRONG_CONTEXT
+        else:
+            raise AssertionError("a job let go of still answered")
