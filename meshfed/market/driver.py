@@ -146,6 +146,8 @@ _ENDED_WORK = frozenset({"finished", "converged"})
 #: a winner that says so stopped working on the job (its training failed, its device paused)
 _GAVE_UP_WORK = frozenset({"failed", "paused"})
 _BUYER = "buyer:"
+#: how long a restarted winner asks its buyer whether the job still counts on it
+_RESUME_ASK_S = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -380,7 +382,7 @@ class Market:
         for job, work in self.work.items():
             lease = self.seller.lease(job)
             if lease is not None and not lease.ended:
-                self._nursery.start_soon(self._train, work)
+                self._nursery.start_soon(self._resume_work, work, lease.buyer)
         for handle in self.jobs.values():
             if handle.buyer.state is not BuyerState.ENDED:
                 self._nursery.start_soon(self._buyer_loop, handle)
@@ -608,6 +610,25 @@ class Market:
         if at < self._seller_at:
             self._seller_at = at
             self._seller_wake.set()
+
+    async def _resume_work(self, work: _Work, buyer: PeerId) -> None:
+        """A lease open when this node stopped: train on, unless its buyer says the job went
+        on without us (it replaced us meanwhile: nobody else would tell us) or is over. A
+        buyer that does not answer leaves it to the roster (the training's catch-up)."""
+        job = work.start.job
+        report = None
+        with contextlib.suppress(TransportError):
+            answer = await self.node.request(
+                buyer, JobStatusQuery(job, _ms(time.time() + 30)), within=_RESUME_ASK_S
+            )
+            report = answer.body if isinstance(answer.body, JobStatusReport) else None
+        if report is not None and report.job == job:
+            over = report.state in (BuyerState.SETTLING.value, BuyerState.ENDED.value)
+            if over or self.node.peer_id not in report.roster:
+                work.state, work.finished = "ended" if over else "replaced", True
+                log.info("leased job went on without us", extra={"job": job, "buyer": report.state})
+                return
+        await self._train(work)
 
     async def _train(self, work: _Work) -> None:
         """Run the training a lease won; note a debit for every round done."""

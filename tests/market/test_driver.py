@@ -268,6 +268,63 @@ async def test_a_winner_killed_before_its_acknowledgement_came_is_paid_it_when_b
             stop.set()
 
 
+async def test_a_winner_replaced_while_it_was_down_does_not_train_when_back(
+    tmp_path: Path,
+) -> None:
+    """A winner dies and the buyer replaces it. Started again, it asks the buyer before it
+    resumes its lease's training: the job went on without it, so it does not train (nobody
+    else would tell it); its notes are still settled."""
+    network = MemoryNetwork(seed=4)
+    config = functools.partial(
+        quiet_config, membership=True, gossip_interval_s=0.1, request_timeout_s=2.0
+    )
+    job = {**JOB, "job_id": "moved-on", "rounds": 5}
+    stops = {index: trio.Event() for index in range(1, 6)}
+    closed = {index: trio.Event() for index in range(1, 6)}
+
+    async def serve(index: int, *, task_status: trio.TaskStatus[Node]) -> None:
+        stop, done = stops[index], closed[index]
+        async with open_node(config(tmp_path / f"n{index}"), network=network) as node:
+            task_status.started(node)
+            await stop.wait()
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        sellers = [await nursery.start(serve, i) for i in range(1, 6)]
+        async with open_node(config(tmp_path / "buyer"), network=network) as buyer:
+            await meshed([buyer, *sellers])
+            handle = await buyer.submit_training(job, budget=6, min_peers=4, max_peers=4)
+            event = await until_event(handle, "round", unit=1)
+            victim = next(s for s in sellers if str(s.peer_id) == event["seller"])
+            index = sellers.index(victim) + 1
+            network.crash(victim.peer_id)
+            stops[index].set()
+            await until_event(handle, "failed", peer=str(victim.peer_id))
+            await closed[index].wait()
+            stops[index], closed[index] = trio.Event(), trio.Event()
+            back = await nursery.start(serve, index)  # the same data directory
+            assert back.market is not None and buyer.market is not None
+            with trio.fail_after(30):
+                while (status := back.market.local_status("moved-on")) is None or (
+                    status.state not in ("replaced", "ended")
+                ):
+                    assert status is None or status.state not in ("running", "finished")
+                    await trio.sleep(0.05)
+            assert status.state == "replaced", status
+            with trio.fail_after(120):
+                final = await handle.wait()
+            assert final["state"] == "ended", final
+            after = back.market.local_status("moved-on")  # it never trained again
+            assert after is not None and (after.state, after.round) == ("replaced", status.round)
+            with trio.fail_after(30):  # its notes are settled all the same
+                while back.market.ledger.balance(  # noqa: ASYNC110 - a ledger has no event
+                    earned_account("moved-on", buyer.peer_id)
+                ) != buyer.market.ledger.balance(paid_account("moved-on", back.peer_id)):
+                    await trio.sleep(0.1)
+        for stop in stops.values():
+            stop.set()
+
+
 async def test_the_buyer_gets_the_model_the_winners_agree_on(tmp_path: Path) -> None:
     """Before it settles, the buyer takes the model the winners ended with (``collusion + 1``
     of them agree on its digest), checked by that digest, into its store: ``/jobs/{id}/model``
