@@ -77,8 +77,11 @@ async def test_survivors_hold_one_model_every_round_and_stop_waiting_for_the_dea
         seconds = [r.seconds for r in life.reports]
         before = statistics.median(seconds[1:DIES_IN])
         after = seconds[DIES_IN + 2 :]
-        # a short probe of the dead peer, not the 3 s join floor
-        assert max(after) <= 2 * before + DEPLOYED.probe_s, (before, seconds)
+        # a short probe of the dead peer, not the 3 s join floor: the rounds as fast as before
+        # (their median: one round the machine stalled for a moment is not what this tests),
+        # and none waits the floor
+        assert statistics.median(after) <= 2 * before + DEPLOYED.probe_s, (before, seconds)
+        assert max(after) < DEPLOYED.join_s / 2, (before, seconds)
         assert all(r.groups == (4,) for r in life.reports[DIES_IN + 1 :])
 
 
