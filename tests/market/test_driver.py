@@ -3,6 +3,7 @@ the winners train with secure averaging and are paid unit by unit, both ledgers 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -278,7 +279,7 @@ async def test_a_winner_replaced_while_it_was_down_does_not_train_when_back(
     config = functools.partial(
         quiet_config, membership=True, gossip_interval_s=0.1, request_timeout_s=2.0
     )
-    job = {**JOB, "job_id": "moved-on", "rounds": 5}
+    job = {**JOB, "job_id": "moved-on", "rounds": 12}
     stops = {index: trio.Event() for index in range(1, 6)}
     closed = {index: trio.Event() for index in range(1, 6)}
 
@@ -292,8 +293,12 @@ async def test_a_winner_replaced_while_it_was_down_does_not_train_when_back(
     async with trio.open_nursery() as nursery:
         sellers = [await nursery.start(serve, i) for i in range(1, 6)]
         async with open_node(config(tmp_path / "buyer"), network=network) as buyer:
+            assert buyer.market is not None  # it finds the death within a round or two
+            buyer.market.config = dataclasses.replace(
+                buyer.market.config, status_every_s=0.2, silent_polls=2
+            )
             await meshed([buyer, *sellers])
-            handle = await buyer.submit_training(job, budget=6, min_peers=4, max_peers=4)
+            handle = await buyer.submit_training(job, budget=12, min_peers=4, max_peers=4)
             event = await until_event(handle, "round", unit=1)
             victim = next(s for s in sellers if str(s.peer_id) == event["seller"])
             index = sellers.index(victim) + 1
