@@ -65,9 +65,11 @@ def _expiry() -> int:
 
 @dataclass(slots=True)
 class _Wanted:
-    """Weights asked of one winner: the digest they must have, and what came."""
+    """Weights asked of one winner: the digest and the float32 count they must have, and what
+    came."""
 
     digest: bytes
+    parameters: int
     weights: bytes | None = None
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -160,7 +162,7 @@ class ModelDelivery:
         chosen = max(agreed)  # the furthest round
         holders = [p for p, o in offers.items() if (o.round, o.digest, o.parameters) == chosen]
         for peer in holders:
-            weights = await self._fetch(peer, buyer.job, chosen[1])
+            weights = await self._fetch(peer, buyer.job, chosen[1], chosen[2])
             if weights is None:
                 continue
             try:
@@ -194,9 +196,10 @@ class ModelDelivery:
                 nursery.start_soon(ask, peer)
         return offers
 
-    async def _fetch(self, peer: PeerId, job: str, digest: bytes) -> bytes | None:
-        """The weights ``peer`` holds under ``digest``, or None (refused, late, wrong)."""
-        wanted = self._wanted[peer, job] = _Wanted(digest)
+    async def _fetch(self, peer: PeerId, job: str, digest: bytes, parameters: int) -> bytes | None:
+        """The ``parameters`` weights ``peer`` holds under ``digest``, or None (refused, late,
+        wrong)."""
+        wanted = self._wanted[peer, job] = _Wanted(digest, parameters)
         try:
             query = ModelQuery(job=job, expires_ms=_expiry(), digest=digest)
             await self._node.request(peer, query, within=self._within_s)
@@ -218,6 +221,11 @@ class ModelDelivery:
         if wanted is None or wanted.done.is_set():
             raise RemoteProtocolError("weights nobody asked for", reason=RejectReason.WRONG_CONTEXT)
         weights = array.tobytes() if array.dtype == np.uint8 else b""
+        if len(weights) != 4 * wanted.parameters:  # agreed on by colluders beyond the bound
+            raise RemoteProtocolError(
+                f"{len(weights)} bytes of weights, not the offer's {wanted.parameters} float32s",
+                reason=RejectReason.BAD_ARRAY,
+            )
         if not hmac.compare_digest(evidence_of(weights), wanted.digest):
             raise RemoteProtocolError(
                 "weights that are not the agreed model", reason=RejectReason.INCONSISTENT
