@@ -77,7 +77,7 @@ async def test_agreed_weights_of_another_size_than_offered_are_refused(tmp_path:
             )  # fmt: skip
 
         winner.handle(ModelQuery, offer)
-        delivery = ModelDelivery(buyer, buyer_of=lambda _: None, within_s=5.0)
+        delivery = ModelDelivery(buyer, buyer_of=lambda _: None, within_s=1.0)
         delivery.start(nursery)
         four = [str(winner.peer_id), *(str(Identity.generate().peer_id) for _ in range(3))]
         events: list[dict[str, Any]] = []

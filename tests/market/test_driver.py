@@ -15,12 +15,16 @@ from meshfed.errors import BudgetExceeded, BudgetTooLow, NoMatchingPeers, Reques
 from meshfed.market.ledger import AVAILABLE, earned_account, paid_account
 from meshfed.market.messages import Verification
 from meshfed.market.terms import MICRO, Requirements
-from meshfed.node import Node, open_node
+from meshfed.node import open_node
 from meshfed.testing import open_memory_mesh, quiet_config
 from meshfed.transports.memory import MemoryNetwork
-from tests.market.mesh import meshed, until_event
+from tests.market.mesh import RestartableNodes, meshed, until_event, until_ledgers_agree
 
 JOB = {"job_id": "market-digits", "rounds": 3, "dataset": "digits", "partition": "iid"}
+#: a memory node with membership that gossips fast and gives up on a request within 2 s
+GOSSIPING = functools.partial(
+    quiet_config, membership=True, gossip_interval_s=0.1, request_timeout_s=2.0
+)
 
 
 async def test_a_job_is_bought_trained_and_paid_and_both_ledgers_agree(tmp_path: Path) -> None:
@@ -78,20 +82,11 @@ async def test_the_buyer_away_for_rounds_comes_back_and_settles(tmp_path: Path) 
     """The roster trains on while the buyer is down; its debit notes wait (resent) and are
     acknowledged once it is back; the journal brings its job back as it was."""
     network = MemoryNetwork(seed=1)
-    config = functools.partial(
-        quiet_config, membership=True, gossip_interval_s=0.1, request_timeout_s=2.0
-    )
     job = {**JOB, "job_id": "away", "rounds": 8, "epochs": 1}
+    nodes = RestartableNodes(network, tmp_path, GOSSIPING)
     async with trio.open_nursery() as nursery:
-        stop = trio.Event()
-
-        async def serve(index: int, *, task_status: trio.TaskStatus[Node]) -> None:
-            async with open_node(config(tmp_path / f"n{index}"), network=network) as node:
-                task_status.started(node)
-                await stop.wait()
-
-        sellers = [await nursery.start(serve, i) for i in range(1, 6)]
-        async with open_node(config(tmp_path / "buyer"), network=network) as buyer:
+        sellers = [await nodes.start(nursery, i) for i in range(1, 6)]
+        async with open_node(GOSSIPING(tmp_path / "buyer"), network=network) as buyer:
             await meshed([buyer, *sellers])
             handle = await buyer.submit_training(job, budget=5, min_peers=4, max_peers=4)
             await until_event(handle, "round", unit=2)
@@ -101,7 +96,7 @@ async def test_the_buyer_away_for_rounds_comes_back_and_settles(tmp_path: Path) 
             # the work's rounds move with no event to wait on: poll them
             while min(s.market.work["away"].round for s in working if s.market) < 4:  # noqa: ASYNC110
                 await trio.sleep(0.1)
-        async with open_node(config(tmp_path / "buyer"), network=network) as buyer:
+        async with open_node(GOSSIPING(tmp_path / "buyer"), network=network) as buyer:
             assert buyer.market is not None
             back = buyer.market.jobs["away"]  # replayed from the journal
             for seller in sellers:
@@ -117,7 +112,7 @@ async def test_the_buyer_away_for_rounds_comes_back_and_settles(tmp_path: Path) 
                 award = back.buyer.award_to(seller.peer_id)
                 assert award is not None
                 assert earned == paid == 8 * award.price  # every round, also those it missed
-        stop.set()
+        nodes.stop_all()
 
 
 async def test_the_estimate_follows_what_jobs_cleared_at_and_a_budget_below_it_is_refused(
@@ -219,23 +214,11 @@ async def test_a_winner_killed_before_its_acknowledgement_came_is_paid_it_when_b
     note again and the buyer answers with the same acknowledgement (no second payment): the
     ledgers agree to the micro-credit."""
     network = MemoryNetwork(seed=3, latency=0.02)  # an acknowledgement takes 20 ms to arrive
-    config = functools.partial(
-        quiet_config, membership=True, gossip_interval_s=0.1, request_timeout_s=2.0
-    )
     job = {**JOB, "job_id": "cut-off", "rounds": 4}
-    stops = {index: trio.Event() for index in range(1, 6)}
-    closed = {index: trio.Event() for index in range(1, 6)}
-
-    async def serve(index: int, *, task_status: trio.TaskStatus[Node]) -> None:
-        stop, done = stops[index], closed[index]
-        async with open_node(config(tmp_path / f"n{index}"), network=network) as node:
-            task_status.started(node)
-            await stop.wait()
-        done.set()
-
+    nodes = RestartableNodes(network, tmp_path, GOSSIPING)
     async with trio.open_nursery() as nursery:
-        sellers = [await nursery.start(serve, i) for i in range(1, 6)]
-        async with open_node(config(tmp_path / "buyer"), network=network) as buyer:
+        sellers = [await nodes.start(nursery, i) for i in range(1, 6)]
+        async with open_node(GOSSIPING(tmp_path / "buyer"), network=network) as buyer:
             await meshed([buyer, *sellers])
             handle = await buyer.submit_training(job, budget=5, min_peers=4, max_peers=4)
             event = await until_event(
@@ -243,30 +226,21 @@ async def test_a_winner_killed_before_its_acknowledgement_came_is_paid_it_when_b
             )  # written ahead: its acknowledgement is on its way
             victim = next(s for s in sellers if str(s.peer_id) == event["seller"])
             index = sellers.index(victim) + 1
-            network.crash(victim.peer_id)  # the acknowledgement never arrives
-            stops[index].set()
             assert victim.market is not None and buyer.market is not None
+            nodes.kill(victim, index)  # the acknowledgement never arrives
             earned = victim.market.ledger.balance(earned_account("cut-off", buyer.peer_id))
             assert earned < buyer.market.ledger.balance(paid_account("cut-off", victim.peer_id))
-            await closed[index].wait()  # its data directory is free again
-            stops[index], closed[index] = trio.Event(), trio.Event()
-            back = await nursery.start(serve, index)  # the same data directory
+            back = await nodes.start(nursery, index)  # the same data directory
             await back.connect(buyer.listen_addrs[0])
             with trio.fail_after(120):
                 final = await handle.wait()
             assert final["state"] == "ended", final
-            assert back.market is not None and buyer.market is not None
-            with trio.fail_after(30):  # the note is resent on its retry timer
-                while back.market.ledger.balance(  # noqa: ASYNC110 - a ledger has no event
-                    earned_account("cut-off", buyer.peer_id)
-                ) != buyer.market.ledger.balance(paid_account("cut-off", back.peer_id)):
-                    await trio.sleep(0.1)
+            await until_ledgers_agree(buyer, back, "cut-off")
             paid = buyer.market.ledger.balance(paid_account("cut-off", back.peer_id))
             award = handle.buyer.award_to(back.peer_id)
             assert award is not None and paid % award.price == 0  # whole units, none twice
             assert 2 * award.price <= paid <= 4 * award.price  # of the 4 rounds
-        for stop in stops.values():
-            stop.set()
+        nodes.stop_all()
 
 
 async def test_a_winner_replaced_while_it_was_down_does_not_train_when_back(
@@ -276,23 +250,11 @@ async def test_a_winner_replaced_while_it_was_down_does_not_train_when_back(
     resumes its lease's training: the job went on without it, so it does not train (nobody
     else would tell it); its notes are still settled."""
     network = MemoryNetwork(seed=4)
-    config = functools.partial(
-        quiet_config, membership=True, gossip_interval_s=0.1, request_timeout_s=2.0
-    )
     job = {**JOB, "job_id": "moved-on", "rounds": 12}
-    stops = {index: trio.Event() for index in range(1, 6)}
-    closed = {index: trio.Event() for index in range(1, 6)}
-
-    async def serve(index: int, *, task_status: trio.TaskStatus[Node]) -> None:
-        stop, done = stops[index], closed[index]
-        async with open_node(config(tmp_path / f"n{index}"), network=network) as node:
-            task_status.started(node)
-            await stop.wait()
-        done.set()
-
+    nodes = RestartableNodes(network, tmp_path, GOSSIPING)
     async with trio.open_nursery() as nursery:
-        sellers = [await nursery.start(serve, i) for i in range(1, 6)]
-        async with open_node(config(tmp_path / "buyer"), network=network) as buyer:
+        sellers = [await nodes.start(nursery, i) for i in range(1, 6)]
+        async with open_node(GOSSIPING(tmp_path / "buyer"), network=network) as buyer:
             assert buyer.market is not None  # it finds the death within a round or two
             buyer.market.config = dataclasses.replace(
                 buyer.market.config, status_every_s=0.2, silent_polls=2
@@ -302,13 +264,10 @@ async def test_a_winner_replaced_while_it_was_down_does_not_train_when_back(
             event = await until_event(handle, "round", unit=1)
             victim = next(s for s in sellers if str(s.peer_id) == event["seller"])
             index = sellers.index(victim) + 1
-            network.crash(victim.peer_id)
-            stops[index].set()
+            nodes.kill(victim, index)
             await until_event(handle, "failed", peer=str(victim.peer_id))
-            await closed[index].wait()
-            stops[index], closed[index] = trio.Event(), trio.Event()
-            back = await nursery.start(serve, index)  # the same data directory
-            assert back.market is not None and buyer.market is not None
+            back = await nodes.start(nursery, index)  # the same data directory
+            assert back.market is not None
             with trio.fail_after(30):
                 while (status := back.market.local_status("moved-on")) is None or (
                     status.state not in ("replaced", "ended")
@@ -321,13 +280,8 @@ async def test_a_winner_replaced_while_it_was_down_does_not_train_when_back(
             assert final["state"] == "ended", final
             after = back.market.local_status("moved-on")  # it never trained again
             assert after is not None and (after.state, after.round) == ("replaced", status.round)
-            with trio.fail_after(30):  # its notes are settled all the same
-                while back.market.ledger.balance(  # noqa: ASYNC110 - a ledger has no event
-                    earned_account("moved-on", buyer.peer_id)
-                ) != buyer.market.ledger.balance(paid_account("moved-on", back.peer_id)):
-                    await trio.sleep(0.1)
-        for stop in stops.values():
-            stop.set()
+            await until_ledgers_agree(buyer, back, "moved-on")  # its notes are settled all the same
+        nodes.stop_all()
 
 
 async def test_the_buyer_gets_the_model_the_winners_agree_on(tmp_path: Path) -> None:
