@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, ref
 
 from ..audit import AuditKind
 from ..errors import MeshfedError, leaves
@@ -40,7 +40,9 @@ JobEvents = Callable[[str, dict[str, Any]], None]
 _WAIT_REPORT_S = 5.0
 #: ended jobs whose peers a node keeps serving (the newest); older ones let go of it
 KEEP_FINISHED = 4
-_finished: WeakKeyDictionary[Node, deque[TrainingPeer]] = WeakKeyDictionary()
+#: each node's ended jobs, newest last (weakly: the node's handlers hold them until closed;
+#: a strong reference here would keep a node that stopped, and them, alive for good)
+_finished: WeakKeyDictionary[Node, deque[ref[TrainingPeer]]] = WeakKeyDictionary()
 
 
 async def take_part(
@@ -129,6 +131,8 @@ def _retire(node: Node, peer: TrainingPeer) -> None:
     """``peer``'s job ended: it joins the node's newest ended jobs; the oldest beyond
     :data:`KEEP_FINISHED` lets go of the node."""
     finished = _finished.setdefault(node, deque())
-    finished.append(peer)
+    finished.append(ref(peer))
     while len(finished) > KEEP_FINISHED:
-        finished.popleft().close()
+        oldest = finished.popleft()()
+        if oldest is not None:
+            oldest.close()

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, ref
 
 import msgpack
 import numpy as np
@@ -216,15 +216,27 @@ def decode_state(array: npt.NDArray[Any], *, parameters: int) -> TrainingState:
 #: a job's answer to a query: its next round, and its state sent to the asker if wanted
 Provider = Callable[[Envelope, StateQuery], Awaitable[StateAnswer]]
 
-_providers: WeakKeyDictionary[Node, dict[str, Provider]] = WeakKeyDictionary()
+
+class _Jobs(dict[str, Provider]):
+    """One node's providers by job: held by the node's handler, weakly by :data:`_providers`
+    (a provider holds its node: held strongly there, a node that stopped would live for good)."""
+
+
+_providers: WeakKeyDictionary[Node, ref[_Jobs]] = WeakKeyDictionary()
+
+
+def _jobs(node: Node) -> _Jobs | None:
+    held = _providers.get(node)
+    return None if held is None else held()
 
 
 def serve(node: Node, job: str, provider: Provider) -> None:
     """Answer :class:`StateQuery` for ``job`` on ``node`` with ``provider`` (one node may
     train several jobs: queries are dispatched by job)."""
-    if node not in _providers:
-        _providers[node] = {}
-        jobs = _providers[node]
+    jobs = _jobs(node)
+    if jobs is None:
+        jobs = _Jobs()
+        _providers[node] = ref(jobs)
 
         async def dispatch(envelope: Envelope, query: StateQuery) -> StateAnswer:
             provider = jobs.get(query.job)
@@ -235,11 +247,11 @@ def serve(node: Node, job: str, provider: Provider) -> None:
             return await provider(envelope, query)
 
         node.handle(StateQuery, dispatch)
-    _providers[node][job] = provider
+    jobs[job] = provider
 
 
 def stop_serving(node: Node, job: str, provider: Provider) -> None:
     """Stop answering for ``job`` with ``provider`` (a provider serving it since stays)."""
-    jobs = _providers.get(node, {})
-    if jobs.get(job) == provider:
+    jobs = _jobs(node)
+    if jobs is not None and jobs.get(job) == provider:
         del jobs[job]

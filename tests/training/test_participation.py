@@ -1,5 +1,6 @@
 """A node that takes part in job after job: the newest ended jobs keep answering, older ones
-let go of the node (their model, data and sessions are freed)."""
+let go of the node (their model, data and sessions are freed), and a node that stopped is
+freed with its jobs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import trio
 
+from meshfed import Node
 from meshfed.errors import RequestFailed
 from meshfed.stats import RejectReason
 from meshfed.training.job import TrainingPeer
@@ -18,8 +20,20 @@ from meshfed.training.sync import StateQuery
 from tests.training.nodes import job_for, memory_nodes
 
 
-async def test_a_node_keeps_only_its_newest_ended_jobs(tmp_path: Path) -> None:
+async def test_a_node_keeps_only_its_newest_ended_jobs_and_is_freed_once_stopped(
+    tmp_path: Path,
+) -> None:
+    held = await _six_jobs_on_four_nodes(tmp_path)
+    gc.collect()  # a node that stopped is freed: nothing global holds it or its jobs
+    assert all(ref() is None for ref in held)
+
+
+async def _six_jobs_on_four_nodes(tmp_path: Path) -> list[weakref.ref[Node]]:
+    """Each of four nodes takes part in six jobs, one after another; checks what each still
+    serves; returns weak references to the nodes, stopped."""
+    held: list[weakref.ref[Node]] = []
     async with memory_nodes(tmp_path, 4) as nodes:
+        held += [weakref.ref(node) for node in nodes]
         for i, node in enumerate(nodes):
             for other in nodes[i + 1 :]:
                 await node.connect(other.listen_addrs[0])
@@ -43,7 +57,7 @@ async def test_a_node_keeps_only_its_newest_ended_jobs(tmp_path: Path) -> None:
                         node,
                     )  # fmt: skip
 
-        jobs = [f"job{j}" for j in range(KEEP_FINISHED + 2)]
+        jobs = [f"job{j}" for j in range(KEEP_FINISHED + 2)]  # six
         for job in jobs:
             await run(job)
         assert done == [job for job in jobs for _ in nodes]
@@ -64,3 +78,4 @@ async def test_a_node_keeps_only_its_newest_ended_jobs(tmp_path: Path) -> None:
             assert failed.reason == RejectReason.WRONG_CONTEXT
         else:
             raise AssertionError("a job let go of still answered")
+    return held
