@@ -180,16 +180,11 @@ class TrainingPeer:
         self.state, self.note = JobState.RUNNING, ""
         self.node = node
         self.spec = spec
-        # a node runs a job once at a time: a new peer for the job takes over its messages
-        self._own_aggregator = aggregator is None
-        self.aggregator = aggregator or Aggregator(node, job=spec.job_id.encode(), replace=True)
         self._roster = tuple(PeerId.from_string(peer) for peer in spec.roster)
         self._job = spec.job_id.encode()
         try:  # before any training: data, shards, model (it fits), strategy
             parts = prepare(spec, _own_data(node, spec))
         except ConfigError as exc:  # DataError stays one
-            if self._own_aggregator:
-                self.aggregator.close()
             raise type(exc)(f"job {spec.job_id!r}: {exc}") from None
         self.test, self.model, self.strategy = parts.test, parts.model, parts.strategy
         shards = parts.shards
@@ -274,6 +269,11 @@ class TrainingPeer:
         self._gone: set[PeerId] = set()
         self._push_came = trio.Event()
         self._lag = spec.averaging.gossip_staleness + math.ceil(hops / self._pushes_per_tick) - 1
+        # The node's handlers from here on, once nothing above can refuse the job (close()
+        # unregisters them). A node runs a job once at a time: a new peer for the job takes
+        # over its messages.
+        self._own_aggregator = aggregator is None
+        self.aggregator = aggregator or Aggregator(node, job=spec.job_id.encode(), replace=True)
         if spec.averaging.schedule == "pushsum":
             node.on_array(self._on_push, prefix=self._push_prefix, replace=True)
         #: the roster of each round: the spec's, then the changes handed in

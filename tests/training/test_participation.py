@@ -79,3 +79,16 @@ async def _six_jobs_on_four_nodes(tmp_path: Path) -> list[weakref.ref[Node]]:
         else:
             raise AssertionError("a job let go of still answered")
     return held
+
+
+async def test_a_job_a_node_refuses_leaves_nothing_registered_on_it(tmp_path: Path) -> None:
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = job_for(nodes, "refused", rounds=1, dataset="no-such-data")
+        events: list[tuple[str, dict[str, Any]]] = []
+        peer = await take_part(nodes[0], spec, lambda *e: events.append(e), roster_wait=1)
+        assert peer is None and [name for name, _ in events] == ["job_failed"]
+        scoped = [  # the node's handler tables (private): nothing of the job's scope is left
+            key for table in (nodes[0]._handlers, nodes[0]._array_handlers) for key in table
+            if key[1] == b"refused"
+        ]  # fmt: skip
+        assert scoped == []
