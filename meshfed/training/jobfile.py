@@ -77,7 +77,7 @@ def from_mapping(cls: type[T], document: Mapping[str, Any]) -> T:
     ]
     if missing:
         raise ConfigError(f"{', '.join(missing)}: required (every job names these fields)")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     values = {key: _checked(key, hints[key], value) for key, value in document.items()}
     return cls(**values)
 
@@ -89,12 +89,24 @@ def check_types(instance: object) -> None:
     Raises:
         ConfigError: ``<field>: expected <type>, got <value>``.
     """
-    hints = typing.get_type_hints(type(instance))
+    hints = _type_hints(type(instance))
     for f in dataclasses.fields(instance):  # type: ignore[arg-type]
         value = getattr(instance, f.name)
         checked = _checked(f.name, hints[f.name], value)
         if checked is not value:
             object.__setattr__(instance, f.name, checked)  # frozen: only in __post_init__
+
+
+#: each job dataclass's resolved annotations (resolving evaluates every string annotation:
+#: a job is checked field by field at every submission, order and RFQ)
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def _checked(key: str, hint: Any, value: Any) -> Any:
