@@ -742,7 +742,9 @@ class BuyerJob:
         self.roster = tuple(peer for peer in self.roster if peer not in gone)
         self.roster_version += 1
         actions: list[LeaseAction] = []
-        if self.state is BuyerState.RUNNING:
+        if self.state is BuyerState.RUNNING and len(self.roster) >= self.rfq.min_peers:
+            # below min_peers the job cannot run (its order said so): the peers hear of the
+            # change once the replacements accepted, or the job settles
             actions += self._roster_change(now, list(self.roster), from_round=at_round)
         units = self.rfq.units
         if self.state is BuyerState.RUNNING:

@@ -360,6 +360,22 @@ def test_a_peer_failing_mid_job_is_replaced_and_the_roster_change_reaches_the_pe
     assert m.job.state is BuyerState.ENDED
 
 
+def test_a_roster_below_min_peers_is_never_sent_only_the_one_with_the_replacement() -> None:
+    # the job cannot run below min_peers: a change to the survivors alone would be refused
+    m = market(rfq=make_rfq(min_peers=2))
+    m.post()
+    m.work(1)
+    failed, kept = m.job.roster
+    m.fail(failed, 2)
+    m.work(3)
+    m.finish()
+    replacement = m.sellers[2]
+    assert m.job.roster == (kept, replacement)
+    seen = [a for who, a in m.trace.actions if who == kept and isinstance(a, ChangeRoster)]
+    assert [(c.roster, c.from_round) for c in seen] == [((kept, replacement), 2)]
+    assert m.job.state is BuyerState.ENDED
+
+
 def test_without_an_affordable_replacement_the_job_settles_with_what_it_did() -> None:
     m = market(rfq=make_rfq(min_peers=2), prices=PRICES[:2])
     m.post()
