@@ -192,6 +192,11 @@ class Node:
         """Multiaddrs other peers can dial (ending in ``/p2p/<id>``)."""
         return self.transport.listen_addrs
 
+    @property
+    def uptime_s(self) -> float:
+        """Seconds since the node started (ms precision)."""
+        return round(trio.current_time() - self._started, 3)
+
     async def connect(self, addr: str) -> PeerId:
         """Dial ``addr`` (a multiaddr with ``/p2p/<id>``) and return the peer's id.
 
@@ -730,7 +735,7 @@ class Node:
         return {
             "peer_id": str(self.peer_id),
             "listen": self.listen_addrs,
-            "uptime_s": round(now - self._started, 3),
+            "uptime_s": self.uptime_s,
             "peers": [
                 {
                     "peer_id": str(p.peer),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshfed.api.limits import MAX_BODY_BYTES
@@ -267,3 +268,20 @@ async def test_a_jobs_model_is_described_and_its_weights_load_into_its_architect
         np.testing.assert_array_equal(vector, weights + 2)
         rebuilt = models.build(described["model"], **described["model_options"])
         torch.nn.utils.vector_to_parameters(torch.from_numpy(vector.copy()), rebuilt.parameters())
+
+
+async def test_status_counts_what_the_node_holds(tmp_path: Path) -> None:
+    async with (
+        api_node(tmp_path / "a") as (node, client),
+        open_node(config(tmp_path / "b", api="off")) as other,
+    ):
+        await other.connect(node.listen_addrs[0])
+        with trio.fail_after(30):
+            while not node.status()["members"]:  # noqa: ASYNC110  # records come by gossip
+                await trio.sleep(0.05)
+        answer = (await client.get("/status")).json()
+        snapshot = node.status()
+        assert answer["peer_id"] == str(node.peer_id) and answer["listen"] == node.listen_addrs
+        assert answer["members"] == len(snapshot["members"]) == 1
+        assert answer["connected"] == 1 and answer["market"] and answer["store"]
+        assert 0 < answer["uptime_s"] <= snapshot["uptime_s"]
