@@ -3,22 +3,23 @@
 1. ``GET /status`` and ``GET /metrics`` against a running node (a ``meshfed-node run`` process
    on 127.0.0.1, idle: no testnet trains meanwhile): ``status_rps`` (requests per second,
    ``--clients`` keep-alive clients at once), ``status_p99_ms`` and ``metrics_p99_ms`` (one
-   client, requests one after another). The same while a node trains, as an operator runs it:
-   four ``meshfed-node run`` processes (one torch thread each, as the testnet starts them)
-   win part 2's job from a buyer in this process; once the first has trained ``--phase-s``
-   seconds, a client process asks it ``GET /status`` one request after another for
-   ``--phase-s`` seconds (``status_p99_ms_training``, ``status_requests_training``, and
-   ``rounds_polled_training``: the rounds it reported meanwhile), then another client asks a
-   fifth node process that stands beside them without selling (so it never trains):
-   ``status_p99_ms_beside_training``, the reference on the same machine equally loaded
-   (``status_p99_training_over_beside``); then ``GET /metrics`` of the trainer
-   (``metrics_p99_ms_training``). This machine's two cores run the four trainers, so the
-   trainer's loop also waits for a core. Goal: ``status_p99_ms`` < 20, idle and training
-   (``goal_status_p99_ms_below_20`` is the worse of the two). The figure this benchmark gave
-   before, a trainer among part 2's nodes, all in this one process (one event loop and one
-   GIL for five nodes: a request waits for the other four's work too), is kept as
-   ``status_p99_ms_training_inprocess`` and ``metrics_p99_ms_training_inprocess`` (after
-   part 2's phases; ``rounds_polled_training_inprocess``: rounds per trainer meanwhile), and
+   client, requests one after another). The same while a node trains, as an operator runs it
+   (after part 2): four ``meshfed-node run`` processes (one torch thread each, as the testnet
+   starts them) win part 2's job from a buyer in this process. The first of them, and the
+   client processes that ask it, have a core to themselves (``sched_setaffinity``; the other
+   three trainers share the rest: as if it had a machine of its own and its peers were
+   elsewhere; ``trainer_has_a_core``). A client asks it ``GET /status`` one request after
+   another for ``--phase-s`` seconds before the job is posted (``status_p99_ms_before_training``:
+   the reference, the same node on the same core not training), and again once it has
+   trained ``--phase-s`` seconds (``status_p99_ms_training``, ``status_requests_training``,
+   ``rounds_polled_training``: the rounds it reported meanwhile;
+   ``status_p99_training_over_before``), then another asks ``GET /metrics``
+   (``metrics_p99_ms_training``). Goal: ``status_p99_ms`` < 20, idle and training
+   (``goal_status_p99_ms_below_20`` is the worse of the two). What this benchmark measured
+   before, a trainer among part 2's five nodes, all in this one process (one event loop and
+   one GIL: a request waits for the other four nodes' work too), is kept as
+   ``status_p99_ms_training_inprocess`` and ``metrics_p99_ms_training_inprocess`` (asked after
+   part 2's phases; ``rounds_polled_training_inprocess``: rounds per trainer meanwhile), with
    ``status_p99_training_inprocess_over_process``.
 2. A training round with and without the dashboard watching, in one run: a 4-node testnet on
    libp2p (127.0.0.1; four nodes train one small job, a fifth buys it, in this process) trains
@@ -50,6 +51,7 @@ Usage: python benchmarks/api.py [--requests N] [--clients C] [--phases P] [--pha
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -214,15 +216,17 @@ async def _poll_while_training(
     seconds: float,
     label: str = "training",
     paths: tuple[str, ...] = ("/status", "/metrics"),
+    **process: Any,
 ) -> dict[str, float]:
     """``GET /status`` and ``GET /metrics`` (``paths``) of a node, for ``seconds`` each, one
     request after another from a client process: the p99 latency of each and how many were
-    asked, as ``status_p99_ms_{label}``, ``status_requests_{label}``, ..."""
+    asked, as ``status_p99_ms_{label}``, ``status_requests_{label}``, ... (``process``: more
+    arguments of the client's :func:`trio.lowlevel.open_process`)."""
     polled: dict[str, float] = {}
     for path in paths:
         poller = await trio.lowlevel.open_process(
             [sys.executable, "-c", POLLER, url, path], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.PIPE, **process,
         )  # fmt: skip
         assert poller.stdin is not None and poller.stdout is not None
         await poller.stdin.send_all(b"go\n")
@@ -280,33 +284,47 @@ class _NodeProcess:
                     self.trained.set()
 
 
-async def _poll_trainer_process(phase_s: float, root: Path, trainers: int = 4) -> dict[str, float]:
+def _cores() -> tuple[set[int], set[int]] | None:
+    """This process's cores, split into one for the trainer asked (and its client) and the
+    rest; None with fewer than two (nothing is pinned then)."""
+    cores = sorted(os.sched_getaffinity(0))
+    return ({cores[-1]}, set(cores[:-1])) if len(cores) >= 2 else None
+
+
+async def _poll_trainer_process(phase_s: float, root: Path, trainers: int = 4) -> dict[str, Any]:
     """Part 1, a node per process: ``trainers`` ``meshfed-node run`` processes, bootstrapping
-    off a buyer in this process, win the same job as part 2, and one more such process that
-    does not sell (``market_capacity`` 0: it never trains) stands beside them. Once the first
-    trainer has trained ``phase_s`` seconds, a client process asks it ``GET /status`` one
-    request after another for ``phase_s`` seconds, then another asks the non-training node,
-    then another asks the trainer ``GET /metrics``. The non-training node is the reference:
-    the same machine, as loaded, without training in its own process. Also the rounds the
-    trainer reported while its ``/status`` was asked (``rounds_polled_training``)."""
+    off a buyer in this process, win the same job as part 2. The first of them and its
+    clients have a core to themselves, the other trainers share the rest (as on a machine of
+    its own, its peers elsewhere). A client process asks it ``GET /status`` one request after
+    another for ``phase_s`` seconds before the job is posted (the reference: the same node,
+    process and core, not training), and again once it has trained ``phase_s`` seconds; then
+    another asks ``GET /metrics``. Also the rounds it reported while its ``/status`` was asked
+    (``rounds_polled_training``: it was training)."""
     from meshfed.testing import open_memory_mesh
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), **TRAINER_ENV}
+    cores = _cores()
+
+    def on(index: int) -> dict[str, Any]:
+        """Where process ``index`` runs (0: the trainer asked; -1: its clients)."""
+        if cores is None:
+            return {}
+        return {"preexec_fn": functools.partial(os.sched_setaffinity, 0, cores[index > 0])}
+
     async with open_memory_mesh(
         1, root, transport="libp2p", listen=["/ip4/127.0.0.1/tcp/0"], membership=True,
         gossip_interval_s=0.2, market_capacity=1,
     ) as (buyer,), trio.open_nursery() as nursery:  # fmt: skip
         nodes: list[_NodeProcess] = []
         try:
-            for index in range(trainers + 1):
+            for index in range(trainers):
                 command = [
                     sys.executable, "-m", "meshfed.cli", "run", "--json", "--no-mdns",
                     "--data-dir", str(root / f"node-{index}"),
                     "--bootstrap", buyer.listen_addrs[0],
                 ]  # fmt: skip
-                capacity = {"MESHFED_MARKET_CAPACITY": "0"} if index == trainers else {}
                 process = await trio.lowlevel.open_process(
-                    command, stdout=subprocess.PIPE, env={**env, **capacity}
+                    command, stdout=subprocess.PIPE, env=env, **on(index)
                 )
                 nodes.append(_NodeProcess(process))
                 nursery.start_soon(nodes[-1].read)
@@ -315,25 +333,24 @@ async def _poll_trainer_process(phase_s: float, root: Path, trainers: int = 4) -
                     await node.ready.wait()
                 while len([r for r in buyer.peers() if r.capabilities.prices]) < trainers:  # noqa: ASYNC110  # records come by gossip: no event
                     await trio.sleep(0.1)
+            trainer = nodes[0]
+            url = trainer.started["api"]
+            polled: dict[str, Any] = {"trainer_has_a_core": cores is not None}
+            polled |= await _poll_while_training(
+                url, phase_s, "before_training", ("/status",), **on(-1)
+            )
             handle = await buyer.submit_training(
                 {**JOB, "job_id": "status-process"}, budget=500, min_peers=trainers,
                 max_peers=trainers,
             )  # fmt: skip
-            trainer, reference = nodes[0], nodes[-1]
             try:
                 with trio.fail_after(120):
                     await trainer.trained.wait()  # the job started
                 await trio.sleep(phase_s)  # its first rounds are slower: not measured
                 before = len(trainer.rounds)
-                url = trainer.started["api"]
-                polled = await _poll_while_training(url, phase_s, paths=("/status",))
+                polled |= await _poll_while_training(url, phase_s, paths=("/status",), **on(-1))
                 polled["rounds_polled_training"] = len(trainer.rounds) - before
-                polled |= await _poll_while_training(
-                    reference.started["api"], phase_s, "beside_training", paths=("/status",)
-                )
-                polled |= await _poll_while_training(url, phase_s, paths=("/metrics",))
-                if reference.rounds:
-                    raise RuntimeError("the node that does not sell trained: no reference")
+                polled |= await _poll_while_training(url, phase_s, paths=("/metrics",), **on(-1))
             finally:
                 with trio.move_on_after(30) as cleanup:
                     cleanup.shield = True
@@ -514,8 +531,8 @@ def main() -> None:
                 "clients": args.clients,
                 **polled,
                 **inprocess,
-                "status_p99_training_over_beside": round(
-                    status_training / polled["status_p99_ms_beside_training"], 2
+                "status_p99_training_over_before": round(
+                    status_training / polled["status_p99_ms_before_training"], 2
                 ),
                 "status_p99_training_inprocess_over_process": round(
                     inprocess["status_p99_ms_training_inprocess"] / status_training, 2
