@@ -68,7 +68,7 @@ from .catchup import StateSync
 from .checkpoints import Converged, Rollback
 from .data import Dataset, own_weight
 from .pooled import Counts, pool_counts
-from .preflight import prepare
+from .preflight import JobParts, prepare
 from .roster import RosterChange, RosterSchedule
 from .spec import JobSpec
 from .sync import TrainingState, agreed_round, plausible_round
@@ -161,19 +161,12 @@ class TrainingPeer:
         store: Store | None = None,
         joining: RosterChange | None = None,
         min_round_s: float = MIN_ROUND_S,
+        parts: JobParts | None = None,
     ) -> None:
         me = str(node.peer_id)
-        if joining is not None and joining.roster != spec.roster:
-            raise ConfigError("a joining peer's spec lists the roster of the change it joins by")
-        if me not in spec.roster:
-            raise ConfigError("this node is not in the job's roster")
-        if spec.progress.rollback_drop and store is None:
-            raise ConfigError("rollback_drop needs the node's store (config store_file)")
-        if spec.privacy.dp_clip and store is None:
-            raise ConfigError(
-                "differential privacy needs the node's store (config store_file): each round's "
-                "charge is committed before the data is used, and must survive a restart"
-            )
+        _refuse_early(node, spec, store, joining)
+        if parts is None:  # before any training: data, shards, model (it fits), strategy
+            parts = _prepare(node, spec)
         self.store = store
         self.policy = spec.progress.policy()
         #: the job's state on this node, and a note on its last event (also in the store)
@@ -182,10 +175,6 @@ class TrainingPeer:
         self.spec = spec
         self._roster = tuple(PeerId.from_string(peer) for peer in spec.roster)
         self._job = spec.job_id.encode()
-        try:  # before any training: data, shards, model (it fits), strategy
-            parts = prepare(spec, _own_data(node, spec))
-        except ConfigError as exc:  # DataError stays one
-            raise type(exc)(f"job {spec.job_id!r}: {exc}") from None
         self.test, self.model, self.strategy = parts.test, parts.model, parts.strategy
         shards = parts.shards
         self._index = spec.roster.index(me)
@@ -302,6 +291,27 @@ class TrainingPeer:
         self._min_round_s = min_round_s
         self._jump: int | None = None  # a round a settled state starts, past the next one
         self._batch_size = 0  # the last local training's batch size
+
+    @classmethod
+    async def prepared(
+        cls,
+        node: Node,
+        spec: JobSpec,
+        aggregator: Aggregator | None = None,
+        *,
+        store: Store | None = None,
+        joining: RosterChange | None = None,
+        min_round_s: float = MIN_ROUND_S,
+    ) -> TrainingPeer:
+        """As the constructor, with the data read and the model built in a worker thread:
+        a large data set takes seconds, and meanwhile the node's loop answers its peers (a
+        node that stopped answering would be taken for dead). Raises as the constructor."""
+        _refuse_early(node, spec, store, joining)
+        parts = await trio.to_thread.run_sync(_prepare, node, spec, abandon_on_cancel=True)
+        return cls(
+            node, spec, aggregator, store=store, joining=joining, min_round_s=min_round_s,
+            parts=parts,
+        )  # fmt: skip
 
     @property
     def parameters(self) -> npt.NDArray[np.float32]:
@@ -1180,6 +1190,35 @@ class TrainingPeer:
             result.value[:-_WEIGHT_COPIES], np.float32(weight if weight > noise else 0)
         )
         return GroupResult(value, result.survivors, result.attempts)
+
+
+def _refuse_early(
+    node: Node, spec: JobSpec, store: Store | None, joining: RosterChange | None
+) -> None:
+    """The refusals that need no data (see :class:`TrainingPeer`)."""
+    if joining is not None and joining.roster != spec.roster:
+        raise ConfigError("a joining peer's spec lists the roster of the change it joins by")
+    if str(node.peer_id) not in spec.roster:
+        raise ConfigError("this node is not in the job's roster")
+    if spec.progress.rollback_drop and store is None:
+        raise ConfigError("rollback_drop needs the node's store (config store_file)")
+    if spec.privacy.dp_clip and store is None:
+        raise ConfigError(
+            "differential privacy needs the node's store (config store_file): each round's "
+            "charge is committed before the data is used, and must survive a restart"
+        )
+
+
+def _prepare(node: Node, spec: JobSpec) -> JobParts:
+    """This peer's data, shards, model (it fits) and strategy for ``spec`` (:func:`prepare`).
+
+    Raises:
+        ConfigError (a DataError stays one): naming the job.
+    """
+    try:
+        return prepare(spec, _own_data(node, spec))
+    except ConfigError as exc:
+        raise type(exc)(f"job {spec.job_id!r}: {exc}") from None
 
 
 def _own_data(node: Node, spec: JobSpec) -> tuple[Dataset, Dataset, int] | None:

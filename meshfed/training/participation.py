@@ -88,7 +88,7 @@ async def take_part(
         events("job_failed", {"job_id": spec.job_id, "error": failure_reason(exc)})
 
     try:
-        peer = TrainingPeer(node, spec, store=node.store, joining=joining)
+        peer = await TrainingPeer.prepared(node, spec, store=node.store, joining=joining)
     except Exception as exc:  # it cannot run here (nothing of it stays registered)
         failed(exc)
         return None

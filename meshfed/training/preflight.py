@@ -11,6 +11,7 @@ call it before they start any node.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -75,9 +76,8 @@ def prepare(spec: JobSpec, own: tuple[Dataset, Dataset, int] | None = None) -> J
         except ValueError as exc:
             raise ConfigError(f"partition: {exc}{_capacity(spec, train)}") from None
         classes = int(max(train.y.max(), test.y.max())) + 1
-    torch.manual_seed(spec.training.seed)  # every peer starts from the same model
     try:
-        model = build(spec.training.model, **spec.training.model_options)
+        model = _initial_model(spec)
     except KeyError as exc:
         raise ConfigError(f"model: {exc.args[0]}") from None
     except (ValueError, TypeError) as exc:
@@ -129,3 +129,19 @@ def _capacity(spec: JobSpec, train: Dataset) -> str:
         f"{spec.data.partition} alpha {spec.data.alpha}: use fewer peers, a larger alpha, "
         "partition iid, or dataset synthetic"
     )
+
+
+#: torch's default generator is the process's: jobs prepared at once (in worker threads)
+#: would draw their initial weights from each other's seed
+_MODEL_INIT = threading.Lock()
+
+
+def _initial_model(spec: JobSpec) -> nn.Module:
+    """The model every peer of ``spec`` starts from (the same weights: from the job's seed).
+
+    Raises:
+        KeyError, ValueError, TypeError: an unknown model, or options it does not take.
+    """
+    with _MODEL_INIT, torch.random.fork_rng(devices=[]):  # leaves the generator as it was
+        torch.manual_seed(spec.training.seed)
+        return build(spec.training.model, **spec.training.model_options)

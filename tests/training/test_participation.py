@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import gc
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import trio
+import trio.lowlevel
 
 from meshfed import Node
 from meshfed.errors import RequestFailed
+from meshfed.identity import Identity
 from meshfed.stats import RejectReason
 from meshfed.training.job import TrainingPeer
 from meshfed.training.participation import KEEP_FINISHED, take_part
+from meshfed.training.preflight import prepare
+from meshfed.training.spec import JobSpec
 from meshfed.training.sync import StateQuery
+from meshfed.training.torch_adapter import flatten
 from tests.training.nodes import job_for, memory_nodes
 
 
@@ -92,3 +99,54 @@ async def test_a_job_a_node_refuses_leaves_nothing_registered_on_it(tmp_path: Pa
             if key[1] == b"refused"
         ]  # fmt: skip
         assert scoped == []
+
+
+async def test_the_node_answers_while_a_jobs_data_is_read_and_its_model_built(
+    tmp_path: Path,
+) -> None:
+    # a large data set takes seconds to read: a node whose loop stopped meanwhile would miss
+    # its peers' probes and be taken for dead
+    async with memory_nodes(tmp_path, 4) as nodes:
+        spec = job_for(nodes, "big", rounds=1, dataset="synthetic", partition="iid")
+        turns = 0
+        async with trio.open_nursery() as nursery:
+
+            async def count_turns() -> None:
+                nonlocal turns
+                while True:
+                    turns += 1
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(count_turns)
+            await trio.lowlevel.checkpoint()
+            before = turns
+            peer = await TrainingPeer.prepared(nodes[0], spec, store=nodes[0].store)
+            during = turns - before
+            nursery.cancel_scope.cancel()
+        assert len(peer.shard) > 0
+        assert during > 1  # the loop ran other tasks while the data and model were prepared
+        peer.close()
+
+
+def test_jobs_prepared_at_once_each_start_from_their_own_seed() -> None:
+    # torch's default generator is the process's: without care, one job's model would be
+    # drawn partly from another's seed, and its peers would start from different models
+    roster = [str(Identity.generate().peer_id) for _ in range(4)]
+    specs = [
+        JobSpec.from_document(
+            {
+                "job_id": f"s{seed}",
+                "roster": roster,
+                "seed": seed,
+                "dataset": "digits",
+                "model_options": {"hidden": [512, 512]},
+            }
+        )
+        for seed in range(4)
+    ]
+    alone = [flatten(prepare(spec).model) for spec in specs]
+    with ThreadPoolExecutor(len(specs)) as pool:
+        for _ in range(3):
+            together = list(pool.map(lambda spec: flatten(prepare(spec).model), specs))
+            assert all(np.array_equal(a, b) for a, b in zip(alone, together, strict=True))
+    assert not np.array_equal(alone[0], alone[1])
