@@ -127,6 +127,9 @@ _SELLER_MESSAGES: tuple[type[MarketMessage], ...] = (
 )  # fmt: skip
 #: what replaying the journal does not do again (sends, starts)
 _NOT_ON_REPLAY = (SendRequest, StartJob, RequestProof, ServeProof)
+#: the actions that move credits: applied in the journal's order (see ``_write``)
+_LEDGER = (LedgerEscrow, LedgerPay, LedgerRelease, LedgerEarn, Forfeit)
+_LedgerAction = LedgerEscrow | LedgerPay | LedgerRelease | LedgerEarn | Forfeit
 #: spot-check proofs travel as arrays named ``<prefix><job hex>:<lease unit>``
 _PROOF_PREFIX = "marketproof."
 #: the round states a seller keeps for a spot-checked lease (the oldest unpaid go first)
@@ -323,7 +326,9 @@ class Market:
         #: get the events of the work this node leased (``job_started``, ``round``, ...)
         self.observers: list[JobEvents] = []
         self._nursery: trio.Nursery | None = None
-        self._unwritten: list[tuple[str, str, dict[str, Any], list[LedgerEscrow], trio.Event]] = []
+        self._unwritten: list[
+            tuple[str, str, dict[str, Any], list[tuple[_LedgerAction, bytes]], trio.Event]
+        ] = []
         #: an event is queued; an event waits for the disk
         self._journal_queued = trio.Event()
         self._journal_wanted = trio.Event()
@@ -336,9 +341,10 @@ class Market:
         #: read from the store once, then kept here as auctions clear (no read on the way
         #: of a posting)
         self._clearings: dict[tuple[WorkKind, Tier], list[int]] = {}
-        #: escrows applied with the journal write of the event that asked for them, by
-        #: idempotency key: None, or why the ledger refused (``_apply`` raises it)
-        self._escrowed: dict[str, MeshfedError | None] = {}
+        #: ledger actions applied with the journal write of the event that produced them (an
+        #: action is its operation: equal ones are one, idempotent by key): None, or why the
+        #: ledger refused (``_apply`` raises it)
+        self._ledgered: dict[_LedgerAction, MeshfedError | None] = {}
         #: the model, from the winners to the buyer (7f.6)
         self.delivery = ModelDelivery(
             node, buyer_of=self._buyer_of, within_s=self.config.request_within_s
@@ -464,8 +470,14 @@ class Market:
         actions = self._call(machine, event, body)
         durable = not (light and all(_answers_a_quote(action) for action in actions))
         written = trio.Event()
-        escrows = [action for action in actions if isinstance(action, LedgerEscrow)]
-        self._unwritten.append((machine, event, body, escrows, written))
+        handle = None if machine == _SELLER else self.jobs.get(machine.removeprefix(_BUYER))
+        evidence = body.get("frame", b"")
+        ledger = [
+            (action, _ledger_evidence(action, evidence, handle))
+            for action in actions
+            if isinstance(action, _LEDGER)
+        ]
+        self._unwritten.append((machine, event, body, ledger, written))
         self._journal_queued.set()
         if durable:
             self._journal_wanted.set()
@@ -495,29 +507,59 @@ class Market:
         if not batch:
             return
         events = [(machine, event, body) for machine, event, body, _, _ in batch]
-        escrows = [escrow for *_, escrows, _ in batch for escrow in escrows]
+        ledger = [actions for *_, actions, _ in batch]
         try:
-            self._escrowed.update(await self._store_call(self._write, events, escrows))
+            self._ledgered.update(await self._store_call(self._write, events, ledger))
         except MeshfedError as exc:  # the store failed: every waiter learns it
             self._journal_error = exc
         for *_, written in batch:
             written.set()
 
     def _write(
-        self, events: list[tuple[str, str, dict[str, Any]]], escrows: list[LedgerEscrow]
-    ) -> dict[str, MeshfedError | None]:
-        """In a worker thread: journal ``events``, then apply the escrows they asked for (an
-        award waits for both: one trip to the thread instead of two); what each escrow came
-        to, by key."""
+        self,
+        events: list[tuple[str, str, dict[str, Any]]],
+        ledger: list[list[tuple[_LedgerAction, bytes]]],
+    ) -> dict[_LedgerAction, MeshfedError | None]:
+        """In a worker thread: journal ``events``, then apply the ledger actions each produced
+        (with their evidence), in the machines' order: one trip to the thread, and no action
+        overtakes an earlier one (a job's release applied before a payment its machine made
+        first would leave the payment to an empty escrow). An event's actions after one the
+        ledger refused are not applied (``_apply`` stops at the refusal). What each came
+        to."""
         self.journal.append([(machine, event, _encoded(body)) for machine, event, body in events])
-        outcomes: dict[str, MeshfedError | None] = {}
-        for escrow in escrows:
-            try:
-                self.ledger.escrow(escrow.job, escrow.amount, key=escrow.key)
-                outcomes[escrow.key] = None
-            except MeshfedError as exc:  # the budget is gone: raised where it is applied
-                outcomes[escrow.key] = exc
+        outcomes: dict[_LedgerAction, MeshfedError | None] = {}
+        for actions in ledger:
+            for action, evidence in actions:
+                outcomes[action] = refused = self._ledger_apply(action, evidence)
+                if refused is not None:
+                    break
         return outcomes
+
+    def _ledger_apply(self, action: _LedgerAction, evidence: bytes) -> MeshfedError | None:
+        """Apply one ledger action (idempotent by its key: a replayed one moves nothing);
+        None, or why the ledger refused."""
+        try:
+            if isinstance(action, LedgerEscrow):
+                self.ledger.escrow(action.job, action.amount, key=action.key)
+            elif isinstance(action, LedgerPay):
+                self.ledger.pay(
+                    action.job, action.seller, action.unit, action.amount, evidence=evidence
+                )
+            elif isinstance(action, LedgerRelease):
+                self.ledger.release(action.job, key=action.key)
+            elif isinstance(action, LedgerEarn):
+                self.ledger.earn(
+                    action.job, action.buyer, action.unit, action.amount, evidence=evidence
+                )
+            else:  # every note of a lease is for the same price: the claim splits evenly (any
+                # remainder on the last unit, so the books hold the claim to the micro-credit)
+                each, rest = divmod(action.amount, len(action.units))
+                for unit in action.units:
+                    share = each + (rest if unit == action.units[-1] else 0)
+                    self.ledger.forfeit(action.job, action.buyer, unit, share, evidence=evidence)
+        except MeshfedError as exc:
+            return exc
+        return None
 
     async def _received(
         self, machine: str, envelope: Envelope, message: MarketMessage
@@ -1095,40 +1137,20 @@ class Market:
                     self._wake_seller(action.at)
                 elif handle is not None:
                     handle.wake_at = min(handle.wake_at, action.at)
-            elif isinstance(action, LedgerEscrow):
-                if action.key not in self._escrowed:  # replayed: applied again (a no-op)
-                    await self._store_call(
-                        self.ledger.escrow, action.job, action.amount, key=action.key
+            elif isinstance(action, _LEDGER):
+                # applied with the journal write (``_write``), or now when replayed (a no-op
+                # by its key if it was applied before the stop)
+                refused = self._ledgered.pop(action, _UNAPPLIED)
+                if refused is _UNAPPLIED:
+                    refused = await self._store_call(
+                        self._ledger_apply, action, _ledger_evidence(action, evidence, handle)
                     )
-                elif (refused := self._escrowed.pop(action.key)) is not None:
+                if refused is not None:
                     raise refused
-            elif isinstance(action, LedgerPay):
-                # evidence: the seller's signed note (paid when it came, or on its verdict)
-                frame = evidence if handle is None else handle.note_frames.get(action.note_digest)
-                await self._store_call(
-                    self.ledger.pay, action.job, action.seller, action.unit, action.amount,
-                    evidence=evidence if frame is None else frame,
-                )  # fmt: skip
-                if handle is not None:
+                if isinstance(action, LedgerPay) and handle is not None:
                     _note_paid(handle, action)
-            elif isinstance(action, LedgerRelease):
-                await self._store_call(self.ledger.release, action.job, key=action.key)
-            elif isinstance(action, LedgerEarn):
-                await self._store_call(
-                    self.ledger.earn, action.job, action.buyer, action.unit, action.amount,
-                    evidence=evidence,
-                )  # fmt: skip
-                self._forget_state(action.job, action.unit)
-            elif isinstance(action, Forfeit):
-                # every note of a lease is for the same price: the claim splits evenly (any
-                # remainder on the last unit, so the books hold the claim to the micro-credit)
-                each, rest = divmod(action.amount, len(action.units))
-                for unit in action.units:
-                    share = each + (rest if unit == action.units[-1] else 0)
-                    await self._store_call(
-                        self.ledger.forfeit, action.job, action.buyer, unit, share,
-                        evidence=evidence,
-                    )  # fmt: skip
+                elif isinstance(action, LedgerEarn):
+                    self._forget_state(action.job, action.unit)
             elif isinstance(action, StartTraining):
                 # the journal holds the award: the lease book may follow after the answer
                 assert self._nursery is not None
@@ -1396,3 +1418,16 @@ def _trio_at(wall: float) -> float:
     if wall == float("inf"):
         return wall
     return trio.current_time() + max(0.0, wall - time.time())
+
+
+#: ``_ledgered`` holds no outcome for the action (it was not journaled: a replay)
+_UNAPPLIED: Any = object()
+
+
+def _ledger_evidence(action: _LedgerAction, evidence: bytes, handle: JobHandle | None) -> bytes:
+    """What a ledger action keeps as its evidence: a payment, the seller's signed note
+    (paid when it came, or on its verdict later); any other, the signed frame of the
+    message whose event produced it (``evidence``)."""
+    if isinstance(action, LedgerPay) and handle is not None:
+        return handle.note_frames.get(action.note_digest, evidence)
+    return evidence

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -53,6 +55,42 @@ async def test_a_job_is_bought_trained_and_paid_and_both_ledgers_agree(tmp_path:
             assert earned == paid == 3 * price.get(seller.peer_id, 0)  # to the last unit
         spent = 3 * sum(price.values())
         assert market.ledger.balance(AVAILABLE) == 1000 * MICRO - spent  # the rest released
+
+
+async def test_a_payment_reaches_the_ledger_before_the_release_its_machine_made_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the ledger runs in worker threads: a job's release applied while a payment its machine
+    # made first was still under way left that payment to an empty escrow (raised out of the
+    # note's handler; the seller, acknowledged on its resend, earned what was never paid)
+    async with open_memory_mesh(
+        4, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
+    ) as nodes:
+        await meshed(nodes)
+        buyer = nodes[0]
+        assert buyer.market is not None
+        ledger, paying = buyer.market.ledger, threading.Event()
+        real_pay = ledger.pay
+
+        def slow_pay(*args: Any, **kwargs: Any) -> Any:
+            paying.set()
+            time.sleep(0.3)  # still under way when the job is cancelled
+            return real_pay(*args, **kwargs)
+
+        monkeypatch.setattr(ledger, "pay", slow_pay)
+        job = {**JOB, "job_id": "in-order", "rounds": 50, "secure": False}
+        handle = await buyer.submit_training(job, budget=5, min_peers=2, max_peers=2)
+        with trio.fail_after(60):
+            while not paying.is_set():  # noqa: ASYNC110 - a thread sets it
+                await trio.sleep(0.01)
+        await handle.cancel()
+        with trio.fail_after(60):
+            await handle.wait()
+        winners = [node for node in nodes if node.peer_id in handle.buyer.roster]
+        for seller in winners:
+            await until_ledgers_agree(buyer, seller, "in-order", within=15)
+        paid = sum(ledger.balance(paid_account("in-order", s.peer_id)) for s in winners)
+        assert paid > 0 and handle.buyer.paid and paid == sum(handle.buyer.paid.values())
 
 
 async def test_no_matching_peer_names_the_requirement(tmp_path: Path) -> None:
