@@ -336,8 +336,11 @@ def test_an_acceptance_that_comes_too_late_ends_that_lease_with_nothing_owed() -
     assert late not in m.job.paid and m.trace.rejected == []
 
 
-def test_a_peer_failing_mid_job_is_replaced_and_the_roster_change_reaches_the_peers() -> None:
-    m = market()
+def _first_winner_fails_in_round_2(
+    m: Market,
+) -> tuple[PeerId, PeerId, PeerId, list[ChangeRoster]]:
+    """Run ``m``'s job of two winners, the first failing in round 2: the one that failed,
+    the one kept, its replacement, and the roster changes the kept one took."""
     m.post()
     m.work(1)
     failed, kept = m.job.roster
@@ -346,34 +349,30 @@ def test_a_peer_failing_mid_job_is_replaced_and_the_roster_change_reaches_the_pe
     m.finish()
     replacement = m.sellers[2]
     assert m.job.roster == (kept, replacement)
+    assert m.job.state is BuyerState.ENDED
+    seen = [a for who, a in m.trace.actions if who == kept and isinstance(a, ChangeRoster)]
+    return failed, kept, replacement, seen
+
+
+def test_a_peer_failing_mid_job_is_replaced_and_the_roster_change_reaches_the_peers() -> None:
+    m = market()
+    failed, kept, replacement, seen = _first_winner_fails_in_round_2(m)
     assert m.training[replacement].units == 2  # rounds 2 and 3
     units = m.job.rfq.units
     prices = {w.bidder: w.price for w in m.job.clearing.winners}  # type: ignore[union-attr]
     assert m.job.paid[failed] == prices[failed]  # the round it did
     assert m.job.paid[kept] == prices[kept] * units
     assert m.job.paid[replacement] >= 3000 * 2  # at least its bid, for its two rounds
-    seen = [a for who, a in m.trace.actions if who == kept and isinstance(a, ChangeRoster)]
     assert [(c.roster, c.roster_version, c.from_round) for c in seen] == [
         ((kept,), 2, 2),
         ((kept, replacement), 3, 2),
     ]
-    assert m.job.state is BuyerState.ENDED
 
 
 def test_a_roster_below_min_peers_is_never_sent_only_the_one_with_the_replacement() -> None:
     # the job cannot run below min_peers: a change to the survivors alone would be refused
-    m = market(rfq=make_rfq(min_peers=2))
-    m.post()
-    m.work(1)
-    failed, kept = m.job.roster
-    m.fail(failed, 2)
-    m.work(3)
-    m.finish()
-    replacement = m.sellers[2]
-    assert m.job.roster == (kept, replacement)
-    seen = [a for who, a in m.trace.actions if who == kept and isinstance(a, ChangeRoster)]
+    _, kept, replacement, seen = _first_winner_fails_in_round_2(market(rfq=make_rfq(min_peers=2)))
     assert [(c.roster, c.from_round) for c in seen] == [((kept, replacement), 2)]
-    assert m.job.state is BuyerState.ENDED
 
 
 def test_without_an_affordable_replacement_the_job_settles_with_what_it_did() -> None:
