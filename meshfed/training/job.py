@@ -307,7 +307,8 @@ class TrainingPeer:
         a large data set takes seconds, and meanwhile the node's loop answers its peers (a
         node that stopped answering would be taken for dead). Raises as the constructor."""
         _refuse_early(node, spec, store, joining)
-        parts = await trio.to_thread.run_sync(_prepare, node, spec, abandon_on_cancel=True)
+        # not abandoned on cancel: a job stopped meanwhile ends once its thread is done
+        parts = await trio.to_thread.run_sync(_prepare, node, spec)
         return cls(
             node, spec, aggregator, store=store, joining=joining, min_round_s=min_round_s,
             parts=parts,
