@@ -68,7 +68,10 @@ class CpuShares(Generic[K]):
     ``now`` is any clock in seconds; the libp2p transport passes the thread's CPU clock, so
     shares divide the CPU the node actually got. A key charged within the last ``window_s``
     is *active*. Each active key's bucket refills at ``1 / active`` seconds per second up to
-    ``burst_s``; :meth:`charge` spends from it, into debt if the work cost more. :meth:`wait_s`
+    its depth, ``burst_s`` or the costliest single charge of the last window or two if that is
+    more (as deficit round robin's quantum covers the largest packet: a key whose jobs are
+    cheap would otherwise lose what it earns while it waits its turn behind others' longer
+    jobs); :meth:`charge` spends from it, into debt if the work cost more. :meth:`wait_s`
     says how long a key in debt must wait before more of its work starts, so busy keys each
     get an equal share whatever their work costs, and a key alone gets all of it. A key's wait
     depends on its own debt and on how many keys are active, never on how much the others
@@ -80,12 +83,16 @@ class CpuShares(Generic[K]):
     _shares: dict[K, _Share] = field(default_factory=dict)
     _pruned: float = float("-inf")
     _total: float = 0.0
+    #: how much a bucket holds (``burst_s``, or the costliest charge of the last window or two)
+    _depth: float = 0.0
+    _peak: float = 0.0  # the costliest charge since the last prune
 
     def __post_init__(self) -> None:
         if self.burst_s <= 0 or self.window_s <= 0:
             raise ValueError(
                 f"burst_s and window_s must be > 0, got {self.burst_s}, {self.window_s}"
             )
+        self._depth = self.burst_s
 
     @property
     def rate(self) -> float:
@@ -99,6 +106,8 @@ class CpuShares(Generic[K]):
         share.spent += seconds
         share.charged = now
         self._total += seconds
+        self._peak = max(self._peak, seconds)
+        self._depth = max(self._depth, seconds)
         if now - self._pruned >= self.window_s:
             self._prune(now)
 
@@ -120,7 +129,7 @@ class CpuShares(Generic[K]):
         held back no one (and would only grow while it is alone)."""
         share = self._shares.get(key)
         if share is not None:
-            share.level = self.burst_s
+            share.level = self._depth
 
     def spent_by_others_s(self, key: K) -> float:
         """CPU seconds charged so far to every key but ``key`` (it grows while others work)."""
@@ -129,16 +138,17 @@ class CpuShares(Generic[K]):
     def _refilled(self, key: K, now: float) -> _Share:
         share = self._shares.get(key)
         if share is None:
-            share = self._shares[key] = _Share(self.burst_s, now, now)
+            share = self._shares[key] = _Share(self._depth, now, now)
         else:
             earned = max(0.0, now - share.updated) * self.rate
-            share.level = min(self.burst_s, share.level + earned)
+            share.level = min(self._depth, share.level + earned)
             share.updated = now
         return share
 
     def _prune(self, now: float) -> None:
         """Forget keys idle for ``window_s`` whose debt is paid."""
         self._pruned = now
+        self._depth, self._peak = max(self.burst_s, self._peak), 0.0
         for key in [
             key
             for key, share in self._shares.items()
