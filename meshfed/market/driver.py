@@ -345,6 +345,9 @@ class Market:
         #: action is its operation: equal ones are one, idempotent by key): None, or why the
         #: ledger refused (``_apply`` raises it)
         self._ledgered: dict[_LedgerAction, MeshfedError | None] = {}
+        #: the lease book's writes, in the order they were asked for (FIFO): a lease's end is
+        #: never written before the lease (whose write does not hold up the acceptance)
+        self._book_turn = trio.Lock()
         #: the model, from the winners to the buyer (7f.6)
         self.delivery = ModelDelivery(
             node, buyer_of=self._buyer_of, within_s=self.config.request_within_s
@@ -1245,10 +1248,11 @@ class Market:
         terms = self._terms(job, role, peer)
         if terms is not None:
             price, units = terms
-            await self._store_call(
-                self.book.put_lease, job, role, peer, price=price, units=units, award=signed,
-                state=LeaseState.ACTIVE,
-            )  # fmt: skip
+            async with self._book_turn:
+                await self._store_call(
+                    self.book.put_lease, job, role, peer, price=price, units=units,
+                    award=signed, state=LeaseState.ACTIVE,
+                )  # fmt: skip
 
     def _terms(self, job: str, role: LeaseRole, peer: PeerId) -> tuple[int, int] | None:
         if role is LeaseRole.SELLER:
@@ -1268,18 +1272,15 @@ class Market:
             if work is not None and ended.reason != SettleReason.DONE.value:
                 work.scope.cancel()  # cancelled, out of budget or forfeited: no one pays more
             lease = self.seller.lease(ended.job)
-            if lease is not None:
+            ends = [] if lease is None else [(LeaseRole.SELLER, lease.buyer)]
+        else:
+            ends = [(LeaseRole.BUYER, peer) for peer in handle.buyer.active]
+        async with self._book_turn:  # after the lease's own write, if it is under way
+            for role, peer in ends:
                 with contextlib.suppress(LocalProtocolError):
-                    await self._store_call(
-                        self.book.set_lease_state, ended.job, LeaseRole.SELLER, lease.buyer, final
-                    )
-            return
-        for peer in handle.buyer.active:
-            with contextlib.suppress(LocalProtocolError):
-                await self._store_call(
-                    self.book.set_lease_state, ended.job, LeaseRole.BUYER, peer, final
-                )
-        self._ended(handle, ended)
+                    await self._store_call(self.book.set_lease_state, ended.job, role, peer, final)
+        if handle is not None:
+            self._ended(handle, ended)
 
     async def _store_call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await trio.to_thread.run_sync(functools.partial(method, *args, **kwargs))

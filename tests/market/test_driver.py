@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from meshfed.errors import BudgetExceeded, BudgetTooLow, NoMatchingPeers, RequestFailed
+from meshfed.market.leasebook import LeaseRole, LeaseState
 from meshfed.market.ledger import AVAILABLE, earned_account, paid_account
 from meshfed.market.messages import Verification
 from meshfed.market.terms import MICRO, Requirements
@@ -91,6 +92,45 @@ async def test_a_payment_reaches_the_ledger_before_the_release_its_machine_made_
             await until_ledgers_agree(buyer, seller, "in-order", within=15)
         paid = sum(ledger.balance(paid_account("in-order", s.peer_id)) for s in winners)
         assert paid > 0 and handle.buyer.paid and paid == sum(handle.buyer.paid.values())
+
+
+async def test_a_lease_ended_while_its_record_was_being_written_ends_in_the_book(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the lease book is written in worker threads: a lease's end could be written before the
+    # lease itself (a job cancelled right after its winners accepted), and the lease then
+    # stayed "active" in the book for good
+    async with open_memory_mesh(
+        4, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
+    ) as nodes:
+        await meshed(nodes)
+        buyer, sellers = nodes[0], nodes[1:]
+        for seller in sellers:
+            assert seller.market is not None
+            book, real_put = seller.market.book, seller.market.book.put_lease
+
+            def slow_put(*args: Any, real: Any = real_put, **kwargs: Any) -> Any:
+                time.sleep(0.3)  # the cancel's settlement comes meanwhile
+                return real(*args, **kwargs)
+
+            monkeypatch.setattr(book, "put_lease", slow_put)
+        job = {**JOB, "job_id": "short-lived", "rounds": 50, "secure": False}
+        handle = await buyer.submit_training(job, budget=5, min_peers=2, max_peers=2)
+        await until_event(handle, "started")
+        await handle.cancel()
+        with trio.fail_after(60):
+            await handle.wait()
+        for seller in sellers:
+            assert seller.market is not None
+            if seller.peer_id in handle.buyer.roster:
+                with trio.fail_after(10):
+                    while (  # noqa: ASYNC110 - the book is written in a worker thread
+                        lease := seller.market.book.lease(
+                            "short-lived", LeaseRole.SELLER, buyer.peer_id
+                        )
+                    ) is None or not lease.state.final:
+                        await trio.sleep(0.05)
+                assert lease.state is LeaseState.CANCELLED
 
 
 async def test_no_matching_peer_names_the_requirement(tmp_path: Path) -> None:
