@@ -266,22 +266,16 @@ class _NodeProcess:
         self.trained = trio.Event()
 
     async def read(self) -> None:
+        from meshfed.testnet import json_lines
+
         assert self.process.stdout is not None
-        buffer = b""
-        async for chunk in self.process.stdout:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                try:
-                    document = json.loads(line)
-                except ValueError:  # not one of its JSON lines
-                    continue
-                if document.get("event") == "started":
-                    self.started = document
-                    self.ready.set()
-                elif document.get("event") == "round":
-                    self.rounds.append(trio.current_time())
-                    self.trained.set()
+        async for document in json_lines(self.process.stdout):
+            if document.get("event") == "started":
+                self.started = document
+                self.ready.set()
+            elif document.get("event") == "round":
+                self.rounds.append(trio.current_time())
+                self.trained.set()
 
 
 def _cores() -> tuple[set[int], set[int]] | None:

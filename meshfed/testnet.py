@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,10 +69,11 @@ class _Child:
     finished: trio.Event = field(default_factory=trio.Event)
 
 
-async def _read_lines(child: _Child, on_round: Callable[[], None]) -> None:
-    assert child.process.stdout is not None
+async def json_lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects ``stream`` (a node process's output) carries, one a line, until it
+    ends; lines that are not one (the process's other output) are skipped."""
     buffer = b""
-    async for chunk in child.process.stdout:
+    async for chunk in stream:
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
@@ -80,18 +81,25 @@ async def _read_lines(child: _Child, on_round: Callable[[], None]) -> None:
                 document = json.loads(line)
             except ValueError:
                 continue
-            event = document.pop("event", None)
-            if event == "started":
-                child.started = document
-                child.ready.set()
-            elif event == "round":
-                child.rounds.append(document)
-                on_round()
-            elif event in ("job_done", "job_failed"):
-                child.outcome = {"event": event, **document}
-                child.finished.set()
-            elif event == "stopped":
-                child.stopped = document
+            if isinstance(document, dict):
+                yield document
+
+
+async def _read_lines(child: _Child, on_round: Callable[[], None]) -> None:
+    assert child.process.stdout is not None
+    async for document in json_lines(child.process.stdout):
+        event = document.pop("event", None)
+        if event == "started":
+            child.started = document
+            child.ready.set()
+        elif event == "round":
+            child.rounds.append(document)
+            on_round()
+        elif event in ("job_done", "job_failed"):
+            child.outcome = {"event": event, **document}
+            child.finished.set()
+        elif event == "stopped":
+            child.stopped = document
     child.finished.set()  # the process ended
 
 
@@ -131,21 +139,13 @@ class _Buyer:
 async def _read_buyer(buyer: _Buyer, process: trio.Process) -> None:
     """Read one buyer process's lines; the buyer ended when its last process's output did."""
     assert process.stdout is not None
-    buffer = b""
-    async for chunk in process.stdout:
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            try:
-                document = json.loads(line)
-            except ValueError:
-                continue
-            if document.get("event") == "statement":
-                buyer.statement = document
-            elif "job_id" in document:  # the job's events (not the process's own lines)
-                buyer.events.append(document)
-                if document.get("event") == "started" and not buyer.roster:
-                    buyer.roster = list(document["roster"])
+    async for document in json_lines(process.stdout):
+        if document.get("event") == "statement":
+            buyer.statement = document
+        elif "job_id" in document:  # the job's events (not the process's own lines)
+            buyer.events.append(document)
+            if document.get("event") == "started" and not buyer.roster:
+                buyer.roster = list(document["roster"])
     if process is buyer.process and (buyer.stopped_at is None or buyer.restarted_at is not None):
         buyer.ended.set()  # not the process the chaos test killed, to start it again
 
