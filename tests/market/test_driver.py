@@ -70,15 +70,8 @@ async def test_a_payment_reaches_the_ledger_before_the_release_its_machine_made_
         await meshed(nodes)
         buyer = nodes[0]
         assert buyer.market is not None
-        ledger, paying = buyer.market.ledger, threading.Event()
-        real_pay = ledger.pay
-
-        def slow_pay(*args: Any, **kwargs: Any) -> Any:
-            paying.set()
-            time.sleep(0.3)  # still under way when the job is cancelled
-            return real_pay(*args, **kwargs)
-
-        monkeypatch.setattr(ledger, "pay", slow_pay)
+        ledger = buyer.market.ledger
+        paying = _slowed(monkeypatch, ledger, "pay")  # under way when the job is cancelled
         job = {**JOB, "job_id": "in-order", "rounds": 50, "secure": False}
         handle = await buyer.submit_training(job, budget=5, min_peers=2, max_peers=2)
         with trio.fail_after(60):
@@ -107,13 +100,7 @@ async def test_a_lease_ended_while_its_record_was_being_written_ends_in_the_book
         buyer, sellers = nodes[0], nodes[1:]
         for seller in sellers:
             assert seller.market is not None
-            book, real_put = seller.market.book, seller.market.book.put_lease
-
-            def slow_put(*args: Any, real: Any = real_put, **kwargs: Any) -> Any:
-                time.sleep(0.3)  # the cancel's settlement comes meanwhile
-                return real(*args, **kwargs)
-
-            monkeypatch.setattr(book, "put_lease", slow_put)
+            _slowed(monkeypatch, seller.market.book, "put_lease")  # the cancel comes meanwhile
         job = {**JOB, "job_id": "short-lived", "rounds": 50, "secure": False}
         handle = await buyer.submit_training(job, budget=5, min_peers=2, max_peers=2)
         await until_event(handle, "started")
@@ -131,6 +118,20 @@ async def test_a_lease_ended_while_its_record_was_being_written_ends_in_the_book
                     ) is None or not lease.state.final:
                         await trio.sleep(0.05)
                 assert lease.state is LeaseState.CANCELLED
+
+
+def _slowed(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> threading.Event:
+    """Make ``owner.name`` (a store write, run in a worker thread) take 0.3 s longer; the
+    event is set when a call begins."""
+    real, began = getattr(owner, name), threading.Event()
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        began.set()
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, slow)
+    return began
 
 
 async def test_no_matching_peer_names_the_requirement(tmp_path: Path) -> None:
