@@ -2,8 +2,9 @@
 replacement): the others hold one model after every round, the round of the kills included,
 from the second round after it their rounds cost what they did before (the issue: 0.14 s
 rounds became 3.1 s, each waiting the join floor for the dead peer, and the survivors'
-accuracies spread by 0.09-0.25 in the round after the kill), and they finish as accurate as
-without the kills (IID shards, so losing two shards late costs little data)."""
+accuracies spread by 0.09-0.25 in the round after the kill), and they finish about as accurate
+on their validation parts as the clean run is on the same parts (IID shards, so losing two
+shards late costs little data)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,13 @@ def test_six_survivors_finish_as_accurate_as_eight(tmp_path: Path) -> None:
         assert max(seconds[KILL_AT + 2 :]) <= 2 * before + 0.1, seconds
     # after the kills, the groups shrink to the six survivors
     assert any(6 in r["groups"] for r in survivors[0]["rounds"])
-    assert abs(chaos["final_accuracy"] - clean["final_accuracy"]) <= 0.02
+    # on the same examples: each node validates on its own equal part, so the clean run's
+    # accuracy on the survivors' parts is the mean of theirs; two shards fewer for the last
+    # rounds cost 0 to 7 of these 216 examples in ten runs (0.013 on average)
+    lasts = {n["index"]: n["rounds"][-1] for n in clean["nodes"]}
+    assert survivors[0]["rounds"][-1]["pooled_examples"] * 8 == lasts[0]["pooled_examples"] * 6
+    clean_on_theirs = statistics.mean(lasts[n["index"]]["accuracy"] for n in survivors)
+    assert chaos["final_accuracy"] >= clean_on_theirs - 0.05
 
 
 def test_the_testnet_prints_why_nodes_failed(tmp_path: Path) -> None:
