@@ -10,7 +10,6 @@ steadier figure than the wall clock).
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -18,8 +17,7 @@ import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from rich.table import Table
 
 from .device.simulator import PROFILES, SimulatedDevice
 from .errors import ConfigError
+from .heap import long_lived_heap
 from .identity import Identity
 from .node import Node
 from .secagg.driver import Aggregator, DeadlinePolicy
@@ -65,23 +64,6 @@ def _table(spec: JobSpec, peers: int, rows: list[dict[str, Any]], elapsed: float
             f"{row['peak_rss_mb']:.0f}",
         )
     return table
-
-
-@contextmanager
-def _long_lived_heap() -> Iterator[None]:
-    """Keep the cyclic garbage collector off what the run set up. Hundreds of nodes, models
-    and datasets live as long as the run (half a million objects): a full collection walks
-    them all (0.1-0.3 s, every second or two at the default thresholds, measured) and never
-    frees any. They are frozen out of it, and young objects are collected every 20,000
-    allocations instead of 700 (a round allocates millions; a cycle waits a little longer)."""
-    thresholds = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(20_000, 10, 10)
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
 
 
 async def run_simulation(
@@ -157,7 +139,7 @@ async def _simulate(
             ]
             reports: dict[int, list[RoundReport]] = {}
             with (
-                _long_lived_heap(),
+                long_lived_heap(),
                 Live(_table(spec, peers, rows, 0), console=console, refresh_per_second=2) as live,
             ):
                 for number in range(spec.rounds):
