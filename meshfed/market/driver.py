@@ -385,6 +385,12 @@ class Market:
             actions = self._call(entry.machine, entry.event, entry.body)
             handle = self.jobs.get(entry.machine.removeprefix(_BUYER))
             evidence = entry.body.get("frame", b"")
+            if handle is not None and entry.event == "receive":
+                message = _message(entry.body, "message")
+                if isinstance(message, Lease):  # in the book before its end is (a kill -9
+                    # between the acceptance's journal write and its book write lost it)
+                    sender = PeerId.of(entry.body["sender"])
+                    await self._put_lease(handle.job_id, LeaseRole.BUYER, sender, evidence)
             await self._apply(actions, evidence, seller=entry.machine == _SELLER, handle=handle,
                               replaying=True)  # fmt: skip
         assert self._nursery is not None
@@ -567,11 +573,17 @@ class Market:
     async def _received(
         self, machine: str, envelope: Envelope, message: MarketMessage
     ) -> list[LeaseAction]:
-        return await self._event(
+        actions = await self._event(
             machine, "receive", light=isinstance(message, _QUOTES),
             sender=envelope.sender.raw, message=message, frame=envelope.frame,
             now=time.time(),
         )  # fmt: skip
+        if machine != _SELLER and isinstance(message, Lease):  # accepted: its signature kept
+            assert self._nursery is not None
+            self._nursery.start_soon(
+                self._put_lease, message.job, LeaseRole.BUYER, envelope.sender, envelope.frame
+            )
+        return actions
 
     async def publish_asks(self, conditions: Conditions | None = None) -> None:
         """Put this node's asks (from its policy and ``conditions``, default: its load and
@@ -1155,11 +1167,15 @@ class Market:
                 elif isinstance(action, LedgerEarn):
                     self._forget_state(action.job, action.unit)
             elif isinstance(action, StartTraining):
-                # the journal holds the award: the lease book may follow after the answer
-                assert self._nursery is not None
-                self._nursery.start_soon(
-                    self._put_lease, action.job, LeaseRole.SELLER, action.buyer, evidence
-                )
+                # the journal holds the award: the lease book may follow after the answer;
+                # replayed, nothing waits for one, and the book has it before its end
+                if replaying:
+                    await self._put_lease(action.job, LeaseRole.SELLER, action.buyer, evidence)
+                else:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(
+                        self._put_lease, action.job, LeaseRole.SELLER, action.buyer, evidence
+                    )
                 work = self.work[action.job] = _Work(action)
                 if not replaying:
                     assert self._nursery is not None
@@ -1231,11 +1247,6 @@ class Market:
                 extra={"peer": envelope.sender.short(), "type": answer.TYPE, "error": str(exc)},
             )
             return
-        if isinstance(answer, Lease) and handle is not None:  # accepted: its signature kept
-            assert self._nursery is not None
-            self._nursery.start_soon(
-                self._put_lease, handle.job_id, LeaseRole.BUYER, envelope.sender, envelope.frame
-            )
         reply = await self._apply(actions, envelope.frame, seller, handle)
         if reply is not None:  # an answer that calls for one of ours (a late acceptance: settle)
             follow = SendRequest(envelope.sender, reply)

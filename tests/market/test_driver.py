@@ -134,6 +134,72 @@ def _slowed(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> thread
     return began
 
 
+async def test_a_lease_the_book_lost_in_a_crash_is_written_when_the_journal_is_replayed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease is written to the book after its acceptance is journaled, in a task of its
+    own: a node killed between the two lost it from the book for good (the buyer never
+    wrote it again; a winner wrote it again in a task that the lease's end, replayed too,
+    could overtake). Both come back with it, and the job's end ends it there (for a winner
+    that saw the end before it was killed, also in its book)."""
+    network = MemoryNetwork(seed=5)
+    job = {**JOB, "job_id": "lost-write", "rounds": 6, "epochs": 1}
+    nodes = RestartableNodes(network, tmp_path, GOSSIPING)
+    async with trio.open_nursery() as nursery:
+        sellers = [await nodes.start(nursery, i) for i in range(1, 6)]
+        for seller in sellers:
+            assert seller.market is not None
+            monkeypatch.setattr(seller.market.book, "put_lease", _lost)
+        async with open_node(GOSSIPING(tmp_path / "buyer"), network=network) as buyer:
+            assert buyer.market is not None
+            monkeypatch.setattr(buyer.market.book, "put_lease", _lost)
+            await meshed([buyer, *sellers])
+            handle = await buyer.submit_training(job, budget=5, min_peers=4, max_peers=4)
+            await until_event(handle, "round", unit=1)
+            roster = list(handle.buyer.roster)
+            victim = next(s for s in sellers if s.peer_id in roster)
+            index = sellers.index(victim) + 1
+            nodes.kill(victim, index)  # the buyer stops too, at the end of this block
+        async with open_node(GOSSIPING(tmp_path / "buyer"), network=network) as buyer:
+            assert buyer.market is not None
+            book = buyer.market.book
+            assert all(book.lease("lost-write", LeaseRole.BUYER, peer) for peer in roster)
+            back = await nodes.start(nursery, index)  # the same data directory
+            assert back.market is not None
+            assert back.market.book.lease("lost-write", LeaseRole.SELLER, buyer.peer_id)
+            for seller in sellers:
+                if seller is not victim:
+                    await buyer.connect(seller.listen_addrs[0])
+            await buyer.connect(back.listen_addrs[0])
+            with trio.fail_after(120):
+                final = await buyer.market.jobs["lost-write"].wait()
+            assert final["state"] == "ended", final
+            with trio.fail_after(10):
+                while not all(  # noqa: ASYNC110 - the book is written in a worker thread
+                    (lease := book.lease("lost-write", LeaseRole.BUYER, peer)) is not None
+                    and lease.state.final
+                    for peer in roster
+                ):
+                    await trio.sleep(0.05)
+            # a winner that lost it and saw the job end: the replay writes it, then its end
+            other = next(s for s in sellers if s.peer_id in roster and s is not victim)
+            assert other.market is not None
+            with trio.fail_after(30):
+                while not other.market.seller.lease("lost-write").ended:  # type: ignore[union-attr]  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            index = sellers.index(other) + 1
+            nodes.kill(other, index)
+            again = await nodes.start(nursery, index)
+            assert again.market is not None
+            lease = again.market.book.lease("lost-write", LeaseRole.SELLER, buyer.peer_id)
+            assert lease is not None and lease.state.final, lease
+        nodes.stop_all()
+
+
+def _lost(*args: Any, **kwargs: Any) -> None:
+    """A lease book's write that a kill -9 cut off."""
+
+
 async def test_no_matching_peer_names_the_requirement(tmp_path: Path) -> None:
     async with open_memory_mesh(3, tmp_path, membership=True, gossip_interval_s=0.1) as nodes:
         await meshed(nodes)
