@@ -21,7 +21,7 @@ from .cli_common import ConfigOpt, DataDirOpt, _load
 from .cli_market import add_market_commands
 from .config import NodeConfig
 from .errors import MeshfedError, leaves
-from .heap import freeze_imports
+from .heap import freeze_imports, settle
 from .identity import load_or_create_identity
 from .logs import configure_logging
 from .node import Node, open_node
@@ -180,6 +180,7 @@ async def _run(
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(cfg) as node:
+            settle()  # what starting the node imported (py-libp2p, the API) is there for good
             started = {"peer_id": str(node.peer_id), "listen": node.listen_addrs}
             _emit(json_output, "started", {**started, "api": node.api_url})
             async with trio.open_nursery() as nursery:

@@ -1,60 +1,78 @@
 """What a long-running process keeps out of the cyclic garbage collector's walks.
 
-A node process holds half a million objects that live as long as it does and that a full
-collection walks every time without freeing any: the functions, classes and tables of the
-modules it imported (py-libp2p's at start, torch's with its first job). While a job trains,
-a full collection came every second or so and stopped the event loop for 150-360 ms each
-(measured: a 4-node testnet on two cores). :func:`freeze_imports` freezes the heap
-(:func:`gc.freeze`) after imports, so that collections walk only what came since;
-:func:`long_lived_heap` does the same for a simulation's run.
+A node process holds hundreds of thousands of objects that live as long as it does and that
+a full collection walks every time without freeing any: the functions, classes and tables of
+the modules it imported (py-libp2p's and the API's as its node starts, torch's with its first
+job). While a job trained, a full collection came every second or so and stopped the event
+loop for 150-360 ms each (measured: a 4-node testnet on two cores).
+
+A process that opts in (:func:`freeze_imports`: the ``meshfed-node`` command does; a library
+does not freeze its embedder's heap) freezes its heap (:func:`gc.freeze`) at *quiet points*:
+its node has started (:func:`settle`), a job's training stack was imported and no job's
+objects exist (:func:`bulk_import`, in the market driver); collections then walk only what
+came after. Each freeze follows a full collection (no garbage is frozen), and comes only where
+the process holds nothing short-lived of its own: an object frozen is never collected as part
+of a reference cycle, so a job frozen while it ran would stay in memory, its data set
+included, once it ended (the node holds its newest ended jobs, then lets them go; tested).
+What torch imports lazily during a job's first rounds is not frozen. :func:`long_lived_heap`
+freezes a simulation's nodes for its run.
 """
 
 from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
-__all__ = ["freeze_imports", "long_lived_heap"]
+__all__ = ["bulk_import", "freeze_imports", "long_lived_heap", "settle"]
 
-#: how many modules must have come since the last freeze for the next one: a job's first
-#: torch import brings ~1,000, a lazily imported helper a few
+#: how many modules must have come since the last freeze for :func:`settle` to freeze again
+#: (the training stack brings ~1,500; a lazily imported helper a few)
 _NEW_MODULES = 50
 
-
-#: how many modules the process held at its last freeze (None: :func:`freeze_imports` not
-#: called)
+#: how many modules the process held at its last freeze; None: it did not opt in
 _frozen_with: int | None = None
 
 
 def freeze_imports() -> None:
-    """From now on in this process, the collection that follows an import of
-    :data:`_NEW_MODULES` modules or more freezes the heap (and this call freezes it now).
-
-    Everything alive then is left out of later collections: what was imported, and what the
-    process held at that moment (its node, the job it was preparing). What of it becomes
-    garbage later is freed by its reference count as before, unless it is in a reference
-    cycle: that stays. Freezes come with imports (the process start, its first job), not with
-    every job, so that is bounded; cyclic garbage made after a freeze is collected as ever.
-    """
+    """Opt this process in, and freeze its heap now (after a full collection, so no garbage
+    is frozen): call it where the process holds nothing short-lived, e.g. before its node
+    starts."""
     global _frozen_with
-    _frozen_with = len(sys.modules)
+    gc.collect()
     gc.freeze()
-    if _after_collection not in gc.callbacks:
-        gc.callbacks.append(_after_collection)
+    _frozen_with = len(sys.modules)
 
 
-def _after_collection(phase: str, info: dict[str, Any]) -> None:
-    global _frozen_with
-    if (
-        phase == "stop"
-        and _frozen_with is not None
-        and len(sys.modules) >= _frozen_with + _NEW_MODULES
-    ):
-        _frozen_with = len(sys.modules)
-        gc.freeze()
+def settle() -> None:
+    """A quiet point: if this process opted in and imported :data:`_NEW_MODULES` modules or
+    more since its last freeze, collect and freeze again (a one-off pause of one full
+    collection); else nothing."""
+    if _frozen_with is not None and len(sys.modules) >= _frozen_with + _NEW_MODULES:
+        freeze_imports()
+
+
+@contextmanager
+def bulk_import(quiet: Callable[[], bool]) -> Iterator[None]:
+    """Around a large import in an opted-in process (a job's training stack: ~1,500 modules,
+    seconds): no collection while it runs, then, if ``quiet()`` says the process holds nothing
+    short-lived of its own, :func:`settle` (one full collection, then the freeze).
+
+    Its objects all live as long as the process, and collections walked more of them each time
+    as they came: a dozen full collections of up to 250 ms during torch's import on a loaded
+    machine, holding the GIL, so the event loop waited too; and the first collection after it
+    walked all of them again. Not opted in: nothing changes."""
+    if _frozen_with is None or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+        if quiet():
+            settle()
+    finally:
+        gc.enable()
 
 
 @contextmanager

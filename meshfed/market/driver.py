@@ -50,6 +50,7 @@ from ..errors import (
     RemoteProtocolError,
     TransportError,
 )
+from ..heap import bulk_import
 from ..identity import PeerId
 from ..membership.records import Capabilities, PeerRecord
 from ..membership.swim import MemberState
@@ -691,7 +692,9 @@ class Market:
         """Run the training a lease won; note a debit for every round done."""
         # torch's import takes seconds: in a worker thread, so that the loop answers the award
         # meanwhile (on the loop it held the answer past its deadline: a winner lost)
-        await trio.to_thread.run_sync(importlib.import_module, "meshfed.training.job")
+        # what it imports is frozen before this job's objects exist, if no other job's do
+        with bulk_import(lambda: all(w.finished for w in self.work.values() if w is not work)):
+            await trio.to_thread.run_sync(importlib.import_module, "meshfed.training.job")
         from ..training.participation import failure_reason, take_part
 
         start = work.start
