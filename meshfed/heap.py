@@ -60,7 +60,7 @@ def bulk_import(quiet: Callable[[], bool]) -> Iterator[None]:
     short-lived of its own, :func:`settle` (one full collection, then the freeze).
 
     Its objects all live as long as the process, and collections walked more of them each time
-    as they came: a dozen full collections of up to 250 ms during torch's import on a loaded
+    as they came: five or six full collections of up to 250 ms during its import on a loaded
     machine, holding the GIL, so the event loop waited too; and the first collection after it
     walked all of them again. Not opted in: nothing changes."""
     if _frozen_with is None or not gc.isenabled():
