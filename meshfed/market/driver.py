@@ -386,12 +386,12 @@ class Market:
             actions = self._call(entry.machine, entry.event, entry.body)
             handle = self.jobs.get(entry.machine.removeprefix(_BUYER))
             evidence = entry.body.get("frame", b"")
-            if handle is not None and entry.event == "receive":
-                message = _message(entry.body, "message")
-                if isinstance(message, Lease):  # in the book before its end is (a kill -9
-                    # between the acceptance's journal write and its book write lost it)
-                    sender = PeerId.of(entry.body["sender"])
-                    await self._put_lease(handle.job_id, LeaseRole.BUYER, sender, evidence)
+            # an acceptance: in the book before its end is (a kill -9 between the journal's
+            # write and the book's lost it); the type read as kept, ``_call`` decoded it
+            accepted = entry.event == "receive" and entry.body["message"][0] == Lease.TYPE
+            if handle is not None and accepted:
+                sender = PeerId.of(entry.body["sender"])
+                await self._put_lease(handle.job_id, LeaseRole.BUYER, sender, evidence)
             await self._apply(actions, evidence, seller=entry.machine == _SELLER, handle=handle,
                               replaying=True)  # fmt: skip
         assert self._nursery is not None
