@@ -3,7 +3,8 @@ that die and come back, and waits for a job's events and for ledgers to agree.""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from meshfed.config import NodeConfig
 from meshfed.market.driver import JobHandle
 from meshfed.market.ledger import earned_account, paid_account
 from meshfed.node import Node, open_node
+from meshfed.testing import open_memory_mesh
 from meshfed.transports.memory import MemoryNetwork
 
 
@@ -30,6 +32,17 @@ async def meshed(nodes: list[Node], within: float = 20.0) -> None:
             if complete:
                 return
             await trio.sleep(0.1)
+
+
+@asynccontextmanager
+async def market_mesh(n: int, root: Path, **overrides: Any) -> AsyncIterator[list[Node]]:
+    """``n`` memory nodes that gossip every 0.1 s, each knowing every other's asks
+    (:func:`meshed`); ``overrides`` are more :class:`~meshfed.config.NodeConfig` fields."""
+    async with open_memory_mesh(
+        n, root, membership=True, gossip_interval_s=0.1, **overrides
+    ) as nodes:
+        await meshed(nodes)
+        yield nodes
 
 
 async def until_event(

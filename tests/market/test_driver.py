@@ -14,14 +14,21 @@ import pytest
 import trio
 
 from meshfed.errors import BudgetExceeded, BudgetTooLow, NoMatchingPeers, RequestFailed
+from meshfed.market.driver import JobHandle
 from meshfed.market.leasebook import LeaseRole, LeaseState
 from meshfed.market.ledger import AVAILABLE, earned_account, paid_account
 from meshfed.market.messages import Verification
 from meshfed.market.terms import MICRO, Requirements
-from meshfed.node import open_node
-from meshfed.testing import open_memory_mesh, quiet_config
+from meshfed.node import Node, open_node
+from meshfed.testing import quiet_config
 from meshfed.transports.memory import MemoryNetwork
-from tests.market.mesh import RestartableNodes, meshed, until_event, until_ledgers_agree
+from tests.market.mesh import (
+    RestartableNodes,
+    market_mesh,
+    meshed,
+    until_event,
+    until_ledgers_agree,
+)
 
 JOB = {"job_id": "market-digits", "rounds": 3, "dataset": "digits", "partition": "iid"}
 #: a memory node with membership that gossips fast and gives up on a request within 2 s
@@ -31,10 +38,7 @@ GOSSIPING = functools.partial(
 
 
 async def test_a_job_is_bought_trained_and_paid_and_both_ledgers_agree(tmp_path: Path) -> None:
-    async with open_memory_mesh(
-        6, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
-    ) as nodes:
-        await meshed(nodes)
+    async with market_mesh(6, tmp_path, market_capacity=1) as nodes:
         buyer, sellers = nodes[0], nodes[1:]
         handle = await buyer.submit_training(JOB, budget=5, min_peers=4, max_peers=4)
         with trio.fail_after(120):
@@ -64,16 +68,12 @@ async def test_a_payment_reaches_the_ledger_before_the_release_its_machine_made_
     # the ledger runs in worker threads: a job's release applied while a payment its machine
     # made first was still under way left that payment to an empty escrow (raised out of the
     # note's handler; the seller, acknowledged on its resend, earned what was never paid)
-    async with open_memory_mesh(
-        4, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
-    ) as nodes:
-        await meshed(nodes)
+    async with market_mesh(4, tmp_path, market_capacity=1) as nodes:
         buyer = nodes[0]
         assert buyer.market is not None
         ledger = buyer.market.ledger
         paying = _slowed(monkeypatch, ledger, "pay")  # under way when the job is cancelled
-        job = {**JOB, "job_id": "in-order", "rounds": 50, "secure": False}
-        handle = await buyer.submit_training(job, budget=5, min_peers=2, max_peers=2)
+        handle = await _long_plain_job(buyer, "in-order")
         with trio.fail_after(60):
             while not paying.is_set():  # noqa: ASYNC110 - a thread sets it
                 await trio.sleep(0.01)
@@ -93,16 +93,12 @@ async def test_a_lease_ended_while_its_record_was_being_written_ends_in_the_book
     # the lease book is written in worker threads: a lease's end could be written before the
     # lease itself (a job cancelled right after its winners accepted), and the lease then
     # stayed "active" in the book for good
-    async with open_memory_mesh(
-        4, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
-    ) as nodes:
-        await meshed(nodes)
+    async with market_mesh(4, tmp_path, market_capacity=1) as nodes:
         buyer, sellers = nodes[0], nodes[1:]
         for seller in sellers:
             assert seller.market is not None
             _slowed(monkeypatch, seller.market.book, "put_lease")  # the cancel comes meanwhile
-        job = {**JOB, "job_id": "short-lived", "rounds": 50, "secure": False}
-        handle = await buyer.submit_training(job, budget=5, min_peers=2, max_peers=2)
+        handle = await _long_plain_job(buyer, "short-lived")
         await until_event(handle, "started")
         await handle.cancel()
         with trio.fail_after(60):
@@ -118,6 +114,12 @@ async def test_a_lease_ended_while_its_record_was_being_written_ends_in_the_book
                     ) is None or not lease.state.final:
                         await trio.sleep(0.05)
                 assert lease.state is LeaseState.CANCELLED
+
+
+async def _long_plain_job(buyer: Node, job_id: str) -> JobHandle:
+    """A 50-round plain job with two winners: under way long enough to be cancelled in it."""
+    job = {**JOB, "job_id": job_id, "rounds": 50, "secure": False}
+    return await buyer.submit_training(job, budget=5, min_peers=2, max_peers=2)
 
 
 def _slowed(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> threading.Event:
@@ -201,8 +203,7 @@ def _lost(*args: Any, **kwargs: Any) -> None:
 
 
 async def test_no_matching_peer_names_the_requirement(tmp_path: Path) -> None:
-    async with open_memory_mesh(3, tmp_path, membership=True, gossip_interval_s=0.1) as nodes:
-        await meshed(nodes)
+    async with market_mesh(3, tmp_path) as nodes:
         with pytest.raises(NoMatchingPeers) as caught:
             await nodes[0].submit_training(
                 {**JOB, "secure": False}, budget=5, min_peers=2,
@@ -212,10 +213,7 @@ async def test_no_matching_peer_names_the_requirement(tmp_path: Path) -> None:
 
 
 async def test_a_budget_beyond_the_available_credits_is_refused(tmp_path: Path) -> None:
-    async with open_memory_mesh(
-        3, tmp_path, membership=True, gossip_interval_s=0.1, market_grant=1.0
-    ) as nodes:
-        await meshed(nodes)
+    async with market_mesh(3, tmp_path, market_grant=1.0) as nodes:
         with pytest.raises(BudgetExceeded, match="available"):
             await nodes[0].submit_training(
                 {**JOB, "secure": False}, budget=5, min_peers=2,
@@ -263,8 +261,7 @@ async def test_the_buyer_away_for_rounds_comes_back_and_settles(tmp_path: Path) 
 async def test_the_estimate_follows_what_jobs_cleared_at_and_a_budget_below_it_is_refused(
     tmp_path: Path,
 ) -> None:
-    async with open_memory_mesh(6, tmp_path, membership=True, gossip_interval_s=0.1) as nodes:
-        await meshed(nodes)
+    async with market_mesh(6, tmp_path) as nodes:
         buyer = nodes[0]
         before = await buyer.pricing_estimate("training", "small", 4, 3)
         assert before.breakdown["source"] != "recent clearing prices"
@@ -288,10 +285,7 @@ async def test_rounds_are_paid_once_the_replicas_agree_and_their_models_are_show
     """Replication (every winner of an exact round ends with the same model: four agree) and
     spot checks of every round (each winner sends the buyer the model its note names, over
     the transport): honest winners are paid for every round."""
-    async with open_memory_mesh(
-        5, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
-    ) as nodes:
-        await meshed(nodes)
+    async with market_mesh(5, tmp_path, market_capacity=1) as nodes:
         buyer = nodes[0]
         checks = Verification(replicas=3, spot_rate=1.0)
         handle = await buyer.submit_training(
@@ -311,10 +305,7 @@ async def test_a_winner_that_cannot_show_the_model_it_billed_for_is_not_paid_for
     """A lazy winner: its notes name the roster's model, but it forgets each round's model
     (as one that copied the digest and never trained would lack it). Every spot check fails:
     it is refused every round, its reputation records wrong results; the others are paid."""
-    async with open_memory_mesh(
-        5, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
-    ) as nodes:
-        await meshed(nodes)
+    async with market_mesh(5, tmp_path, market_capacity=1) as nodes:
         buyer, sellers = nodes[0], nodes[1:]
         lazy = sellers[0]
         assert lazy.market is not None and buyer.market is not None
@@ -444,10 +435,7 @@ async def test_the_buyer_gets_the_model_the_winners_agree_on(tmp_path: Path) -> 
     from meshfed.stats import RejectReason
 
     job = {**JOB, "job_id": "delivered"}
-    async with open_memory_mesh(
-        6, tmp_path, membership=True, gossip_interval_s=0.1, market_capacity=1
-    ) as nodes:
-        await meshed(nodes)
+    async with market_mesh(6, tmp_path, market_capacity=1) as nodes:
         buyer, sellers = nodes[0], nodes[1:]
         handle = await buyer.submit_training(job, budget=5, min_peers=4, max_peers=4)
         with trio.fail_after(120):
